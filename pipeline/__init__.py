@@ -1,0 +1,1 @@
+"""Raw data to a registered model."""

@@ -1,0 +1,66 @@
+"""Command-line plumbing: the shared entry for stages, and the `pipeline` command.
+
+Every stage takes the task name (`lm`, `diffusion`, ...) and optional `key=value` overrides,
+validates the whole config first, and turns known errors into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import ConfigError, PipelineConfig, compose, load_config, validate
+
+_KNOWN_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError, KeyError, ValueError)
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    from pipeline.data.shards import ShardError
+    from pipeline.data.sources import DataSourceError
+    from pipeline.training.checkpoint import CheckpointError
+
+    return (*_KNOWN_ERRORS, ShardError, DataSourceError, CheckpointError)
+
+
+def stage_main(stage: str, run: Callable[[PipelineConfig, str], None], argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=f"stages.{stage}", description=f"Run the {stage} stage for one task.")
+    parser.add_argument("task", help="task name under `tasks:` in params.yaml (lm, diffusion)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tasks.lm.trainer.max_steps=50")
+    parser.add_argument("--params", default="params.yaml", help="composed config file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.params, args.overrides)
+        cfg.task(args.task)
+        run(cfg, args.task)
+    except _known_errors() as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error [{stage} {args.task}]: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pipeline", description="Pipeline utilities.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compose", help="compose configs/ with Hydra into params.yaml (what `dvc exp run` does)")
+    c.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. 'model@tasks.lm.model=gpt_tiny'")
+    c.add_argument("--config-dir", default="configs")
+    c.add_argument("--out", default="params.yaml")
+    v = sub.add_parser("validate", help="validate params.yaml and print the first problem")
+    v.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "compose":
+            raw = compose(args.config_dir, args.overrides)
+            validate(raw)
+            Path(args.out).write_text(yaml.safe_dump(raw, sort_keys=False))
+            print(f"wrote {args.out}")
+        else:
+            load_config(args.params)
+            print(f"{args.params}: ok")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

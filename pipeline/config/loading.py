@@ -1,0 +1,105 @@
+"""Load, override and validate the composed configuration.
+
+`dvc exp run` composes `configs/` with Hydra and writes `params.yaml`; `dvc repro` reads the
+`params.yaml` that is there. Stages call `load_config`, which validates it and turns every
+problem into a single line that names the offending key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from pipeline.config.schema import PipelineConfig
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key."""
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        # Drop pydantic's discriminated-union tags ("text", "gpt") from the dotted path.
+        loc = [str(p) for p in e["loc"] if p not in ("text", "images", "gpt", "dit", "unet")]
+        key = ".".join(loc) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = e.get("input")
+        shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{key}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"{key}: unknown key (no section '{p}')")
+            node = node[p]
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def validate(raw: dict[str, Any]) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Read params.yaml (or another file), apply overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found (run `dvc exp run` or `pipeline compose` to create it)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return validate(apply_overrides(raw, overrides))
+
+
+def config_digest(obj: Any) -> str:
+    """A stable short hash of a config (or any JSON-able value): keys a Ray run to its settings."""
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump(mode="json")
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def compose(config_dir: Path | str = "configs", overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Compose `configs/` with Hydra the way `dvc exp run` does, as a plain dict."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested dict to dotted keys (MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

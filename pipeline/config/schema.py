@@ -1,0 +1,238 @@
+"""Typed configuration for every stage.
+
+Hydra composes `configs/` into `params.yaml`; these models validate that file before any
+Ray resource is taken. Every model forbids unknown keys, so a misspelt key fails with its
+full dotted path instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- data
+class SplitConfig(Strict):
+    """Fractions of examples per split; assignment is a stable hash of the example."""
+
+    train: Fraction = 0.8
+    val: Fraction = 0.1
+    test: Fraction = 0.1
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1 (got {total:g})")
+        if self.val == 0 or self.test == 0 or self.train == 0:
+            raise ValueError("every split needs a non-zero fraction")
+        return self
+
+
+class TextDataConfig(Strict):
+    """A text corpus for the language model."""
+
+    kind: Literal["text"] = "text"
+    source: str = Field("builtin:python-docs", description="builtin:python-docs, or a .txt/.jsonl file or folder")
+    jsonl_field: str = "text"
+    min_chars: NonNegInt = 20
+    split: SplitConfig = SplitConfig()
+    vocab_size: Annotated[int, Field(ge=260)] = 2048
+    seq_len: PositiveInt = 128
+    shard_rows: PositiveInt = 512
+
+
+class AugmentConfig(Strict):
+    """Label-preserving image augmentation (no flips: a flipped digit is another digit)."""
+
+    copies: NonNegInt = 2
+    rotate_deg: NonNegFloat = 10.0
+    shift_px: NonNegFloat = 1.0
+    noise_std: NonNegFloat = 0.02
+
+
+class ImageDataConfig(Strict):
+    """Labelled images for the diffusion model."""
+
+    kind: Literal["images"] = "images"
+    source: str = Field("builtin:digits", description="builtin:digits, an .npz (images, labels) or a class-folder tree")
+    image_size: PositiveInt = 8
+    split: SplitConfig = SplitConfig()
+    augment: AugmentConfig = AugmentConfig()
+    shard_rows: PositiveInt = 1024
+
+
+# ----------------------------------------------------------------------------- models
+class GPTConfig(Strict):
+    """Decoder-only Transformer; vocabulary and context length come from the data config."""
+
+    kind: Literal["gpt"] = "gpt"
+    preset: str = "custom"
+    d_model: PositiveInt = 192
+    n_layers: PositiveInt = 4
+    n_heads: PositiveInt = 4
+    n_kv_heads: PositiveInt | None = None
+    mlp_ratio: PositiveFloat = 4.0
+    dropout: Fraction = 0.0
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    pos_emb: Literal["rope", "learned"] = "rope"
+    tie_weights: bool = True
+    rope_theta: PositiveFloat = 10000.0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> GPTConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if (self.d_model // self.n_heads) % 2 and self.pos_emb == "rope":
+            raise ValueError("rotary embeddings need an even head dimension")
+        return self
+
+
+class DiffusionProcessConfig(Strict):
+    """The DDPM forward process and the sampler used for evaluation."""
+
+    timesteps: PositiveInt = 1000
+    schedule: Literal["linear", "cosine"] = "cosine"
+    prediction: Literal["eps", "v"] = "eps"
+    sample_steps: PositiveInt = 50
+    guidance_scale: NonNegFloat = 2.0
+    cond_drop_prob: Fraction = 0.1
+
+
+class DiTConfig(Strict):
+    """Diffusion Transformer with adaLN-Zero conditioning on timestep and class."""
+
+    kind: Literal["dit"] = "dit"
+    preset: str = "custom"
+    patch_size: PositiveInt = 2
+    d_model: PositiveInt = 128
+    depth: PositiveInt = 4
+    n_heads: PositiveInt = 4
+    mlp_ratio: PositiveFloat = 4.0
+    diffusion: DiffusionProcessConfig = DiffusionProcessConfig()
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> DiTConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        return self
+
+
+# ----------------------------------------------------------------------------- training
+class OptimConfig(Strict):
+    """AdamW with linear warmup and cosine decay to min_lr_ratio * lr."""
+
+    lr: PositiveFloat = 3e-4
+    weight_decay: NonNegFloat = 0.1
+    beta1: Fraction = 0.9
+    beta2: Fraction = 0.95
+    eps: PositiveFloat = 1e-8
+    warmup_steps: NonNegInt = 50
+    min_lr_ratio: Fraction = 0.1
+
+
+class TrainerConfig(Strict):
+    """Loop settings. The global batch (micro x workers x accumulation) is what the data order keys on."""
+
+    max_steps: PositiveInt = 500
+    global_batch_size: PositiveInt = 32
+    grad_accum_steps: PositiveInt = 1
+    grad_clip: NonNegFloat = 1.0
+    log_every: PositiveInt = 25
+    ckpt_every: PositiveInt = 100
+    keep_last_k: PositiveInt = 2
+    max_nonfinite_in_a_row: PositiveInt = 20
+
+
+class RegistryConfig(Strict):
+    """Which registered model a run becomes, and the rule that moves the `champion` alias."""
+
+    name: str
+    metric: str
+    greater_is_better: bool = False
+
+
+class ExportConfig(Strict):
+    onnx: bool = True
+    onnx_max_abs_diff: PositiveFloat = 1e-3
+
+
+class EvalConfig(Strict):
+    max_batches: PositiveInt = 50
+    batch_size: PositiveInt = 64
+    sample_rows: PositiveInt = 10  # diffusion: rows of the sample grid (one per class up to 10)
+    sample_cols: PositiveInt = 8
+
+
+class TaskConfig(Strict):
+    """One model chain (data -> shards -> train -> evaluate -> export -> register)."""
+
+    data: TextDataConfig | ImageDataConfig = Field(discriminator="kind")
+    model: GPTConfig | DiTConfig = Field(discriminator="kind")
+    optim: OptimConfig = OptimConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+    registry: RegistryConfig
+
+    @model_validator(mode="after")
+    def _model_fits_data(self) -> TaskConfig:
+        pairs = {"text": ("gpt",), "images": ("dit",)}
+        if self.model.kind not in pairs[self.data.kind]:
+            raise ValueError(f"model kind '{self.model.kind}' cannot train on {self.data.kind} data")
+        return self
+
+
+# ----------------------------------------------------------------------------- runtime
+class ClusterConfig(Strict):
+    """Where Ray Train runs. RAY_ADDRESS in the environment overrides `address`."""
+
+    address: str | None = None
+    num_workers: PositiveInt = 2
+    cpus_per_worker: PositiveFloat = 1.0
+    use_gpu: bool = False
+    storage_path: str = "runs/ray"
+    max_failures: NonNegInt = 2
+
+
+class StrategyConfig(Strict):
+    name: Literal["ddp"] = "ddp"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class PrecisionConfig(Strict):
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class TrackingConfig(Strict):
+    uri: str = "sqlite:///mlruns.db"
+    artifact_dir: str = "mlartifacts"
+    experiment: str = "pipeline"
+
+
+class PipelineConfig(Strict):
+    seed: NonNegInt = 1337
+    tasks: dict[str, TaskConfig]
+    cluster: ClusterConfig = ClusterConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    precision: PrecisionConfig = PrecisionConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def task(self, name: str) -> TaskConfig:
+        if name not in self.tasks:
+            raise KeyError(f"unknown task '{name}' (config has: {', '.join(sorted(self.tasks))})")
+        return self.tasks[name]

@@ -1,0 +1,1 @@
+"""Data: raw sources, preparation, Parquet shards with manifests, and the resumable reader."""

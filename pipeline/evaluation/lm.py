@@ -1,0 +1,40 @@
+"""Language-model evaluation: loss and perplexity on held-out splits, and a text sample."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config.schema import EvalConfig
+from pipeline.data.shards import read_split
+
+
+@torch.no_grad()
+def split_loss(model: torch.nn.Module, shards: Path, split: str, cfg: EvalConfig) -> float:
+    """Mean next-token cross-entropy over the first max_batches * batch_size rows of a split."""
+    tokens = read_split(shards, split)["tokens"][: cfg.max_batches * cfg.batch_size].astype(np.int64)
+    total, count = 0.0, 0
+    for i in range(0, len(tokens), cfg.batch_size):
+        t = torch.from_numpy(tokens[i : i + cfg.batch_size])
+        logits = model(t[:, :-1])
+        total += F.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten(), reduction="sum").item()
+        count += t[:, 1:].numel()
+    return total / count
+
+
+def evaluate_lm(model: torch.nn.Module, shards: Path, cfg: EvalConfig, prompt: str = "The ") -> tuple[dict, str]:
+    from tokenizers import Tokenizer
+
+    metrics = {}
+    for split in ("val", "test"):
+        loss = split_loss(model, shards, split, cfg)
+        metrics[f"{split}_loss"] = loss
+        metrics[f"{split}_perplexity"] = math.exp(loss)
+    tok = Tokenizer.from_file(str(shards / "tokenizer.json"))
+    ids = torch.tensor([tok.encode(prompt).ids])
+    out = model.generate(ids, 120, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
+    return metrics, tok.decode(out[0].tolist())

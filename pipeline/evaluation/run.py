@@ -1,0 +1,42 @@
+"""The evaluate stage's work: metrics to JSON (DVC) and to the training run (MLflow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+
+from pipeline.config.schema import TaskConfig
+from pipeline.tracking import mlflow_runs
+from pipeline.training.checkpoint import load_model
+
+
+def evaluate(tcfg: TaskConfig, model_dir: Path, shards: Path, metrics_dir: Path, reports_dir: Path) -> dict[str, float]:
+    import torch
+
+    torch.manual_seed(0)
+    model, spec = load_model(model_dir)
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    if spec["task"] == "lm":
+        from pipeline.evaluation.lm import evaluate_lm
+
+        metrics, sample = evaluate_lm(model, shards, tcfg.eval)
+        (reports_dir / "sample.txt").write_text(sample + "\n")
+        artifacts = [reports_dir / "sample.txt"]
+    else:
+        from pipeline.evaluation.diffusion import denoise_loss, sample_grid, save_grid
+
+        metrics = {f"{s}_denoise_loss": denoise_loss(model, shards, s, tcfg.eval) for s in ("val", "test")}
+        _, images = sample_grid(model, tcfg.eval)
+        save_grid(images, tcfg.eval.sample_cols, reports_dir / "samples.png")
+        artifacts = [reports_dir / "samples.png"]
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    (metrics_dir / "eval.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    info = mlflow_runs.read_run_file(model_dir)
+    mlflow.set_tracking_uri(info["tracking_uri"])
+    with mlflow.start_run(run_id=info["run_id"]):
+        mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
+        for a in artifacts:
+            mlflow.log_artifact(str(a), artifact_path="evaluation")
+    return metrics

@@ -1,0 +1,1 @@
+"""Export: safetensors, ONNX and the MLflow model."""

@@ -1,0 +1,68 @@
+"""The export and register stages' work."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from pipeline.atomic import atomic_dir, atomic_write_text
+from pipeline.config.schema import PipelineConfig
+from pipeline.export.onnx_export import export_onnx
+from pipeline.export.pyfunc import example_input, log_pyfunc
+from pipeline.tracking import mlflow_runs
+from pipeline.tracking.registry import Registration, register
+from pipeline.training.checkpoint import SPEC, WEIGHTS, load_model
+
+INFO = "model_info.json"
+
+
+def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_dir: Path,
+           metrics_dir: Path) -> dict[str, Any]:
+    tcfg = cfg.task(task)
+    model, spec = load_model(model_dir)
+    run = mlflow_runs.read_run_file(model_dir)
+    mlflow.set_tracking_uri(run["tracking_uri"])
+    with atomic_dir(out_dir) as tmp:
+        for name in (WEIGHTS, SPEC, mlflow_runs.RUN_FILE):
+            shutil.copy2(model_dir / name, tmp / name)
+        if (shards / "tokenizer.json").is_file():
+            shutil.copy2(shards / "tokenizer.json", tmp / "tokenizer.json")
+        diff = None
+        if tcfg.export.onnx:
+            diff = export_onnx(model, spec, tmp / "model.onnx")
+            if diff > tcfg.export.onnx_max_abs_diff:
+                raise ValueError(f"ONNX output differs from PyTorch by {diff:.2e} > "
+                                 f"export.onnx_max_abs_diff {tcfg.export.onnx_max_abs_diff:.0e}")
+        with mlflow.start_run(run_id=run["run_id"]):
+            info = log_pyfunc(tmp, spec)
+            if diff is not None:
+                mlflow.log_artifact(str(tmp / "model.onnx"), artifact_path="onnx")
+                mlflow.log_metric("export/onnx_max_abs_diff", diff)
+        # Round trip: the logged model must load and predict before anything is registered.
+        prediction = mlflow.pyfunc.load_model(info.model_uri).predict(example_input(spec))
+        result = {"model_uri": info.model_uri, "run_id": run["run_id"], "onnx_max_abs_diff": diff,
+                  "pyfunc_rows": len(prediction)}
+        (tmp / INFO).write_text(json.dumps(result, indent=2))
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    (metrics_dir / "export.json").write_text(json.dumps({"onnx_max_abs_diff": diff}, indent=2))
+    return result
+
+
+def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_dir: Path, out: Path) -> Registration:
+    tcfg = cfg.task(task)
+    info = json.loads((export_dir / INFO).read_text())
+    metrics = json.loads((metrics_dir / "eval.json").read_text())
+    if tcfg.registry.metric not in metrics:
+        raise KeyError(f"tasks.{task}.registry.metric: '{tcfg.registry.metric}' is not an evaluation metric "
+                       f"(have: {', '.join(sorted(metrics))})")
+    run = mlflow_runs.read_run_file(export_dir)
+    mlflow.set_tracking_uri(run["tracking_uri"])
+    tags = {"git_commit": run["git_commit"], "data_manifest_md5": run["data_manifest_md5"], "ray_run": run["ray_run"]}
+    reg = register(info["model_uri"], info["run_id"], tcfg.registry, float(metrics[tcfg.registry.metric]), tags)
+    atomic_write_text(out, json.dumps(dataclasses.asdict(reg), indent=2))
+    return reg

@@ -1,0 +1,99 @@
+"""DDPM forward process, training loss and the DDIM sampler with classifier-free guidance.
+
+Independent of the denoiser: anything mapping (x_t, t, label) to a prediction of the same
+shape as x_t works. Label `num_classes` is the "no label" token used for guidance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config.schema import DiffusionProcessConfig
+
+
+def beta_schedule(kind: str, timesteps: int) -> torch.Tensor:
+    if kind == "linear":
+        scale = 1000 / timesteps
+        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    # Cosine schedule (Nichol & Dhariwal 2021): alpha_bar follows a squared cosine.
+    s = 0.008
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+
+
+class GaussianDiffusion(nn.Module):
+    def __init__(self, cfg: DiffusionProcessConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        betas = beta_schedule(cfg.schedule, cfg.timesteps)
+        alpha_bar = torch.cumprod(1.0 - betas, dim=0)
+        self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
+
+    def _ab(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return self.alpha_bar[t].view(-1, *([1] * (like.dim() - 1)))
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps (closed form of the forward process)."""
+        ab = self._ab(t, x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if self.cfg.prediction == "eps":
+            return noise
+        ab = self._ab(t, x0)
+        return ab.sqrt() * noise - (1 - ab).sqrt() * x0  # v-prediction
+
+    def loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, num_classes: int,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean squared error of the prediction at a uniformly drawn timestep per example."""
+        b = x0.shape[0]
+        t = torch.randint(0, self.cfg.timesteps, (b,), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if self.cfg.cond_drop_prob > 0 and model.training:
+            drop = torch.rand(b, generator=generator, device=x0.device) < self.cfg.cond_drop_prob
+            y = torch.where(drop, torch.full_like(y, num_classes), y)
+        pred = model(self.q_sample(x0, t, noise), t, y)
+        return F.mse_loss(pred.float(), self.target(x0, t, noise).float())
+
+    def _eps_x0(self, pred: torch.Tensor, x: torch.Tensor, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.prediction == "eps":
+            eps = pred
+            x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        else:
+            x0 = ab.sqrt() * x - (1 - ab).sqrt() * pred
+            eps = (1 - ab).sqrt() * x + ab.sqrt() * pred
+        return eps, x0
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, labels: torch.Tensor, shape: tuple[int, ...], num_classes: int,
+               steps: int | None = None, guidance: float | None = None, eta: float = 0.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """DDIM sampling (eta=0 deterministic, eta=1 ancestral) with classifier-free guidance."""
+        steps = steps or self.cfg.sample_steps
+        w = self.cfg.guidance_scale if guidance is None else guidance
+        ts = torch.linspace(self.cfg.timesteps - 1, 0, steps).round().long().tolist()
+        x = torch.randn((len(labels), *shape), generator=generator)
+        null = torch.full_like(labels, num_classes)
+        for i, t in enumerate(ts):
+            tt = torch.full((len(labels),), t, dtype=torch.long)
+            if w > 0:
+                both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
+                cond, uncond = both.chunk(2)
+                pred = uncond + (1 + w) * (cond - uncond)
+            else:
+                pred = model(x, tt, labels)
+            ab = self._ab(tt, x)
+            eps, x0 = self._eps_x0(pred, x, ab)
+            x0 = x0.clamp(-1, 1)
+            ab_prev = self._ab(torch.full_like(tt, ts[i + 1]), x) if i + 1 < len(ts) else torch.ones_like(ab)
+            sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+            x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+            if eta > 0 and i + 1 < len(ts):
+                x = x + sigma * torch.randn(x.shape, generator=generator)
+        return x

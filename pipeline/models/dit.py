@@ -1,0 +1,92 @@
+"""Diffusion Transformer (Peebles & Xie 2023): patchify, Transformer blocks with adaLN-Zero
+conditioning on timestep and class embeddings, and a linear un-patchify head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config.schema import DiTConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, d: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        hidden = int(d * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
+        q, k, v = self.qkv(modulate(self.norm1(x), sh1, sc1)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + g1.unsqueeze(1) * self.proj(a)
+        return x + g2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig, image_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        p = cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by model.patch_size {p}")
+        self.cfg, self.image_shape, self.num_classes = cfg, image_shape, num_classes
+        self.grid = (h // p, w // p)
+        d = cfg.d_model
+        self.patch = nn.Conv2d(c, d, kernel_size=p, stride=p)
+        self.pos = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], d))
+        self.t_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.y_embed = nn.Embedding(num_classes + 1, d)  # the extra row is "no label" for guidance
+        self.blocks = nn.ModuleList(DiTBlock(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.out = nn.Linear(d, p * p * c)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.pos, std=0.02)
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity, and so does the output.
+        for blk in self.blocks:
+            nn.init.zeros_(blk.ada[-1].weight)
+            nn.init.zeros_(blk.ada[-1].bias)
+        for m in (self.final_ada[-1], self.out):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        p, (gh, gw), c = self.cfg.patch_size, self.grid, self.image_shape[0]
+        h = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        cond = self.t_mlp(timestep_embedding(t, self.cfg.d_model)) + self.y_embed(y)
+        for blk in self.blocks:
+            h = blk(h, cond)
+        shift, scale = self.final_ada(cond).chunk(2, dim=-1)
+        h = self.out(modulate(self.final_norm(h), shift, scale))
+        return h.view(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, gh * p, gw * p)

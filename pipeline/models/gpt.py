@@ -1,0 +1,161 @@
+"""A GPT-style decoder: pre-norm blocks, rotary or learned positions, SwiGLU or GELU MLP,
+attention through `scaled_dot_product_attention` (flash kernels on GPU), optional grouped-query
+attention and tied embeddings. Knows nothing of data, strategies or tracking.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config.schema import GPTConfig
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    return nn.RMSNorm(dim, eps=1e-6) if kind == "rmsnorm" else nn.LayerNorm(dim)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (x1, x2) of x (B, H, T, D) by position-dependent angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[: x.shape[-2]], sin[: x.shape[-2]]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, *(2 * [self.n_kv * self.head_dim])], dim=-1)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv != self.n_heads,
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.d_model)
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:  # keep parameter count close to the GELU MLP of the same ratio
+            hidden = 64 * math.ceil(2 * hidden / 3 / 64)
+        self.up = nn.Linear(cfg.d_model, hidden * (2 if self.swiglu else 1), bias=False)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.swiglu:
+            a, g = h.chunk(2, dim=-1)
+            return self.down(F.silu(g) * a)
+        return self.down(F.gelu(h))
+
+
+class Block(nn.Module):
+    """One pre-norm Transformer block: the unit that strategies shard and checkpoint."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg.norm, cfg.d_model)
+        self.attn = Attention(cfg)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig, vocab_size: int, max_seq_len: int) -> None:
+        super().__init__()
+        self.cfg, self.vocab_size, self.max_seq_len = cfg, vocab_size, max_seq_len
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg.norm, cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.head.weight = self.embed.weight
+        cos, sin = rope_tables(max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers)."""
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("proj.weight", "down.weight")) else 0.02
+            nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) to next-token logits (B, T, vocab)."""
+        t = idx.shape[1]
+        if t > self.max_seq_len:
+            raise ValueError(f"sequence of {t} tokens exceeds the model's context of {self.max_seq_len}")
+        x = self.embed(idx)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(t, device=idx.device))
+        x = self.drop(x)
+        rope = None if self.pos is not None else (self.rope_cos, self.rope_sin)
+        for block in self.blocks:
+            x = block(x, rope)
+        return self.head(self.norm(x))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed.weight.numel() if not self.cfg.tie_weights else 0
+            n -= self.pos.weight.numel() if self.pos is not None else 0
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 N (weights, forward + backward) + 12 L T d (attention scores)."""
+        n = sum(p.numel() for n_, p in self.named_parameters() if not n_.startswith(("embed", "pos")))
+        if self.cfg.tie_weights:
+            n += self.embed.weight.numel()  # the tied head matmul still costs its FLOPs
+        return 6.0 * n + 12.0 * self.cfg.n_layers * seq_len * self.cfg.d_model
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample continuations; temperature 0 means greedy."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.max_seq_len :])[:, -1, :]
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx

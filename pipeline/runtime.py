@@ -1,0 +1,35 @@
+"""Connect to Ray: an existing cluster when RAY_ADDRESS or `cluster.address` names one, else an
+in-process local Ray sized to this machine."""
+
+from __future__ import annotations
+
+import os
+
+from pipeline.config.schema import ClusterConfig
+
+# Train V2 on; worker prints go straight to the driver (Ray's print patch would echo each line twice).
+WORKER_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def cluster_address(cfg: ClusterConfig) -> str | None:
+    return os.environ.get("RAY_ADDRESS") or cfg.address
+
+
+def connect(cfg: ClusterConfig) -> str:
+    """Initialise Ray once per process. Returns a description of where it runs."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if ray.is_initialized():
+        return "already connected"
+    address = cluster_address(cfg)
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+        return f"Ray cluster at {address}"
+    need = cfg.num_workers * cfg.cpus_per_worker
+    # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls.
+    # It binds to 127.0.0.1 only.
+    ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=True,
+             dashboard_host="127.0.0.1", runtime_env={"env_vars": WORKER_ENV},
+             log_to_driver=True, configure_logging=False)
+    return f"local Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)"

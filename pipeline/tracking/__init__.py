@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs, lineage tags and the model registry."""

@@ -1,0 +1,53 @@
+"""Where a run came from: code commit, DVC hashes of its inputs, package versions."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def git_state(cwd: Path | str = ".") -> dict[str, str]:
+    """Commit and whether the work tree differs from it; 'unknown' outside a git checkout."""
+    def run(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = run("rev-parse", "HEAD")
+        dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def dvc_lock_hashes(lock: Path | str = "dvc.lock") -> dict[str, str]:
+    """md5 of every dep and out of every stage recorded in dvc.lock, keyed `dvc.<stage>.<path>`."""
+    lock = Path(lock)
+    if not lock.is_file():
+        return {}
+    data = yaml.safe_load(lock.read_text()) or {}
+    out = {}
+    for stage, entry in (data.get("stages") or {}).items():
+        for kind in ("deps", "outs"):
+            for item in entry.get(kind, []) or []:
+                if "md5" in item:
+                    out[f"dvc.{stage}.{item['path']}"] = item["md5"]
+    return out
+
+
+def environment() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for pkg in ("torch", "ray", "mlflow", "dvc", "deepspeed", "horovod", "onnxruntime"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {f"env.{k}": v for k, v in versions.items()}
+
+
+def run_tags(extra: dict[str, Any] | None = None) -> dict[str, str]:
+    return {**git_state(), **environment(), **{k: str(v) for k, v in (extra or {}).items()}}

@@ -1,0 +1,56 @@
+"""MLflow runs: one per trained model, created by the train stage and continued by evaluate
+and export (the run id travels in `run.json` beside the model)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from pipeline.config.schema import TrackingConfig
+
+RUN_FILE = "run.json"
+_SECRET = re.compile(r"(token|secret|password|passwd|api_key|access_key)", re.IGNORECASE)
+
+
+def setup(cfg: TrackingConfig) -> str:
+    """Point MLflow at the configured store and make sure the experiment exists. Returns its id."""
+    mlflow.set_tracking_uri(cfg.uri)
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not cfg.uri.startswith(("http://", "https://", "databricks")):
+        location = Path(cfg.artifact_dir).resolve().as_uri()
+    return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+
+
+def safe_params(params: dict[str, Any]) -> dict[str, str]:
+    """Params minus anything that looks like a secret; values cut to MLflow's length limit."""
+    return {k: str(v)[:6000] for k, v in params.items() if not _SECRET.search(k)}
+
+
+def log_history(run_id: str, history: list[dict[str, float]], prefix: str = "train/") -> None:
+    """Per-step metrics from the training history, batched."""
+    from mlflow.entities import Metric
+
+    metrics = [Metric(f"{prefix}{k}", float(v), 0, int(h["step"]))
+               for h in history for k, v in h.items() if k != "step"]
+    client = MlflowClient()
+    for i in range(0, len(metrics), 900):
+        client.log_batch(run_id, metrics=metrics[i : i + 900])
+
+
+def write_run_file(model_dir: Path, info: dict[str, Any]) -> None:
+    (model_dir / RUN_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def read_run_file(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the train stage records the MLflow run there")
+    return json.loads(path.read_text())

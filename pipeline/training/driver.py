@@ -1,0 +1,113 @@
+"""The train stage's work on the driver: check inputs before taking resources, open (or
+resume) the MLflow run, fit on Ray, then write the final model and metrics atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from pipeline.config import config_digest, flatten
+from pipeline.config.schema import PipelineConfig
+from pipeline.data.build import file_md5
+from pipeline.data.shards import MANIFEST, load_manifest, verify_split
+from pipeline.runtime import connect
+from pipeline.tasks import task_for_data
+from pipeline.tracking import lineage, mlflow_runs
+from pipeline.training.checkpoint import WEIGHTS, load_training_state, write_model
+from pipeline.training.loop import micro_batch_size
+from pipeline.training.ray_train import fit, storage_root
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    run_name: str
+    final_loss: float
+    steps: int
+    seconds: float
+
+
+def _history_csv(history: list[dict[str, float]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    return buf.getvalue()
+
+
+def _mlflow_run(cfg: PipelineConfig, task_name: str, run_dir: Path, tags: dict[str, str]) -> str:
+    """Continue the MLflow run of an interrupted Ray run, or start a new one."""
+    mlflow_runs.setup(cfg.tracking)
+    marker = run_dir / "mlflow_run_id"
+    if marker.is_file():
+        run_id = marker.read_text().strip()
+        try:
+            mlflow.MlflowClient().get_run(run_id)
+            return run_id
+        except mlflow.exceptions.MlflowException:
+            pass  # the store was reset: start a new run
+    params = flatten({"task": task_name, **cfg.task(task_name).model_dump(mode="json"),
+                      "strategy": cfg.strategy.model_dump(), "precision": cfg.precision.model_dump(),
+                      "cluster": cfg.cluster.model_dump(), "seed": cfg.seed})
+    with mlflow.start_run(run_name=f"{task_name}-train", tags=tags) as run:
+        mlflow.log_params(mlflow_runs.safe_params(params))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir: Path,
+               metrics_dir: Path) -> TrainOutcome:
+    tcfg = cfg.task(task_name)
+    # Fail before any Ray resource is taken: bad shards, or a batch that cannot be split.
+    verify_split(shards_dir, "train")
+    micro_batch_size(tcfg.trainer.global_batch_size, cfg.cluster.num_workers, tcfg.trainer.grad_accum_steps)
+    manifest_md5 = file_md5(shards_dir / MANIFEST)
+    # Everything that changes the trained weights keys the run; anything else may differ on resume.
+    identity = {"task": tcfg.model_dump(mode="json"), "seed": cfg.seed, "data": manifest_md5,
+                "strategy": cfg.strategy.model_dump(), "precision": cfg.precision.model_dump(),
+                "workers": cfg.cluster.num_workers}
+    run_name = f"{task_name}-{config_digest(identity)}"
+    tags = lineage.run_tags({"task": task_name, "data.manifest_md5": manifest_md5, "ray.run_name": run_name,
+                             "strategy": cfg.strategy.name, "precision": cfg.precision.dtype,
+                             "cluster.workers": cfg.cluster.num_workers})
+    tags.update(lineage.dvc_lock_hashes())
+
+    run_dir = Path(storage_root(cfg)) / run_name
+    run_id = _mlflow_run(cfg, task_name, run_dir, tags)
+    where = connect(cfg.cluster)
+    mlflow.MlflowClient().set_tag(run_id, "ray.cluster", where)
+    print(f"[{task_name}] training on {where}: {cfg.cluster.num_workers} workers, strategy {cfg.strategy.name}, "
+          f"{cfg.precision.dtype}; run {run_name}; MLflow run {run_id}", flush=True)
+    start = time.perf_counter()
+    result = fit(cfg, task_name, shards_dir, run_name)
+    seconds = time.perf_counter() - start
+    if result.error:
+        raise RuntimeError(f"[{task_name}] training failed: {result.error}") from result.error
+    with result.checkpoint.as_directory() as d:
+        _state, meta = load_training_state(Path(d))
+        if not meta.get("final"):
+            raise RuntimeError(f"[{task_name}] the last checkpoint is not the final one (step {meta['step']})")
+        from safetensors.torch import load_file
+
+        weights = load_file(str(Path(d) / WEIGHTS))
+    history = meta["history"]
+    spec = task_for_data(tcfg.data.kind).model_spec(tcfg, load_manifest(shards_dir))
+    info = {"run_id": run_id, "ray_run": run_name, "tracking_uri": cfg.tracking.uri,
+            "data_manifest_md5": manifest_md5, "git_commit": tags["git.commit"]}
+    write_model(model_dir, weights, spec, {mlflow_runs.RUN_FILE: json.dumps(info, indent=2)})
+    mlflow_runs.log_history(run_id, history)
+    summary = {"final_loss": history[-1]["loss"], "steps": meta["step"], "skipped_steps": meta["skipped_steps"],
+               "train_seconds": round(seconds, 1), **{k: v for k, v in history[-1].items() if k.endswith("_per_s")}}
+    mlflow.MlflowClient().log_batch(run_id, metrics=[
+        mlflow.entities.Metric(f"train/{k}", float(v), 0, meta["step"]) for k, v in summary.items()])
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    (metrics_dir / "train.json").write_text(json.dumps(summary, indent=2))
+    (metrics_dir / "train_history.csv").write_text(_history_csv(history))
+    return TrainOutcome(run_id, run_name, history[-1]["loss"], meta["step"], seconds)

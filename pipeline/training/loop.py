@@ -1,0 +1,164 @@
+"""The training loop: backend-agnostic, resumable, and exact on resume.
+
+Everything that varies by backend goes through the `Strategy`; everything that varies by
+runtime (Ray or a plain process) goes through the session. Per-step randomness (diffusion
+noise, timesteps) comes from a generator seeded by (seed, step, rank), so a resumed run draws
+the same numbers an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config.schema import PipelineConfig
+from pipeline.data.reader import GlobalOrderReader
+from pipeline.data.shards import load_manifest, read_split
+from pipeline.distributed import build_strategy
+from pipeline.distributed.precision import Precision
+from pipeline.tasks import task_for_data
+from pipeline.training.checkpoint import load_training_state, save_training_state
+from pipeline.training.optim import build_optimizer, lr_at
+
+
+class Session(Protocol):
+    rank: int
+    world: int
+    device: torch.device
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
+    def latest_checkpoint(self): ...
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite losses or gradients in a row: the run stops instead of training on NaN."""
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def micro_batch_size(global_batch: int, world: int, accum: int) -> int:
+    if global_batch % (world * accum):
+        raise ValueError(f"trainer.global_batch_size ({global_batch}) must be divisible by "
+                         f"workers x grad_accum_steps ({world} x {accum})")
+    return global_batch // (world * accum)
+
+
+def _mean_across_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def _split(batch: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:
+    return [{k: v[i::parts] for k, v in batch.items()} for i in range(parts)] if parts > 1 else [batch]
+
+
+def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Session) -> LoopState:
+    tcfg = cfg.task(task_name)
+    tr = tcfg.trainer
+    task = task_for_data(tcfg.data.kind)
+    manifest = load_manifest(shards_dir)
+    spec = task.model_spec(tcfg, manifest)
+    micro_batch_size(tr.global_batch_size, session.world, tr.grad_accum_steps)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = task.build(spec)
+    precision = Precision(cfg.precision.dtype, session.device)
+    strategy = build_strategy(cfg.strategy, precision, session.device)
+    strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
+    reader = GlobalOrderReader(read_split(shards_dir, "train"), tr.global_batch_size,
+                               session.rank, session.world, seed=cfg.seed)
+    state = LoopState()
+    with session.latest_checkpoint() as ckpt:
+        if ckpt is not None:
+            saved, meta = load_training_state(ckpt)
+            strategy.load_state_dict(saved)
+            reader.load_state_dict(meta["reader"])
+            state = LoopState(meta["step"], meta["skipped_steps"], 0, meta["history"])
+            if session.rank == 0:
+                print(f"[{task_name}] resumed from step {state.step} ({ckpt})", flush=True)
+
+    flops_per_item = task.flops_per_item(strategy.unwrapped, spec)
+    window_loss, window_items, window_start = 0.0, 0, time.perf_counter()
+    window_steps, last_norm = 0, 0.0
+    while state.step < tr.max_steps:
+        lr = lr_at(state.step, tcfg.optim, tr.max_steps)
+        for group in strategy.optimizer.param_groups:
+            group["lr"] = lr
+        gen = torch.Generator(device=session.device).manual_seed(hash((cfg.seed, state.step, session.rank)) % (2**62))
+        micros = _split(reader.next_local_batch(), tr.grad_accum_steps)
+        step_loss = 0.0
+        for i, micro in enumerate(micros):
+            batch = task.batch_to_tensors(micro, session.device)
+            with strategy.no_sync(i == len(micros) - 1), precision.autocast():
+                loss = task.loss(strategy.model, batch, gen) / len(micros)
+            strategy.backward(loss)
+            step_loss += loss.item()
+            window_items += task.items(batch)
+        norm, stepped = strategy.clip_and_step(tr.grad_clip)
+        state.step += 1
+        if stepped and math.isfinite(step_loss):
+            state.nonfinite_in_a_row = 0
+            window_loss += step_loss
+            window_steps += 1
+            last_norm = norm
+        else:
+            state.skipped_steps += 1
+            state.nonfinite_in_a_row += 1
+            if state.nonfinite_in_a_row >= tr.max_nonfinite_in_a_row:
+                raise NonFiniteError(
+                    f"[{task_name}] {state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+                    f"(last loss {step_loss}, grad norm {norm}) at step {state.step}; lower optim.lr or use "
+                    f"another precision. Checkpoints up to the last good step are kept.")
+
+        final = state.step == tr.max_steps
+        do_ckpt = final or state.step % tr.ckpt_every == 0
+        if not (do_ckpt or state.step % tr.log_every == 0):
+            continue
+        elapsed = time.perf_counter() - window_start
+        loss_mean, items_total = _mean_across_ranks([window_loss / max(1, window_steps), float(window_items)])
+        items_total *= session.world
+        entry = {"step": state.step, "loss": loss_mean, "lr": lr, "grad_norm": last_norm,
+                 f"{task.item_name}_per_s": items_total / elapsed, "epoch": reader.epoch,
+                 "skipped_steps": state.skipped_steps}
+        if flops_per_item:
+            entry["model_tflops"] = flops_per_item * items_total / elapsed / 1e12
+        state.history.append(entry)
+        if session.rank == 0:
+            print(f"[{task_name}] step {state.step}/{tr.max_steps} | loss {loss_mean:.4f} | lr {lr:.2e} | "
+                  f"grad {last_norm:.2f} | {entry[f'{task.item_name}_per_s']:,.0f} {task.item_name}/s", flush=True)
+        _report(session, strategy, reader, state, entry, do_ckpt, final)
+        window_loss, window_items, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+    return state
+
+
+def _report(session: Session, strategy, reader: GlobalOrderReader, state: LoopState,
+            entry: dict[str, float], checkpoint: bool, final: bool) -> None:
+    """Report metrics; with a checkpoint every `ckpt_every` steps and at the end (rank 0 writes it)."""
+    if not checkpoint:
+        session.report(entry, None)
+        return
+    train_state = strategy.state_dict()
+    weights = strategy.consolidated_state_dict() if final else None
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as d:
+        if session.rank == 0:
+            meta = {"step": state.step, "skipped_steps": state.skipped_steps, "reader": reader.state_dict(),
+                    "history": state.history, "final": final}
+            save_training_state(Path(d), train_state, meta, weights)
+        session.report(entry, Path(d) if session.rank == 0 else None)

@@ -1,0 +1,19 @@
+"""prepare: raw data -> cleaned, de-duplicated, split (augmented, tokenizer) files + statistics."""
+
+import json
+from pathlib import Path
+
+from pipeline.cli import stage_main
+from pipeline.config import PipelineConfig
+from pipeline.data.build import prepare
+
+
+def run(cfg: PipelineConfig, task: str) -> None:
+    stats = prepare(cfg.task(task).data, cfg.seed, Path(f"data/{task}/prepared"))
+    Path(f"metrics/{task}").mkdir(parents=True, exist_ok=True)
+    Path(f"metrics/{task}/data.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
+    print(f"[{task}] prepared: " + ", ".join(f"{k}={v}" for k, v in stats.items() if isinstance(v, int)))
+
+
+if __name__ == "__main__":
+    stage_main("prepare", run)

@@ -1,0 +1,18 @@
+"""register: a new MLflow registry version aliased `challenger`; `champion` if its metric is better."""
+
+from pathlib import Path
+
+from pipeline.cli import stage_main
+from pipeline.config import PipelineConfig
+from pipeline.export.run import register_export
+
+
+def run(cfg: PipelineConfig, task: str) -> None:
+    reg = register_export(cfg, task, Path(f"export/{task}"), Path(f"metrics/{task}"), Path(f"registry/{task}.json"))
+    verdict = "now champion" if reg.promoted else f"champion stays v{reg.previous_champion} ({reg.previous_metric:.4f})"
+    print(f"[{task}] registered {reg.name} v{reg.version} ({cfg.task(task).registry.metric}={reg.metric:.4f}), "
+          f"alias challenger; {verdict}")
+
+
+if __name__ == "__main__":
+    stage_main("register", run)
