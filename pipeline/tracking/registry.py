@@ -35,7 +35,7 @@ def champion(client: MlflowClient, name: str) -> tuple[str, float | None] | None
     except MlflowException:
         return None
     value = mv.tags.get("metric_value")
-    return mv.version, float(value) if value is not None else None
+    return str(mv.version), float(value) if value is not None else None
 
 
 def register(model_uri: str, run_id: str, cfg: RegistryConfig, metric_value: float,

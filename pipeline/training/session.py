@@ -46,6 +46,12 @@ class RaySession:
         import ray.train
 
         logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report is ours to print
+        try:  # Ray 2.60 names this logger by file path, so LoggingConfig's level filter misses it
+            from ray.train.v2._internal.execution import context as _ctx
+
+            _ctx.logger.setLevel(logging.WARNING)
+        except (ImportError, AttributeError):
+            pass
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         if torch.cuda.is_available():

@@ -1,0 +1,39 @@
+# The two commands of the README:  `make repro` (set up, run the pipeline)  and  `make test`.
+# TORCH picks the PyTorch build installed before the project: the default is the CPU build
+# this project is tested with; use TORCH=torch for your platform's newest wheel (CUDA on GPU machines).
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: setup repro test lint bench clean-runs
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+repro: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
+	@echo ""
+	@echo "Done. Where to look:"
+	@echo "  metrics:  $(VENV)/bin/dvc metrics show"
+	@echo "  plots:    $(VENV)/bin/dvc plots show   (writes dvc_plots/index.html: loss curves, digit samples)"
+	@echo "  samples:  reports/diffusion/samples.png   reports/lm/sample.txt"
+	@echo "  MLflow:   $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1"
+	@echo "  models:   export/lm  export/diffusion   (registry: models:/pipeline-lm@champion, models:/pipeline-diffusion@champion)"
+
+test: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline stages tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/overhead.py
+
+clean-runs:
+	rm -rf runs mlruns.db mlartifacts

@@ -1,0 +1,77 @@
+"""Config validation: one clear line naming the key, before any resource is taken."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, compose, validate
+from pipeline.config.loading import apply_overrides, load_config
+from tests.conftest import ROOT, tiny_raw
+
+
+def test_committed_params_match_composed_configs():
+    """params.yaml is what `dvc repro` reads: it must equal the Hydra composition of configs/."""
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert committed == compose(ROOT / "configs")
+    validate(committed)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("tasks.lm.optim.lrr=0.1", "tasks.lm.optim.lrr: unknown key"),
+        ("tasks.lm.optim.lr=-1", "tasks.lm.optim.lr: Input should be greater than 0 (got -1)"),
+        ("tasks.lm.data.shard_rows=0", "tasks.lm.data.shard_rows: Input should be greater than 0 (got 0)"),
+        ("tasks.lm.model.kind=transformerxl", "tasks.lm.model"),
+        ("tasks.lm.data.split.train=0.5", "tasks.lm.data.split: train + val + test must sum to 1"),
+        ("tasks.diffusion.model.kind=gpt", "tasks.diffusion.model.patch_size: unknown key"),
+        ("precision.dtype=fp8", "precision.dtype"),
+    ],
+)
+def test_bad_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        validate(apply_overrides(tiny_raw(), [override]))
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_model_family_must_fit_the_data():
+    raw = compose(ROOT / "configs", ["model@tasks.diffusion.model=gpt_tiny"])
+    with pytest.raises(ConfigError, match="tasks.diffusion: model kind 'gpt' cannot train on images data"):
+        validate(raw)
+
+
+def test_unknown_section_in_override():
+    with pytest.raises(ConfigError, match="tasks.nope.x: unknown key"):
+        apply_overrides(tiny_raw(), ["tasks.nope.x=1"])
+
+
+def test_unknown_model_preset_is_a_hydra_error():
+    with pytest.raises(Exception, match="gpt_huge"):
+        compose(ROOT / "configs", ["model@tasks.lm.model=gpt_huge"])
+
+
+def test_stage_exits_2_with_one_line(tmp_path):
+    raw = tiny_raw()
+    raw["tasks"]["lm"]["optim"]["lr"] = -0.5
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "stages.train", "lm", "--params", str(params)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["error [train lm]: tasks.lm.optim.lr: Input should be greater than 0 (got -0.5)"]
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_unknown_task_is_named(tiny_cfg):
+    with pytest.raises(KeyError, match="unknown task 'vision'"):
+        tiny_cfg.task("vision")

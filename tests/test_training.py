@@ -1,0 +1,103 @@
+"""The training loop in one process: exact resume, accumulation, non-finite stop, checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import validate
+from pipeline.data.build import shard
+from pipeline.training.checkpoint import CheckpointError, load_training_state
+from pipeline.training.loop import NonFiniteError, train
+from pipeline.training.optim import lr_at
+from pipeline.training.session import LocalSession
+from tests.conftest import tiny_raw
+
+
+def _weights(ckpt_dir):
+    state, meta = load_training_state(sorted(ckpt_dir.glob("checkpoint_*"))[-1])
+    return state["model"], meta
+
+
+@pytest.mark.parametrize("task", ["lm", "diffusion"])
+def test_resume_equals_uninterrupted(built_data, tmp_path, task):
+    cfg, shards = built_data
+    straight = train(cfg, task, shards[task], LocalSession(tmp_path / "a"))
+    ref, meta = _weights(tmp_path / "a")
+    assert straight.step == 6 and meta["final"]
+
+    # "Kill" after the step-3 checkpoint: keep only it, then resume in a fresh loop.
+    (tmp_path / "b").mkdir()
+    shutil.copytree(sorted((tmp_path / "a").glob("checkpoint_*"))[0], tmp_path / "b" / "checkpoint_00000003")
+    resumed = train(cfg, task, shards[task], LocalSession(tmp_path / "b"))
+    got, _ = _weights(tmp_path / "b")
+    assert resumed.step == 6
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+
+
+def test_gradient_accumulation_matches_one_big_batch(built_data, tmp_path):
+    cfg, shards = built_data
+    raw = cfg.model_dump(mode="json")
+    raw["tasks"]["lm"]["trainer"]["grad_accum_steps"] = 2
+    accum = validate(raw)
+    train(cfg, "lm", shards["lm"], LocalSession(tmp_path / "one"))
+    train(accum, "lm", shards["lm"], LocalSession(tmp_path / "two"))
+    a, _ = _weights(tmp_path / "one")
+    b, _ = _weights(tmp_path / "two")
+    for k in a:  # same samples, same mean loss; only summation order differs
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_bf16_autocast_trains_on_cpu(built_data, tmp_path):
+    cfg, shards = built_data
+    raw = cfg.model_dump(mode="json")
+    raw["precision"]["dtype"] = "bf16"
+    state = train(validate(raw), "lm", shards["lm"], LocalSession(tmp_path))
+    assert state.step == 6 and np.isfinite(state.history[-1]["loss"])
+
+
+def test_nonfinite_data_stops_the_run_with_a_report(tmp_path, built_data):
+    cfg, shards = built_data
+    import json
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(shards["diffusion"].parent / "prepared", prepared)
+    for split in ("train", "val", "test"):
+        with np.load(prepared / f"{split}.npz") as z:
+            images, labels = z["images"].copy(), z["labels"]
+        images[:] = np.nan
+        np.savez(prepared / f"{split}.npz", images=images, labels=labels)
+    json.loads((prepared / "stats.json").read_text())
+    shard(cfg.task("diffusion").data, prepared, tmp_path / "shards")
+    raw = cfg.model_dump(mode="json")
+    raw["tasks"]["diffusion"]["trainer"]["max_nonfinite_in_a_row"] = 3
+    with pytest.raises(NonFiniteError, match="3 steps in a row had a non-finite loss"):
+        train(validate(raw), "diffusion", tmp_path / "shards", LocalSession(tmp_path / "ck"))
+
+
+def test_incomplete_checkpoint_is_refused(tmp_path):
+    (tmp_path / "state.pt").write_bytes(b"partial")
+    with pytest.raises(CheckpointError, match="incomplete"):
+        load_training_state(tmp_path)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from pipeline.config.schema import OptimConfig
+
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg, 100) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 100) == pytest.approx(1.0)
+    assert lr_at(100, cfg, 100) == pytest.approx(0.1)
+    assert lr_at(40, cfg, 100) > lr_at(60, cfg, 100)
+
+
+def test_batch_must_split_evenly(built_data, tmp_path):
+    raw = tiny_raw(["tasks.lm.trainer.global_batch_size=7", "tasks.lm.trainer.grad_accum_steps=2"])
+    _, shards = built_data
+    with pytest.raises(ValueError, match="global_batch_size \\(7\\) must be divisible"):
+        train(validate(raw), "lm", shards["lm"], LocalSession(tmp_path))
