@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pipeline.cli import stage_main
 from pipeline.config import PipelineConfig
-from pipeline.evaluation.run import evaluate
+from pipeline.flows.evaluate import evaluate
 
 
 def run(cfg: PipelineConfig, task: str) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pipeline.cli import stage_main
 from pipeline.config import PipelineConfig
-from pipeline.export.run import export
+from pipeline.flows.export import export
 
 
 def run(cfg: PipelineConfig, task: str) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pipeline.cli import stage_main
 from pipeline.config import PipelineConfig
-from pipeline.training.driver import train_task
+from pipeline.flows.train import train_task
 
 
 def run(cfg: PipelineConfig, task: str) -> None:

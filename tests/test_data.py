@@ -58,7 +58,7 @@ def test_builtin_text_is_real_prose():
 
 def test_image_sources_npz_and_builtin(tmp_path):
     x, y, n = read_images("builtin:digits")
-    assert x.shape == (1797, 1, 8, 8) and n == 10 and 0 <= x.min() and x.max() <= 1
+    assert x.shape == (1797, 1, 8, 8) and n == 10 and x.min() >= 0 and x.max() <= 1
     np.savez(tmp_path / "mine.npz", images=(x[:20, 0] * 255).astype(np.uint8), labels=y[:20])
     x2, y2, _ = read_images(str(tmp_path / "mine.npz"))
     assert x2.shape == (20, 1, 8, 8) and x2.max() <= 1.0 and (y2 == y[:20]).all()
@@ -69,7 +69,7 @@ def test_augmentation_is_seeded_label_preserving_and_in_range():
     cfg = AugmentConfig(copies=2)
     a1, a2 = augment(x[:10], cfg, seed=3), augment(x[:10], cfg, seed=3)
     assert a1.shape == (20, 1, 8, 8) and np.array_equal(a1, a2)
-    assert 0.0 <= a1.min() and a1.max() <= 1.0
+    assert a1.min() >= 0.0 and a1.max() <= 1.0
     assert not np.allclose(a1[:10], x[:10])  # it changed the pixels
     splits, stats = prepare_images(x, y, ImageDataConfig(augment=cfg), seed=0)
     assert stats["images_train"] == 3 * sum(stats["class_counts_train"]) // 3

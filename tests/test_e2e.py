@@ -101,3 +101,34 @@ def test_dvc_repro_end_to_end(tmp_path):
     variant = _sh(["dvc", "exp", "run", "-S", "tasks.lm.eval.max_batches=1"], project)
     assert "Running stage 'evaluate@lm'" in variant and "Running stage 'train@lm'" not in variant
     assert "max_batches" in _sh(["dvc", "exp", "show", "--no-pager", "--md"], project)
+
+
+def test_killed_training_resumes_when_rerun(tmp_path):
+    """SIGKILL the train stage (driver, Ray and workers) after its first checkpoint; the rerun resumes."""
+    import signal
+    import time
+
+    project = _tiny_project(tmp_path / "project")
+    _sh([sys.executable, "-m", "stages.prepare", "lm"], project)
+    _sh([sys.executable, "-m", "stages.shard", "lm"], project)
+    args = [sys.executable, "-m", "stages.train", "lm", "tasks.lm.trainer.max_steps=40",
+            "tasks.lm.trainer.ckpt_every=4", "tasks.lm.trainer.log_every=4"]
+    env = {**os.environ, "PYTHONPATH": str(project)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(args, cwd=project, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((project / "runs/ray").glob("*/checkpoint_manager_snapshot.json")):
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (project / "models/lm").exists()  # nothing half-written for later stages to trust
+
+    out = _sh(args, project)
+    resumed = [line for line in out.splitlines() if "resumed from step" in line]
+    assert resumed, out[-3000:]
+    step = int(resumed[0].split("resumed from step ")[1].split()[0])
+    assert 4 <= step < 40 and step % 4 == 0
+    assert "[lm] trained 40 steps" in out
+    assert (project / "models/lm/model.safetensors").is_file()

@@ -19,7 +19,9 @@ from tests.conftest import tiny_raw
 
 def _weights(ckpt_dir):
     state, meta = load_training_state(sorted(ckpt_dir.glob("checkpoint_*"))[-1])
-    return state["model"], meta
+    weights = dict(state["model"])
+    weights.update({f"ema.{k}": v for k, v in state.get("ema", {}).items()})  # EMA must resume exactly too
+    return weights, meta
 
 
 @pytest.mark.parametrize("task", ["lm", "diffusion"])
@@ -84,6 +86,21 @@ def test_incomplete_checkpoint_is_refused(tmp_path):
     (tmp_path / "state.pt").write_bytes(b"partial")
     with pytest.raises(CheckpointError, match="incomplete"):
         load_training_state(tmp_path)
+
+
+def test_ema_update_follows_the_formula():
+    from pipeline.training.ema import EMA
+
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.9)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=100)  # decay = min(0.9, 101 / 110) = 0.9
+    expected = 0.9 * start["weight"] + 0.1 * model.weight
+    assert torch.allclose(ema.state_dict()["weight"], expected)
+    ema.update(model, step=0)  # warm-up: decay = 1 / 10
+    assert torch.allclose(ema.state_dict()["weight"], 0.1 * expected + 0.9 * model.weight)
 
 
 def test_lr_schedule_warms_up_then_decays():

@@ -156,6 +156,7 @@ class TrainerConfig(Strict):
     ckpt_every: PositiveInt = 100
     keep_last_k: PositiveInt = 2
     max_nonfinite_in_a_row: PositiveInt = 20
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0  # 0 = off; else the exported weights are the EMA
 
 
 class RegistryConfig(Strict):

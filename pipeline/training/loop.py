@@ -26,6 +26,7 @@ from pipeline.distributed import build_strategy
 from pipeline.distributed.precision import Precision
 from pipeline.tasks import task_for_data
 from pipeline.training.checkpoint import load_training_state, save_training_state
+from pipeline.training.ema import EMA
 from pipeline.training.optim import build_optimizer, lr_at
 
 
@@ -84,11 +85,14 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
     strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
     reader = GlobalOrderReader(read_split(shards_dir, "train"), tr.global_batch_size,
                                session.rank, session.world, seed=cfg.seed)
+    ema = EMA(strategy.unwrapped, tr.ema_decay) if tr.ema_decay > 0 else None
     state = LoopState()
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None:
             saved, meta = load_training_state(ckpt)
             strategy.load_state_dict(saved)
+            if ema is not None:
+                ema.load_state_dict(saved["ema"])
             reader.load_state_dict(meta["reader"])
             state = LoopState(meta["step"], meta["skipped_steps"], 0, meta["history"])
             if session.rank == 0:
@@ -112,6 +116,8 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
             step_loss += loss.item()
             window_items += task.items(batch)
         norm, stepped = strategy.clip_and_step(tr.grad_clip)
+        if ema is not None and stepped:
+            ema.update(strategy.unwrapped, state.step)
         state.step += 1
         if stepped and math.isfinite(step_loss):
             state.nonfinite_in_a_row = 0
@@ -143,19 +149,26 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
         if session.rank == 0:
             print(f"[{task_name}] step {state.step}/{tr.max_steps} | loss {loss_mean:.4f} | lr {lr:.2e} | "
                   f"grad {last_norm:.2f} | {entry[f'{task.item_name}_per_s']:,.0f} {task.item_name}/s", flush=True)
-        _report(session, strategy, reader, state, entry, do_ckpt, final)
+        _report(session, strategy, ema, reader, state, entry, do_ckpt, final)
         window_loss, window_items, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
     return state
 
 
-def _report(session: Session, strategy, reader: GlobalOrderReader, state: LoopState,
+def _report(session: Session, strategy, ema: EMA | None, reader: GlobalOrderReader, state: LoopState,
             entry: dict[str, float], checkpoint: bool, final: bool) -> None:
-    """Report metrics; with a checkpoint every `ckpt_every` steps and at the end (rank 0 writes it)."""
+    """Report metrics; with a checkpoint every `ckpt_every` steps and at the end (rank 0 writes it).
+
+    The final checkpoint also holds the consolidated export weights: the EMA when enabled.
+    """
     if not checkpoint:
         session.report(entry, None)
         return
     train_state = strategy.state_dict()
-    weights = strategy.consolidated_state_dict() if final else None
+    if ema is not None:
+        train_state["ema"] = ema.state_dict()
+    weights = None
+    if final:
+        weights = ema.weights() if ema is not None else strategy.consolidated_state_dict()
     with tempfile.TemporaryDirectory(prefix="ckpt-") as d:
         if session.rank == 0:
             meta = {"step": state.step, "skipped_steps": state.skipped_steps, "reader": reader.state_dict(),

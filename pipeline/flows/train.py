@@ -1,4 +1,4 @@
-"""The train stage's work on the driver: check inputs before taking resources, open (or
+"""The train stage on the driver: check inputs before taking resources, open (or
 resume) the MLflow run, fit on Ray, then write the final model and metrics atomically."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from pipeline.config.schema import PipelineConfig
 from pipeline.data.build import file_md5
 from pipeline.data.shards import MANIFEST, load_manifest, verify_split
 from pipeline.runtime import connect
+from pipeline.runtime.trainer import fit, storage_root
 from pipeline.tasks import task_for_data
 from pipeline.tracking import lineage, mlflow_runs
 from pipeline.training.checkpoint import WEIGHTS, load_training_state, write_model
 from pipeline.training.loop import micro_batch_size
-from pipeline.training.ray_train import fit, storage_root
 
 
 @dataclass

@@ -1,0 +1,36 @@
+"""Exponential moving average of model weights (used for diffusion sampling and evaluation).
+
+The decay ramps up as min(decay, (1 + step) / (10 + step)) so that early averages are not
+dominated by the random initialisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.detach().float(), 1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """A copy fit for safetensors (no shared storage between tied entries)."""
+        return {k: v.clone() for k, v in self.shadow.items()}
