@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 repro: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 	@echo ""
 	@echo "Done. Where to look:"
 	@echo "  metrics:  $(VENV)/bin/dvc metrics show"
@@ -27,7 +27,7 @@ repro: setup
 	@echo "  models:   export/lm  export/diffusion   (registry: models:/pipeline-lm@champion, models:/pipeline-diffusion@champion)"
 
 test: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline stages tests benchmarks

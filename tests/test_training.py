@@ -42,6 +42,15 @@ def test_resume_equals_uninterrupted(built_data, tmp_path, task):
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
 
 
+def test_resuming_a_finished_run_reports_its_final_checkpoint(built_data, tmp_path):
+    cfg, shards = built_data
+    train(cfg, "lm", shards["lm"], LocalSession(tmp_path))
+    again = LocalSession(tmp_path)
+    state = train(cfg, "lm", shards["lm"], again)
+    assert state.step == 6 and again.reports == [state.history[-1]]
+    assert _weights(tmp_path)[1]["final"]
+
+
 def test_gradient_accumulation_matches_one_big_batch(built_data, tmp_path):
     cfg, shards = built_data
     raw = cfg.model_dump(mode="json")

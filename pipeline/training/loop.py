@@ -100,7 +100,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
 
     flops_per_item = task.flops_per_item(strategy.unwrapped, spec)
     window_loss, window_items, window_start = 0.0, 0, time.perf_counter()
-    window_steps, last_norm = 0, 0.0
+    window_steps, last_norm, reported_final = 0, 0.0, False
     while state.step < tr.max_steps:
         lr = lr_at(state.step, tcfg.optim, tr.max_steps)
         for group in strategy.optimizer.param_groups:
@@ -151,6 +151,9 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
                   f"grad {last_norm:.2f} | {entry[f'{task.item_name}_per_s']:,.0f} {task.item_name}/s", flush=True)
         _report(session, strategy, ema, reader, state, entry, do_ckpt, final)
         window_loss, window_items, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+        reported_final = final
+    if not reported_final:  # resumed a finished run: hand its final checkpoint over again
+        _report(session, strategy, ema, reader, state, state.history[-1], True, True)
     return state
 
 
