@@ -18,6 +18,9 @@ from pipeline.data.build import file_md5
 from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.e2e
+# Not copied: tests, benchmarks, and anything a pipeline run in this checkout left behind.
+OUTPUTS = ("tests/", "benchmarks/", "data/", "models/", "export/", "reports/", "registry/", "metrics/", "runs/",
+           "dvc.lock", "mlruns.db", "mlartifacts/", "dvc_plots/")
 
 
 def _sh(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
@@ -34,7 +37,7 @@ def _tiny_project(dest: Path) -> Path:
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         src = ROOT / f
-        if src.is_file() and not f.startswith(("tests/", "benchmarks/")):
+        if src.is_file() and not f.startswith(OUTPUTS):
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
     # Make the Hydra root config itself tiny, so `dvc exp run` composes tiny variants too.
@@ -88,7 +91,10 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert run.data.tags["data.manifest_md5"] == file_md5(project / f"data/{task}/shards/manifest.json")
         assert run.data.tags["cluster.workers"] == "2"
         assert any(k.startswith(f"dvc.shard@{task}") for k in run.data.tags)
-        assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 3  # steps 2, 4, 6
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        assert sorted(m.step for m in history) == [2, 3, 4, 6]  # log_every 2, ckpt_every 3, last step 6
+        assert client.get_experiment(run.info.experiment_id).name == "pipeline"
+        assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
         assert "eval/" + ("val_loss" if task == "lm" else "test_denoise_loss") in run.data.metrics
     mlflow.set_tracking_uri(None)
 

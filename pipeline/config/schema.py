@@ -108,8 +108,9 @@ class DiffusionProcessConfig(Strict):
     timesteps: PositiveInt = 1000
     schedule: Literal["linear", "cosine"] = "cosine"
     prediction: Literal["eps", "v"] = "eps"
-    sample_steps: PositiveInt = 50
-    guidance_scale: NonNegFloat = 2.0
+    sample_steps: PositiveInt = 100
+    sample_eta: Fraction = 1.0  # 0 = deterministic DDIM, 1 = ancestral (DDPM-like) noise per step
+    guidance_scale: NonNegFloat = 1.0
     cond_drop_prob: Fraction = 0.1
 
 

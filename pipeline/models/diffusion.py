@@ -72,11 +72,12 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, model: nn.Module, labels: torch.Tensor, shape: tuple[int, ...], num_classes: int,
-               steps: int | None = None, guidance: float | None = None, eta: float = 0.0,
+               steps: int | None = None, guidance: float | None = None, eta: float | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDIM sampling (eta=0 deterministic, eta=1 ancestral) with classifier-free guidance."""
+        """DDIM sampling (eta=0 deterministic, eta=1 ancestral; default from config) with classifier-free guidance."""
         steps = steps or self.cfg.sample_steps
         w = self.cfg.guidance_scale if guidance is None else guidance
+        eta = self.cfg.sample_eta if eta is None else eta
         ts = torch.linspace(self.cfg.timesteps - 1, 0, steps).round().long().tolist()
         x = torch.randn((len(labels), *shape), generator=generator)
         null = torch.full_like(labels, num_classes)

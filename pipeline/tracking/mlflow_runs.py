@@ -18,15 +18,18 @@ _SECRET = re.compile(r"(token|secret|password|passwd|api_key|access_key)", re.IG
 
 
 def setup(cfg: TrackingConfig) -> str:
-    """Point MLflow at the configured store and make sure the experiment exists. Returns its id."""
+    """Point MLflow at the configured store and make its experiment the active one. Returns its id."""
     mlflow.set_tracking_uri(cfg.uri)
     exp = mlflow.get_experiment_by_name(cfg.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if not cfg.uri.startswith(("http://", "https://", "databricks")):
-        location = Path(cfg.artifact_dir).resolve().as_uri()
-    return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    if exp is None:
+        location = None
+        if not cfg.uri.startswith(("http://", "https://", "databricks")):
+            location = Path(cfg.artifact_dir).resolve().as_uri()
+        exp_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
 
 
 def safe_params(params: dict[str, Any]) -> dict[str, str]:
