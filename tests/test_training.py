@@ -64,12 +64,16 @@ def test_gradient_accumulation_matches_one_big_batch(built_data, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
 
 
-def test_bf16_autocast_trains_on_cpu(built_data, tmp_path):
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(built_data, tmp_path, dtype):
     cfg, shards = built_data
     raw = cfg.model_dump(mode="json")
-    raw["precision"]["dtype"] = "bf16"
+    raw["precision"]["dtype"] = dtype
     state = train(validate(raw), "lm", shards["lm"], LocalSession(tmp_path))
     assert state.step == 6 and np.isfinite(state.history[-1]["loss"])
+    assert state.history[-1]["loss"] < state.history[0]["loss"] + 0.5
+    saved, _ = load_training_state(sorted(tmp_path.glob("checkpoint_*"))[-1])
+    assert bool(saved["scaler"]) == (dtype == "fp16")  # the loss scale is part of the checkpoint
 
 
 def test_nonfinite_data_stops_the_run_with_a_report(tmp_path, built_data):
