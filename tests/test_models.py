@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.config.schema import DiffusionProcessConfig, DiTConfig, GPTConfig
@@ -77,3 +78,94 @@ def test_dit_shapes_and_deterministic_ddim():
     a = p.sample(model, torch.tensor([1, 2]), (1, 8, 8), 10, generator=torch.Generator().manual_seed(1))
     b = p.sample(model, torch.tensor([1, 2]), (1, 8, 8), 10, generator=torch.Generator().manual_seed(1))
     assert a.shape == (2, 1, 8, 8) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("preset", "vocab", "nominal"),
+    [("gpt_125m", 50304, 124e6), ("gpt_350m", 50304, 355e6), ("gpt_1b", 50304, 1.3e9), ("gpt_7b", 32000, 6.7e9)],
+)
+def test_preset_parameter_counts_on_meta_device(preset, vocab, nominal):
+    """Presets match their nominal sizes; built on the meta device, not one byte of weights is allocated."""
+    from pipeline.config import compose
+    from tests.conftest import ROOT
+
+    raw = compose(ROOT / "configs", [f"model@tasks.lm.model={preset}"])
+    cfg = GPTConfig.model_validate(raw["tasks"]["lm"]["model"])
+    with torch.device("meta"):
+        model = GPT(cfg, vocab_size=vocab, max_seq_len=2048)
+    assert abs(model.num_params() - nominal) / nominal < 0.03, model.num_params()
+    assert all(p.is_meta for p in model.parameters())
+    assert model.flops_per_token(2048) > 6 * model.num_params(non_embedding=True)
+
+
+def test_meta_built_model_materialises_like_an_eager_one():
+    cfg = GPTConfig(d_model=32, n_layers=2, n_heads=4)
+    eager = GPT(cfg, vocab_size=50, max_seq_len=16)
+    torch.manual_seed(1)
+    eager.init_weights()
+    with torch.device("meta"):
+        lazy = GPT(cfg, vocab_size=50, max_seq_len=16)
+    lazy.to_empty(device="cpu")
+    torch.manual_seed(1)
+    lazy.init_weights()
+    assert lazy.head.weight is lazy.embed.weight  # tying survives materialisation
+    for (name, a), b in zip(eager.state_dict().items(), lazy.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    x = torch.randint(0, 50, (2, 8))
+    assert torch.equal(eager.eval()(x), lazy.eval()(x))
+
+
+def test_attention_matches_explicit_softmax():
+    model = _gpt(n_kv_heads=2)
+    attn, x = model.blocks[0].attn, torch.randn(2, 7, 32)
+    rope = (model.rope_cos, model.rope_sin)
+    q, k, v = attn.qkv(x).split([32, 16, 16], dim=-1)
+    q = apply_rope(q.view(2, 7, 4, 8).transpose(1, 2), *rope)
+    k = apply_rope(k.view(2, 7, 2, 8).transpose(1, 2), *rope).repeat_interleave(2, dim=1)
+    v = v.view(2, 7, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / 8**0.5
+    scores = scores.masked_fill(torch.triu(torch.ones(7, 7, dtype=torch.bool), 1), float("-inf"))
+    expected = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 32))
+    with torch.no_grad():
+        assert torch.allclose(attn(x, rope), expected, atol=1e-5)
+
+
+def test_ddim_with_every_step_and_eta_1_is_ddpm_ancestral_sampling():
+    """DDIM(eta=1) over all T steps must equal DDPM's posterior sampling, step for step."""
+    torch.manual_seed(0)
+    cfg = DiffusionProcessConfig(timesteps=20, schedule="linear", sample_eta=1.0, guidance_scale=0.0)
+    model = DiT(DiTConfig(d_model=32, depth=1, n_heads=2, diffusion=cfg), (1, 4, 4), num_classes=3).eval()
+    with torch.no_grad():  # adaLN-Zero starts as identity; perturb so the denoiser does something
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    labels = torch.tensor([0, 2])
+    p = GaussianDiffusion(cfg)
+    got = p.sample(model, labels, (1, 4, 4), 3, steps=20, generator=torch.Generator().manual_seed(5))
+
+    betas = torch.linspace(1e-4 * 50, 0.02 * 50, 20, dtype=torch.float64).float()
+    ab = torch.cumprod(1 - betas, 0)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn((2, 1, 4, 4), generator=g)
+    with torch.no_grad():
+        for t in range(19, -1, -1):
+            eps = model(x, torch.full((2,), t), labels)
+            x0 = ((x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()).clamp(-1, 1)
+            ab_prev = ab[t - 1] if t > 0 else torch.tensor(1.0)
+            c0 = ab_prev.sqrt() * betas[t] / (1 - ab[t])
+            ct = (1 - betas[t]).sqrt() * (1 - ab_prev) / (1 - ab[t])
+            mean = c0 * x0 + ct * x
+            var = (1 - ab_prev) / (1 - ab[t]) * betas[t]
+            x = mean + (var.sqrt() * torch.randn(x.shape, generator=g) if t > 0 else 0)
+    assert torch.allclose(got, x, atol=1e-4), (got - x).abs().max()
+
+
+def test_unet_shapes_and_zero_initial_output():
+    from pipeline.config.schema import UNetConfig
+    from pipeline.models.unet import UNet
+
+    model = UNet(UNetConfig(base_channels=8, channel_mults=[1, 2], num_res_blocks=1), (1, 8, 8), num_classes=10)
+    x = torch.randn(3, 1, 8, 8)
+    out = model(x, torch.tensor([0, 10, 999]), torch.tensor([1, 2, 10]))
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0  # zero-initialised output conv
+    with pytest.raises(ValueError, match="not divisible"):
+        UNet(UNetConfig(channel_mults=[1, 2, 2, 2]), (1, 6, 6), num_classes=10)

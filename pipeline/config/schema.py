@@ -133,6 +133,26 @@ class DiTConfig(Strict):
         return self
 
 
+class UNetConfig(Strict):
+    """DDPM U-Net: residual blocks per resolution, channels base_channels * channel_mults[level]."""
+
+    kind: Literal["unet"] = "unet"
+    preset: str = "custom"
+    base_channels: PositiveInt = 32
+    channel_mults: list[PositiveInt] = Field(default_factory=lambda: [1, 2])
+    num_res_blocks: PositiveInt = 1
+    dropout: Fraction = 0.0
+    diffusion: DiffusionProcessConfig = DiffusionProcessConfig()
+
+    @model_validator(mode="after")
+    def _groups_divide(self) -> UNetConfig:
+        if self.base_channels % min(8, self.base_channels):
+            raise ValueError(f"base_channels ({self.base_channels}) must be a multiple of 8 (group norm)")
+        if not self.channel_mults:
+            raise ValueError("channel_mults needs at least one level")
+        return self
+
+
 # ----------------------------------------------------------------------------- training
 class OptimConfig(Strict):
     """AdamW with linear warmup and cosine decay to min_lr_ratio * lr."""
@@ -184,7 +204,7 @@ class TaskConfig(Strict):
     """One model chain (data -> shards -> train -> evaluate -> export -> register)."""
 
     data: TextDataConfig | ImageDataConfig = Field(discriminator="kind")
-    model: GPTConfig | DiTConfig = Field(discriminator="kind")
+    model: GPTConfig | DiTConfig | UNetConfig = Field(discriminator="kind")
     optim: OptimConfig = OptimConfig()
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
@@ -193,7 +213,7 @@ class TaskConfig(Strict):
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> TaskConfig:
-        pairs = {"text": ("gpt",), "images": ("dit",)}
+        pairs = {"text": ("gpt",), "images": ("dit", "unet")}
         if self.model.kind not in pairs[self.data.kind]:
             raise ValueError(f"model kind '{self.model.kind}' cannot train on {self.data.kind} data")
         return self

@@ -90,8 +90,9 @@ class GaussianDiffusion(nn.Module):
             else:
                 pred = model(x, tt, labels)
             ab = self._ab(tt, x)
-            eps, x0 = self._eps_x0(pred, x, ab)
+            _, x0 = self._eps_x0(pred, x, ab)
             x0 = x0.clamp(-1, 1)
+            eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # consistent with the clamped x0
             ab_prev = self._ab(torch.full_like(tt, ts[i + 1]), x) if i + 1 < len(ts) else torch.ones_like(ab)
             sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
             x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps

@@ -100,17 +100,26 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg.norm, cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        if cfg.tie_weights:
-            self.head.weight = self.embed.weight
-        cos, sin = rope_tables(max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_weights()
 
-    def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers)."""
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer in place.
+
+        Called at construction, and again after a model built on the meta device has been
+        sharded and materialised with `to_empty`, so that a 7B model never exists unsharded.
+        GPT-2 scheme: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers), norms at 1.
+        """
+        if self.cfg.tie_weights:  # (re-)tie: `to_empty` after meta-device construction unties them
+            self.head.weight = self.embed.weight
+        cos, sin = rope_tables(self.max_seq_len, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta)
+        device = self.embed.weight.device
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
         for name, p in self.named_parameters():
             if p.dim() < 2:
+                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
                 continue
             std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("proj.weight", "down.weight")) else 0.02
             nn.init.normal_(p, mean=0.0, std=std)

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config.schema import DiTConfig, TaskConfig
+from pipeline.config.schema import DiTConfig, TaskConfig, UNetConfig
 from pipeline.models.diffusion import GaussianDiffusion
 from pipeline.models.dit import DiT
+from pipeline.models.unet import UNet
 from pipeline.tasks.base import Task
 
 
@@ -22,8 +23,11 @@ class Denoising(Task):
         return {"task": "diffusion", "model": cfg.model.model_dump(mode="json"),
                 "image_shape": manifest["image_shape"], "num_classes": manifest["num_classes"]}
 
-    def build(self, spec: dict[str, Any]) -> DiT:
-        return DiT(DiTConfig.model_validate(spec["model"]), tuple(spec["image_shape"]), spec["num_classes"])
+    def build(self, spec: dict[str, Any]) -> nn.Module:
+        shape, classes = tuple(spec["image_shape"]), spec["num_classes"]
+        if spec["model"]["kind"] == "unet":
+            return UNet(UNetConfig.model_validate(spec["model"]), shape, classes)
+        return DiT(DiTConfig.model_validate(spec["model"]), shape, classes)
 
     def batch_to_tensors(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
         return {"x": torch.from_numpy(batch["image"]).float().to(device),
