@@ -198,6 +198,8 @@ class EvalConfig(Strict):
     batch_size: PositiveInt = 64
     sample_rows: PositiveInt = 10  # diffusion: rows of the sample grid (one per class up to 10)
     sample_cols: PositiveInt = 8
+    samples_per_class: NonNegInt = 30  # diffusion: samples scored by the digit classifier (0 = skip)
+    classifier_steps: PositiveInt = 400  # diffusion: training steps of that classifier
 
 
 class TaskConfig(Strict):

@@ -52,3 +52,21 @@ def save_grid(images: torch.Tensor, cols: int, path: Path, scale: int = 4, pad: 
         canvas[pad + r * hs : pad + r * hs + h * scale, pad + k * ws : pad + k * ws + w * scale] = tile
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path)
+
+
+@torch.no_grad()
+def score_with_classifier(model: torch.nn.Module, shards: Path, cfg: EvalConfig, seed: int = 1) -> dict[str, float]:
+    """Sample `samples_per_class` images of every class and score them with a classifier trained on the
+    real training split; the real side of the Fréchet distance is the val and test splits."""
+    from pipeline.evaluation.classifier import score_samples, train_classifier
+
+    train = read_split(shards, "train")
+    clf = train_classifier(train["image"], train["label"], model.num_classes, cfg.classifier_steps, seed)
+    held = [read_split(shards, s) for s in ("val", "test")]
+    real = np.concatenate([h["image"] for h in held])
+    real_labels = np.concatenate([h["label"] for h in held])
+    asked = torch.arange(model.num_classes).repeat_interleave(cfg.samples_per_class)
+    process = GaussianDiffusion(model.cfg.diffusion)
+    samples = process.sample(model, asked, tuple(model.image_shape), model.num_classes,
+                             generator=torch.Generator().manual_seed(seed))
+    return score_samples(clf, samples, asked.numpy(), real, real_labels)

@@ -25,11 +25,13 @@ def evaluate(tcfg: TaskConfig, model_dir: Path, shards: Path, metrics_dir: Path,
         (reports_dir / "sample.txt").write_text(sample + "\n")
         artifacts = [reports_dir / "sample.txt"]
     else:
-        from pipeline.evaluation.diffusion import denoise_loss, sample_grid, save_grid
+        from pipeline.evaluation.diffusion import denoise_loss, sample_grid, save_grid, score_with_classifier
 
         metrics = {f"{s}_denoise_loss": denoise_loss(model, shards, s, tcfg.eval) for s in ("val", "test")}
         _, images = sample_grid(model, tcfg.eval)
         save_grid(images, tcfg.eval.sample_cols, reports_dir / "samples.png")
+        if tcfg.eval.samples_per_class:
+            metrics.update(score_with_classifier(model, shards, tcfg.eval))
         artifacts = [reports_dir / "samples.png"]
     metrics_dir.mkdir(parents=True, exist_ok=True)
     (metrics_dir / "eval.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
