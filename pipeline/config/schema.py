@@ -90,6 +90,7 @@ class GPTConfig(Strict):
     pos_emb: Literal["rope", "learned"] = "rope"
     tie_weights: bool = True
     rope_theta: PositiveFloat = 10000.0
+    init: Literal["normal", "xavier", "he"] = "normal"  # normal = GPT-2's N(0, 0.02) with scaled residuals
 
     @model_validator(mode="after")
     def _heads_divide(self) -> GPTConfig:
@@ -155,15 +156,33 @@ class UNetConfig(Strict):
 
 # ----------------------------------------------------------------------------- training
 class OptimConfig(Strict):
-    """AdamW with linear warmup and cosine decay to min_lr_ratio * lr."""
+    """Optimizer and learning-rate schedule.
 
+    Every schedule starts with `warmup_steps` of linear warmup (one-cycle from lr / 25). Decoupled
+    weight decay (AdamW) skips biases and norm weights; for the others it is L2 on the same set.
+    """
+
+    name: Literal["adamw", "adam", "sgd", "rmsprop"] = "adamw"
     lr: PositiveFloat = 3e-4
     weight_decay: NonNegFloat = 0.1
     beta1: Fraction = 0.9
     beta2: Fraction = 0.95
     eps: PositiveFloat = 1e-8
+    momentum: Fraction = 0.9  # sgd, rmsprop
+    nesterov: bool = False  # sgd
+    schedule: Literal["cosine", "constant", "step", "exponential", "onecycle", "plateau"] = "cosine"
     warmup_steps: NonNegInt = 50
-    min_lr_ratio: Fraction = 0.1
+    min_lr_ratio: Fraction = 0.1  # cosine and one-cycle end at lr * min_lr_ratio
+    step_size: PositiveInt = 1000  # step: multiply by gamma every step_size steps
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.5  # step and exponential (per step) decay factor
+    plateau_factor: Annotated[float, Field(gt=0, lt=1)] = 0.5  # plateau: multiply lr by this ...
+    plateau_patience: PositiveInt = 2  # ... after this many validations without improvement
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimConfig:
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov applies to sgd with momentum > 0")
+        return self
 
 
 class TrainerConfig(Strict):
@@ -178,6 +197,16 @@ class TrainerConfig(Strict):
     keep_last_k: PositiveInt = 2
     max_nonfinite_in_a_row: PositiveInt = 20
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0  # 0 = off; else the exported weights are the EMA
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0  # language model cross-entropy
+    eval_every: NonNegInt = 0  # validation loss every N steps (0 = never); needed by plateau and early stopping
+    eval_batches: PositiveInt = 4  # global batches of the val split per validation
+    early_stop_patience: NonNegInt = 0  # stop after N validations without improvement (0 = off)
+
+    @model_validator(mode="after")
+    def _eval_for_early_stop(self) -> TrainerConfig:
+        if self.early_stop_patience and not self.eval_every:
+            raise ValueError("early_stop_patience needs eval_every > 0")
+        return self
 
 
 class RegistryConfig(Strict):
@@ -215,6 +244,8 @@ class TaskConfig(Strict):
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> TaskConfig:
+        if self.optim.schedule == "plateau" and not self.trainer.eval_every:
+            raise ValueError("optim.schedule 'plateau' needs trainer.eval_every > 0")
         pairs = {"text": ("gpt",), "images": ("dit", "unet")}
         if self.model.kind not in pairs[self.data.kind]:
             raise ValueError(f"model kind '{self.model.kind}' cannot train on {self.data.kind} data")

@@ -35,7 +35,8 @@ class TrainOutcome:
 
 def _history_csv(history: list[dict[str, float]]) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(history[0]))
+    fields = list(dict.fromkeys(k for h in history for k in h))  # validation rows add val_loss
+    w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     w.writerows(history)
     return buf.getvalue()

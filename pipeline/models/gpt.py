@@ -110,7 +110,8 @@ class GPT(nn.Module):
 
         Called at construction, and again after a model built on the meta device has been
         sharded and materialised with `to_empty`, so that a 7B model never exists unsharded.
-        GPT-2 scheme: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers), norms at 1.
+        `model.init`: normal (GPT-2: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers)),
+        xavier or he for the linear layers (embeddings stay N(0, 0.02)); norms start at 1.
         """
         if self.cfg.tie_weights:  # (re-)tie: `to_empty` after meta-device construction unties them
             self.head.weight = self.embed.weight
@@ -121,8 +122,13 @@ class GPT(nn.Module):
             if p.dim() < 2:
                 nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
                 continue
-            std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("proj.weight", "down.weight")) else 0.02
-            nn.init.normal_(p, mean=0.0, std=std)
+            if self.cfg.init == "xavier" and not name.startswith(("embed", "pos")):
+                nn.init.xavier_normal_(p)
+            elif self.cfg.init == "he" and not name.startswith(("embed", "pos")):
+                nn.init.kaiming_normal_(p, nonlinearity="relu")
+            else:
+                residual = name.endswith(("proj.weight", "down.weight"))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers) if residual else 0.02)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) to next-token logits (B, T, vocab)."""

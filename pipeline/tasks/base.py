@@ -20,6 +20,7 @@ from pipeline.config.schema import TaskConfig
 class Task(ABC):
     kind: str
     item_name: str  # what throughput counts: "tokens" or "images"
+    label_smoothing: float = 0.0  # training-time only; set by the loop for classification-style losses
 
     @abstractmethod
     def model_spec(self, cfg: TaskConfig, manifest: dict[str, Any]) -> dict[str, Any]:

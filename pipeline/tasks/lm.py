@@ -32,7 +32,8 @@ class LanguageModeling(Task):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
              generator: torch.Generator | None = None) -> torch.Tensor:
         logits = model(batch["x"])
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten())
+        smoothing = self.label_smoothing if model.training else 0.0
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten(), label_smoothing=smoothing)
 
     def items(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["y"].numel()

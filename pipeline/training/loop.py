@@ -27,7 +27,8 @@ from pipeline.distributed.precision import Precision
 from pipeline.tasks import task_for_data
 from pipeline.training.checkpoint import load_training_state, save_training_state
 from pipeline.training.ema import EMA
-from pipeline.training.optim import build_optimizer, lr_at
+from pipeline.training.optim import ValidationTracker, build_optimizer, lr_at
+from pipeline.training.validation import validation_loss
 
 
 class Session(Protocol):
@@ -48,6 +49,7 @@ class LoopState:
     step: int = 0
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0
+    stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -74,6 +76,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
     tcfg = cfg.task(task_name)
     tr = tcfg.trainer
     task = task_for_data(tcfg.data.kind)
+    task.label_smoothing = tr.label_smoothing
     manifest = load_manifest(shards_dir)
     spec = task.model_spec(tcfg, manifest)
     micro_batch_size(tr.global_batch_size, session.world, tr.grad_accum_steps)
@@ -85,8 +88,9 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
     strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
     reader = GlobalOrderReader(read_split(shards_dir, "train"), tr.global_batch_size,
                                session.rank, session.world, seed=cfg.seed)
+    val = read_split(shards_dir, "val") if tr.eval_every else None
     ema = EMA(strategy.unwrapped, tr.ema_decay) if tr.ema_decay > 0 else None
-    state = LoopState()
+    state, tracker = LoopState(), ValidationTracker()
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None:
             saved, meta = load_training_state(ckpt)
@@ -94,15 +98,17 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
             if ema is not None:
                 ema.load_state_dict(saved["ema"])
             reader.load_state_dict(meta["reader"])
-            state = LoopState(meta["step"], meta["skipped_steps"], 0, meta["history"])
+            tracker = ValidationTracker(**meta.get("tracker", {}))
+            state = LoopState(meta["step"], meta["skipped_steps"], 0, meta.get("stopped_early", False),
+                              meta["history"])
             if session.rank == 0:
                 print(f"[{task_name}] resumed from step {state.step} ({ckpt})", flush=True)
 
     flops_per_item = task.flops_per_item(strategy.unwrapped, spec)
     window_loss, window_items, window_start = 0.0, 0, time.perf_counter()
     window_steps, last_norm, reported_final = 0, 0.0, False
-    while state.step < tr.max_steps:
-        lr = lr_at(state.step, tcfg.optim, tr.max_steps)
+    while state.step < tr.max_steps and not state.stopped_early:
+        lr = lr_at(state.step, tcfg.optim, tr.max_steps, tracker.plateau_scale)
         for group in strategy.optimizer.param_groups:
             group["lr"] = lr
         gen = torch.Generator(device=session.device).manual_seed(hash((cfg.seed, state.step, session.rank)) % (2**62))
@@ -133,9 +139,15 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
                     f"(last loss {step_loss}, grad norm {norm}) at step {state.step}; lower optim.lr or use "
                     f"another precision. Checkpoints up to the last good step are kept.")
 
-        final = state.step == tr.max_steps
+        val_loss = None
+        if val is not None and state.step % tr.eval_every == 0:
+            val_loss = _mean_across_ranks([validation_loss(
+                task, strategy.model, val, tr.global_batch_size, tr.eval_batches, session.rank, session.world,
+                session.device, precision, cfg.seed)])[0]
+            state.stopped_early = tracker.observe(val_loss, tcfg.optim, tr.early_stop_patience)
+        final = state.step == tr.max_steps or state.stopped_early
         do_ckpt = final or state.step % tr.ckpt_every == 0
-        if not (do_ckpt or state.step % tr.log_every == 0):
+        if not (do_ckpt or val_loss is not None or state.step % tr.log_every == 0):
             continue
         elapsed = time.perf_counter() - window_start
         loss_mean, items_total = _mean_across_ranks([window_loss / max(1, window_steps), float(window_items)])
@@ -143,22 +155,28 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
         entry = {"step": state.step, "loss": loss_mean, "lr": lr, "grad_norm": last_norm,
                  f"{task.item_name}_per_s": items_total / elapsed, "epoch": reader.epoch,
                  "skipped_steps": state.skipped_steps}
+        if val_loss is not None:
+            entry["val_loss"] = val_loss
         if flops_per_item:
             entry["model_tflops"] = flops_per_item * items_total / elapsed / 1e12
         state.history.append(entry)
         if session.rank == 0:
-            print(f"[{task_name}] step {state.step}/{tr.max_steps} | loss {loss_mean:.4f} | lr {lr:.2e} | "
+            extra = f" | val {val_loss:.4f}" if val_loss is not None else ""
+            print(f"[{task_name}] step {state.step}/{tr.max_steps} | loss {loss_mean:.4f}{extra} | lr {lr:.2e} | "
                   f"grad {last_norm:.2f} | {entry[f'{task.item_name}_per_s']:,.0f} {task.item_name}/s", flush=True)
-        _report(session, strategy, ema, reader, state, entry, do_ckpt, final)
+            if state.stopped_early:
+                print(f"[{task_name}] early stop: no better validation loss than {tracker.best:.4f} in "
+                      f"{tracker.evals_since_best} validations", flush=True)
+        _report(session, strategy, ema, reader, state, tracker, entry, do_ckpt, final)
         window_loss, window_items, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
         reported_final = final
     if not reported_final:  # resumed a finished run: hand its final checkpoint over again
-        _report(session, strategy, ema, reader, state, state.history[-1], True, True)
+        _report(session, strategy, ema, reader, state, tracker, state.history[-1], True, True)
     return state
 
 
 def _report(session: Session, strategy, ema: EMA | None, reader: GlobalOrderReader, state: LoopState,
-            entry: dict[str, float], checkpoint: bool, final: bool) -> None:
+            tracker: ValidationTracker, entry: dict[str, float], checkpoint: bool, final: bool) -> None:
     """Report metrics; with a checkpoint every `ckpt_every` steps and at the end (rank 0 writes it).
 
     The final checkpoint also holds the consolidated export weights: the EMA when enabled.
@@ -175,6 +193,7 @@ def _report(session: Session, strategy, ema: EMA | None, reader: GlobalOrderRead
     with tempfile.TemporaryDirectory(prefix="ckpt-") as d:
         if session.rank == 0:
             meta = {"step": state.step, "skipped_steps": state.skipped_steps, "reader": reader.state_dict(),
-                    "history": state.history, "final": final}
+                    "history": state.history, "final": final, "stopped_early": state.stopped_early,
+                    "tracker": tracker.state_dict()}
             save_training_state(Path(d), train_state, meta, weights)
         session.report(entry, Path(d) if session.rank == 0 else None)
