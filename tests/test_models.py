@@ -169,3 +169,27 @@ def test_unet_shapes_and_zero_initial_output():
     assert out.shape == x.shape and torch.count_nonzero(out) == 0  # zero-initialised output conv
     with pytest.raises(ValueError, match="not divisible"):
         UNet(UNetConfig(channel_mults=[1, 2, 2, 2]), (1, 6, 6), num_classes=10)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "dit", "unet"])
+def test_init_weights_covers_every_parameter_after_meta_construction(kind):
+    """The loop builds on the meta device; `init_weights` must then leave nothing uninitialised."""
+    from pipeline.config.schema import UNetConfig
+    from pipeline.models.unet import UNet
+
+    def build() -> torch.nn.Module:
+        if kind == "gpt":
+            return GPT(GPTConfig(d_model=32, n_layers=2, n_heads=4), vocab_size=50, max_seq_len=16)
+        if kind == "dit":
+            return DiT(DiTConfig(d_model=32, depth=2, n_heads=2), (1, 8, 8), num_classes=10)
+        return UNet(UNetConfig(base_channels=8), (1, 8, 8), num_classes=10)
+
+    with torch.device("meta"):
+        model = build()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    model.init_weights()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name

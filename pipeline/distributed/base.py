@@ -34,7 +34,19 @@ class Strategy(ABC):
 
     @abstractmethod
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        """Move, wrap and shard the model, then build the optimizer over the result."""
+        """Shard and wrap the model, materialise it, then build the optimizer over the result.
+
+        The model may arrive on the meta device (the loop builds it there): sharding strategies
+        shard first and materialise only their shard, so a large model is never whole on a rank.
+        """
+
+    def materialize(self, model: nn.Module) -> nn.Module:
+        """Allocate a meta-device model (or the local shards of one) on this rank's device and
+        initialise it. The caller seeds the RNG identically on every rank."""
+        if any(p.is_meta for p in model.parameters()):
+            model.to_empty(device=self.device)
+            model.init_weights()
+        return model.to(self.device)
 
     @property
     @abstractmethod

@@ -17,7 +17,7 @@ class DDPStrategy(Strategy):
     name = "ddp"
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        model = model.to(self.device)
+        model = self.materialize(model)  # DDP replicates: every rank holds the whole model
         self._plain = model
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None

@@ -63,13 +63,18 @@ class DiT(nn.Module):
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.out = nn.Linear(d, p * p * c)
-        self.reset_parameters()
+        self.init_weights()
 
-    def reset_parameters(self) -> None:
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter in place (also after meta-device construction and `to_empty`)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+        # Patch embedding as a linear layer over flattened patches (as in the DiT reference).
+        nn.init.xavier_uniform_(self.patch.weight.view(self.patch.weight.shape[0], -1))
+        nn.init.zeros_(self.patch.bias)
         nn.init.normal_(self.pos, std=0.02)
         nn.init.normal_(self.y_embed.weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, and so does the output.

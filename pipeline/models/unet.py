@@ -25,8 +25,6 @@ class ResBlock(nn.Module):
         self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.drop = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-        nn.init.zeros_(self.conv2.weight)  # each block starts as its skip path
-        nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
@@ -65,6 +63,19 @@ class UNet(nn.Module):
             if i > 0:
                 self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
         self.out_norm, self.out = _norm(ch), nn.Conv2d(ch, c, 3, padding=1)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter in place (also after meta-device construction and `to_empty`):
+        PyTorch's default per layer, then zeros where each residual block and the output start."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        for m in self.modules():
+            if isinstance(m, ResBlock):  # each block starts as its skip path
+                nn.init.zeros_(m.conv2.weight)
+                nn.init.zeros_(m.conv2.bias)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 

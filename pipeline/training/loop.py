@@ -81,8 +81,9 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
     spec = task.model_spec(tcfg, manifest)
     micro_batch_size(tr.global_batch_size, session.world, tr.grad_accum_steps)
 
+    with torch.device("meta"):  # no weights yet: the strategy shards, then materialises
+        model = task.build(spec)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = task.build(spec)
     precision = Precision(cfg.precision.dtype, session.device)
     strategy = build_strategy(cfg.strategy, precision, session.device)
     strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
