@@ -1,7 +1,8 @@
 """The MLflow model: a pyfunc that rebuilds the trained model from safetensors + spec.
 
 Inputs and outputs are plain tables so `mlflow models serve` answers JSON:
-- language model: column `prompt` (text) -> column `completion` (greedy continuation);
+- language model: column `prompt` (text) -> column `completion` (params: max_new_tokens, temperature
+  (0 = greedy), top_k (0 = off), seed);
 - diffusion: column `label` (class id) -> one row of C*H*W pixel values in [-1, 1] per label.
 """
 
@@ -35,7 +36,10 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
             out = []
             for prompt in model_input["prompt"].astype(str):
                 ids = torch.tensor([self.tokenizer.encode(prompt).ids or [0]])
-                gen = self.model.generate(ids, int(params.get("max_new_tokens", 32)), temperature=0.0)
+                top_k = int(params.get("top_k", 0)) or None
+                gen = self.model.generate(ids, int(params.get("max_new_tokens", 32)),
+                                          temperature=float(params.get("temperature", 0.0)), top_k=top_k,
+                                          generator=torch.Generator().manual_seed(int(params.get("seed", 0))))
                 out.append(self.tokenizer.decode(gen[0, ids.shape[1] :].tolist()))
             return pd.DataFrame({"completion": out})
         from pipeline.models.diffusion import GaussianDiffusion
@@ -59,7 +63,8 @@ def log_pyfunc(model_dir: Path, spec: dict[str, Any]):
     import pipeline
 
     example = example_input(spec)
-    params = {"max_new_tokens": 32} if spec["task"] == "lm" else {"steps": 25, "seed": 0}
+    params = ({"max_new_tokens": 32, "temperature": 0.0, "top_k": 0, "seed": 0} if spec["task"] == "lm"
+              else {"steps": 25, "seed": 0})
     output = PipelineModel()
     output.load_context(type("Ctx", (), {"artifacts": {"model_dir": str(model_dir)}})())
     signature = mlflow.models.infer_signature(example, output.predict(None, example, params), params)
