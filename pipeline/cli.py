@@ -51,9 +51,20 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--out", default="params.yaml")
     v = sub.add_parser("validate", help="validate params.yaml and print the first problem")
     v.add_argument("--params", default="params.yaml")
+    lin = sub.add_parser("lineage", help="where a registered model came from: run, config, data, commit")
+    lin.add_argument("ref", help="<model>@<alias> or <model>@<version>, e.g. pipeline-lm@champion")
+    lin.add_argument("--json", action="store_true", help="print JSON instead of text")
+    pro = sub.add_parser("promote", help="point an alias at a version by hand (promote or roll back)")
+    pro.add_argument("ref", help="<model>@<version> (or <model>@<alias>) to point the alias at")
+    pro.add_argument("--alias", default="champion")
+    for p in (lin, pro):
+        p.add_argument("--params", default="params.yaml", help="where the tracking URI comes from")
+        p.add_argument("--tracking-uri", default=None, help="overrides the config's tracking.uri")
     args = parser.parse_args(argv)
     try:
-        if args.cmd == "compose":
+        if args.cmd in ("lineage", "promote"):
+            _registry_command(args)
+        elif args.cmd == "compose":
             raw = compose(args.config_dir, args.overrides)
             validate(raw)
             Path(args.out).write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -61,6 +72,21 @@ def main(argv: list[str] | None = None) -> None:
         else:
             load_config(args.params)
             print(f"{args.params}: ok")
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _registry_command(args: argparse.Namespace) -> None:
+    import json
+
+    import mlflow
+
+    from pipeline.tracking import inspect
+
+    mlflow.set_tracking_uri(args.tracking_uri or load_config(args.params).tracking.uri)
+    if args.cmd == "promote":
+        print(inspect.promote(args.ref, args.alias))
+        return
+    info = inspect.lineage(args.ref)
+    print(json.dumps(info, indent=2, default=str) if args.json else inspect.format_lineage(info))

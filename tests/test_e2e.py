@@ -90,7 +90,7 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert run.data.tags["git.commit"] == head
         assert run.data.tags["data.manifest_md5"] == file_md5(project / f"data/{task}/shards/manifest.json")
         assert run.data.tags["cluster.workers"] == "2"
-        assert any(k.startswith(f"dvc.shard@{task}") for k in run.data.tags)
+        assert any(k.startswith(f"dvc.shard:{task}.") for k in run.data.tags)
         history = client.get_metric_history(run.info.run_id, "train/loss")
         assert sorted(m.step for m in history) == [2, 3, 4, 6]  # log_every 2, ckpt_every 3, last step 6
         assert client.get_experiment(run.info.experiment_id).name == "pipeline"

@@ -25,7 +25,8 @@ def git_state(cwd: Path | str = ".") -> dict[str, str]:
 
 
 def dvc_lock_hashes(lock: Path | str = "dvc.lock") -> dict[str, str]:
-    """md5 of every dep and out of every stage recorded in dvc.lock, keyed `dvc.<stage>.<path>`."""
+    """md5 of every dep and out of every stage recorded in dvc.lock, keyed `dvc.<stage>.<path>`
+    (with `stage@item` written `stage:item`)."""
     lock = Path(lock)
     if not lock.is_file():
         return {}
@@ -34,8 +35,8 @@ def dvc_lock_hashes(lock: Path | str = "dvc.lock") -> dict[str, str]:
     for stage, entry in (data.get("stages") or {}).items():
         for kind in ("deps", "outs"):
             for item in entry.get(kind, []) or []:
-                if "md5" in item:
-                    out[f"dvc.{stage}.{item['path']}"] = item["md5"]
+                if "md5" in item:  # MLflow refuses '@' in keys: foreach stage "train@lm" becomes "train:lm"
+                    out[f"dvc.{stage.replace('@', ':')}.{item['path']}"] = item["md5"]
     return out
 
 
