@@ -7,6 +7,7 @@ validates the whole config first, and turns known errors into one line and exit 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,15 +16,19 @@ import yaml
 
 from pipeline.config import ConfigError, PipelineConfig, compose, load_config, validate
 
-_KNOWN_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError, KeyError, ValueError)
-
 
 def _known_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean bad input (config, data, files), reported as one line.
+
+    Set PIPELINE_DEBUG=1 to get the traceback instead, e.g. when a ValueError may be a bug.
+    """
+    if os.environ.get("PIPELINE_DEBUG"):
+        return ()
     from pipeline.data.shards import ShardError
     from pipeline.data.sources import DataSourceError
     from pipeline.training.checkpoint import CheckpointError
 
-    return (*_KNOWN_ERRORS, ShardError, DataSourceError, CheckpointError)
+    return (ConfigError, FileNotFoundError, KeyError, ValueError, ShardError, DataSourceError, CheckpointError)
 
 
 def stage_main(stage: str, run: Callable[[PipelineConfig, str], None], argv: list[str] | None = None) -> None:

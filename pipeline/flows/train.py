@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from safetensors.torch import load_file
 
 from pipeline.config import config_digest, flatten
 from pipeline.config.schema import PipelineConfig
@@ -20,7 +21,7 @@ from pipeline.runtime import connect
 from pipeline.runtime.trainer import fit, storage_root
 from pipeline.tasks import task_for_data
 from pipeline.tracking import lineage, mlflow_runs
-from pipeline.training.checkpoint import WEIGHTS, load_training_state, write_model
+from pipeline.training.checkpoint import WEIGHTS, read_meta, write_model
 from pipeline.training.loop import micro_batch_size
 
 
@@ -92,11 +93,9 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     if result.error:
         raise RuntimeError(f"[{task_name}] training failed: {result.error}") from result.error
     with result.checkpoint.as_directory() as d:
-        _state, meta = load_training_state(Path(d))
+        meta = read_meta(Path(d))  # the driver needs weights and history, not the optimizer state
         if not meta.get("final"):
             raise RuntimeError(f"[{task_name}] the last checkpoint is not the final one (step {meta['step']})")
-        from safetensors.torch import load_file
-
         weights = load_file(str(Path(d) / WEIGHTS))
     history = meta["history"]
     spec = task_for_data(tcfg.data.kind).model_spec(tcfg, load_manifest(shards_dir))

@@ -33,11 +33,16 @@ def save_training_state(directory: Path, state: dict[str, Any], meta: dict[str, 
     atomic_write_text(directory / META, json.dumps(meta))
 
 
-def load_training_state(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_meta(directory: Path) -> dict[str, Any]:
+    """The small part of a checkpoint (step, reader position, history), without loading any tensors."""
     if not (directory / META).is_file():
         raise CheckpointError(f"checkpoint {directory} is incomplete (no {META}); refusing to load it")
-    state = torch.load(directory / STATE, map_location="cpu", weights_only=True)
-    return state, json.loads((directory / META).read_text())
+    return json.loads((directory / META).read_text())
+
+
+def load_training_state(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    meta = read_meta(directory)
+    return torch.load(directory / STATE, map_location="cpu", weights_only=True), meta
 
 
 def write_model(out_dir: Path, weights: dict[str, torch.Tensor], spec: dict[str, Any],
