@@ -20,7 +20,7 @@ from tests.conftest import tiny_raw
 def _weights(ckpt_dir):
     state, meta = load_training_state(sorted(ckpt_dir.glob("checkpoint_*"))[-1])
     weights = dict(state["model"])
-    weights.update({f"ema.{k}": v for k, v in state.get("ema", {}).items()})  # EMA must resume exactly too
+    weights.update({f"ema.{k}": v for k, v in state["extra"].get("ema", {}).items()})  # EMA must resume exactly too
     return weights, meta
 
 

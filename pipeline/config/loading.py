@@ -25,18 +25,21 @@ class ConfigError(ValueError):
     """A configuration problem, with a message that names the key."""
 
 
+_UNION_TAGS = ("text", "images", "gpt", "dit", "unet", "ddp", "fsdp", "deepspeed", "horovod")
+
+
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         # Drop pydantic's discriminated-union tags ("text", "gpt") from the dotted path.
-        loc = [str(p) for p in e["loc"] if p not in ("text", "images", "gpt", "dit", "unet")]
-        key = ".".join(loc) or "<root>"
+        loc = [str(p) for p in e["loc"] if p not in _UNION_TAGS]
+        key = ".".join(loc)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         got = e.get("input")
         shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{key}: {msg}{shown}")
+        lines.append(f"{key}: {msg}{shown}" if key else msg)  # whole-config checks name their keys
     return "; ".join(lines)
 
 

@@ -91,6 +91,7 @@ class GPTConfig(Strict):
     tie_weights: bool = True
     rope_theta: PositiveFloat = 10000.0
     init: Literal["normal", "xavier", "he"] = "normal"  # normal = GPT-2's N(0, 0.02) with scaled residuals
+    norm_impl: Literal["torch", "apex"] = "torch"  # apex = apex.normalization's fused kernels (CUDA)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> GPTConfig:
@@ -163,6 +164,9 @@ class OptimConfig(Strict):
     """
 
     name: Literal["adamw", "adam", "sgd", "rmsprop"] = "adamw"
+    # auto = torch's fused kernel on CUDA, its foreach one on CPU; fused = torch fused (CPU too);
+    # apex = apex.optimizers.FusedAdam (adam/adamw; a clear error where apex does not import)
+    impl: Literal["auto", "torch", "fused", "apex"] = "auto"
     lr: PositiveFloat = 3e-4
     weight_decay: NonNegFloat = 0.1
     beta1: Fraction = 0.9
@@ -182,6 +186,8 @@ class OptimConfig(Strict):
     def _nesterov_needs_momentum(self) -> OptimConfig:
         if self.nesterov and (self.name != "sgd" or self.momentum == 0):
             raise ValueError("nesterov applies to sgd with momentum > 0")
+        if self.impl in ("fused", "apex") and self.name not in ("adam", "adamw"):
+            raise ValueError(f"impl '{self.impl}' applies to adam and adamw (got name '{self.name}')")
         return self
 
 
@@ -201,6 +207,11 @@ class TrainerConfig(Strict):
     eval_every: NonNegInt = 0  # validation loss every N steps (0 = never); needed by plateau and early stopping
     eval_batches: PositiveInt = 4  # global batches of the val split per validation
     early_stop_patience: NonNegInt = 0  # stop after N validations without improvement (0 = off)
+    # Recompute activations in backward instead of keeping them: none, full (every block), or
+    # selective: every `ac_every_k`-th block, or only the attention of every block.
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    ac_selective: Literal["every_k", "attention"] = "every_k"
+    ac_every_k: PositiveInt = 2
 
     @model_validator(mode="after")
     def _eval_for_early_stop(self) -> TrainerConfig:
@@ -264,9 +275,50 @@ class ClusterConfig(Strict):
     max_failures: NonNegInt = 2
 
 
-class StrategyConfig(Strict):
+Backend = Literal["auto", "gloo", "nccl"]  # auto = nccl on GPU, gloo on CPU
+
+
+class DDPConfig(Strict):
+    """torch DistributedDataParallel: every rank holds the whole model, gradients are all-reduced."""
+
     name: Literal["ddp"] = "ddp"
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    backend: Backend = "auto"
+
+
+class FSDPConfig(Strict):
+    """torch FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded per block."""
+
+    name: Literal["fsdp"] = "fsdp"
+    backend: Backend = "auto"
+    reshard_after_forward: bool = True  # False keeps gathered block weights until backward (ZeRO-2-like)
+
+
+class DeepSpeedConfig(Strict):
+    """DeepSpeed ZeRO: 0 = data parallel, 1 = optimizer state, 2 = + gradients, 3 = + parameters sharded."""
+
+    name: Literal["deepspeed"] = "deepspeed"
+    backend: Backend = "auto"
+    zero_stage: Annotated[int, Field(ge=0, le=3)] = 2
+    offload_optimizer: bool = False  # optimizer state and step on the CPU (stage 1-3)
+    offload_params: bool = False  # parameters on the CPU between uses (stage 3)
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedConfig:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        return self
+
+
+class HorovodConfig(Strict):
+    """Horovod ring all-reduce (gloo), run on Ray through `horovod.ray.RayExecutor`."""
+
+    name: Literal["horovod"] = "horovod"
+    backend: Literal["gloo"] = "gloo"
+
+
+StrategyConfig = Annotated[DDPConfig | FSDPConfig | DeepSpeedConfig | HorovodConfig, Field(discriminator="name")]
 
 
 class PrecisionConfig(Strict):
@@ -283,9 +335,21 @@ class PipelineConfig(Strict):
     seed: NonNegInt = 1337
     tasks: dict[str, TaskConfig]
     cluster: ClusterConfig = ClusterConfig()
-    strategy: StrategyConfig = StrategyConfig()
+    strategy: StrategyConfig = DDPConfig()
     precision: PrecisionConfig = PrecisionConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _strategy_fits_tasks(self) -> PipelineConfig:
+        if isinstance(self.strategy, DeepSpeedConfig):
+            if self.strategy.zero_stage == 3:
+                for name, task in self.tasks.items():
+                    if task.trainer.ema_decay > 0:
+                        raise ValueError(f"tasks.{name}.trainer.ema_decay: EMA is not supported with deepspeed "
+                                         "zero_stage 3 (parameters are partitioned); set it to 0, or use fsdp")
+            if self.precision.dtype == "fp16" and not self.cluster.use_gpu:
+                raise ValueError("precision.dtype: DeepSpeed has no fp16 on CPU; use bf16 or fp32, or cluster.use_gpu")
+        return self
 
     def task(self, name: str) -> TaskConfig:
         if name not in self.tasks:

@@ -2,18 +2,25 @@
 
 The training loop talks only to a `Strategy`: it never asks which backend is running. A
 strategy wraps any `nn.Module` (it knows no model class) and owns everything that differs
-between backends: how gradients are synchronised, how the optimizer steps, and what a
-checkpoint holds.
+between backends: how the model is sharded and materialised, how gradients are synchronised,
+how the optimizer steps, what a checkpoint holds on disk, and how full weights are gathered
+for export.
+
+Collective methods (marked so) must be called on every rank in the same order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pipeline.distributed.precision import Precision
@@ -21,28 +28,39 @@ from pipeline.distributed.precision import Precision
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """What some backends must know before the first step (DeepSpeed builds its engine from it)."""
+
+    micro_batch_size: int
+    grad_accum_steps: int
+    grad_clip: float
+
+
 class Strategy(ABC):
     """Wrap a model and optimizer; run backward and step; save, load and consolidate state."""
 
     name: str = "base"
 
-    def __init__(self, precision: Precision, device: torch.device) -> None:
+    def __init__(self, cfg: Any, precision: Precision, device: torch.device, settings: StepSettings) -> None:
+        self.cfg = cfg
         self.precision = precision
         self.device = device
+        self.settings = settings
         self.model: nn.Module | None = None  # what forward() is called on
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer: torch.optim.Optimizer | None = None  # the torch optimizer whose lr the loop sets
 
+    # ------------------------------------------------------------------ setup
     @abstractmethod
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         """Shard and wrap the model, materialise it, then build the optimizer over the result.
 
-        The model may arrive on the meta device (the loop builds it there): sharding strategies
-        shard first and materialise only their shard, so a large model is never whole on a rank.
+        The model arrives on the meta device (the loop builds it there, with activation
+        checkpointing already applied). The caller seeds the RNG identically on every rank.
         """
 
     def materialize(self, model: nn.Module) -> nn.Module:
-        """Allocate a meta-device model (or the local shards of one) on this rank's device and
-        initialise it. The caller seeds the RNG identically on every rank."""
+        """Allocate a meta-device model on this rank's device and initialise its weights."""
         if any(p.is_meta for p in model.parameters()):
             model.to_empty(device=self.device)
             model.init_weights()
@@ -51,8 +69,13 @@ class Strategy(ABC):
     @property
     @abstractmethod
     def unwrapped(self) -> nn.Module:
-        """The plain module, for evaluation and export."""
+        """The module without its wrapper (EMA reads its state dict; evaluation calls it)."""
 
+    def describe(self) -> str:
+        """One line for the log and MLflow: the backend and its settings."""
+        return self.name
+
+    # ------------------------------------------------------------------ step
     def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager[None]:
         """Skip gradient synchronisation on all but the last micro-batch of an accumulation."""
         return contextlib.nullcontext()
@@ -64,17 +87,50 @@ class Strategy(ABC):
     def clip_and_step(self, max_norm: float) -> tuple[float, bool]:
         """Unscale, clip (0 = off), step if gradients are finite, zero them. Returns (norm, stepped)."""
 
+    # ------------------------------------------------------------------ state (collective)
     @abstractmethod
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: model and optimizer state (and scaler)."""
+    def save(self, directory: Path, extra: dict[str, Any]) -> None:
+        """Write this rank's part of the training state (model, optimizer, scaler, `extra`) under
+        `directory`. File names differ per rank where ranks hold different state, so the per-rank
+        directories can be merged into one checkpoint (Ray Train does exactly that)."""
 
     @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load(self, directory: Path, extra: dict[str, Any]) -> dict[str, Any]:
+        """Restore what `save` wrote (from the merged checkpoint). `extra` holds the current values
+        (sharded backends load into them in place); returns the saved ones."""
 
     @abstractmethod
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 model weights, as a plain module would have them (for export)."""
+        """Full fp32 model weights as a plain module would have them (for export). Complete on
+        rank 0; other ranks may return an empty dict."""
 
-    def parameters(self) -> Iterator[nn.Parameter]:
-        assert self.model is not None
-        return self.model.parameters()
+    def gather_full(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full tensors from a state dict in this backend's layout (EMA weights). Identity unless sharded."""
+        return state
+
+    # ------------------------------------------------------------------ communication (collective)
+    def all_mean(self, values: list[float]) -> list[float]:
+        """The mean of each value over the data-parallel ranks."""
+        t = torch.tensor(values, dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t)
+            t /= dist.get_world_size()
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+
+def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> float:
+    """Total gradient norm (before clipping) and clip in place when max_norm > 0."""
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    value = norm.item()
+    return value if math.isfinite(value) else float("inf")

@@ -14,7 +14,15 @@ from torch import nn
 from pipeline.config.schema import GPTConfig
 
 
-def make_norm(kind: str, dim: int) -> nn.Module:
+def make_norm(kind: str, dim: int, impl: str = "torch") -> nn.Module:
+    """torch's norms, or apex's fused CUDA kernels (same parameters, so weights load either way)."""
+    if impl == "apex":
+        try:
+            from apex.normalization import FusedLayerNorm, FusedRMSNorm
+        except ImportError as e:
+            raise ValueError(f"model.norm_impl: 'apex' was asked for, but apex does not import here ({e}); "
+                             "install NVIDIA Apex, or use norm_impl=torch") from e
+        return FusedRMSNorm(dim, eps=1e-6) if kind == "rmsnorm" else FusedLayerNorm(dim)
     return nn.RMSNorm(dim, eps=1e-6) if kind == "rmsnorm" else nn.LayerNorm(dim)
 
 
@@ -79,9 +87,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.norm1 = make_norm(cfg.norm, cfg.d_model)
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_impl)
         self.attn = Attention(cfg)
-        self.norm2 = make_norm(cfg.norm, cfg.d_model)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_impl)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -98,7 +106,7 @@ class GPT(nn.Module):
         self.pos = nn.Embedding(max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = make_norm(cfg.norm, cfg.d_model)
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_impl)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)

@@ -28,7 +28,12 @@ def storage_root(cfg: PipelineConfig) -> str:
 
 
 def fit(cfg: PipelineConfig, task_name: str, shards_dir: Path, run_name: str):
-    """Train on Ray; returns the `ray.train.Result` (raises if training failed for good)."""
+    """Train on Ray; returns the `ray.train.Result` (or its Horovod equivalent), whose `error`
+    is set if training failed for good. Horovod brings its own launcher (RayExecutor)."""
+    if cfg.strategy.name == "horovod":
+        from pipeline.runtime.horovod import fit_horovod
+
+        return fit_horovod(cfg, task_name, shards_dir, Path(storage_root(cfg)) / run_name)
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

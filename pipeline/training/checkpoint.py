@@ -1,9 +1,10 @@
 """Training checkpoints and final model artifacts.
 
-A checkpoint directory holds `state.pt` (model, optimizer, scaler: tensors and plain values
-only, loaded with `weights_only=True`), optionally `model.safetensors` (consolidated fp32
-weights) and `meta.json` (step, data reader position, metric history). `meta.json` is written
-last: a directory without it is incomplete and is never loaded.
+A checkpoint directory holds the strategy's training state (its own layout: `state.pt` for
+the replicated backends, a DCP directory for FSDP, a DeepSpeed checkpoint), optionally
+`model.safetensors` (consolidated fp32 weights, in the final checkpoint) and `meta.json`
+(step, data reader position, metric history). `meta.json` is written last: a directory
+without it is incomplete and is never loaded.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def save_training_state(directory: Path, state: dict[str, Any], meta: dict[str, Any],
-                        weights: dict[str, torch.Tensor] | None = None) -> None:
+def write_checkpoint_meta(directory: Path, meta: dict[str, Any],
+                          weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Rank 0, after the strategy has saved: export weights (final checkpoint), then the marker."""
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(state, directory / STATE)
     if weights is not None:
         save_file(weights, str(directory / WEIGHTS))
     atomic_write_text(directory / META, json.dumps(meta))
@@ -41,6 +42,7 @@ def read_meta(directory: Path) -> dict[str, Any]:
 
 
 def load_training_state(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`state.pt` and meta of a replicated-strategy (DDP, Horovod) checkpoint, for inspection."""
     meta = read_meta(directory)
     return torch.load(directory / STATE, map_location="cpu", weights_only=True), meta
 
@@ -67,6 +69,8 @@ def load_model(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     from pipeline.tasks import task_for_spec
 
     weights, spec = read_model(model_dir)
+    if spec.get("model", {}).get("norm_impl") == "apex":  # same weights; inference needs no apex
+        spec = {**spec, "model": {**spec["model"], "norm_impl": "torch"}}
     model = task_for_spec(spec).build(spec)
     model.load_state_dict(weights)
     return model.eval(), spec

@@ -17,17 +17,17 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from pipeline.config.schema import PipelineConfig
 from pipeline.data.reader import GlobalOrderReader
 from pipeline.data.shards import load_manifest, read_split
-from pipeline.distributed import build_strategy
+from pipeline.distributed import StepSettings, Strategy, build_strategy
+from pipeline.distributed.activation import apply_activation_checkpointing
 from pipeline.distributed.precision import Precision
 from pipeline.tasks import task_for_data
-from pipeline.training.checkpoint import load_training_state, save_training_state
+from pipeline.training.checkpoint import read_meta, write_checkpoint_meta
 from pipeline.training.ema import EMA
-from pipeline.training.optim import ValidationTracker, build_optimizer, lr_at
+from pipeline.training.optim import ValidationTracker, build_optimizer, describe_optimizer, lr_at
 from pipeline.training.validation import validation_loss
 
 
@@ -60,14 +60,6 @@ def micro_batch_size(global_batch: int, world: int, accum: int) -> int:
     return global_batch // (world * accum)
 
 
-def _mean_across_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.tolist()
-
-
 def _split(batch: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:
     return [{k: v[i::parts] for k, v in batch.items()} for i in range(parts)] if parts > 1 else [batch]
 
@@ -79,14 +71,20 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
     task.label_smoothing = tr.label_smoothing
     manifest = load_manifest(shards_dir)
     spec = task.model_spec(tcfg, manifest)
-    micro_batch_size(tr.global_batch_size, session.world, tr.grad_accum_steps)
+    micro = micro_batch_size(tr.global_batch_size, session.world, tr.grad_accum_steps)
 
     with torch.device("meta"):  # no weights yet: the strategy shards, then materialises
         model = task.build(spec)
+    apply_activation_checkpointing(model, tr.activation_checkpointing, tr.ac_selective, tr.ac_every_k)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     precision = Precision(cfg.precision.dtype, session.device)
-    strategy = build_strategy(cfg.strategy, precision, session.device)
+    strategy = build_strategy(cfg.strategy, precision, session.device,
+                              StepSettings(micro, tr.grad_accum_steps, tr.grad_clip))
     strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
+    implementation = {"strategy": strategy.describe(), "optimizer": describe_optimizer(strategy.optimizer),
+                      "precision": precision.name, "activation_checkpointing": tr.activation_checkpointing}
+    if session.rank == 0:
+        print(f"[{task_name}] " + "; ".join(f"{k}: {v}" for k, v in implementation.items()), flush=True)
     reader = GlobalOrderReader(read_split(shards_dir, "train"), tr.global_batch_size,
                                session.rank, session.world, seed=cfg.seed)
     val = read_split(shards_dir, "val") if tr.eval_every else None
@@ -94,10 +92,10 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
     state, tracker = LoopState(), ValidationTracker()
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None:
-            saved, meta = load_training_state(ckpt)
-            strategy.load_state_dict(saved)
+            meta = read_meta(ckpt)
+            extra = strategy.load(ckpt, {"ema": ema.state_dict()} if ema is not None else {})
             if ema is not None:
-                ema.load_state_dict(saved["ema"])
+                ema.load_state_dict(extra["ema"])
             reader.load_state_dict(meta["reader"])
             tracker = ValidationTracker(**meta.get("tracker", {}))
             state = LoopState(meta["step"], meta["skipped_steps"], 0, meta.get("stopped_early", False),
@@ -142,7 +140,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
 
         val_loss = None
         if val is not None and state.step % tr.eval_every == 0:
-            val_loss = _mean_across_ranks([validation_loss(
+            val_loss = strategy.all_mean([validation_loss(
                 task, strategy.model, val, tr.global_batch_size, tr.eval_batches, session.rank, session.world,
                 session.device, precision, cfg.seed)])[0]
             state.stopped_early = tracker.observe(val_loss, tcfg.optim, tr.early_stop_patience)
@@ -151,7 +149,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
         if not (do_ckpt or val_loss is not None or state.step % tr.log_every == 0):
             continue
         elapsed = time.perf_counter() - window_start
-        loss_mean, items_total = _mean_across_ranks([window_loss / max(1, window_steps), float(window_items)])
+        loss_mean, items_total = strategy.all_mean([window_loss / max(1, window_steps), float(window_items)])
         items_total *= session.world
         entry = {"step": state.step, "loss": loss_mean, "lr": lr, "grad_norm": last_norm,
                  f"{task.item_name}_per_s": items_total / elapsed, "epoch": reader.epoch,
@@ -168,33 +166,35 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
             if state.stopped_early:
                 print(f"[{task_name}] early stop: no better validation loss than {tracker.best:.4f} in "
                       f"{tracker.evals_since_best} validations", flush=True)
-        _report(session, strategy, ema, reader, state, tracker, entry, do_ckpt, final)
+        _report(session, strategy, ema, reader, state, tracker, entry, do_ckpt, final, implementation)
         window_loss, window_items, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
         reported_final = final
     if not reported_final:  # resumed a finished run: hand its final checkpoint over again
-        _report(session, strategy, ema, reader, state, tracker, state.history[-1], True, True)
+        _report(session, strategy, ema, reader, state, tracker, state.history[-1], True, True, implementation)
     return state
 
 
-def _report(session: Session, strategy, ema: EMA | None, reader: GlobalOrderReader, state: LoopState,
-            tracker: ValidationTracker, entry: dict[str, float], checkpoint: bool, final: bool) -> None:
-    """Report metrics; with a checkpoint every `ckpt_every` steps and at the end (rank 0 writes it).
+def _report(session: Session, strategy: Strategy, ema: EMA | None, reader: GlobalOrderReader, state: LoopState,
+            tracker: ValidationTracker, entry: dict[str, float], checkpoint: bool, final: bool,
+            implementation: dict[str, str]) -> None:
+    """Report metrics; with a checkpoint every `ckpt_every` steps and at the end.
 
-    The final checkpoint also holds the consolidated export weights: the EMA when enabled.
+    Every rank saves its part of the strategy state into its own directory (the session merges
+    them); rank 0 then writes the marker `meta.json`. The final checkpoint also holds the
+    consolidated export weights: the EMA when enabled.
     """
     if not checkpoint:
         session.report(entry, None)
         return
-    train_state = strategy.state_dict()
-    if ema is not None:
-        train_state["ema"] = ema.state_dict()
+    extra = {"ema": ema.state_dict()} if ema is not None else {}
     weights = None
     if final:
-        weights = ema.weights() if ema is not None else strategy.consolidated_state_dict()
+        weights = strategy.gather_full(ema.weights()) if ema is not None else strategy.consolidated_state_dict()
     with tempfile.TemporaryDirectory(prefix="ckpt-") as d:
+        strategy.save(Path(d), extra)
         if session.rank == 0:
             meta = {"step": state.step, "skipped_steps": state.skipped_steps, "reader": reader.state_dict(),
                     "history": state.history, "final": final, "stopped_early": state.stopped_early,
-                    "tracker": tracker.state_dict()}
-            save_training_state(Path(d), train_state, meta, weights)
-        session.report(entry, Path(d) if session.rank == 0 else None)
+                    "tracker": tracker.state_dict(), "implementation": implementation}
+            write_checkpoint_meta(Path(d), meta, weights)
+        session.report(entry, Path(d))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +17,54 @@ import torch
 
 
 class LocalSession:
-    """One process; checkpoints are kept as step-numbered folders under `root` (if given)."""
+    """Checkpoints as step-numbered folders under `root` (if given), outside Ray Train.
 
-    def __init__(self, root: Path | None = None, device: torch.device | None = None) -> None:
-        self.rank, self.world = 0, 1
+    Used in one process (tests, benchmarks, debugging), by several processes of one
+    torch.distributed group, and under Horovod. Each rank copies its part of a checkpoint into
+    `checkpoint_<step>.tmp`; after a barrier rank 0 renames it into place, so a crash mid-write
+    never leaves a folder that looks complete. Only the newest `keep_last_k` are kept.
+    """
+
+    def __init__(self, root: Path | None = None, device: torch.device | None = None, *,
+                 rank: int | None = None, world: int | None = None,
+                 barrier: Callable[[], None] | None = None, keep_last_k: int = 0) -> None:
+        import torch.distributed as dist
+
+        spread = dist.is_available() and dist.is_initialized()
+        self.rank = rank if rank is not None else (dist.get_rank() if spread else 0)
+        self.world = world if world is not None else (dist.get_world_size() if spread else 1)
+        self._barrier = barrier or (dist.barrier if spread else (lambda: None))
         self.device = device or torch.device("cpu")
         self.root = root
+        self.keep_last_k = keep_last_k
         self.reports: list[dict[str, Any]] = []
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         self.reports.append(metrics)
-        if checkpoint_dir is not None and self.root is not None:
-            dest = self.root / f"checkpoint_{metrics['step']:08d}"
-            shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
+        if checkpoint_dir is None or self.root is None:
+            return
+        dest = self.root / f"checkpoint_{metrics['step']:08d}"
+        staging = dest.with_name(dest.name + ".tmp")
+        shutil.copytree(checkpoint_dir, staging, dirs_exist_ok=True)
+        self._barrier()
+        if self.rank == 0:
+            if dest.exists():
+                shutil.rmtree(dest)
+            staging.rename(dest)
+            if self.keep_last_k:
+                for old in self._complete()[:-self.keep_last_k]:
+                    shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+
+    def _complete(self) -> list[Path]:
+        if not (self.root and self.root.exists()):
+            return []
+        return sorted(p for p in self.root.glob("checkpoint_*") if not p.name.endswith(".tmp")
+                      and (p / "meta.json").is_file())
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
-        found = sorted(self.root.glob("checkpoint_*")) if self.root and self.root.exists() else []
+        found = self._complete()
         yield found[-1] if found else None
 
 

@@ -1,0 +1,52 @@
+"""State handling shared by the backends that keep a whole model on every rank (DDP, Horovod).
+
+Every rank holds identical weights and optimizer state, so rank 0 alone writes `state.pt`
+(tensors and plain values only) and every rank reads it back with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.distributed.base import Strategy, grad_norm_and_clip
+
+STATE = "state.pt"  # the name pipeline.training.checkpoint reads for inspection
+
+
+class ReplicatedStrategy(Strategy):
+    _plain: nn.Module
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self._plain
+
+    def _rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def _clip(self, max_norm: float) -> float:
+        return grad_norm_and_clip([p for p in self._plain.parameters() if p.grad is not None], max_norm)
+
+    def save(self, directory: Path, extra: dict[str, Any]) -> None:
+        assert self.optimizer is not None
+        if self._rank() == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": self._plain.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scaler": self.precision.state_dict(), "extra": extra}, directory / STATE)
+
+    def load(self, directory: Path, extra: dict[str, Any]) -> dict[str, Any]:
+        assert self.optimizer is not None
+        state = torch.load(directory / STATE, map_location=self.device, weights_only=True)
+        self._plain.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.precision.load_state_dict(state.get("scaler", {}))
+        return state.get("extra", {})
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        # clone: tied weights share storage, which safetensors refuses
+        return {k: v.detach().float().cpu().clone() for k, v in self._plain.state_dict().items()}

@@ -1,0 +1,94 @@
+"""Horovod on Ray: `horovod.ray.RayExecutor` starts one actor per worker and wires up Horovod's
+gloo rendezvous between them (Ray removed its own `HorovodTrainer`).
+
+Ray Train is not involved, so this module does what Ray Train does for the other strategies:
+checkpoints go to `<storage>/<run name>/checkpoint_<step>` through `LocalSession` (all ranks
+copy, rank 0 commits with a rename), and a failed attempt is retried up to
+`cluster.max_failures` times, resuming from the newest complete checkpoint. The storage path
+must be visible to every worker (one machine, or a shared file system on a cluster).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config.schema import PipelineConfig
+
+
+@dataclass
+class HorovodResult:
+    """The part of `ray.train.Result` the train flow reads."""
+
+    checkpoint: Any  # ray.train.Checkpoint of the newest complete checkpoint
+    error: BaseException | None = None
+
+
+def _barrier() -> None:
+    import horovod.torch as hvd
+    import torch
+
+    hvd.allreduce(torch.zeros(1), name="pipeline.session_barrier")
+
+
+def _worker(config: dict[str, Any]) -> int:
+    import horovod.torch as hvd
+    import torch
+
+    from pipeline.config import validate
+    from pipeline.training.loop import train
+    from pipeline.training.session import LocalSession
+
+    hvd.init()
+    if config["use_gpu"]:
+        device = torch.device("cuda", hvd.local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, int(config["threads"])))
+    cfg = validate(config["cfg"])
+    session = LocalSession(Path(config["root"]), device, rank=hvd.rank(), world=hvd.size(), barrier=_barrier,
+                           keep_last_k=cfg.task(config["task"]).trainer.keep_last_k)
+    return train(cfg, config["task"], Path(config["shards"]), session).step
+
+
+def run_horovod(fn: Callable[..., Any], args: list[Any], num_workers: int, cpus_per_worker: float,
+                use_gpu: bool) -> list[Any]:
+    """Run `fn(*args)` on `num_workers` Horovod ranks on the connected Ray; returns each rank's result."""
+    from horovod.ray import RayExecutor
+
+    settings = RayExecutor.create_settings(timeout_s=300)
+    executor = RayExecutor(settings, num_workers=num_workers, cpus_per_worker=max(1, int(cpus_per_worker)),
+                           use_gpu=use_gpu, gpus_per_worker=1 if use_gpu else None)
+    executor.start()
+    try:
+        return executor.run(fn, args=args)
+    finally:
+        executor.shutdown()
+
+
+def fit_horovod(cfg: PipelineConfig, task_name: str, shards_dir: Path, run_dir: Path) -> HorovodResult:
+    from ray.train import Checkpoint
+
+    from pipeline.training.session import LocalSession
+
+    cl = cfg.cluster
+    config = {"cfg": cfg.model_dump(mode="json"), "task": task_name, "shards": str(shards_dir.resolve()),
+              "root": str(run_dir), "use_gpu": cl.use_gpu,
+              "threads": os.environ.get("OMP_NUM_THREADS", int(cl.cpus_per_worker))}
+    for attempt in range(cl.max_failures + 1):
+        try:
+            run_horovod(_worker, [config], cl.num_workers, cl.cpus_per_worker, cl.use_gpu)
+            break
+        except Exception as e:
+            if attempt == cl.max_failures:
+                return HorovodResult(None, e)
+            print(f"[{task_name}] horovod attempt {attempt + 1} failed ({type(e).__name__}: {e}); "
+                  "restarting from the last checkpoint", flush=True)
+    with LocalSession(run_dir).latest_checkpoint() as latest:
+        if latest is None:
+            return HorovodResult(None, RuntimeError(f"no complete checkpoint under {run_dir}"))
+        return HorovodResult(Checkpoint.from_directory(str(latest)))
