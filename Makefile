@@ -5,16 +5,22 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: setup repro test lint bench clean-runs
+.PHONY: setup horovod repro test lint bench clean-runs
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Horovod is built from source against the installed torch (scripts/build_horovod.sh says why);
+# the wheel is cached in ~/.cache/pipeline-wheels, so only the first build takes minutes.
+$(VENV)/.installed: pyproject.toml scripts/build_horovod.sh
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e '.[dev]'
+	scripts/build_horovod.sh $(PY)
 	touch $@
+
+horovod:
+	scripts/build_horovod.sh $(PY)
 
 repro: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
@@ -30,7 +36,7 @@ test: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check pipeline stages tests benchmarks
+	$(VENV)/bin/ruff check pipeline stages tests benchmarks scripts
 
 bench: setup
 	$(PY) benchmarks/overhead.py

@@ -347,8 +347,6 @@ class PipelineConfig(Strict):
                     if task.trainer.ema_decay > 0:
                         raise ValueError(f"tasks.{name}.trainer.ema_decay: EMA is not supported with deepspeed "
                                          "zero_stage 3 (parameters are partitioned); set it to 0, or use fsdp")
-            if self.precision.dtype == "fp16" and not self.cluster.use_gpu:
-                raise ValueError("precision.dtype: DeepSpeed has no fp16 on CPU; use bf16 or fp32, or cluster.use_gpu")
         return self
 
     def task(self, name: str) -> TaskConfig:

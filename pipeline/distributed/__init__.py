@@ -26,10 +26,34 @@ def build_strategy(cfg, precision: Precision, device: torch.device, settings: St
     return getattr(importlib.import_module(module), cls)(cfg, precision, device, settings)
 
 
+def preflight(cfg, use_gpu: bool) -> None:
+    """Checks on the driver, before any Ray resource is taken, that the chosen backend can run:
+    its package imports, and the precision is one it supports on this hardware."""
+    import importlib.util
+
+    name = cfg.strategy.name
+    if name == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ValueError("strategy.name: 'deepspeed' needs the deepspeed package (pip install deepspeed)")
+        from pipeline.distributed.deepspeed import CPU_FP16_ERROR, cpu_fp16_supported
+
+        if cfg.precision.dtype == "fp16" and not use_gpu and not cpu_fp16_supported():
+            raise ValueError(CPU_FP16_ERROR)
+    if name == "horovod" and importlib.util.find_spec("horovod") is None:
+        raise ValueError("strategy.name: 'horovod' needs Horovod built for this torch: run `make horovod` "
+                         "(scripts/build_horovod.sh, about 4 minutes once)")
+    for task_name, task in cfg.tasks.items():
+        wants_apex = task.optim.impl == "apex" or getattr(task.model, "norm_impl", "torch") == "apex"
+        if wants_apex and importlib.util.find_spec("apex") is None:
+            key = "optim.impl" if task.optim.impl == "apex" else "model.norm_impl"
+            raise ValueError(f"tasks.{task_name}.{key}: 'apex' was asked for, but NVIDIA Apex is not "
+                             "installed here; install it, or use auto/torch")
+
+
 def process_group_backend(cfg, use_gpu: bool) -> str:
     if cfg.backend != "auto":
         return cfg.backend
     return "nccl" if use_gpu else "gloo"
 
 
-__all__ = ["STRATEGIES", "StepSettings", "Strategy", "build_strategy", "process_group_backend"]
+__all__ = ["STRATEGIES", "StepSettings", "Strategy", "build_strategy", "preflight", "process_group_backend"]

@@ -21,6 +21,18 @@ from pipeline.distributed.base import OptimizerFactory, Strategy
 TAG = "deepspeed"  # checkpoint sub-directory: <checkpoint>/deepspeed/{mp_rank_00_model_states.pt, *optim_states.pt}
 
 
+CPU_FP16_ERROR = ("precision.dtype: DeepSpeed's fp16 on CPU needs a CPU with AVX512-FP16 (oneDNN fp16), "
+                  "which this one lacks; use bf16 or fp32, or train on GPUs")
+
+
+def cpu_fp16_supported() -> bool:
+    """What DeepSpeed's CPU accelerator checks before it accepts an fp16 config."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
@@ -49,8 +61,8 @@ class DeepSpeedStrategy(Strategy):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         import deepspeed
 
-        if self.precision.name == "fp16" and self.device.type == "cpu":
-            raise ValueError("precision.dtype: DeepSpeed has no fp16 on CPU; use bf16 or fp32")
+        if self.precision.name == "fp16" and self.device.type == "cpu" and not cpu_fp16_supported():
+            raise ValueError(CPU_FP16_ERROR)
         model = self.materialize(model)
         optimizer = make_optimizer(model)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config())

@@ -31,7 +31,11 @@ class FSDPStrategy(Strategy):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("strategy fsdp needs torch.distributed to be initialised (Ray Train does it)")
         if self.precision.scaler is not None:
-            raise ValueError("precision.dtype: fp16 loss scaling is not supported with fsdp here; use bf16 or fp32")
+            # Each rank sees only its gradient shard: the sharded scaler all-reduces "found inf",
+            # so every rank skips the same steps.
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.precision.scaler = ShardedGradScaler(self.device.type)
         # Initialised whole, then sharded: every rank draws the same weights a DDP run would
         # (exact equivalence). A sharded initialisation for models larger than host memory is
         # future work; the block-wise sharding itself already bounds the training memory.
@@ -62,6 +66,7 @@ class FSDPStrategy(Strategy):
 
     def clip_and_step(self, max_norm: float) -> tuple[float, bool]:
         assert self.optimizer is not None
+        self.precision.unscale_(self.optimizer)
         norm = grad_norm_and_clip([p for p in self.model.parameters() if p.grad is not None], max_norm)
         stepped = self.precision.step(self.optimizer, norm != float("inf"))
         self.optimizer.zero_grad(set_to_none=True)

@@ -17,6 +17,7 @@ from pipeline.config import config_digest, flatten
 from pipeline.config.schema import PipelineConfig
 from pipeline.data.build import file_md5
 from pipeline.data.shards import MANIFEST, load_manifest, verify_split
+from pipeline.distributed import preflight
 from pipeline.runtime import connect
 from pipeline.runtime.trainer import fit, storage_root
 from pipeline.tasks import task_for_data
@@ -69,6 +70,7 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     tcfg = cfg.task(task_name)
     # Fail before any Ray resource is taken: bad shards, or a batch that cannot be split.
     verify_split(shards_dir, "train")
+    preflight(cfg, cfg.cluster.use_gpu)
     micro_batch_size(tcfg.trainer.global_batch_size, cfg.cluster.num_workers, tcfg.trainer.grad_accum_steps)
     manifest_md5 = file_md5(shards_dir / MANIFEST)
     # Everything that changes the trained weights keys the run; anything else may differ on resume.

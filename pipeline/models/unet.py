@@ -18,6 +18,9 @@ def _norm(ch: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
+    # Read by UNet.forward instead of isinstance, so wrapped blocks (activation checkpointing) still get the embedding
+    takes_embedding = True
+
     def __init__(self, cin: int, cout: int, emb: int, dropout: float) -> None:
         super().__init__()
         self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
@@ -84,10 +87,10 @@ class UNet(nn.Module):
         h = self.inp(x)
         hs = [h]
         for layer in self.down:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            h = layer(h, emb) if getattr(layer, "takes_embedding", False) else layer(h)
             hs.append(h)
         for layer in self.mid:
             h = layer(h, emb)
         for layer in self.up:
-            h = layer(torch.cat([h, hs.pop()], dim=1), emb) if isinstance(layer, ResBlock) else layer(h)
+            h = layer(torch.cat([h, hs.pop()], dim=1), emb) if getattr(layer, "takes_embedding", False) else layer(h)
         return self.out(F.silu(self.out_norm(h)))

@@ -1,0 +1,127 @@
+"""Activation checkpointing, optimizer kernel choice, and the driver's pre-flight checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pipeline.config import validate
+from pipeline.config.schema import DiffusionProcessConfig, DiTConfig, GPTConfig, OptimConfig, UNetConfig
+from pipeline.distributed import preflight
+from pipeline.distributed.activation import apply_activation_checkpointing
+from pipeline.models.dit import DiT
+from pipeline.models.gpt import GPT
+from pipeline.models.unet import UNet
+from pipeline.training.optim import build_optimizer, describe_optimizer
+from tests.conftest import tiny_raw
+
+
+def _gpt() -> GPT:
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(d_model=32, n_layers=4, n_heads=4, dropout=0.1), vocab_size=50, max_seq_len=16)
+    m.init_weights()
+    return m
+
+
+def _grads(model: torch.nn.Module, run) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    torch.manual_seed(1)  # dropout masks: checkpointing must replay the same ones
+    run(model).backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def _gpt_loss(m):
+    x = torch.arange(32).reshape(2, 16) % 50
+    return torch.nn.functional.cross_entropy(m(x).flatten(0, 1), x.flatten())
+
+
+@pytest.mark.parametrize(("mode", "selective", "wrapped"),
+                         [("full", "every_k", 4), ("selective", "every_k", 2), ("selective", "attention", 4)])
+def test_activation_checkpointing_gives_the_same_gradients(mode, selective, wrapped):
+    ref_model = _gpt()
+    ckpt_model = copy.deepcopy(ref_model)
+    assert apply_activation_checkpointing(ckpt_model, mode, selective, every_k=2) == wrapped
+    assert ckpt_model.state_dict().keys() == ref_model.state_dict().keys()  # checkpoints stay compatible
+    ref, got = _grads(ref_model, _gpt_loss), _grads(ckpt_model, _gpt_loss)
+    names = dict(zip(ref, got, strict=True))  # wrapped parameter names carry the wrapper's prefix
+    for k, k2 in names.items():
+        torch.testing.assert_close(got[k2], ref[k], rtol=0, atol=0, msg=k)
+
+
+def test_activation_checkpointing_on_diffusion_models():
+    torch.manual_seed(0)
+    proc = DiffusionProcessConfig()
+    for model in (DiT(DiTConfig(d_model=32, depth=2, n_heads=4, diffusion=proc), (1, 8, 8), 10),
+                  UNet(UNetConfig(base_channels=8, diffusion=proc), (1, 8, 8), 10)):
+        model.init_weights()
+        wrapped = copy.deepcopy(model)
+        assert apply_activation_checkpointing(wrapped, "full") > 0
+
+        def loss(m):
+            x = torch.linspace(-1, 1, 2 * 64).reshape(2, 1, 8, 8)
+            return m(x, torch.tensor([3, 500]), torch.tensor([1, 2])).square().mean()
+
+        ref, got = _grads(model, loss), _grads(wrapped, loss)
+        for a, b in zip(ref.values(), got.values(), strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="attn"):  # the U-Net has no attention modules to pick
+        apply_activation_checkpointing(UNet(UNetConfig(base_channels=8, diffusion=proc), (1, 8, 8), 10),
+                                       "selective", "attention")
+
+
+def test_optimizer_implementation_is_chosen_and_named():
+    model = _gpt()
+    assert describe_optimizer(build_optimizer(model, OptimConfig(impl="auto"))) == "torch AdamW (foreach (default))"
+    assert describe_optimizer(build_optimizer(model, OptimConfig(impl="fused"))) == "torch AdamW (fused)"
+    assert describe_optimizer(build_optimizer(model, OptimConfig(impl="torch"))) == "torch AdamW (for-loop)"
+    assert describe_optimizer(build_optimizer(model, OptimConfig(name="sgd"))) == "torch SGD (foreach (default))"
+
+
+def test_fused_adamw_steps_like_the_reference():
+    a, b = _gpt(), _gpt()
+    oa, ob = build_optimizer(a, OptimConfig(impl="torch")), build_optimizer(b, OptimConfig(impl="fused"))
+    for model, opt in ((a, oa), (b, ob)):
+        _grads(model, _gpt_loss)
+        opt.step()
+    for (k, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_apex_asked_for_without_apex_is_a_clear_error():
+    """Apex is not installable on these machines: the error path is what their users meet."""
+    if __import__("importlib").util.find_spec("apex") is not None:
+        pytest.skip("apex is installed: the error path does not apply")
+    with pytest.raises(ValueError, match="optim.impl: 'apex' was asked for"):
+        build_optimizer(_gpt(), OptimConfig(impl="apex"))
+    with pytest.raises(ValueError, match=r"tasks.lm.model.norm_impl: 'apex'"):
+        preflight(validate(tiny_raw(["tasks.lm.model.norm_impl=apex"])), use_gpu=False)
+    with pytest.raises(ValueError, match=r"impl 'apex' applies to adam and adamw"):
+        OptimConfig(name="sgd", impl="apex")
+
+
+def test_backend_specific_config_errors_name_the_key():
+    from pipeline.config.loading import ConfigError
+
+    with pytest.raises(ConfigError, match="strategy.offload_params: .*needs zero_stage 3|offload_params needs"):
+        validate(tiny_raw(["strategy.name=deepspeed", "strategy.zero_stage=2", "strategy.offload_params=true"]))
+    with pytest.raises(ConfigError, match="tasks.diffusion.trainer.ema_decay: EMA is not supported"):
+        validate(tiny_raw(["strategy.name=deepspeed", "strategy.zero_stage=3",
+                           "tasks.diffusion.trainer.ema_decay=0.99"]))
+    with pytest.raises(ConfigError, match="strategy.zero_stage"):
+        validate(tiny_raw(["strategy.name=fsdp", "strategy.zero_stage=1"]))
+    with pytest.raises(ConfigError, match="tasks.lm.trainer.activation_checkpointing"):
+        validate(tiny_raw(["tasks.lm.trainer.activation_checkpointing=some"]))
+
+
+def test_deepspeed_fp16_on_a_cpu_without_fp16_is_refused_before_training():
+    from pipeline.distributed.deepspeed import cpu_fp16_supported
+
+    cfg = validate(tiny_raw(["strategy.name=deepspeed", "precision.dtype=fp16"]))
+    if cpu_fp16_supported():
+        preflight(cfg, use_gpu=False)  # this CPU has AVX512-FP16: DeepSpeed accepts it
+    else:
+        with pytest.raises(ValueError, match="precision.dtype: DeepSpeed's fp16 on CPU needs"):
+            preflight(cfg, use_gpu=False)
+    preflight(cfg, use_gpu=True)  # on GPUs it is DeepSpeed's normal fp16
