@@ -81,3 +81,12 @@ def test_missing_params_file(tmp_path):
 def test_unknown_task_is_named(tiny_cfg):
     with pytest.raises(KeyError, match="unknown task 'vision'"):
         tiny_cfg.task("vision")
+
+
+@pytest.mark.parametrize("group", ["ddp", "fsdp", "deepspeed", "horovod"])
+def test_every_strategy_group_composes_and_states_every_field(group):
+    """`dvc exp run -S strategy=<group>` composes a complete, valid strategy section."""
+    raw = compose(ROOT / "configs", [f"strategy={group}"])
+    cfg = validate(raw)
+    assert cfg.strategy.name == group
+    assert raw["strategy"] == cfg.strategy.model_dump(mode="json")

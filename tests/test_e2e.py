@@ -138,3 +138,43 @@ def test_killed_training_resumes_when_rerun(tmp_path):
     assert 4 <= step < 40 and step % 4 == 0
     assert "[lm] trained 40 steps" in out
     assert (project / "models/lm/model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def lm_project(tmp_path_factory) -> Path:
+    """A tiny project with the lm data prepared and sharded, shared by the strategy runs."""
+    project = _tiny_project(tmp_path_factory.mktemp("strategies") / "project")
+    _sh([sys.executable, "-m", "stages.prepare", "lm"], project)
+    _sh([sys.executable, "-m", "stages.shard", "lm"], project)
+    return project
+
+
+@pytest.mark.parametrize("overrides", [["strategy.name=fsdp"],
+                                       ["strategy.name=deepspeed", "strategy.zero_stage=3",
+                                        "strategy.offload_optimizer=true", "tasks.diffusion.trainer.ema_decay=0"]],
+                         ids=["fsdp", "deepspeed-zero3-offload"])
+def test_train_and_evaluate_stages_with_strategy(lm_project, overrides):
+    """The train stage with a strategy override, through Ray Train with 2 workers, then evaluate."""
+    out = _sh([sys.executable, "-m", "stages.train", "lm", *overrides], lm_project)
+    assert "[lm] trained 6 steps" in out
+    name = overrides[0].split("=")[1]
+    assert f"strategy: {name}" in out
+    out = _sh([sys.executable, "-m", "stages.evaluate", "lm", *overrides], lm_project)
+    metrics = json.loads((lm_project / "metrics/lm/eval.json").read_text())
+    assert 1 < metrics["val_perplexity"] < 400
+
+
+def test_dvc_exp_run_with_horovod(lm_project):
+    """`dvc exp run -S strategy=horovod`: DVC composes the group, the train stage launches
+    Horovod through horovod.ray.RayExecutor, and the rest of the pipeline runs on its model."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    out = _sh(["dvc", "exp", "run", "-S", "strategy=horovod"], lm_project, timeout=1500)
+    assert "strategy: horovod" in out and "[lm] trained 6 steps" in out and "[diffusion] trained 6 steps" in out
+    assert yaml.safe_load((lm_project / "params.yaml").read_text())["strategy"] == {"name": "horovod",
+                                                                                     "backend": "gloo"}
+    mlflow.set_tracking_uri(f"sqlite:///{lm_project}/mlruns.db")
+    mv = MlflowClient().get_model_version_by_alias("pipeline-lm", "challenger")
+    assert MlflowClient().get_run(mv.run_id).data.tags["strategy"] == "horovod"
+    mlflow.set_tracking_uri(None)

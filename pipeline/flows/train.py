@@ -105,6 +105,8 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
             "data_manifest_md5": manifest_md5, "git_commit": tags["git.commit"]}
     write_model(model_dir, weights, spec, {mlflow_runs.RUN_FILE: json.dumps(info, indent=2)})
     mlflow_runs.log_history(run_id, history)
+    for key, value in meta.get("implementation", {}).items():  # what actually ran: backend, kernels
+        mlflow.MlflowClient().set_tag(run_id, f"impl.{key}", value)
     summary = {"final_loss": history[-1]["loss"], "steps": meta["step"], "skipped_steps": meta["skipped_steps"],
                "train_seconds": round(seconds, 1), **{k: v for k, v in history[-1].items() if k.endswith("_per_s")}}
     mlflow.MlflowClient().log_batch(run_id, metrics=[
