@@ -66,7 +66,7 @@ def test_activation_checkpointing_on_diffusion_models():
         ref, got = _grads(model, loss), _grads(wrapped, loss)
         for a, b in zip(ref.values(), got.values(), strict=True):
             torch.testing.assert_close(b, a, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="attn"):  # the U-Net has no attention modules to pick
+    with pytest.raises(ValueError, match=r"attn"):  # the U-Net has no attention modules to pick
         apply_activation_checkpointing(UNet(UNetConfig(base_channels=8, diffusion=proc), (1, 8, 8), 10),
                                        "selective", "attention")
 
@@ -93,7 +93,7 @@ def test_apex_asked_for_without_apex_is_a_clear_error():
     """Apex is not installable on these machines: the error path is what their users meet."""
     if __import__("importlib").util.find_spec("apex") is not None:
         pytest.skip("apex is installed: the error path does not apply")
-    with pytest.raises(ValueError, match="optim.impl: 'apex' was asked for"):
+    with pytest.raises(ValueError, match=r"optim.impl: 'apex' was asked for"):
         build_optimizer(_gpt(), OptimConfig(impl="apex"))
     with pytest.raises(ValueError, match=r"tasks.lm.model.norm_impl: 'apex'"):
         preflight(validate(tiny_raw(["tasks.lm.model.norm_impl=apex"])), use_gpu=False)
@@ -104,14 +104,14 @@ def test_apex_asked_for_without_apex_is_a_clear_error():
 def test_backend_specific_config_errors_name_the_key():
     from pipeline.config.loading import ConfigError
 
-    with pytest.raises(ConfigError, match="strategy.offload_params: .*needs zero_stage 3|offload_params needs"):
+    with pytest.raises(ConfigError, match=r"strategy: offload_params needs zero_stage 3"):
         validate(tiny_raw(["strategy.name=deepspeed", "strategy.zero_stage=2", "strategy.offload_params=true"]))
-    with pytest.raises(ConfigError, match="tasks.diffusion.trainer.ema_decay: EMA is not supported"):
+    with pytest.raises(ConfigError, match=r"tasks.diffusion.trainer.ema_decay: EMA is not supported"):
         validate(tiny_raw(["strategy.name=deepspeed", "strategy.zero_stage=3",
                            "tasks.diffusion.trainer.ema_decay=0.99"]))
-    with pytest.raises(ConfigError, match="strategy.zero_stage"):
+    with pytest.raises(ConfigError, match=r"strategy.zero_stage"):
         validate(tiny_raw(["strategy.name=fsdp", "strategy.zero_stage=1"]))
-    with pytest.raises(ConfigError, match="tasks.lm.trainer.activation_checkpointing"):
+    with pytest.raises(ConfigError, match=r"tasks.lm.trainer.activation_checkpointing"):
         validate(tiny_raw(["tasks.lm.trainer.activation_checkpointing=some"]))
 
 
@@ -122,6 +122,6 @@ def test_deepspeed_fp16_on_a_cpu_without_fp16_is_refused_before_training():
     if cpu_fp16_supported():
         preflight(cfg, use_gpu=False)  # this CPU has AVX512-FP16: DeepSpeed accepts it
     else:
-        with pytest.raises(ValueError, match="precision.dtype: DeepSpeed's fp16 on CPU needs"):
+        with pytest.raises(ValueError, match=r"precision.dtype: DeepSpeed's fp16 on CPU needs"):
             preflight(cfg, use_gpu=False)
     preflight(cfg, use_gpu=True)  # on GPUs it is DeepSpeed's normal fp16

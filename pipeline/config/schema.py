@@ -341,12 +341,11 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _strategy_fits_tasks(self) -> PipelineConfig:
-        if isinstance(self.strategy, DeepSpeedConfig):
-            if self.strategy.zero_stage == 3:
-                for name, task in self.tasks.items():
-                    if task.trainer.ema_decay > 0:
-                        raise ValueError(f"tasks.{name}.trainer.ema_decay: EMA is not supported with deepspeed "
-                                         "zero_stage 3 (parameters are partitioned); set it to 0, or use fsdp")
+        if isinstance(self.strategy, DeepSpeedConfig) and self.strategy.zero_stage == 3:
+            for name, task in self.tasks.items():
+                if task.trainer.ema_decay > 0:
+                    raise ValueError(f"tasks.{name}.trainer.ema_decay: EMA is not supported with deepspeed "
+                                     "zero_stage 3 (parameters are partitioned); set it to 0, or use fsdp")
         return self
 
     def task(self, name: str) -> TaskConfig:
