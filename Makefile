@@ -40,6 +40,8 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/strategies.py
+	$(PY) benchmarks/activation_checkpointing.py
 
 clean-runs:
 	rm -rf runs mlruns.db mlartifacts

@@ -58,6 +58,11 @@ def _scenario(rank: int, world: int, raws: dict, shards: str, root: str, horovod
 
     out = {}
     out["straight"] = run("straight", "fp32")
+    if rank == 0 and raws["fp32"]["strategy"].get("zero_stage", 0) >= 1:
+        from pipeline.distributed.deepspeed import consolidate_checkpoint
+
+        with LocalSession(Path(root) / "straight").latest_checkpoint() as ckpt:
+            out["offline"] = consolidate_checkpoint(ckpt)
     if rank == 0:  # "kill" after step 10: a fresh run folder holding only the step-10 checkpoint
         src = Path(root) / "straight" / "checkpoint_00000010"
         shutil.copytree(src, Path(root) / "resumed" / src.name)
@@ -66,6 +71,8 @@ def _scenario(rank: int, world: int, raws: dict, shards: str, root: str, horovod
     out["plain"] = run("plain", "short")
     out["accum"] = run("accum", "accum")
     out["bf16"] = run("bf16", "bf16")
+    if "fp16" in raws:
+        out["fp16"] = run("fp16", "fp16")
     return out
 
 
@@ -80,6 +87,7 @@ def _horovod_scenario(raws: dict, shards: str, root: str) -> dict:
 @pytest.fixture(scope="module")
 def runs(built_data, tmp_path_factory):
     """Lazily run each strategy's scenario once; tests of one strategy share the result."""
+    from pipeline.distributed.deepspeed import cpu_fp16_supported
     from pipeline.runtime.local_group import run_group
 
     _, shards = built_data
@@ -92,6 +100,8 @@ def runs(built_data, tmp_path_factory):
             raws = {"fp32": tiny_raw(COMMON + extra), "short": tiny_raw(COMMON + SHORT + extra),
                     "accum": tiny_raw(COMMON + SHORT + extra + ["tasks.lm.trainer.grad_accum_steps=2"]),
                     "bf16": tiny_raw(COMMON + SHORT + extra + ["precision.dtype=bf16"])}
+            if not name.startswith("zero") or cpu_fp16_supported():
+                raws["fp16"] = tiny_raw(COMMON + SHORT + extra + ["precision.dtype=fp16"])
             root = str(tmp_path_factory.mktemp(name))
             if name == "horovod":
                 import ray
@@ -164,3 +174,26 @@ def test_bf16_trains_close_to_fp32(runs, name):
     worst = max(abs(a - b) / abs(a) for a, b in zip(fp32, bf16, strict=True))
     assert worst < 0.02, f"{name}: bf16 strays {worst:.2%} from fp32"
     assert all(v.dtype == torch.float32 for v in weights.values())  # exported weights are fp32
+
+
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if not n.startswith("zero")])
+def test_fp16_with_loss_scaling_trains_close_to_fp32(runs, name):
+    """fp16 autocast with a dynamic loss scaler (FSDP: the sharded scaler, which agrees on
+    skipped steps across ranks). DeepSpeed's fp16 needs AVX512-FP16 on CPU, refused otherwise
+    (tests/test_memory_techniques.py)."""
+    fp32, _ = runs(name)["plain"]
+    fp16, weights = runs(name)["fp16"]
+    assert all(torch.isfinite(torch.tensor(fp16))) and fp16[-1] < fp16[0]
+    worst = max(abs(a - b) / abs(a) for a, b in zip(fp32, fp16, strict=True))
+    assert worst < 0.02, f"{name}: fp16 strays {worst:.2%} from fp32"
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if n.startswith("zero") and n != "zero0"])
+def test_zero_checkpoint_consolidates_offline_to_the_exported_weights(runs, name):
+    """DeepSpeed's zero_to_fp32 on the merged final checkpoint gives the weights the run exported."""
+    _, exported = runs(name)["straight"]
+    offline = runs(name)["offline"]
+    for k, v in offline.items():
+        assert torch.equal(v, exported[k]), f"{name}: {k}"
+    assert set(exported) - set(offline) <= {"head.weight"}  # zero_to_fp32 keeps one name for tied weights

@@ -301,6 +301,7 @@ class DeepSpeedConfig(Strict):
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 2
     offload_optimizer: bool = False  # optimizer state and step on the CPU (stage 1-3)
     offload_params: bool = False  # parameters on the CPU between uses (stage 3)
+    bucket_elements: NonNegInt = 0  # reduce/all-gather/prefetch bucket size; 0 = auto (params / 50, 1M to 5e8)
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> DeepSpeedConfig:

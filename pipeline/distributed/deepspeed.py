@@ -36,9 +36,14 @@ def cpu_fp16_supported() -> bool:
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
-    def ds_config(self) -> dict[str, Any]:
+    def ds_config(self, num_params: int) -> dict[str, Any]:
         c, s, dtype = self.cfg, self.settings, self.precision.name
-        zero: dict[str, Any] = {"stage": c.zero_stage}
+        # DeepSpeed's default communication buckets hold 5e8 elements (2 GB in fp32), sized for
+        # billion-parameter models; a bucket never needs to be larger than a fraction of the model.
+        bucket = c.bucket_elements or int(min(5e8, max(2**20, num_params // 50)))
+        zero: dict[str, Any] = {"stage": c.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+        if c.zero_stage == 3:
+            zero["stage3_prefetch_bucket_size"] = bucket
         pin = self.device.type == "cuda"
         if c.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
@@ -65,7 +70,8 @@ class DeepSpeedStrategy(Strategy):
             raise ValueError(CPU_FP16_ERROR)
         model = self.materialize(model)
         optimizer = make_optimizer(model)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config())
+        config = self.ds_config(sum(p.numel() for p in model.parameters()))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.engine = self.model = engine
         self.optimizer = optimizer  # ZeRO steps this optimizer over its partitions: the loop sets its lr
 
@@ -113,3 +119,12 @@ class DeepSpeedStrategy(Strategy):
         # clone per key: tied weights share storage, which safetensors refuses
         return {k: (full[id(v)] if id(v) in full else v.detach().float().cpu()).clone()
                 for k, v in module.state_dict(keep_vars=True).items()}
+
+
+def consolidate_checkpoint(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """One fp32 state dict from a merged DeepSpeed checkpoint (every rank's ZeRO partition files
+    in one place), offline and without a process group: DeepSpeed's zero_to_fp32."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=TAG)
+    return {k: v.float().clone() for k, v in state.items()}

@@ -75,6 +75,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
 
     with torch.device("meta"):  # no weights yet: the strategy shards, then materialises
         model = task.build(spec)
+    flops_per_item = task.flops_per_item(model, spec)  # before sharding: ZeRO-3 leaves empty parameters behind
     apply_activation_checkpointing(model, tr.activation_checkpointing, tr.ac_selective, tr.ac_every_k)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     precision = Precision(cfg.precision.dtype, session.device)
@@ -103,7 +104,6 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
             if session.rank == 0:
                 print(f"[{task_name}] resumed from step {state.step} ({ckpt})", flush=True)
 
-    flops_per_item = task.flops_per_item(strategy.unwrapped, spec)
     window_loss, window_items, window_start = 0.0, 0, time.perf_counter()
     window_steps, last_norm, reported_final = 0, 0.0, False
     while state.step < tr.max_steps and not state.stopped_early:
