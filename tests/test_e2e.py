@@ -96,7 +96,21 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert client.get_experiment(run.info.experiment_id).name == "pipeline"
         assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
         assert "eval/" + ("val_loss" if task == "lm" else "test_denoise_loss") in run.data.metrics
+        # dataset inputs: raw source, prepared data and shards, with DVC's own hashes
+        inputs = {i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags})
+                  for i in run.inputs.dataset_inputs}
+        lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+        shard_md5 = next(o["md5"] for o in lock[f"shard@{task}"]["outs"] if o["path"] == f"data/{task}/shards")
+        prepared_md5 = next(o["md5"] for o in lock[f"prepare@{task}"]["outs"] if o["path"] == f"data/{task}/prepared")
+        assert inputs[f"{task}-shard"][0] == shard_md5 and inputs[f"{task}-prepare"][0] == prepared_md5
+        raw = json.loads((project / f"metrics/{task}/data.json").read_text())["raw_sha256"]
+        assert inputs[f"{task}-raw"][1]["digest_full"] == raw
     mlflow.set_tracking_uri(None)
+    shown = _sh([sys.executable, "-m", "pipeline", "lineage", "pipeline-lm@champion",
+                 "--tracking-uri", f"sqlite:///{project}/mlruns.db"], project)
+    assert "input      lm-raw:" in shown and "matches this workspace" in shown
+
+    _serve_and_predict(project)
 
     again = _sh(["dvc", "repro"], project)
     assert "Data and pipelines are up to date." in again
@@ -107,6 +121,43 @@ def test_dvc_repro_end_to_end(tmp_path):
     variant = _sh(["dvc", "exp", "run", "-S", "tasks.lm.eval.max_batches=1"], project)
     assert "Running stage 'evaluate@lm'" in variant and "Running stage 'train@lm'" not in variant
     assert "max_batches" in _sh(["dvc", "exp", "show", "--no-pager", "--md"], project)
+
+
+def _serve_and_predict(project: Path) -> None:
+    """`mlflow models serve` the champion LM on 127.0.0.1 and ask it for a completion over HTTP."""
+    import time
+    import urllib.request
+
+    from pipeline.runtime.local_group import free_port
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlruns.db",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(project)}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+                               "models:/pipeline-lm@champion", "--env-manager", "local", "--host", "127.0.0.1",
+                               "--port", str(port)], cwd=project, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert time.time() < deadline, "mlflow models serve did not come up in 180 s"
+                time.sleep(1)
+        body = json.dumps({"dataframe_split": {"columns": ["prompt"], "data": [["The for statement"]]},
+                           "params": {"max_new_tokens": 8}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            predictions = json.loads(r.read())["predictions"]
+        assert len(predictions) == 1 and predictions[0]["completion"].strip()
+    finally:
+        os.killpg(server.pid, 9)
+        server.wait()
 
 
 def test_killed_training_resumes_when_rerun(tmp_path):

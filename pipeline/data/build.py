@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +26,34 @@ from pipeline.data.splits import SPLITS
 TOKENIZER, STATS = "tokenizer.json", "stats.json"
 
 
+def _hashed(docs: Iterable[str], h: Any) -> Iterator[str]:
+    for doc in docs:
+        h.update(doc.encode("utf-8"))
+        h.update(b"\0")
+        yield doc
+
+
 def prepare(cfg: TextDataConfig | ImageDataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
     """Write the prepared splits to `out_dir` (atomically) and return the statistics."""
+    raw = hashlib.sha256()  # of the raw examples as read, in order: the "raw data" of lineage
     with atomic_dir(out_dir) as tmp:
         if isinstance(cfg, TextDataConfig):
-            splits, stats = text.prepare_text(sources.read_text_documents(cfg.source, cfg.jsonl_field), cfg, seed)
+            docs = _hashed(sources.read_text_documents(cfg.source, cfg.jsonl_field), raw)
+            splits, stats = text.prepare_text(docs, cfg, seed)
             for name, docs in splits.items():
                 pq.write_table(pa.table({"text": docs}), tmp / f"{name}.parquet")
             text.train_tokenizer(splits["train"], cfg.vocab_size, tmp / TOKENIZER)
             stats["tokenizer_sha256"] = sha256_file(tmp / TOKENIZER)
         else:
             raw_x, raw_y, n_classes = sources.read_images(cfg.source)
+            raw.update(np.ascontiguousarray(raw_x).tobytes())
+            raw.update(np.ascontiguousarray(raw_y).tobytes())
             splits_img, stats = images.prepare_images(raw_x, raw_y, cfg, seed)
             stats["num_classes"] = n_classes
             for name, (x, y) in splits_img.items():
                 np.savez(tmp / f"{name}.npz", images=x.astype(np.float32), labels=y)
         stats["source"] = cfg.source
+        stats["raw_sha256"] = raw.hexdigest()
         (tmp / STATS).write_text(json.dumps(stats, indent=2, sort_keys=True))
     return stats
 
@@ -67,6 +80,7 @@ def shard(cfg: TextDataConfig | ImageDataConfig, prepared: Path, out_dir: Path) 
             columns[s] = {"id": np.arange(len(y), dtype=np.int64), "image": x.astype(np.float32), "label": y}
         meta = {"kind": "images", "image_shape": list(columns["train"]["image"].shape[1:]),
                 "num_classes": stats["num_classes"]}
+    meta.update({"source": stats["source"], "raw_sha256": stats.get("raw_sha256")})  # lineage back to raw data
     manifest = write_dataset(out_dir, columns, cfg.shard_rows, meta)
     if isinstance(cfg, TextDataConfig):  # the tokenizer travels with the shards it encoded
         (out_dir / TOKENIZER).write_bytes((prepared / TOKENIZER).read_bytes())

@@ -85,6 +85,9 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
 
     run_dir = Path(storage_root(cfg)) / run_name
     run_id = _mlflow_run(cfg, task_name, run_dir, tags)
+    manifest = load_manifest(shards_dir)
+    mlflow_runs.log_datasets(run_id, task_name, manifest.get("source", tcfg.data.source), manifest.get("raw_sha256"),
+                             shards_dir, manifest_md5, tags)
     where = connect(cfg.cluster)
     mlflow.MlflowClient().set_tag(run_id, "ray.cluster", where)
     print(f"[{task_name}] training on {where}: {cfg.cluster.num_workers} workers, strategy {cfg.strategy.name}, "

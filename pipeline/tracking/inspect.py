@@ -48,6 +48,9 @@ def lineage(ref: str) -> dict[str, Any]:
         "config": dict(sorted(run.data.params.items())),
         "metrics": {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith(("eval/", "export/"))},
         "data": {"manifest_md5": tags.get("data.manifest_md5"), **dvc_recorded},
+        "inputs": [{"name": i.dataset.name, "digest": i.dataset.digest, "source": i.dataset.source,
+                    **{t.key: t.value for t in i.tags if t.key.startswith("digest")}}
+                   for i in (run.inputs.dataset_inputs if run.inputs else [])],
         "code": {"git_commit": tags.get("git.commit"), "dirty_at_training": tags.get("git.dirty")},
         "workspace": {"git_commit": git_now["git.commit"], "same_commit": same_commit,
                       "dirty_now": git_now["git.dirty"], "dvc_hashes_changed": changed,
@@ -64,6 +67,8 @@ def format_lineage(info: dict[str, Any]) -> str:
              f"  code       git {info['code']['git_commit']} (dirty at training: {info['code']['dirty_at_training']})",
              f"  data       shard manifest md5 {info['data']['manifest_md5']}"]
     lines += [f"             {k} = {v}" for k, v in info["data"].items() if k.startswith("dvc.")]
+    lines += [f"  input      {i['name']}: {i.get('digest_full', i['digest'])} ({i.get('digest_kind', 'digest')}) "
+              f"from {i['source']}" for i in info.get("inputs", [])]
     lines += ["  metrics    " + ", ".join(f"{k}={v:.4g}" for k, v in info["metrics"].items())]
     lines += [f"  config     {len(info['config'])} params, e.g. " + ", ".join(
         f"{k}={v}" for k, v in list(info["config"].items())[:4])]

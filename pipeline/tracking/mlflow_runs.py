@@ -57,3 +57,44 @@ def read_run_file(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the train stage records the MLflow run there")
     return json.loads(path.read_text())
+
+
+def log_datasets(run_id: str, task: str, source: str, raw_sha256: str | None, shards_dir: Path,
+                 manifest_md5: str, dvc_hashes: dict[str, str]) -> list[str]:
+    """The run's data lineage as MLflow dataset inputs: the raw source (sha256 of its examples as
+    read), the prepared data and the shards, each with DVC's own hash where dvc.lock has one (so
+    `dvc` and MLflow name the same bytes). Returns the names logged."""
+    import warnings
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
+
+    def source_of(uri: str):
+        if "://" not in uri and not uri.startswith("builtin:"):
+            uri = str(Path(uri).resolve())
+        try:
+            with warnings.catch_warnings():  # local paths match two equivalent resolvers
+                warnings.simplefilter("ignore")
+                return resolve_dataset_source(uri)
+        except MlflowException:  # builtin:... data that ships with the code
+            return CodeDatasetSource({"source": uri})
+
+    def dataset(name: str, uri: str, digest: str, kind: str):
+        ds = MetaDataset(source=source_of(uri), name=name, digest=digest[:36])
+        return ds._to_mlflow_entity(), [InputTag("mlflow.data.context", "training"),
+                                        InputTag("digest_kind", kind), InputTag("digest_full", digest)]
+
+    entries = []
+    if raw_sha256:
+        entries.append(dataset(f"{task}-raw", source, raw_sha256, "sha256 of the raw examples as read"))
+    for stage, path in (("prepare", f"data/{task}/prepared"), ("shard", f"data/{task}/shards")):
+        dvc_md5 = dvc_hashes.get(f"dvc.{stage}:{task}.{path}")
+        if dvc_md5:
+            entries.append(dataset(f"{task}-{stage}", path, dvc_md5, "dvc md5 (dvc.lock)"))
+    if not any(name == f"{task}-shard" for name in (e[0].name for e in entries)):
+        entries.append(dataset(f"{task}-shard", str(shards_dir), manifest_md5, "md5 of manifest.json"))
+    MlflowClient().log_inputs(run_id, datasets=[DatasetInput(ds, tags) for ds, tags in entries])
+    return [e[0].name for e in entries]
