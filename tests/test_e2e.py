@@ -229,3 +229,79 @@ def test_dvc_exp_run_with_horovod(lm_project):
     mv = MlflowClient().get_model_version_by_alias("pipeline-lm", "challenger")
     assert MlflowClient().get_run(mv.run_id).data.tags["strategy"] == "horovod"
     mlflow.set_tracking_uri(None)
+
+
+def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    import time
+    import urllib.request
+
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                               f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while True:
+        assert server.poll() is None, "mlflow server exited"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return server
+        except OSError:
+            assert time.time() < deadline, "mlflow server did not come up in 120 s"
+            time.sleep(0.5)
+
+
+def test_tracking_server_down_during_training_loses_nothing(tmp_path):
+    """A real `mlflow server` (SQLite store) on 127.0.0.1 goes down while the train stage runs:
+    training finishes, the stage stops with one line naming the server, the final checkpoint is
+    kept and no model is written; with the server back, the rerun resumes the finished run (no
+    retraining) and logs it into the same MLflow run."""
+    import signal
+    import time
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.runtime.local_group import free_port
+
+    project = _tiny_project(tmp_path / "project")
+    _sh([sys.executable, "-m", "stages.prepare", "lm"], project)
+    _sh([sys.executable, "-m", "stages.shard", "lm"], project)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(tmp_path, port)
+    args = [sys.executable, "-m", "stages.train", "lm", f"tracking.uri={uri}", "tasks.lm.trainer.max_steps=30",
+            "tasks.lm.trainer.ckpt_every=10", "tasks.lm.trainer.log_every=5"]
+    env = {**os.environ, "PYTHONPATH": str(project), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(args, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not list((project / "runs/ray").glob("*/checkpoint_manager_snapshot.json")):
+            assert proc.poll() is None and time.time() < deadline, "training ended before the server went down"
+            time.sleep(0.2)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 2, out[-3000:]
+    error = [line for line in out.splitlines() if line.startswith("error [train lm]")]
+    assert error and "training finished, but logging run" in error[0] and uri in error[0], out[-3000:]
+    assert not (project / "models/lm").exists()  # nothing for later stages to trust
+    run_dirs = [d for d in (project / "runs/ray").iterdir() if (d / "mlflow_run_id").is_file()]
+    assert len(run_dirs) == 1 and list(run_dirs[0].glob("checkpoint_*"))  # the checkpoints are kept
+    first_run_id = (run_dirs[0] / "mlflow_run_id").read_text().strip()
+
+    server = _mlflow_server(tmp_path, port)
+    try:
+        out = _sh(args, project)
+        assert "[lm] resumed from step 30" in out and "[lm] trained 30 steps" in out
+        mlflow.set_tracking_uri(uri)
+        info = json.loads((project / "models/lm/run.json").read_text())
+        assert info["run_id"] == first_run_id
+        history = MlflowClient().get_metric_history(first_run_id, "train/loss")
+        assert sorted(m.step for m in history) == [5, 10, 15, 20, 25, 30]
+        mlflow.set_tracking_uri(None)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()

@@ -84,10 +84,15 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     tags.update(lineage.dvc_lock_hashes())
 
     run_dir = Path(storage_root(cfg)) / run_name
-    run_id = _mlflow_run(cfg, task_name, run_dir, tags)
     manifest = load_manifest(shards_dir)
-    mlflow_runs.log_datasets(run_id, task_name, manifest.get("source", tcfg.data.source), manifest.get("raw_sha256"),
-                             shards_dir, manifest_md5, tags)
+    try:
+        run_id = _mlflow_run(cfg, task_name, run_dir, tags)
+        mlflow_runs.log_datasets(run_id, task_name, manifest.get("source", tcfg.data.source),
+                                 manifest.get("raw_sha256"), shards_dir, manifest_md5, tags)
+    except mlflow.exceptions.MlflowException as e:
+        raise mlflow_runs.TrackingUnavailable(
+            f"[{task_name}] cannot use the tracking store {cfg.tracking.uri} "
+            f"({str(e).splitlines()[0][:200]}); nothing was trained") from e
     where = connect(cfg.cluster)
     mlflow.MlflowClient().set_tag(run_id, "ray.cluster", where)
     print(f"[{task_name}] training on {where}: {cfg.cluster.num_workers} workers, strategy {cfg.strategy.name}, "
@@ -106,14 +111,25 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     spec = task_for_data(tcfg.data.kind).model_spec(tcfg, load_manifest(shards_dir))
     info = {"run_id": run_id, "ray_run": run_name, "tracking_uri": cfg.tracking.uri,
             "data_manifest_md5": manifest_md5, "git_commit": tags["git.commit"]}
-    write_model(model_dir, weights, spec, {mlflow_runs.RUN_FILE: json.dumps(info, indent=2)})
-    mlflow_runs.log_history(run_id, history)
-    for key, value in meta.get("implementation", {}).items():  # what actually ran: backend, kernels
-        mlflow.MlflowClient().set_tag(run_id, f"impl.{key}", value)
     summary = {"final_loss": history[-1]["loss"], "steps": meta["step"], "skipped_steps": meta["skipped_steps"],
                "train_seconds": round(seconds, 1), **{k: v for k, v in history[-1].items() if k.endswith("_per_s")}}
-    mlflow.MlflowClient().log_batch(run_id, metrics=[
-        mlflow.entities.Metric(f"train/{k}", float(v), 0, meta["step"]) for k, v in summary.items()])
+    # Training talks to no tracking server: everything is logged here, after the fit, from the
+    # final checkpoint. MLflow's HTTP client retries with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES);
+    # if the server stays down, the stage fails with one line and nothing is lost: the Ray run and
+    # its final checkpoint stay, and a rerun resumes the finished run and logs it, with no retraining.
+    try:
+        mlflow_runs.log_history(run_id, history)
+        for key, value in meta.get("implementation", {}).items():  # what actually ran: backend, kernels
+            mlflow.MlflowClient().set_tag(run_id, f"impl.{key}", value)
+        mlflow.MlflowClient().log_batch(run_id, metrics=[
+            mlflow.entities.Metric(f"train/{k}", float(v), 0, meta["step"]) for k, v in summary.items()])
+    except mlflow.exceptions.MlflowException as e:
+        raise mlflow_runs.TrackingUnavailable(
+            f"[{task_name}] training finished, but logging run {run_id} to {cfg.tracking.uri} failed "
+            f"({str(e).splitlines()[0][:200]}). The final checkpoint is kept under {run_dir}; rerun the "
+            "stage when the tracking server is back: it resumes the finished run and logs it without "
+            "retraining") from e
+    write_model(model_dir, weights, spec, {mlflow_runs.RUN_FILE: json.dumps(info, indent=2)})
     metrics_dir.mkdir(parents=True, exist_ok=True)
     (metrics_dir / "train.json").write_text(json.dumps(summary, indent=2))
     (metrics_dir / "train_history.csv").write_text(_history_csv(history))

@@ -17,6 +17,10 @@ RUN_FILE = "run.json"
 _SECRET = re.compile(r"(token|secret|password|passwd|api_key|access_key)", re.IGNORECASE)
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking server could not be reached; what was done is kept and the message says how to resume."""
+
+
 def setup(cfg: TrackingConfig) -> str:
     """Point MLflow at the configured store and make its experiment the active one. Returns its id."""
     mlflow.set_tracking_uri(cfg.uri)
