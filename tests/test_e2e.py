@@ -24,7 +24,8 @@ OUTPUTS = ("tests/", "benchmarks/", "data/", "models/", "export/", "reports/", "
 
 
 def _sh(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(cwd)}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(cwd),
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "2"}  # tiny runs last seconds; the default samples every 10
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
@@ -96,6 +97,7 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert client.get_experiment(run.info.experiment_id).name == "pipeline"
         assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
         assert "eval/" + ("val_loss" if task == "lm" else "test_denoise_loss") in run.data.metrics
+        assert "system/cpu_utilization_percentage" in run.data.metrics  # sampled while Ray trained
         # dataset inputs: raw source, prepared data and shards, with DVC's own hashes
         inputs = {i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags})
                   for i in run.inputs.dataset_inputs}

@@ -98,7 +98,8 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     print(f"[{task_name}] training on {where}: {cfg.cluster.num_workers} workers, strategy {cfg.strategy.name}, "
           f"{cfg.precision.dtype}; run {run_name}; MLflow run {run_id}", flush=True)
     start = time.perf_counter()
-    result = fit(cfg, task_name, shards_dir, run_name)
+    with mlflow_runs.system_metrics(run_id):
+        result = fit(cfg, task_name, shards_dir, run_name)
     seconds = time.perf_counter() - start
     if result.error:
         raise RuntimeError(f"[{task_name}] training failed: {result.error}") from result.error

@@ -3,8 +3,10 @@ and export (the run id travels in `run.json` beside the model)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +104,23 @@ def log_datasets(run_id: str, task: str, source: str, raw_sha256: str | None, sh
         entries.append(dataset(f"{task}-shard", str(shards_dir), manifest_md5, "md5 of manifest.json"))
     MlflowClient().log_inputs(run_id, datasets=[DatasetInput(ds, tags) for ds, tags in entries])
     return [e[0].name for e in entries]
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str) -> Iterator[None]:
+    """Keep the run active while the body runs, sampling CPU, memory, disk and network (and GPU
+    where present) of this node as `system/*` metrics. Best effort: an unreachable server costs
+    the samples, never the training."""
+    try:
+        mlflow.start_run(run_id=run_id, log_system_metrics=True)
+    except mlflow.exceptions.MlflowException as e:
+        print(f"note: no system metrics for run {run_id} ({str(e).splitlines()[0][:120]})", flush=True)
+        yield
+        return
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    finally:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # server gone: the logging after the fit says so
+            mlflow.end_run(status=status)
