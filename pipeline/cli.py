@@ -64,12 +64,16 @@ def main(argv: list[str] | None = None) -> None:
     pro = sub.add_parser("promote", help="point an alias at a version by hand (promote or roll back)")
     pro.add_argument("ref", help="<model>@<version> (or <model>@<alias>) to point the alias at")
     pro.add_argument("--alias", default="champion")
-    for p in (lin, pro):
+    rep = sub.add_parser("reproduce", help="re-run the pipeline at a version's commit and compare its metrics")
+    rep.add_argument("ref", help="<model>@<alias> or <model>@<version>")
+    rep.add_argument("--workdir", default=None, help="where to check the commit out (default: a temporary dir)")
+    rep.add_argument("--tolerance", type=float, default=1e-3, help="largest relative metric difference accepted")
+    for p in (lin, pro, rep):
         p.add_argument("--params", default="params.yaml", help="where the tracking URI comes from")
         p.add_argument("--tracking-uri", default=None, help="overrides the config's tracking.uri")
     args = parser.parse_args(argv)
     try:
-        if args.cmd in ("lineage", "promote"):
+        if args.cmd in ("lineage", "promote", "reproduce"):
             _registry_command(args)
         elif args.cmd == "compose":
             raw = compose(args.config_dir, args.overrides)
@@ -95,5 +99,12 @@ def _registry_command(args: argparse.Namespace) -> None:
     if args.cmd == "promote":
         print(inspect.promote(args.ref, args.alias))
         return
+    if args.cmd == "reproduce":
+        from pipeline.flows.reproduce import format_comparison, reproduce
+
+        rows, ok = reproduce(args.ref, Path(args.workdir) if args.workdir else None, args.tolerance)
+        print(format_comparison(rows, args.tolerance))
+        print("reproduced within tolerance" if ok else "NOT reproduced within tolerance")
+        sys.exit(0 if ok else 1)
     info = inspect.lineage(args.ref)
     print(json.dumps(info, indent=2, default=str) if args.json else inspect.format_lineage(info))

@@ -114,6 +114,11 @@ def test_dvc_repro_end_to_end(tmp_path):
 
     _serve_and_predict(project)
 
+    # Re-run the champion LM's commit in a fresh worktree: same seed, config and data, same metrics.
+    shown = _sh([sys.executable, "-m", "pipeline", "reproduce", "pipeline-lm@champion", "--tolerance", "1e-6",
+                 "--workdir", str(tmp_path / "again"), "--tracking-uri", f"sqlite:///{project}/mlruns.db"], project)
+    assert "reproduced within tolerance" in shown and "val_perplexity" in shown, shown[-3000:]
+
     again = _sh(["dvc", "repro"], project)
     assert "Data and pipelines are up to date." in again
 

@@ -1,0 +1,79 @@
+"""Re-run the pipeline for a registered model version and compare its metrics.
+
+The version's run names the commit it was trained from. That commit is checked out into a
+fresh git worktree (its committed params.yaml is the composed config it ran with), its chain
+is re-run with `dvc repro evaluate@<task>` from the raw data up, into the worktree's own
+tracking store and DVC cache, and the evaluation metrics are compared with the version's.
+Nothing in the current workspace or its registry is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from pipeline.tracking.inspect import resolve
+
+
+@dataclass
+class Comparison:
+    metric: str
+    original: float
+    reproduced: float | None
+
+    @property
+    def rel_diff(self) -> float | None:
+        if self.reproduced is None:
+            return None
+        return abs(self.reproduced - self.original) / max(abs(self.original), 1e-12)
+
+
+def plan(ref: str) -> dict:
+    """What reproducing `ref` means: the commit, the task, and the metrics to compare."""
+    client = MlflowClient()
+    mv = resolve(client, ref)
+    run = client.get_run(mv.run_id)
+    tags = run.data.tags
+    commit, task = tags.get("git.commit", "unknown"), tags.get("task")
+    if commit == "unknown" or not task:
+        raise ValueError(f"'{ref}': its run {run.info.run_id} records no git commit or task; it cannot be reproduced")
+    metrics = {k.removeprefix("eval/"): v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+    return {"model": f"{mv.name} v{mv.version}", "run_id": run.info.run_id, "commit": commit, "task": task,
+            "dirty": tags.get("git.dirty") == "true", "metrics": metrics}
+
+
+def reproduce(ref: str, workdir: Path | None = None, tolerance: float = 1e-3,
+              repo: Path = Path(".")) -> tuple[list[Comparison], bool]:
+    p = plan(ref)
+    if p["dirty"]:
+        print(f"warning: {p['model']} was trained from a dirty work tree; commit {p['commit'][:10]} is only "
+              "the nearest recorded code", flush=True)
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="reproduce-")) / "tree"
+    subprocess.run(["git", "worktree", "add", "--detach", str(workdir), p["commit"]], cwd=repo, check=True,
+                   capture_output=True, text=True)
+    print(f"reproducing {p['model']} (run {p['run_id']}): commit {p['commit'][:10]} in {workdir}", flush=True)
+    cmd = [str(Path(sys.executable).parent / "dvc"), "repro", f"evaluate@{p['task']}"]
+    env = {**os.environ, "PYTHONPATH": str(workdir)}  # that commit's code, not this workspace's
+    subprocess.run(cmd, cwd=workdir, check=True, env=env)
+    got = json.loads((workdir / "metrics" / p["task"] / "eval.json").read_text())
+    rows = [Comparison(k, v, float(got[k]) if isinstance(got.get(k), (int, float)) else None)
+            for k, v in sorted(p["metrics"].items())]
+    ok = bool(rows) and all(r.rel_diff is not None and r.rel_diff <= tolerance for r in rows)
+    return rows, ok
+
+
+def format_comparison(rows: list[Comparison], tolerance: float) -> str:
+    lines = [f"{'metric':<28} {'registered':>14} {'reproduced':>14} {'rel. diff':>10}"]
+    for r in rows:
+        rep = f"{r.reproduced:14.6g}" if r.reproduced is not None else f"{'missing':>14}"
+        diff = f"{r.rel_diff:10.2e}" if r.rel_diff is not None else f"{'-':>10}"
+        flag = "" if r.rel_diff is not None and r.rel_diff <= tolerance else "  <- beyond tolerance"
+        lines.append(f"{r.metric:<28} {r.original:14.6g} {rep} {diff}{flag}")
+    return "\n".join(lines)
