@@ -107,6 +107,7 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert inputs[f"{task}-shard"][0] == shard_md5 and inputs[f"{task}-prepare"][0] == prepared_md5
         raw = json.loads((project / f"metrics/{task}/data.json").read_text())["raw_sha256"]
         assert inputs[f"{task}-raw"][1]["digest_full"] == raw
+    _registered_onnx_runs(client, project)
     mlflow.set_tracking_uri(None)
     shown = _sh([sys.executable, "-m", "pipeline", "lineage", "pipeline-lm@champion",
                  "--tracking-uri", f"sqlite:///{project}/mlruns.db"], project)
@@ -128,6 +129,28 @@ def test_dvc_repro_end_to_end(tmp_path):
     variant = _sh(["dvc", "exp", "run", "-S", "tasks.lm.eval.max_batches=1"], project)
     assert "Running stage 'evaluate@lm'" in variant and "Running stage 'train@lm'" not in variant
     assert "max_batches" in _sh(["dvc", "exp", "show", "--no-pager", "--md"], project)
+
+
+def _registered_onnx_runs(client, project: Path) -> None:
+    """The ONNX file logged with the champion LM's run runs in onnxruntime and matches PyTorch."""
+    import mlflow
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from mlflow.artifacts import download_artifacts
+
+    from pipeline.training.checkpoint import load_model
+
+    mv = client.get_model_version_by_alias("pipeline-lm", "champion")
+    folder = download_artifacts(run_id=mv.run_id, artifact_path="onnx", tracking_uri=mlflow.get_tracking_uri())
+    session = ort.InferenceSession(str(Path(folder) / "model.onnx"), providers=["CPUExecutionProvider"])
+    tokens = np.arange(1, 17, dtype=np.int64)[None, :]
+    (logits,) = session.run(None, {session.get_inputs()[0].name: tokens})
+    model, _ = load_model(project / "export/lm")
+    with torch.no_grad():
+        expected = model(torch.from_numpy(tokens)).numpy()
+    assert logits.shape == expected.shape
+    assert np.abs(logits - expected).max() < 1e-3
 
 
 def _serve_and_predict(project: Path) -> None:

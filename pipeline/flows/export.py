@@ -41,7 +41,9 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
         with mlflow.start_run(run_id=run["run_id"]):
             info = log_pyfunc(tmp, spec)
             if diff is not None:
-                mlflow.log_artifact(str(tmp / "model.onnx"), artifact_path="onnx")
+                # the graph and its external weights file (model.onnx.data) belong together
+                for f in sorted(tmp.glob("model.onnx*")):
+                    mlflow.log_artifact(str(f), artifact_path="onnx")
                 mlflow.log_metric("export/onnx_max_abs_diff", diff)
         # Round trip: the logged model must load and predict before anything is registered.
         prediction = mlflow.pyfunc.load_model(info.model_uri).predict(example_input(spec))
