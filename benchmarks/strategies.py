@@ -25,15 +25,9 @@ from pathlib import Path
 
 import torch
 
-STRATEGIES = {
-    "ddp": ["strategy.name=ddp"],
-    "fsdp": ["strategy.name=fsdp"],
-    "zero0": ["strategy.name=deepspeed", "strategy.zero_stage=0"],
-    "zero1": ["strategy.name=deepspeed", "strategy.zero_stage=1"],
-    "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2"],
-    "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"],
-    "horovod": ["strategy.name=horovod", "strategy.backend=gloo"],
-}
+from pipeline.distributed import VARIANTS
+
+STRATEGIES = {k: v for k, v in VARIANTS.items() if k != "zero3_offload"}
 MODEL = ["tasks.lm.model.d_model=512", "tasks.lm.model.n_layers=4", "tasks.lm.model.n_heads=8",
          "tasks.lm.data.seq_len=256", "tasks.lm.data.vocab_size=2048", "tasks.diffusion.trainer.ema_decay=0"]
 

@@ -19,19 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.distributed import VARIANTS
 from tests.conftest import tiny_raw
 
-STRATEGIES = {
-    "ddp": ["strategy.name=ddp"],
-    "fsdp": ["strategy.name=fsdp"],
-    "zero0": ["strategy.name=deepspeed", "strategy.zero_stage=0"],
-    "zero1": ["strategy.name=deepspeed", "strategy.zero_stage=1"],
-    "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2"],
-    "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"],
-    "zero3_offload": ["strategy.name=deepspeed", "strategy.zero_stage=3", "strategy.offload_optimizer=true",
-                      "strategy.offload_params=true"],
-    "horovod": ["strategy.name=horovod", "strategy.backend=gloo"],
-}
+STRATEGIES = VARIANTS
 COMMON = ["tasks.lm.trainer.max_steps=20", "tasks.lm.trainer.ckpt_every=10", "tasks.lm.trainer.log_every=1",
           "tasks.lm.trainer.keep_last_k=5", "tasks.diffusion.trainer.ema_decay=0"]
 SHORT = ["tasks.lm.trainer.max_steps=6", "tasks.lm.trainer.ckpt_every=6"]

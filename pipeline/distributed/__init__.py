@@ -17,6 +17,19 @@ STRATEGIES: dict[str, str] = {
     "horovod": "pipeline.distributed.horovod:HorovodStrategy",
 }
 
+# Config overrides naming each backend variant, for tests, benchmarks and sweeps over strategies.
+VARIANTS: dict[str, list[str]] = {
+    "ddp": ["strategy.name=ddp"],
+    "fsdp": ["strategy.name=fsdp"],
+    "zero0": ["strategy.name=deepspeed", "strategy.zero_stage=0"],
+    "zero1": ["strategy.name=deepspeed", "strategy.zero_stage=1"],
+    "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2"],
+    "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"],
+    "zero3_offload": ["strategy.name=deepspeed", "strategy.zero_stage=3", "strategy.offload_optimizer=true",
+                      "strategy.offload_params=true"],
+    "horovod": ["strategy.name=horovod", "strategy.backend=gloo"],
+}
+
 
 def build_strategy(cfg, precision: Precision, device: torch.device, settings: StepSettings) -> Strategy:
     """`cfg` is the strategy's own config model (DDPConfig, FSDPConfig, DeepSpeedConfig, HorovodConfig)."""
@@ -56,4 +69,4 @@ def process_group_backend(cfg, use_gpu: bool) -> str:
     return "nccl" if use_gpu else "gloo"
 
 
-__all__ = ["STRATEGIES", "StepSettings", "Strategy", "build_strategy", "preflight", "process_group_backend"]
+__all__ = ["STRATEGIES", "VARIANTS", "StepSettings", "Strategy", "build_strategy", "preflight", "process_group_backend"]

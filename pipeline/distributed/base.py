@@ -112,14 +112,15 @@ class Strategy(ABC):
     def all_mean(self, values: list[float]) -> list[float]:
         """The mean of each value over the data-parallel ranks."""
         t = torch.tensor(values, dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world_size() > 1:
             dist.all_reduce(t)
             t /= dist.get_world_size()
         return t.tolist()
 
-    def barrier(self) -> None:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+
+def world_size() -> int:
+    """Ranks in the torch.distributed group, 1 when there is none."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> float:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.distributed.base import OptimizerFactory
+from pipeline.distributed.base import OptimizerFactory, world_size
 from pipeline.distributed.replicated import ReplicatedStrategy
 
 
@@ -16,7 +15,7 @@ class DDPStrategy(ReplicatedStrategy):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         model = self.materialize(model)  # DDP replicates: every rank holds the whole model
         self._plain = model
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world_size() > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(model, device_ids=ids)
         else:

@@ -57,7 +57,3 @@ class HorovodStrategy(ReplicatedStrategy):
         t = torch.tensor(values, dtype=torch.float64)
         return hvd.allreduce(t, op=hvd.Average, name="pipeline.all_mean").tolist()
 
-    def barrier(self) -> None:
-        import horovod.torch as hvd
-
-        hvd.allreduce(torch.zeros(1), name="pipeline.barrier")

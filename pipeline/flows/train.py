@@ -109,7 +109,7 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
             raise RuntimeError(f"[{task_name}] the last checkpoint is not the final one (step {meta['step']})")
         weights = load_file(str(Path(d) / WEIGHTS))
     history = meta["history"]
-    spec = task_for_data(tcfg.data.kind).model_spec(tcfg, load_manifest(shards_dir))
+    spec = task_for_data(tcfg.data.kind).model_spec(tcfg, manifest)
     info = {"run_id": run_id, "ray_run": run_name, "tracking_uri": cfg.tracking.uri,
             "data_manifest_md5": manifest_md5, "git_commit": tags["git.commit"]}
     summary = {"final_loss": history[-1]["loss"], "steps": meta["step"], "skipped_steps": meta["skipped_steps"],
