@@ -12,6 +12,10 @@ def run(cfg: PipelineConfig, task: str) -> None:
                   Path(f"metrics/{task}"))
     print(f"[{task}] exported to export/{task}: ONNX max |diff| {info['onnx_max_abs_diff']:.2e}; "
           f"MLflow model {info['model_uri']}")
+    if "int8_val_perplexity" in info:
+        print(f"[{task}] int8 ONNX: {info['int8_size_ratio']:.2f}x the size, val perplexity "
+              f"{info['fp32_val_perplexity']:.2f} -> {info['int8_val_perplexity']:.2f} "
+              f"({100 * info['int8_val_perplexity_change']:+.2f}%)")
 
 
 if __name__ == "__main__":

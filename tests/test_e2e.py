@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -107,6 +108,15 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert inputs[f"{task}-shard"][0] == shard_md5 and inputs[f"{task}-prepare"][0] == prepared_md5
         raw = json.loads((project / f"metrics/{task}/data.json").read_text())["raw_sha256"]
         assert inputs[f"{task}-raw"][1]["digest_full"] == raw
+        # the version carries the lineage itself: commit, data and DVC hashes, environment, eval metrics
+        eval_metrics = json.loads((project / f"metrics/{task}/eval.json").read_text())
+        assert mv.tags["git.commit"] == head and mv.tags["git.dirty"] == "false"
+        assert mv.tags[f"dvc.shard:{task}.data/{task}/shards"] == shard_md5 and "env.torch" in mv.tags
+        assert {f"eval.{k}": str(v) for k, v in eval_metrics.items()}.items() <= mv.tags.items()
+    exported = json.loads((project / "metrics/lm/export.json").read_text())
+    assert exported["int8_size_ratio"] < 0.7 and abs(exported["int8_val_perplexity_change"]) < 0.1
+    lm_run = client.get_model_version_by_alias("pipeline-lm", "champion").run_id
+    assert [f.path for f in client.list_artifacts(lm_run, "onnx_int8")] == ["onnx_int8/model.int8.onnx"]
     _registered_onnx_runs(client, project)
     mlflow.set_tracking_uri(None)
     shown = _sh([sys.executable, "-m", "pipeline", "lineage", "pipeline-lm@champion",
@@ -154,7 +164,20 @@ def _registered_onnx_runs(client, project: Path) -> None:
 
 
 def _serve_and_predict(project: Path) -> None:
-    """`mlflow models serve` the champion LM on 127.0.0.1 and ask it for a completion over HTTP."""
+    """`mlflow models serve` each champion on 127.0.0.1 and ask it over HTTP: the LM for a
+    completion, the diffusion model for samples of given digits."""
+    body = {"dataframe_split": {"columns": ["prompt"], "data": [["The for statement"]]},
+            "params": {"max_new_tokens": 8}}
+    predictions = _serve("pipeline-lm", project, body)
+    assert len(predictions) == 1 and predictions[0]["completion"].strip()
+
+    body = {"dataframe_split": {"columns": ["label"], "data": [[3], [7]]}, "params": {"steps": 4, "seed": 1}}
+    samples = np.asarray(_serve("pipeline-diffusion", project, body), dtype=np.float32)
+    assert samples.shape == (2, 64) and np.isfinite(samples).all() and np.abs(samples).max() <= 1.0 + 1e-5
+    assert not np.allclose(samples[0], samples[1])  # different labels (and noise), different digits
+
+
+def _serve(model: str, project: Path, body: dict) -> list:
     import time
     import urllib.request
 
@@ -164,7 +187,7 @@ def _serve_and_predict(project: Path) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlruns.db",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(project)}
     server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
-                               "models:/pipeline-lm@champion", "--env-manager", "local", "--host", "127.0.0.1",
+                               f"models:/{model}@champion", "--env-manager", "local", "--host", "127.0.0.1",
                                "--port", str(port)], cwd=project, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -178,13 +201,10 @@ def _serve_and_predict(project: Path) -> None:
             except OSError:
                 assert time.time() < deadline, "mlflow models serve did not come up in 180 s"
                 time.sleep(1)
-        body = json.dumps({"dataframe_split": {"columns": ["prompt"], "data": [["The for statement"]]},
-                           "params": {"max_new_tokens": 8}}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            predictions = json.loads(r.read())["predictions"]
-        assert len(predictions) == 1 and predictions[0]["completion"].strip()
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())["predictions"]
     finally:
         os.killpg(server.pid, 9)
         server.wait()
@@ -284,7 +304,8 @@ def test_tracking_server_down_during_training_loses_nothing(tmp_path):
     """A real `mlflow server` (SQLite store) on 127.0.0.1 goes down while the train stage runs:
     training finishes, the stage stops with one line naming the server, the final checkpoint is
     kept and no model is written; with the server back, the rerun resumes the finished run (no
-    retraining) and logs it into the same MLflow run."""
+    retraining) and logs it into the same MLflow run. Then evaluate, export and register run
+    against the server, and the registered model loads from it."""
     import signal
     import time
 
@@ -331,7 +352,35 @@ def test_tracking_server_down_during_training_loses_nothing(tmp_path):
         assert info["run_id"] == first_run_id
         history = MlflowClient().get_metric_history(first_run_id, "train/loss")
         assert sorted(m.step for m in history) == [5, 10, 15, 20, 25, 30]
+        _registry_through_server(project, uri, tmp_path / "artifacts", first_run_id)
         mlflow.set_tracking_uri(None)
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+
+
+def _registry_through_server(project: Path, uri: str, artifacts: Path, run_id: str) -> None:
+    """evaluate, export and register (twice) against a real tracking server: the second version
+    has the same metric, so it becomes challenger and the champion stays; the champion loads and
+    predicts through the server, its files live in the server's artifact store, and lineage reads it."""
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    for stage in ("evaluate", "export", "register"):
+        out = _sh([sys.executable, "-m", f"stages.{stage}", "lm", f"tracking.uri={uri}"], project)
+    assert "now champion" in out
+    out = _sh([sys.executable, "-m", "stages.register", "lm", f"tracking.uri={uri}"], project)
+    assert "registered pipeline-lm v2" in out and "champion stays v1" in out
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("pipeline-lm", "champion").version in (1, "1")
+    assert client.get_model_version_by_alias("pipeline-lm", "challenger").version in (2, "2")
+    champion = client.get_model_version_by_alias("pipeline-lm", "champion")
+    assert champion.run_id == run_id and "eval.val_loss" in champion.tags
+    assert "eval/val_perplexity" in client.get_run(run_id).data.metrics
+    model = mlflow.pyfunc.load_model("models:/pipeline-lm@champion")
+    completion = model.predict(pd.DataFrame({"prompt": ["The for statement"]}), params={"max_new_tokens": 4})
+    assert completion["completion"][0].strip()
+    assert list(artifacts.rglob("model.int8.onnx")) and list(artifacts.rglob("MLmodel"))  # proxied to the server
+    shown = _sh([sys.executable, "-m", "pipeline", "lineage", "pipeline-lm@champion", "--tracking-uri", uri], project)
+    assert run_id in shown and "input      lm-raw:" in shown

@@ -231,6 +231,16 @@ class RegistryConfig(Strict):
 class ExportConfig(Strict):
     onnx: bool = True
     onnx_max_abs_diff: PositiveFloat = 1e-3
+    # language model only: an int8 (dynamic quantization) ONNX graph for CPU inference, scored
+    # against the fp32 graph on `int8_eval_rows` validation rows
+    quantize_int8: bool = False
+    int8_eval_rows: PositiveInt = 256
+
+    @model_validator(mode="after")
+    def _int8_needs_onnx(self) -> ExportConfig:
+        if self.quantize_int8 and not self.onnx:
+            raise ValueError("quantize_int8 quantizes the ONNX graph: it needs onnx true")
+        return self
 
 
 class EvalConfig(Strict):
@@ -260,6 +270,8 @@ class TaskConfig(Strict):
         pairs = {"text": ("gpt",), "images": ("dit", "unet")}
         if self.model.kind not in pairs[self.data.kind]:
             raise ValueError(f"model kind '{self.model.kind}' cannot train on {self.data.kind} data")
+        if self.export.quantize_int8 and self.data.kind != "text":
+            raise ValueError("export.quantize_int8 is for the language model (text data) only")
         return self
 
 

@@ -11,14 +11,16 @@ from typing import Any
 import mlflow
 
 from pipeline.atomic import atomic_dir, atomic_write_text
-from pipeline.config.schema import PipelineConfig
+from pipeline.config.schema import EvalConfig, PipelineConfig
 from pipeline.export.onnx_export import export_onnx
 from pipeline.export.pyfunc import example_input, log_pyfunc
+from pipeline.export.quantize import accuracy_change, quantize_int8
 from pipeline.tracking import mlflow_runs
 from pipeline.tracking.registry import Registration, register
 from pipeline.training.checkpoint import SPEC, WEIGHTS, load_model
 
 INFO = "model_info.json"
+INT8 = "model.int8.onnx"
 
 
 def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_dir: Path,
@@ -32,12 +34,17 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
             shutil.copy2(model_dir / name, tmp / name)
         if (shards / "tokenizer.json").is_file():
             shutil.copy2(shards / "tokenizer.json", tmp / "tokenizer.json")
-        diff = None
+        diff, int8 = None, {}
         if tcfg.export.onnx:
             diff = export_onnx(model, spec, tmp / "model.onnx")
             if diff > tcfg.export.onnx_max_abs_diff:
                 raise ValueError(f"ONNX output differs from PyTorch by {diff:.2e} > "
                                  f"export.onnx_max_abs_diff {tcfg.export.onnx_max_abs_diff:.0e}")
+        if tcfg.export.quantize_int8:
+            quantize_int8(tmp / "model.onnx", tmp / INT8)
+            rows = min(tcfg.export.int8_eval_rows, 16)
+            int8 = accuracy_change(tmp / "model.onnx", tmp / INT8, shards,
+                                   EvalConfig(batch_size=rows, max_batches=-(-tcfg.export.int8_eval_rows // rows)))
         with mlflow.start_run(run_id=run["run_id"]):
             info = log_pyfunc(tmp, spec)
             if diff is not None:
@@ -45,14 +52,28 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
                 for f in sorted(tmp.glob("model.onnx*")):
                     mlflow.log_artifact(str(f), artifact_path="onnx")
                 mlflow.log_metric("export/onnx_max_abs_diff", diff)
+            if int8:
+                for f in sorted(tmp.glob(INT8 + "*")):
+                    mlflow.log_artifact(str(f), artifact_path="onnx_int8")
+                mlflow.log_metrics({f"export/{k}": v for k, v in int8.items()})
         # Round trip: the logged model must load and predict before anything is registered.
         prediction = mlflow.pyfunc.load_model(info.model_uri).predict(example_input(spec))
         result = {"model_uri": info.model_uri, "run_id": run["run_id"], "onnx_max_abs_diff": diff,
-                  "pyfunc_rows": len(prediction)}
+                  "pyfunc_rows": len(prediction), **int8}
         (tmp / INFO).write_text(json.dumps(result, indent=2))
     metrics_dir.mkdir(parents=True, exist_ok=True)
-    (metrics_dir / "export.json").write_text(json.dumps({"onnx_max_abs_diff": diff}, indent=2))
+    atomic_write_text(metrics_dir / "export.json", json.dumps({"onnx_max_abs_diff": diff, **int8}, indent=2))
     return result
+
+
+_LINEAGE = ("git.", "data.", "dvc.", "env.", "impl.", "ray.", "cluster.")
+
+
+def lineage_tags(run_id: str) -> dict[str, str]:
+    """The training run's lineage tags (commit, dirty flag, data and DVC hashes, environment,
+    what ran, where), copied onto the model version so the registry answers without a join."""
+    tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    return {k: v for k, v in tags.items() if k.startswith(_LINEAGE) or k in ("strategy", "precision", "task")}
 
 
 def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_dir: Path, out: Path) -> Registration:
@@ -64,7 +85,8 @@ def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_di
                        f"(have: {', '.join(sorted(metrics))})")
     run = mlflow_runs.read_run_file(export_dir)
     mlflow.set_tracking_uri(run["tracking_uri"])
-    tags = {"git_commit": run["git_commit"], "data_manifest_md5": run["data_manifest_md5"], "ray_run": run["ray_run"]}
+    tags = {"git_commit": run["git_commit"], "data_manifest_md5": run["data_manifest_md5"], "ray_run": run["ray_run"],
+            **lineage_tags(run["run_id"]), **{f"eval.{k}": str(v) for k, v in metrics.items()}}
     reg = register(info["model_uri"], info["run_id"], tcfg.registry, float(metrics[tcfg.registry.metric]), tags)
     atomic_write_text(out, json.dumps(dataclasses.asdict(reg), indent=2))
     return reg
