@@ -71,10 +71,13 @@ def main(argv: list[str] | None = None) -> None:
     for p in (lin, pro, rep):
         p.add_argument("--params", default="params.yaml", help="where the tracking URI comes from")
         p.add_argument("--tracking-uri", default=None, help="overrides the config's tracking.uri")
+    _job_parsers(sub)
     args = parser.parse_args(argv)
     try:
         if args.cmd in ("lineage", "promote", "reproduce"):
             _registry_command(args)
+        elif args.cmd in ("submit", "status", "logs", "stop"):
+            _job_command(args)
         elif args.cmd == "compose":
             raw = compose(args.config_dir, args.overrides)
             validate(raw)
@@ -94,8 +97,9 @@ def _registry_command(args: argparse.Namespace) -> None:
     import mlflow
 
     from pipeline.tracking import inspect
+    from pipeline.tracking.mlflow_runs import tracking_uri
 
-    mlflow.set_tracking_uri(args.tracking_uri or load_config(args.params).tracking.uri)
+    mlflow.set_tracking_uri(args.tracking_uri or tracking_uri(load_config(args.params).tracking))
     if args.cmd == "promote":
         print(inspect.promote(args.ref, args.alias))
         return
@@ -108,3 +112,69 @@ def _registry_command(args: argparse.Namespace) -> None:
         sys.exit(0 if ok else 1)
     info = inspect.lineage(args.ref)
     print(json.dumps(info, indent=2, default=str) if args.json else inspect.format_lineage(info))
+
+
+def _job_parsers(sub: argparse._SubParsersAction) -> None:
+    address = {"default": None, "help": "Jobs API address (default: RAY_JOBS_ADDRESS, an http RAY_ADDRESS, "
+                                        "or http://127.0.0.1:8265)"}
+    s = sub.add_parser("submit", help="run a command (default: dvc repro) on a Ray cluster through the Jobs API",
+                       description="Uploads this checkout as the job's working_dir and streams the job's log. "
+                                   "Exit 0 when the job succeeds, 1 when it fails (with its log tail).")
+    s.add_argument("entrypoint", nargs=argparse.REMAINDER,
+                   help="after --: the command to run, e.g. -- python -m stages.train lm (default: dvc repro)")
+    s.add_argument("--address", **address)
+    s.add_argument("--runtime-env", default=None, help="runtime_env YAML (default: cluster/runtime_env.yaml)")
+    s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="env var for the job (repeat)")
+    s.add_argument("--pip", action="append", default=None, help="pip requirement for the job (repeat); "
+                                                                "replaces the file's list")
+    s.add_argument("--no-pip", action="store_true", help="install nothing: the cluster already has the project")
+    s.add_argument("--id", default=None, help="submission id (default: generated)")
+    s.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    s.add_argument("--params", default="params.yaml", help="validated before anything is submitted")
+    for name, text in (("status", "a job's status"), ("logs", "a job's log"), ("stop", "stop a running job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id")
+        p.add_argument("--address", **address)
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="stream until the job ends")
+
+
+def _job_command(args: argparse.Namespace) -> None:
+    from pipeline.runtime import jobs
+
+    if args.cmd == "status":
+        state = jobs.status(args.job_id, args.address)
+        took = f" after {state.seconds:.0f} s" if state.seconds is not None else ""
+        print(f"{state.job_id}: {state.status}{took}" + (f" ({state.message})" if state.message else ""))
+        return
+    if args.cmd == "stop":
+        print(f"{args.job_id}: " + ("stop requested" if jobs.stop(args.job_id, args.address) else "not running"))
+        return
+    if args.cmd == "logs" and not args.follow:
+        print(jobs.logs(args.job_id, args.address), end="")
+        return
+    if args.cmd == "submit":
+        load_config(args.params)  # a bad config fails here, before the cluster is asked for anything
+        entry = [a for a in args.entrypoint if a != "--"] or ["dvc", "repro"]
+        env = {}
+        for item in args.env:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--env {item!r}: expected KEY=VALUE")
+            env[key] = value
+        spec = jobs.runtime_env(Path.cwd(), Path(args.runtime_env) if args.runtime_env else None, env,
+                                [] if args.no_pip else args.pip)
+        import shlex
+
+        command = entry[0] if len(entry) == 1 else shlex.join(entry)  # one argument: a shell line as is
+        job_id = jobs.submit(command, args.address, spec, args.id)
+        print(f"submitted {job_id} to {jobs.jobs_address(args.address)}: {command}", flush=True)
+        if args.no_wait:
+            return
+        args.job_id = job_id
+    try:
+        state = jobs.follow(args.job_id, args.address)
+    except jobs.JobFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"{state.job_id}: {state.status}" + (f" after {state.seconds:.0f} s" if state.seconds else ""))

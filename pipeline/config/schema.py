@@ -339,6 +339,8 @@ class PrecisionConfig(Strict):
 
 
 class TrackingConfig(Strict):
+    """Where MLflow runs go. MLFLOW_TRACKING_URI in the environment overrides `uri`."""
+
     uri: str = "sqlite:///mlruns.db"
     artifact_dir: str = "mlartifacts"
     experiment: str = "pipeline"

@@ -73,6 +73,7 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     preflight(cfg, cfg.cluster.use_gpu)
     micro_batch_size(tcfg.trainer.global_batch_size, cfg.cluster.num_workers, tcfg.trainer.grad_accum_steps)
     manifest_md5 = file_md5(shards_dir / MANIFEST)
+    uri = mlflow_runs.tracking_uri(cfg.tracking)
     # Everything that changes the trained weights keys the run; anything else may differ on resume.
     identity = {"task": tcfg.model_dump(mode="json"), "seed": cfg.seed, "data": manifest_md5,
                 "strategy": cfg.strategy.model_dump(), "precision": cfg.precision.model_dump(),
@@ -91,7 +92,7 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
                                  manifest.get("raw_sha256"), shards_dir, manifest_md5, tags)
     except mlflow.exceptions.MlflowException as e:
         raise mlflow_runs.TrackingUnavailable(
-            f"[{task_name}] cannot use the tracking store {cfg.tracking.uri} "
+            f"[{task_name}] cannot use the tracking store {uri} "
             f"({str(e).splitlines()[0][:200]}); nothing was trained") from e
     where = connect(cfg.cluster)
     mlflow.MlflowClient().set_tag(run_id, "ray.cluster", where)
@@ -110,7 +111,7 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
         weights = load_file(str(Path(d) / WEIGHTS))
     history = meta["history"]
     spec = task_for_data(tcfg.data.kind).model_spec(tcfg, manifest)
-    info = {"run_id": run_id, "ray_run": run_name, "tracking_uri": cfg.tracking.uri,
+    info = {"run_id": run_id, "ray_run": run_name, "tracking_uri": uri,
             "data_manifest_md5": manifest_md5, "git_commit": tags["git.commit"]}
     summary = {"final_loss": history[-1]["loss"], "steps": meta["step"], "skipped_steps": meta["skipped_steps"],
                "train_seconds": round(seconds, 1), **{k: v for k, v in history[-1].items() if k.endswith("_per_s")}}
@@ -126,7 +127,7 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
             mlflow.entities.Metric(f"train/{k}", float(v), 0, meta["step"]) for k, v in summary.items()])
     except mlflow.exceptions.MlflowException as e:
         raise mlflow_runs.TrackingUnavailable(
-            f"[{task_name}] training finished, but logging run {run_id} to {cfg.tracking.uri} failed "
+            f"[{task_name}] training finished, but logging run {run_id} to {uri} failed "
             f"({str(e).splitlines()[0][:200]}). The final checkpoint is kept under {run_dir}; rerun the "
             "stage when the tracking server is back: it resumes the finished run and logs it without "
             "retraining") from e

@@ -24,6 +24,9 @@ def connect(cfg: ClusterConfig) -> str:
         return "already connected"
     address = cluster_address(cfg)
     if address:
+        # Inside a submitted job the job's runtime_env (working_dir, env vars) is already set; Ray
+        # refuses a second one naming the same env vars unless told to combine them.
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
         return f"Ray cluster at {address}"
     need = cfg.num_workers * cfg.cpus_per_worker

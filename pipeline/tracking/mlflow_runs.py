@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +24,21 @@ class TrackingUnavailable(RuntimeError):
     """The tracking server could not be reached; what was done is kept and the message says how to resume."""
 
 
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """MLFLOW_TRACKING_URI in the environment wins over `tracking.uri`, as MLflow users expect
+    (and as RAY_ADDRESS wins over `cluster.address`): a job on a cluster is pointed at the team's
+    server without editing params.yaml."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+
+
 def setup(cfg: TrackingConfig) -> str:
     """Point MLflow at the configured store and make its experiment the active one. Returns its id."""
-    mlflow.set_tracking_uri(cfg.uri)
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is None:
         location = None
-        if not cfg.uri.startswith(("http://", "https://", "databricks")):
+        if not uri.startswith(("http://", "https://", "databricks")):
             location = Path(cfg.artifact_dir).resolve().as_uri()
         exp_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
     else:
