@@ -1,0 +1,111 @@
+"""Node loss on a multi-node Ray cluster (ray.cluster_utils.Cluster: a head and three 1-CPU
+worker nodes on this machine). Training on 2 workers loses a worker's whole node at a random
+moment after its first checkpoint; Ray Train's FailureConfig restarts the group on the nodes
+left, the loop resumes from the last checkpoint (model, optimizer, scheduler, RNG and reader
+position), and the final weights equal an uninterrupted run's bit for bit.
+
+The cluster runs in a subprocess (this file as a script) so the test process's own Ray, if
+other tests started one, is left alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def test_node_killed_mid_training_resumes_exactly(built_data, tmp_path):
+    shards = built_data[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "tests.test_fault_tolerance", str(shards["lm"]), str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert 20 <= report["killed_after_step"] < 240  # after the first checkpoint, before the end
+    resumed = [int(line.split("resumed from step ")[1].split()[0]) for line in proc.stdout.splitlines()
+               if "resumed from step" in line]
+    assert resumed, "the restarted workers did not resume from a checkpoint:\n" + proc.stdout[-3000:]
+    assert report["killed_after_step"] <= resumed[0] < 240 and resumed[0] % 20 == 0
+    assert report["steps"] == [240, 240]
+    assert report["equal"], f"weights differ from the uninterrupted run: max |diff| {report['max_diff']}"
+
+
+def _run(shards: Path, out: Path) -> None:
+    import ray
+    import torch
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+    from safetensors.torch import load_file
+
+    from pipeline.config import validate
+    from pipeline.runtime.connect import WORKER_ENV
+    from pipeline.runtime.trainer import fit
+    from pipeline.training.checkpoint import WEIGHTS, read_meta
+    from tests.conftest import tiny_raw
+
+    os.environ.update(WORKER_ENV)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
+                                                            "dashboard_host": "127.0.0.1"})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]  # 2 for training, 1 to restart on
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV})
+    cfg = validate(tiny_raw(["tasks.lm.trainer.max_steps=240", "tasks.lm.trainer.ckpt_every=20",
+                             "tasks.lm.trainer.log_every=20", f"cluster.storage_path={out / 'runs'}",
+                             "cluster.max_failures=2"]))
+
+    def weights(result) -> tuple[dict, int]:
+        assert result.error is None, result.error
+        with result.checkpoint.as_directory() as d:
+            return load_file(str(Path(d) / WEIGHTS)), read_meta(Path(d))["step"]
+
+    report: dict = {}
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=fit(cfg, "lm", shards, "killed")))
+    thread.start()
+    run_dir = out / "runs" / "killed"
+    # A checkpoint counts once Ray Train's controller has registered it (its snapshot file lists
+    # it); a directory on disk that the controller never took in is not one to resume from.
+    after = 20 * random.randint(1, 4)  # the node goes at a random step after the first checkpoint
+    while (registered := _registered_step(run_dir)) < after:
+        assert thread.is_alive(), "training ended before a node could be killed"
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 0.3))
+    report["killed_after_step"] = registered
+    victim_id = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])[0].node_id
+    victim = next(n for n in nodes if n.node_id == victim_id)
+    cluster.remove_node(victim, allow_graceful=False)
+    started = time.time()
+    thread.join()
+    report["recovery_and_rest_s"] = time.time() - started
+    killed, steps_killed = weights(box["result"])
+    straight, steps_straight = weights(fit(cfg, "lm", shards, "straight"))
+    report["steps"] = [steps_killed, steps_straight]
+    report["equal"] = all(torch.equal(killed[k], straight[k]) for k in straight)
+    report["max_diff"] = max(float((killed[k] - straight[k]).abs().max()) for k in straight)
+    (out / "report.json").write_text(json.dumps(report))
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _registered_step(run_dir: Path) -> int:
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):  # not written yet, or mid-write
+        return 0
+
+
+if __name__ == "__main__":
+    _run(Path(sys.argv[1]), Path(sys.argv[2]))
