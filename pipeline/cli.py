@@ -72,12 +72,26 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--params", default="params.yaml", help="where the tracking URI comes from")
         p.add_argument("--tracking-uri", default=None, help="overrides the config's tracking.uri")
     _job_parsers(sub)
+    sw = sub.add_parser("sweep", help="hyperparameter search with Ray Tune (Optuna + ASHA), every trial an MLflow run")
+    sw.add_argument("task", help="task under `tasks:` (lm, diffusion); its shards must exist (dvc repro shard@<task>)")
+    sw.add_argument("--space", default=None, help="search space file (default: configs/sweep/<task>.yaml)")
+    sw.add_argument("--trials", type=int, default=None, help="number of trials (default: the file's num_samples)")
+    sw.add_argument("--seed", type=int, default=None, help="Optuna's seed (default: the config's seed)")
+    sw.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     try:
         if args.cmd in ("lineage", "promote", "reproduce"):
             _registry_command(args)
         elif args.cmd in ("submit", "status", "logs", "stop"):
             _job_command(args)
+        elif args.cmd == "sweep":
+            from pipeline.flows.sweep import run_sweep
+
+            res = run_sweep(Path(args.params), args.task, Path(args.space or f"configs/sweep/{args.task}.yaml"),
+                            Path(f"data/{args.task}/shards"), args.trials, args.seed)
+            print(f"[sweep {args.task}] {res.trials} trials, {res.stopped_early} stopped early by ASHA; best val_loss "
+                  f"{res.best_metric:.4f} with " + ", ".join(f"{k}={v}" for k, v in res.best_point.items()))
+            print(f"[sweep {args.task}] train it through the pipeline:\n{res.command}")
         elif args.cmd == "compose":
             raw = compose(args.config_dir, args.overrides)
             validate(raw)
@@ -86,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             load_config(args.params)
             print(f"{args.params}: ok")
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
