@@ -42,6 +42,7 @@ bench: setup
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/strategies.py
 	$(PY) benchmarks/activation_checkpointing.py
+	$(PY) benchmarks/cluster.py
 
 clean-runs:
 	rm -rf runs mlruns.db mlartifacts

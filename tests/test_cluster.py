@@ -5,17 +5,13 @@ job is reported with its log tail and a non-zero exit."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from pipeline.runtime.local_group import free_port
+from pipeline.runtime.local_head import LocalHead
 from tests.test_e2e import _tiny_project
 
 pytestmark = pytest.mark.e2e
@@ -23,39 +19,9 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """`ray start --head --block` bound to 127.0.0.1 with 2 CPUs; its whole process group is
-    killed afterwards (not `ray stop`, which would stop every Ray on the machine)."""
-    port, dashboard = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    log = tmp_path_factory.mktemp("ray-head") / "head.log"
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-                             "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                             "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats"],
-                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            assert head.poll() is None, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=2):
-                    break
-            except urllib.error.HTTPError as e:
-                assert e.code == 401, e  # up, and asking for its token (Ray 2.59+ token authentication)
-                break
-            except OSError:
-                assert time.time() < deadline, "the Ray head's job server did not come up:\n" + log.read_text()[-3000:]
-                time.sleep(1)
-        yield address
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+def ray_head():
+    with LocalHead(num_cpus=2) as head:
+        yield head.jobs_address
 
 
 def _pipeline(args: list[str], project: Path, timeout: int = 900) -> subprocess.CompletedProcess:

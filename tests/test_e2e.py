@@ -140,6 +140,22 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert "Running stage 'evaluate@lm'" in variant and "Running stage 'train@lm'" not in variant
     assert "max_batches" in _sh(["dvc", "exp", "show", "--no-pager", "--md"], project)
 
+    # A grid through DVC's queue: each variant runs in a copy under .dvc/tmp/exps/ (unchanged
+    # stages restored from the run cache) and still logs into the workspace's tracking store.
+    _sh(["dvc", "exp", "run", "--queue", "-S", "tasks.lm.eval.max_batches=3,4"], project)
+    _sh(["dvc", "queue", "start", "-j", "2"], project)
+    import time
+
+    deadline = time.time() + 600
+    while any(w in (status := _sh(["dvc", "queue", "status"], project)) for w in ("Queued", "Running")):
+        assert time.time() < deadline, status
+        time.sleep(3)
+    assert status.count("Success") == 2, status + _sh(["dvc", "queue", "logs", status.split()[5]], project)[-3000:]
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlruns.db")
+    versions = MlflowClient().search_model_versions("name = 'pipeline-lm'")
+    mlflow.set_tracking_uri(None)
+    assert len(versions) == 4  # dvc repro, the -S variant, and the two queued ones
+
 
 def _registered_onnx_runs(client, project: Path) -> None:
     """The ONNX file logged with the champion LM's run runs in onnxruntime and matches PyTorch."""

@@ -64,3 +64,26 @@ def test_unknown_reference_is_one_line_and_exit_2(registered):
     proc = subprocess.run([sys.executable, "-m", "pipeline", "lineage", "m@nope", "--tracking-uri", registered],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: 'm@nope': no such registered model version")
+
+
+def test_tracking_uri_resolution(monkeypatch, tmp_path):
+    """MLFLOW_TRACKING_URI wins; a relative SQLite path lives in the DVC workspace (DVC_ROOT),
+    which for `dvc queue` experiments is the original workspace, not the temporary copy."""
+    from pipeline.config.schema import TrackingConfig
+    from pipeline.tracking.mlflow_runs import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path}/mlruns.db"
+    assert tracking_uri(TrackingConfig(uri="sqlite:////srv/m.db")) == "sqlite:////srv/m.db"
+    assert tracking_uri(TrackingConfig(uri="http://127.0.0.1:5000")) == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert tracking_uri(TrackingConfig()) == "http://mlflow:5000"
+
+
+def test_secrets_are_never_params():
+    from pipeline.tracking.mlflow_runs import safe_params
+
+    kept = safe_params({"data.source": "s3://bucket/x", "aws_secret_access_key": "AKIA", "hf_token": "hf_x",
+                        "db.password": "p", "optim.lr": 0.1, "cluster.api_key": "k"})
+    assert kept == {"data.source": "s3://bucket/x", "optim.lr": "0.1"}

@@ -24,11 +24,23 @@ class TrackingUnavailable(RuntimeError):
     """The tracking server could not be reached; what was done is kept and the message says how to resume."""
 
 
+def project_root() -> Path:
+    """Where relative store paths live: the DVC workspace. DVC sets DVC_ROOT for every stage, and
+    for queued experiments (`dvc queue start`, run in a copy under .dvc/tmp/exps/) it points at
+    the original workspace, so all experiments share the workspace's tracking store."""
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
 def tracking_uri(cfg: TrackingConfig) -> str:
     """MLFLOW_TRACKING_URI in the environment wins over `tracking.uri`, as MLflow users expect
     (and as RAY_ADDRESS wins over `cluster.address`): a job on a cluster is pointed at the team's
-    server without editing params.yaml."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+    server without editing params.yaml. A relative SQLite path is made absolute against the
+    project root."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and not uri.endswith(":memory:"):
+        uri = prefix + str(project_root() / uri[len(prefix):])
+    return uri
 
 
 def setup(cfg: TrackingConfig) -> str:
@@ -39,7 +51,7 @@ def setup(cfg: TrackingConfig) -> str:
     if exp is None:
         location = None
         if not uri.startswith(("http://", "https://", "databricks")):
-            location = Path(cfg.artifact_dir).resolve().as_uri()
+            location = (project_root() / cfg.artifact_dir).resolve().as_uri()
         exp_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
     else:
         exp_id = exp.experiment_id

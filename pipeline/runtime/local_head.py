@@ -1,0 +1,79 @@
+"""A real Ray head on this machine, bound to 127.0.0.1, for tests, benchmarks and trying
+`pipeline submit` without a cluster:
+
+    with LocalHead(num_cpus=2) as head:
+        print(head.jobs_address)   # http://127.0.0.1:<port>, token-authenticated (Ray 2.59+)
+
+It runs `ray start --head --block` in its own process group and kills only that group on exit;
+`ray stop` would stop every Ray on the machine, including other users' and other tests'.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pipeline.runtime.local_group import free_port
+
+
+class LocalHead:
+    def __init__(self, num_cpus: int = 2, log: Path | None = None, start_timeout_s: float = 180) -> None:
+        self.num_cpus, self.start_timeout_s = num_cpus, start_timeout_s
+        self.log = log or Path(tempfile.mkdtemp(prefix="ray-head-")) / "head.log"
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.jobs_address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.gcs_address = f"127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> LocalHead:
+        bin_dir = Path(sys.executable).parent
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+        env.pop("RAY_ADDRESS", None)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self._proc = subprocess.Popen(
+            [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+             "--port", str(self.port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+             "--num-cpus", str(self.num_cpus), "--include-dashboard", "true", "--disable-usage-stats"],
+            env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_up()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait_up(self) -> None:
+        deadline = time.time() + self.start_timeout_s
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"ray start exited ({self._proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.jobs_address}/api/version", timeout=2):
+                    return
+            except urllib.error.HTTPError as e:
+                if e.code == 401:  # up, and asking for its token (Ray 2.59+ token authentication)
+                    return
+                raise
+            except OSError:
+                if time.time() > deadline:
+                    raise TimeoutError(f"the Ray head's job server did not answer in {self.start_timeout_s:.0f} s:\n"
+                                       + self.log.read_text()[-3000:]) from None
+                time.sleep(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        os.killpg(self._proc.pid, signal.SIGTERM)
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+        self._proc = None
