@@ -1,0 +1,55 @@
+"""Checkpoints and artifacts appear whole or not at all: an interrupted write leaves the previous
+checkpoint the one that loads, and only the newest `keep_last_k` are kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.atomic import atomic_dir
+from pipeline.training.checkpoint import META, CheckpointError, read_meta
+from pipeline.training.session import LocalSession
+
+
+def _ckpt(tmp_path, step: int):
+    d = tmp_path / f"src-{step}"
+    d.mkdir()
+    (d / "state.pt").write_bytes(b"x" * 16)
+    (d / META).write_text(json.dumps({"step": step}))
+    return d
+
+
+def test_interrupted_write_leaves_the_previous_checkpoint_loadable(tmp_path):
+    root = tmp_path / "run"
+    session = LocalSession(root)
+    session.report({"step": 10}, _ckpt(tmp_path, 10))
+    # a crash while copying step 20: the staging folder exists, half-written, never renamed
+    staging = root / "checkpoint_00000020.tmp"
+    staging.mkdir()
+    (staging / "state.pt").write_bytes(b"x" * 3)
+    # and a folder whose marker was never written (killed between the state and meta.json)
+    (root / "checkpoint_00000030").mkdir()
+    with LocalSession(root).latest_checkpoint() as latest:
+        assert latest == root / "checkpoint_00000010" and read_meta(latest)["step"] == 10
+    with pytest.raises(CheckpointError, match="incomplete"):
+        read_meta(root / "checkpoint_00000030")
+
+
+def test_keep_last_k(tmp_path):
+    root = tmp_path / "run"
+    session = LocalSession(root, keep_last_k=2)
+    for step in (5, 10, 15, 20):
+        session.report({"step": step}, _ckpt(tmp_path, step))
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000015", "checkpoint_00000020"]
+
+
+def test_atomic_dir_keeps_the_old_artifact_when_the_writer_dies(tmp_path):
+    target = tmp_path / "export"
+    with atomic_dir(target) as d:
+        (d / "model.safetensors").write_text("v1")
+    with pytest.raises(RuntimeError), atomic_dir(target) as d:
+        (d / "model.safetensors").write_text("half of v2")
+        raise RuntimeError("killed mid-write")
+    assert (target / "model.safetensors").read_text() == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary left behind
