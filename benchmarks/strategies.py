@@ -212,7 +212,7 @@ def mfu(args) -> None:
 
     root = Path(__file__).resolve().parents[1]
     cfg = validate(apply_overrides(compose(root / "configs"), MODEL))
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(root)}})
     with tempfile.TemporaryDirectory() as tmp:
         prepare(cfg.task("lm").data, cfg.seed, Path(tmp) / "prepared")

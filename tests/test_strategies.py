@@ -101,7 +101,7 @@ def runs(built_data, tmp_path_factory):
 
                 if not ray.is_initialized():  # workers import this module by name, as pytest did
                     here = Path(__file__).parent
-                    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+                    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
                              runtime_env={"env_vars": {"PYTHONPATH": f"{here}:{here.parent}"}})
                     ray_started.append(True)
                 cache[name] = run_horovod(_horovod_scenario, [raws, str(shards["lm"]), root], 2, 1, False)[0]

@@ -30,9 +30,10 @@ def connect(cfg: ClusterConfig) -> str:
         ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
         return f"Ray cluster at {address}"
     need = cfg.num_workers * cfg.cpus_per_worker
-    # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls.
-    # It binds to 127.0.0.1 only.
-    ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=True,
+    # address="local": a fresh instance even when a `ray start` cluster is running on this machine
+    # (a bare ray.init() would join that one). The dashboard serves Ray's State API, which Ray
+    # Train's placement-group cleaner polls; it binds to 127.0.0.1 only.
+    ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=True,
              dashboard_host="127.0.0.1", runtime_env={"env_vars": WORKER_ENV},
              log_to_driver=True, configure_logging=False)
     return f"local Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)"

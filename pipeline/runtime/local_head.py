@@ -10,8 +10,10 @@ It runs `ray start --head --block` in its own process group and kills only that 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -76,4 +78,16 @@ class LocalHead:
         except subprocess.TimeoutExpired:
             os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
+        # `ray start --block` returns before its GCS has finished shutting down; wait for the port
+        # to close so that nothing started next finds a half-dead cluster.
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            except OSError:
+                break
+            time.sleep(0.5)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
         self._proc = None
