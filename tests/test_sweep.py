@@ -16,7 +16,7 @@ from pipeline.config.loading import apply_overrides
 from pipeline.flows.sweep import SweepConfig, check_space, dvc_command, load_sweep
 from tests.conftest import ROOT, tiny_raw
 
-SPACE = {"metric": "val_loss", "num_samples": 4, "max_steps": 12, "eval_every": 3, "grace_period": 3,
+SPACE = {"metric": "val_loss", "num_samples": 3, "max_steps": 12, "eval_every": 3, "grace_period": 3,
          "reduction_factor": 2,
          "space": {"tasks.lm.optim.lr": {"loguniform": [3e-4, 3e-3]},
                    "tasks.lm.trainer.global_batch_size": {"choice": [8, 16]},
@@ -71,7 +71,8 @@ def test_tune_sweep_every_trial_an_mlflow_run(tmp_path):
     (project / "space.yaml").write_text(yaml.safe_dump(SPACE))
     env = {**os.environ, "PYTHONPATH": str(project), "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "lm", "--space", "space.yaml", "--seed", "0"],
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "lm", "--space", "space.yaml", "--seed", "0",
+                           "--trials", "4"],
                           cwd=project, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]

@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
+from pydantic import PositiveInt, model_validator
 
 from pipeline.config import ConfigError, validate
 from pipeline.config.loading import apply_overrides
+from pipeline.config.schema import Strict
 
 
-class Dimension(BaseModel):
+class Dimension(Strict):
     """One searched key: exactly one of loguniform, uniform (bounds) or choice (values)."""
 
-    model_config = ConfigDict(extra="forbid")
     loguniform: tuple[float, float] | None = None
     uniform: tuple[float, float] | None = None
     choice: list[Any] | None = None
@@ -60,8 +60,9 @@ class Dimension(BaseModel):
         return tune.loguniform(*self.loguniform) if self.loguniform else tune.uniform(*self.uniform)
 
 
-class SweepConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SweepConfig(Strict):
+    """A search space file (configs/sweep/<task>.yaml): typed like the pipeline's own config."""
+
     metric: str = "val_loss"
     num_samples: PositiveInt = 12
     max_steps: PositiveInt = 300
@@ -166,7 +167,7 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     cfg.task(task)
     sweep = load_sweep(sweep_file)
     if num_samples:
-        sweep.num_samples = num_samples
+        sweep = sweep.model_copy(update={"num_samples": num_samples})
     check_space(base, task, sweep)
     verify_split(shards, "train")
     verify_split(shards, "val")
