@@ -42,12 +42,41 @@ def test_split_assignment_is_stable_when_data_grows():
 def test_text_sources_read_user_files(tmp_path):
     (tmp_path / "a.txt").write_text("first paragraph\n\nsecond paragraph")
     (tmp_path / "b.jsonl").write_text(json.dumps({"body": "from jsonl"}) + "\n")
-    docs = list(read_text_documents(str(tmp_path), jsonl_field="body"))
+    docs = list(read_text_documents(str(tmp_path), text_field="body"))
     assert docs == ["first paragraph", "second paragraph", "from jsonl"]
     with pytest.raises(DataSourceError, match="no field 'text'"):
         list(read_text_documents(str(tmp_path / "b.jsonl")))
     with pytest.raises(DataSourceError, match="does not exist"):
         list(read_text_documents(str(tmp_path / "missing")))
+
+
+def test_parquet_text_source_streams_batches_and_names_a_missing_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [f"document number {i}" for i in range(3000)]
+    pq.write_table(pa.table({"id": list(range(3000)), "body": rows}), tmp_path / "part-0.parquet", row_group_size=500)
+    assert list(read_text_documents(str(tmp_path), text_field="body")) == rows
+    with pytest.raises(DataSourceError, match=r"no column 'text' \(data.text_field; columns: id, body\)"):
+        list(read_text_documents(str(tmp_path / "part-0.parquet")))
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataSourceError, match=r"bad\.parquet: not a readable Parquet file"):
+        list(read_text_documents(str(tmp_path), text_field="body"))
+
+
+def test_hugging_face_saved_dataset_source(tmp_path):
+    """A real `datasets` save_to_disk, read back with pyarrow (the pipeline needs no `datasets`)."""
+    datasets = pytest.importorskip("datasets")
+
+    train = datasets.Dataset.from_dict({"content": ["alpha text", "beta text"], "label": [0, 1]})
+    test = datasets.Dataset.from_dict({"content": ["gamma text"], "label": [1]})
+    train.save_to_disk(str(tmp_path / "one"))
+    assert list(read_text_documents(str(tmp_path / "one"), text_field="content")) == ["alpha text", "beta text"]
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "both"))
+    assert list(read_text_documents(str(tmp_path / "both"), text_field="content")) == [
+        "alpha text", "beta text", "gamma text"]
+    with pytest.raises(DataSourceError, match="no column 'text'"):
+        list(read_text_documents(str(tmp_path / "one")))
 
 
 def test_builtin_text_is_real_prose():

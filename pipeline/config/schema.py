@@ -44,8 +44,9 @@ class TextDataConfig(Strict):
     """A text corpus for the language model."""
 
     kind: Literal["text"] = "text"
-    source: str = Field("builtin:python-docs", description="builtin:python-docs, or a .txt/.jsonl file or folder")
-    jsonl_field: str = "text"
+    source: str = Field("builtin:python-docs", description="builtin:python-docs, a .txt/.md/.rst/.jsonl/.parquet "
+                        "file or folder, or a Hugging Face `datasets` save_to_disk folder")
+    text_field: str = "text"  # the text column of JSONL, Parquet and Hugging Face sources
     min_chars: NonNegInt = 20
     split: SplitConfig = SplitConfig()
     vocab_size: Annotated[int, Field(ge=260)] = 2048

@@ -38,7 +38,7 @@ def prepare(cfg: TextDataConfig | ImageDataConfig, seed: int, out_dir: Path) -> 
     raw = hashlib.sha256()  # of the raw examples as read, in order: the "raw data" of lineage
     with atomic_dir(out_dir) as tmp:
         if isinstance(cfg, TextDataConfig):
-            docs = _hashed(sources.read_text_documents(cfg.source, cfg.jsonl_field), raw)
+            docs = _hashed(sources.read_text_documents(cfg.source, cfg.text_field), raw)
             splits, stats = text.prepare_text(docs, cfg, seed)
             for name, docs in splits.items():
                 pq.write_table(pa.table({"text": docs}), tmp / f"{name}.parquet")

@@ -53,8 +53,11 @@ def _python_docs() -> Iterator[str]:
                     yield doc
 
 
-def read_text_documents(source: str, jsonl_field: str = "text") -> Iterator[str]:
-    """Yield documents (paragraphs for plain text, records for JSONL) in a stable order."""
+def read_text_documents(source: str, text_field: str = "text") -> Iterator[str]:
+    """Yield documents in a stable order: paragraphs of plain text files, records of JSONL,
+    rows of Parquet files, rows of a Hugging Face `datasets` data set saved with
+    `save_to_disk`. Columnar sources are read one record batch at a time, so memory stays
+    bounded whatever the input size."""
     if source == "builtin:python-docs":
         yield from _python_docs()
         return
@@ -63,25 +66,77 @@ def read_text_documents(source: str, jsonl_field: str = "text") -> Iterator[str]
     path = Path(source)
     if not path.exists():
         raise DataSourceError(f"data.source: '{source}' does not exist")
+    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        yield from _hf_saved(path, text_field)
+        return
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    used = [p for p in files if p.suffix in (*TEXT_SUFFIXES, ".jsonl")]
+    used = [p for p in files if p.suffix in (*TEXT_SUFFIXES, ".jsonl", ".parquet")]
     if not used:
-        raise DataSourceError(f"data.source: no .txt/.md/.rst/.jsonl files under '{source}'")
+        raise DataSourceError(f"data.source: no .txt/.md/.rst/.jsonl/.parquet files under '{source}'")
     for p in used:
         if p.suffix == ".jsonl":
-            with p.open(encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataSourceError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
-                    if jsonl_field not in record:
-                        raise DataSourceError(f"{p}:{lineno}: no field '{jsonl_field}' (data.jsonl_field)")
-                    yield str(record[jsonl_field])
+            yield from _jsonl(p, text_field)
+        elif p.suffix == ".parquet":
+            yield from _parquet(p, text_field)
         else:
             yield from _paragraphs(p.read_text(encoding="utf-8", errors="replace"))
+
+
+def _jsonl(p: Path, field: str) -> Iterator[str]:
+    with p.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataSourceError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
+            if field not in record:
+                raise DataSourceError(f"{p}:{lineno}: no field '{field}' (data.text_field)")
+            yield str(record[field])
+
+
+def _column_batches(batches: Iterator, names: list[str], where: Path, field: str) -> Iterator[str]:
+    if field not in names:
+        raise DataSourceError(f"{where}: no column '{field}' (data.text_field; columns: {', '.join(names)})")
+    for batch in batches:
+        for value in batch.column(field).to_pylist():
+            if value is not None:
+                yield str(value)
+
+
+def _parquet(p: Path, field: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        f = pq.ParquetFile(p)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataSourceError(f"{p}: not a readable Parquet file ({e})") from None
+    names = f.schema_arrow.names
+    yield from _column_batches(f.iter_batches(batch_size=1024, columns=[field] if field in names else None),
+                               names, p, field)
+
+
+def _hf_saved(root: Path, field: str) -> Iterator[str]:
+    """A `datasets` data set written by `save_to_disk`: Arrow IPC stream files listed in
+    state.json. Read with pyarrow directly (no `datasets` import needed); for a DatasetDict
+    every split is read, in the order its dataset_dict.json lists them."""
+    import pyarrow as pa
+
+    if (root / "dataset_dict.json").is_file():
+        for split in json.loads((root / "dataset_dict.json").read_text())["splits"]:
+            yield from _hf_saved(root / split, field)
+        return
+    state = json.loads((root / "state.json").read_text())
+    for entry in state["_data_files"]:
+        arrow = root / entry["filename"]
+        try:
+            with pa.memory_map(str(arrow)) as source:
+                reader = pa.ipc.open_stream(source)
+                yield from _column_batches(iter(reader), reader.schema.names, arrow, field)
+        except pa.ArrowInvalid as e:
+            raise DataSourceError(f"{arrow}: not a readable Arrow file ({e})") from None
 
 
 def read_images(source: str) -> tuple[np.ndarray, np.ndarray, int]:
