@@ -56,47 +56,63 @@ def _python_docs() -> Iterator[str]:
 def read_text_documents(source: str, text_field: str = "text") -> Iterator[str]:
     """Yield documents in a stable order: paragraphs of plain text files, records of JSONL,
     rows of Parquet files, rows of a Hugging Face `datasets` data set saved with
-    `save_to_disk`. Columnar sources are read one record batch at a time, so memory stays
-    bounded whatever the input size."""
+    `save_to_disk`. Paths may be local or any fsspec URL (`s3://bucket/prefix`, with s3fs;
+    credentials and endpoint from the usual AWS environment variables). Files are streamed and
+    columnar sources read one record batch at a time, so memory stays bounded whatever the
+    input size."""
     if source == "builtin:python-docs":
         yield from _python_docs()
         return
     if source.startswith("builtin:"):
         raise DataSourceError(f"data.source: unknown builtin text '{source}' (known: builtin:python-docs)")
-    path = Path(source)
-    if not path.exists():
+    fs, path = _filesystem(source)
+    if not fs.exists(path):
         raise DataSourceError(f"data.source: '{source}' does not exist")
-    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
-        yield from _hf_saved(path, text_field)
+    is_dir = fs.isdir(path)
+    local = Path(path)
+    if is_dir and "://" not in source and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
+        yield from _hf_saved(local, text_field)
         return
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    used = [p for p in files if p.suffix in (*TEXT_SUFFIXES, ".jsonl", ".parquet")]
+    files = sorted(fs.find(path)) if is_dir else [path]
+    used = [f for f in files if f.endswith((*TEXT_SUFFIXES, ".jsonl", ".parquet"))]
     if not used:
         raise DataSourceError(f"data.source: no .txt/.md/.rst/.jsonl/.parquet files under '{source}'")
-    for p in used:
-        if p.suffix == ".jsonl":
-            yield from _jsonl(p, text_field)
-        elif p.suffix == ".parquet":
-            yield from _parquet(p, text_field)
+    for f in used:
+        name = f if "://" not in source else f"{source.split('://')[0]}://{f}"
+        if f.endswith(".jsonl"):
+            with fs.open(f, "r", encoding="utf-8") as fh:
+                yield from _jsonl(fh, name, text_field)
+        elif f.endswith(".parquet"):
+            with fs.open(f, "rb") as fh:
+                yield from _parquet(fh, name, text_field)
         else:
-            yield from _paragraphs(p.read_text(encoding="utf-8", errors="replace"))
+            with fs.open(f, "r", encoding="utf-8", errors="replace") as fh:
+                yield from _paragraphs(fh.read())
 
 
-def _jsonl(p: Path, field: str) -> Iterator[str]:
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataSourceError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
-            if field not in record:
-                raise DataSourceError(f"{p}:{lineno}: no field '{field}' (data.text_field)")
-            yield str(record[field])
+def _filesystem(source: str):
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(source)
+    except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs installed
+        raise DataSourceError(f"data.source: cannot open '{source}' ({e})") from None
 
 
-def _column_batches(batches: Iterator, names: list[str], where: Path, field: str) -> Iterator[str]:
+def _jsonl(fh, where: str, field: str) -> Iterator[str]:
+    for lineno, line in enumerate(fh, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataSourceError(f"{where}:{lineno}: invalid JSON ({e.msg})") from None
+        if field not in record:
+            raise DataSourceError(f"{where}:{lineno}: no field '{field}' (data.text_field)")
+        yield str(record[field])
+
+
+def _column_batches(batches: Iterator, names: list[str], where: str | Path, field: str) -> Iterator[str]:
     if field not in names:
         raise DataSourceError(f"{where}: no column '{field}' (data.text_field; columns: {', '.join(names)})")
     for batch in batches:
@@ -105,17 +121,17 @@ def _column_batches(batches: Iterator, names: list[str], where: Path, field: str
                 yield str(value)
 
 
-def _parquet(p: Path, field: str) -> Iterator[str]:
+def _parquet(fh, where: str, field: str) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        f = pq.ParquetFile(p)
+        f = pq.ParquetFile(fh)
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataSourceError(f"{p}: not a readable Parquet file ({e})") from None
+        raise DataSourceError(f"{where}: not a readable Parquet file ({e})") from None
     names = f.schema_arrow.names
     yield from _column_batches(f.iter_batches(batch_size=1024, columns=[field] if field in names else None),
-                               names, p, field)
+                               names, where, field)
 
 
 def _hf_saved(root: Path, field: str) -> Iterator[str]:
