@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import re
 import shutil
 import subprocess
@@ -89,7 +88,7 @@ def node_loss_recovery(shards: Path, out: Path, steps: int, every: int) -> dict[
     from pipeline.config import compose, validate
     from pipeline.config.loading import apply_overrides
     from pipeline.runtime.connect import WORKER_ENV
-    from pipeline.runtime.trainer import fit
+    from pipeline.runtime.trainer import fit, registered_step
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
                                                             "dashboard_host": "127.0.0.1"})
@@ -101,19 +100,12 @@ def node_loss_recovery(shards: Path, out: Path, steps: int, every: int) -> dict[
                                          f"tasks.lm.trainer.ckpt_every={every}", f"tasks.lm.trainer.log_every={every}",
                                          f"cluster.storage_path={out}", "cluster.max_failures=2"]))
 
-    def registered(run: Path) -> tuple[int, float]:
-        try:
-            snap = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
-            return int(snap["latest_checkpoint_result"]["metrics"]["step"]), time.perf_counter()
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0, time.perf_counter()
-
     def watch(run: Path, stop: threading.Event, log: list[tuple[int, float]]) -> None:
         last = 0
         while not stop.is_set():
-            step, t = registered(run)
+            step = registered_step(run)
             if step != last:
-                log.append((step, t))
+                log.append((step, time.perf_counter()))
                 last = step
             time.sleep(0.02)
 

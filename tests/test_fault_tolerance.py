@@ -51,7 +51,7 @@ def _run(shards: Path, out: Path) -> None:
 
     from pipeline.config import validate
     from pipeline.runtime.connect import WORKER_ENV
-    from pipeline.runtime.trainer import fit
+    from pipeline.runtime.trainer import fit, registered_step
     from pipeline.training.checkpoint import WEIGHTS, read_meta
     from tests.conftest import tiny_raw
 
@@ -78,7 +78,7 @@ def _run(shards: Path, out: Path) -> None:
     # A checkpoint counts once Ray Train's controller has registered it (its snapshot file lists
     # it); a directory on disk that the controller never took in is not one to resume from.
     after = 20 * random.randint(1, 4)  # the node goes at a random step after the first checkpoint
-    while (registered := _registered_step(run_dir)) < after:
+    while (registered := registered_step(run_dir)) < after:
         assert thread.is_alive(), "training ended before a node could be killed"
         time.sleep(0.05)
     time.sleep(random.uniform(0.0, 0.3))
@@ -97,14 +97,6 @@ def _run(shards: Path, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(report))
     ray.shutdown()
     cluster.shutdown()
-
-
-def _registered_step(run_dir: Path) -> int:
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
-    except (OSError, ValueError, KeyError, TypeError):  # not written yet, or mid-write
-        return 0
 
 
 if __name__ == "__main__":

@@ -85,8 +85,7 @@ def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_di
                        f"(have: {', '.join(sorted(metrics))})")
     run = mlflow_runs.read_run_file(export_dir)
     mlflow.set_tracking_uri(run["tracking_uri"])
-    tags = {"git_commit": run["git_commit"], "data_manifest_md5": run["data_manifest_md5"], "ray_run": run["ray_run"],
-            **lineage_tags(run["run_id"]), **{f"eval.{k}": str(v) for k, v in metrics.items()}}
+    tags = {**lineage_tags(run["run_id"]), **{f"eval.{k}": str(v) for k, v in metrics.items()}}
     reg = register(info["model_uri"], info["run_id"], tcfg.registry, float(metrics[tcfg.registry.metric]), tags)
     atomic_write_text(out, json.dumps(dataclasses.asdict(reg), indent=2))
     return reg

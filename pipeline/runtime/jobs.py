@@ -91,11 +91,15 @@ class JobState:
     seconds: float | None
 
 
-def status(job_id: str, address: str | None = None) -> JobState:
-    info = client(address).get_job_info(job_id)
+def _state(c, job_id: str) -> JobState:
+    info = c.get_job_info(job_id)
     seconds = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
     return JobState(job_id, str(info.status.value if hasattr(info.status, "value") else info.status),
                     info.message or "", seconds)
+
+
+def status(job_id: str, address: str | None = None) -> JobState:
+    return _state(client(address), job_id)
 
 
 def logs(job_id: str, address: str | None = None) -> str:
@@ -109,7 +113,7 @@ def stop(job_id: str, address: str | None = None) -> bool:
 def follow(job_id: str, address: str | None = None, out=sys.stdout, poll_s: float = 1.0) -> JobState:
     """Stream the job's log to `out` until it ends; raise JobFailed (with the log tail) unless
     it succeeded."""
-    c = client(address)
+    c = client(address)  # one client: each new one costs a version handshake with the head
 
     async def tail() -> None:
         async for chunk in c.tail_job_logs(job_id):
@@ -120,9 +124,9 @@ def follow(job_id: str, address: str | None = None, out=sys.stdout, poll_s: floa
         asyncio.run(tail())
     except Exception as e:  # the log stream can drop (e.g. head restarting); the status below decides
         print(f"note: log stream ended early ({type(e).__name__}: {e}); polling the status", file=sys.stderr)
-    while (state := status(job_id, address)).status not in TERMINAL:
+    while (state := _state(c, job_id)).status not in TERMINAL:
         time.sleep(poll_s)
     if state.status != "SUCCEEDED":
-        tail_lines = "\n".join(logs(job_id, address).splitlines()[-40:])
+        tail_lines = "\n".join(c.get_job_logs(job_id).splitlines()[-40:])
         raise JobFailed(f"job {job_id} {state.status}: {state.message}\n--- last lines of its log ---\n{tail_lines}")
     return state

@@ -27,6 +27,19 @@ def storage_root(cfg: PipelineConfig) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def registered_step(run_dir: Path) -> int:
+    """The step of the newest checkpoint Ray Train's controller has registered for a run (0 if
+    none yet). A checkpoint folder on disk counts only once it is listed here: one the
+    controller never took in is not resumed from."""
+    import json
+
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):  # not written yet, or mid-write
+        return 0
+
+
 def fit(cfg: PipelineConfig, task_name: str, shards_dir: Path, run_name: str):
     """Train on Ray; returns the `ray.train.Result` (or its Horovod equivalent), whose `error`
     is set if training failed for good. Horovod brings its own launcher (RayExecutor)."""
