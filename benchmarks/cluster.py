@@ -115,7 +115,7 @@ def node_loss_recovery(shards: Path, out: Path, steps: int, every: int) -> dict[
         stop = threading.Event()
         w = threading.Thread(target=watch, args=(out / "plain", stop, log))
         w.start()
-        fit(cfg, "lm", shards, "plain")
+        fit(cfg, "lm", str(shards.resolve()), "plain")
         stop.set()
         w.join()
         intervals = [b[1] - a[1] for a, b in itertools.pairwise(log[1:])]
@@ -124,7 +124,7 @@ def node_loss_recovery(shards: Path, out: Path, steps: int, every: int) -> dict[
         log, stop = [], threading.Event()
         w = threading.Thread(target=watch, args=(out / "killed", stop, log))
         w.start()
-        t = threading.Thread(target=fit, args=(cfg, "lm", shards, "killed"))
+        t = threading.Thread(target=fit, args=(cfg, "lm", str(shards.resolve()), "killed"))
         t.start()
         while not log or log[-1][0] < 2 * every:
             time.sleep(0.02)

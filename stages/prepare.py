@@ -6,9 +6,12 @@ from pathlib import Path
 from pipeline.cli import stage_main
 from pipeline.config import PipelineConfig
 from pipeline.data.build import prepare
+from pipeline.runtime import connect
 
 
 def run(cfg: PipelineConfig, task: str) -> None:
+    if getattr(cfg.task(task).data, "ray", False):  # text data: per-file work as Ray tasks
+        print(f"[{task}] prepare on {connect(cfg.cluster)}")
     stats = prepare(cfg.task(task).data, cfg.seed, Path(f"data/{task}/prepared"))
     Path(f"metrics/{task}").mkdir(parents=True, exist_ok=True)
     Path(f"metrics/{task}/data.json").write_text(json.dumps(stats, indent=2, sort_keys=True))

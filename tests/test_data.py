@@ -6,28 +6,60 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config.schema import AugmentConfig, ImageDataConfig, SplitConfig, TextDataConfig
+from pipeline.data.build import prepare
 from pipeline.data.images import augment, prepare_images
 from pipeline.data.reader import GlobalOrderReader
-from pipeline.data.shards import ShardError, load_manifest, read_split, verify_split
+from pipeline.data.shards import (
+    ShardError,
+    ShardSet,
+    load_manifest,
+    read_split,
+    sha256_file,
+    verify_split,
+    write_dataset,
+)
 from pipeline.data.sources import DataSourceError, read_images, read_text_documents
 from pipeline.data.splits import assign_split, content_hash
-from pipeline.data.text import clean_text, prepare_text
+from pipeline.data.text import clean_text
 
 
 def test_clean_text_normalises_unicode_and_spaces():
     assert clean_text("Cafe\u0301  bar\t\tbaz \x07\n\nnext  ") == "Café bar baz\n\nnext"
 
 
-def test_prepare_text_drops_short_and_duplicate_documents():
+def test_prepare_text_drops_short_and_duplicate_documents(tmp_path):
     docs = ["A paragraph long enough to keep.", "A paragraph long enough to keep.", "short",
             *[f"Another distinct paragraph number {i} here." for i in range(30)]]
-    splits, stats = prepare_text(iter(docs), TextDataConfig(min_chars=10), seed=1)
-    assert stats["dropped_duplicates"] == 1 and stats["dropped_short"] == 1
-    kept = [d for s in splits.values() for d in s]
+    (tmp_path / "a.txt").write_text("\n\n".join(docs[:20]))
+    (tmp_path / "b.txt").write_text("\n\n".join([docs[0], *docs[20:]]))  # a repeat across files too
+    stats = prepare(TextDataConfig(source=str(tmp_path), min_chars=10, vocab_size=300), 1, tmp_path / "out")
+    assert stats["dropped_duplicates"] == 2 and stats["dropped_short"] == 1 and stats["documents_raw"] == 34
+    kept = [d for s in ("train", "val", "test")
+            for d in pq.read_table(tmp_path / "out" / f"{s}.parquet")["text"].to_pylist()]
     assert len(kept) == len(set(kept)) == 31
+    assert sum(stats[f"documents_{s}"] for s in ("train", "val", "test")) == 31
+
+
+def test_near_duplicates_are_dropped_when_asked(tmp_path):
+    """Paragraphs that differ in one word of 60 are near-duplicates; unrelated ones are not."""
+    from pipeline.data.synthetic import _words
+
+    rng = np.random.default_rng(0)
+    vocab = _words()
+    originals = [" ".join(rng.choice(vocab, 60)) for _ in range(40)]
+    edited = [" ".join([*d.split()[:30], "CHANGED", *d.split()[31:]]) for d in originals[:10]]
+    (tmp_path / "docs.txt").write_text("\n\n".join(originals + edited))
+    kept = {}
+    for mode in ("keep", "drop"):
+        cfg = TextDataConfig(source=str(tmp_path / "docs.txt"), near_duplicates=mode, vocab_size=300)
+        stats = prepare(cfg, 0, tmp_path / mode)
+        kept[mode] = sum(stats[f"documents_{s}"] for s in ("train", "val", "test"))
+        assert stats["dropped_duplicates"] == 0
+    assert kept == {"keep": 50, "drop": 40}
 
 
 def test_split_assignment_is_stable_when_data_grows():
@@ -106,6 +138,49 @@ def test_augmentation_is_seeded_label_preserving_and_in_range():
     assert tx.min() >= -1 and tx.max() <= 1 and len(tx) == len(ty)
 
 
+def test_colour_class_folders_and_colour_jitter(tmp_path):
+    """PNG class folders in colour stay 3-channel; colour jitter changes channels differently."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    x, y, n = read_images(str(tmp_path))
+    assert x.shape == (6, 3, 6, 6) and n == 2 and y.tolist() == [0, 0, 0, 1, 1, 1]
+    still = augment(x, AugmentConfig(copies=1, rotate_deg=0, shift_px=0, noise_std=0), seed=1)
+    jittered = augment(x, AugmentConfig(copies=1, rotate_deg=0, shift_px=0, noise_std=0, color_jitter=0.4), seed=1)
+    assert np.allclose(still, x, atol=1e-6) and not np.allclose(jittered, x, atol=1e-3)
+    assert jittered.min() >= 0 and jittered.max() <= 1
+
+
+@pytest.mark.parametrize("balance", ["oversample", "weights"])
+def test_class_balance(balance, tmp_path):
+    """An imbalanced set: oversampling evens the training classes; weights leave the data as it
+    is and give each class the same total weight (a `weight` column in the train shards)."""
+    from pipeline.data.build import shard
+    from pipeline.data.images import class_weights
+
+    x, y, _ = read_images("builtin:digits")
+    keep = np.flatnonzero((y != 3) | (np.arange(len(y)) % 6 == 0))  # digit 3 is rare
+    np.savez(tmp_path / "rare3.npz", images=x[keep, 0], labels=y[keep])
+    cfg = ImageDataConfig(source=str(tmp_path / "rare3.npz"), balance=balance, augment=AugmentConfig(copies=0))
+    stats = prepare(cfg, 0, tmp_path / "prepared")
+    before, after = stats["class_counts_train_before_balance"], stats["class_counts_train"]
+    assert before[3] < min(before[:3] + before[4:]) // 3
+    if balance == "oversample":
+        assert len(set(after)) == 1 and after[0] == max(before)
+    else:
+        assert after == before
+        shard(cfg, tmp_path / "prepared", tmp_path / "shards")
+        train = read_split(tmp_path / "shards", "train")
+        totals = np.bincount(train["label"], weights=train["weight"])
+        assert np.allclose(totals, totals[0], rtol=1e-4) and abs(train["weight"].mean() - 1) < 1e-5
+        assert "weight" not in read_split(tmp_path / "shards", "val")
+        assert np.allclose(class_weights(np.array([0, 0, 0, 1]), 3), [2 / 3, 2 / 3, 2 / 3, 2.0])
+
+
 def test_manifest_records_rows_and_hashes(built_data):
     _, shards = built_data
     m = load_manifest(shards["lm"])
@@ -170,6 +245,66 @@ def test_reader_refuses_a_different_global_batch():
         GlobalOrderReader(_arrays(), global_batch=4).load_state_dict(r.state_dict())
 
 
+def _many_shards(root, n=200, shard_rows=16) -> ShardSet:
+    write_dataset(root, {"train": [{"x": np.arange(n) * 10}]}, shard_rows, {"kind": "test"})
+    return ShardSet(root, "train")
+
+
+@pytest.mark.parametrize("compression", ["lz4", "zstd"])
+def test_compressed_shards_read_back_the_same(tmp_path, compression):
+    images = np.random.default_rng(0).random((50, 1, 4, 4)).astype(np.float32)
+    for c in ("none", compression):
+        write_dataset(tmp_path / c, {"train": [{"image": images}]}, 16, {"kind": "test"}, c)
+    plain, packed = ShardSet(tmp_path / "none", "train"), ShardSet(tmp_path / compression, "train")
+    assert load_manifest(tmp_path / compression)["compression"] == compression
+    assert packed.entries[0]["bytes"] != plain.entries[0]["bytes"]
+    assert all(np.array_equal(plain.load_many([3, 0])[k], packed.load_many([3, 0])[k]) for k in ("id", "image"))
+    assert np.array_equal(plain.load_many([3, 0])["image"], np.concatenate([images[48:], images[:16]]))
+
+
+def test_windowed_order_does_not_depend_on_worker_count(tmp_path):
+    """13 shards shuffled in windows of 4: 1, 2 and 4 workers (with prefetch) see one order."""
+    one = GlobalOrderReader(_many_shards(tmp_path / "s"), global_batch=8, seed=3, window=4)
+    many = {w: [GlobalOrderReader(ShardSet(tmp_path / "s", "train"), global_batch=8, rank=r, world=w, seed=3,
+                                  window=4, prefetch=2) for r in range(w)] for w in (2, 4)}
+    seen = []
+    for _ in range(50):  # two epochs of 25 batches
+        ref = one.next_local_batch()
+        assert np.array_equal(ref["x"], ref["id"] * 10)  # rows stay whole
+        for readers in many.values():
+            assert np.array_equal(ref["id"], np.concatenate([r.next_local_batch()["id"] for r in readers]))
+        seen.append(ref["id"])
+        assert len(one._decoded) <= 2  # memory: the current and the previous window of decoded rows
+    epochs = np.concatenate(seen).reshape(2, 200)
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(200))  # each epoch: all, once
+    assert not np.array_equal(epochs[0], epochs[1])  # and a new order every epoch
+    first_window = set(epochs[0][:48] // 16)  # rows early in the epoch all come from the first window
+    assert len(first_window) == 4
+    for readers in many.values():
+        for r in readers:
+            r.close()
+
+
+def test_streaming_reader_resumes_mid_epoch_exactly(tmp_path):
+    """Stop after 17 batches (mid-epoch, mid-window), resume from the saved state with another
+    worker count: the samples are exactly those an uninterrupted run sees next."""
+    shards = _many_shards(tmp_path / "s")
+    straight = GlobalOrderReader(shards, global_batch=8, seed=3, window=4, prefetch=2)
+    expected = [straight.next_local_batch()["id"] for _ in range(40)]
+    first = GlobalOrderReader(shards, global_batch=8, rank=0, world=2, seed=3, window=4, prefetch=3)
+    for _ in range(17):
+        first.next_local_batch()  # prefetch has decoded batches beyond 17; they must not count
+    state = first.state_dict()
+    resumed = [GlobalOrderReader(ShardSet(tmp_path / "s", "train"), global_batch=8, rank=r, world=4, seed=3,
+                                 window=4, prefetch=2) for r in range(4)]
+    for r in resumed:
+        r.load_state_dict(state)
+    rest = [np.concatenate([r.next_local_batch()["id"] for r in resumed]) for _ in range(23)]
+    assert all(np.array_equal(a, b) for a, b in zip(expected[17:], rest, strict=True))
+    with pytest.raises(ValueError, match="shuffle window"):
+        GlobalOrderReader(shards, global_batch=8, seed=3, window=2).load_state_dict(state)
+
+
 def test_read_split_returns_manifest_shapes(built_data):
     _, shards = built_data
     d = read_split(shards["diffusion"], "val")
@@ -205,9 +340,13 @@ def s3_server(monkeypatch):
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
         monkeypatch.setenv(key, value)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches clients: one made for an earlier server is stale
     try:
         yield endpoint
     finally:
+        s3fs.S3FileSystem.clear_instance_cache()
         os.killpg(server.pid, 9)
         server.wait()
 
@@ -248,3 +387,53 @@ def test_s3_round_trip(s3_server, tmp_path):
     for split in ("train", "val", "test"):
         assert pq.read_table(tmp_path / "local" / f"{split}.parquet").equals(
             pq.read_table(tmp_path / "s3" / f"{split}.parquet"))
+
+
+def test_remote_shards_are_cached_verified_and_named(s3_server, built_data, tmp_path):
+    """Shards published to S3 read through a content-addressed local cache give the same
+    batches as the local folder; a damaged or missing remote shard is named; an upload cut
+    short (no manifest yet) is refused."""
+    import s3fs
+
+    from pipeline.data.shards import publish
+
+    _, shards = built_data
+    local_root = shards["lm"]
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("shards-bucket")
+    url = publish(local_root, "s3://shards-bucket/lm/v1")
+    remote = ShardSet(url, "train", cache_dir=tmp_path / "cache")
+    remote.check_sizes()
+    local = ShardSet(local_root, "train")
+    a = GlobalOrderReader(local, global_batch=8, seed=1, window=2)
+    b = GlobalOrderReader(remote, global_batch=8, seed=1, window=2, prefetch=2)
+    for _ in range(12):
+        assert all(np.array_equal(x, y) for x, y in zip(a.next_local_batch().values(),
+                                                        b.next_local_batch().values(), strict=True))
+    b.close()
+    manifest = load_manifest(local_root)
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    published = {f"{e['sha256']}.arrow" for e in manifest["splits"]["train"]["shards"]}
+    assert cached and set(cached) < published  # streamed: only the shards read so far were fetched
+    assert all(sha256_file(tmp_path / "cache" / name) == name.split(".")[0] for name in cached)
+    assert read_split(url, "val")["tokens"].shape == read_split(local_root, "val")["tokens"].shape
+
+    victim = manifest["splits"]["train"]["shards"][1]["file"]
+    data = bytearray((local_root / victim).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    publish(local_root, "s3://shards-bucket/lm/bad")
+    fs.pipe(f"shards-bucket/lm/bad/{victim}", bytes(data))  # same size, other bytes
+    bad = ShardSet("s3://shards-bucket/lm/bad", "train", cache_dir=tmp_path / "cache2")
+    bad.check_sizes()  # sizes agree: only the hash can tell
+    with pytest.raises(ShardError, match=f"{victim} does not match its sha256"):
+        bad.load(1)
+    assert not list((tmp_path / "cache2").iterdir())  # nothing half-trusted left in the cache
+    fs.pipe(f"shards-bucket/lm/bad/{victim}", bytes(data[:-10]))
+    with pytest.raises(ShardError, match=f"{victim} is .* bytes, manifest says"):
+        ShardSet("s3://shards-bucket/lm/bad", "train", cache_dir=tmp_path / "cache2").check_sizes()
+    fs.rm(f"shards-bucket/lm/bad/{victim}")
+    with pytest.raises(ShardError, match=f"{victim} is missing"):
+        ShardSet("s3://shards-bucket/lm/bad", "train", cache_dir=tmp_path / "cache2").check_sizes()
+    fs.put(str(local_root / victim), "shards-bucket/lm/partial/" + victim)
+    with pytest.raises(ShardError, match="no shard manifest"):
+        ShardSet("s3://shards-bucket/lm/partial", "train")

@@ -72,7 +72,7 @@ def _run(shards: Path, out: Path) -> None:
 
     report: dict = {}
     box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(result=fit(cfg, "lm", shards, "killed")))
+    thread = threading.Thread(target=lambda: box.update(result=fit(cfg, "lm", str(shards), "killed")))
     thread.start()
     run_dir = out / "runs" / "killed"
     # A checkpoint counts once Ray Train's controller has registered it (its snapshot file lists
@@ -90,7 +90,7 @@ def _run(shards: Path, out: Path) -> None:
     thread.join()
     report["recovery_and_rest_s"] = time.time() - started
     killed, steps_killed = weights(box["result"])
-    straight, steps_straight = weights(fit(cfg, "lm", shards, "straight"))
+    straight, steps_straight = weights(fit(cfg, "lm", str(shards), "straight"))
     report["steps"] = [steps_killed, steps_straight]
     report["equal"] = all(torch.equal(killed[k], straight[k]) for k in straight)
     report["max_diff"] = max(float((killed[k] - straight[k]).abs().max()) for k in straight)
@@ -100,4 +100,4 @@ def _run(shards: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    _run(Path(sys.argv[1]), Path(sys.argv[2]))
+    _run(Path(sys.argv[1]).resolve(), Path(sys.argv[2]))

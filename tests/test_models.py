@@ -80,6 +80,25 @@ def test_dit_shapes_and_deterministic_ddim():
     assert a.shape == (2, 1, 8, 8) and torch.equal(a, b)
 
 
+def test_diffusion_loss_weights_examples():
+    """Unit weights give the plain loss; weighting one example scales its share of the loss."""
+    torch.manual_seed(0)
+    cfg = DiTConfig(d_model=32, depth=2, n_heads=2, diffusion=DiffusionProcessConfig(cond_drop_prob=0.0))
+    model = DiT(cfg, (1, 8, 8), num_classes=10)
+    p = GaussianDiffusion(cfg.diffusion)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+
+    def loss(w=None):
+        return p.loss(model, x, y, 10, torch.Generator().manual_seed(5), w)
+
+    plain = loss()
+    assert torch.allclose(loss(torch.ones(4)), plain, atol=1e-6)
+    per = torch.stack([loss(torch.eye(4)[i] * 4) for i in range(4)])  # each example's own loss
+    assert torch.allclose(per.mean(), plain, atol=1e-6)  # the weighted parts add up to the plain loss
+    w = torch.tensor([3.0, 1.0, 0.0, 0.0])
+    assert torch.allclose(loss(w), (3 * per[0] + per[1]) / 4, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("preset", "vocab", "nominal"),
     [("gpt_125m", 50304, 124e6), ("gpt_350m", 50304, 355e6), ("gpt_1b", 50304, 1.3e9), ("gpt_7b", 32000, 6.7e9)],

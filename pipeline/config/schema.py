@@ -48,10 +48,16 @@ class TextDataConfig(Strict):
                         "file or folder, or a Hugging Face `datasets` save_to_disk folder")
     text_field: str = "text"  # the text column of JSONL, Parquet and Hugging Face sources
     min_chars: NonNegInt = 20
+    # Exact repeats are always dropped; "drop" also drops near-duplicates (MinHash LSH over word
+    # 5-grams, about 0.7 Jaccard and up). It keeps 16 keys per kept document in memory (~1 KB each).
+    near_duplicates: Literal["keep", "drop"] = "keep"
     split: SplitConfig = SplitConfig()
     vocab_size: Annotated[int, Field(ge=260)] = 2048
+    tokenizer_max_chars: PositiveInt = 50_000_000  # larger training splits are sampled evenly to this size
     seq_len: PositiveInt = 128
     shard_rows: PositiveInt = 512
+    shard_compression: Literal["none", "lz4", "zstd"] = "none"  # none: memory-mapped, no decoding
+    ray: bool = False  # prepare (one task per file) and shard (tokenization) as Ray tasks, local or cluster
 
 
 class AugmentConfig(Strict):
@@ -61,6 +67,7 @@ class AugmentConfig(Strict):
     rotate_deg: NonNegFloat = 10.0
     shift_px: NonNegFloat = 1.0
     noise_std: NonNegFloat = 0.02
+    color_jitter: Annotated[float, Field(ge=0, lt=1)] = 0.0  # colour: brightness/contrast/saturation x [1-j, 1+j]
 
 
 class ImageDataConfig(Strict):
@@ -71,7 +78,12 @@ class ImageDataConfig(Strict):
     image_size: PositiveInt = 8
     split: SplitConfig = SplitConfig()
     augment: AugmentConfig = AugmentConfig()
+    # Class imbalance in the training split: oversample the smaller classes to the largest (seeded
+    # repeats, before augmentation), or keep the data and weight each example's loss by
+    # N / (classes x its class count). The statistics always report counts per class and split.
+    balance: Literal["none", "oversample", "weights"] = "none"
     shard_rows: PositiveInt = 1024
+    shard_compression: Literal["none", "lz4", "zstd"] = "none"
 
 
 # ----------------------------------------------------------------------------- models
@@ -208,6 +220,8 @@ class TrainerConfig(Strict):
     eval_every: NonNegInt = 0  # validation loss every N steps (0 = never); needed by plateau and early stopping
     eval_batches: PositiveInt = 4  # global batches of the val split per validation
     early_stop_patience: NonNegInt = 0  # stop after N validations without improvement (0 = off)
+    shuffle_window: NonNegInt = 16  # shards whose rows are shuffled together (0 = all: exact global shuffle)
+    prefetch_batches: NonNegInt = 2  # batches the reader decodes ahead in a background thread (0 = none)
     # Recompute activations in backward instead of keeping them: none, full (every block), or
     # selective: every `ac_every_k`-th block, or only the attention of every block.
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
@@ -285,6 +299,10 @@ class ClusterConfig(Strict):
     cpus_per_worker: PositiveFloat = 1.0
     use_gpu: bool = False
     storage_path: str = "runs/ray"
+    # Where workers read shards: None = the shard stage's local output (one node or a shared
+    # file system); a URL (s3://bucket/prefix) = the train stage publishes the shards there
+    # (content-addressed by manifest) and every node caches and verifies them locally.
+    shards_uri: str | None = None
     max_failures: NonNegInt = 2
 
 

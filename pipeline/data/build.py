@@ -14,77 +14,90 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from pipeline.atomic import atomic_dir
 from pipeline.config.schema import ImageDataConfig, TextDataConfig
 from pipeline.data import images, sources, text
+from pipeline.data.parallel import ordered_flatmap, ordered_map
 from pipeline.data.shards import sha256_file, write_dataset
 from pipeline.data.splits import SPLITS
 
 TOKENIZER, STATS = "tokenizer.json", "stats.json"
 
 
-def _hashed(docs: Iterable[str], h: Any) -> Iterator[str]:
-    for doc in docs:
-        h.update(doc.encode("utf-8"))
-        h.update(b"\0")
-        yield doc
-
-
 def prepare(cfg: TextDataConfig | ImageDataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
     """Write the prepared splits to `out_dir` (atomically) and return the statistics."""
-    raw = hashlib.sha256()  # of the raw examples as read, in order: the "raw data" of lineage
     with atomic_dir(out_dir) as tmp:
         if isinstance(cfg, TextDataConfig):
-            docs = _hashed(sources.read_text_documents(cfg.source, cfg.text_field), raw)
-            splits, stats = text.prepare_text(docs, cfg, seed)
-            for name, docs in splits.items():
-                pq.write_table(pa.table({"text": docs}), tmp / f"{name}.parquet")
-            text.train_tokenizer(splits["train"], cfg.vocab_size, tmp / TOKENIZER)
+            units = sources.text_units(cfg.source)
+            jobs = progress(((u, cfg, seed) for u in units), "prepare", len(units), "files")
+            stats = text.merge(ordered_flatmap(text.clean_unit, jobs, cfg.ray), tmp)
+            stats["tokenizer_documents"] = text.train_tokenizer(tmp / "train.parquet", cfg.vocab_size, tmp / TOKENIZER,
+                                                                cfg.tokenizer_max_chars, stats["chars_train"])
             stats["tokenizer_sha256"] = sha256_file(tmp / TOKENIZER)
+            stats["source_units"] = len(units)
         else:
+            raw = hashlib.sha256()  # of the raw examples as read, in order: the "raw data" of lineage
             raw_x, raw_y, n_classes = sources.read_images(cfg.source)
             raw.update(np.ascontiguousarray(raw_x).tobytes())
             raw.update(np.ascontiguousarray(raw_y).tobytes())
             splits_img, stats = images.prepare_images(raw_x, raw_y, cfg, seed)
             stats["num_classes"] = n_classes
+            stats["raw_sha256"] = raw.hexdigest()
             for name, (x, y) in splits_img.items():
                 np.savez(tmp / f"{name}.npz", images=x.astype(np.float32), labels=y)
         stats["source"] = cfg.source
-        stats["raw_sha256"] = raw.hexdigest()
         (tmp / STATS).write_text(json.dumps(stats, indent=2, sort_keys=True))
     return stats
 
 
+def _token_rows(cfg: TextDataConfig, split_file: Path, tokenizer_json: str) -> Iterator[dict[str, np.ndarray]]:
+    total = pq.ParquetFile(split_file).metadata.num_rows
+    with tqdm(total=total, desc=f"shard {split_file.stem}", unit="docs", disable=None, leave=False) as bar:
+        def batches() -> Iterator[tuple[list[str], str]]:
+            for docs in text.iter_documents(split_file):
+                bar.update(len(docs))
+                yield docs, tokenizer_json
+
+        for block in text.pack_sequences(ordered_map(text.encode, batches(), cfg.ray), cfg.seq_len):
+            yield {"tokens": block}
+
+
 def shard(cfg: TextDataConfig | ImageDataConfig, prepared: Path, out_dir: Path) -> Path:
-    """Write the shards and manifest; returns the manifest path."""
+    """Write the shards and manifest; returns the manifest path. Text streams: one batch of
+    documents and one shard of rows at a time."""
     stats = json.loads((prepared / STATS).read_text())
     if isinstance(cfg, TextDataConfig):
         tok = prepared / TOKENIZER
-        columns = {}
-        for s in SPLITS:
-            docs = pq.read_table(prepared / f"{s}.parquet").column("text").to_pylist()
-            rows = text.pack_sequences(docs, tok, cfg.seq_len)
-            columns[s] = {"id": np.arange(len(rows), dtype=np.int64), "tokens": rows}
+        tokenizer_json = tok.read_text()
+        splits = {s: _token_rows(cfg, prepared / f"{s}.parquet", tokenizer_json) for s in SPLITS}
         from tokenizers import Tokenizer
 
         meta = {"kind": "text", "seq_len": cfg.seq_len, "vocab_size": Tokenizer.from_file(str(tok)).get_vocab_size(),
                 "tokenizer_sha256": sha256_file(tok)}
     else:
-        columns = {}
+        splits, image_shape = {}, None
         for s in SPLITS:
             with np.load(prepared / f"{s}.npz") as z:
-                x, y = z["images"], z["labels"]
-            columns[s] = {"id": np.arange(len(y), dtype=np.int64), "image": x.astype(np.float32), "label": y}
-        meta = {"kind": "images", "image_shape": list(columns["train"]["image"].shape[1:]),
-                "num_classes": stats["num_classes"]}
+                x, y = z["images"].astype(np.float32), z["labels"]
+            cols = {"image": x, "label": y}
+            if s == "train" and cfg.balance == "weights":  # the loss weighs each example by its class
+                cols["weight"] = images.class_weights(y, stats["num_classes"])
+            splits[s] = [cols]
+            image_shape = image_shape or list(x.shape[1:])
+        meta = {"kind": "images", "image_shape": image_shape, "num_classes": stats["num_classes"]}
     meta.update({"source": stats["source"], "raw_sha256": stats.get("raw_sha256")})  # lineage back to raw data
-    manifest = write_dataset(out_dir, columns, cfg.shard_rows, meta)
+    manifest = write_dataset(out_dir, splits, cfg.shard_rows, meta, cfg.shard_compression)
     if isinstance(cfg, TextDataConfig):  # the tokenizer travels with the shards it encoded
         (out_dir / TOKENIZER).write_bytes((prepared / TOKENIZER).read_bytes())
     return manifest
+
+
+def progress(items: Iterable, desc: str, total: int, unit: str) -> Iterator:
+    """A progress bar on a terminal, nothing in logs (tqdm decides)."""
+    return iter(tqdm(items, desc=desc, total=total, unit=unit, disable=None, leave=False))
 
 
 def file_md5(path: Path) -> str:

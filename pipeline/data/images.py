@@ -17,8 +17,19 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
     return ndimage.zoom(images, (1, 1, size / h, size / w), order=1).astype(np.float32)
 
 
+def color_jitter(img: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast and saturation of a C x H x W colour image, each scaled by a factor
+    drawn from [1 - amount, 1 + amount]."""
+    b, c, s = rng.uniform(1 - amount, 1 + amount, size=3)
+    img = img * b
+    img = (img - img.mean()) * c + img.mean()
+    grey = img.mean(axis=0, keepdims=True)
+    return (img - grey) * s + grey
+
+
 def augment(images: np.ndarray, cfg: AugmentConfig, seed: int) -> np.ndarray:
-    """`cfg.copies` label-preserving variants per image: small rotation, sub-pixel shift, noise.
+    """`cfg.copies` label-preserving variants per image: small rotation, sub-pixel shift, noise,
+    and colour jitter on colour (3-channel) images.
 
     No flips: a mirrored 2 is not a 2. Values stay in [0, 1].
     """
@@ -30,6 +41,8 @@ def augment(images: np.ndarray, cfg: AugmentConfig, seed: int) -> np.ndarray:
             dy, dx = rng.uniform(-cfg.shift_px, cfg.shift_px, size=2)
             a = ndimage.rotate(img, angle, axes=(1, 2), reshape=False, order=1, mode="constant")
             a = ndimage.shift(a, (0, dy, dx), order=1, mode="constant")
+            if cfg.color_jitter and a.shape[0] == 3:
+                a = color_jitter(a, cfg.color_jitter, rng)
             a = a + rng.normal(0.0, cfg.noise_std, size=a.shape)
             out.append(np.clip(a, 0.0, 1.0).astype(np.float32))
     return np.stack(out) if out else images[:0]
@@ -49,13 +62,18 @@ def prepare_images(
         digest = content_hash(np.round(img * 255).astype(np.uint8).tobytes() + bytes([int(labels[i]) % 256]))
         if not dedupe.seen(digest):
             index[assign_split(digest, cfg.split, seed)].append(i)
+    n_classes = int(labels.max()) + 1
+    before = np.bincount(labels[index["train"]], minlength=n_classes)
+    if cfg.balance == "oversample":
+        index["train"] = oversample(index["train"], labels, seed)
     out = {s: (images[idx], labels[idx]) for s, idx in index.items()}
     tx, ty = out["train"]
     if cfg.augment.copies:
         aug = augment(tx, cfg.augment, seed)
         out["train"] = (np.concatenate([tx, aug]), np.concatenate([ty] * (cfg.augment.copies + 1)))
-    n_classes = int(labels.max()) + 1
     stats = {
+        "balance": cfg.balance,
+        "class_counts_train_before_balance": before.tolist(),
         "images_raw": len(images),
         "dropped_duplicates": dedupe.duplicates,
         "image_shape": list(images.shape[1:]),
@@ -65,3 +83,21 @@ def prepare_images(
         **{f"class_counts_{s}": np.bincount(v[1], minlength=n_classes).tolist() for s, v in out.items()},
     }
     return {s: (x * 2.0 - 1.0, y) for s, (x, y) in out.items()}, stats
+
+
+def oversample(index: list[int], labels: np.ndarray, seed: int) -> list[int]:
+    """Add seeded repeats of the smaller classes' examples until every class present has as many
+    as the largest."""
+    rng = np.random.default_rng([seed, 1])
+    idx = np.asarray(index)
+    by_class = [idx[labels[idx] == c] for c in np.unique(labels[idx])]
+    target = max(len(m) for m in by_class)
+    extra = [rng.choice(m, target - len(m)) for m in by_class if len(m) < target]
+    return sorted([*index, *np.concatenate(extra).tolist()]) if extra else index
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-example loss weights N / (classes present x class count): mean 1, classes weigh alike."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    present = int((counts > 0).sum())
+    return (len(labels) / (present * counts[labels])).astype(np.float32)

@@ -8,7 +8,7 @@ handwritten digits.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,25 @@ class DataSourceError(ValueError):
     """The configured source does not exist or has an unsupported format."""
 
 
-def _paragraphs(text: str) -> Iterator[str]:
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        if block.strip():
-            yield block
+MAX_PARAGRAPH_CHARS = 1 << 20  # a file with no blank lines still streams: cut very long blocks
+
+
+def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
+    """Blank-line separated blocks, read line by line so a file of any size streams."""
+    block: list[str] = []
+    size = 0
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if line.strip():
+            block.append(line)
+            size += len(line)
+            if size < MAX_PARAGRAPH_CHARS:
+                continue
+        if block:
+            yield "\n".join(block)
+            block, size = [], 0
+    if block:
+        yield "\n".join(block)
 
 
 def _python_docs() -> Iterator[str]:
@@ -37,7 +52,7 @@ def _python_docs() -> Iterator[str]:
     from pydoc_data.topics import topics
 
     for name in sorted(topics):
-        yield from _paragraphs(topics[name])
+        yield from _paragraphs(topics[name].splitlines())
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted([*root.glob("*.py"), *root.glob("*/*.py")]):
         if {"test", "tests", "idlelib", "site-packages"} & set(path.relative_to(root).parts):
@@ -60,34 +75,50 @@ def read_text_documents(source: str, text_field: str = "text") -> Iterator[str]:
     credentials and endpoint from the usual AWS environment variables). Files are streamed and
     columnar sources read one record batch at a time, so memory stays bounded whatever the
     input size."""
+    for unit in text_units(source):
+        yield from read_text_unit(unit, text_field)
+
+
+def text_units(source: str) -> list[str]:
+    """The independent pieces of a text source, in order: one per file, or the whole source
+    when it is a builtin or a Hugging Face folder. Prepare maps over them (in-process or as
+    Ray tasks) and concatenates the results in this order."""
     if source == "builtin:python-docs":
-        yield from _python_docs()
-        return
+        return [source]
     if source.startswith("builtin:"):
         raise DataSourceError(f"data.source: unknown builtin text '{source}' (known: builtin:python-docs)")
     fs, path = _filesystem(source)
     if not fs.exists(path):
         raise DataSourceError(f"data.source: '{source}' does not exist")
-    is_dir = fs.isdir(path)
+    if not fs.isdir(path):
+        return [source]
     local = Path(path)
-    if is_dir and "://" not in source and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
-        yield from _hf_saved(local, text_field)
-        return
-    files = sorted(fs.find(path)) if is_dir else [path]
-    used = [f for f in files if f.endswith((*TEXT_SUFFIXES, ".jsonl", ".parquet"))]
+    if "://" not in source and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
+        return [source]
+    protocol = f"{source.split('://')[0]}://" if "://" in source else ""
+    used = [f"{protocol}{f}" for f in sorted(fs.find(path)) if f.endswith((*TEXT_SUFFIXES, ".jsonl", ".parquet"))]
     if not used:
         raise DataSourceError(f"data.source: no .txt/.md/.rst/.jsonl/.parquet files under '{source}'")
-    for f in used:
-        name = f if "://" not in source else f"{source.split('://')[0]}://{f}"
-        if f.endswith(".jsonl"):
-            with fs.open(f, "r", encoding="utf-8") as fh:
-                yield from _jsonl(fh, name, text_field)
-        elif f.endswith(".parquet"):
-            with fs.open(f, "rb") as fh:
-                yield from _parquet(fh, name, text_field)
-        else:
-            with fs.open(f, "r", encoding="utf-8", errors="replace") as fh:
-                yield from _paragraphs(fh.read())
+    return used
+
+
+def read_text_unit(unit: str, text_field: str = "text") -> Iterator[str]:
+    """Documents of one unit from `text_units`."""
+    if unit == "builtin:python-docs":
+        yield from _python_docs()
+        return
+    fs, path = _filesystem(unit)
+    if fs.isdir(path):
+        yield from _hf_saved(Path(path), text_field)
+    elif path.endswith(".jsonl"):
+        with fs.open(path, "r", encoding="utf-8") as fh:
+            yield from _jsonl(fh, unit, text_field)
+    elif path.endswith(".parquet"):
+        with fs.open(path, "rb") as fh:
+            yield from _parquet(fh, unit, text_field)
+    else:
+        with fs.open(path, "r", encoding="utf-8", errors="replace") as fh:
+            yield from _paragraphs(fh)
 
 
 def _filesystem(source: str):
@@ -126,7 +157,7 @@ def _parquet(fh, where: str, field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     try:
-        f = pq.ParquetFile(fh)
+        f = pq.ParquetFile(fh, pre_buffer=False)  # pre-buffering would cache whole column chunks
     except (pa.ArrowInvalid, OSError) as e:
         raise DataSourceError(f"{where}: not a readable Parquet file ({e})") from None
     names = f.schema_arrow.names
@@ -191,14 +222,19 @@ def _read_class_folders(root: Path) -> tuple[np.ndarray, np.ndarray, int]:
     if not classes:
         raise DataSourceError(f"{root}: expected one sub-folder per class")
     images, labels = [], []
+    mode: str | None = None
     for idx, cls in enumerate(classes):
         for f in sorted((root / cls).iterdir()):
             if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
                 continue
-            img = np.asarray(Image.open(f).convert("L"), dtype=np.float32) / 255.0
-            images.append(img)
+            with Image.open(f) as im:
+                if mode is None:  # the first image decides: colour stays colour (C = 3), else grey
+                    mode = "RGB" if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else "L"
+                img = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
+            images.append(img if mode == "L" else img.transpose(2, 0, 1))
             labels.append(idx)
     shapes = {i.shape for i in images}
     if len(shapes) != 1:
         raise DataSourceError(f"{root}: images differ in size {sorted(shapes)}; resize them first")
-    return np.stack(images)[:, None], np.asarray(labels, dtype=np.int64), len(classes)
+    stacked = np.stack(images)
+    return (stacked[:, None] if mode == "L" else stacked), np.asarray(labels, dtype=np.int64), len(classes)

@@ -1,59 +1,173 @@
-"""Prepare a text corpus: normalise, de-duplicate, split, train a BPE tokenizer, pack sequences."""
+"""Prepare a text corpus in bounded memory: normalise, drop short and repeated documents,
+split, train a BPE tokenizer, pack sequences.
+
+Prepare is a map over the source's units (files) followed by one merge:
+- `clean_unit` (the map; in-process, or a Ray streaming task per file) cleans every document,
+  hashes it, picks its split and yields (hash, split, text) record batches.
+- `merge` (the driver) takes the batches in unit order, keeps the first copy of every hash
+  and appends the kept rows to one Parquet file per split.
+Nothing holds the corpus: the map holds one record batch, the merge one batch plus an 8-byte
+hash per distinct document (about 70 bytes each in a Python set: 70 MB per million documents).
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Iterator
+from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.config.schema import TextDataConfig
-from pipeline.data.splits import SPLITS, Deduper, assign_split, content_hash
+from pipeline.data import sources
+from pipeline.data.splits import SPLITS, assign_split, content_hash
 
 EOS = "<|endoftext|>"
 _SPACES = re.compile(r"[ \t\u00a0]+")
+PART_SCHEMA = pa.schema([("hash", pa.uint64()), ("split", pa.int8()), ("text", pa.string()),
+                         ("bands", pa.list_(pa.uint64()))])
+# MinHash over word 5-grams, 16 bands of 8 rows: two documents collide in some band with
+# probability 1 - (1 - J^8)^16: 0.99 at Jaccard 0.85, 0.5 at 0.72, 0.06 at 0.5, 0.001 at 0.4.
+_BANDS, _ROWS, _PRIME = 16, 8, 4294967311
+_PERM = np.random.default_rng(20261124).integers(1, 1 << 32, size=(2, _BANDS * _ROWS), dtype=np.uint64)
+TEXT_SCHEMA = pa.schema([("text", pa.string())])
+BATCH = 8192  # documents per record batch (and Parquet row group) while streaming
 
 
 def clean_text(doc: str) -> str:
     """Unicode NFC, no control characters, single spaces, no trailing blanks; newlines kept."""
     doc = unicodedata.normalize("NFC", doc)
-    doc = "".join(ch for ch in doc if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    if not doc.replace("\n", "").replace("\t", "").isprintable():  # the per-character pass only when needed
+        doc = "".join(ch for ch in doc if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
     lines = [_SPACES.sub(" ", line).rstrip() for line in doc.split("\n")]
     return "\n".join(lines).strip("\n")
 
 
-def prepare_text(docs: Iterable[str], cfg: TextDataConfig, seed: int) -> tuple[dict[str, list[str]], dict]:
-    """Clean, drop short and repeated documents, and split them. Returns the splits and statistics."""
-    splits: dict[str, list[str]] = {s: [] for s in SPLITS}
-    dedupe = Deduper()
-    raw = short = 0
-    for doc in docs:
-        raw += 1
+def clean_unit(job: tuple[str, TextDataConfig, int]) -> Iterator[pa.RecordBatch | dict[str, Any]]:
+    """The map step for one source unit: yields its cleaned (hash, split, text) rows as record
+    batches, then a dict of counts with the sha256 of the raw documents as read (lineage)."""
+    unit, cfg, seed = job
+    raw = hashlib.sha256()
+    counts = {"documents_raw": 0, "dropped_short": 0}
+    split_ids = {s: i for i, s in enumerate(SPLITS)}
+    rows: dict[str, list] = {"hash": [], "split": [], "text": [], "bands": []}
+
+    def batch() -> pa.RecordBatch:
+        out = pa.RecordBatch.from_pydict(rows, schema=PART_SCHEMA)
+        for v in rows.values():
+            v.clear()
+        return out
+
+    for doc in sources.read_text_unit(unit, cfg.text_field):
+        counts["documents_raw"] += 1
+        raw.update(doc.encode("utf-8"))
+        raw.update(b"\0")
         text = clean_text(doc)
         if len(text) < cfg.min_chars:
-            short += 1
+            counts["dropped_short"] += 1
             continue
-        digest = content_hash(text.encode())
-        if dedupe.seen(digest):
-            continue
-        splits[assign_split(digest, cfg.split, seed)].append(text)
-    if not splits["train"]:
+        digest = content_hash(text.encode("utf-8"))
+        rows["hash"].append(int(digest[:16], 16))
+        rows["split"].append(split_ids[assign_split(digest, cfg.split, seed)])
+        rows["text"].append(text)
+        rows["bands"].append(minhash_bands(text) if cfg.near_duplicates == "drop" else None)
+        if len(rows["text"]) >= BATCH:
+            yield batch()
+    if rows["text"]:
+        yield batch()
+    yield {**counts, "raw_sha256": raw.hexdigest()}
+
+
+def minhash_bands(text: str) -> list[int]:
+    """LSH keys of a document: one 64-bit key per band of its MinHash signature over word
+    5-grams (crc32 per shingle, seeded universal hashes). Documents sharing a key are near
+    duplicates. Stable across processes and machines."""
+    words = text.split()
+    grams = [" ".join(words[i:i + 5]) for i in range(max(1, len(words) - 4))]
+    h = np.fromiter((zlib.crc32(g.encode("utf-8")) for g in grams), dtype=np.uint64, count=len(grams))
+    sig = ((_PERM[0][:, None] * h[None, :] + _PERM[1][:, None]) % _PRIME).min(axis=1)
+    return [int.from_bytes(hashlib.blake2b(sig[b * _ROWS:(b + 1) * _ROWS].tobytes() + bytes([b]),
+                                           digest_size=8).digest(), "little") for b in range(_BANDS)]
+
+
+def merge(stream: Iterable[pa.RecordBatch | dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+    """Write the map's output, in order, to `<split>.parquet`, keeping the first copy of each
+    document. Returns the statistics; `raw_sha256` chains the units' raw hashes in order."""
+    seen: set[int] = set()
+    seen_bands: set[int] = set()  # MinHash band keys of the kept documents (near-duplicates only)
+    raw = hashlib.sha256()
+    stats: dict[str, Any] = {"documents_raw": 0, "dropped_short": 0, "dropped_duplicates": 0,
+                             "dropped_near_duplicates": 0,
+                             **{f"documents_{s}": 0 for s in SPLITS}, **{f"chars_{s}": 0 for s in SPLITS}}
+    writers = {s: pq.ParquetWriter(out_dir / f"{s}.parquet", TEXT_SCHEMA, compression="zstd") for s in SPLITS}
+    try:
+        for item in stream:
+            if isinstance(item, dict):  # the end of one unit
+                raw.update(bytes.fromhex(item["raw_sha256"]))
+                stats["documents_raw"] += item["documents_raw"]
+                stats["dropped_short"] += item["dropped_short"]
+                continue
+            keep = np.zeros(item.num_rows, dtype=bool)
+            bands = item.column(3).to_pylist()
+            for i, h in enumerate(item.column(0).to_pylist()):
+                if h in seen:
+                    stats["dropped_duplicates"] += 1
+                elif bands[i] is not None and not seen_bands.isdisjoint(bands[i]):
+                    stats["dropped_near_duplicates"] += 1
+                else:
+                    seen.add(h)
+                    seen_bands.update(bands[i] or ())
+                    keep[i] = True
+            split = item.column(1).to_numpy()
+            for i, s in enumerate(SPLITS):
+                texts = item.column(2).filter(pa.array(keep & (split == i)))
+                if len(texts):
+                    writers[s].write_table(pa.table({"text": texts}, schema=TEXT_SCHEMA))
+                    stats[f"documents_{s}"] += len(texts)
+                    stats[f"chars_{s}"] += int(pc.sum(pc.utf8_length(texts)).as_py())
+    finally:
+        for w in writers.values():
+            w.close()
+    if not stats["documents_train"]:
         raise ValueError("no training documents left after cleaning: is data.source empty or data.min_chars too high?")
-    stats = {
-        "documents_raw": raw,
-        "dropped_short": short,
-        "dropped_duplicates": dedupe.duplicates,
-        **{f"documents_{s}": len(v) for s, v in splits.items()},
-        **{f"chars_{s}": sum(map(len, v)) for s, v in splits.items()},
-    }
-    return splits, stats
+    stats["raw_sha256"] = raw.hexdigest()
+    return stats
 
 
-def train_tokenizer(train_docs: list[str], vocab_size: int, path: Path) -> None:
-    """Byte-level BPE on the training split only (no look at val/test), saved as tokenizer.json."""
+def iter_documents(path: Path, batch_size: int = BATCH) -> Iterator[list[str]]:
+    """Batches of documents from a prepared split file."""
+    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_size, columns=["text"]):
+        yield batch.column("text").to_pylist()
+
+
+def train_tokenizer(train_split: Path, vocab_size: int, path: Path, max_chars: int, total_chars: int) -> int:
+    """Byte-level BPE on the training split only (no look at val/test), saved as tokenizer.json.
+
+    The trainer's memory grows with the distinct words it sees, so a split larger than
+    `max_chars` is sampled: every k-th document, spread over the whole split (SentencePiece's
+    `input_sentence_size` does the same). Returns the number of documents trained on."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    stride = max(1, -(-total_chars // max_chars))
+    used = 0
+
+    def sample() -> Iterator[list[str]]:
+        nonlocal used
+        index = 0
+        for docs in iter_documents(train_split):
+            picked = docs[(-index) % stride::stride]
+            index += len(docs)
+            used += len(picked)
+            yield picked
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -64,22 +178,41 @@ def train_tokenizer(train_docs: list[str], vocab_size: int, path: Path) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(train_docs, trainer=trainer)
+    tok.train_from_iterator(sample(), trainer=trainer)
     tok.save(str(path))
+    return used
 
 
-def pack_sequences(docs: list[str], tokenizer_path: Path, seq_len: int) -> np.ndarray:
-    """Tokenize, join documents with EOS and cut into disjoint rows of seq_len + 1 tokens."""
+def encode(job: tuple[list[str], str]) -> np.ndarray:
+    """Token ids of a batch of documents, each followed by EOS (the shard stage's map step).
+
+    The tokenizer travels as its JSON text, so a Ray task on another node needs no file."""
+    docs, tokenizer_json = job
+    tok = _tokenizer(tokenizer_json)
+    eos = tok.token_to_id(EOS)
+    # An Encoding holds strings and offsets per token: encode a few hundred documents at a time
+    # (without offsets) so the transient memory stays small.
+    return np.concatenate([
+        np.fromiter(chain.from_iterable(chain(e.ids, (eos,)) for e in tok.encode_batch_fast(docs[i:i + 512])),
+                    dtype=np.int32)
+        for i in range(0, len(docs), 512)])
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(tokenizer_json: str):
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(tokenizer_path))
-    eos = tok.token_to_id(EOS)
-    ids: list[int] = []
-    for enc in tok.encode_batch(docs):
-        ids.extend(enc.ids)
-        ids.append(eos)
+    return Tokenizer.from_str(tokenizer_json)
+
+
+def pack_sequences(id_blocks: Iterable[np.ndarray], seq_len: int) -> Iterator[np.ndarray]:
+    """Join token id blocks and yield them as disjoint rows of seq_len + 1 tokens (the tail that
+    does not fill a row carries over to the next block; the final one is dropped)."""
     row = seq_len + 1
-    n = len(ids) // row
-    if n == 0:
-        raise ValueError(f"split has {len(ids)} tokens, fewer than one sequence of {row}: lower data.seq_len")
-    return np.asarray(ids[: n * row], dtype=np.int32).reshape(n, row)
+    carry = np.empty(0, dtype=np.int32)
+    for ids in id_blocks:
+        ids = np.concatenate([carry, ids])
+        n = len(ids) // row
+        carry = ids[n * row:]
+        if n:
+            yield ids[: n * row].reshape(n, row)

@@ -16,7 +16,7 @@ from pipeline.data.shards import read_split
 @torch.no_grad()
 def split_loss(model: torch.nn.Module, shards: Path, split: str, cfg: EvalConfig) -> float:
     """Mean next-token cross-entropy over the first max_batches * batch_size rows of a split."""
-    tokens = read_split(shards, split)["tokens"][: cfg.max_batches * cfg.batch_size].astype(np.int64)
+    tokens = read_split(shards, split, cfg.max_batches * cfg.batch_size)["tokens"].astype(np.int64)
     total, count = 0.0, 0
     for i in range(0, len(tokens), cfg.batch_size):
         t = torch.from_numpy(tokens[i : i + cfg.batch_size])

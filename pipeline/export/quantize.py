@@ -63,7 +63,7 @@ def accuracy_change(fp32: Path, int8: Path, shards: Path, rows: EvalConfig) -> d
     largest logit difference on one batch, and the file-size ratio."""
     a, b = OnnxLM(fp32), OnnxLM(int8)
     loss_a, loss_b = split_loss(a, shards, "val", rows), split_loss(b, shards, "val", rows)
-    probe = torch.from_numpy(read_split(shards, "val")["tokens"][:1, :-1].astype(np.int64))
+    probe = torch.from_numpy(read_split(shards, "val", 1)["tokens"][:, :-1].astype(np.int64))
     logit_diff = float(np.abs(a(probe).numpy() - b(probe).numpy()).max())
 
     def size(p: Path) -> int:

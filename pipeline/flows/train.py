@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from pipeline.config import config_digest, flatten
 from pipeline.config.schema import PipelineConfig
 from pipeline.data.build import file_md5
-from pipeline.data.shards import MANIFEST, load_manifest, verify_split
+from pipeline.data.shards import MANIFEST, load_manifest, publish, verify_split
 from pipeline.distributed import preflight
 from pipeline.runtime import connect
 from pipeline.runtime.trainer import fit, storage_root
@@ -99,8 +99,12 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     print(f"[{task_name}] training on {where}: {cfg.cluster.num_workers} workers, strategy {cfg.strategy.name}, "
           f"{cfg.precision.dtype}; run {run_name}; MLflow run {run_id}", flush=True)
     start = time.perf_counter()
+    shards = str(shards_dir.resolve())
+    if cfg.cluster.shards_uri:  # workers on other nodes read (and cache) a published copy
+        shards = publish(shards_dir, f"{cfg.cluster.shards_uri.rstrip('/')}/{task_name}/{manifest_md5}")
+        print(f"[{task_name}] shards published to {shards}", flush=True)
     with mlflow_runs.system_metrics(run_id):
-        result = fit(cfg, task_name, shards_dir, run_name)
+        result = fit(cfg, task_name, shards, run_name)
     seconds = time.perf_counter() - start
     if result.error:
         raise RuntimeError(f"[{task_name}] training failed: {result.error}") from result.error

@@ -50,8 +50,9 @@ class GaussianDiffusion(nn.Module):
         return ab.sqrt() * noise - (1 - ab).sqrt() * x0  # v-prediction
 
     def loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, num_classes: int,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mean squared error of the prediction at a uniformly drawn timestep per example."""
+             generator: torch.Generator | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean squared error of the prediction at a uniformly drawn timestep per example
+        (optionally weighted per example, e.g. by class)."""
         b = x0.shape[0]
         t = torch.randint(0, self.cfg.timesteps, (b,), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -59,7 +60,10 @@ class GaussianDiffusion(nn.Module):
             drop = torch.rand(b, generator=generator, device=x0.device) < self.cfg.cond_drop_prob
             y = torch.where(drop, torch.full_like(y, num_classes), y)
         pred = model(self.q_sample(x0, t, noise), t, y)
-        return F.mse_loss(pred.float(), self.target(x0, t, noise).float())
+        if weight is None:
+            return F.mse_loss(pred.float(), self.target(x0, t, noise).float())
+        per_example = F.mse_loss(pred.float(), self.target(x0, t, noise).float(), reduction="none").flatten(1).mean(1)
+        return (per_example * weight).mean()
 
     def _eps_x0(self, pred: torch.Tensor, x: torch.Tensor, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cfg.prediction == "eps":

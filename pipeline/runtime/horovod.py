@@ -52,7 +52,7 @@ def _worker(config: dict[str, Any]) -> int:
     cfg = validate(config["cfg"])
     session = LocalSession(Path(config["root"]), device, rank=hvd.rank(), world=hvd.size(), barrier=_barrier,
                            keep_last_k=cfg.task(config["task"]).trainer.keep_last_k)
-    return train(cfg, config["task"], Path(config["shards"]), session).step
+    return train(cfg, config["task"], config["shards"], session).step
 
 
 def run_horovod(fn: Callable[..., Any], args: list[Any], num_workers: int, cpus_per_worker: float,
@@ -70,13 +70,13 @@ def run_horovod(fn: Callable[..., Any], args: list[Any], num_workers: int, cpus_
         executor.shutdown()
 
 
-def fit_horovod(cfg: PipelineConfig, task_name: str, shards_dir: Path, run_dir: Path) -> HorovodResult:
+def fit_horovod(cfg: PipelineConfig, task_name: str, shards: str, run_dir: Path) -> HorovodResult:
     from ray.train import Checkpoint
 
     from pipeline.training.session import LocalSession
 
     cl = cfg.cluster
-    config = {"cfg": cfg.model_dump(mode="json"), "task": task_name, "shards": str(shards_dir.resolve()),
+    config = {"cfg": cfg.model_dump(mode="json"), "task": task_name, "shards": shards,
               "root": str(run_dir), "use_gpu": cl.use_gpu,
               "threads": os.environ.get("OMP_NUM_THREADS", int(cl.cpus_per_worker))}
     for attempt in range(cl.max_failures + 1):

@@ -19,7 +19,7 @@ def _worker(config: dict[str, Any]) -> None:
     from pipeline.training.loop import train
     from pipeline.training.session import RaySession
 
-    train(validate(config["cfg"]), config["task"], Path(config["shards"]), RaySession())
+    train(validate(config["cfg"]), config["task"], config["shards"], RaySession())
 
 
 def storage_root(cfg: PipelineConfig) -> str:
@@ -40,20 +40,23 @@ def registered_step(run_dir: Path) -> int:
         return 0
 
 
-def fit(cfg: PipelineConfig, task_name: str, shards_dir: Path, run_name: str):
+def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str):
     """Train on Ray; returns the `ray.train.Result` (or its Horovod equivalent), whose `error`
-    is set if training failed for good. Horovod brings its own launcher (RayExecutor)."""
+    is set if training failed for good. Horovod brings its own launcher (RayExecutor).
+
+    `shards` is where every worker reads the shards: an absolute local path (one node or a
+    shared file system) or a URL such as s3://... (cached on each node)."""
     if cfg.strategy.name == "horovod":
         from pipeline.runtime.horovod import fit_horovod
 
-        return fit_horovod(cfg, task_name, shards_dir, Path(storage_root(cfg)) / run_name)
+        return fit_horovod(cfg, task_name, shards, Path(storage_root(cfg)) / run_name)
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cl = cfg.cluster
     trainer = TorchTrainer(
         train_loop_per_worker=_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "task": task_name, "shards": str(shards_dir.resolve())},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "task": task_name, "shards": shards},
         scaling_config=ScalingConfig(num_workers=cl.num_workers, use_gpu=cl.use_gpu,
                                      resources_per_worker={"CPU": cl.cpus_per_worker}),
         torch_config=TorchConfig(backend=process_group_backend(cfg.strategy, cl.use_gpu)),

@@ -30,8 +30,11 @@ class Denoising(Task):
         return DiT(DiTConfig.model_validate(spec["model"]), shape, classes)
 
     def batch_to_tensors(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-        return {"x": torch.from_numpy(batch["image"]).float().to(device),
-                "y": torch.from_numpy(batch["label"]).long().to(device)}
+        out = {"x": torch.from_numpy(batch["image"]).float().to(device),
+               "y": torch.from_numpy(batch["label"]).long().to(device)}
+        if "weight" in batch:  # data.balance=weights: per-example class weights
+            out["w"] = torch.from_numpy(batch["weight"]).float().to(device)
+        return out
 
     def __init__(self) -> None:
         self._process: GaussianDiffusion | None = None
@@ -47,7 +50,7 @@ class Denoising(Task):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
              generator: torch.Generator | None = None) -> torch.Tensor:
         raw = getattr(model, "module", model)
-        return self.process(model).loss(model, batch["x"], batch["y"], raw.num_classes, generator)
+        return self.process(model).loss(model, batch["x"], batch["y"], raw.num_classes, generator, batch.get("w"))
 
     def items(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["x"].shape[0]

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.config.schema import PipelineConfig
 from pipeline.data.reader import GlobalOrderReader
-from pipeline.data.shards import load_manifest, read_split
+from pipeline.data.shards import ShardSet, load_manifest, read_split
 from pipeline.distributed import StepSettings, Strategy, build_strategy
 from pipeline.distributed.activation import apply_activation_checkpointing
 from pipeline.distributed.precision import Precision
@@ -64,12 +64,13 @@ def _split(batch: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarra
     return [{k: v[i::parts] for k, v in batch.items()} for i in range(parts)] if parts > 1 else [batch]
 
 
-def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Session) -> LoopState:
+def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session: Session) -> LoopState:
+    """`shards_root` is the shard folder: a local path, or a URL whose shards are cached locally."""
     tcfg = cfg.task(task_name)
     tr = tcfg.trainer
     task = task_for_data(tcfg.data.kind)
     task.label_smoothing = tr.label_smoothing
-    manifest = load_manifest(shards_dir)
+    manifest = load_manifest(shards_root)
     spec = task.model_spec(tcfg, manifest)
     micro = micro_batch_size(tr.global_batch_size, session.world, tr.grad_accum_steps)
 
@@ -86,9 +87,11 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
                       "precision": precision.name, "activation_checkpointing": tr.activation_checkpointing}
     if session.rank == 0:
         print(f"[{task_name}] " + "; ".join(f"{k}: {v}" for k, v in implementation.items()), flush=True)
-    reader = GlobalOrderReader(read_split(shards_dir, "train"), tr.global_batch_size,
-                               session.rank, session.world, seed=cfg.seed)
-    val = read_split(shards_dir, "val") if tr.eval_every else None
+    train_shards = ShardSet(shards_root, "train")
+    train_shards.check_sizes()  # a missing, truncated or (local) corrupt shard stops the run before step 1
+    reader = GlobalOrderReader(train_shards, tr.global_batch_size, session.rank, session.world, seed=cfg.seed,
+                               window=tr.shuffle_window, prefetch=tr.prefetch_batches)
+    val = read_split(shards_root, "val") if tr.eval_every else None
     ema = EMA(strategy.unwrapped, tr.ema_decay) if tr.ema_decay > 0 else None
     state, tracker = LoopState(), ValidationTracker()
     with session.latest_checkpoint() as ckpt:
@@ -105,13 +108,15 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
                 print(f"[{task_name}] resumed from step {state.step} ({ckpt})", flush=True)
 
     window_loss, window_items, window_start = 0.0, 0, time.perf_counter()
-    window_steps, last_norm, reported_final = 0, 0.0, False
+    window_steps, last_norm, reported_final, data_wait = 0, 0.0, False, 0.0
     while state.step < tr.max_steps and not state.stopped_early:
         lr = lr_at(state.step, tcfg.optim, tr.max_steps, tracker.plateau_scale)
         for group in strategy.optimizer.param_groups:
             group["lr"] = lr
         gen = torch.Generator(device=session.device).manual_seed(hash((cfg.seed, state.step, session.rank)) % (2**62))
+        fetch_start = time.perf_counter()
         micros = _split(reader.next_local_batch(), tr.grad_accum_steps)
+        data_wait += time.perf_counter() - fetch_start  # time the step stood still for data
         step_loss = 0.0
         for i, micro in enumerate(micros):
             batch = task.batch_to_tensors(micro, session.device)
@@ -149,11 +154,12 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
         if not (do_ckpt or val_loss is not None or state.step % tr.log_every == 0):
             continue
         elapsed = time.perf_counter() - window_start
-        loss_mean, items_total = strategy.all_mean([window_loss / max(1, window_steps), float(window_items)])
+        loss_mean, items_total, wait_mean = strategy.all_mean([window_loss / max(1, window_steps), float(window_items),
+                                                               data_wait])
         items_total *= session.world
         entry = {"step": state.step, "loss": loss_mean, "lr": lr, "grad_norm": last_norm,
                  f"{task.item_name}_per_s": items_total / elapsed, "epoch": reader.epoch,
-                 "skipped_steps": state.skipped_steps}
+                 "skipped_steps": state.skipped_steps, "data_wait_frac": wait_mean / elapsed}
         if val_loss is not None:
             entry["val_loss"] = val_loss
         if flops_per_item:
@@ -167,10 +173,11 @@ def train(cfg: PipelineConfig, task_name: str, shards_dir: Path, session: Sessio
                 print(f"[{task_name}] early stop: no better validation loss than {tracker.best:.4f} in "
                       f"{tracker.evals_since_best} validations", flush=True)
         _report(session, strategy, ema, reader, state, tracker, entry, do_ckpt, final, implementation)
-        window_loss, window_items, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+        window_loss, window_items, window_steps, window_start, data_wait = 0.0, 0, 0, time.perf_counter(), 0.0
         reported_final = final
     if not reported_final:  # resumed a finished run: hand its final checkpoint over again
         _report(session, strategy, ema, reader, state, tracker, state.history[-1], True, True, implementation)
+    reader.close()
     return state
 
 

@@ -1,0 +1,69 @@
+"""Ordered maps for prepare and shard: in-process, or as Ray tasks on whatever Ray the caller
+connected to (the in-process local one or a cluster, as for training).
+
+Results always come back in input order, so the prepared files and shards are byte-identical
+whichever way they were computed (a test pins this). Work travels through Ray's object store,
+not a shared file system, so tasks may run on any node of a cluster. At most `window` tasks
+are in flight; finished results the driver has not reached yet wait in the object store,
+which spills to disk under pressure, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _window(use_ray: bool, window: int | None) -> int:
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("data.ray is set but Ray is not connected: call pipeline.runtime.connect() first")
+    return window or max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
+
+
+def ordered_map(fn: Callable[[Any], T], items: Iterable[Any], use_ray: bool, window: int | None = None) -> Iterator[T]:
+    """`map(fn, items)`, with each call a Ray task when `use_ray`."""
+    if not use_ray:
+        yield from map(fn, items)
+        return
+    import ray
+
+    remote = ray.remote(fn)
+    pending: deque = deque()
+    size = _window(use_ray, window)
+    for item in items:
+        pending.append(remote.remote(item))
+        if len(pending) >= size:
+            yield ray.get(pending.popleft())
+    while pending:
+        yield ray.get(pending.popleft())
+
+
+def ordered_flatmap(fn: Callable[[Any], Iterator[T]], items: Iterable[Any], use_ray: bool,
+                    window: int | None = None) -> Iterator[T]:
+    """Everything `fn(item)` yields, item after item; with `use_ray`, each `fn(item)` is a Ray
+    streaming-generator task, so one large input streams through the object store in pieces."""
+    if not use_ray:
+        for item in items:
+            yield from fn(item)
+        return
+    import ray
+
+    remote = ray.remote(fn)
+    pending: deque = deque()
+    todo = iter(items)
+    size = _window(use_ray, window)
+    for item in todo:
+        pending.append(remote.remote(item))
+        if len(pending) >= size:
+            break
+    while pending:
+        for ref in pending.popleft():
+            yield ray.get(ref)
+        for item in todo:
+            pending.append(remote.remote(item))
+            break
