@@ -44,7 +44,7 @@ def test_prepare_and_shard_as_ray_tasks_match_in_process(text_corpus, tmp_path):
     assert one == two and one["splits"]["train"]["rows"] > 0
 
 
-@pytest.mark.e2e
+@pytest.mark.scale
 def test_one_gib_corpus_prepares_and_shards_in_bounded_memory(tmp_path):
     """A generated 1 GiB text file goes through prepare and shard in a fresh process whose peak
     RSS stays well under 1 GiB; every paragraph is accounted for and the shards verify."""

@@ -196,13 +196,13 @@ def read_images(source: str) -> tuple[np.ndarray, np.ndarray, int]:
         return images, d.target.astype(np.int64), 10
     if source.startswith("builtin:"):
         raise DataSourceError(f"data.source: unknown builtin image set '{source}' (known: builtin:digits)")
-    path = Path(source)
-    if not path.exists():
+    fs, path = _filesystem(source)  # local or s3://, like text
+    if not fs.exists(path):
         raise DataSourceError(f"data.source: '{source}' does not exist")
-    if path.suffix == ".npz":
-        with np.load(path) as z:
+    if path.endswith(".npz"):
+        with fs.open(path, "rb") as fh, np.load(fh) as z:
             if "images" not in z or "labels" not in z:
-                raise DataSourceError(f"{path}: an image .npz needs arrays 'images' and 'labels'")
+                raise DataSourceError(f"{source}: an image .npz needs arrays 'images' and 'labels'")
             images, labels = z["images"], z["labels"].astype(np.int64)
         images = images.astype(np.float32)
         if images.max() > 1.0:
@@ -210,24 +210,24 @@ def read_images(source: str) -> tuple[np.ndarray, np.ndarray, int]:
         if images.ndim == 3:
             images = images[:, None]
         return images, labels, int(labels.max()) + 1
-    if path.is_dir():
-        return _read_class_folders(path)
+    if fs.isdir(path):
+        return _read_class_folders(fs, path, source)
     raise DataSourceError(f"data.source: '{source}' is neither an .npz file nor a folder of class folders")
 
 
-def _read_class_folders(root: Path) -> tuple[np.ndarray, np.ndarray, int]:
+def _read_class_folders(fs, root: str, source: str) -> tuple[np.ndarray, np.ndarray, int]:
     from PIL import Image
 
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    classes = sorted(Path(p).name for p in fs.ls(root, detail=False) if fs.isdir(p))
     if not classes:
-        raise DataSourceError(f"{root}: expected one sub-folder per class")
+        raise DataSourceError(f"{source}: expected one sub-folder per class")
     images, labels = [], []
     mode: str | None = None
     for idx, cls in enumerate(classes):
-        for f in sorted((root / cls).iterdir()):
-            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
+        for f in sorted(fs.ls(f"{root.rstrip('/')}/{cls}", detail=False)):
+            if Path(f).suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
                 continue
-            with Image.open(f) as im:
+            with fs.open(f, "rb") as fh, Image.open(fh) as im:
                 if mode is None:  # the first image decides: colour stays colour (C = 3), else grey
                     mode = "RGB" if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else "L"
                 img = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
@@ -235,6 +235,6 @@ def _read_class_folders(root: Path) -> tuple[np.ndarray, np.ndarray, int]:
             labels.append(idx)
     shapes = {i.shape for i in images}
     if len(shapes) != 1:
-        raise DataSourceError(f"{root}: images differ in size {sorted(shapes)}; resize them first")
+        raise DataSourceError(f"{source}: images differ in size {sorted(shapes)}; resize them first")
     stacked = np.stack(images)
     return (stacked[:, None] if mode == "L" else stacked), np.asarray(labels, dtype=np.int64), len(classes)
