@@ -43,6 +43,7 @@ bench: setup
 	$(PY) benchmarks/strategies.py
 	$(PY) benchmarks/activation_checkpointing.py
 	$(PY) benchmarks/cluster.py
+	$(PY) benchmarks/data.py
 
 clean-runs:
 	rm -rf runs mlruns.db mlartifacts
