@@ -80,7 +80,10 @@ class SplitWriter:
             self._flush(self.shard_rows)
 
     def _flush(self, rows: int) -> None:
-        joined = {k: np.concatenate([p[k] for p in self._pending]) for k in self._pending[0]}
+        # One pending block is sliced, not copied: a large batch is cut into shards without
+        # re-copying its remainder for every shard.
+        joined = self._pending[0] if len(self._pending) == 1 else {
+            k: np.concatenate([p[k] for p in self._pending]) for k in self._pending[0]}
         part = {k: v[:rows] for k, v in joined.items()}
         rest = {k: v[rows:] for k, v in joined.items()}
         name = f"{self.split}-{len(self.shards):05d}{SUFFIX}"
