@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def _window(use_ray: bool, window: int | None) -> int:
+def _window(window: int | None) -> int:
     import ray
 
     if not ray.is_initialized():
@@ -34,7 +34,7 @@ def ordered_map(fn: Callable[[Any], T], items: Iterable[Any], use_ray: bool, win
 
     remote = ray.remote(fn)
     pending: deque = deque()
-    size = _window(use_ray, window)
+    size = _window(window)
     for item in items:
         pending.append(remote.remote(item))
         if len(pending) >= size:
@@ -56,7 +56,7 @@ def ordered_flatmap(fn: Callable[[Any], Iterator[T]], items: Iterable[Any], use_
     remote = ray.remote(fn)
     pending: deque = deque()
     todo = iter(items)
-    size = _window(use_ray, window)
+    size = _window(window)
     for item in todo:
         pending.append(remote.remote(item))
         if len(pending) >= size:
