@@ -104,8 +104,15 @@ class Strategy(ABC):
         """Full fp32 model weights as a plain module would have them (for export). Complete on
         rank 0; other ranks may return an empty dict."""
 
+    def ema_source(self) -> dict[str, torch.Tensor]:
+        """This rank's training weights as the EMA averages them: the full state dict unless the
+        backend shards (then each rank's own part, so the EMA is sharded the same way and its
+        update needs no communication)."""
+        return self.unwrapped.state_dict()
+
     def gather_full(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Full tensors from a state dict in this backend's layout (EMA weights). Identity unless sharded."""
+        """Full tensors from a state dict in `ema_source`'s layout (EMA weights). Identity unless
+        sharded; a collective where it gathers."""
         return state
 
     # ------------------------------------------------------------------ communication (collective)

@@ -1,6 +1,11 @@
 """torch FSDP2 (`fully_shard`): every Transformer block is its own sharding unit, so each rank
 keeps 1/N of the parameters, gradients and optimizer state and gathers one block at a time.
 
+Initialisation is sharded too: the model arrives on the meta device, is sharded there, and
+each rank then draws one unit (a block, or the embeddings) whole at a time and keeps its slice
+(`pipeline.distributed.sharded_init`), so no rank ever holds the whole model and the weights
+equal a DDP run's with the same seed.
+
 Checkpoints use torch.distributed.checkpoint (DCP): each rank writes its own shard file and
 rank 0 the metadata, so the per-rank directories merge into one sharded checkpoint, which can
 also be loaded at another world size. Export gathers the full state dict on rank 0.
@@ -17,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.distributed.base import OptimizerFactory, Strategy, grad_norm_and_clip
+from pipeline.distributed.sharded_init import init_by_unit
 from pipeline.distributed.units import repeated_blocks
 
 DCP_DIR = "fsdp"
@@ -36,17 +42,28 @@ class FSDPStrategy(Strategy):
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
             self.precision.scaler = ShardedGradScaler(self.device.type)
-        # Initialised whole, then sharded: every rank draws the same weights a DDP run would
-        # (exact equivalence). A sharded initialisation for models larger than host memory is
-        # future work; the block-wise sharding itself already bounds the training memory.
-        model = self.materialize(model)
         low = self.precision.dtype if self.precision.dtype != torch.float32 else None
         mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
         for block in repeated_blocks(model):
             fully_shard(block, mp_policy=mp, reshard_after_forward=self.cfg.reshard_after_forward)
         fully_shard(model, mp_policy=mp, reshard_after_forward=self.cfg.reshard_after_forward)
+        if any(p.is_meta for p in model.parameters()):
+            self._materialize_sharded(model)
+        else:  # built eagerly (a small model in a test): sharding kept each rank's slice of it
+            model.to(self.device)
         self.model = model
         self.optimizer = make_optimizer(model)
+
+    def _materialize_sharded(self, model: nn.Module) -> None:
+        """Allocate each rank's local shards (`to_empty` swaps tensors in place, so tied
+        parameters stay tied), then initialise unit by unit, keeping this rank's slice."""
+        swap = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            model.to_empty(device=self.device)
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(swap)
+        init_by_unit(model, self.device, keep_local_slices)
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -102,3 +119,20 @@ class FSDPStrategy(Strategy):
     def gather_full(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu().clone()
                 for k, v in state.items()}
+
+
+def local_slice(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The part of `full` that this rank's shard of the DTensor `param` holds (any placements)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+
+
+def keep_local_slices(pairs: list[tuple[nn.Parameter, nn.Parameter]]) -> None:
+    """Copy each whole tensor's local slice into the sharded parameter (plain ones whole)."""
+    for param, full in pairs:
+        if hasattr(param, "to_local"):
+            param.to_local().copy_(local_slice(param, full.data))
+        else:
+            param.data.copy_(full.data)

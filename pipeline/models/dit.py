@@ -36,6 +36,15 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """This block alone (a sharded strategy initialises one block at a time): xavier linear
+        layers, zero biases, and adaLN-Zero (the block starts as the identity)."""
+        for m in (self.qkv, self.proj, self.mlp[0], self.mlp[2], self.ada[-1]):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.ada[-1].weight)
+
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
@@ -66,24 +75,26 @@ class DiT(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise every parameter in place (also after meta-device construction and `to_empty`)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+    def init_weights(self, include_blocks: bool = True) -> None:
+        """Initialise in place (also after meta-device construction and `to_empty`): the model's
+        own parameters, then each block through its own `init_weights` unless `include_blocks`
+        is False (sharded strategies initialise blocks one at a time, in the same order, so
+        both routes draw the same random stream)."""
+        for m in (self.t_mlp[0], self.t_mlp[2]):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
         # Patch embedding as a linear layer over flattened patches (as in the DiT reference).
         nn.init.xavier_uniform_(self.patch.weight.view(self.patch.weight.shape[0], -1))
         nn.init.zeros_(self.patch.bias)
         nn.init.normal_(self.pos, std=0.02)
         nn.init.normal_(self.y_embed.weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity, and so does the output.
-        for blk in self.blocks:
-            nn.init.zeros_(blk.ada[-1].weight)
-            nn.init.zeros_(blk.ada[-1].bias)
+        # adaLN-Zero: the output starts at zero.
         for m in (self.final_ada[-1], self.out):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+        if include_blocks:
+            for blk in self.blocks:
+                blk.init_weights()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]

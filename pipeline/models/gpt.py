@@ -82,16 +82,51 @@ class MLP(nn.Module):
         return self.down(F.gelu(h))
 
 
+def init_linear(weight: torch.Tensor, scheme: str, std: float) -> None:
+    """`model.init` for one linear weight: normal (N(0, std)), xavier or he."""
+    if scheme == "xavier":
+        nn.init.xavier_normal_(weight)
+    elif scheme == "he":
+        nn.init.kaiming_normal_(weight, nonlinearity="relu")
+    else:
+        nn.init.normal_(weight, mean=0.0, std=std)
+
+
+def init_norm(norm: nn.Module) -> None:
+    """Norms start as the identity: weight 1, bias 0 (where they have them)."""
+    for name, p in norm.named_parameters():
+        nn.init.ones_(p) if name == "weight" else nn.init.zeros_(p)
+
+
 class Block(nn.Module):
-    """One pre-norm Transformer block: the unit that strategies shard and checkpoint."""
+    """One pre-norm Transformer block: the unit that strategies shard, initialise and checkpoint."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
+        self.cfg = cfg
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_impl)
         self.attn = Attention(cfg)
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_impl)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise this block alone, in a fixed order (norm1, qkv, proj, norm2, up, down).
+
+        A sharded strategy calls it on one block at a time (with that block's parameters
+        materialised whole), so the random stream, and with it every weight, is the one an
+        unsharded `GPT.init_weights` draws. Residual projections are scaled by 1/sqrt(2 * layers)
+        under the normal scheme (GPT-2).
+        """
+        c = self.cfg
+        residual_std = 0.02 / math.sqrt(2 * c.n_layers)
+        init_norm(self.norm1)
+        init_linear(self.attn.qkv.weight, c.init, 0.02)
+        init_linear(self.attn.proj.weight, c.init, residual_std)
+        init_norm(self.norm2)
+        init_linear(self.mlp.up.weight, c.init, 0.02)
+        init_linear(self.mlp.down.weight, c.init, residual_std)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), rope))
@@ -113,30 +148,35 @@ class GPT(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise every parameter and buffer in place.
+    def init_weights(self, include_blocks: bool = True) -> None:
+        """Initialise in place: the model's own parameters and buffers, then (unless
+        `include_blocks` is False) every block through its own `init_weights`, in order.
 
-        Called at construction, and again after a model built on the meta device has been
-        sharded and materialised with `to_empty`, so that a 7B model never exists unsharded.
-        `model.init`: normal (GPT-2: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers)),
-        xavier or he for the linear layers (embeddings stay N(0, 0.02)); norms start at 1.
+        A model built on the meta device is materialised by the strategy: DDP calls this once on
+        the whole model; FSDP2 and ZeRO-3 call it with `include_blocks=False` and then each
+        block's `init_weights`, one unit at a time with only that unit whole, and keep their
+        shard of it. Both orders draw the same random stream, so the weights are identical.
+        Embeddings are N(0, 0.02) under every `model.init`; the head follows `model.init`.
         """
-        if self.cfg.tie_weights:  # (re-)tie: `to_empty` after meta-device construction unties them
-            self.head.weight = self.embed.weight
+        if self.cfg.tie_weights and self.head.weight is not self.embed.weight:
+            self.head.weight = self.embed.weight  # a plain `to_empty` unties them
+        self.init_buffers()
+        nn.init.normal_(self.embed.weight, mean=0.0, std=0.02)
+        if self.pos is not None:
+            nn.init.normal_(self.pos.weight, mean=0.0, std=0.02)
+        init_norm(self.norm)
+        if not self.cfg.tie_weights:
+            init_linear(self.head.weight, self.cfg.init, 0.02)
+        if include_blocks:
+            for block in self.blocks:
+                block.init_weights()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute the non-persistent RoPE tables (`to_empty` leaves them uninitialised)."""
         cos, sin = rope_tables(self.max_seq_len, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta)
         device = self.embed.weight.device
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
-                continue
-            if self.cfg.init == "xavier" and not name.startswith(("embed", "pos")):
-                nn.init.xavier_normal_(p)
-            elif self.cfg.init == "he" and not name.startswith(("embed", "pos")):
-                nn.init.kaiming_normal_(p, nonlinearity="relu")
-            else:
-                residual = name.endswith(("proj.weight", "down.weight"))
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers) if residual else 0.02)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) to next-token logits (B, T, vocab)."""

@@ -29,6 +29,16 @@ class ResBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """This block alone: PyTorch's default per layer, then zeros in conv2 so the block starts
+        as its skip path."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
         h = self.conv2(self.drop(F.silu(self.norm2(h))))
@@ -69,18 +79,22 @@ class UNet(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise every parameter in place (also after meta-device construction and `to_empty`):
-        PyTorch's default per layer, then zeros where each residual block and the output start."""
-        for m in self.modules():
-            if m is not self and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-        for m in self.modules():
-            if isinstance(m, ResBlock):  # each block starts as its skip path
-                nn.init.zeros_(m.conv2.weight)
-                nn.init.zeros_(m.conv2.bias)
+    def init_weights(self, include_blocks: bool = True) -> None:
+        """Initialise in place (also after meta-device construction and `to_empty`): the model's
+        own layers (PyTorch's default, the output at zero), then every block in `down`, `mid`
+        and `up` in order unless `include_blocks` is False (sharded strategies initialise the
+        blocks one at a time, in the same order, so both routes draw the same random stream)."""
+        for m in (self.t_mlp[0], self.t_mlp[2], self.y_embed, self.inp, self.out_norm):
+            m.reset_parameters()
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        if include_blocks:
+            for layers in (self.down, self.mid, self.up):
+                for layer in layers:
+                    if hasattr(layer, "init_weights"):
+                        layer.init_weights()
+                    elif hasattr(layer, "reset_parameters"):
+                        layer.reset_parameters()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         emb = self.t_mlp(timestep_embedding(t, self.cfg.base_channels)) + self.y_embed(y)

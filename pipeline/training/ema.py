@@ -2,23 +2,27 @@
 
 The decay ramps up as min(decay, (1 + step) / (10 + step)) so that early averages are not
 dominated by the random initialisation.
+
+The average is kept over whatever the strategy hands out as its local weights
+(`Strategy.ema_source`): the whole state dict under DDP, each rank's DTensor shards under FSDP2,
+each rank's fp32 master partitions under ZeRO-3. So a sharded run keeps a sharded EMA, updated
+without any communication; only export gathers it (`Strategy.gather_full`).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, source: dict[str, torch.Tensor], decay: float) -> None:
         self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self.shadow = {k: v.detach().clone().float() for k, v in source.items()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
+    def update(self, source: dict[str, torch.Tensor], step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        for k, v in model.state_dict().items():
+        for k, v in source.items():
             if v.dtype.is_floating_point:
                 self.shadow[k].lerp_(v.detach().float(), 1 - d)
             else:

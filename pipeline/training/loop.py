@@ -92,7 +92,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     reader = GlobalOrderReader(train_shards, tr.global_batch_size, session.rank, session.world, seed=cfg.seed,
                                window=tr.shuffle_window, prefetch=tr.prefetch_batches)
     val = read_split(shards_root, "val") if tr.eval_every else None
-    ema = EMA(strategy.unwrapped, tr.ema_decay) if tr.ema_decay > 0 else None
+    ema = EMA(strategy.ema_source(), tr.ema_decay) if tr.ema_decay > 0 else None
     state, tracker = LoopState(), ValidationTracker()
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None:
@@ -127,7 +127,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
             window_items += task.items(batch)
         norm, stepped = strategy.clip_and_step(tr.grad_clip)
         if ema is not None and stepped:
-            ema.update(strategy.unwrapped, state.step)
+            ema.update(strategy.ema_source(), state.step)
         state.step += 1
         if stepped and math.isfinite(step_loss):
             state.nonfinite_in_a_row = 0

@@ -30,8 +30,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     """
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+        if p.requires_grad:  # a ZeRO-3 partition is 1-d: its logical shape is `ds_shape`
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     on_cuda = all(p.device.type == "cuda" for p in decay + no_decay)
     if cfg.impl == "apex":

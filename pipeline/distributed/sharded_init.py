@@ -1,0 +1,113 @@
+"""Sharded initialisation: a model built on the meta device gets its weights one unit at a time,
+and each rank keeps only its own shard of every unit.
+
+Why not `to_empty` + `init_weights` on the local shards (torchtitan's route)? Random init on
+a shard draws a different stream than init of the whole tensor, so a sharded run would not
+start from a DDP run's weights, and step-by-step equivalence with DDP (this project's proof
+that a layout is correct) would be lost. Instead every rank draws each *whole* unit with the
+same seeded generator, in the order an unsharded `init_weights` uses (the model's own
+parameters first, then each repeated block), keeps its slice and frees the rest. The working
+set is one unit (a block, or the embeddings): no rank ever holds the whole model, and the
+result is bit-identical to DDP's initialisation.
+
+The model side of the contract is small: the root's `init_weights(include_blocks=False)`
+initialises everything outside the repeated blocks (and recomputes non-persistent buffers such
+as RoPE tables), and each block initialises itself with `init_weights()` (or
+`reset_parameters()` for plain layers). Tied parameters are handled once, by identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from pipeline.distributed.units import repeated_blocks
+
+# (the module's parameter before the unit was drawn, the whole parameter just initialised for it)
+Placer = Callable[[list[tuple[nn.Parameter, nn.Parameter]]], None]
+
+
+def init_unit(unit: nn.Module) -> None:
+    """Initialise one repeated block: its `init_weights`, else a plain layer's `reset_parameters`."""
+    if hasattr(unit, "init_weights"):
+        unit.init_weights()
+    elif hasattr(unit, "reset_parameters"):
+        unit.reset_parameters()
+    else:
+        raise TypeError(f"{type(unit).__name__} has parameters but neither init_weights() nor reset_parameters()")
+
+
+def _owners(modules: list[nn.Module]) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (module, attribute) slot holding each parameter, by parameter identity (tied weights
+    have two slots)."""
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in modules:
+        for name, p in module._parameters.items():
+            if p is not None:
+                slots.setdefault(id(p), []).append((module, name))
+    return slots
+
+
+def _global_shape(p: torch.Tensor) -> torch.Size:
+    return p.shape  # a DTensor reports its global shape; a plain (meta) parameter its own
+
+
+@contextlib.contextmanager
+def whole_parameters(modules: list[nn.Module], device: torch.device,
+                     keep_whole: bool = False) -> Iterator[list[tuple[nn.Parameter, nn.Parameter]]]:
+    """Swap every parameter directly owned by `modules` for an uninitialised whole one on
+    `device` and yield (previous, whole) pairs. Afterwards the previous parameters (sharded
+    ones) are put back, unless `keep_whole`: then the whole ones stay (a strategy that
+    partitions them in place, as ZeRO-3 does)."""
+    slots = _owners(modules)
+    kept: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for p in module._parameters.values():
+            if p is not None:
+                kept[id(p)] = p
+    full = {pid: nn.Parameter(torch.empty(_global_shape(p), dtype=p.dtype, device=device),
+                              requires_grad=p.requires_grad) for pid, p in kept.items()}
+    try:
+        for pid, places in slots.items():
+            for module, name in places:
+                module._parameters[name] = full[pid]
+        yield [(kept[pid], full[pid]) for pid in kept]
+    finally:
+        for pid, places in slots.items() if not keep_whole else ():
+            for module, name in places:
+                module._parameters[name] = kept[pid]
+
+
+def units(model: nn.Module) -> list[tuple[list[nn.Module], Callable[[], None]]]:
+    """The model's initialisation units in the order an unsharded `init_weights` draws them:
+    the modules outside the repeated blocks with the root's own init, then each block."""
+    blocks = repeated_blocks(model)
+    inside = {id(m) for b in blocks for m in b.modules()}
+    root_modules = [m for m in model.modules() if id(m) not in inside]
+    out: list[tuple[list[nn.Module], Callable[[], None]]] = [
+        (root_modules, lambda: model.init_weights(include_blocks=False))]
+    for block in blocks:
+        out.append((list(block.modules()), lambda b=block: init_unit(b)))
+    return out
+
+
+@torch.no_grad()
+def init_by_unit(model: nn.Module, device: torch.device, place: Placer, keep_whole: bool = False) -> None:
+    """Initialise `model` unit by unit on `device`; `place` keeps this rank's part of each unit
+    (a slice, a partition) before the whole tensors are dropped. The caller seeds the RNG the
+    same way on every rank."""
+    for modules, init in units(model):
+        with whole_parameters(modules, device, keep_whole) as pairs:
+            init()
+            place(pairs)
+
+
+def materialize_buffers(model: nn.Module, device: torch.device) -> None:
+    """Give meta buffers storage on `device` (their values come from the model's init)."""
+    for module in model.modules():
+        for name, b in module._buffers.items():
+            if b is not None and b.is_meta:
+                module._buffers[name] = torch.empty_like(b, device=device)
