@@ -10,6 +10,8 @@ configured from the trainer settings.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +77,8 @@ class DeepSpeedStrategy(Strategy):
         else:  # ZeRO 0-2 keep whole parameters on every rank
             model = self.materialize(model)
         optimizer = make_optimizer(model)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        share_fp32_master(engine.optimizer)
+        with fp32_master_shares_partition():
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.engine = self.model = engine
         self.optimizer = optimizer  # ZeRO steps this optimizer over its partitions: the loop sets its lr
 
@@ -197,28 +199,38 @@ class DeepSpeedStrategy(Strategy):
                 for k, v in module.state_dict(keep_vars=True).items()}
 
 
-def share_fp32_master(zero_optimizer: Any) -> int:
+@contextlib.contextmanager
+def fp32_master_shares_partition() -> Iterator[None]:
     """Let ZeRO-3's fp32 master partition *be* the parameter partition when both are fp32 on the
-    same device (fp32 training without optimizer offload). Returns the bytes freed.
+    same device (fp32 training without optimizer offload).
 
-    DeepSpeed means to do this itself (stage3.py: "we don't need another copy of the weights"),
-    but its test compares `tensor.device == get_accelerator().current_device_name()`, a
-    torch.device against a string, which is False in current torch; so it clones, and ZeRO-3
-    in fp32 held 0.64 of DDP's per-rank state instead of about 0.5. After the swap the optimizer
-    updates the partition in place and DeepSpeed's copy back into it is a self-copy.
+    DeepSpeed means to do this itself (stage3.py `_create_fp32_partitions`: "we don't need
+    another copy of the weights"), but its test compares `tensor.device` with
+    `get_accelerator().current_device_name()`, a torch.device against a string, which is False
+    in current torch; so it cloned every partition, and ZeRO-3 in fp32 held 0.64 of DDP's
+    per-rank training state instead of about 0.5 (and a second partition during setup). While
+    the optimizer is built, its device is given as a torch.device, so the comparison means what
+    it says; nothing else changes (the optimizer then updates the partition in place, and
+    DeepSpeed's copy back into it is a self-copy).
     """
-    low = getattr(zero_optimizer, "fp16_partitioned_groups_flat", None)
-    master = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)
-    if not low or not master or getattr(zero_optimizer, "offload_optimizer", False):
-        return 0
-    freed = 0
-    for bit16, fp32 in zip(low, master, strict=True):
-        same = (bit16.dtype == fp32.dtype and bit16.device == fp32.device and bit16.shape == fp32.shape
-                and bit16.untyped_storage().data_ptr() != fp32.untyped_storage().data_ptr())
-        if same:
-            fp32.data = bit16.data
-            freed += bit16.numel() * bit16.element_size()
-    return freed
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    original = Stage3._create_fp32_partitions
+
+    def create(self: Any) -> Any:
+        device = self.device
+        if isinstance(device, str):
+            self.device = torch.device(device)
+        try:
+            return original(self)
+        finally:
+            self.device = device
+
+    Stage3._create_fp32_partitions = create
+    try:
+        yield
+    finally:
+        Stage3._create_fp32_partitions = original
 
 
 def consolidate_checkpoint(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
