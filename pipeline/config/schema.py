@@ -373,15 +373,6 @@ class PipelineConfig(Strict):
     precision: PrecisionConfig = PrecisionConfig()
     tracking: TrackingConfig = TrackingConfig()
 
-    @model_validator(mode="after")
-    def _strategy_fits_tasks(self) -> PipelineConfig:
-        if isinstance(self.strategy, DeepSpeedConfig) and self.strategy.zero_stage == 3:
-            for name, task in self.tasks.items():
-                if task.trainer.ema_decay > 0:
-                    raise ValueError(f"tasks.{name}.trainer.ema_decay: EMA is not supported with deepspeed "
-                                     "zero_stage 3 (parameters are partitioned); set it to 0, or use fsdp")
-        return self
-
     def task(self, name: str) -> TaskConfig:
         if name not in self.tasks:
             raise KeyError(f"unknown task '{name}' (config has: {', '.join(sorted(self.tasks))})")
