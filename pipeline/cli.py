@@ -78,6 +78,19 @@ def main(argv: list[str] | None = None) -> None:
     sw.add_argument("--trials", type=int, default=None, help="number of trials (default: the file's num_samples)")
     sw.add_argument("--seed", type=int, default=None, help="Optuna's seed (default: the config's seed)")
     sw.add_argument("--params", default="params.yaml")
+    pl = sub.add_parser("plan", help="per-rank memory of a training step (parameters, gradients, optimizer state, "
+                                     "activations, buffers) and the largest micro-batch that fits; no GPU, no Ray")
+    pl.add_argument("task", help="task under `tasks:` (lm, diffusion)")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides of params.yaml (with --compose: Hydra "
+                                                 "overrides of configs/, e.g. 'model@tasks.lm.model=gpt_7b')")
+    pl.add_argument("--params", default="params.yaml")
+    pl.add_argument("--compose", action="store_true", help="compose configs/ with Hydra instead of reading --params")
+    pl.add_argument("--workers", type=int, default=None, help="data-parallel ranks (default: cluster.num_workers)")
+    pl.add_argument("--device-memory", default=None, help="memory of one device, e.g. 80GiB "
+                                                          "(default: cluster.device_memory)")
+    pl.add_argument("--target", choices=("cuda", "cpu"), default=None,
+                    help="what the ranks run on (default: cuda if cluster.use_gpu, else cpu)")
+    pl.add_argument("--micro-batch", type=int, default=None, help="plan this micro-batch instead of the configured one")
     args = parser.parse_args(argv)
     try:
         if args.cmd in ("lineage", "promote", "reproduce"):
@@ -92,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[sweep {args.task}] {res.trials} trials, {res.stopped_early} stopped early by ASHA; best val_loss "
                   f"{res.best_metric:.4f} with " + ", ".join(f"{k}={v}" for k, v in res.best_point.items()))
             print(f"[sweep {args.task}] train it through the pipeline:\n{res.command}")
+        elif args.cmd == "plan":
+            _plan_command(args)
         elif args.cmd == "compose":
             raw = compose(args.config_dir, args.overrides)
             validate(raw)
@@ -100,9 +115,35 @@ def main(argv: list[str] | None = None) -> None:
         else:
             load_config(args.params)
             print(f"{args.params}: ok")
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
+
+
+def _plan_command(args: argparse.Namespace) -> None:
+    """`pipeline plan`: the memory planner on the composed config (no GPU, no Ray)."""
+    from pipeline.config.sizes import parse_size
+    from pipeline.data.shards import MANIFEST, load_manifest
+    from pipeline.distributed.planner import format_plan, plan
+
+    if args.device_memory is not None:
+        try:
+            parse_size(args.device_memory)
+        except ValueError as e:
+            raise ValueError(f"--device-memory: {e}") from None
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers: must be at least 1 (got {args.workers})")
+    if args.micro_batch is not None and args.micro_batch < 1:
+        raise ValueError(f"--micro-batch: must be at least 1 (got {args.micro_batch})")
+    cfg = validate(compose("configs", args.overrides)) if args.compose else load_config(args.params, args.overrides)
+    cfg.task(args.task)
+    shards = Path(f"data/{args.task}/shards")
+    # Image shape and class count come from the shards when they exist; text sizes from the config.
+    manifest = load_manifest(shards) if (shards / MANIFEST).is_file() and cfg.task(args.task).data.kind != "text" \
+        else None
+    print(format_plan(plan(cfg, args.task, workers=args.workers, device_memory=args.device_memory,
+                           target=args.target, micro_batch=args.micro_batch, manifest=manifest)))
 
 
 def _registry_command(args: argparse.Namespace) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -304,6 +304,19 @@ class ClusterConfig(Strict):
     # (content-addressed by manifest) and every node caches and verifies them locally.
     shards_uri: str | None = None
     max_failures: NonNegInt = 2
+    # Memory of one device (GPU; on a CPU-only cluster, the memory one worker may use): "80GiB" or
+    # bytes. When set, the train stage asks the memory planner first and refuses a config whose
+    # per-rank peak does not fit (`python -m pipeline plan <task>` prints the breakdown).
+    device_memory: int | str | None = None
+
+    @field_validator("device_memory")
+    @classmethod
+    def _size(cls, value: int | str | None) -> int | str | None:
+        from pipeline.config.sizes import parse_size
+
+        if value is not None:
+            parse_size(value)  # kept as written (params.yaml round-trips); the planner parses it again
+        return value
 
 
 Backend = Literal["auto", "gloo", "nccl"]  # auto = nccl on GPU, gloo on CPU

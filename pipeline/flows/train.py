@@ -18,6 +18,7 @@ from pipeline.config.schema import PipelineConfig
 from pipeline.data.build import file_md5
 from pipeline.data.shards import MANIFEST, load_manifest, publish, verify_split
 from pipeline.distributed import preflight
+from pipeline.distributed.planner import check_fits
 from pipeline.runtime import connect
 from pipeline.runtime.trainer import fit, storage_root
 from pipeline.tasks import task_for_data
@@ -72,6 +73,7 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     verify_split(shards_dir, "train")
     preflight(cfg, cfg.cluster.use_gpu)
     micro_batch_size(tcfg.trainer.global_batch_size, cfg.cluster.num_workers, tcfg.trainer.grad_accum_steps)
+    check_fits(cfg, task_name, load_manifest(shards_dir))  # with cluster.device_memory: does a rank's peak fit?
     manifest_md5 = file_md5(shards_dir / MANIFEST)
     uri = mlflow_runs.tracking_uri(cfg.tracking)
     # Everything that changes the trained weights keys the run; anything else may differ on resume.
