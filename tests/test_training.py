@@ -105,14 +105,14 @@ def test_ema_update_follows_the_formula():
     from pipeline.training.ema import EMA
 
     model = torch.nn.Linear(2, 1)
-    ema = EMA(model, decay=0.9)
+    ema = EMA(model.state_dict(), decay=0.9)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update(model, step=100)  # decay = min(0.9, 101 / 110) = 0.9
+    ema.update(model.state_dict(), step=100)  # decay = min(0.9, 101 / 110) = 0.9
     expected = 0.9 * start["weight"] + 0.1 * model.weight
     assert torch.allclose(ema.state_dict()["weight"], expected)
-    ema.update(model, step=0)  # warm-up: decay = 1 / 10
+    ema.update(model.state_dict(), step=0)  # warm-up: decay = 1 / 10
     assert torch.allclose(ema.state_dict()["weight"], 0.1 * expected + 0.9 * model.weight)
 
 
