@@ -38,6 +38,7 @@ def cpu_fp16_supported() -> bool:
 
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
+    _parts: dict[str, nn.Parameter] | None = None  # ZeRO-3's partitioned parameters by state-dict name
 
     def ds_config(self, num_params: int) -> dict[str, Any]:
         c, s, dtype = self.cfg, self.settings, self.precision.name
@@ -125,10 +126,12 @@ class DeepSpeedStrategy(Strategy):
 
     # ---------------------------------------------------------------- EMA over ZeRO-3 partitions
     def _partitioned(self) -> dict[str, nn.Parameter]:
-        """State-dict names of ZeRO-3's partitioned parameters (tied weights appear under each name)."""
-        if self.cfg.zero_stage != 3:
-            return {}
-        return {k: v for k, v in self.engine.module.state_dict(keep_vars=True).items() if hasattr(v, "ds_id")}
+        """State-dict names of ZeRO-3's partitioned parameters (tied weights appear under each name);
+        found once, since the EMA asks every step and the parameter objects never change."""
+        if self._parts is None:
+            self._parts = {} if self.cfg.zero_stage != 3 else {
+                k: v for k, v in self.engine.module.state_dict(keep_vars=True).items() if hasattr(v, "ds_id")}
+        return self._parts
 
     def ema_source(self) -> dict[str, torch.Tensor]:
         """Under ZeRO-3 each rank's fp32 master partition of every parameter (1-d, padded to the

@@ -40,45 +40,36 @@ def init_unit(unit: nn.Module) -> None:
         raise TypeError(f"{type(unit).__name__} has parameters but neither init_weights() nor reset_parameters()")
 
 
-def _owners(modules: list[nn.Module]) -> dict[int, list[tuple[nn.Module, str]]]:
-    """Every (module, attribute) slot holding each parameter, by parameter identity (tied weights
-    have two slots)."""
-    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+def _slots(modules: list[nn.Module]) -> dict[int, tuple[nn.Parameter, list[tuple[nn.Module, str]]]]:
+    """Each parameter directly owned by `modules`, by identity, with every (module, attribute)
+    slot that holds it (tied weights have two)."""
+    slots: dict[int, tuple[nn.Parameter, list[tuple[nn.Module, str]]]] = {}
     for module in modules:
         for name, p in module._parameters.items():
             if p is not None:
-                slots.setdefault(id(p), []).append((module, name))
+                slots.setdefault(id(p), (p, []))[1].append((module, name))
     return slots
-
-
-def _global_shape(p: torch.Tensor) -> torch.Size:
-    return p.shape  # a DTensor reports its global shape; a plain (meta) parameter its own
 
 
 @contextlib.contextmanager
 def whole_parameters(modules: list[nn.Module], device: torch.device,
                      keep_whole: bool = False) -> Iterator[list[tuple[nn.Parameter, nn.Parameter]]]:
     """Swap every parameter directly owned by `modules` for an uninitialised whole one on
-    `device` and yield (previous, whole) pairs. Afterwards the previous parameters (sharded
-    ones) are put back, unless `keep_whole`: then the whole ones stay (a strategy that
-    partitions them in place, as ZeRO-3 does)."""
-    slots = _owners(modules)
-    kept: dict[int, nn.Parameter] = {}
-    for module in modules:
-        for p in module._parameters.values():
-            if p is not None:
-                kept[id(p)] = p
-    full = {pid: nn.Parameter(torch.empty(_global_shape(p), dtype=p.dtype, device=device),
-                              requires_grad=p.requires_grad) for pid, p in kept.items()}
+    `device` (a DTensor's shape is its global shape) and yield (previous, whole) pairs.
+    Afterwards the previous parameters (sharded ones) are put back, unless `keep_whole`: then
+    the whole ones stay (a strategy that partitions them in place, as ZeRO-3 does)."""
+    slots = _slots(modules)
+    full = {pid: nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
+            for pid, (p, _) in slots.items()}
     try:
-        for pid, places in slots.items():
+        for pid, (_, places) in slots.items():
             for module, name in places:
                 module._parameters[name] = full[pid]
-        yield [(kept[pid], full[pid]) for pid in kept]
+        yield [(p, full[pid]) for pid, (p, _) in slots.items()]
     finally:
-        for pid, places in slots.items() if not keep_whole else ():
+        for p, places in slots.values() if not keep_whole else ():
             for module, name in places:
-                module._parameters[name] = kept[pid]
+                module._parameters[name] = p
 
 
 def units(model: nn.Module) -> list[tuple[list[nn.Module], Callable[[], None]]]:
