@@ -43,7 +43,7 @@ def test_planner_trace_equals_real_tensors(mode):
     views its block hooks add, which allocate nothing)."""
     from pipeline.config.schema import GPTConfig, TrainerConfig
     from pipeline.distributed.activation import apply_activation_checkpointing
-    from pipeline.distributed.planner import _LiveBytes, _run_fake
+    from pipeline.distributed.planner.trace import _LiveBytes, _run_fake
     from pipeline.models.gpt import GPT
 
     cfg = GPTConfig(d_model=256, n_layers=3, n_heads=4)
@@ -63,7 +63,7 @@ def test_planner_trace_equals_real_tensors(mode):
 
 def test_planner_activations_are_linear_in_the_micro_batch():
     """Micro-batch 1 and 2 give every operator's fixed and per-item bytes; a trace at 5 agrees."""
-    from pipeline.distributed.planner import _run_fake, activation_profile, spec_for_planning
+    from pipeline.distributed.planner.trace import _run_fake, activation_profile, spec_for_planning
 
     cfg = validate(tiny_raw([*SMALL, "tasks.lm.trainer.activation_checkpointing=full"]))
     tcfg = cfg.task("lm")
@@ -78,7 +78,8 @@ def test_planner_activations_are_linear_in_the_micro_batch():
 def test_planner_optimizer_temporaries_match_torch(name, impl):
     """`step_temporaries`: a real CPU optimizer step's temporaries, in copies of its largest tensor."""
     from pipeline.config.schema import GPTConfig, OptimConfig
-    from pipeline.distributed.planner import _LiveBytes, step_temporaries
+    from pipeline.distributed.planner import step_temporaries
+    from pipeline.distributed.planner.trace import _LiveBytes
     from pipeline.models.gpt import GPT
     from pipeline.training.optim import build_optimizer
 

@@ -1,0 +1,50 @@
+"""Memory planner: what one rank holds at the peak of a training step, per strategy, from the
+config alone (no GPU, no Ray, no process group), and the largest micro-batch that fits.
+
+It sits beside the strategies because it has to know their layouts (what `ddp.py`, `fsdp.py`
+and `deepspeed.py` keep on each rank); it imports neither DeepSpeed nor Ray.
+
+Modules: `trace.py` (the fake-tensor activation trace and the model's parameter counts),
+`layouts.py` (each strategy's per-rank state), `planning.py` (the peak, the largest
+micro-batch, suggestions, the train stage's check) and `report.py` (the printed table).
+
+How the numbers are made, and why this way:
+
+* **Parameters** are counted on the model the loop would build (`task_for_data(kind).build(spec)`),
+  constructed under `FakeTensorMode`: every tensor has its shape and dtype but no storage, so a
+  7B preset costs nothing to build. Repeated blocks (the FSDP units) come from
+  `units.repeated_blocks`, as in the strategies.
+* **Activations are traced, not estimated.** The fake model runs one forward and backward of
+  the task's real loss (`Task.loss`), with the configured activation checkpointing
+  (`activation.apply_activation_checkpointing`) and precision (bf16/fp16 autocast, and
+  low-precision parameters where the strategy keeps them), while a dispatch mode counts the
+  bytes of every tensor storage alive after each operator (weak references tell when one is
+  freed). That is the allocation sequence eager PyTorch makes, without making it: saved
+  activations, autocast weight copies, logits and cross-entropy buffers, one block's recompute
+  under checkpointing, and the backward's gradient temporaries all appear by themselves. The
+  trace runs at micro-batch 1 and 2; every operator's live bytes are linear in the micro-batch
+  (`fixed + per_item * B`), which makes the largest micro-batch an exact integer computation.
+  The trace is on CPU tensors, so it sees the CPU's attention kernel: `scaled_dot_product_attention`
+  runs the flash kernel there (q, k, v, output and log-sum-exp saved) except with attention
+  dropout, where the CPU falls back to the math path (the T x T matrix is saved). For a CUDA
+  target the trace runs attention without dropout, which is what the CUDA flash kernel saves
+  (its dropout mask is regenerated from an RNG state, not stored). CUDA's autocast op lists
+  differ slightly from the CPU's (which ops stay fp32); the trace uses the CPU's.
+* **Static state per strategy** (parameters, gradients, optimizer state, fp32 master copies,
+  communication buffers) follows each strategy's layout; see `layouts._layout` for every term and
+  which measurement it was checked against (`tests/test_planner.py`, `benchmarks/planner.py`).
+
+Peak = the larger of (static + gathered parameters + the worst operator of forward/backward,
+with gradients as the strategy holds them at that moment) and (static + gradients + the
+optimizer step's temporaries). On a CUDA target a fixed runtime reserve (CUDA context, NCCL and
+cuBLAS workspaces, which the caching allocator never sees) is added; allocator fragmentation is
+not modelled.
+"""
+
+from pipeline.distributed.planner.layouts import Breakdown, step_temporaries, zero3_gathered_peak
+from pipeline.distributed.planner.planning import MemoryPlan, check_fits, plan
+from pipeline.distributed.planner.report import format_plan
+from pipeline.distributed.planner.trace import ActivationProfile, ModelFacts, activation_profile, spec_for_planning
+
+__all__ = ["ActivationProfile", "Breakdown", "MemoryPlan", "ModelFacts", "activation_profile", "check_fits",
+           "format_plan", "plan", "spec_for_planning", "step_temporaries", "zero3_gathered_peak"]

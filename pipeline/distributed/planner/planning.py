@@ -1,0 +1,250 @@
+"""The plan: one rank's peak for a task, config and world size, the largest micro-batch that
+fits, and what to change when nothing does.
+
+It is apart from the trace and the layouts because it only combines them: it applies a
+strategy's layout (`layouts.py`) to the traced activations (`trace.py`), takes the worse of
+forward/backward and the optimizer step, adds the CUDA runtime reserve, and searches the
+micro-batch exactly (every operator's bytes are linear in it). `check_fits` is the train
+stage's check before any Ray resource.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config.schema import PipelineConfig, TaskConfig
+from pipeline.config.sizes import format_size, parse_size
+from pipeline.distributed.planner.layouts import Breakdown, _Layout, _layout, _trace_dtype
+from pipeline.distributed.planner.trace import ActivationProfile, activation_profile, spec_for_planning
+from pipeline.distributed.precision import DTYPES
+
+GiB = 2**30
+# CUDA context, NCCL communicators and cuBLAS workspaces: outside the caching allocator, so no
+# tensor count sees them. About 0.5-1 GiB per process on current GPUs; we reserve 1 GiB.
+CUDA_RUNTIME_RESERVE = 1 * GiB
+MAX_MICRO_BATCH = 1 << 20
+
+
+@dataclass
+class MemoryPlan:
+    """One rank's peak for one task, config and world size."""
+
+    task: str
+    strategy: str
+    workers: int
+    precision: str
+    target: str
+    activation_checkpointing: str
+    num_params: int
+    micro_batch: int  # the one planned: given, else the configured one, else 1
+    item_shape: str  # "sequence 2048" or "image 1x8x8"
+    device: Breakdown  # at the peak
+    phase: str  # when the peak happens: "forward/backward" or "optimizer step"
+    host: Breakdown  # what offload keeps in host memory
+    device_memory: int | None = None
+    largest_micro_batch: int | None = None  # None: no device memory given; 0: not even 1 fits
+    suggestion: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.device.total
+
+    @property
+    def fits(self) -> bool | None:
+        if self.device_memory is None:
+            return None
+        return self.total <= self.device_memory
+
+
+
+# ----------------------------------------------------------------------------- the plan
+def _autocast_dtype(precision: str) -> torch.dtype | None:
+    return None if precision == "fp32" else DTYPES[precision]
+
+
+def _configured_micro_batch(tcfg: TaskConfig, workers: int) -> int | None:
+    g, a = tcfg.trainer.global_batch_size, tcfg.trainer.grad_accum_steps
+    return g // (workers * a) if g % (workers * a) == 0 else None
+
+
+@dataclass
+class _Evaluator:
+    """Peak bytes of one layout at any micro-batch (vectorised over the traced operators)."""
+
+    layout: _Layout
+    profile: ActivationProfile
+    reserve: int
+
+    def __post_init__(self) -> None:
+        p, lay = self.profile, self.layout
+        self._grads = lay.grads_during(p.root_grads, p.block_grads)
+        self._gathered = lay.gathered(p.phase)
+        self._reducing = lay.reducing(p.phase)
+        # everything but the per-item part of the activations, per operator
+        self._fixed = p.fixed - p.root_grads - p.block_grads + self._grads + self._gathered + self._reducing
+
+    def fwd_bwd(self, micro_batch: int) -> tuple[int, Breakdown]:
+        p, lay = self.profile, self.layout
+        at = int(np.argmax(self._fixed + p.per_item * micro_batch))
+        acts = int(p.fixed[at] + p.per_item[at] * micro_batch - p.root_grads[at] - p.block_grads[at])
+        b = lay.static + Breakdown(params=int(self._gathered[at]), grads=int(self._grads[at]), activations=acts,
+                                   comm=int(self._reducing[at]), reserve=self.reserve)
+        return b.total, b
+
+    def optimizer_step(self) -> tuple[int, Breakdown]:
+        b = self.layout.static + self.layout.step + Breakdown(reserve=self.reserve)
+        return b.total, b
+
+    def peak(self, micro_batch: int) -> tuple[Breakdown, str]:
+        f, fb = self.fwd_bwd(micro_batch)
+        s, sb = self.optimizer_step()
+        return (fb, "forward/backward") if f >= s else (sb, "optimizer step")
+
+    def largest_micro_batch(self, budget: int) -> int:
+        """Exact: every operator's bytes are a + b x micro-batch, so each gives an upper bound."""
+        if self.optimizer_step()[0] > budget:
+            return 0
+        room = budget - self.layout.static.total - self.reserve - self._fixed
+        per = self.profile.per_item
+        if np.any(room[per <= 0] < 0):
+            return 0
+        grows = per > 0
+        if not np.any(grows):
+            return MAX_MICRO_BATCH
+        return int(max(0, min(MAX_MICRO_BATCH, int(np.min(room[grows] // per[grows])))))
+
+
+def _evaluator(cfg: PipelineConfig, task_name: str, workers: int, target: str,
+               manifest: dict[str, Any] | None) -> tuple[_Evaluator, dict[str, Any]]:
+    tcfg = cfg.task(task_name)
+    spec = spec_for_planning(tcfg, manifest)
+    profile = activation_profile(tcfg, spec, _trace_dtype(cfg), _autocast_dtype(cfg.precision.dtype), target)
+    layout = _layout(cfg, profile.facts, workers, tcfg.optim, target)
+    reserve = CUDA_RUNTIME_RESERVE if target == "cuda" else 0
+    return _Evaluator(layout, profile, reserve), spec
+
+
+def _item_shape(spec: dict[str, Any]) -> str:
+    if "max_seq_len" in spec:
+        return f"sequence {spec['max_seq_len']}"
+    return "image " + "x".join(str(d) for d in spec["image_shape"])
+
+
+def plan(cfg: PipelineConfig, task_name: str, workers: int | None = None, device_memory: int | str | None = None,
+         target: str | None = None, micro_batch: int | None = None,
+         manifest: dict[str, Any] | None = None, suggest: bool = True) -> MemoryPlan:
+    """Plan one task's training step per rank.
+
+    workers: data-parallel ranks (default `cluster.num_workers`); device_memory: bytes or a size
+    string (default `cluster.device_memory`); target: "cuda" or "cpu" (default from
+    `cluster.use_gpu`); micro_batch: default the configured one (global batch / workers /
+    accumulation), else 1; manifest: the shard manifest, when the shards exist.
+    """
+    workers = workers or cfg.cluster.num_workers
+    target = target or ("cuda" if cfg.cluster.use_gpu else "cpu")
+    if target not in ("cuda", "cpu"):
+        raise ValueError(f"target: expected cuda or cpu (got {target!r})")
+    if device_memory is None:
+        device_memory = cfg.cluster.device_memory
+    memory = parse_size(device_memory) if device_memory is not None else None
+    tcfg = cfg.task(task_name)
+    ev, spec = _evaluator(cfg, task_name, workers, target, manifest)
+    configured = _configured_micro_batch(tcfg, workers)
+    mb = micro_batch or configured or 1
+    device, phase = ev.peak(mb)
+    result = MemoryPlan(task_name, ev.layout.name, workers, cfg.precision.dtype, target,
+                        tcfg.trainer.activation_checkpointing, ev.profile.facts.params, mb,
+                        _item_shape(spec), device, phase, ev.layout.host, memory)
+    if micro_batch is None and configured is None:
+        result.notes.append(f"trainer.global_batch_size {tcfg.trainer.global_batch_size} does not divide into "
+                            f"{workers} workers x {tcfg.trainer.grad_accum_steps} accumulation steps: shown at "
+                            "micro-batch 1")
+    if memory is not None:
+        result.largest_micro_batch = ev.largest_micro_batch(memory)
+        if suggest:
+            result.suggestion = _suggest(cfg, task_name, workers, target, memory, result, manifest)
+    return result
+
+
+def _with(cfg: PipelineConfig, strategy: dict[str, Any] | None = None, ac: str | None = None,
+          task_name: str | None = None) -> PipelineConfig:
+    raw = cfg.model_dump(mode="json")
+    if strategy is not None:
+        raw["strategy"] = strategy
+    if ac is not None and task_name is not None:
+        raw["tasks"][task_name]["trainer"]["activation_checkpointing"] = ac
+    return PipelineConfig.model_validate(raw)
+
+
+ALTERNATIVES: list[tuple[str, dict[str, Any]]] = [
+    ("strategy.name=fsdp", {"name": "fsdp"}),
+    ("strategy.name=deepspeed strategy.zero_stage=3", {"name": "deepspeed", "zero_stage": 3}),
+    ("strategy.name=deepspeed strategy.zero_stage=3 strategy.offload_optimizer=true",
+     {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": True}),
+    ("strategy.name=deepspeed strategy.zero_stage=3 strategy.offload_optimizer=true strategy.offload_params=true",
+     {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": True, "offload_params": True}),
+]
+
+
+def _suggest(cfg: PipelineConfig, task_name: str, workers: int, target: str, memory: int, p: MemoryPlan,
+             manifest: dict[str, Any] | None) -> str:
+    """One sentence: fine as is, the micro-batch to use, or a layout that would fit."""
+    tcfg = cfg.task(task_name)
+    best = p.largest_micro_batch or 0
+    key = f"tasks.{task_name}.trainer"
+    if best >= 1:
+        if p.micro_batch is None or p.micro_batch <= best:
+            return f"fits: largest micro-batch {best}"
+        g = tcfg.trainer.global_batch_size
+        for accum in range(tcfg.trainer.grad_accum_steps + 1, g + 1):
+            if g % (workers * accum) == 0 and g // (workers * accum) <= best:
+                return (f"micro-batch {p.micro_batch} does not fit, {best} does: set {key}.grad_accum_steps={accum} "
+                        f"(micro-batch {g // (workers * accum)})")
+        return f"micro-batch {p.micro_batch} does not fit, {best} does: lower {key}.global_batch_size"
+    tries: list[tuple[str, PipelineConfig]] = []
+    ac = tcfg.trainer.activation_checkpointing
+    current = cfg.strategy.model_dump()
+    for label, strat in ALTERNATIVES:
+        merged = {**{k: v for k, v in current.items() if k == "backend"}, **strat}
+        if merged.get("name") == current.get("name") and all(current.get(k) == v for k, v in strat.items()):
+            continue
+        tries.append((label, _with(cfg, merged)))
+    if ac != "full":
+        tries.insert(0, (f"{key}.activation_checkpointing=full", _with(cfg, ac="full", task_name=task_name)))
+        tries += [(f"{label} {key}.activation_checkpointing=full", _with(c, ac="full", task_name=task_name))
+                  for label, c in list(tries[1:])]
+    for label, alt in tries:
+        ev, _ = _evaluator(alt, task_name, workers, target, manifest)
+        fit = ev.largest_micro_batch(memory)
+        if fit >= 1:
+            return f"nothing fits at micro-batch 1; {label} would fit (largest micro-batch {fit})"
+    full_shard = _with(cfg, {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": True,
+                             "offload_params": True}, ac="full", task_name=task_name)
+    for more in (2**k for k in range(1, 13)):
+        if more <= workers:
+            continue
+        ev, _ = _evaluator(full_shard, task_name, more, target, manifest)
+        if ev.largest_micro_batch(memory) >= 1:
+            return (f"nothing fits at micro-batch 1 on {workers} workers, with any strategy; ZeRO-3 with offload and "
+                    f"full activation checkpointing fits on {more} workers")
+    return "nothing fits at micro-batch 1, with any strategy, on up to 4096 workers"
+
+
+def check_fits(cfg: PipelineConfig, task_name: str, manifest: dict[str, Any] | None = None) -> MemoryPlan | None:
+    """The train stage's check, before any Ray resource: when `cluster.device_memory` is set,
+    raise ValueError (one line, starting with the key) if the configured micro-batch cannot fit."""
+    if cfg.cluster.device_memory is None:
+        return None
+    p = plan(cfg, task_name, manifest=manifest)
+    assert p.device_memory is not None
+    if p.total <= p.device_memory:
+        return p
+    raise ValueError(
+        f"cluster.device_memory: tasks.{task_name} needs {format_size(p.total)} per rank at micro-batch "
+        f"{p.micro_batch} ({p.strategy}, {p.workers} workers, {p.precision}) but a device has "
+        f"{format_size(p.device_memory)}; {p.suggestion} (python -m pipeline plan {task_name} shows the breakdown)")

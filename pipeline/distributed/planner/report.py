@@ -1,0 +1,41 @@
+"""Output: the plan as a small table a person reads (`python -m pipeline plan`).
+
+It is apart from the plan so that the numbers and their presentation change independently;
+it only reads a `MemoryPlan`.
+"""
+
+from __future__ import annotations
+
+from pipeline.config.sizes import format_size
+from pipeline.distributed.planner.planning import MemoryPlan
+
+
+def format_plan(p: MemoryPlan) -> str:
+    """A small table a person reads: one row per kind of memory, device and host columns."""
+    mb = p.micro_batch if p.micro_batch is not None else 1
+    lines = [f"memory plan: {p.task}, {p.num_params / 1e6:,.1f}M parameters, {p.strategy}, {p.workers} workers, "
+             f"{p.precision}, activation checkpointing {p.activation_checkpointing}, {p.target} target",
+             f"per rank at micro-batch {mb} ({p.item_shape}); peak during the {p.phase}"]
+    rows = [("parameters", "params"), ("gradients", "grads"), ("optimizer state", "optimizer"),
+            ("activations", "activations"), ("communication buffers", "comm")]
+    if p.device.reserve:
+        rows.append(("CUDA runtime reserve", "reserve"))
+    offloaded = p.host.total > 0
+    width = max(len(r[0]) for r in rows) + 2
+    head = f"  {'':<{width}}{'device':>12}" + (f"{'host':>12}" if offloaded else "")
+    lines.append(head)
+    for label, attr in rows:
+        line = f"  {label:<{width}}{format_size(getattr(p.device, attr)):>12}"
+        if offloaded:
+            line += f"{format_size(getattr(p.host, attr)):>12}"
+        lines.append(line)
+    lines.append(f"  {'total':<{width}}{format_size(p.total):>12}" +
+                 (f"{format_size(p.host.total):>12}" if offloaded else ""))
+    if p.device_memory is not None:
+        verdict = "fits" if p.fits else "does NOT fit"
+        lines.append(f"device memory {format_size(p.device_memory)}: micro-batch {mb} {verdict}; "
+                     f"largest micro-batch that fits: {p.largest_micro_batch}")
+        if p.suggestion and not p.suggestion.startswith("fits"):
+            lines.append(p.suggestion)
+    lines += [f"note: {n}" for n in p.notes]
+    return "\n".join(lines)

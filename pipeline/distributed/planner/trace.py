@@ -1,0 +1,279 @@
+"""The fake-tensor trace: what the model the loop would build holds while one micro-batch goes
+forward and backward, without a GPU or any storage.
+
+It is apart from the layouts because it knows nothing of strategies: it builds the model under
+`FakeTensorMode`, runs the task's real loss and its backward with the configured activation
+checkpointing and precision, and counts the bytes of every storage alive after each operator.
+What it returns (`ModelFacts`: parameter counts and module call order; `ActivationProfile`:
+live bytes per operator, linear in the micro-batch) is what every strategy layout
+(`layouts.py`) is applied to. The package docstring says why activations are traced, not
+estimated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config.schema import TaskConfig, TrainerConfig
+from pipeline.distributed.activation import apply_activation_checkpointing
+from pipeline.distributed.units import repeated_blocks
+
+# DeepSpeed ZeRO-3's default (DeepSpeed 0.19), here because `ModelFacts.small_params` counts by it;
+# the other ZeRO-3 defaults are in layouts.py.
+ZERO3_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold: smaller params stay whole
+
+
+# ----------------------------------------------------------------------------- model facts
+@dataclass(frozen=True)
+class ModelFacts:
+    """Parameter counts of the model the loop would build, in elements."""
+
+    params: int
+    root_params: int  # outside the repeated blocks (embeddings, head, final norm): FSDP's root unit
+    block_params: tuple[int, ...]  # per repeated block, in order
+    matrix_params: int  # parameters with 2+ dims: the optimizer's weight-decay group (the larger one)
+    small_params: int  # parameters of at most ZERO3_PERSISTENCE_THRESHOLD elements (ZeRO-3 keeps them whole)
+    param_numels: tuple[int, ...]  # every (unique) parameter, indexed as in `module_calls`
+    module_calls: tuple[tuple[int, ...], ...]  # forward order of module calls that own parameters
+
+    @property
+    def largest_block(self) -> int:
+        return max(self.block_params, default=0)
+
+
+def spec_for_planning(tcfg: TaskConfig, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model spec the loop would build, from a shard manifest when there is one, else from
+    the config alone (vocabulary size and sequence length for text; for images the builtin
+    digits' 1x8x8-style shape and 10 classes, or 3 channels and 10 classes for other sources,
+    an assumption the class count barely matters to)."""
+    from pipeline.tasks import task_for_data
+
+    if manifest is None:
+        d = tcfg.data
+        if d.kind == "text":
+            manifest = {"vocab_size": d.vocab_size, "seq_len": d.seq_len}
+        else:
+            channels = 1 if d.source == "builtin:digits" else 3
+            manifest = {"image_shape": [channels, d.image_size, d.image_size], "num_classes": 10}
+    return task_for_data(tcfg.data.kind).model_spec(tcfg, manifest)
+
+
+# ----------------------------------------------------------------------------- the trace
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of tensor storages created under it and still alive, sampled after every operator.
+
+    Storages that existed before (parameters, buffers) are ignored: the strategy layout counts
+    those. A storage is counted once however many views share it, and uncounted when its
+    Python object is finalized (PyTorch keeps one Python object per live storage)."""
+
+    def __init__(self, ignore: set[int]) -> None:
+        super().__init__()
+        self.ignore = ignore
+        self.live: dict[int, weakref.ref] = {}
+        self.now = 0
+        self.samples: list[int] = []
+        self.phase = 0  # set by block hooks: 0 outside the blocks, 1 in a block's forward, 2 in its backward
+        self.phases: list[int] = []
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.now -= nbytes
+        self.live.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = st._cdata
+                if key in self.ignore or key in self.live or not st.nbytes():
+                    continue
+                n = st.nbytes()
+                self.live[key] = weakref.ref(st, lambda _r, key=key, n=n: self._freed(key, n))
+                self.now += n
+        self.samples.append(self.now)
+        self.phases.append(self.phase)
+        return out
+
+
+@dataclass(frozen=True)
+class _Trace:
+    """One forward + backward at one micro-batch: per operator, live bytes of everything the
+    step created (activations, temporaries, gradients) and the gradient bytes already final,
+    split into the root unit's and the blocks'."""
+
+    live: np.ndarray
+    root_grads: np.ndarray
+    block_grads: np.ndarray
+    phase: np.ndarray  # 0 outside the repeated blocks, 1 in a block's forward, 2 in a block's backward
+
+
+@contextlib.contextmanager
+def _attention_without_dropout() -> Iterator[None]:
+    """CUDA's flash kernel saves an RNG state, not a dropout mask: trace attention without dropout."""
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+
+    def sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
+        kwargs["dropout_p"] = 0.0
+        if len(args) > 4:
+            args = (*args[:4], 0.0, *args[5:])
+        return original(*args, **kwargs)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def _fake_batch(kind: str, spec: dict[str, Any], micro_batch: int) -> dict[str, torch.Tensor]:
+    """What `Task.batch_to_tensors` returns, as (fake) zeros of the right shapes and dtypes."""
+    if kind == "text":
+        t = spec["max_seq_len"]
+        return {"x": torch.zeros(micro_batch, t, dtype=torch.long), "y": torch.zeros(micro_batch, t, dtype=torch.long)}
+    return {"x": torch.zeros(micro_batch, *spec["image_shape"]), "y": torch.zeros(micro_batch, dtype=torch.long)}
+
+
+def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """`model.to(dtype)` for fake tensors (whose `_apply` cannot swap them), keeping ties."""
+    done: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_floating_point():
+                if id(p) not in done:
+                    done[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+                module._parameters[name] = done[id(p)]
+
+
+def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dtype: torch.dtype,
+              autocast_dtype: torch.dtype | None, target: str, micro_batch: int) -> tuple[ModelFacts, _Trace]:
+    """Build the model under FakeTensorMode and trace one forward + backward at `micro_batch`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pipeline.tasks import task_for_data
+
+    task = task_for_data(kind)
+    with FakeTensorMode():
+        model = task.build(spec)
+        blocks = repeated_blocks(model)
+        params = list(model.parameters())
+        index = {id(p): i for i, p in enumerate(params)}
+        in_block = {id(p) for b in blocks for p in b.parameters()}
+        calls: list[tuple[int, ...]] = []
+
+        def record(module: nn.Module, _args: Any) -> None:
+            owned = tuple(index[id(p)] for p in module.parameters(recurse=False) if id(p) in index)
+            if owned:
+                calls.append(owned)
+
+        hooks = [m.register_forward_pre_hook(record) for m in model.modules()
+                 if any(True for _ in m.parameters(recurse=False))]
+        if param_dtype != torch.float32:
+            _cast_parameters(model, param_dtype)
+        apply_activation_checkpointing(model, trainer.activation_checkpointing, trainer.ac_selective,
+                                       trainer.ac_every_k)
+        model.train()
+        batch = _fake_batch(kind, spec, micro_batch)
+        ignore = {t.untyped_storage()._cdata for t in [*params, *model.buffers()]}
+        root_done, block_done = [0], [0]
+        marks: list[tuple[int, int, int]] = []
+        tracker = _LiveBytes(ignore)
+
+        def grad_ready(p: torch.Tensor) -> None:
+            n = p.grad.untyped_storage().nbytes() if p.grad is not None else 0
+            if id(p) in in_block:
+                block_done[0] += n
+            else:
+                root_done[0] += n
+            marks.append((len(tracker.samples), root_done[0], block_done[0]))
+
+        grad_hooks = [p.register_post_accumulate_grad_hook(grad_ready) for p in params]
+
+        def set_phase(value: int) -> Callable[..., None]:
+            def hook(*_args: Any) -> None:
+                tracker.phase = value
+            return hook
+
+        for unit in repeated_blocks(model):  # (the checkpoint wrappers, under activation checkpointing)
+            grad_hooks += [unit.register_forward_pre_hook(set_phase(1)), unit.register_forward_hook(set_phase(0)),
+                           unit.register_full_backward_pre_hook(set_phase(2)),
+                           unit.register_full_backward_hook(set_phase(0))]
+        cuda = _attention_without_dropout() if target == "cuda" else contextlib.nullcontext()
+        autocast = (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with cuda, tracker:
+            with autocast:
+                loss = task.loss(model, batch, None)
+            calls_forward = list(calls)  # (checkpointed blocks call their modules again in backward)
+            loss.backward()
+        for h in [*hooks, *grad_hooks]:
+            h.remove()
+        n = len(tracker.samples)
+        root = np.zeros(n, dtype=np.int64)
+        blk = np.zeros(n, dtype=np.int64)
+        for at, r, b in marks:  # a gradient counts as final from the first operator after its hook
+            root[min(at, n - 1):] = r
+            blk[min(at, n - 1):] = b
+        trace = _Trace(np.asarray(tracker.samples, dtype=np.int64), root, blk,
+                       np.asarray(tracker.phases, dtype=np.int8))
+        numels = tuple(p.numel() for p in params)
+        facts = ModelFacts(
+            params=sum(numels),
+            root_params=sum(p.numel() for p in params if id(p) not in in_block),
+            block_params=tuple(sum(p.numel() for p in b.parameters()) for b in blocks),
+            matrix_params=sum(p.numel() for p in params if p.dim() >= 2),
+            small_params=sum(n for n in numels if n <= ZERO3_PERSISTENCE_THRESHOLD),
+            param_numels=numels,
+            module_calls=tuple(calls_forward),
+        )
+    return facts, trace
+
+
+@dataclass
+class ActivationProfile:
+    """Per operator of a forward + backward: live bytes = fixed + per_item x micro-batch, and
+    the gradient bytes already final (in the traced parameter dtype)."""
+
+    facts: ModelFacts
+    fixed: np.ndarray
+    per_item: np.ndarray
+    root_grads: np.ndarray
+    block_grads: np.ndarray
+    phase: np.ndarray
+    grad_bytes: int  # bytes per gradient element in the trace
+
+
+_PROFILE_CACHE: dict[tuple, ActivationProfile] = {}
+
+
+def activation_profile(tcfg: TaskConfig, spec: dict[str, Any], param_dtype: torch.dtype,
+                       autocast_dtype: torch.dtype | None, target: str) -> ActivationProfile:
+    """Trace at micro-batch 1 and 2 and split every operator's live bytes into a fixed part and
+    a per-item part (exact while every operator's tensors scale linearly with the batch, as a
+    Transformer's and a U-Net's do; tests/test_planner.py checks a third point)."""
+    import json
+
+    key = (json.dumps(spec, sort_keys=True), tcfg.trainer.activation_checkpointing, tcfg.trainer.ac_selective,
+           tcfg.trainer.ac_every_k, tcfg.trainer.label_smoothing, str(param_dtype), str(autocast_dtype), target)
+    if key in _PROFILE_CACHE:
+        return _PROFILE_CACHE[key]
+    kind = tcfg.data.kind
+    facts, one = _run_fake(kind, spec, tcfg.trainer, param_dtype, autocast_dtype, target, 1)
+    _, two = _run_fake(kind, spec, tcfg.trainer, param_dtype, autocast_dtype, target, 2)
+    if len(one.live) != len(two.live):
+        raise RuntimeError("planner: the traced step runs different operators at micro-batch 1 and 2; "
+                           "its activations are not linear in the batch")
+    per_item = two.live - one.live
+    profile = ActivationProfile(facts, one.live - per_item, per_item, one.root_grads, one.block_grads, one.phase,
+                                torch.empty(0, dtype=param_dtype).element_size())
+    _PROFILE_CACHE[key] = profile
+    return profile
