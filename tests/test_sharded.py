@@ -140,6 +140,60 @@ def test_sharded_init_draws_one_unit_at_a_time():
         assert torch.equal(kept[n], p), n
 
 
+def _from_file_rank(rank: int, world: int, path: str) -> dict:
+    """Each strategy starts from the weights in `path` (activation checkpointing on, tied head)."""
+    from pipeline.config import validate
+    from pipeline.distributed import StepSettings, build_strategy
+    from pipeline.distributed.activation import apply_activation_checkpointing
+    from pipeline.distributed.precision import Precision
+    from pipeline.models.gpt import GPT
+    from pipeline.training.optim import build_optimizer
+
+    out = {}
+    for name in ["ddp", *SHARDED]:
+        cfg = validate(tiny_raw(VARIANTS[name] + ["tasks.lm.trainer.activation_checkpointing=full"]))
+        with torch.device("meta"):
+            model = GPT(cfg.task("lm").model, 300, 32)
+        apply_activation_checkpointing(model, "full")
+        device = torch.device("cpu")
+        strategy = build_strategy(cfg.strategy, Precision("fp32", device), device, StepSettings(2, 1, 1.0))
+        strategy.init_from = Path(path)
+        strategy.setup(model, lambda m, c=cfg: build_optimizer(m, c.task("lm").optim))
+        out[name] = strategy.consolidated_state_dict()
+    return out if rank == 0 else {}
+
+
+def test_sharded_init_from_safetensors(tmp_path):
+    """`trainer.init_from`: DDP reads the file whole; FSDP2 and ZeRO-3 read it one unit at a time
+    into their shards. All three end with exactly the file's weights."""
+    from safetensors.torch import save_file
+
+    from pipeline.config import validate
+    from pipeline.models.gpt import GPT
+    from pipeline.runtime.local_group import run_group
+
+    torch.manual_seed(5)
+    source = GPT(validate(tiny_raw()).task("lm").model, 300, 32)
+    weights = {k: v.detach().clone() for k, v in source.state_dict().items()}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    got = run_group(_from_file_rank, 2, str(tmp_path / "model.safetensors"))[0]
+    for name, state in got.items():
+        for k, v in weights.items():
+            assert torch.equal(state[k], v), f"{name}: {k} is not the file's"
+
+
+def test_sharded_init_from_names_a_missing_or_misshapen_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    from pipeline.distributed.sharded_init import copy_from_safetensors
+
+    save_file({"a": torch.zeros(2, 3)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match=r"trainer.init_from: .*w.safetensors has no tensor 'b'"):
+        copy_from_safetensors(tmp_path / "w.safetensors", {"b": torch.empty(2, 3)})
+    with pytest.raises(ValueError, match=r"'a' has shape \(2, 3\), the model needs \(3, 2\)"):
+        copy_from_safetensors(tmp_path / "w.safetensors", {"a": torch.empty(3, 2)})
+
+
 # ----------------------------------------------------------------------------- EMA
 EMA_COMMON = ["tasks.lm.trainer.max_steps=20", "tasks.lm.trainer.ckpt_every=10", "tasks.lm.trainer.log_every=5",
               "tasks.lm.trainer.keep_last_k=5", "tasks.lm.trainer.ema_decay=0.9"]

@@ -227,6 +227,10 @@ class TrainerConfig(Strict):
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     ac_selective: Literal["every_k", "attention"] = "every_k"
     ac_every_k: PositiveInt = 2
+    # Start from these weights instead of a random init (fine-tuning): a safetensors file, or a
+    # folder holding model.safetensors (an exported model, or models/<task>). Sharded strategies
+    # read it one unit at a time. A checkpoint to resume from still takes precedence.
+    init_from: str | None = None
 
     @model_validator(mode="after")
     def _eval_for_early_stop(self) -> TrainerConfig:

@@ -47,6 +47,7 @@ class Strategy(ABC):
         self.precision = precision
         self.device = device
         self.settings = settings
+        self.init_from: Path | None = None  # safetensors weights to start from instead of a random init
         self.model: nn.Module | None = None  # what forward() is called on
         self.optimizer: torch.optim.Optimizer | None = None  # the torch optimizer whose lr the loop sets
 
@@ -60,10 +61,16 @@ class Strategy(ABC):
         """
 
     def materialize(self, model: nn.Module) -> nn.Module:
-        """Allocate a meta-device model on this rank's device and initialise its weights."""
+        """Allocate a meta-device model on this rank's device and initialise its weights (then
+        read `init_from` into them: a replicated backend holds the whole model anyway)."""
         if any(p.is_meta for p in model.parameters()):
             model.to_empty(device=self.device)
             model.init_weights()
+            if self.init_from is not None:
+                from pipeline.distributed.sharded_init import copy_from_safetensors, parameter_names
+
+                names = parameter_names(model)
+                copy_from_safetensors(self.init_from, {names[id(p)]: p for p in model.parameters()})
         return model.to(self.device)
 
     @property

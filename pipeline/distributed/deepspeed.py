@@ -101,7 +101,7 @@ class DeepSpeedStrategy(Strategy):
             deepspeed.zero.Init(module=nn.ParameterList(whole), config_dict_or_path=config,
                                 mem_efficient_linear=False)
 
-        init_by_unit(model, self.device, partition, keep_whole=True)
+        init_by_unit(model, self.device, partition, keep_whole=True, weights=self.init_from)
 
     @property
     def unwrapped(self) -> nn.Module:

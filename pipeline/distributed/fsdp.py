@@ -63,7 +63,7 @@ class FSDPStrategy(Strategy):
             model.to_empty(device=self.device)
         finally:
             torch.__future__.set_swap_module_params_on_conversion(swap)
-        init_by_unit(model, self.device, keep_local_slices)
+        init_by_unit(model, self.device, keep_local_slices, weights=self.init_from)
 
     @property
     def unwrapped(self) -> nn.Module:

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipeline.distributed.units import repeated_blocks
+
+CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."  # torch's checkpoint_wrapper inserts it into parameter names
 
 # (the module's parameter before the unit was drawn, the whole parameter just initialised for it)
 Placer = Callable[[list[tuple[nn.Parameter, nn.Parameter]]], None]
@@ -86,14 +89,46 @@ def units(model: nn.Module) -> list[tuple[list[nn.Module], Callable[[], None]]]:
 
 
 @torch.no_grad()
-def init_by_unit(model: nn.Module, device: torch.device, place: Placer, keep_whole: bool = False) -> None:
+def init_by_unit(model: nn.Module, device: torch.device, place: Placer, keep_whole: bool = False,
+                 weights: Path | None = None) -> None:
     """Initialise `model` unit by unit on `device`; `place` keeps this rank's part of each unit
     (a slice, a partition) before the whole tensors are dropped. The caller seeds the RNG the
-    same way on every rank."""
+    same way on every rank. With `weights` (a safetensors file), each unit's parameters are then
+    read from it, one tensor at a time: no rank reads more than a unit of the file at once."""
+    names = parameter_names(model)
     for modules, init in units(model):
         with whole_parameters(modules, device, keep_whole) as pairs:
-            init()
+            init()  # also recomputes the unit's non-persistent buffers, which the file does not hold
+            if weights is not None:
+                copy_from_safetensors(weights, {names[id(p)]: whole for p, whole in pairs})
             place(pairs)
+
+
+def parameter_names(model: nn.Module) -> dict[int, str]:
+    """Each parameter's state-dict name (the first one, for tied weights), by identity: the
+    names a plain module saves, without activation-checkpointing wrappers' prefixes."""
+    names: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), name.replace(CHECKPOINT_PREFIX, ""))
+    return names
+
+
+@torch.no_grad()
+def copy_from_safetensors(path: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Fill `targets` (state-dict name -> whole tensor) from a safetensors file, reading only
+    those tensors. A missing name or a shape that differs is an error naming the file and key."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        for name, target in targets.items():
+            if name not in keys:
+                raise ValueError(f"trainer.init_from: {path} has no tensor '{name}' (it holds {len(keys)} others)")
+            tensor = f.get_tensor(name)
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ValueError(f"trainer.init_from: {path}: '{name}' has shape {tuple(tensor.shape)}, "
+                                 f"the model needs {tuple(target.shape)}")
+            target.copy_(tensor)
 
 
 def materialize_buffers(model: nn.Module, device: torch.device) -> None:

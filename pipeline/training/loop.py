@@ -64,6 +64,15 @@ def _split(batch: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarra
     return [{k: v[i::parts] for k, v in batch.items()} for i in range(parts)] if parts > 1 else [batch]
 
 
+def weights_file(path: str) -> Path:
+    """`trainer.init_from` as a file: a safetensors file, or a folder holding model.safetensors."""
+    p = Path(path)
+    p = p / "model.safetensors" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"trainer.init_from: {p} does not exist")
+    return p
+
+
 def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session: Session) -> LoopState:
     """`shards_root` is the shard folder: a local path, or a URL whose shards are cached locally."""
     tcfg = cfg.task(task_name)
@@ -82,6 +91,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     precision = Precision(cfg.precision.dtype, session.device)
     strategy = build_strategy(cfg.strategy, precision, session.device,
                               StepSettings(micro, tr.grad_accum_steps, tr.grad_clip))
+    strategy.init_from = weights_file(tr.init_from) if tr.init_from else None
     strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
     implementation = {"strategy": strategy.describe(), "optimizer": describe_optimizer(strategy.optimizer),
                       "precision": precision.name, "activation_checkpointing": tr.activation_checkpointing}
