@@ -68,6 +68,8 @@ def _scale_rank(rank: int, world: int, name: str) -> dict:
 
     fsdp_module.init_by_unit = measured(fsdp_module.init_by_unit)
     ds_module.init_by_unit = measured(ds_module.init_by_unit)
+    if name.startswith("zero"):
+        import deepspeed  # noqa: F401 - its import (about 130 MB of libraries) belongs to the baseline
     device = torch.device("cpu")
     precision = Precision("fp32", device)
     strategy = build_strategy(cfg.strategy, precision, device, StepSettings(1, 1, 1.0))
