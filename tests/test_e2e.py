@@ -313,6 +313,35 @@ def test_dvc_exp_run_with_horovod(lm_project):
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.parametrize("overrides", [["parallel.tp=2"], ["parallel.pp=2", "tasks.lm.trainer.grad_accum_steps=2"]],
+                         ids=["tensor_parallel", "pipeline_parallel"])
+def test_dvc_exp_run_lm_chain_with_model_parallel(lm_project, overrides):
+    """`dvc exp run -S parallel.tp=2` / `-S parallel.pp=2` up to `register@lm`: Ray Train runs
+    the layout on its 2 workers, and evaluate, ONNX export, the registry and lineage work on
+    the consolidated weights unchanged."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    args = [a for o in overrides for a in ("-S", o)]
+    out = _sh(["dvc", "exp", "run", *args, "register@lm"], lm_project, timeout=1200)
+    key = overrides[0].removeprefix("parallel.")
+    assert "[lm] trained 6 steps" in out and key in out, out[-3000:]
+    assert yaml.safe_load((lm_project / "params.yaml").read_text())["parallel"][key.split("=")[0]] == 2
+    metrics = json.loads((lm_project / "metrics/lm/eval.json").read_text())
+    assert 1 < metrics["val_perplexity"] < 400
+    exported = load_file(str(lm_project / "export/lm/model.safetensors"))
+    assert exported.keys() == load_file(str(lm_project / "models/lm/model.safetensors")).keys()
+    assert {"embed.weight", "head.weight", "blocks.1.attn.wq.weight"} <= exported.keys()
+    mlflow.set_tracking_uri(f"sqlite:///{lm_project}/mlruns.db")
+    try:
+        mv = MlflowClient().get_model_version_by_alias("pipeline-lm", "challenger")
+        assert MlflowClient().get_run(mv.run_id).data.tags["parallel"] == f"tp={2 if 'tp' in key else 1}," \
+                                                                           f"pp={2 if 'pp' in key else 1}"
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
     import time
     import urllib.request

@@ -138,13 +138,13 @@ def test_attention_matches_explicit_softmax():
     model = _gpt(n_kv_heads=2)
     attn, x = model.blocks[0].attn, torch.randn(2, 7, 32)
     rope = (model.rope_cos, model.rope_sin)
-    q, k, v = attn.qkv(x).split([32, 16, 16], dim=-1)
+    q, k, v = attn.wq(x), attn.wk(x), attn.wv(x)
     q = apply_rope(q.view(2, 7, 4, 8).transpose(1, 2), *rope)
     k = apply_rope(k.view(2, 7, 2, 8).transpose(1, 2), *rope).repeat_interleave(2, dim=1)
     v = v.view(2, 7, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
     scores = (q @ k.transpose(-1, -2)) / 8**0.5
     scores = scores.masked_fill(torch.triu(torch.ones(7, 7, dtype=torch.bool), 1), float("-inf"))
-    expected = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 32))
+    expected = attn.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 32))
     with torch.no_grad():
         assert torch.allclose(attn(x, rope), expected, atol=1e-5)
 

@@ -107,11 +107,12 @@ def test_init_schemes_change_linear_weights(scheme):
     normal = GPT(GPTConfig(d_model=64, n_layers=2, n_heads=2), 100, 16)
     torch.manual_seed(0)
     other = GPT(GPTConfig(d_model=64, n_layers=2, n_heads=2, init=scheme), 100, 16)
-    w = other.blocks[0].mlp.up.weight
+    mlp = other.blocks[0].mlp
+    w = torch.cat([mlp.w3.weight, mlp.w1.weight])  # drawn as the one fused input projection
     fan_in, fan_out = w.shape[1], w.shape[0]
     expected = math.sqrt(2 / (fan_in + fan_out)) if scheme == "xavier" else math.sqrt(2 / fan_in)
     assert w.std().item() == pytest.approx(expected, rel=0.1)
-    assert normal.blocks[0].mlp.up.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert normal.blocks[0].mlp.w1.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert other.embed.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 

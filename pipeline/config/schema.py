@@ -370,6 +370,16 @@ class HorovodConfig(Strict):
 StrategyConfig = Annotated[DDPConfig | FSDPConfig | DeepSpeedConfig | HorovodConfig, Field(discriminator="name")]
 
 
+class ParallelConfig(Strict):
+    """Model parallelism on a device mesh: `cluster.num_workers` = dp x tp x pp, data parallelism
+    (the `strategy`: ddp replicates, fsdp shards) taking the ranks tensor and pipeline
+    parallelism leave. Gradient-accumulation micro-batches are the pipeline's micro-batches."""
+
+    tp: PositiveInt = 1  # tensor-parallel degree: each block's projections split over this many ranks
+    pp: PositiveInt = 1  # pipeline stages: the block stack cut into this many consecutive parts
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+
+
 class PrecisionConfig(Strict):
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
@@ -387,8 +397,16 @@ class PipelineConfig(Strict):
     tasks: dict[str, TaskConfig]
     cluster: ClusterConfig = ClusterConfig()
     strategy: StrategyConfig = DDPConfig()
+    parallel: ParallelConfig = ParallelConfig()
     precision: PrecisionConfig = PrecisionConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _parallel_fits(self) -> PipelineConfig:
+        from pipeline.config.parallel import check_parallel
+
+        check_parallel(self)
+        return self
 
     def task(self, name: str) -> TaskConfig:
         if name not in self.tasks:

@@ -28,11 +28,25 @@ VARIANTS: dict[str, list[str]] = {
     "zero3_offload": ["strategy.name=deepspeed", "strategy.zero_stage=3", "strategy.offload_optimizer=true",
                       "strategy.offload_params=true"],
     "horovod": ["strategy.name=horovod", "strategy.backend=gloo"],
+    # model parallelism (data parallelism over the remaining ranks, by the strategy named)
+    "tp2": ["strategy.name=ddp", "parallel.tp=2"],
+    "pp2": ["strategy.name=ddp", "parallel.pp=2"],
+    "fsdp_tp2": ["strategy.name=fsdp", "parallel.tp=2"],
+    "fsdp_pp2": ["strategy.name=fsdp", "parallel.pp=2"],
 }
 
 
-def build_strategy(cfg, precision: Precision, device: torch.device, settings: StepSettings) -> Strategy:
-    """`cfg` is the strategy's own config model (DDPConfig, FSDPConfig, DeepSpeedConfig, HorovodConfig)."""
+def build_strategy(cfg, precision: Precision, device: torch.device, settings: StepSettings,
+                   parallel=None) -> Strategy:
+    """`cfg` is the strategy's own config model (DDPConfig, FSDPConfig, DeepSpeedConfig, HorovodConfig);
+    `parallel` the ParallelConfig: with tensor or pipeline parallelism (tp or pp > 1) the mesh
+    strategy runs, the named strategy (ddp or fsdp) being its data-parallel part."""
+    if parallel is not None and parallel.tp * parallel.pp > 1:
+        from pipeline.distributed.mesh_strategy import MeshStrategy
+
+        if cfg.name not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy.name={cfg.name} cannot combine with parallel.tp/parallel.pp (use ddp or fsdp)")
+        return MeshStrategy(cfg, precision, device, settings, parallel)
     if cfg.name not in STRATEGIES:
         raise ValueError(f"strategy.name: unknown strategy '{cfg.name}' (known: {', '.join(STRATEGIES)})")
     module, cls = STRATEGIES[cfg.name].split(":")

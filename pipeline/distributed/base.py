@@ -35,6 +35,9 @@ class StepSettings:
     micro_batch_size: int
     grad_accum_steps: int
     grad_clip: float
+    # trainer.activation_checkpointing, ac_selective, ac_every_k: applied by the strategy, after
+    # any tensor-parallel split and before sharding (torchtitan's order)
+    activation_checkpointing: tuple[str, str, int] = ("none", "every_k", 2)
 
 
 class Strategy(ABC):
@@ -60,6 +63,12 @@ class Strategy(ABC):
         checkpointing already applied). The caller seeds the RNG identically on every rank.
         """
 
+    def checkpoint_activations(self, model: nn.Module) -> None:
+        """Wrap the model's blocks for activation checkpointing as the settings ask (in place)."""
+        from pipeline.distributed.activation import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, *self.settings.activation_checkpointing)
+
     def materialize(self, model: nn.Module) -> nn.Module:
         """Allocate a meta-device model on this rank's device and initialise its weights (then
         read `init_from` into them: a replicated backend holds the whole model anyway)."""
@@ -82,7 +91,37 @@ class Strategy(ABC):
         """One line for the log and MLflow: the backend and its settings."""
         return self.name
 
+    # ------------------------------------------------------------------ data parallelism
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index: which slice of each global batch it reads."""
+        return dist.get_rank() if world_size() > 1 else 0
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas (the world, unless model parallelism takes some ranks)."""
+        return world_size()
+
     # ------------------------------------------------------------------ step
+    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], task: Any,
+                         generator: torch.Generator | None) -> float:
+        """Forward and backward over one step's micro-batches (gradients accumulate, and are
+        synchronised on the last); returns the step's mean loss. A pipeline schedule overrides
+        this: it interleaves the micro-batches' forwards and backwards across stages."""
+        total = 0.0
+        for i, batch in enumerate(micro_batches):
+            with self.no_sync(i == len(micro_batches) - 1), self.precision.autocast():
+                loss = task.loss(self.model, batch, generator) / len(micro_batches)
+            self.backward(loss)
+            total += loss.item()
+        return total
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, torch.Tensor], task: Any, generator: torch.Generator | None) -> float:
+        """The loss of one batch without gradients (validation); the caller sets eval mode."""
+        with self.precision.autocast():
+            return task.loss(self.model, batch, generator).item()
+
     def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager[None]:
         """Skip gradient synchronisation on all but the last micro-batch of an accumulation."""
         return contextlib.nullcontext()

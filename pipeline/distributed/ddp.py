@@ -13,6 +13,7 @@ class DDPStrategy(ReplicatedStrategy):
     name = "ddp"
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        self.checkpoint_activations(model)
         model = self.materialize(model)  # DDP replicates: every rank holds the whole model
         self._plain = model
         if world_size() > 1:

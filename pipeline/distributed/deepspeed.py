@@ -72,6 +72,7 @@ class DeepSpeedStrategy(Strategy):
 
         if self.precision.name == "fp16" and self.device.type == "cpu" and not cpu_fp16_supported():
             raise ValueError(CPU_FP16_ERROR)
+        self.checkpoint_activations(model)
         config = self.ds_config(sum(p.numel() for p in model.parameters()))
         if self.cfg.zero_stage == 3 and any(p.is_meta for p in model.parameters()):
             self._partition_at_init(model, config)

@@ -6,9 +6,10 @@ each rank then draws one unit (a block, or the embeddings) whole at a time and k
 (`pipeline.distributed.sharded_init`), so no rank ever holds the whole model and the weights
 equal a DDP run's with the same seed.
 
-Checkpoints use torch.distributed.checkpoint (DCP): each rank writes its own shard file and
-rank 0 the metadata, so the per-rank directories merge into one sharded checkpoint, which can
-also be loaded at another world size. Export gathers the full state dict on rank 0.
+Checkpoints use torch.distributed.checkpoint (DCP, `dcp_state`): each rank writes its own shard
+file and rank 0 the metadata, so the per-rank directories merge into one sharded checkpoint,
+which loads at another world size or under another layout (tensor or pipeline
+parallel, DDP). Export gathers the full state dict on rank 0.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.distributed import dcp_state
 from pipeline.distributed.base import OptimizerFactory, Strategy, grad_norm_and_clip
 from pipeline.distributed.sharded_init import init_by_unit
 from pipeline.distributed.units import repeated_blocks
-
-DCP_DIR = "fsdp"
 
 
 class FSDPStrategy(Strategy):
@@ -42,6 +42,7 @@ class FSDPStrategy(Strategy):
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
             self.precision.scaler = ShardedGradScaler(self.device.type)
+        self.checkpoint_activations(model)
         low = self.precision.dtype if self.precision.dtype != torch.float32 else None
         mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
         for block in repeated_blocks(model):
@@ -89,26 +90,11 @@ class FSDPStrategy(Strategy):
         self.optimizer.zero_grad(set_to_none=True)
         return norm, stepped
 
-    def _state(self, extra: dict[str, Any]) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd, "extra": extra}
-
     def save(self, directory: Path, extra: dict[str, Any]) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save(self._state(extra), checkpoint_id=str(directory / DCP_DIR))
+        dcp_state.save(directory, self.model, self.optimizer, extra)
 
     def load(self, directory: Path, extra: dict[str, Any]) -> dict[str, Any]:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        state = self._state(extra)
-        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))  # in place, into this rank's shards
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        return state["extra"]
+        return dcp_state.load(directory, self.model, self.optimizer, extra)  # in place, into this rank's shards
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

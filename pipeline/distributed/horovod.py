@@ -22,6 +22,7 @@ class HorovodStrategy(ReplicatedStrategy):
 
         if not hvd.is_initialized():
             hvd.init()
+        self.checkpoint_activations(model)
         model = self.materialize(model)
         self._plain = self.model = model
         base = make_optimizer(model)

@@ -1,7 +1,8 @@
 """State handling shared by the backends that keep a whole model on every rank (DDP, Horovod).
 
 Every rank holds identical weights and optimizer state, so rank 0 alone writes `state.pt`
-(tensors and plain values only) and every rank reads it back with `weights_only=True`.
+(tensors and plain values only) and every rank reads it back with `weights_only=True`. A
+checkpoint another layout wrote (FSDP2, tensor or pipeline parallel: DCP) loads too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.distributed import dcp_state
 from pipeline.distributed.base import Strategy, grad_norm_and_clip
 
 STATE = "state.pt"  # the name pipeline.training.checkpoint reads for inspection
@@ -41,6 +43,9 @@ class ReplicatedStrategy(Strategy):
 
     def load(self, directory: Path, extra: dict[str, Any]) -> dict[str, Any]:
         assert self.optimizer is not None
+        if not (directory / STATE).is_file() and dcp_state.find(directory) is not None:
+            # written by a sharded or model-parallel layout: DCP reads it whole, by name
+            return dcp_state.load(directory, self._plain, self.optimizer, extra)
         state = torch.load(directory / STATE, map_location=self.device, weights_only=True)
         self._plain.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

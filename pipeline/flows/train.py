@@ -14,6 +14,7 @@ import mlflow
 from safetensors.torch import load_file
 
 from pipeline.config import config_digest, flatten
+from pipeline.config.parallel import check_task_parallel, data_parallel_size
 from pipeline.config.schema import PipelineConfig
 from pipeline.data.build import file_md5
 from pipeline.data.shards import MANIFEST, load_manifest, publish, verify_split
@@ -57,8 +58,8 @@ def _mlflow_run(cfg: PipelineConfig, task_name: str, run_dir: Path, tags: dict[s
         except mlflow.exceptions.MlflowException:
             pass  # the store was reset: start a new run
     params = flatten({"task": task_name, **cfg.task(task_name).model_dump(mode="json"),
-                      "strategy": cfg.strategy.model_dump(), "precision": cfg.precision.model_dump(),
-                      "cluster": cfg.cluster.model_dump(), "seed": cfg.seed})
+                      "strategy": cfg.strategy.model_dump(), "parallel": cfg.parallel.model_dump(),
+                      "precision": cfg.precision.model_dump(), "cluster": cfg.cluster.model_dump(), "seed": cfg.seed})
     with mlflow.start_run(run_name=f"{task_name}-train", tags=tags) as run:
         mlflow.log_params(mlflow_runs.safe_params(params))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +73,10 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     # Fail before any Ray resource is taken: bad shards, or a batch that cannot be split.
     verify_split(shards_dir, "train")
     preflight(cfg, cfg.cluster.use_gpu)
-    micro_batch_size(tcfg.trainer.global_batch_size, cfg.cluster.num_workers, tcfg.trainer.grad_accum_steps)
+    check_task_parallel(cfg, task_name)  # heads, layers and batch against parallel.tp / parallel.pp
+    micro_batch_size(tcfg.trainer.global_batch_size,
+                     data_parallel_size(cfg.cluster.num_workers, cfg.parallel.tp, cfg.parallel.pp),
+                     tcfg.trainer.grad_accum_steps)
     check_fits(cfg, task_name, load_manifest(shards_dir))  # with cluster.device_memory: does a rank's peak fit?
     manifest_md5 = file_md5(shards_dir / MANIFEST)
     uri = mlflow_runs.tracking_uri(cfg.tracking)
@@ -80,10 +84,13 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     identity = {"task": tcfg.model_dump(mode="json"), "seed": cfg.seed, "data": manifest_md5,
                 "strategy": cfg.strategy.model_dump(), "precision": cfg.precision.model_dump(),
                 "workers": cfg.cluster.num_workers}
+    if cfg.parallel.tp * cfg.parallel.pp > 1:  # (absent otherwise, so earlier runs keep their names)
+        identity["parallel"] = cfg.parallel.model_dump()
     run_name = f"{task_name}-{config_digest(identity)}"
     tags = lineage.run_tags({"task": task_name, "data.manifest_md5": manifest_md5, "ray.run_name": run_name,
                              "strategy": cfg.strategy.name, "precision": cfg.precision.dtype,
-                             "cluster.workers": cfg.cluster.num_workers})
+                             "cluster.workers": cfg.cluster.num_workers,
+                             "parallel": f"tp={cfg.parallel.tp},pp={cfg.parallel.pp}"})
     tags.update(lineage.dvc_lock_hashes())
 
     run_dir = Path(storage_root(cfg)) / run_name
@@ -98,8 +105,9 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
             f"({str(e).splitlines()[0][:200]}); nothing was trained") from e
     where = connect(cfg.cluster)
     mlflow.MlflowClient().set_tag(run_id, "ray.cluster", where)
-    print(f"[{task_name}] training on {where}: {cfg.cluster.num_workers} workers, strategy {cfg.strategy.name}, "
-          f"{cfg.precision.dtype}; run {run_name}; MLflow run {run_id}", flush=True)
+    layout = f", tp={cfg.parallel.tp}, pp={cfg.parallel.pp}" if cfg.parallel.tp * cfg.parallel.pp > 1 else ""
+    print(f"[{task_name}] training on {where}: {cfg.cluster.num_workers} workers, strategy {cfg.strategy.name}"
+          f"{layout}, {cfg.precision.dtype}; run {run_name}; MLflow run {run_id}", flush=True)
     start = time.perf_counter()
     shards = str(shards_dir.resolve())
     if cfg.cluster.shards_uri:  # workers on other nodes read (and cache) a published copy

@@ -5,12 +5,15 @@ conditioning on timestep and class embeddings, and a linear un-patchify head.
 from __future__ import annotations
 
 import math
+import re
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config.schema import DiTConfig
+from pipeline.models.gpt import init_rows
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -25,11 +28,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class DiTBlock(nn.Module):
+    """adaLN-Zero Transformer block. Attention has separate `wq`/`wk`/`wv` projections, and the
+    forward infers the head count from their outputs, so tensor parallelism can split them over
+    the heads (and `proj` over its input) and each rank runs this code on its local heads."""
+
     def __init__(self, d: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.heads = heads
+        self.head_dim = d // heads
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(d, 3 * d)
+        self.wq = nn.Linear(d, d)
+        self.wk = nn.Linear(d, d)
+        self.wv = nn.Linear(d, d)
         self.proj = nn.Linear(d, d)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         hidden = int(d * mlp_ratio)
@@ -39,22 +49,65 @@ class DiTBlock(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """This block alone (a sharded strategy initialises one block at a time): xavier linear
-        layers, zero biases, and adaLN-Zero (the block starts as the identity)."""
-        for m in (self.qkv, self.proj, self.mlp[0], self.mlp[2], self.ada[-1]):
-            nn.init.xavier_uniform_(m.weight)
+        layers, zero biases, and adaLN-Zero (the block starts as the identity). q/k/v are drawn
+        as the one fused (3d, d) weight they once were, so the weights (xavier's fans included)
+        are bit-identical to the fused layout's for the same seed."""
+        init_rows([self.wq.weight, self.wk.weight, self.wv.weight], nn.init.xavier_uniform_)
+        for m in (self.wq, self.wk, self.wv):
+            nn.init.zeros_(m.bias)
+        for m in (self.proj, self.mlp[0], self.mlp[2], self.ada[-1]):
+            init_rows([m.weight], nn.init.xavier_uniform_)  # (a tensor-parallel shard: its slice of a whole draw)
             nn.init.zeros_(m.bias)
         nn.init.zeros_(self.ada[-1].weight)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
+        b, n, _ = x.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
-        q, k, v = self.qkv(modulate(self.norm1(x), sh1, sc1)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        h = modulate(self.norm1(x), sh1, sc1)
+        q = self.wq(h).view(b, n, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(h).view(b, n, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(h).view(b, n, -1, self.head_dim).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
         x = x + g1.unsqueeze(1) * self.proj(a)
         return x + g2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
 
+# A fused-layout key (before q/k/v were split), with whatever prefix comes before it.
+_LEGACY_KEY = re.compile(r"(?P<stem>(?:.*\.)?blocks\.\d+\.(?:.*\.)?)qkv\.(?P<kind>weight|bias)$")
+
+
+def upgrade_legacy_keys(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Rewrite, in place, a DiT state dict of the fused layout (`blocks.N.qkv.weight`/`.bias`,
+    rows [q | k | v]) into the split one (`blocks.N.wq/wk/wv`); other keys, and keys not
+    starting with `prefix`, are left alone. Returns `state` (the split tensors are row views)."""
+    if not any(k.startswith(prefix) and _LEGACY_KEY.match(k, len(prefix)) for k in state):
+        return state
+    items = list(state.items())
+    state.clear()
+    for key, value in items:
+        m = _LEGACY_KEY.match(key, len(prefix)) if key.startswith(prefix) else None
+        if m is None:
+            state[key] = value
+            continue
+        stem, kind = prefix + m["stem"], m["kind"]
+        for name, part in zip(("wq", "wk", "wv"), value.chunk(3), strict=True):
+            state[f"{stem}{name}.{kind}"] = part
+    return state
+
+
+def _upgrade_legacy_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """`load_state_dict` pre-hook: checkpoints of the fused layout load into the split one."""
+    upgrade_legacy_keys(state_dict, prefix)
+
+
 class DiT(nn.Module):
+    # Tensor parallelism, per repeated block (module paths inside each `DiTBlock`): q/k/v and the
+    # MLP's input layer split column-wise, `proj` and the MLP's output layer row-wise. The
+    # adaLN modulation, patch embedding, conditioning and output layers stay replicated.
+    tp_plan: ClassVar[dict[str, str]] = {
+        "wq": "colwise", "wk": "colwise", "wv": "colwise", "proj": "rowwise", "mlp.0": "colwise", "mlp.2": "rowwise",
+    }
+
     def __init__(self, cfg: DiTConfig, image_shape: tuple[int, int, int], num_classes: int) -> None:
         super().__init__()
         c, h, w = image_shape
@@ -72,6 +125,7 @@ class DiT(nn.Module):
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.out = nn.Linear(d, p * p * c)
+        self.register_load_state_dict_pre_hook(_upgrade_legacy_hook)
         self.init_weights()
 
     @torch.no_grad()

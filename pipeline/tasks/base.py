@@ -36,6 +36,15 @@ class Task(ABC):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
              generator: torch.Generator | None = None) -> torch.Tensor: ...
 
+    def pipeline_io(self, batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """(the model's positional inputs, the loss target): how a pipeline schedule feeds the
+        first stage and scores the last. Tasks whose loss draws noise inside it do not pipeline."""
+        raise NotImplementedError(f"task '{self.kind}' cannot run under pipeline parallelism")
+
+    def output_loss(self, output: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+        """The loss from the model's output (the pipeline's last stage computes it)."""
+        raise NotImplementedError(f"task '{self.kind}' cannot run under pipeline parallelism")
+
     @abstractmethod
     def items(self, batch: dict[str, torch.Tensor]) -> int:
         """Units of work in the batch, for throughput."""

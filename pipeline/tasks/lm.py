@@ -31,9 +31,13 @@ class LanguageModeling(Task):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
              generator: torch.Generator | None = None) -> torch.Tensor:
-        logits = model(batch["x"])
-        smoothing = self.label_smoothing if model.training else 0.0
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten(), label_smoothing=smoothing)
+        return self.output_loss(model(batch["x"]), batch["y"], self.label_smoothing if model.training else 0.0)
+
+    def pipeline_io(self, batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        return (batch["x"],), batch["y"]
+
+    def output_loss(self, output: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+        return F.cross_entropy(output.float().flatten(0, 1), target.flatten(), label_smoothing=smoothing)
 
     def items(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["y"].numel()

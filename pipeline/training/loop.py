@@ -22,7 +22,7 @@ from pipeline.config.schema import PipelineConfig
 from pipeline.data.reader import GlobalOrderReader
 from pipeline.data.shards import ShardSet, load_manifest, read_split
 from pipeline.distributed import StepSettings, Strategy, build_strategy
-from pipeline.distributed.activation import apply_activation_checkpointing
+from pipeline.distributed.mesh import Layout
 from pipeline.distributed.precision import Precision
 from pipeline.tasks import task_for_data
 from pipeline.training.checkpoint import read_meta, write_checkpoint_meta
@@ -81,16 +81,19 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     task.label_smoothing = tr.label_smoothing
     manifest = load_manifest(shards_root)
     spec = task.model_spec(tcfg, manifest)
-    micro = micro_batch_size(tr.global_batch_size, session.world, tr.grad_accum_steps)
+    layout = Layout(session.world, cfg.parallel.tp, cfg.parallel.pp)  # the data-parallel degree keys the data
+    dp_rank, dp_size = layout.dp_rank(session.rank), layout.dp
+    micro = micro_batch_size(tr.global_batch_size, dp_size, tr.grad_accum_steps)
 
     with torch.device("meta"):  # no weights yet: the strategy shards, then materialises
         model = task.build(spec)
     flops_per_item = task.flops_per_item(model, spec)  # before sharding: ZeRO-3 leaves empty parameters behind
-    apply_activation_checkpointing(model, tr.activation_checkpointing, tr.ac_selective, tr.ac_every_k)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     precision = Precision(cfg.precision.dtype, session.device)
     strategy = build_strategy(cfg.strategy, precision, session.device,
-                              StepSettings(micro, tr.grad_accum_steps, tr.grad_clip))
+                              StepSettings(micro, tr.grad_accum_steps, tr.grad_clip,
+                                           (tr.activation_checkpointing, tr.ac_selective, tr.ac_every_k)),
+                              cfg.parallel)
     strategy.init_from = weights_file(tr.init_from) if tr.init_from else None
     strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
     implementation = {"strategy": strategy.describe(), "optimizer": describe_optimizer(strategy.optimizer),
@@ -99,7 +102,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
         print(f"[{task_name}] " + "; ".join(f"{k}: {v}" for k, v in implementation.items()), flush=True)
     train_shards = ShardSet(shards_root, "train")
     train_shards.check_sizes()  # a missing, truncated or (local) corrupt shard stops the run before step 1
-    reader = GlobalOrderReader(train_shards, tr.global_batch_size, session.rank, session.world, seed=cfg.seed,
+    reader = GlobalOrderReader(train_shards, tr.global_batch_size, dp_rank, dp_size, seed=cfg.seed,
                                window=tr.shuffle_window, prefetch=tr.prefetch_batches)
     val = read_split(shards_root, "val") if tr.eval_every else None
     ema = EMA(strategy.ema_source(), tr.ema_decay) if tr.ema_decay > 0 else None
@@ -123,18 +126,13 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
         lr = lr_at(state.step, tcfg.optim, tr.max_steps, tracker.plateau_scale)
         for group in strategy.optimizer.param_groups:
             group["lr"] = lr
-        gen = torch.Generator(device=session.device).manual_seed(hash((cfg.seed, state.step, session.rank)) % (2**62))
+        gen = torch.Generator(device=session.device).manual_seed(hash((cfg.seed, state.step, dp_rank)) % (2**62))
         fetch_start = time.perf_counter()
         micros = _split(reader.next_local_batch(), tr.grad_accum_steps)
         data_wait += time.perf_counter() - fetch_start  # time the step stood still for data
-        step_loss = 0.0
-        for i, micro in enumerate(micros):
-            batch = task.batch_to_tensors(micro, session.device)
-            with strategy.no_sync(i == len(micros) - 1), precision.autocast():
-                loss = task.loss(strategy.model, batch, gen) / len(micros)
-            strategy.backward(loss)
-            step_loss += loss.item()
-            window_items += task.items(batch)
+        batches = [task.batch_to_tensors(micro, session.device) for micro in micros]
+        step_loss = strategy.forward_backward(batches, task, gen)
+        window_items += sum(task.items(batch) for batch in batches)
         norm, stepped = strategy.clip_and_step(tr.grad_clip)
         if ema is not None and stepped:
             ema.update(strategy.ema_source(), state.step)
@@ -156,8 +154,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
         val_loss = None
         if val is not None and state.step % tr.eval_every == 0:
             val_loss = strategy.all_mean([validation_loss(
-                task, strategy.model, val, tr.global_batch_size, tr.eval_batches, session.rank, session.world,
-                session.device, precision, cfg.seed)])[0]
+                task, strategy, val, tr.global_batch_size, tr.eval_batches, session.device, cfg.seed)])[0]
             state.stopped_early = tracker.observe(val_loss, tcfg.optim, tr.early_stop_patience)
         final = state.step == tr.max_steps or state.stopped_early
         do_ckpt = final or state.step % tr.ckpt_every == 0
@@ -166,7 +163,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
         elapsed = time.perf_counter() - window_start
         loss_mean, items_total, wait_mean = strategy.all_mean([window_loss / max(1, window_steps), float(window_items),
                                                                data_wait])
-        items_total *= session.world
+        items_total *= dp_size  # every rank of a data-parallel replica counted the same items
         entry = {"step": state.step, "loss": loss_mean, "lr": lr, "grad_norm": last_norm,
                  f"{task.item_name}_per_s": items_total / elapsed, "epoch": reader.epoch,
                  "skipped_steps": state.skipped_steps, "data_wait_frac": wait_mean / elapsed}

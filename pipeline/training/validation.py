@@ -9,25 +9,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.distributed.precision import Precision
+from pipeline.distributed.base import Strategy
 from pipeline.tasks import Task
 
 
 @torch.no_grad()
-def validation_loss(task: Task, model: torch.nn.Module, val: dict[str, np.ndarray], global_batch: int,
-                    batches: int, rank: int, world: int, device: torch.device, precision: Precision,
-                    seed: int) -> float:
-    """This rank's mean loss; the caller averages over ranks."""
+def validation_loss(task: Task, strategy: Strategy, val: dict[str, np.ndarray], global_batch: int,
+                    batches: int, device: torch.device, seed: int) -> float:
+    """This rank's mean loss; the caller averages over ranks. Each data-parallel replica reads
+    its slice (every tensor- or pipeline-parallel rank of a replica the same one)."""
     n = len(next(iter(val.values())))
-    local = global_batch // world
+    rank, local = strategy.dp_rank, global_batch // strategy.dp_size
     gen = torch.Generator(device=device).manual_seed(seed + rank)
+    model = strategy.model
     was_training = model.training
     model.eval()
     losses = []
     for b in range(batches):
         idx = np.arange(b * global_batch + rank * local, b * global_batch + (rank + 1) * local) % n
         batch = task.batch_to_tensors({k: v[idx] for k, v in val.items()}, device)
-        with precision.autocast():
-            losses.append(task.loss(model, batch, gen).item())
+        losses.append(strategy.eval_loss(batch, task, gen))
     model.train(was_training)
     return float(np.mean(losses))

@@ -1,0 +1,99 @@
+"""Checks that a model-parallel layout (`parallel.tp`, `parallel.pp`) fits the workers, the
+models and the chosen strategy: run when the config is validated, before any worker starts.
+
+Each failure is one line naming the keys involved, so `dvc exp run -S parallel.tp=3` stops at
+once instead of after Ray has placed its workers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import PipelineConfig
+
+# Backends that partition the model themselves and cannot share the mesh with tp/pp.
+_OWN_PARTITIONING = {
+    "deepspeed": "DeepSpeed partitions parameters itself (ZeRO) and has no DTensor or pipeline-stage support here",
+    "horovod": "Horovod all-reduces whole gradients over every rank and has no notion of a device mesh",
+}
+
+
+def gpt_mlp_hidden(d_model: int, mlp_ratio: float, mlp: str) -> int:
+    """The GPT MLP's hidden width (the same rule as pipeline.models.gpt.MLP)."""
+    hidden = int(mlp_ratio * d_model)
+    return 64 * math.ceil(2 * hidden / 3 / 64) if mlp == "swiglu" else hidden
+
+
+def data_parallel_size(workers: int, tp: int, pp: int) -> int:
+    """Ranks left for data parallelism once tensor and pipeline parallelism took theirs."""
+    return workers // (tp * pp)
+
+
+def check_parallel(cfg: PipelineConfig) -> None:
+    """Raise ValueError (one line, naming the keys) when the layout cannot run on these
+    workers with this strategy and precision, whatever the task."""
+    par = cfg.parallel
+    tp, pp = par.tp, par.pp
+    if tp * pp == 1:
+        return
+    workers = cfg.cluster.num_workers
+    if workers % (tp * pp):
+        raise ValueError(f"parallel.tp x parallel.pp ({tp} x {pp} = {tp * pp}) must divide cluster.num_workers "
+                         f"({workers}): the data-parallel degree is num_workers / (tp x pp)")
+    if cfg.strategy.name in _OWN_PARTITIONING:
+        raise ValueError(f"strategy.name={cfg.strategy.name} cannot combine with parallel.tp={tp}/parallel.pp={pp}: "
+                         f"{_OWN_PARTITIONING[cfg.strategy.name]}; use strategy ddp or fsdp")
+    if cfg.precision.dtype == "fp16":
+        raise ValueError(f"precision.dtype=fp16 with parallel.tp={tp}/parallel.pp={pp}: dynamic loss scaling is not "
+                         "wired through tensor or pipeline parallelism; use bf16 (no loss scale needed) or fp32")
+    if pp > 1 and par.pp_schedule == "interleaved_1f1b":
+        raise ValueError("parallel.pp_schedule=interleaved_1f1b: interleaved schedules hold several stages per "
+                         "rank, which this strategy does not build yet (and torch's interleaved schedules "
+                         "are reported to hang on gloo); use gpipe or 1f1b")
+
+
+def check_task_parallel(cfg: PipelineConfig, name: str) -> None:
+    """The layout against one task's model and batch (the train stage asks before taking any
+    resource): a config may hold a chain that cannot use the layout (the U-Net; DiT under pp)
+    while another chain trains with it."""
+    par = cfg.parallel
+    tp, pp = par.tp, par.pp
+    if tp * pp == 1:
+        return
+    dp = data_parallel_size(cfg.cluster.num_workers, tp, pp)
+    task = cfg.task(name)
+    m, tr = task.model, task.trainer
+    where = f"tasks.{name}"
+    if tr.global_batch_size % (dp * tr.grad_accum_steps):
+        raise ValueError(f"{where}.trainer.global_batch_size ({tr.global_batch_size}) must be divisible by the "
+                         f"data-parallel degree x grad_accum_steps ({dp} x {tr.grad_accum_steps}; dp = "
+                         f"num_workers / (parallel.tp x parallel.pp))")
+    if m.kind == "unet" and tp * pp > 1:
+        raise ValueError(f"{where}.model.kind=unet cannot use parallel.tp/parallel.pp: the U-Net publishes no "
+                         "tensor- or pipeline-parallel plan (a convolutional model this size needs neither)")
+    if m.kind == "dit" and pp > 1:
+        raise ValueError(f"{where}.model.kind=dit cannot use parallel.pp={pp}: pipeline stages are cut for the "
+                         "GPT only (DiT supports parallel.tp)")
+    if tp > 1:
+        heads = {"n_heads": m.n_heads}
+        if m.kind == "gpt":
+            heads["n_kv_heads"] = m.n_kv_heads or m.n_heads
+        for key, count in heads.items():
+            if count % tp:
+                raise ValueError(f"{where}.model.{key} ({count}) must be divisible by parallel.tp ({tp}): "
+                                 "each tensor-parallel rank computes whole attention heads")
+        hidden = (gpt_mlp_hidden(m.d_model, m.mlp_ratio, m.mlp) if m.kind == "gpt"
+                  else int(m.d_model * m.mlp_ratio))
+        if hidden % tp:
+            raise ValueError(f"{where}.model.mlp_ratio gives an MLP width of {hidden}, which parallel.tp ({tp}) "
+                             "does not divide")
+    if pp > 1:
+        if m.n_layers % pp:
+            raise ValueError(f"{where}.model.n_layers ({m.n_layers}) must be divisible by parallel.pp ({pp}): "
+                             "every pipeline stage holds the same number of blocks")
+        if tr.grad_accum_steps < pp and par.pp_schedule == "1f1b":
+            raise ValueError(f"{where}.trainer.grad_accum_steps ({tr.grad_accum_steps}) is the pipeline's "
+                             f"micro-batch count; parallel.pp_schedule=1f1b needs at least parallel.pp ({pp}) "
+                             "of them: raise grad_accum_steps, or use pp_schedule=gpipe")

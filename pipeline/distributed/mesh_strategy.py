@@ -1,0 +1,267 @@
+"""Model parallelism on a pp x dp x tp device mesh: tensor parallel, pipeline parallel, and
+either kind of data parallelism around them (2-D and 3-D layouts, as torchtitan builds them).
+
+`parallelize` applies, in one place and this order: the pipeline cut (this rank's stage), the
+tensor-parallel split of each block (`tensor_parallel`), activation checkpointing, then data
+parallelism over the dp sub-mesh: FSDP2's `fully_shard` (strategy fsdp) or its replicated
+twin `replicate` (strategy ddp, gradients all-reduced), per block and on the stage root. Every
+parameter thereby becomes a DTensor, so optimizer, clipping and DCP treat all layouts alike.
+
+Initialisation is the sharded one (`sharded_init`): every rank draws each unit of the full
+model whole, in DDP's order, and keeps its slice of what its stage owns, so all layouts start
+from DDP's exact weights. The gradient norm is reduced over dp and tp by DTensor and over the
+pipeline stages here; tied weights split across the first and last stage are summed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.distributed import dcp_state
+from pipeline.distributed.base import OptimizerFactory, Strategy
+from pipeline.distributed.fsdp import keep_local_slices
+from pipeline.distributed.mesh import Layout, build_mesh
+from pipeline.distributed.pipeline_parallel import build_schedule, retie, split_stage, tie_groups
+from pipeline.distributed.sharded_init import init_by_unit
+from pipeline.distributed.tensor_parallel import apply_tensor_parallel, tp_plan
+from pipeline.distributed.units import repeated_blocks
+
+
+class MeshStrategy(Strategy):
+    name = "mesh"
+
+    def __init__(self, cfg: Any, precision, device: torch.device, settings, parallel: Any) -> None:
+        super().__init__(cfg, precision, device, settings)
+        self.parallel = parallel
+        self.layout = Layout(dist.get_world_size() if dist.is_initialized() else 1, parallel.tp, parallel.pp)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.pp_rank, self._dp_rank, self.tp_rank = self.layout.coords(self.rank)
+        self.schedule = None
+        self._tie_pairs: list[tuple[nn.Parameter, Any]] = []  # (tied parameter, group of first+last stage)
+        self._norm_skip: set[int] = set()  # tied copies counted on another stage
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def dp_rank(self) -> int:
+        return self._dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.dp
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pp - 1
+
+    def describe(self) -> str:
+        pp = ""
+        if self.layout.pp > 1:
+            pp = f" ({self.parallel.pp_schedule}, {self.settings.grad_accum_steps} micro-batches)"
+        return f"{self.cfg.name} x tensor/pipeline parallel: {self.layout.describe()}{pp}"
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("parallel.tp/pp need torch.distributed to be initialised (Ray Train does it)")
+        if self.precision.scaler is not None:
+            raise ValueError("precision.dtype=fp16 cannot combine with parallel.tp/pp (use bf16)")
+        self.mesh = build_mesh(self.layout, self.device)
+        ties = tie_groups(model)
+        part = self.parallelize(model)
+        swap = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            part.to_empty(device=self.device)
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(swap)
+        retie(model, ties)
+        init_by_unit(model, self.device, _keep_owned, weights=self.init_from)  # the full skeleton, in DDP's order
+        self.model = part
+        self.optimizer = make_optimizer(part)
+        if self.layout.pp > 1:
+            self._pair_tied(part, ties)
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """Stage cut -> tensor parallel -> activation checkpointing -> data parallel."""
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        part = split_stage(model, self.pp_rank, self.layout.pp) if self.layout.pp > 1 else model
+        if self.layout.tp > 1:
+            apply_tensor_parallel(part, tp_plan(model), self.mesh["tp"])
+        self.checkpoint_activations(part)
+        low = self.precision.dtype if self.precision.dtype != torch.float32 else None
+        mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+        dp_mesh = self.mesh["dp"]
+        if self.cfg.name == "fsdp":
+            def wrap(m: nn.Module) -> None:
+                fully_shard(m, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=self.cfg.reshard_after_forward)
+        else:
+            def wrap(m: nn.Module) -> None:
+                replicate(m, mesh=dp_mesh, mp_policy=mp)
+        for block in repeated_blocks(part):
+            wrap(block)
+        wrap(part)
+        return part
+
+    def _pair_tied(self, part: nn.Module, ties: list[list[str]]) -> None:
+        """Tied weights whose names live on different stages: a process group per (dp, tp)
+        coordinate joins the first and the last stage, whose gradients are summed."""
+        names = {n for n, _ in part.named_parameters(remove_duplicate=False)}
+        groups = {}
+        for dp in range(self.layout.dp):  # every rank creates every group, in the same order
+            for tp in range(self.layout.tp):
+                ranks = [self.layout.rank_of(0, dp, tp), self.layout.rank_of(self.layout.pp - 1, dp, tp)]
+                groups[(dp, tp)] = dist.new_group(ranks)
+        mine = groups[(self._dp_rank, self.tp_rank)]
+        for tied in ties:
+            present = [n for n in tied if n in names]
+            if present and len(present) < len(tied):  # split across stages
+                param = part.get_parameter(present[0])
+                self._tie_pairs.append((param, mine))
+                if not self.first_stage:
+                    self._norm_skip.add(id(param))
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        assert self.model is not None
+        return self.model
+
+    # ------------------------------------------------------------------ step
+    @contextlib.contextmanager
+    def no_sync(self, last_micro_batch: bool):
+        self.model.set_requires_gradient_sync(last_micro_batch)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], task: Any,
+                         generator: torch.Generator | None) -> float:
+        if self.layout.pp == 1:
+            return super().forward_backward(micro_batches, task, generator)
+        losses: list[torch.Tensor] = []
+        self._run_pipeline(micro_batches, task, losses, train=True)
+        for param, group in self._tie_pairs:
+            if param.grad is not None:
+                grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+                dist.all_reduce(grad, group=group)
+        return self._pipeline_loss(losses, len(micro_batches))
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, torch.Tensor], task: Any, generator: torch.Generator | None) -> float:
+        if self.layout.pp == 1:
+            return super().eval_loss(batch, task, generator)
+        n = self.settings.grad_accum_steps
+        rows = next(iter(batch.values())).shape[0]
+        micros = [{k: v[i * rows // n:(i + 1) * rows // n] for k, v in batch.items()} for i in range(n)]
+        losses: list[torch.Tensor] = []
+        self._run_pipeline(micros, task, losses, train=False)
+        return self._pipeline_loss(losses, n)
+
+    def _run_pipeline(self, micro_batches: list[dict[str, torch.Tensor]], task: Any, losses: list,
+                      train: bool) -> None:
+        """One schedule step: the micro-batches concatenated (the schedule cuts them again, in
+        order), inputs on the first stage, targets and the loss on the last."""
+        if self.schedule is None:
+            smoothing = getattr(task, "label_smoothing", 0.0)
+            self._smoothing = smoothing
+            self.schedule = build_schedule(
+                self.model, self.pp_rank, self.layout.pp, self.device, self.mesh["pp"].get_group(),
+                self.parallel.pp_schedule, len(micro_batches),
+                lambda out, target: task.output_loss(out, target, self._smoothing))
+        parts = [task.pipeline_io(b) for b in micro_batches]
+        args = tuple(torch.cat([p[0][i] for p in parts]) for i in range(len(parts[0][0])))
+        target = torch.cat([p[1] for p in parts])
+        kwargs = {"target": target, "losses": losses} if self.last_stage else {}
+        step = self.schedule.step if train else self.schedule.eval
+        self._smoothing = getattr(task, "label_smoothing", 0.0) if train else 0.0
+        with self.precision.autocast():
+            step(*(args if self.first_stage else ()), **kwargs)
+
+    def _pipeline_loss(self, losses: list[torch.Tensor], n: int) -> float:
+        """The step's mean loss, known on the last stage, shared with every stage."""
+        value = torch.tensor([sum(loss.item() for loss in losses) / n if self.last_stage else 0.0],
+                             dtype=torch.float64)
+        dist.all_reduce(value, group=self.mesh["pp"].get_group())
+        return value.item()
+
+    def clip_and_step(self, max_norm: float) -> tuple[float, bool]:
+        assert self.optimizer is not None
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        counted = [p.grad for p in self.model.parameters() if p.grad is not None and id(p) not in self._norm_skip]
+        squared = _squared_norm(counted)
+        if self.layout.pp > 1:
+            total = torch.tensor([squared], dtype=torch.float64)
+            dist.all_reduce(total, group=self.mesh["pp"].get_group())
+            squared = total.item()
+        norm = math.sqrt(squared) if math.isfinite(squared) else float("inf")
+        if max_norm > 0 and math.isfinite(norm):
+            coef = max_norm / (norm + 1e-6)
+            if coef < 1:
+                for g in grads:
+                    g.mul_(coef)
+        stepped = math.isfinite(norm)
+        if stepped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, stepped
+
+    # ------------------------------------------------------------------ state (collective)
+    def save(self, directory: Path, extra: dict[str, Any]) -> None:
+        dcp_state.save(directory, self.model, self.optimizer, extra)
+
+    def load(self, directory: Path, extra: dict[str, Any]) -> dict[str, Any]:
+        return dcp_state.load(directory, self.model, self.optimizer, extra)
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.gather_full(self.model.state_dict())
+
+    def gather_full(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole tensors on rank 0: each stage gathers its own over dp and tp (DTensor), then
+        the stages' first ranks send theirs to rank 0."""
+        full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu().clone()
+                for k, v in state.items()}
+        if self.layout.pp == 1:
+            return full
+        mine = full if (self._dp_rank, self.tp_rank) == (0, 0) else {}
+        gathered: list[dict[str, torch.Tensor] | None] = [None] * self.layout.world if self.rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if self.rank != 0:
+            return {}
+        merged: dict[str, torch.Tensor] = {}
+        for part in gathered:
+            merged.update(part or {})
+        return merged
+
+
+def _keep_owned(pairs: list[tuple[nn.Parameter, nn.Parameter]]) -> None:
+    """Keep this rank's slice of what its stage owns; units of other stages stay on meta."""
+    keep_local_slices([(p, whole) for p, whole in pairs if not p.is_meta])
+
+
+def _squared_norm(grads: list[torch.Tensor]) -> float:
+    """Sum of squared gradient norms. DTensors are grouped by mesh and placements (one norm
+    kernel per group, as `clip_grad_norm_` does, but without mixing meshes), and each
+    group's norm is reduced over its mesh by `full_tensor`."""
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        key = (id(g.device_mesh), tuple(g.placements)) if hasattr(g, "device_mesh") else None
+        groups.setdefault(key, []).append(g)
+    total = 0.0
+    for members in groups.values():
+        norm = torch.nn.utils.get_total_norm(members)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        total += norm.item() ** 2
+    return total
