@@ -298,13 +298,13 @@ def test_sharded_ema_diffusion_chain_under_zero3(lm_project):
 
 
 def test_dvc_exp_run_with_horovod(lm_project):
-    """`dvc exp run -S strategy=horovod`: DVC composes the group, the train stage launches
+    """`dvc exp run -S strategy=horovod register@lm`: DVC composes the group, the train stage launches
     Horovod through horovod.ray.RayExecutor, and the rest of the pipeline runs on its model."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    out = _sh(["dvc", "exp", "run", "-S", "strategy=horovod"], lm_project, timeout=1500)
-    assert "strategy: horovod" in out and "[lm] trained 6 steps" in out and "[diffusion] trained 6 steps" in out
+    out = _sh(["dvc", "exp", "run", "-S", "strategy=horovod", "register@lm"], lm_project, timeout=1500)
+    assert "strategy: horovod" in out and "[lm] trained 6 steps" in out
     assert yaml.safe_load((lm_project / "params.yaml").read_text())["strategy"] == {"name": "horovod",
                                                                                      "backend": "gloo"}
     mlflow.set_tracking_uri(f"sqlite:///{lm_project}/mlruns.db")
@@ -323,7 +323,7 @@ def test_dvc_exp_run_lm_chain_with_model_parallel(lm_project, overrides):
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
-    args = [a for o in overrides for a in ("-S", o)]
+    args = [a for o in [*overrides, "tasks.lm.export.quantize_int8=false"] for a in ("-S", o)]
     out = _sh(["dvc", "exp", "run", *args, "register@lm"], lm_project, timeout=1200)
     key = overrides[0].removeprefix("parallel.")
     assert "[lm] trained 6 steps" in out and key in out, out[-3000:]

@@ -28,7 +28,11 @@ VARIANTS: dict[str, list[str]] = {
     "zero3_offload": ["strategy.name=deepspeed", "strategy.zero_stage=3", "strategy.offload_optimizer=true",
                       "strategy.offload_params=true"],
     "horovod": ["strategy.name=horovod", "strategy.backend=gloo"],
-    # model parallelism (data parallelism over the remaining ranks, by the strategy named)
+}
+
+# Model-parallel layouts (data parallelism over the remaining ranks, by the strategy named);
+# tests/test_model_parallel.py proves each against DDP.
+LAYOUT_VARIANTS: dict[str, list[str]] = {
     "tp2": ["strategy.name=ddp", "parallel.tp=2"],
     "pp2": ["strategy.name=ddp", "parallel.pp=2"],
     "fsdp_tp2": ["strategy.name=fsdp", "parallel.tp=2"],
@@ -83,4 +87,5 @@ def process_group_backend(cfg, use_gpu: bool) -> str:
     return "nccl" if use_gpu else "gloo"
 
 
-__all__ = ["STRATEGIES", "VARIANTS", "StepSettings", "Strategy", "build_strategy", "preflight", "process_group_backend"]
+__all__ = ["LAYOUT_VARIANTS", "STRATEGIES", "VARIANTS", "StepSettings", "Strategy", "build_strategy", "preflight",
+           "process_group_backend"]

@@ -43,6 +43,9 @@ class MeshStrategy(Strategy):
         self.layout = Layout(dist.get_world_size() if dist.is_initialized() else 1, parallel.tp, parallel.pp)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.pp_rank, self._dp_rank, self.tp_rank = self.layout.coords(self.rank)
+        # Which code paths run. Normally whether the degree is > 1; a world-size-1 check (a single
+        # GPU) turns both on to build and step the tp and pp paths over size-1 mesh dimensions.
+        self.use_tp, self.use_pp = parallel.tp > 1, parallel.pp > 1
         self.schedule = None
         self._tie_pairs: list[tuple[nn.Parameter, Any]] = []  # (tied parameter, group of first+last stage)
         self._norm_skip: set[int] = set()  # tied copies counted on another stage
@@ -66,7 +69,7 @@ class MeshStrategy(Strategy):
 
     def describe(self) -> str:
         pp = ""
-        if self.layout.pp > 1:
+        if self.use_pp:
             pp = f" ({self.parallel.pp_schedule}, {self.settings.grad_accum_steps} micro-batches)"
         return f"{self.cfg.name} x tensor/pipeline parallel: {self.layout.describe()}{pp}"
 
@@ -88,7 +91,7 @@ class MeshStrategy(Strategy):
         init_by_unit(model, self.device, _keep_owned, weights=self.init_from)  # the full skeleton, in DDP's order
         self.model = part
         self.optimizer = make_optimizer(part)
-        if self.layout.pp > 1:
+        if self.use_pp:
             self._pair_tied(part, ties)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
@@ -96,8 +99,8 @@ class MeshStrategy(Strategy):
         from torch.distributed._composable.replicate_with_fsdp import replicate
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        part = split_stage(model, self.pp_rank, self.layout.pp) if self.layout.pp > 1 else model
-        if self.layout.tp > 1:
+        part = split_stage(model, self.pp_rank, self.layout.pp) if self.use_pp else model
+        if self.use_tp:
             apply_tensor_parallel(part, tp_plan(model), self.mesh["tp"])
         self.checkpoint_activations(part)
         low = self.precision.dtype if self.precision.dtype != torch.float32 else None
@@ -117,6 +120,8 @@ class MeshStrategy(Strategy):
     def _pair_tied(self, part: nn.Module, ties: list[list[str]]) -> None:
         """Tied weights whose names live on different stages: a process group per (dp, tp)
         coordinate joins the first and the last stage, whose gradients are summed."""
+        if self.layout.pp == 1:  # one stage holds every tied name
+            return
         names = {n for n, _ in part.named_parameters(remove_duplicate=False)}
         groups = {}
         for dp in range(self.layout.dp):  # every rank creates every group, in the same order
@@ -148,7 +153,7 @@ class MeshStrategy(Strategy):
 
     def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], task: Any,
                          generator: torch.Generator | None) -> float:
-        if self.layout.pp == 1:
+        if not self.use_pp:
             return super().forward_backward(micro_batches, task, generator)
         losses: list[torch.Tensor] = []
         self._run_pipeline(micro_batches, task, losses, train=True)
@@ -160,7 +165,7 @@ class MeshStrategy(Strategy):
 
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, torch.Tensor], task: Any, generator: torch.Generator | None) -> float:
-        if self.layout.pp == 1:
+        if not self.use_pp:
             return super().eval_loss(batch, task, generator)
         n = self.settings.grad_accum_steps
         rows = next(iter(batch.values())).shape[0]
@@ -201,7 +206,7 @@ class MeshStrategy(Strategy):
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         counted = [p.grad for p in self.model.parameters() if p.grad is not None and id(p) not in self._norm_skip]
         squared = _squared_norm(counted)
-        if self.layout.pp > 1:
+        if self.use_pp:
             total = torch.tensor([squared], dtype=torch.float64)
             dist.all_reduce(total, group=self.mesh["pp"].get_group())
             squared = total.item()
@@ -232,7 +237,7 @@ class MeshStrategy(Strategy):
         the stages' first ranks send theirs to rank 0."""
         full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu().clone()
                 for k, v in state.items()}
-        if self.layout.pp == 1:
+        if not self.use_pp:
             return full
         mine = full if (self._dp_rank, self.tp_rank) == (0, 0) else {}
         gathered: list[dict[str, torch.Tensor] | None] = [None] * self.layout.world if self.rank == 0 else None
