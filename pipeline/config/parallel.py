@@ -49,9 +49,8 @@ def check_parallel(cfg: PipelineConfig) -> None:
         raise ValueError(f"precision.dtype=fp16 with parallel.tp={tp}/parallel.pp={pp}: dynamic loss scaling is not "
                          "wired through tensor or pipeline parallelism; use bf16 (no loss scale needed) or fp32")
     if pp > 1 and par.pp_schedule == "interleaved_1f1b":
-        raise ValueError("parallel.pp_schedule=interleaved_1f1b: interleaved schedules hold several stages per "
-                         "rank, which this strategy does not build yet (and torch's interleaved schedules "
-                         "are reported to hang on gloo); use gpipe or 1f1b")
+        raise ValueError("parallel.pp_schedule=interleaved_1f1b: an interleaved schedule holds several stages "
+                         "per rank, and the mesh strategy builds one stage per rank so far; use gpipe or 1f1b")
 
 
 def check_task_parallel(cfg: PipelineConfig, name: str) -> None:
