@@ -452,3 +452,39 @@ def test_model_layout_tensor_parallel_on_two_gloo_ranks():
     for errors in run_group(_tp_rank, 2):
         for what, err in errors.items():
             assert err < 1e-5 if what.endswith("forward") else err == 0, (what, err)
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_model_layout_init_from_reads_a_fused_layout_file(tmp_path, mlp):
+    """`trainer.init_from` reads tensors one at a time by name: a safetensors file written before
+    the split (attn.qkv, attn.proj, mlp.up, mlp.down) still gives every split weight its rows."""
+    from safetensors.torch import save_file
+
+    from pipeline.config.schema import GPTConfig
+    from pipeline.distributed.sharded_init import copy_from_safetensors
+    from pipeline.models.gpt import GPT
+
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp=mlp, tie_weights=False), 50, 16)
+    new = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    old = {}
+    for k, v in new.items():
+        stem, leaf = (k.rsplit(".", 2)[0], k.rsplit(".", 2)[1]) if k.count(".") >= 2 else ("", "")
+        if leaf in ("wq", "wk", "wv"):
+            old[f"{stem}.qkv.weight"] = torch.cat([new[f"{stem}.wq.weight"], new[f"{stem}.wk.weight"],
+                                                   new[f"{stem}.wv.weight"]])
+        elif leaf == "wo":
+            old[f"{stem}.proj.weight"] = v
+        elif leaf in ("w1", "w3"):
+            old[f"{stem}.up.weight"] = (torch.cat([new[f"{stem}.w3.weight"], new[f"{stem}.w1.weight"]])
+                                        if mlp == "swiglu" else new[f"{stem}.w1.weight"])
+        elif leaf == "w2":
+            old[f"{stem}.down.weight"] = v
+        else:
+            old[k] = v
+    assert not any(".wq." in k or ".w1." in k for k in old)
+    save_file({k: v.contiguous() for k, v in old.items()}, str(tmp_path / "old.safetensors"))
+    targets = {k: torch.empty_like(v) for k, v in new.items()}
+    copy_from_safetensors(tmp_path / "old.safetensors", targets)
+    for k, v in new.items():
+        assert torch.equal(targets[k], v), k

@@ -116,15 +116,22 @@ def parameter_names(model: nn.Module) -> dict[int, str]:
 @torch.no_grad()
 def copy_from_safetensors(path: Path, targets: dict[str, torch.Tensor]) -> None:
     """Fill `targets` (state-dict name -> whole tensor) from a safetensors file, reading only
-    those tensors. A missing name or a shape that differs is an error naming the file and key."""
+    those tensors (a file of the older fused layout gives each split weight its
+    rows). A missing name or a shape that differs is an error naming the file and key."""
     from safetensors import safe_open
+
+    from pipeline.models.legacy import fused_source, take_rows
 
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
         for name, target in targets.items():
-            if name not in keys:
+            source = fused_source(name) if name not in keys else None
+            if name in keys:
+                tensor = f.get_tensor(name)
+            elif source is not None and source[0] in keys:  # saved before q/k/v and SwiGLU were split
+                tensor = take_rows(f.get_tensor(source[0]), target.shape[0], source[1])
+            else:
                 raise ValueError(f"trainer.init_from: {path} has no tensor '{name}' (it holds {len(keys)} others)")
-            tensor = f.get_tensor(name)
             if tuple(tensor.shape) != tuple(target.shape):
                 raise ValueError(f"trainer.init_from: {path}: '{name}' has shape {tuple(tensor.shape)}, "
                                  f"the model needs {tuple(target.shape)}")
