@@ -145,7 +145,7 @@ def test_pipeline_parallel_with_data_parallel_losses_equal_ddp(runs):
     _assert_losses_equal(runs("ddp"), runs("pp2_dp2"), "pp2_dp2")
 
 
-def test_tensor_and_pipeline_parallel_3d_bf16_trains_close_to_ddp_fp32(runs):
+def test_tensor_parallel_and_pipeline_parallel_3d_bf16_trains_close_to_ddp_fp32(runs):
     """TP=2 x PP=2 on 4 ranks in bf16 (FSDP2's mixed-precision policy, bf16 activations between
     stages): finite, falling, within 2% of DDP's fp32 losses over 20 steps."""
     ref, got = _losses(runs("ddp")), _losses(runs("tp2_pp2_bf16"))
@@ -157,7 +157,7 @@ def test_tensor_and_pipeline_parallel_3d_bf16_trains_close_to_ddp_fp32(runs):
 
 
 @pytest.mark.parametrize("name", ["tp2", "pp2_1f1b"])
-def test_tensor_and_pipeline_parallel_resume_is_bit_exact(runs, name):
+def test_tensor_parallel_and_pipeline_parallel_resume_is_bit_exact(runs, name):
     """Resumed from the step-10 DCP checkpoint, a run ends with the same weights and losses."""
     run = runs(name)
     straight, resumed = run["straight"], run["resumed"]
@@ -166,7 +166,7 @@ def test_tensor_and_pipeline_parallel_resume_is_bit_exact(runs, name):
         assert torch.equal(v, resumed["weights"][k]), f"{name}: {k} differs after resume"
 
 
-def test_tensor_and_pipeline_parallel_export_equals_ddp_layout(runs):
+def test_tensor_parallel_and_pipeline_parallel_export_equals_ddp_layout(runs):
     """The exported safetensors hold exactly DDP's keys (tied head included), and the weights
     equal DDP's own after 20 steps within float tolerance."""
     ref = runs("ddp")["straight"]["weights"]
@@ -201,7 +201,7 @@ def _load_rank(rank: int, world: int, raw: dict, ckpt: str) -> dict:
 
 
 @pytest.mark.parametrize(("written", "read"), [("tp2", "ddp"), ("pp2_1f1b", "fsdp")])
-def test_tensor_and_pipeline_parallel_checkpoint_loads_under_another_layout(runs, written, read):
+def test_tensor_parallel_and_pipeline_parallel_checkpoint_loads_under_another_layout(runs, written, read):
     """TP=2 -> DDP and PP=2 -> FSDP2: the final checkpoint's DCP state, read under the other
     layout and consolidated, is bit-identical to the weights the writing run exported."""
     from pipeline.runtime.local_group import run_group
@@ -226,7 +226,7 @@ def test_tensor_and_pipeline_parallel_checkpoint_loads_under_another_layout(runs
      "interleaved_1f1b"),
     (["parallel.pp=2", "tasks.lm.trainer.grad_accum_steps=3"], "global_batch_size (8) must be divisible"),
 ])
-def test_tensor_and_pipeline_parallel_config_errors_name_the_keys(overrides, message):
+def test_tensor_parallel_and_pipeline_parallel_config_errors_name_the_keys(overrides, message):
     """Layouts that cannot run fail at validation (before any worker), one line naming the keys."""
     import re
 
@@ -239,7 +239,7 @@ def test_tensor_and_pipeline_parallel_config_errors_name_the_keys(overrides, mes
         check_task_parallel(validate(tiny_raw(overrides)), "lm")
 
 
-def test_tensor_and_pipeline_parallel_refusals_name_the_chain(tiny_cfg):
+def test_tensor_parallel_and_pipeline_parallel_refusals_name_the_chain(tiny_cfg):
     """A config may hold a chain that cannot use the layout: its train stage says which."""
     from pipeline.config import validate
     from pipeline.config.parallel import check_task_parallel
@@ -256,7 +256,7 @@ def _world_one_rank(rank: int, world: int) -> dict:
     return {name: run_case(name, "fp32", torch.device("cpu"), 2, 64)["losses"] for name in CASES}
 
 
-def test_tensor_and_pipeline_parallel_paths_at_world_size_one():
+def test_tensor_parallel_and_pipeline_parallel_paths_at_world_size_one():
     """The single-GPU check (benchmarks/gpu_model_parallel.py) on CPU: the tp and pp code paths
     over size-1 mesh dimensions train exactly like DDP."""
     from pipeline.runtime.local_group import run_group
