@@ -74,13 +74,8 @@ class FSDPStrategy(Strategy):
     def describe(self) -> str:
         return f"fsdp (FSDP2, reshard_after_forward={self.cfg.reshard_after_forward})"
 
-    @contextlib.contextmanager
     def no_sync(self, last_micro_batch: bool):
-        self.model.set_requires_gradient_sync(last_micro_batch)
-        try:
-            yield
-        finally:
-            self.model.set_requires_gradient_sync(True)
+        return gradient_sync(self.model, last_micro_batch)
 
     def clip_and_step(self, max_norm: float) -> tuple[float, bool]:
         assert self.optimizer is not None
@@ -105,6 +100,17 @@ class FSDPStrategy(Strategy):
     def gather_full(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu().clone()
                 for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Reduce gradients in this backward only when `enabled` (the last accumulation micro-batch);
+    for any FSDP2 module, `fully_shard` or `replicate`."""
+    model.set_requires_gradient_sync(enabled)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def local_slice(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

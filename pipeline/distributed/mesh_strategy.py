@@ -15,7 +15,6 @@ pipeline stages here; tied weights split across the first and last stage are sum
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from torch import nn
 
 from pipeline.distributed import dcp_state
 from pipeline.distributed.base import OptimizerFactory, Strategy
-from pipeline.distributed.fsdp import keep_local_slices
+from pipeline.distributed.fsdp import gradient_sync, keep_local_slices
 from pipeline.distributed.mesh import Layout, build_mesh
 from pipeline.distributed.pipeline_parallel import build_schedule, retie, split_stage, tie_groups
 from pipeline.distributed.sharded_init import init_by_unit
@@ -143,13 +142,8 @@ class MeshStrategy(Strategy):
         return self.model
 
     # ------------------------------------------------------------------ step
-    @contextlib.contextmanager
     def no_sync(self, last_micro_batch: bool):
-        self.model.set_requires_gradient_sync(last_micro_batch)
-        try:
-            yield
-        finally:
-            self.model.set_requires_gradient_sync(True)
+        return gradient_sync(self.model, last_micro_batch)
 
     def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], task: Any,
                          generator: torch.Generator | None) -> float:
