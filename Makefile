@@ -44,6 +44,7 @@ bench: setup
 	$(PY) benchmarks/activation_checkpointing.py
 	$(PY) benchmarks/cluster.py
 	$(PY) benchmarks/data.py
+	PYTHONPATH=. $(PY) benchmarks/model_parallel.py
 
 clean-runs:
 	rm -rf runs mlruns.db mlartifacts

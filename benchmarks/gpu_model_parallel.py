@@ -7,7 +7,7 @@ DDP strategy on the same batches.
 Printed (and written to $OUT/gpu_model_parallel.json when OUT is set): per layout and dtype,
 the per-step losses, the largest relative difference from DDP's, and the step time.
 
-    python benchmarks/gpu_model_parallel.py [--device cuda|cpu] [--steps 10] [--d-model 512]
+    PYTHONPATH=. python benchmarks/gpu_model_parallel.py [--device cuda|cpu] [--steps 10] [--d-model 512]
 
 fp32 is held to 1e-5 relative (TF32 off); bf16 is reported (it runs, with autocast).
 """

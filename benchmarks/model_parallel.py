@@ -12,7 +12,7 @@ Communication waits count as idle, as they do on a GPU.
 speed: median step time of TP=2 and PP=2 (m = 4, 1F1B) over DDP's at N=2, fp32, the same
 global batch (16 x 256 tokens), rounds alternating so machine noise hits each side alike.
 
-    python benchmarks/model_parallel.py [--part memory|bubble|speed|all] [--rounds 3] [--steps 8]
+    PYTHONPATH=. python benchmarks/model_parallel.py [--part memory|bubble|speed|all] [--rounds 3] [--steps 8]
 """
 
 from __future__ import annotations
