@@ -59,8 +59,9 @@ class Strategy(ABC):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         """Shard and wrap the model, materialise it, then build the optimizer over the result.
 
-        The model arrives on the meta device (the loop builds it there, with activation
-        checkpointing already applied). The caller seeds the RNG identically on every rank.
+        The model arrives on the meta device (the loop builds it there); the strategy applies
+        activation checkpointing (`checkpoint_activations`) where its layout wants it. The
+        caller seeds the RNG identically on every rank.
         """
 
     def checkpoint_activations(self, model: nn.Module) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeline.distributed import dcp_state
 from pipeline.distributed.base import OptimizerFactory, Strategy, grad_norm_and_clip
-from pipeline.distributed.sharded_init import init_by_unit
+from pipeline.distributed.sharded_init import init_by_unit, to_empty_keeping_ties
 from pipeline.distributed.units import repeated_blocks
 
 
@@ -58,12 +58,7 @@ class FSDPStrategy(Strategy):
     def _materialize_sharded(self, model: nn.Module) -> None:
         """Allocate each rank's local shards (`to_empty` swaps tensors in place, so tied
         parameters stay tied), then initialise unit by unit, keeping this rank's slice."""
-        swap = torch.__future__.get_swap_module_params_on_conversion()
-        torch.__future__.set_swap_module_params_on_conversion(True)
-        try:
-            model.to_empty(device=self.device)
-        finally:
-            torch.__future__.set_swap_module_params_on_conversion(swap)
+        to_empty_keeping_ties(model, self.device)
         init_by_unit(model, self.device, keep_local_slices, weights=self.init_from)
 
     @property
@@ -122,8 +117,12 @@ def local_slice(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 
 def keep_local_slices(pairs: list[tuple[nn.Parameter, nn.Parameter]]) -> None:
-    """Copy each whole tensor's local slice into the sharded parameter (plain ones whole)."""
+    """Copy each whole tensor's local slice into the sharded parameter (plain ones whole).
+    Parameters still on the meta device belong to no part this rank holds (another pipeline
+    stage's units): their whole tensors were drawn only to keep the random stream, and are dropped."""
     for param, full in pairs:
+        if param.is_meta:
+            continue
         if hasattr(param, "to_local"):
             param.to_local().copy_(local_slice(param, full.data))
         else:

@@ -28,7 +28,7 @@ from pipeline.distributed.base import OptimizerFactory, Strategy
 from pipeline.distributed.fsdp import gradient_sync, keep_local_slices
 from pipeline.distributed.mesh import Layout, build_mesh
 from pipeline.distributed.pipeline_parallel import build_schedule, retie, split_stage, tie_groups
-from pipeline.distributed.sharded_init import init_by_unit
+from pipeline.distributed.sharded_init import init_by_unit, to_empty_keeping_ties
 from pipeline.distributed.tensor_parallel import apply_tensor_parallel, tp_plan
 from pipeline.distributed.units import repeated_blocks
 
@@ -80,14 +80,9 @@ class MeshStrategy(Strategy):
         self.mesh = build_mesh(self.layout, self.device)
         ties = tie_groups(model)
         part = self.parallelize(model)
-        swap = torch.__future__.get_swap_module_params_on_conversion()
-        torch.__future__.set_swap_module_params_on_conversion(True)
-        try:
-            part.to_empty(device=self.device)
-        finally:
-            torch.__future__.set_swap_module_params_on_conversion(swap)
+        to_empty_keeping_ties(part, self.device)
         retie(model, ties)
-        init_by_unit(model, self.device, _keep_owned, weights=self.init_from)  # the full skeleton, in DDP's order
+        init_by_unit(model, self.device, keep_local_slices, weights=self.init_from)  # the full skeleton, in DDP's order
         self.model = part
         self.optimizer = make_optimizer(part)
         if self.use_pp:
@@ -172,9 +167,8 @@ class MeshStrategy(Strategy):
                       train: bool) -> None:
         """One schedule step: the micro-batches concatenated (the schedule cuts them again, in
         order), inputs on the first stage, targets and the loss on the last."""
+        self._smoothing = getattr(task, "label_smoothing", 0.0) if train else 0.0  # read by the loss_fn
         if self.schedule is None:
-            smoothing = getattr(task, "label_smoothing", 0.0)
-            self._smoothing = smoothing
             self.schedule = build_schedule(
                 self.model, self.pp_rank, self.layout.pp, self.device, self.mesh["pp"].get_group(),
                 self.parallel.pp_schedule, len(micro_batches),
@@ -184,7 +178,6 @@ class MeshStrategy(Strategy):
         target = torch.cat([p[1] for p in parts])
         kwargs = {"target": target, "losses": losses} if self.last_stage else {}
         step = self.schedule.step if train else self.schedule.eval
-        self._smoothing = getattr(task, "label_smoothing", 0.0) if train else 0.0
         with self.precision.autocast():
             step(*(args if self.first_stage else ()), **kwargs)
 
@@ -242,11 +235,6 @@ class MeshStrategy(Strategy):
         for part in gathered:
             merged.update(part or {})
         return merged
-
-
-def _keep_owned(pairs: list[tuple[nn.Parameter, nn.Parameter]]) -> None:
-    """Keep this rank's slice of what its stage owns; units of other stages stay on meta."""
-    keep_local_slices([(p, whole) for p, whole in pairs if not p.is_meta])
 
 
 def _squared_norm(grads: list[torch.Tensor]) -> float:

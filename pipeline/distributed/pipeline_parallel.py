@@ -50,8 +50,8 @@ def split_stage(model: nn.Module, stage: int, stages: int) -> nn.Module:
     for key, value in model.__dict__.items():
         if isinstance(value, dict) and key != "_buffers":
             part.__dict__[key] = type(value)(value)
-    owned = stage_blocks(len(getattr(model, plan["blocks"])), stage, stages)
     blocks = getattr(model, plan["blocks"])
+    owned = stage_blocks(len(blocks), stage, stages)
     setattr(part, plan["blocks"], nn.ModuleList(b if i in owned else nn.Identity() for i, b in enumerate(blocks)))
     for name in plan.get("first", ()) if stage > 0 else ():
         if getattr(part, name, None) is not None:

@@ -138,6 +138,17 @@ def copy_from_safetensors(path: Path, targets: dict[str, torch.Tensor]) -> None:
             target.copy_(tensor)
 
 
+def to_empty_keeping_ties(model: nn.Module, device: torch.device) -> None:
+    """Allocate a meta-device (sharded) module's storage on `device`, uninitialised. Tensors are
+    swapped in place, so tied parameters stay one parameter (a plain `to_empty` unties them)."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
 def materialize_buffers(model: nn.Module, device: torch.device) -> None:
     """Give meta buffers storage on `device` (their values come from the model's init)."""
     for module in model.modules():
