@@ -12,6 +12,11 @@ def run(cfg: PipelineConfig, task: str) -> None:
                   Path(f"metrics/{task}"))
     print(f"[{task}] exported to export/{task}: ONNX max |diff| {info['onnx_max_abs_diff']:.2e}; "
           f"MLflow model {info['model_uri']}")
+    if info.get("hf_architecture"):
+        print(f"[{task}] transformers folder export/{task}/hf ({info['hf_architecture']}, {info['hf_dtype']}): "
+              f"logits max |diff| {info['hf_max_abs_logit_diff']:.2e}, greedy tokens equal")
+    elif "hf_skipped" in info:
+        print(f"[{task}] no transformers folder: {info['hf_skipped']}")
     if "int8_val_perplexity" in info:
         print(f"[{task}] int8 ONNX: {info['int8_size_ratio']:.2f}x the size, val perplexity "
               f"{info['fp32_val_perplexity']:.2f} -> {info['int8_val_perplexity']:.2f} "

@@ -12,7 +12,9 @@ from pipeline.runtime import connect
 def run(cfg: PipelineConfig, task: str) -> None:
     if getattr(cfg.task(task).data, "ray", False):  # text data: per-file work as Ray tasks
         print(f"[{task}] prepare on {connect(cfg.cluster)}")
-    stats = prepare(cfg.task(task).data, cfg.seed, Path(f"data/{task}/prepared"))
+    pretrained = getattr(cfg.task(task).model, "init_from", None)  # a Hugging Face checkpoint brings its tokenizer
+    stats = prepare(cfg.task(task).data, cfg.seed, Path(f"data/{task}/prepared"),
+                    tokenizer_from=Path(pretrained) if pretrained else None)
     Path(f"metrics/{task}").mkdir(parents=True, exist_ok=True)
     Path(f"metrics/{task}/data.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
     print(f"[{task}] prepared: " + ", ".join(f"{k}={v}" for k, v in stats.items() if isinstance(v, int)))

@@ -62,3 +62,33 @@ def built_data(tmp_path_factory, text_corpus):
         shard(cfg.task(task).data, root / task / "prepared", root / task / "shards")
         out[task] = root / task / "shards"
     return cfg, out
+
+
+def make_tiny_llama(folder: Path, corpus: Path | None = None, *, vocab: int = 300, pad_vocab: int = 0,
+                    tie: bool = False, n_kv: int = 2, layers: int = 2, seed: int = 0) -> Path:
+    """A random tiny Llama checkpoint as users bring one: `save_pretrained` of a
+    `LlamaForCausalLM` and of its fast tokenizer (byte-level BPE trained on `corpus`, with
+    Llama's <s>/</s> and a post-processor that prepends <s>). `pad_vocab` extra embedding rows
+    beyond the tokenizer's vocabulary, as padded checkpoints have."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [p.read_text() for p in sorted(corpus.glob("*.txt"))] if corpus else \
+        ["def f(x): return x + 1", "The for statement iterates over a sequence.", "A class is a namespace."] * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    config = LlamaConfig(vocab_size=tok.get_vocab_size() + pad_vocab, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=n_kv,
+                         rope_theta=50000.0, rms_norm_eps=1e-5, tie_word_embeddings=tie,
+                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    return folder

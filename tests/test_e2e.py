@@ -267,12 +267,12 @@ def lm_project(tmp_path_factory) -> Path:
     return project
 
 
-@pytest.mark.parametrize("overrides", [["strategy.name=fsdp"],
-                                       ["strategy.name=deepspeed", "strategy.zero_stage=3",
+@pytest.mark.parametrize("overrides", [["strategy.name=deepspeed", "strategy.zero_stage=3",
                                         "strategy.offload_optimizer=true"]],
-                         ids=["fsdp", "deepspeed-zero3-offload"])
+                         ids=["deepspeed-zero3-offload"])
 def test_train_and_evaluate_stages_with_strategy(lm_project, overrides):
-    """The train stage with a strategy override, through Ray Train with 2 workers, then evaluate."""
+    """The train stage with a strategy override, through Ray Train with 2 workers, then evaluate.
+    (FSDP2's stages run in `test_dvc_exp_run_fine_tunes_a_hugging_face_llama`.)"""
     out = _sh([sys.executable, "-m", "stages.train", "lm", *overrides], lm_project)
     assert "[lm] trained 6 steps" in out
     name = overrides[0].split("=")[1]
@@ -338,6 +338,55 @@ def test_dvc_exp_run_lm_chain_with_model_parallel(lm_project, overrides):
         mv = MlflowClient().get_model_version_by_alias("pipeline-lm", "challenger")
         assert MlflowClient().get_run(mv.run_id).data.tags["parallel"] == f"tp={2 if 'tp' in key else 1}," \
                                                                            f"pp={2 if 'pp' in key else 1}"
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_dvc_exp_run_fine_tunes_a_hugging_face_llama(lm_project, tmp_path, text_corpus):
+    """`dvc exp run -S tasks.lm.model.init_from=<a Llama folder> -S strategy.name=fsdp register@lm`:
+    prepare uses the checkpoint's tokenizer, FSDP2 ranks load their shards of its weights on
+    Ray Train's 2 workers and fine-tune, and export writes export/lm/hf, which transformers
+    loads with no custom code. The registered version carries that folder, and its lineage
+    names the checkpoint."""
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import make_tiny_llama
+
+    llama = make_tiny_llama(tmp_path / "llama", text_corpus, pad_vocab=3)
+    args = ["-S", f"tasks.lm.model.init_from={llama}", "-S", "strategy.name=fsdp",
+            "-S", "tasks.lm.export.quantize_int8=false"]
+    out = _sh(["dvc", "exp", "run", *args, "register@lm"], lm_project, timeout=1200)
+    assert "[lm] trained 6 steps" in out and "strategy: fsdp" in out, out[-3000:]
+    assert "transformers folder export/lm/hf (LlamaForCausalLM, float32)" in out, out[-3000:]
+    stats = json.loads((lm_project / "metrics/lm/data.json").read_text())
+    assert stats["tokenizer_source"] == str(llama) and stats["eos_token"] == "</s>"
+    exported = json.loads((lm_project / "metrics/lm/export.json").read_text())
+    assert exported["hf_max_abs_logit_diff"] <= 1e-4 and exported["hf_greedy_tokens_equal"] == 1.0
+    hf = lm_project / "export/lm/hf"
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    source = AutoModelForCausalLM.from_pretrained(llama)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == source.config.vocab_size
+    moved = [k for k, v in source.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
+    assert moved, "six fine-tuning steps changed no weight"
+    tok = AutoTokenizer.from_pretrained(hf)
+    assert tok.eos_token == "</s>" and (hf / "tokenizer.json").read_bytes() == (llama / "tokenizer.json").read_bytes()
+
+    mlflow.set_tracking_uri(f"sqlite:///{lm_project}/mlruns.db")
+    try:
+        mv = MlflowClient().get_model_version_by_alias("pipeline-lm", "challenger")
+        assert mv.tags["init_from.path"] == str(llama.resolve()) and len(mv.tags["init_from.fingerprint"]) == 64
+        assert MlflowClient().get_run(mv.run_id).data.tags["export.hf_architecture"] == "LlamaForCausalLM"
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/pipeline-lm/{mv.version}",
+                                                         dst_path=str(tmp_path / "registered")))
+        registered = next(local.rglob("hf/config.json")).parent
+        assert AutoModelForCausalLM.from_pretrained(registered).config.num_hidden_layers == 2
+        lineage = json.loads(_sh([sys.executable, "-m", "pipeline", "lineage", "pipeline-lm@challenger", "--json"],
+                                 lm_project))
+        assert lineage["init_from"]["path"] == str(llama.resolve()) and lineage["hf_export"] == "LlamaForCausalLM"
+        assert lineage["data"]["manifest_md5"] and lineage["code"]["git_commit"]
     finally:
         mlflow.set_tracking_uri(None)
 

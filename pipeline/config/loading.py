@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from pipeline.config.pretrained import resolve_pretrained
 from pipeline.config.schema import PipelineConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -60,10 +61,23 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 
 
 def validate(raw: dict[str, Any]) -> PipelineConfig:
+    """The typed config; a GPT with `model.init_from` first takes its architecture from that
+    Hugging Face checkpoint's config.json (`pretrained.resolve_pretrained`)."""
     try:
+        tasks = raw.get("tasks")
+        if isinstance(tasks, dict):
+            raw = {**raw, "tasks": {name: _resolve_task(name, t) for name, t in tasks.items()}}
         return PipelineConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _resolve_task(name: str, task: Any) -> Any:
+    if not isinstance(task, dict) or not isinstance(task.get("model"), dict):
+        return task
+    return {**task, "model": resolve_pretrained(task["model"], f"tasks.{name}.model")}
 
 
 def load_config(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()) -> PipelineConfig:

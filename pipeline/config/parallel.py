@@ -7,7 +7,6 @@ once instead of after Ray has placed its workers.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,12 +17,6 @@ _OWN_PARTITIONING = {
     "deepspeed": "DeepSpeed partitions parameters itself (ZeRO) and has no DTensor or pipeline-stage support here",
     "horovod": "Horovod all-reduces whole gradients over every rank and has no notion of a device mesh",
 }
-
-
-def gpt_mlp_hidden(d_model: int, mlp_ratio: float, mlp: str) -> int:
-    """The GPT MLP's hidden width (the same rule as pipeline.models.gpt.MLP)."""
-    hidden = int(mlp_ratio * d_model)
-    return 64 * math.ceil(2 * hidden / 3 / 64) if mlp == "swiglu" else hidden
 
 
 def data_parallel_size(workers: int, tp: int, pp: int) -> int:
@@ -83,11 +76,10 @@ def check_task_parallel(cfg: PipelineConfig, name: str) -> None:
             if count % tp:
                 raise ValueError(f"{where}.model.{key} ({count}) must be divisible by parallel.tp ({tp}): "
                                  "each tensor-parallel rank computes whole attention heads")
-        hidden = (gpt_mlp_hidden(m.d_model, m.mlp_ratio, m.mlp) if m.kind == "gpt"
-                  else int(m.d_model * m.mlp_ratio))
+        hidden = m.mlp_width if m.kind == "gpt" else int(m.d_model * m.mlp_ratio)
         if hidden % tp:
-            raise ValueError(f"{where}.model.mlp_ratio gives an MLP width of {hidden}, which parallel.tp ({tp}) "
-                             "does not divide")
+            raise ValueError(f"{where}.model.mlp_ratio (or mlp_hidden) gives an MLP width of {hidden}, "
+                             f"which parallel.tp ({tp}) does not divide")
     if pp > 1:
         if m.n_layers % pp:
             raise ValueError(f"{where}.model.n_layers ({m.n_layers}) must be divisible by parallel.pp ({pp}): "

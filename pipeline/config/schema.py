@@ -7,6 +7,7 @@ full dotted path instead of being silently ignored.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -105,6 +106,22 @@ class GPTConfig(Strict):
     rope_theta: PositiveFloat = 10000.0
     init: Literal["normal", "xavier", "he"] = "normal"  # normal = GPT-2's N(0, 0.02) with scaled residuals
     norm_impl: Literal["torch", "apex"] = "torch"  # apex = apex.normalization's fused kernels (CUDA)
+    mlp_hidden: PositiveInt | None = None  # the MLP's hidden width; None: from mlp_ratio (SwiGLU: 2/3 of it, x64)
+    norm_eps: PositiveFloat | None = None  # None: 1e-6 (rmsnorm), 1e-5 (layernorm)
+    vocab_size: PositiveInt | None = None  # embedding rows; None: the tokenizer's vocabulary
+    # A Hugging Face checkpoint folder (Llama architecture: config.json + safetensors) to start
+    # from: its config.json sets the architecture fields above (the ones here are then ignored),
+    # its weights the initial weights, its tokenizer replaces the one prepare would train.
+    init_from: str | None = None
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's hidden width: `mlp_hidden`, else `mlp_ratio * d_model`, and under SwiGLU two
+        thirds of that rounded up to a multiple of 64 (the GELU MLP's parameter count)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        hidden = int(self.mlp_ratio * self.d_model)
+        return 64 * math.ceil(2 * hidden / 3 / 64) if self.mlp == "swiglu" else hidden
 
     @model_validator(mode="after")
     def _heads_divide(self) -> GPTConfig:
@@ -254,6 +271,13 @@ class ExportConfig(Strict):
     # against the fp32 graph on `int8_eval_rows` validation rows
     quantize_int8: bool = False
     int8_eval_rows: PositiveInt = 256
+    # language model only: a Hugging Face `transformers` folder (export/<task>/hf: config.json,
+    # safetensors, tokenizer), checked against our model on validation rows: logits within
+    # hf_max_abs_diff (fp32) and 20 greedy tokens equal, or the export fails.
+    hf: bool = True
+    hf_max_abs_diff: PositiveFloat = 1e-4
+    hf_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: init_from's, else float32
+    hf_shard_mb: PositiveInt = 2048  # safetensors files above this size are split (with an index)
 
     @model_validator(mode="after")
     def _int8_needs_onnx(self) -> ExportConfig:
@@ -291,6 +315,9 @@ class TaskConfig(Strict):
             raise ValueError(f"model kind '{self.model.kind}' cannot train on {self.data.kind} data")
         if self.export.quantize_int8 and self.data.kind != "text":
             raise ValueError("export.quantize_int8 is for the language model (text data) only")
+        if getattr(self.model, "init_from", None) and self.trainer.init_from:
+            raise ValueError("model.init_from (a Hugging Face checkpoint) and trainer.init_from (weights) both "
+                             "name initial weights: set one")
         return self
 
 

@@ -27,15 +27,22 @@ from pipeline.data.splits import SPLITS
 TOKENIZER, STATS = "tokenizer.json", "stats.json"
 
 
-def prepare(cfg: TextDataConfig | ImageDataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
-    """Write the prepared splits to `out_dir` (atomically) and return the statistics."""
+def prepare(cfg: TextDataConfig | ImageDataConfig, seed: int, out_dir: Path,
+            tokenizer_from: Path | None = None) -> dict[str, Any]:
+    """Write the prepared splits to `out_dir` (atomically) and return the statistics. Text
+    gets a BPE tokenizer trained on its training split, or `tokenizer_from`'s (a Hugging Face
+    checkpoint folder's, when the model starts from one)."""
     with atomic_dir(out_dir) as tmp:
         if isinstance(cfg, TextDataConfig):
             units = sources.text_units(cfg.source)
             jobs = progress(((u, cfg, seed) for u in units), "prepare", len(units), "files")
             stats = text.merge(ordered_flatmap(text.clean_unit, jobs, cfg.ray), tmp)
-            stats["tokenizer_documents"] = text.train_tokenizer(tmp / "train.parquet", cfg.vocab_size, tmp / TOKENIZER,
-                                                                cfg.tokenizer_max_chars, stats["chars_train"])
+            if tokenizer_from is not None:
+                stats.update(text.copy_hf_tokenizer(Path(tokenizer_from), tmp))
+            else:
+                stats["tokenizer_documents"] = text.train_tokenizer(tmp / "train.parquet", cfg.vocab_size,
+                                                                    tmp / TOKENIZER, cfg.tokenizer_max_chars,
+                                                                    stats["chars_train"])
             stats["tokenizer_sha256"] = sha256_file(tmp / TOKENIZER)
             stats["source_units"] = len(units)
         else:
@@ -53,13 +60,14 @@ def prepare(cfg: TextDataConfig | ImageDataConfig, seed: int, out_dir: Path) -> 
     return stats
 
 
-def _token_rows(cfg: TextDataConfig, split_file: Path, tokenizer_json: str) -> Iterator[dict[str, np.ndarray]]:
+def _token_rows(cfg: TextDataConfig, split_file: Path, tokenizer_json: str,
+                eos: str) -> Iterator[dict[str, np.ndarray]]:
     total = pq.ParquetFile(split_file).metadata.num_rows
     with tqdm(total=total, desc=f"shard {split_file.stem}", unit="docs", disable=None, leave=False) as bar:
-        def batches() -> Iterator[tuple[list[str], str]]:
+        def batches() -> Iterator[tuple[list[str], str, str]]:
             for docs in text.iter_documents(split_file):
                 bar.update(len(docs))
-                yield docs, tokenizer_json
+                yield docs, tokenizer_json, eos
 
         for block in text.pack_sequences(ordered_map(text.encode, batches(), cfg.ray), cfg.seq_len):
             yield {"tokens": block}
@@ -72,11 +80,12 @@ def shard(cfg: TextDataConfig | ImageDataConfig, prepared: Path, out_dir: Path) 
     if isinstance(cfg, TextDataConfig):
         tok = prepared / TOKENIZER
         tokenizer_json = tok.read_text()
-        splits = {s: _token_rows(cfg, prepared / f"{s}.parquet", tokenizer_json) for s in SPLITS}
+        eos = stats.get("eos_token", text.EOS)
+        splits = {s: _token_rows(cfg, prepared / f"{s}.parquet", tokenizer_json, eos) for s in SPLITS}
         from tokenizers import Tokenizer
 
         meta = {"kind": "text", "seq_len": cfg.seq_len, "vocab_size": Tokenizer.from_file(str(tok)).get_vocab_size(),
-                "tokenizer_sha256": sha256_file(tok)}
+                "tokenizer_sha256": sha256_file(tok), "eos_token": eos}
     else:
         splits, image_shape = {}, None
         for s in SPLITS:
@@ -91,7 +100,9 @@ def shard(cfg: TextDataConfig | ImageDataConfig, prepared: Path, out_dir: Path) 
     meta.update({"source": stats["source"], "raw_sha256": stats.get("raw_sha256")})  # lineage back to raw data
     manifest = write_dataset(out_dir, splits, cfg.shard_rows, meta, cfg.shard_compression)
     if isinstance(cfg, TextDataConfig):  # the tokenizer travels with the shards it encoded
-        (out_dir / TOKENIZER).write_bytes((prepared / TOKENIZER).read_bytes())
+        for name in text.HF_TOKENIZER_FILES:
+            if (prepared / name).is_file():
+                (out_dir / name).write_bytes((prepared / name).read_bytes())
     return manifest
 
 

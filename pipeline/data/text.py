@@ -32,6 +32,8 @@ from pipeline.data import sources
 from pipeline.data.splits import SPLITS, assign_split, content_hash
 
 EOS = "<|endoftext|>"
+# A Hugging Face tokenizer's files (model.init_from's): copied as they are through prepare, shard and export.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _SPACES = re.compile(r"[ \t\u00a0]+")
 PART_SCHEMA = pa.schema([("hash", pa.uint64()), ("split", pa.int8()), ("text", pa.string()),
                          ("bands", pa.list_(pa.uint64()))])
@@ -183,13 +185,14 @@ def train_tokenizer(train_split: Path, vocab_size: int, path: Path, max_chars: i
     return used
 
 
-def encode(job: tuple[list[str], str]) -> np.ndarray:
-    """Token ids of a batch of documents, each followed by EOS (the shard stage's map step).
+def encode(job: tuple[list[str], str, str]) -> np.ndarray:
+    """Token ids of a batch of documents, each followed by the `eos` token (the shard stage's
+    map step). A tokenizer with a post-processor (a Llama tokenizer's BOS) applies it per document.
 
     The tokenizer travels as its JSON text, so a Ray task on another node needs no file."""
-    docs, tokenizer_json = job
+    docs, tokenizer_json, eos_token = job
     tok = _tokenizer(tokenizer_json)
-    eos = tok.token_to_id(EOS)
+    eos = tok.token_to_id(eos_token)
     # An Encoding holds strings and offsets per token: encode a few hundred documents at a time
     # (without offsets) so the transient memory stays small.
     return np.concatenate([
@@ -203,6 +206,38 @@ def _tokenizer(tokenizer_json: str):
     from tokenizers import Tokenizer
 
     return Tokenizer.from_str(tokenizer_json)
+
+
+def copy_hf_tokenizer(folder: Path, out_dir: Path, key: str = "tasks.lm.model.init_from") -> dict[str, Any]:
+    """Use a Hugging Face checkpoint's tokenizer instead of training one: copy its files into
+    `out_dir` and return the statistics prepare records (its sha256, the document separator).
+
+    The separator is the checkpoint's eos token (tokenizer_config.json, else config.json's
+    eos_token_id). A folder without `tokenizer.json` (a slow, SentencePiece-only tokenizer) is
+    an error saying how to convert it."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    if not (folder / "tokenizer.json").is_file():
+        raise ValueError(f"{key}: {folder} has no tokenizer.json (a fast tokenizer): convert it once with "
+                         "AutoTokenizer.from_pretrained(folder).save_pretrained(folder)")
+    for name in HF_TOKENIZER_FILES:
+        if (folder / name).is_file():
+            (out_dir / name).write_bytes((folder / name).read_bytes())
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tcfg = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() \
+        else {}
+    eos = tcfg.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if eos is None and (folder / "config.json").is_file():
+        eos_id = json.loads((folder / "config.json").read_text()).get("eos_token_id")
+        eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+        eos = tok.id_to_token(eos_id) if eos_id is not None else None
+    if eos is None or tok.token_to_id(eos) is None:
+        raise ValueError(f"{key}: {folder}: no eos token the tokenizer knows (tokenizer_config.json eos_token, "
+                         "config.json eos_token_id): documents need a separator")
+    return {"tokenizer_source": str(folder), "eos_token": eos, "tokenizer_documents": 0}
 
 
 def pack_sequences(id_blocks: Iterable[np.ndarray], seq_len: int) -> Iterator[np.ndarray]:

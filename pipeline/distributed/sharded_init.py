@@ -117,10 +117,17 @@ def parameter_names(model: nn.Module) -> dict[int, str]:
 def copy_from_safetensors(path: Path, targets: dict[str, torch.Tensor]) -> None:
     """Fill `targets` (state-dict name -> whole tensor) from a safetensors file, reading only
     those tensors (a file of the older fused layout gives each split weight its
-    rows). A missing name or a shape that differs is an error naming the file and key."""
+    rows), or from a Hugging Face checkpoint folder (`pipeline.models.hf.HFCheckpoint`: its
+    names, any of its sharded files). A missing name or a shape that differs is an error naming
+    the file and key."""
     from safetensors import safe_open
 
+    from pipeline.models.hf import HFCheckpoint, is_hf_folder
     from pipeline.models.legacy import fused_source, take_rows
+
+    if is_hf_folder(path):
+        HFCheckpoint(path).copy_into(targets)
+        return
 
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())

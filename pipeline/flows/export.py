@@ -12,6 +12,7 @@ import mlflow
 
 from pipeline.atomic import atomic_dir, atomic_write_text
 from pipeline.config.schema import EvalConfig, PipelineConfig
+from pipeline.export.hf_export import HF_DIR, export_hf
 from pipeline.export.onnx_export import export_onnx
 from pipeline.export.pyfunc import example_input, log_pyfunc
 from pipeline.export.quantize import accuracy_change, quantize_int8
@@ -34,7 +35,9 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
             shutil.copy2(model_dir / name, tmp / name)
         if (shards / "tokenizer.json").is_file():
             shutil.copy2(shards / "tokenizer.json", tmp / "tokenizer.json")
-        diff, int8 = None, {}
+        diff, int8, hf = None, {}, {}
+        if spec["task"] == "lm" and tcfg.export.hf:  # before the MLflow model, which then carries hf/ too
+            hf = export_hf(model, spec, shards, tmp / HF_DIR, tcfg.export)
         if tcfg.export.onnx:
             diff = export_onnx(model, spec, tmp / "model.onnx")
             if diff > tcfg.export.onnx_max_abs_diff:
@@ -56,17 +59,26 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
                 for f in sorted(tmp.glob(INT8 + "*")):
                     mlflow.log_artifact(str(f), artifact_path="onnx_int8")
                 mlflow.log_metrics({f"export/{k}": v for k, v in int8.items()})
+            if hf:
+                mlflow.set_tag("export.hf_architecture", hf["hf_architecture"] or f"none: {hf['hf_skipped']}")
+                mlflow.log_metrics({f"export/{k}": v for k, v in hf_metrics(hf).items()})
         # Round trip: the logged model must load and predict before anything is registered.
         prediction = mlflow.pyfunc.load_model(info.model_uri).predict(example_input(spec))
         result = {"model_uri": info.model_uri, "run_id": run["run_id"], "onnx_max_abs_diff": diff,
-                  "pyfunc_rows": len(prediction), **int8}
+                  "pyfunc_rows": len(prediction), **int8, **hf}
         (tmp / INFO).write_text(json.dumps(result, indent=2))
     metrics_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(metrics_dir / "export.json", json.dumps({"onnx_max_abs_diff": diff, **int8}, indent=2))
+    atomic_write_text(metrics_dir / "export.json",
+                      json.dumps({"onnx_max_abs_diff": diff, **int8, **hf_metrics(hf)}, indent=2))
     return result
 
 
-_LINEAGE = ("git.", "data.", "dvc.", "env.", "impl.", "ray.", "cluster.")
+def hf_metrics(hf: dict[str, Any]) -> dict[str, float]:
+    """The Hugging Face check's numbers (what metrics/<task>/export.json and MLflow get)."""
+    return {k: v for k, v in hf.items() if k.startswith("hf_") and isinstance(v, int | float)}
+
+
+_LINEAGE = ("git.", "data.", "dvc.", "env.", "impl.", "ray.", "cluster.", "init_from.")
 
 
 def lineage_tags(run_id: str) -> dict[str, str]:

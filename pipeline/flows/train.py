@@ -78,6 +78,7 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
                      data_parallel_size(cfg.cluster.num_workers, cfg.parallel.tp, cfg.parallel.pp),
                      tcfg.trainer.grad_accum_steps)
     check_fits(cfg, task_name, load_manifest(shards_dir))  # with cluster.device_memory: does a rank's peak fit?
+    task_for_data(tcfg.data.kind).model_spec(tcfg, load_manifest(shards_dir))  # vocabulary, context, tokenizer
     manifest_md5 = file_md5(shards_dir / MANIFEST)
     uri = mlflow_runs.tracking_uri(cfg.tracking)
     # Everything that changes the trained weights keys the run; anything else may differ on resume.
@@ -86,11 +87,16 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
                 "workers": cfg.cluster.num_workers}
     if cfg.parallel.tp * cfg.parallel.pp > 1:  # (absent otherwise, so earlier runs keep their names)
         identity["parallel"] = cfg.parallel.model_dump()
+    pretrained = getattr(tcfg.model, "init_from", None) or tcfg.trainer.init_from
+    if pretrained:  # other weights at the same path are another run
+        identity["init_from"] = lineage.weights_fingerprint(Path(pretrained))
     run_name = f"{task_name}-{config_digest(identity)}"
     tags = lineage.run_tags({"task": task_name, "data.manifest_md5": manifest_md5, "ray.run_name": run_name,
                              "strategy": cfg.strategy.name, "precision": cfg.precision.dtype,
                              "cluster.workers": cfg.cluster.num_workers,
-                             "parallel": f"tp={cfg.parallel.tp},pp={cfg.parallel.pp}"})
+                             "parallel": f"tp={cfg.parallel.tp},pp={cfg.parallel.pp}",
+                             **({"init_from.path": str(Path(pretrained).resolve()),
+                                 "init_from.fingerprint": identity["init_from"]} if pretrained else {})})
     tags.update(lineage.dvc_lock_hashes())
 
     run_dir = Path(storage_root(cfg)) / run_name

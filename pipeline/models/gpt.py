@@ -17,16 +17,22 @@ from torch import nn
 from pipeline.config.schema import GPTConfig
 
 
-def make_norm(kind: str, dim: int, impl: str = "torch") -> nn.Module:
+def norm_eps(kind: str, eps: float | None) -> float:
+    """`model.norm_eps`, or the default: 1e-6 for RMSNorm (Llama's), 1e-5 for LayerNorm (GPT-2's)."""
+    return eps if eps is not None else (1e-6 if kind == "rmsnorm" else 1e-5)
+
+
+def make_norm(kind: str, dim: int, impl: str = "torch", eps: float | None = None) -> nn.Module:
     """torch's norms, or apex's fused CUDA kernels (same parameters, so weights load either way)."""
+    eps = norm_eps(kind, eps)
     if impl == "apex":
         try:
             from apex.normalization import FusedLayerNorm, FusedRMSNorm
         except ImportError as e:
             raise ValueError(f"model.norm_impl: 'apex' was asked for, but apex does not import here ({e}); "
                              "install NVIDIA Apex, or use norm_impl=torch") from e
-        return FusedRMSNorm(dim, eps=1e-6) if kind == "rmsnorm" else FusedLayerNorm(dim)
-    return nn.RMSNorm(dim, eps=1e-6) if kind == "rmsnorm" else nn.LayerNorm(dim)
+        return FusedRMSNorm(dim, eps=eps) if kind == "rmsnorm" else FusedLayerNorm(dim, eps=eps)
+    return nn.RMSNorm(dim, eps=eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,11 +87,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        hidden = int(cfg.mlp_ratio * cfg.d_model)
         self.swiglu = cfg.mlp == "swiglu"
-        if self.swiglu:  # keep parameter count close to the GELU MLP of the same ratio
-            hidden = 64 * math.ceil(2 * hidden / 3 / 64)
-        self.hidden = hidden
+        self.hidden = hidden = cfg.mlp_width
         self.w1 = nn.Linear(cfg.d_model, hidden, bias=False)  # the gate under SwiGLU
         if self.swiglu:
             self.w3 = nn.Linear(cfg.d_model, hidden, bias=False)  # the value
@@ -157,9 +160,9 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_impl)
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_impl, cfg.norm_eps)
         self.attn = Attention(cfg)
-        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_impl)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_impl, cfg.norm_eps)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -265,7 +268,7 @@ class GPT(nn.Module):
         self.pos = nn.Embedding(max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_impl)
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_impl, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)

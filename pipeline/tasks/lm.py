@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,8 +12,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config.schema import GPTConfig, TaskConfig
+from pipeline.data.shards import sha256_file
 from pipeline.models.gpt import GPT
 from pipeline.tasks.base import Task
+
+
+def pretrained_source(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """A Hugging Face checkpoint's config and generation config, after checking that the
+    shards were written with its tokenizer and fit its context (errors name the fix)."""
+    key = "tasks.lm.model.init_from"
+    config = json.loads((folder / "config.json").read_text())
+    tokenizer = folder / "tokenizer.json"
+    if tokenizer.is_file() and manifest.get("tokenizer_sha256") not in (None, sha256_file(tokenizer)):
+        raise ValueError(f"{key}: the shards were tokenized with another tokenizer than {tokenizer}; rerun "
+                         "prepare and shard (`dvc repro` does, as init_from is one of prepare's params)")
+    context = config.get("max_position_embeddings")
+    if context is not None and manifest["seq_len"] > context:
+        raise ValueError(f"data.seq_len ({manifest['seq_len']}) exceeds {key}'s context "
+                         f"(max_position_embeddings {context})")
+    generation = folder / "generation_config.json"
+    return {"config": config, "generation_config": json.loads(generation.read_text()) if generation.is_file()
+            else None}
 
 
 class LanguageModeling(Task):
@@ -19,8 +40,19 @@ class LanguageModeling(Task):
     item_name = "tokens"
 
     def model_spec(self, cfg: TaskConfig, manifest: dict[str, Any]) -> dict[str, Any]:
-        return {"task": "lm", "model": cfg.model.model_dump(mode="json"),
-                "vocab_size": manifest["vocab_size"], "max_seq_len": manifest["seq_len"]}
+        """The model's spec. A model started from a Hugging Face checkpoint (`model.init_from`)
+        also carries that checkpoint's config.json and generation_config.json, so the export
+        writes them back with only what training changed; its shards must have been tokenized
+        by its tokenizer, and the data's sequences must fit its context."""
+        vocab = cfg.model.vocab_size or manifest["vocab_size"]
+        if manifest["vocab_size"] > vocab:
+            raise ValueError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's vocabulary "
+                             f"({manifest['vocab_size']}) the shards were written with")
+        spec = {"task": "lm", "model": cfg.model.model_dump(mode="json"), "vocab_size": vocab,
+                "max_seq_len": manifest["seq_len"]}
+        if cfg.model.init_from:
+            spec["hf_source"] = pretrained_source(Path(cfg.model.init_from), manifest)
+        return spec
 
     def build(self, spec: dict[str, Any]) -> GPT:
         return GPT(GPTConfig.model_validate(spec["model"]), spec["vocab_size"], spec["max_seq_len"])

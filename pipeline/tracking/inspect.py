@@ -51,6 +51,9 @@ def lineage(ref: str) -> dict[str, Any]:
         "inputs": [{"name": i.dataset.name, "digest": i.dataset.digest, "source": i.dataset.source,
                     **{t.key: t.value for t in i.tags if t.key.startswith("digest")}}
                    for i in (run.inputs.dataset_inputs if run.inputs else [])],
+        "init_from": ({"path": tags["init_from.path"], "fingerprint": tags.get("init_from.fingerprint")}
+                      if "init_from.path" in tags else None),
+        "hf_export": tags.get("export.hf_architecture"),
         "code": {"git_commit": tags.get("git.commit"), "dirty_at_training": tags.get("git.dirty")},
         "workspace": {"git_commit": git_now["git.commit"], "same_commit": same_commit,
                       "dirty_now": git_now["git.dirty"], "dvc_hashes_changed": changed,
@@ -69,6 +72,10 @@ def format_lineage(info: dict[str, Any]) -> str:
     lines += [f"             {k} = {v}" for k, v in info["data"].items() if k.startswith("dvc.")]
     lines += [f"  input      {i['name']}: {i.get('digest_full', i['digest'])} ({i.get('digest_kind', 'digest')}) "
               f"from {i['source']}" for i in info.get("inputs", [])]
+    if info.get("init_from"):
+        lines.append(f"  started    from {info['init_from']['path']} (sha256 {info['init_from']['fingerprint']})")
+    if info.get("hf_export"):
+        lines.append(f"  exported   as a transformers folder: {info['hf_export']}")
     lines += ["  metrics    " + ", ".join(f"{k}={v:.4g}" for k, v in info["metrics"].items())]
     lines += [f"  config     {len(info['config'])} params, e.g. " + ", ".join(
         f"{k}={v}" for k, v in list(info["config"].items())[:4])]

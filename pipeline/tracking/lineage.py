@@ -52,3 +52,33 @@ def environment() -> dict[str, str]:
 
 def run_tags(extra: dict[str, Any] | None = None) -> dict[str, str]:
     return {**git_state(), **environment(), **{k: str(v) for k, v in (extra or {}).items()}}
+
+
+def weights_fingerprint(path: Path, full_below: int = 2 << 30, block: int = 1 << 20) -> str:
+    """A sha256 naming the initial weights a run started from (`init_from`): a safetensors
+    file, or a folder (its config and tokenizer files and every safetensors file).
+
+    Up to `full_below` bytes of weights are hashed whole (a few seconds). Larger checkpoints are
+    fingerprinted by their names, sizes, safetensors headers (every tensor's name, dtype, shape
+    and offset) and one 1 MiB block every 256 MiB of data, so a 7B checkpoint costs a second,
+    not minutes; a change confined to the bytes between sampled blocks is not seen."""
+    import hashlib
+
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".jinja")) \
+        if path.is_dir() else [path]
+    total = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
+        with p.open("rb") as fh:
+            if p.suffix != ".safetensors" or total <= full_below:
+                while chunk := fh.read(block):
+                    h.update(chunk)
+                continue
+            header = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(header))
+            for offset in range(8 + header, p.stat().st_size, 256 * block):
+                fh.seek(offset)
+                h.update(fh.read(block))
+    return h.hexdigest()

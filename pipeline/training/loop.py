@@ -24,6 +24,7 @@ from pipeline.data.shards import ShardSet, load_manifest, read_split
 from pipeline.distributed import StepSettings, Strategy, build_strategy
 from pipeline.distributed.mesh import Layout
 from pipeline.distributed.precision import Precision
+from pipeline.models.hf import is_hf_folder
 from pipeline.tasks import task_for_data
 from pipeline.training.checkpoint import read_meta, write_checkpoint_meta
 from pipeline.training.ema import EMA
@@ -65,8 +66,11 @@ def _split(batch: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarra
 
 
 def weights_file(path: str) -> Path:
-    """`trainer.init_from` as a file: a safetensors file, or a folder holding model.safetensors."""
+    """`trainer.init_from` as a file: a safetensors file, a folder holding model.safetensors, or
+    a Hugging Face checkpoint folder (config.json and its safetensors; read by its own names)."""
     p = Path(path)
+    if is_hf_folder(p):
+        return p
     p = p / "model.safetensors" if p.is_dir() else p
     if not p.is_file():
         raise FileNotFoundError(f"trainer.init_from: {p} does not exist")
@@ -94,7 +98,8 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
                               StepSettings(micro, tr.grad_accum_steps, tr.grad_clip,
                                            (tr.activation_checkpointing, tr.ac_selective, tr.ac_every_k)),
                               cfg.parallel)
-    strategy.init_from = weights_file(tr.init_from) if tr.init_from else None
+    pretrained = getattr(tcfg.model, "init_from", None)  # a Hugging Face checkpoint (its config set the model)
+    strategy.init_from = weights_file(tr.init_from or pretrained) if tr.init_from or pretrained else None
     strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
     implementation = {"strategy": strategy.describe(), "optimizer": describe_optimizer(strategy.optimizer),
                       "precision": precision.name, "activation_checkpointing": tr.activation_checkpointing}

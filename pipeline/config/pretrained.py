@@ -1,0 +1,97 @@
+"""`tasks.lm.model.init_from`: a Hugging Face checkpoint folder as the GPT's architecture.
+
+The folder's `config.json` decides the architecture (the GPT's own fields for it are then
+ignored), so the model that trains is the one the weights were made for. Only what the GPT
+computes exactly is accepted: Llama (RoPE, RMSNorm, SwiGLU, no biases, optional GQA and tied
+embeddings). Anything else is named here, at config validation, before prepare tokenizes a
+document or any Ray resource is taken.
+
+This reads JSON only (no torch, no `transformers`): the weights themselves are read by
+`pipeline.models.hf`, one tensor at a time, by whichever strategy trains.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+HF_CONFIG = "config.json"
+
+# GPTConfig fields a Hugging Face config decides; the rest (dropout, init, norm_impl) stay the user's.
+ARCHITECTURE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "norm_eps", "norm", "mlp",
+                       "pos_emb", "tie_weights", "rope_theta", "vocab_size")
+
+
+def read_hf_config(folder: str | Path, key: str = "model.init_from") -> dict[str, Any]:
+    """The folder's config.json as a dict; a missing folder or file is an error naming `key`."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"{key}: {path} is not a folder (a Hugging Face checkpoint folder with config.json)")
+    if not (path / HF_CONFIG).is_file():
+        raise ValueError(f"{key}: {path} has no {HF_CONFIG}: is it a Hugging Face checkpoint folder?")
+    try:
+        return json.loads((path / HF_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{key}: {path / HF_CONFIG} is not valid JSON ({e})") from None
+
+
+def rope_theta(hf: dict[str, Any]) -> tuple[float, str]:
+    """(theta, rope type) from either layout: transformers 5's `rope_parameters`, or 4's
+    `rope_theta` + `rope_scaling`."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    return float(theta), kind
+
+
+def gpt_fields_from_llama(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """GPTConfig's architecture fields for a Llama config, or a ValueError naming the first
+    config key the GPT cannot reproduce exactly. `where` prefixes the message (the file)."""
+    model_type = hf.get("model_type")
+    if model_type != "llama":
+        archs = ", ".join(hf.get("architectures") or []) or "none named"
+        raise ValueError(f"{where}: model_type '{model_type}' ({archs}): only the Llama architecture "
+                         "(model_type 'llama') can be loaded into the GPT")
+    d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    n_kv = int(hf.get("num_key_value_heads") or n_heads)
+    theta, rope_type = rope_theta(hf)
+    refusals = {
+        "head_dim": (hf.get("head_dim") not in (None, d_model // n_heads),
+                     f"{hf.get('head_dim')} differs from hidden_size / num_attention_heads ({d_model // n_heads})"),
+        "hidden_act": (hf.get("hidden_act", "silu") != "silu",
+                       f"'{hf.get('hidden_act')}' (the GPT's SwiGLU uses silu)"),
+        "attention_bias": (bool(hf.get("attention_bias")), "true (the GPT's projections have no biases)"),
+        "mlp_bias": (bool(hf.get("mlp_bias")), "true (the GPT's MLP has no biases)"),
+        "rope_parameters.rope_type": (rope_type != "default", f"'{rope_type}' (only unscaled RoPE is implemented)"),
+    }
+    for key, (bad, why) in refusals.items():
+        if bad:
+            raise ValueError(f"{where}: {key} is {why}")
+    if d_model % n_heads or n_heads % n_kv:
+        raise ValueError(f"{where}: hidden_size {d_model}, num_attention_heads {n_heads}, num_key_value_heads "
+                         f"{n_kv} do not divide evenly")
+    return {
+        "d_model": d_model, "n_layers": int(hf["num_hidden_layers"]), "n_heads": n_heads,
+        "n_kv_heads": n_kv if n_kv != n_heads else None, "mlp_hidden": int(hf["intermediate_size"]),
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), "norm": "rmsnorm", "mlp": "swiglu", "pos_emb": "rope",
+        "tie_weights": bool(hf.get("tie_word_embeddings", False)), "rope_theta": theta,
+        "vocab_size": int(hf["vocab_size"]),
+    }
+
+
+def resolve_pretrained(raw_model: dict[str, Any], where: str) -> dict[str, Any]:
+    """A GPT model section with `init_from` set, its architecture fields replaced by the
+    checkpoint's (a plain dict: the caller validates it). Idempotent. `where` is the key path
+    (`tasks.lm.model`) errors name."""
+    folder = raw_model.get("init_from")
+    if not folder or raw_model.get("kind", "gpt") != "gpt":
+        return raw_model
+    key = f"{where}.init_from"
+    hf = read_hf_config(folder, key)
+    try:
+        fields = gpt_fields_from_llama(hf, f"{key}: {Path(folder) / HF_CONFIG}")
+    except KeyError as e:
+        raise ValueError(f"{key}: {Path(folder) / HF_CONFIG} has no {e.args[0]}") from None
+    return {**raw_model, **fields}

@@ -1,0 +1,291 @@
+"""Hugging Face interop, with real `transformers` models built here (no hub access):
+
+- `model.init_from` a Llama checkpoint folder: its config.json becomes the GPT's architecture
+  (mismatches named at config validation), its weights load by name (each rank only its shard
+  under FSDP2, ZeRO-3 and tensor parallelism), its tokenizer replaces the one prepare trains,
+  and our logits equal `transformers`' before any step.
+- The export writes `export/<task>/hf/`, loadable by `AutoModelForCausalLM` and `AutoTokenizer`
+  with no custom code (Llama or GPT-2, sharded safetensors above a size), checked on logits and
+  greedy tokens; an unchanged checkpoint round-trips to a byte-identical folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, validate
+from tests.conftest import make_tiny_llama, tiny_raw
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, text_corpus) -> Path:
+    """Untied, grouped-query (4 heads, 2 kv), embedding rows padded beyond the tokenizer's."""
+    return make_tiny_llama(tmp_path_factory.mktemp("hf") / "llama", text_corpus, pad_vocab=5)
+
+
+def _cfg(llama: Path, text_corpus: Path, *extra: str):
+    return validate(tiny_raw([f"tasks.lm.data.source={text_corpus}", f"tasks.lm.model.init_from={llama}", *extra]))
+
+
+@pytest.fixture(scope="module")
+def llama_data(tmp_path_factory, llama, text_corpus):
+    """Prepare and shard the corpus with the Llama's tokenizer (what `dvc repro` does)."""
+    from pipeline.data.build import prepare, shard
+
+    cfg = _cfg(llama, text_corpus)
+    root = tmp_path_factory.mktemp("llama_data")
+    stats = prepare(cfg.task("lm").data, cfg.seed, root / "prepared", tokenizer_from=llama)
+    shard(cfg.task("lm").data, root / "prepared", root / "shards")
+    return cfg, stats, root / "shards"
+
+
+def _load(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    from pipeline.distributed.sharded_init import copy_from_safetensors, parameter_names
+
+    names = parameter_names(model)
+    copy_from_safetensors(folder, {names[id(p)]: p for p in model.parameters()})
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- configuration
+def test_hugging_face_config_json_sets_the_gpt_architecture(llama, text_corpus):
+    model = _cfg(llama, text_corpus, "tasks.lm.model.d_model=999").task("lm").model
+    hf = json.loads((llama / "config.json").read_text())
+    assert (model.d_model, model.n_layers, model.n_heads, model.n_kv_heads) == (64, 2, 4, 2)  # d_model=999 ignored
+    assert (model.mlp_width, model.norm_eps, model.rope_theta, model.tie_weights) == (96, 1e-5, 50000.0, False)
+    assert model.vocab_size == hf["vocab_size"] == 305
+    with pytest.raises(ConfigError, match=r"model.init_from .* and trainer.init_from .* set one"):
+        _cfg(llama, text_corpus, f"tasks.lm.trainer.init_from={llama}")
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
+     r"model_type 'mistral' \(MistralForCausalLM\)"),
+    ({"attention_bias": True}, "attention_bias is true"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_type is 'llama3'"),
+    ({"head_dim": 32}, "head_dim is 32 differs"),
+    ({"hidden_act": "gelu"}, "hidden_act is 'gelu'"),
+    ({"num_hidden_layers": None}, "has no num_hidden_layers"),
+])
+def test_hugging_face_architecture_mismatches_are_named_at_validation(tmp_path, llama, text_corpus, change, named):
+    bad = tmp_path / "bad"
+    shutil.copytree(llama, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config.update(change)
+    config = {k: v for k, v in config.items() if v is not None}
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=rf"tasks.lm.model.init_from: .*config.json.*{named}"):
+        _cfg(bad, text_corpus)
+
+
+def test_hugging_face_missing_folder_or_tokenizer_is_named(tmp_path, llama, text_corpus):
+    from pipeline.config.schema import TextDataConfig
+    from pipeline.data.build import prepare
+
+    with pytest.raises(ConfigError, match=r"tasks.lm.model.init_from: .*nowhere is not a folder"):
+        _cfg(tmp_path / "nowhere", text_corpus)
+    slow = tmp_path / "slow"
+    shutil.copytree(llama, slow)
+    (slow / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r"init_from: .*slow has no tokenizer.json .*save_pretrained"):
+        prepare(TextDataConfig(source=str(text_corpus), vocab_size=300), 0, tmp_path / "p", tokenizer_from=slow)
+    assert not (tmp_path / "p").exists()  # nothing half-written
+
+
+# ----------------------------------------------------------------------------- loading
+@pytest.mark.parametrize("tie", [False, True])
+def test_hugging_face_llama_logits_equal_ours_before_training(tmp_path, text_corpus, tie):
+    """Our GPT built from the checkpoint's config and weights computes transformers' logits (a
+    checkpoint sharded into several files with an index reads the same)."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from pipeline.models.gpt import GPT
+
+    folder = make_tiny_llama(tmp_path / "llama", text_corpus, tie=tie, n_kv=4 if tie else 1)
+    if not tie:  # re-save in 64 KiB files: model-0000k-of-0000n.safetensors + index
+        LlamaForCausalLM.from_pretrained(folder).save_pretrained(folder, max_shard_size="64KB")
+        (folder / "model.safetensors").unlink(missing_ok=True)
+        assert (folder / "model.safetensors.index.json").is_file()
+    cfg = _cfg(folder, text_corpus).task("lm").model
+    ours = _load(GPT(cfg, cfg.vocab_size, 64), folder)
+    if tie:
+        assert ours.head.weight is ours.embed.weight
+    theirs = AutoModelForCausalLM.from_pretrained(folder).eval()
+    x = torch.randint(0, cfg.vocab_size, (3, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(x) - theirs(x).logits).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+def _sharded_rank(rank: int, world: int, folder: str, raw: dict) -> dict:
+    """DDP, FSDP2, ZeRO-3, tensor and pipeline parallelism each start from the checkpoint."""
+    from pipeline.config.loading import apply_overrides
+    from pipeline.distributed import LAYOUT_VARIANTS, VARIANTS, StepSettings, build_strategy
+    from pipeline.distributed.precision import Precision
+    from pipeline.models.gpt import GPT
+    from pipeline.training.optim import build_optimizer
+
+    out = {}
+    layouts = {**{k: VARIANTS[k] for k in ("ddp", "fsdp", "zero3")}, **{k: LAYOUT_VARIANTS[k] for k in ("tp2", "pp2")}}
+    for name, extra in layouts.items():
+        cfg = validate(apply_overrides(json.loads(json.dumps(raw)), extra))
+        m = cfg.task("lm").model
+        with torch.device("meta"):
+            model = GPT(m, m.vocab_size, 32)
+        device = torch.device("cpu")
+        strategy = build_strategy(cfg.strategy, Precision("fp32", device), device, StepSettings(2, 2, 1.0),
+                                  cfg.parallel)
+        strategy.init_from = Path(folder)
+        strategy.setup(model, lambda mm, c=cfg: build_optimizer(mm, c.task("lm").optim))
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                    for p in strategy.model.parameters())
+        out[name] = (strategy.consolidated_state_dict(), local)
+    return out
+
+
+def test_hugging_face_sharded_strategies_read_their_shards_of_the_checkpoint(llama, text_corpus):
+    """FSDP2, ZeRO-3, tensor and pipeline parallelism read the checkpoint one unit at a time
+    into their shards or stages (each rank holds less than the model) and end with exactly its
+    weights, as DDP."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.models.hf import to_hf_state
+    from pipeline.runtime.local_group import run_group
+
+    raw = tiny_raw([f"tasks.lm.data.source={text_corpus}", f"tasks.lm.model.init_from={llama}"])
+    ranks = run_group(_sharded_rank, 2, str(llama), raw)
+    cfg = _cfg(llama, text_corpus).task("lm").model
+    theirs = AutoModelForCausalLM.from_pretrained(llama).state_dict()
+    total = sum(v.numel() for v in theirs.values())
+    for name, (state, local) in ranks[0].items():
+        hf = to_hf_state(state, cfg, "llama")
+        assert hf.keys() == theirs.keys(), name
+        for k, v in theirs.items():
+            assert torch.equal(hf[k], v), f"{name}: {k}"
+        if name != "ddp":
+            assert local < total, f"{name} holds {local} of {total} parameters on rank 0"
+
+
+# ----------------------------------------------------------------------------- data
+def test_hugging_face_tokenizer_replaces_the_trained_one(llama_data, llama):
+    from tokenizers import Tokenizer
+
+    from pipeline.data.shards import load_manifest, read_split
+
+    _, stats, shards = llama_data
+    assert stats["tokenizer_source"] == str(llama) and stats["eos_token"] == "</s>"
+    assert (shards / "tokenizer.json").read_bytes() == (llama / "tokenizer.json").read_bytes()
+    assert (shards / "tokenizer_config.json").is_file()
+    manifest = load_manifest(shards)
+    assert manifest["vocab_size"] == Tokenizer.from_file(str(llama / "tokenizer.json")).get_vocab_size()
+    tokens = read_split(shards, "train")["tokens"]
+    assert (tokens == 2).any() and (tokens == 1).any()  # documents end with </s>, start with <s> (post-processor)
+
+
+def test_hugging_face_train_preflight_names_a_stale_tokenizer_or_a_long_context(llama_data, tmp_path, llama):
+    from pipeline.data.shards import load_manifest
+    from pipeline.tasks import task_for_data
+
+    cfg, _, shards = llama_data
+    manifest = load_manifest(shards)
+    task = task_for_data("text")
+    task.model_spec(cfg.task("lm"), manifest)  # the data fits
+    with pytest.raises(ValueError, match="shards were tokenized with another tokenizer"):
+        task.model_spec(cfg.task("lm"), {**manifest, "tokenizer_sha256": "0" * 64})
+    with pytest.raises(ValueError, match=r"data.seq_len \(512\) exceeds .*max_position_embeddings 128"):
+        task.model_spec(cfg.task("lm"), {**manifest, "seq_len": 512})
+    with pytest.raises(ValueError, match=r"model.vocab_size \(305\) is smaller than the tokenizer's vocabulary"):
+        task.model_spec(cfg.task("lm"), {**manifest, "vocab_size": 400})
+
+
+# ----------------------------------------------------------------------------- export
+def test_hugging_face_export_round_trips_an_unchanged_checkpoint(llama_data, llama, tmp_path):
+    """No step taken: the export writes back the very folder the model came from, byte for byte
+    (config.json, generation_config.json, safetensors, tokenizer files)."""
+    from pipeline.data.shards import load_manifest
+    from pipeline.export.hf_export import export_hf
+    from pipeline.tasks import task_for_data
+
+    cfg, _, shards = llama_data
+    task = task_for_data("text")
+    spec = task.model_spec(cfg.task("lm"), load_manifest(shards))
+    model = _load(task.build(spec), llama)
+    out = export_hf(model, spec, shards, tmp_path / "hf", cfg.task("lm").export)
+    assert out["hf_max_abs_logit_diff"] == 0.0 and out["hf_greedy_tokens_equal"] == 1.0
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == sorted(p.name for p in llama.iterdir())
+    for f in llama.iterdir():
+        assert (tmp_path / "hf" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+CASES = {  # GPT configs -> the stock architecture that must compute them exactly
+    "llama": (["tasks.lm.model.n_kv_heads=2"], "LlamaForCausalLM", None),
+    "llama_tied_sharded_files": (["model@tasks.lm.model=gpt_small", "tasks.lm.model.tie_weights=true",
+                                  "tasks.lm.export.hf_shard_mb=1"], "LlamaForCausalLM", None),
+    "gpt2": (["tasks.lm.model.pos_emb=learned", "tasks.lm.model.norm=layernorm", "tasks.lm.model.mlp=gelu",
+              "tasks.lm.model.tie_weights=false"], "GPT2LMHeadModel", None),
+    "gpt2_tied": (["tasks.lm.model.pos_emb=learned", "tasks.lm.model.norm=layernorm", "tasks.lm.model.mlp=gelu",
+                   "tasks.lm.model.tie_weights=true", "tasks.lm.export.hf_dtype=bfloat16"], "GPT2LMHeadModel", None),
+    "unmatched": (["tasks.lm.model.norm=layernorm"], None, "rope positions + layernorm + swiglu: no stock"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hugging_face_export_of_a_trained_gpt_loads_in_transformers(built_data, tmp_path, case):
+    """A GPT trained here (random weights stand in) exported as a transformers folder: loads
+    with AutoModelForCausalLM / AutoTokenizer and no custom code, logits within 1e-4, same
+    greedy tokens. A config no stock architecture computes is reported in one line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.data.shards import load_manifest
+    from pipeline.export.hf_export import export_hf
+    from pipeline.tasks import task_for_data
+    from tests.test_sharded import _raw
+
+    overrides, arch, skipped = CASES[case]
+    _, shards = built_data
+    cfg = validate(_raw([o for o in overrides if "@" in o] + [o for o in overrides if "@" not in o]))
+    task = task_for_data("text")
+    spec = task.model_spec(cfg.task("lm"), load_manifest(shards["lm"]))
+    torch.manual_seed(1)
+    model = task.build(spec).eval()
+    out = export_hf(model, spec, shards["lm"], tmp_path / "hf", cfg.task("lm").export)
+    if arch is None:
+        assert out["hf_architecture"] is None and skipped in out["hf_skipped"]
+        assert not (tmp_path / "hf").exists()
+        return
+    assert out["hf_architecture"] == arch and out["hf_max_abs_logit_diff"] <= 1e-4, out
+    assert out["hf_greedy_tokens_equal"] == 1.0 and out["hf_tokenizer_equal"] == 1.0
+    if "sharded" in case:
+        assert "model.safetensors.index.json" in out["hf_files"] and len(out["hf_files"]) > 2
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert type(theirs).__name__ == arch
+    assert theirs.config.dtype == (torch.bfloat16 if "bfloat16" in str(overrides) else torch.float32)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok("The for statement", return_tensors="pt").input_ids
+    text = tok.decode(theirs.generate(ids, max_new_tokens=5, do_sample=False)[0])
+    assert text.startswith("The for statement")
+    assert tok.eos_token == "<|endoftext|>" and theirs.config.eos_token_id == tok.eos_token_id
+
+
+def test_hugging_face_check_fails_on_a_folder_that_computes_otherwise(built_data, tmp_path):
+    """The check can fail: a folder whose config.json no longer matches the weights' model
+    (another norm epsilon) is caught by the logits bound."""
+    from pipeline.data.shards import load_manifest, read_split
+    from pipeline.export.hf_export import check_hf_folder, write_hf_folder
+    from pipeline.tasks import task_for_data
+
+    cfg, shards = built_data
+    task = task_for_data("text")
+    spec = task.model_spec(cfg.task("lm"), load_manifest(shards["lm"]))
+    model = task.build(spec).eval()
+    write_hf_folder(model, spec, shards["lm"], tmp_path / "hf", cfg.task("lm").export)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.5}))
+    rows = read_split(shards["lm"], "val", max_rows=4)["tokens"]
+    figures = check_hf_folder(tmp_path / "hf", model, rows, shards["lm"] / "tokenizer.json", "float32")
+    assert figures["hf_max_abs_logit_diff"] > cfg.task("lm").export.hf_max_abs_diff
