@@ -116,6 +116,8 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert {f"eval.{k}": str(v) for k, v in eval_metrics.items()}.items() <= mv.tags.items()
     exported = json.loads((project / "metrics/lm/export.json").read_text())
     assert exported["int8_size_ratio"] < 0.7 and abs(exported["int8_val_perplexity_change"]) < 0.1
+    assert exported["hf_max_abs_logit_diff"] <= 1e-4 and exported["hf_greedy_tokens_equal"] == 1.0
+    assert "export/lm/hf (LlamaForCausalLM, float32)" in out
     lm_run = client.get_model_version_by_alias("pipeline-lm", "champion").run_id
     assert [f.path for f in client.list_artifacts(lm_run, "onnx_int8")] == ["onnx_int8/model.int8.onnx"]
     _registered_onnx_runs(client, project)
@@ -333,6 +335,10 @@ def test_dvc_exp_run_lm_chain_with_model_parallel(lm_project, overrides):
     exported = load_file(str(lm_project / "export/lm/model.safetensors"))
     assert exported.keys() == load_file(str(lm_project / "models/lm/model.safetensors")).keys()
     assert {"embed.weight", "head.weight", "blocks.1.attn.wq.weight"} <= exported.keys()
+    # the transformers folder is written from the consolidated weights too, and checked
+    hf = json.loads((lm_project / "metrics/lm/export.json").read_text())
+    assert hf["hf_max_abs_logit_diff"] <= 1e-4 and hf["hf_greedy_tokens_equal"] == 1.0
+    assert (lm_project / "export/lm/hf/config.json").is_file()
     mlflow.set_tracking_uri(f"sqlite:///{lm_project}/mlruns.db")
     try:
         mv = MlflowClient().get_model_version_by_alias("pipeline-lm", "challenger")
