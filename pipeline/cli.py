@@ -222,7 +222,11 @@ def _job_command(args: argparse.Namespace) -> None:
         import shlex
 
         command = entry[0] if len(entry) == 1 else shlex.join(entry)  # one argument: a shell line as is
-        job_id = jobs.submit(command, args.address, spec, args.id)
+        try:
+            job_id = jobs.submit(command, args.address, spec, args.id)
+        except jobs.ClusterUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         print(f"submitted {job_id} to {jobs.jobs_address(args.address)}: {command}", flush=True)
         if args.no_wait:
             return

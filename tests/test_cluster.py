@@ -74,3 +74,46 @@ def test_submit_refuses_a_bad_config_before_contacting_the_cluster(tmp_path):
     (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("seed: 1337", "seed: -1"))
     proc = _pipeline(["submit", "--address", "http://127.0.0.1:9", "--no-wait"], project, timeout=120)
     assert proc.returncode == 2 and "seed" in proc.stderr and "submitted" not in proc.stdout
+
+
+def test_submit_waits_for_a_head_that_is_still_starting(tmp_path):
+    """`pipeline submit` issued before the head is up (no dashboard yet, then no job agent yet:
+    Ray's "No available agent to submit job" 500) retries with a bounded backoff and gets
+    through once the head accepts jobs: the race that failed CI on a busy machine."""
+    import time
+
+    from pipeline.runtime.local_group import free_port
+
+    project = _tiny_project(tmp_path / "project")
+    port = free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(project),
+           "PIPELINE_SUBMIT_WAIT_S": "300"}
+    env.pop("RAY_ADDRESS", None)
+    early = subprocess.Popen([sys.executable, "-m", "pipeline", "submit", "--address", f"http://127.0.0.1:{port}",
+                              "--id", "early", "--", "python", "-c", "print('job ran')"], cwd=project, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(3)  # the first tries find nothing listening
+        assert early.poll() is None, early.stdout.read()
+        with LocalHead(num_cpus=1, dashboard_port=port):
+            out, _ = early.communicate(timeout=600)
+    finally:
+        if early.poll() is None:
+            early.kill()
+    assert early.returncode == 0, out[-3000:]
+    assert "submitted early" in out and "job ran" in out and "early: SUCCEEDED" in out, out[-3000:]
+
+
+def test_submit_to_a_cluster_that_never_comes_gives_up_in_one_line(tmp_path):
+    from pipeline.runtime.local_group import free_port
+
+    project = _tiny_project(tmp_path / "project")
+    address = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(project),
+           "PIPELINE_SUBMIT_WAIT_S": "4"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--address", address, "--no-wait"],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "submitted" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"the Ray cluster at {address} did not accept the job in 4 s" in lines[0], proc.stderr

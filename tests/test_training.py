@@ -145,3 +145,26 @@ def test_unet_denoiser_trains_through_the_loop(built_data, tmp_path):
     state = train(validate(raw), "diffusion", shards["diffusion"], LocalSession(tmp_path))
     # The output starts at zero, so the eps-MSE starts near 1 and must fall.
     assert state.step == 30 and state.history[-1]["loss"] < 0.8 * state.history[0]["loss"]
+
+
+@pytest.mark.parametrize("override", [
+    "tasks.lm.eval.max_batches=7", "tasks.lm.export.hf=false", "tasks.lm.registry.name=other",
+    "tasks.lm.trainer.log_every=5", "tasks.lm.trainer.ckpt_every=50", "tasks.lm.trainer.keep_last_k=1",
+    "tasks.lm.trainer.prefetch_batches=0", "tasks.lm.trainer.eval_every=3",
+])
+def test_run_identity_resumes_across_harmless_changes(override):
+    """A rerun after changing only how the run is observed, checkpointed or exported keys the
+    same run (so it resumes it); anything that changes the weights keys another."""
+    from pipeline.config import config_digest
+    from pipeline.flows.train import run_identity
+
+    def name(*extra: str) -> str:
+        return config_digest(run_identity(validate(tiny_raw(list(extra))), "lm", "md5"))
+
+    assert name(override) == name()
+    for weighty in ("tasks.lm.optim.lr=0.5", "tasks.lm.trainer.max_steps=7", "seed=3",
+                    "tasks.lm.trainer.shuffle_window=2", "tasks.lm.model.d_model=96"):
+        assert name(override, weighty) != name(override), weighty
+    # validation counts where the loop acts on it
+    assert name("tasks.lm.trainer.early_stop_patience=2", "tasks.lm.trainer.eval_every=3") != \
+        name("tasks.lm.trainer.early_stop_patience=2")

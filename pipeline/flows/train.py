@@ -9,6 +9,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from safetensors.torch import load_file
@@ -67,6 +68,36 @@ def _mlflow_run(cfg: PipelineConfig, task_name: str, run_dir: Path, tags: dict[s
     return run.info.run_id
 
 
+# Settings that never change the trained weights: a rerun with other values resumes the same run.
+HARMLESS_TRAINER_KEYS = ("log_every", "ckpt_every", "keep_last_k", "prefetch_batches", "max_nonfinite_in_a_row")
+
+
+def run_identity(cfg: PipelineConfig, task_name: str, manifest_md5: str) -> dict[str, Any]:
+    """What keys a training run (its name, hence the Ray run it resumes): everything that
+    changes the trained weights, nothing else. Evaluation, export and registry settings, how
+    often to log and checkpoint, how many checkpoints to keep and how far to prefetch may
+    change between a crash and its rerun (lowering `keep_last_k` after a full disk must not
+    throw the progress away). Validation keys only count when the loop acts on the validation
+    loss (a plateau schedule, early stopping)."""
+    tcfg = cfg.task(task_name)
+    task = tcfg.model_dump(mode="json", exclude={"eval", "export", "registry"})
+    trainer = task["trainer"]
+    for key in HARMLESS_TRAINER_KEYS:
+        trainer.pop(key)
+    if tcfg.optim.schedule != "plateau" and not tcfg.trainer.early_stop_patience:
+        trainer.pop("eval_every")
+        trainer.pop("eval_batches")
+    identity: dict[str, Any] = {"task": task, "seed": cfg.seed, "data": manifest_md5,
+                                "strategy": cfg.strategy.model_dump(), "precision": cfg.precision.model_dump(),
+                                "workers": cfg.cluster.num_workers}
+    if cfg.parallel.tp * cfg.parallel.pp > 1:  # (absent otherwise)
+        identity["parallel"] = cfg.parallel.model_dump()
+    pretrained = getattr(tcfg.model, "init_from", None) or tcfg.trainer.init_from
+    if pretrained:  # other weights at the same path are another run
+        identity["init_from"] = lineage.weights_fingerprint(Path(pretrained))
+    return identity
+
+
 def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir: Path,
                metrics_dir: Path) -> TrainOutcome:
     tcfg = cfg.task(task_name)
@@ -81,15 +112,8 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     task_for_data(tcfg.data.kind).model_spec(tcfg, load_manifest(shards_dir))  # vocabulary, context, tokenizer
     manifest_md5 = file_md5(shards_dir / MANIFEST)
     uri = mlflow_runs.tracking_uri(cfg.tracking)
-    # Everything that changes the trained weights keys the run; anything else may differ on resume.
-    identity = {"task": tcfg.model_dump(mode="json"), "seed": cfg.seed, "data": manifest_md5,
-                "strategy": cfg.strategy.model_dump(), "precision": cfg.precision.model_dump(),
-                "workers": cfg.cluster.num_workers}
-    if cfg.parallel.tp * cfg.parallel.pp > 1:  # (absent otherwise, so earlier runs keep their names)
-        identity["parallel"] = cfg.parallel.model_dump()
+    identity = run_identity(cfg, task_name, manifest_md5)
     pretrained = getattr(tcfg.model, "init_from", None) or tcfg.trainer.init_from
-    if pretrained:  # other weights at the same path are another run
-        identity["init_from"] = lineage.weights_fingerprint(Path(pretrained))
     run_name = f"{task_name}-{config_digest(identity)}"
     tags = lineage.run_tags({"task": task_name, "data.manifest_md5": manifest_md5, "ray.run_name": run_name,
                              "strategy": cfg.strategy.name, "precision": cfg.precision.dtype,

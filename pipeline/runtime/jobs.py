@@ -74,13 +74,47 @@ def runtime_env(project: Path, spec: Path | None = None, env: dict[str, str] | N
     return data
 
 
+class ClusterUnavailable(RuntimeError):
+    """The cluster's Jobs API did not accept the job within the wait (one line, names the address)."""
+
+
+# What a head that is still starting answers: no dashboard yet, or a dashboard whose job agent
+# has not registered ("No available agent to submit job, please try again later", a 500).
+_STARTING = ("Failed to connect", "No available agent", "status code 502", "status code 503", "Connection refused")
+
+
 def submit(entrypoint: str, address: str | None = None, env_spec: dict[str, Any] | None = None,
-           submission_id: str | None = None, entrypoint_num_cpus: float | None = None) -> str:
+           submission_id: str | None = None, entrypoint_num_cpus: float | None = None,
+           wait_s: float | None = None) -> str:
+    """Submit the job; returns its id. A head that is still starting (its dashboard or its job
+    agent not up yet) is retried with a bounded backoff for `wait_s` seconds (default
+    PIPELINE_SUBMIT_WAIT_S, else 120), then ClusterUnavailable names the address in one line.
+    The submission id is fixed before the first try, so a retry can never submit twice."""
+    import uuid
+
     # Ray 2.50+ leaves .git out of every working_dir by default; this project needs it (see the
     # module docstring). The runtime_env file's `excludes` still applies, and `.git` can go there.
     os.environ["RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES"] = "venv,__pycache__"
-    return client(address).submit_job(entrypoint=entrypoint, runtime_env=env_spec, submission_id=submission_id,
-                                      entrypoint_num_cpus=entrypoint_num_cpus)
+    wait_s = float(os.environ.get("PIPELINE_SUBMIT_WAIT_S", 120)) if wait_s is None else wait_s
+    submission_id = submission_id or f"pipeline-{uuid.uuid4().hex[:12]}"
+    deadline, delay, tries = time.monotonic() + wait_s, 0.5, 0
+    while True:
+        tries += 1
+        try:
+            return client(address).submit_job(entrypoint=entrypoint, runtime_env=env_spec,
+                                              submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus)
+        except (ConnectionError, RuntimeError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if tries > 1 and "already exists" in reason:  # an earlier try got through after all
+                return submission_id
+            if not any(s in reason for s in _STARTING):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise ClusterUnavailable(f"the Ray cluster at {jobs_address(address)} did not accept the job in "
+                                         f"{wait_s:.0f} s ({tries} tries; last: {reason[:200]}); is it running? "
+                                         "(PIPELINE_SUBMIT_WAIT_S sets the wait)") from None
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
 
 @dataclass

@@ -26,10 +26,11 @@ from pipeline.runtime.local_group import free_port
 
 
 class LocalHead:
-    def __init__(self, num_cpus: int = 2, log: Path | None = None, start_timeout_s: float = 180) -> None:
+    def __init__(self, num_cpus: int = 2, log: Path | None = None, start_timeout_s: float = 180,
+                 dashboard_port: int | None = None) -> None:
         self.num_cpus, self.start_timeout_s = num_cpus, start_timeout_s
         self.log = log or Path(tempfile.mkdtemp(prefix="ray-head-")) / "head.log"
-        self.port, self.dashboard_port = free_port(), free_port()
+        self.port, self.dashboard_port = free_port(), dashboard_port or free_port()
         self.jobs_address = f"http://127.0.0.1:{self.dashboard_port}"
         self.gcs_address = f"127.0.0.1:{self.port}"
         self._proc: subprocess.Popen | None = None
