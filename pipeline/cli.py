@@ -26,11 +26,12 @@ def _known_errors() -> tuple[type[Exception], ...]:
         return ()
     from pipeline.data.shards import ShardError
     from pipeline.data.sources import DataSourceError
+    from pipeline.runtime.connect import ClusterUnavailable
     from pipeline.tracking.mlflow_runs import TrackingUnavailable
     from pipeline.training.checkpoint import CheckpointError
 
     return (ConfigError, FileNotFoundError, KeyError, ValueError, ShardError, DataSourceError, CheckpointError,
-            TrackingUnavailable)
+            TrackingUnavailable, ClusterUnavailable)
 
 
 def stage_main(stage: str, run: Callable[[PipelineConfig, str], None], argv: list[str] | None = None) -> None:

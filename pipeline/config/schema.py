@@ -335,6 +335,9 @@ class ClusterConfig(Strict):
     # (content-addressed by manifest) and every node caches and verifies them locally.
     shards_uri: str | None = None
     max_failures: NonNegInt = 2
+    # How long the train stage waits for a cluster named by `address` / RAY_ADDRESS to answer
+    # before it stops with one line (before any MLflow run is opened).
+    connect_timeout_s: PositiveFloat = 30.0
     # Memory of one device (GPU; on a CPU-only cluster, the memory one worker may use): "80GiB" or
     # bytes. When set, the train stage asks the memory planner first and refuses a config whose
     # per-rank peak does not fit (`python -m pipeline plan <task>` prints the breakdown).
@@ -417,6 +420,9 @@ class TrackingConfig(Strict):
     uri: str = "sqlite:///mlruns.db"
     artifact_dir: str = "mlartifacts"
     experiment: str = "pipeline"
+    # How long the train stage waits for a tracking server (http[s]://) to answer its health
+    # check before it stops with one line; raise it for slow links.
+    connect_timeout_s: PositiveFloat = 20.0
 
 
 class PipelineConfig(Strict):

@@ -22,6 +22,7 @@ from pipeline.data.shards import MANIFEST, load_manifest, publish, verify_split
 from pipeline.distributed import preflight
 from pipeline.distributed.planner import check_fits
 from pipeline.runtime import connect
+from pipeline.runtime.connect import check_reachable, cluster_address
 from pipeline.runtime.trainer import fit, storage_root
 from pipeline.tasks import task_for_data
 from pipeline.tracking import lineage, mlflow_runs
@@ -123,6 +124,11 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
                                  "init_from.fingerprint": identity["init_from"]} if pretrained else {})})
     tags.update(lineage.dvc_lock_hashes())
 
+    # The cluster and the tracking server answer, or the stage stops in one line (in seconds,
+    # not after minutes of retries) before an MLflow run is opened.
+    if address := cluster_address(cfg.cluster):
+        check_reachable(address, cfg.cluster.connect_timeout_s)
+    mlflow_runs.check_reachable(cfg.tracking, lambda *a, **k: print(f"[{task_name}]", *a, **k))
     run_dir = Path(storage_root(cfg)) / run_name
     manifest = load_manifest(shards_dir)
     try:

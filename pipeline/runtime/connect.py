@@ -15,6 +15,35 @@ def cluster_address(cfg: ClusterConfig) -> str | None:
     return os.environ.get("RAY_ADDRESS") or cfg.address
 
 
+class ClusterUnavailable(RuntimeError):
+    """The Ray cluster named by the config or the environment does not answer (one line)."""
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """Fail in one line, within `timeout_s`, when nothing answers at a cluster address
+    (`host:port` of the GCS, or `ray://host:port`): `ray.init` itself retries a closed port
+    for ever, printing a pair of warnings every 30 s. `auto` (the cluster this machine belongs
+    to) is left to Ray."""
+    import socket
+    import time
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as e:
+            if time.monotonic() + 1 > deadline:
+                raise ClusterUnavailable(
+                    f"the Ray cluster at {address} does not answer ({e.strerror or e}; waited {timeout_s:.0f} s, "
+                    "cluster.connect_timeout_s); is it running, and is RAY_ADDRESS / cluster.address right?") from None
+            time.sleep(1)
+
+
 def connect(cfg: ClusterConfig) -> str:
     """Initialise Ray once per process. Returns a description of where it runs."""
     import ray
@@ -24,6 +53,7 @@ def connect(cfg: ClusterConfig) -> str:
         return "already connected"
     address = cluster_address(cfg)
     if address:
+        check_reachable(address, cfg.connect_timeout_s)
         # Inside a submitted job the job's runtime_env (working_dir, env vars) is already set; Ray
         # refuses a second one naming the same env vars unless told to combine them.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")

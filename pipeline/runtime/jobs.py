@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.runtime.connect import ClusterUnavailable  # (the job server did not accept the job in time)
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_RUNTIME_ENV = Path("cluster/runtime_env.yaml")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -72,10 +74,6 @@ def runtime_env(project: Path, spec: Path | None = None, env: dict[str, str] | N
     if not data.get("pip"):
         data.pop("pip", None)
     return data
-
-
-class ClusterUnavailable(RuntimeError):
-    """The cluster's Jobs API did not accept the job within the wait (one line, names the address)."""
 
 
 # What a head that is still starting answers: no dashboard yet, or a dashboard whose job agent

@@ -1,0 +1,57 @@
+"""An unreachable tracking server or Ray cluster stops the train stage in one line within its
+configured wait, before an MLflow run is opened (not after minutes of silent retries)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.runtime.local_group import free_port
+from tests.test_e2e import _tiny_project
+
+
+@pytest.fixture(scope="module")
+def sharded_project(tmp_path_factory, built_data) -> Path:
+    """A tiny project whose LM shards exist (copied from the session's built data)."""
+    _, shards = built_data
+    project = _tiny_project(tmp_path_factory.mktemp("failfast") / "project")
+    shutil.copytree(shards["lm"], project / "data/lm/shards")
+    return project
+
+
+def _train(project: Path, env: dict[str, str], *overrides: str) -> tuple[subprocess.CompletedProcess, float]:
+    full = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(project),
+            **env}
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        if key not in env:
+            full.pop(key, None)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "stages.train", "lm", *overrides], cwd=project, env=full,
+                          capture_output=True, text=True, timeout=300)
+    return proc, time.monotonic() - start
+
+
+def test_damaged_tracking_uri_fails_fast_in_one_line(sharded_project):
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc, _ = _train(sharded_project, {"MLFLOW_TRACKING_URI": uri}, "tracking.connect_timeout_s=3")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"checking the MLflow tracking server at {uri}" in proc.stdout
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 1 and f"the MLflow tracking server at {uri} does not answer" in errors[0], proc.stderr
+    assert "waited 3 s" in errors[0] and "nothing was trained" in errors[0]
+    assert not (sharded_project / "models/lm").exists()
+
+
+def test_damaged_ray_address_fails_fast_before_any_mlflow_run(sharded_project):
+    address = f"127.0.0.1:{free_port()}"
+    proc, _ = _train(sharded_project, {"RAY_ADDRESS": address}, "cluster.connect_timeout_s=3")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 1 and f"the Ray cluster at {address} does not answer" in errors[0], proc.stderr
+    assert not (sharded_project / "mlruns.db").exists()  # no MLflow run was opened for a cluster that is not there
