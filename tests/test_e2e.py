@@ -230,7 +230,8 @@ def _serve(model: str, project: Path, body: dict) -> list:
 
 
 def test_killed_training_resumes_when_rerun(tmp_path):
-    """SIGKILL the train stage (driver, Ray and workers) after its first checkpoint; the rerun resumes."""
+    """SIGKILL the train stage (driver, Ray and workers) after its first checkpoint; the rerun
+    resumes, and its final weights are exactly those of an uninterrupted run."""
     import signal
     import time
 
@@ -257,7 +258,13 @@ def test_killed_training_resumes_when_rerun(tmp_path):
     step = int(resumed[0].split("resumed from step ")[1].split()[0])
     assert 4 <= step < 40 and step % 4 == 0
     assert "[lm] trained 40 steps" in out
-    assert (project / "models/lm/model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    resumed_weights = load_file(str(project / "models/lm/model.safetensors"))
+    _sh([*args, "cluster.storage_path=runs/uninterrupted"], project)  # the same run, from step 0, in one go
+    whole = load_file(str(project / "models/lm/model.safetensors"))
+    assert resumed_weights.keys() == whole.keys()
+    assert all(np.array_equal(resumed_weights[k].numpy(), whole[k].numpy()) for k in whole), "resume changed weights"
 
 
 @pytest.fixture(scope="module")

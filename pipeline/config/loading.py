@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -100,14 +101,47 @@ def config_digest(obj: Any) -> str:
 
 
 def compose(config_dir: Path | str = "configs", overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Compose `configs/` with Hydra the way `dvc exp run` does, as a plain dict."""
+    """Compose `configs/` with Hydra the way `dvc exp run` does, as a plain dict. A Hydra or
+    OmegaConf problem (an unknown group option or key, an unparsable override, a missing
+    config folder) is a one-line `ConfigError` that names it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    root = Path(config_dir).resolve()
+    if not (root / "config.yaml").is_file():
+        raise ConfigError(f"--config-dir: no config.yaml in '{config_dir}'")
+    try:
+        with initialize_config_dir(config_dir=str(root), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_hydra_message(e, overrides)) from None
+
+
+def _hydra_message(err: Exception, overrides: Sequence[str]) -> str:
+    """One line for a composition error: the override at fault and what is wrong with it."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and "/" in err.missing_cfg_file:
+        group, name = err.missing_cfg_file.rsplit("/", 1)
+        culprit = next((o for o in overrides if o.lstrip("+~").split("=")[0].split("@")[0] == group), group)
+        options = [o for o in (err.options or []) if not o.startswith("_")]  # _-prefixed: shared bases
+        return f"{culprit}: no config '{name}' in group '{group}' (options: {', '.join(options) or 'none'})"
+    if isinstance(err, OverrideParseException):
+        lines = [ln for ln in str(err).splitlines() if ln.strip() and not ln.startswith("See https://")]
+        detail = lines[-1] if lines else "cannot parse"
+        return f"override '{err.override}': {detail} (expected key=value, +key=value or group=option)"
+    text = " ".join(ln.strip() for ln in str(err).splitlines()
+                    if ln.strip() and not ln.startswith(("See https://", "To append", "Config search path", "\t")))
+    match = re.match(r"Could not override '([^']+)'", text)
+    if match and "not in struct" in str(err.__cause__ or ""):
+        return f"{match.group(1)}: unknown key"
+    full_key = getattr(err, "full_key", None)  # OmegaConf errors (a failed interpolation) name the key
+    text = text.split(" full_key:")[0].strip() or type(err).__name__  # OmegaConf appends key and type
+    return f"{full_key}: {text}" if full_key else text
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -48,6 +48,9 @@ class TextDataConfig(Strict):
     source: str = Field("builtin:python-docs", description="builtin:python-docs, a .txt/.md/.rst/.jsonl/.parquet "
                         "file or folder, or a Hugging Face `datasets` save_to_disk folder")
     text_field: str = "text"  # the text column of JSONL, Parquet and Hugging Face sources
+    # Of .txt/.md/.rst/.jsonl files: "auto" reads UTF-8, repairs stray bytes, detects other encodings
+    # and skips binary files (all counted in the data statistics); a codec name (cp1252) is used strictly.
+    encoding: str = "auto"
     min_chars: NonNegInt = 20
     # Exact repeats are always dropped; "drop" also drops near-duplicates (MinHash LSH over word
     # 5-grams, about 0.7 Jaccard and up). It keeps 16 keys per kept document in memory (~1 KB each).
@@ -59,6 +62,16 @@ class TextDataConfig(Strict):
     shard_rows: PositiveInt = 512
     shard_compression: Literal["none", "lz4", "zstd"] = "none"  # none: memory-mapped, no decoding
     ray: bool = False  # prepare (one task per file) and shard (tokenization) as Ray tasks, local or cluster
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        if v != "auto":
+            try:
+                "a".encode(v)  # a text codec (not base64 and the like)
+            except LookupError:
+                raise ValueError("not a text encoding Python knows (e.g. auto, utf-8, cp1252, latin-1)") from None
+        return v
 
 
 class AugmentConfig(Strict):

@@ -143,8 +143,18 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
     where = f"{str(root).rstrip('/')}/{MANIFEST}"
     if not fs.isfile(f"{path}/{MANIFEST}"):
         raise ShardError(f"no shard manifest at {where}: run the shard stage first")
-    with fs.open(f"{path}/{MANIFEST}", "r") as fh:
-        return json.loads(fh.read())
+    with fs.open(f"{path}/{MANIFEST}", "rb") as fh:
+        blob = fh.read()
+    try:
+        manifest = json.loads(blob.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ShardError(f"{where} is corrupt (not UTF-8 text at byte {e.start}): run the shard stage again") from None
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{where} is corrupt ({e.msg} at line {e.lineno} column {e.colno}): "
+                         "run the shard stage again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise ShardError(f"{where} is not a shard manifest (no 'splits' mapping): run the shard stage again")
+    return manifest
 
 
 def verify_split(root: Path, split: str, manifest: dict[str, Any] | None = None) -> list[Path]:

@@ -7,8 +7,12 @@ handwritten digits.
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
+import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,10 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst")
 
 class DataSourceError(ValueError):
     """The configured source does not exist or has an unsupported format."""
+
+
+class RefusedFile(DataSourceError):
+    """A text file that is not text (binary, or no encoding fits): prepare skips and counts it."""
 
 
 MAX_PARAGRAPH_CHARS = 1 << 20  # a file with no blank lines still streams: cut very long blocks
@@ -68,15 +76,16 @@ def _python_docs() -> Iterator[str]:
                     yield doc
 
 
-def read_text_documents(source: str, text_field: str = "text") -> Iterator[str]:
+def read_text_documents(source: str, text_field: str = "text", encoding: str = "auto") -> Iterator[str]:
     """Yield documents in a stable order: paragraphs of plain text files, records of JSONL,
     rows of Parquet files, rows of a Hugging Face `datasets` data set saved with
     `save_to_disk`. Paths may be local or any fsspec URL (`s3://bucket/prefix`, with s3fs;
     credentials and endpoint from the usual AWS environment variables). Files are streamed and
     columnar sources read one record batch at a time, so memory stays bounded whatever the
-    input size."""
+    input size. Text and JSONL files are decoded as `decode_lines` describes; a file that is
+    not text raises `RefusedFile`, naming it."""
     for unit in text_units(source):
-        yield from read_text_unit(unit, text_field)
+        yield from read_text_unit(unit, text_field, encoding)
 
 
 def text_units(source: str) -> list[str]:
@@ -102,23 +111,23 @@ def text_units(source: str) -> list[str]:
     return used
 
 
-def read_text_unit(unit: str, text_field: str = "text") -> Iterator[str]:
-    """Documents of one unit from `text_units`."""
+def read_text_unit(unit: str, text_field: str = "text", encoding: str = "auto",
+                   decoding: Decoding | None = None) -> Iterator[str]:
+    """Documents of one unit from `text_units`. `decoding`, when given, is filled in with how a
+    text or JSONL file was decoded (`decode_lines`); `RefusedFile` comes before any document."""
     if unit == "builtin:python-docs":
         yield from _python_docs()
         return
     fs, path = _filesystem(unit)
     if fs.isdir(path):
         yield from _hf_saved(Path(path), text_field)
-    elif path.endswith(".jsonl"):
-        with fs.open(path, "r", encoding="utf-8") as fh:
-            yield from _jsonl(fh, unit, text_field)
     elif path.endswith(".parquet"):
         with fs.open(path, "rb") as fh:
             yield from _parquet(fh, unit, text_field)
     else:
-        with fs.open(path, "r", encoding="utf-8", errors="replace") as fh:
-            yield from _paragraphs(fh)
+        with fs.open(path, "rb") as fh:
+            lines = decode_lines(fh, unit, encoding, decoding if decoding is not None else Decoding())
+            yield from _jsonl(lines, unit, text_field) if path.endswith(".jsonl") else _paragraphs(lines)
 
 
 def _filesystem(source: str):
@@ -128,6 +137,125 @@ def _filesystem(source: str):
         return fsspec.core.url_to_fs(source)
     except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs installed
         raise DataSourceError(f"data.source: cannot open '{source}' ({e})") from None
+
+
+# ----------------------------------------------------------------------------- decoding text files
+SNIFF_BYTES = 1 << 20  # the encoding is decided on a file's first MiB (the whole of most files)
+_CHUNK = 1 << 20
+# UTF-32's little-endian mark starts with UTF-16's: longest first.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_ESCAPED = re.compile("[\udc80-\udcff]")  # an undecodable byte under errors="surrogateescape"
+# A stray byte in UTF-8 text is nearly always Windows-1252 (Latin-1's superset); its five
+# undefined bytes become C1 controls, which cleaning removes.
+_CP1252 = {0xDC00 + b: bytes([b]).decode("cp1252", errors="ignore") or chr(b) for b in range(0x80, 0x100)}
+
+
+@dataclass
+class Decoding:
+    """How one text file was decoded. `status`: "utf-8" (as is), "repaired" (UTF-8 with
+    `repaired_bytes` stray bytes, each read as cp1252), "re-decoded" (in `encoding`, detected
+    or named by a byte-order mark), "declared" (data.encoding named the codec)."""
+
+    status: str = "utf-8"
+    encoding: str = "utf-8"
+    repaired_bytes: int = 0
+
+
+def decode_lines(fh, where: str, encoding: str = "auto", decoding: Decoding | None = None) -> Iterator[str]:
+    """The lines of a binary file, decoded strictly (never a silent U+FFFD) chunk by chunk, with
+    newlines translated as text mode does ("\\r\\n" and "\\r" become "\\n").
+
+    `encoding="auto"` (data.encoding) decides on the first MiB: a byte-order mark names the
+    encoding; valid UTF-8 is UTF-8; UTF-8 with a few stray bytes (fewer than its valid
+    multi-byte characters) is *repaired*, each stray byte read as cp1252 and counted; anything
+    else is *re-decoded* in the encoding charset-normalizer finds (among equally plausible code
+    pages the more coherent, then cp1252). NUL bytes (outside UTF-16/32) or no plausible
+    encoding: `RefusedFile`, naming the file. Any other `encoding` is a Python codec every file
+    is decoded with, strictly. A byte that does not decode further on is a `DataSourceError`
+    naming the file and the offset."""
+    decoding = decoding if decoding is not None else Decoding()
+    head = fh.read(SNIFF_BYTES)
+    codec, repair = _choose_encoding(head, where, encoding, decoding)
+    decoding.encoding = codec
+    inner = codecs.getincrementaldecoder(codec)("strict")
+    decoder = io.IncrementalNewlineDecoder(inner, translate=True)
+    offset, block, pending = 0, head, []  # pending: the pieces of a line not finished yet
+    while True:
+        final = not block
+        state = decoder.getstate()
+        start = offset - len(state[0])  # the decoder may hold the first bytes of a character
+        try:
+            text = decoder.decode(block, final=final)
+        except UnicodeDecodeError as e:
+            if not repair:
+                raise DataSourceError(f"{where}: not valid {codec} at byte {start + e.start} ({e.reason}); "
+                                      "set data.encoding to the file's encoding") from None
+            decoder.setstate(state)  # this chunk again, its stray bytes escaped, then each read as cp1252
+            inner.errors = "surrogateescape"
+            text = _ESCAPED.sub(lambda m: _repaired(m, decoding), decoder.decode(block, final=final))
+            inner.errors = "strict"
+        offset += len(block)
+        if "\n" in text:
+            lines = text.split("\n")
+            pending.append(lines[0])
+            lines[0] = "".join(pending)
+            pending = [lines.pop()]
+            yield from lines
+        elif text:
+            pending.append(text)
+        if final:
+            break
+        block = fh.read(_CHUNK)
+    if rest := "".join(pending):
+        yield rest
+
+
+def _repaired(match: re.Match, decoding: Decoding) -> str:
+    decoding.status = "repaired"
+    decoding.repaired_bytes += 1
+    return _CP1252[ord(match.group())]
+
+
+def _choose_encoding(head: bytes, where: str, encoding: str, decoding: Decoding) -> tuple[str, bool]:
+    """(codec, repair stray bytes as cp1252) for a file that starts with `head`."""
+    if encoding != "auto":
+        if b"\0" in head and not codecs.lookup(encoding).name.startswith(("utf-16", "utf-32")):
+            raise RefusedFile(f"{where}: a binary file (NUL bytes), not {encoding} text")
+        decoding.status = "declared"
+        return encoding, False
+    for bom, codec in _BOMS:
+        if head.startswith(bom):
+            if codec != "utf-8-sig":
+                decoding.status = "re-decoded"
+            return codec, codec == "utf-8-sig"
+    if b"\0" in head:
+        codec = _detect(head)
+        if codec is None or not codecs.lookup(codec).name.startswith(("utf-16", "utf-32")):
+            raise RefusedFile(f"{where}: a binary file (NUL bytes), not text")
+        decoding.status = "re-decoded"
+        return codec, False
+    text = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode(head, final=len(head) < SNIFF_BYTES)
+    invalid = len(_ESCAPED.findall(text))
+    multibyte = len(text) - len(text.encode("ascii", errors="ignore")) - invalid
+    if not invalid or multibyte > invalid:
+        return "utf-8", True
+    codec = _detect(head)
+    if codec is None:
+        raise RefusedFile(f"{where}: not text (not UTF-8, and no encoding fits); set data.encoding if it is text")
+    decoding.status = "re-decoded"
+    return codec, False
+
+
+def _detect(head: bytes) -> str | None:
+    """The most plausible encoding of `head` by charset-normalizer, or None when none is."""
+    from charset_normalizer import from_bytes
+
+    matches = list(from_bytes(head))
+    if not matches:
+        return None
+    best = min(matches, key=lambda m: (m.chaos, -m.coherence, "cp1252" not in m.could_be_from_charset))
+    return "cp1252" if "cp1252" in best.could_be_from_charset else best.encoding
 
 
 def _jsonl(fh, where: str, field: str) -> Iterator[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import sys
 import unicodedata
 import zlib
 from collections.abc import Iterable, Iterator
@@ -56,10 +57,13 @@ def clean_text(doc: str) -> str:
 
 def clean_unit(job: tuple[str, TextDataConfig, int]) -> Iterator[pa.RecordBatch | dict[str, Any]]:
     """The map step for one source unit: yields its cleaned (hash, split, text) rows as record
-    batches, then a dict of counts with the sha256 of the raw documents as read (lineage)."""
+    batches, then a dict of counts with the sha256 of the raw documents as read (lineage) and
+    how the file was decoded (`sources.decode_lines`). A file that is not text (binary, or no
+    encoding fits) yields no rows: its dict names it under `refused`."""
     unit, cfg, seed = job
     raw = hashlib.sha256()
     counts = {"documents_raw": 0, "dropped_short": 0}
+    decoding = sources.Decoding()
     split_ids = {s: i for i, s in enumerate(SPLITS)}
     rows: dict[str, list] = {"hash": [], "split": [], "text": [], "bands": []}
 
@@ -69,24 +73,29 @@ def clean_unit(job: tuple[str, TextDataConfig, int]) -> Iterator[pa.RecordBatch 
             v.clear()
         return out
 
-    for doc in sources.read_text_unit(unit, cfg.text_field):
-        counts["documents_raw"] += 1
-        raw.update(doc.encode("utf-8"))
-        raw.update(b"\0")
-        text = clean_text(doc)
-        if len(text) < cfg.min_chars:
-            counts["dropped_short"] += 1
-            continue
-        digest = content_hash(text.encode("utf-8"))
-        rows["hash"].append(int(digest[:16], 16))
-        rows["split"].append(split_ids[assign_split(digest, cfg.split, seed)])
-        rows["text"].append(text)
-        rows["bands"].append(minhash_bands(text) if cfg.near_duplicates == "drop" else None)
-        if len(rows["text"]) >= BATCH:
-            yield batch()
+    try:
+        for doc in sources.read_text_unit(unit, cfg.text_field, cfg.encoding, decoding):
+            counts["documents_raw"] += 1
+            raw.update(doc.encode("utf-8"))
+            raw.update(b"\0")
+            text = clean_text(doc)
+            if len(text) < cfg.min_chars:
+                counts["dropped_short"] += 1
+                continue
+            digest = content_hash(text.encode("utf-8"))
+            rows["hash"].append(int(digest[:16], 16))
+            rows["split"].append(split_ids[assign_split(digest, cfg.split, seed)])
+            rows["text"].append(text)
+            rows["bands"].append(minhash_bands(text) if cfg.near_duplicates == "drop" else None)
+            if len(rows["text"]) >= BATCH:
+                yield batch()
+    except sources.RefusedFile as e:  # raised before the file's first document
+        yield {**counts, "raw_sha256": raw.hexdigest(), "unit": unit, "refused": str(e)}
+        return
     if rows["text"]:
         yield batch()
-    yield {**counts, "raw_sha256": raw.hexdigest()}
+    yield {**counts, "raw_sha256": raw.hexdigest(), "unit": unit, "decoding": decoding.status,
+           "encoding": decoding.encoding, "repaired_bytes": decoding.repaired_bytes}
 
 
 def minhash_bands(text: str) -> list[int]:
@@ -101,22 +110,32 @@ def minhash_bands(text: str) -> list[int]:
                                            digest_size=8).digest(), "little") for b in range(_BANDS)]
 
 
+MAX_NAMED_FILES = 20  # refused / re-decoded / repaired files named in the statistics (all are counted)
+
+
 def merge(stream: Iterable[pa.RecordBatch | dict[str, Any]], out_dir: Path) -> dict[str, Any]:
     """Write the map's output, in order, to `<split>.parquet`, keeping the first copy of each
-    document. Returns the statistics; `raw_sha256` chains the units' raw hashes in order."""
+    document. Returns the statistics; `raw_sha256` chains the units' raw hashes in order.
+
+    Besides the documents per rule (read, too short, duplicate, near-duplicate, per split) the
+    statistics count the files read, repaired (UTF-8 with stray bytes), re-decoded (another
+    encoding) and refused (not text), naming the first few of each; a refused file is also
+    reported on stderr. No training document left is an error that says which rule took them."""
     seen: set[int] = set()
     seen_bands: set[int] = set()  # MinHash band keys of the kept documents (near-duplicates only)
     raw = hashlib.sha256()
     stats: dict[str, Any] = {"documents_raw": 0, "dropped_short": 0, "dropped_duplicates": 0,
                              "dropped_near_duplicates": 0,
-                             **{f"documents_{s}": 0 for s in SPLITS}, **{f"chars_{s}": 0 for s in SPLITS}}
+                             **{f"documents_{s}": 0 for s in SPLITS}, **{f"chars_{s}": 0 for s in SPLITS},
+                             "files_read": 0, "files_repaired": 0, "files_redecoded": 0, "files_refused": 0,
+                             "bytes_repaired": 0}
+    named: dict[str, list[str]] = {"repaired_files": [], "redecoded_files": [], "refused_files": []}
     writers = {s: pq.ParquetWriter(out_dir / f"{s}.parquet", TEXT_SCHEMA, compression="zstd") for s in SPLITS}
     try:
         for item in stream:
             if isinstance(item, dict):  # the end of one unit
+                _count_unit(item, stats, named)
                 raw.update(bytes.fromhex(item["raw_sha256"]))
-                stats["documents_raw"] += item["documents_raw"]
-                stats["dropped_short"] += item["dropped_short"]
                 continue
             keep = np.zeros(item.num_rows, dtype=bool)
             bands = item.column(3).to_pylist()
@@ -139,10 +158,46 @@ def merge(stream: Iterable[pa.RecordBatch | dict[str, Any]], out_dir: Path) -> d
     finally:
         for w in writers.values():
             w.close()
+    stats.update({k: v for k, v in named.items() if v})
     if not stats["documents_train"]:
-        raise ValueError("no training documents left after cleaning: is data.source empty or data.min_chars too high?")
+        raise ValueError(_nothing_left(stats))
     stats["raw_sha256"] = raw.hexdigest()
     return stats
+
+
+def _count_unit(item: dict[str, Any], stats: dict[str, Any], named: dict[str, list[str]]) -> None:
+    """Add one unit's end-of-unit counts to the statistics."""
+    stats["documents_raw"] += item["documents_raw"]
+    stats["dropped_short"] += item["dropped_short"]
+    unit = item.get("unit", "?")
+    if item.get("refused"):
+        print(f"warning: prepare skipped {item['refused']}", file=sys.stderr, flush=True)
+        kind, note = "refused", item["refused"].removeprefix(f"{unit}: ")
+    else:
+        stats["files_read"] += 1
+        stats["bytes_repaired"] += item.get("repaired_bytes", 0)
+        if item.get("decoding") == "repaired":
+            kind, note = "repaired", f"{item['repaired_bytes']} bytes read as cp1252"
+        elif item.get("decoding") == "re-decoded":
+            kind, note = "redecoded", item["encoding"]
+        else:
+            return
+    stats[f"files_{kind}"] += 1
+    if len(named[f"{kind}_files"]) < MAX_NAMED_FILES:
+        named[f"{kind}_files"].append(f"{unit} ({note})")
+
+
+def _nothing_left(stats: dict[str, Any]) -> str:
+    """The one-line error for a corpus with no training document left: what each rule took."""
+    files = stats["files_read"] + stats["files_refused"]
+    held = stats["documents_val"] + stats["documents_test"]
+    msg = (f"no training documents left: read {stats['documents_raw']} documents from {stats['files_read']} of "
+           f"{files} files; dropped {stats['dropped_short']} too short (data.min_chars), "
+           f"{stats['dropped_duplicates']} exact duplicates, {stats['dropped_near_duplicates']} near-duplicates "
+           f"(data.near_duplicates); {held} held out for val/test (data.split)")
+    if stats["files_refused"]:
+        msg += f"; refused {stats['files_refused']} files that are not text: " + ", ".join(stats["refused_files"])
+    return msg
 
 
 def iter_documents(path: Path, batch_size: int = BATCH) -> Iterator[list[str]]:
