@@ -150,8 +150,7 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ShardError(f"{where} is corrupt (not UTF-8 text at byte {e.start}): run the shard stage again") from None
     except json.JSONDecodeError as e:
-        raise ShardError(f"{where} is corrupt ({e.msg} at line {e.lineno} column {e.colno}): "
-                         "run the shard stage again") from None
+        raise ShardError(f"{where} is corrupt ({e}): run the shard stage again") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
         raise ShardError(f"{where} is not a shard manifest (no 'splits' mapping): run the shard stage again")
     return manifest

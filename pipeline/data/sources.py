@@ -170,7 +170,7 @@ def decode_lines(fh, where: str, encoding: str = "auto", decoding: Decoding | No
     encoding; valid UTF-8 is UTF-8; UTF-8 with a few stray bytes (fewer than its valid
     multi-byte characters) is *repaired*, each stray byte read as cp1252 and counted; anything
     else is *re-decoded* in the encoding charset-normalizer finds (among equally plausible code
-    pages the more coherent, then cp1252). NUL bytes (outside UTF-16/32) or no plausible
+    pages cp1252, unless another is more coherent). NUL bytes (outside UTF-16/32) or no plausible
     encoding: `RefusedFile`, naming the file. Any other `encoding` is a Python codec every file
     is decoded with, strictly. A byte that does not decode further on is a `DataSourceError`
     naming the file and the offset."""
@@ -254,8 +254,12 @@ def _detect(head: bytes) -> str | None:
     matches = list(from_bytes(head))
     if not matches:
         return None
-    best = min(matches, key=lambda m: (m.chaos, -m.coherence, "cp1252" not in m.could_be_from_charset))
-    return "cp1252" if "cp1252" in best.could_be_from_charset else best.encoding
+    best = min(matches, key=lambda m: (m.chaos, -m.coherence))
+    # Short Western text often fits several Latin code pages about equally (cp1257 "déją" for "déjà");
+    # cp1252, by far the most common, wins unless another is more coherent (language-wise).
+    if any("cp1252" in m.could_be_from_charset and m.coherence >= best.coherence for m in matches):
+        return "cp1252"
+    return best.encoding
 
 
 def _jsonl(fh, where: str, field: str) -> Iterator[str]:

@@ -1,0 +1,172 @@
+"""Damaged input (issue 21): text in another encoding, binary files, a corpus that de-duplication
+empties, a corrupt shard manifest and a bad compose override each get a counted, named,
+one-line answer instead of silent damage or a traceback."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ConfigError, compose
+from pipeline.config.schema import SplitConfig, TextDataConfig
+from pipeline.data.build import prepare
+from pipeline.data.shards import ShardError, ShardSet, load_manifest, write_dataset
+from pipeline.data.sources import (
+    SNIFF_BYTES,
+    DataSourceError,
+    Decoding,
+    RefusedFile,
+    decode_lines,
+    read_text_documents,
+)
+from pipeline.data.splits import assign_split, content_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+FRENCH = ["Le café de la gare numéro {i} est fermé à cause de la grève; les élèves attendent près du kiosque.",
+          "À Noël, l'hôtel {i} prépare une bûche glacée et des crêpes flambées pour les enfants émerveillés."]
+
+
+def _docs(n: int = 20) -> list[str]:
+    return [t.format(i=i) for i in range(n) for t in FRENCH]
+
+
+def _kept(out: Path) -> list[str]:
+    return [d for s in ("train", "val", "test") for d in pq.read_table(out / f"{s}.parquet")["text"].to_pylist()]
+
+
+def _cfg(source: Path, **kw) -> TextDataConfig:
+    return TextDataConfig(source=str(source), min_chars=10, vocab_size=300, **kw)
+
+
+def test_damaged_latin1_file_is_re_decoded_and_counted(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/latin1.txt").write_bytes("\n\n".join(_docs()).encode("latin-1"))
+    (tmp_path / "src/utf8.md").write_text("\n\n".join(d.upper() for d in _docs(5)), encoding="utf-8")
+    (tmp_path / "src/rows.jsonl").write_bytes("\n".join(json.dumps({"text": f"Ligne {i}: déjà vu, très coûteux."},
+                                                                   ensure_ascii=False) for i in range(5))
+                                              .encode("cp1252"))
+    stats = prepare(_cfg(tmp_path / "src"), 1, tmp_path / "out")
+    kept = _kept(tmp_path / "out")
+    assert not any("\ufffd" in d for d in kept)
+    assert set(_docs()) <= set(kept) and "Ligne 3: déjà vu, très coûteux." in kept
+    assert stats["files_read"] == 3 and stats["files_redecoded"] == 2
+    assert stats["files_repaired"] == stats["files_refused"] == 0
+    assert stats["redecoded_files"] == [f"{tmp_path}/src/latin1.txt (cp1252)", f"{tmp_path}/src/rows.jsonl (cp1252)"]
+    assert stats["documents_raw"] == 40 + 10 + 5
+
+
+def test_damaged_utf8_with_stray_bytes_is_repaired_and_counted(tmp_path):
+    """A UTF-8 file with a few cp1252 bytes pasted in (“smart quotes”) keeps its UTF-8 and gets
+    the stray bytes read as cp1252, counted; so does a stray byte past the first MiB."""
+    body = "\n\n".join(_docs()).encode("utf-8") + b"\n\nHe said \x93enough\x94 and left the caf\xe9 early."
+    (tmp_path / "mixed.txt").write_bytes(body)
+    stats = prepare(_cfg(tmp_path / "mixed.txt"), 1, tmp_path / "out")
+    kept = _kept(tmp_path / "out")
+    assert "He said “enough” and left the café early." in kept and set(_docs()) <= set(kept)
+    assert stats["files_repaired"] == 1 and stats["bytes_repaired"] == 3 and stats["files_redecoded"] == 0
+    assert stats["repaired_files"] == [f"{tmp_path}/mixed.txt (3 bytes read as cp1252)"]
+
+    # Past the sniffed first MiB, across a chunk boundary and a \r\n split in two.
+    big = ("naïve " * 1000 + "\n").encode() * (SNIFF_BYTES // 7000 + 2)
+    decoding = Decoding()
+    lines = list(decode_lines(io.BytesIO(big + b"end caf\xe9\r\nlast"), "big.txt", "auto", decoding))
+    assert lines[-2:] == ["end café", "last"] and len(lines) == SNIFF_BYTES // 7000 + 4
+    assert (decoding.status, decoding.repaired_bytes) == ("repaired", 1)
+
+
+def test_damaged_binary_file_is_refused_by_name(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/good.txt").write_text("\n\n".join(_docs()), encoding="utf-8")
+    junk = tmp_path / "src/junk.txt"
+    junk.write_bytes(np.random.default_rng(0).bytes(200_000))
+    with pytest.raises(RefusedFile, match=re.escape(f"{junk}: a binary file (NUL bytes)")):
+        list(read_text_documents(str(junk)))
+    stats = prepare(_cfg(tmp_path / "src"), 1, tmp_path / "out")  # one stray binary file: skipped, counted
+    assert stats["files_read"] == 1 and stats["files_refused"] == 1 and stats["documents_raw"] == 40
+    assert stats["refused_files"] == [f"{junk} (a binary file (NUL bytes), not text)"]
+    assert f"warning: prepare skipped {junk}: a binary file" in capsys.readouterr().err
+    assert sorted(_kept(tmp_path / "out")) == sorted(_docs())
+
+    # Bytes with no NUL that fit no encoding are refused too; a source of nothing else is an error naming them.
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(bytes(b or 1 for b in np.random.default_rng(1).bytes(4000)))
+    with pytest.raises(ValueError) as err:
+        prepare(_cfg(noise), 1, tmp_path / "out2")
+    assert str(err.value).startswith("no training documents left: read 0 documents from 0 of 1 files")
+    assert str(err.value).endswith(f"refused 1 files that are not text: {noise} (not text (not UTF-8, and no "
+                                   "encoding fits); set data.encoding if it is text)")
+
+
+def test_damaged_declared_encoding_is_strict_and_named(tmp_path):
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("\n\n".join(_docs()).encode("latin-1"))
+    with pytest.raises(DataSourceError, match=re.escape(f"{latin}: not valid utf-8 at byte 6 (invalid continuation")):
+        prepare(_cfg(latin, encoding="utf-8"), 1, tmp_path / "out")
+    stats = prepare(_cfg(latin, encoding="latin-1"), 1, tmp_path / "out")
+    assert set(_docs()) <= set(_kept(tmp_path / "out"))
+    assert stats["files_redecoded"] == stats["files_repaired"] == 0  # the encoding was declared, not guessed
+    with pytest.raises(ValueError, match="not a text encoding"):
+        TextDataConfig(encoding="base64")
+
+
+def test_damaged_all_duplicates_says_which_rule_dropped_them(tmp_path):
+    """300 copies of one paragraph that lands in val or test: the error says 299 were duplicates."""
+    para = next(p for i in range(100) if assign_split(content_hash((
+        p := f"One paragraph, copied over and over again, number {i}.").encode()), SplitConfig(), 1) != "train")
+    (tmp_path / "copies.txt").write_text("\n\n".join([para] * 300 + ["tiny"]))
+    with pytest.raises(ValueError) as err:
+        prepare(_cfg(tmp_path / "copies.txt"), 1, tmp_path / "out")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("no training documents left: read 301 documents from 1 of 1 files")
+    assert "dropped 1 too short (data.min_chars), 299 exact duplicates, 0 near-duplicates" in msg
+    assert "1 held out for val/test (data.split)" in msg
+
+
+def test_damaged_manifest_json_is_named(tmp_path):
+    root = tmp_path / "shards"
+    write_dataset(root, {"train": [{"x": np.arange(10)}]}, 4, {"kind": "test"})
+    assert load_manifest(root)["splits"]["train"]["rows"] == 10
+    manifest = root / "manifest.json"
+    manifest.write_text('{"kind\t": 1}')
+    with pytest.raises(ShardError) as err:
+        load_manifest(root)
+    assert str(err.value) == (f"{manifest} is corrupt (Invalid control character at: line 1 column 7 (char 6)): "
+                              "run the shard stage again")
+    with pytest.raises(ShardError, match=re.escape(f"{manifest} is corrupt")):
+        ShardSet(root, "train")  # what the reader and the train stage call
+    manifest.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ShardError, match=re.escape(f"{manifest} is corrupt (not UTF-8 text at byte 0)")):
+        load_manifest(root)
+    manifest.write_text("[1, 2]")
+    with pytest.raises(ShardError, match=re.escape(f"{manifest} is not a shard manifest")):
+        load_manifest(root)
+
+
+def test_damaged_compose_override_is_one_line(tmp_path):
+    out = tmp_path / "params.yaml"
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "compose", "--config-dir", str(ROOT / "configs"),
+                           "--out", str(out), "model@tasks.lm.model=nope"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and not out.exists(), proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: model@tasks.lm.model=nope: no config 'nope' in group 'model' (options: dit_small, dit_tiny, "
+        "gpt_125m, gpt_1b, gpt_350m, gpt_7b, gpt_small, gpt_tiny, unet_small, unet_tiny)"]
+    for override, expected in [("tasks.lm.nokey=3", "tasks.lm.nokey: unknown key"),
+                               ("~tasks.lm.nokey", "Could not delete from config. 'tasks.lm.nokey' does not exist."),
+                               ("tasks.lm.data.min_chars", "override 'tasks.lm.data.min_chars': missing EQUAL"),
+                               ("model=gpt_tiny", "Did you mean to override one of model@tasks.diffusion.model"),
+                               ("tasks.lm.data.min_chars=${nope}", "tasks.lm.data.min_chars: Interpolation key 'nope' "
+                                                                   "not found")]:
+        with pytest.raises(ConfigError) as err:
+            compose(ROOT / "configs", [override])
+        assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
+    with pytest.raises(ConfigError, match=r"no config\.yaml in"):
+        compose(tmp_path, [])
