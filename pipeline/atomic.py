@@ -1,17 +1,21 @@
-"""Atomic writes: a file or directory appears complete or not at all.
+"""Atomic writes: a file or directory appears complete or not at all; and checksums.
 
 Every artifact a later stage trusts (shards, checkpoints, exported models) goes through here,
-so a crash or a killed worker never leaves a half-written one behind.
+so a crash or a killed worker never leaves a half-written one behind. A file damaged after it
+was written (truncated, bytes flipped) is caught by the size and sha256 recorded beside it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -47,3 +51,62 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# --- checksums: every file an artifact holds, recorded when it is written, checked when it is read ---
+
+def file_sha256(path: Path | str, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def json_digest(value: Any) -> str:
+    """sha256 of a JSON value in canonical form (sorted keys): a record that carries its own
+    digest shows a damaged copy even when the damaged text still parses."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def describe_files(directory: Path, skip: Callable[[str], bool] = lambda name: False) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under `directory` (relative POSIX paths as keys)."""
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory).as_posix()
+        if p.is_file() and not skip(rel):
+            out[rel] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+    return out
+
+
+def checksum_record(files: dict[str, dict[str, Any]], **fields: Any) -> str:
+    """The text of a checksum file: `files` as `describe_files` gives them, plus its own digest."""
+    return json.dumps({**fields, "files": files, "sha256": json_digest(files)}, indent=1, sort_keys=True)
+
+
+def read_checksum_record(path: Path) -> dict[str, dict[str, Any]] | str:
+    """The files a checksum file lists, or why it cannot be trusted (a string)."""
+    try:
+        record = json.loads(path.read_text())
+        files = record["files"]
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable: {type(e).__name__}"
+    if json_digest(files) != record.get("sha256"):
+        return "its own digest does not match its contents"
+    return files
+
+
+def check_file(path: Path, expected: list[dict[str, Any]], size_only: bool = False) -> str | None:
+    """None if `path` matches one of the `expected` records (size, sha256), else why not."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    sizes = sorted({e["size"] for e in expected})
+    if size not in sizes:
+        return f"{size:,} bytes, {' or '.join(f'{s:,}' for s in sizes)} recorded"
+    if not size_only and file_sha256(path) not in {e["sha256"] for e in expected if e["size"] == size}:
+        return "its sha256 differs from the recorded one"
+    return None

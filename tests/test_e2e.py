@@ -107,8 +107,10 @@ def test_dvc_repro_end_to_end(tmp_path):
         shard_md5 = next(o["md5"] for o in lock[f"shard@{task}"]["outs"] if o["path"] == f"data/{task}/shards")
         prepared_md5 = next(o["md5"] for o in lock[f"prepare@{task}"]["outs"] if o["path"] == f"data/{task}/prepared")
         assert inputs[f"{task}-shard"][0] == shard_md5 and inputs[f"{task}-prepare"][0] == prepared_md5
-        raw = json.loads((project / f"metrics/{task}/data.json").read_text())["raw_sha256"]
-        assert inputs[f"{task}-raw"][1]["digest_full"] == raw
+        data_stats = json.loads((project / f"metrics/{task}/data.json").read_text())
+        assert inputs[f"{task}-raw"][1]["digest_full"] == data_stats["raw_sha256"]
+        if task == "lm":  # what prepare read and dropped is on the run too
+            assert run.data.params["prepared.documents_raw"] == str(data_stats["documents_raw"])
         # the version carries the lineage itself: commit, data and DVC hashes, environment, eval metrics
         eval_metrics = json.loads((project / f"metrics/{task}/eval.json").read_text())
         assert mv.tags["git.commit"] == head and mv.tags["git.dirty"] == "false"

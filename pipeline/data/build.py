@@ -97,7 +97,10 @@ def shard(cfg: TextDataConfig | ImageDataConfig, prepared: Path, out_dir: Path) 
             splits[s] = [cols]
             image_shape = image_shape or list(x.shape[1:])
         meta = {"kind": "images", "image_shape": image_shape, "num_classes": stats["num_classes"]}
-    meta.update({"source": stats["source"], "raw_sha256": stats.get("raw_sha256")})  # lineage back to raw data
+    meta.update({"source": stats["source"], "raw_sha256": stats.get("raw_sha256"),  # lineage back to raw data
+                 # what prepare read, repaired and dropped: the train stage logs these to MLflow (data/*)
+                 "prepare_counts": {k: v for k, v in sorted(stats.items())
+                                    if isinstance(v, int) and not isinstance(v, bool)}})
     manifest = write_dataset(out_dir, splits, cfg.shard_rows, meta, cfg.shard_compression)
     if isinstance(cfg, TextDataConfig):  # the tokenizer travels with the shards it encoded
         for name in text.HF_TOKENIZER_FILES:

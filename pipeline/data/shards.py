@@ -153,7 +153,27 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
         raise ShardError(f"{where} is corrupt ({e}): run the shard stage again") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
         raise ShardError(f"{where} is not a shard manifest (no 'splits' mapping): run the shard stage again")
+    if problem := _shape_problem(manifest["splits"]):
+        raise ShardError(f"{where} is not a valid shard manifest ({problem}): run the shard stage again")
     return manifest
+
+
+_SHARD_FIELDS = {"file": str, "rows": int, "bytes": int, "sha256": str}
+
+
+def _shape_problem(splits: dict[str, Any]) -> str | None:
+    """What is wrong with the manifest's splits (valid JSON of the wrong shape), or None."""
+    for name, split in splits.items():
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list) \
+                or not isinstance(split.get("columns"), dict):
+            return f"split '{name}' has no 'shards' list or 'columns' mapping"
+        for i, entry in enumerate(split["shards"]):
+            if not isinstance(entry, dict):
+                return f"split '{name}', shard {i} is not a mapping"
+            for field, kind in _SHARD_FIELDS.items():
+                if not isinstance(entry.get(field), kind) or isinstance(entry.get(field), bool):
+                    return f"split '{name}', shard {i}: '{field}' is missing or not a {kind.__name__}"
+    return None
 
 
 def verify_split(root: Path, split: str, manifest: dict[str, Any] | None = None) -> list[Path]:

@@ -13,6 +13,14 @@ from pipeline.config.schema import EvalConfig
 from pipeline.data.shards import read_split
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss); infinite for a loss too large to exponentiate (damaged or diverged weights)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
 @torch.no_grad()
 def split_loss(model: torch.nn.Module, shards: Path, split: str, cfg: EvalConfig) -> float:
     """Mean next-token cross-entropy over the first max_batches * batch_size rows of a split."""
@@ -33,7 +41,7 @@ def evaluate_lm(model: torch.nn.Module, shards: Path, cfg: EvalConfig, prompt: s
     for split in ("val", "test"):
         loss = split_loss(model, shards, split, cfg)
         metrics[f"{split}_loss"] = loss
-        metrics[f"{split}_perplexity"] = math.exp(loss)
+        metrics[f"{split}_perplexity"] = perplexity(loss)
     tok = Tokenizer.from_file(str(shards / "tokenizer.json"))
     ids = torch.tensor([tok.encode(prompt).ids])
     out = model.generate(ids, 120, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))

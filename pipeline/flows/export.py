@@ -18,7 +18,7 @@ from pipeline.export.pyfunc import example_input, log_pyfunc
 from pipeline.export.quantize import accuracy_change, quantize_int8
 from pipeline.tracking import mlflow_runs
 from pipeline.tracking.registry import Registration, register
-from pipeline.training.checkpoint import SPEC, WEIGHTS, load_model
+from pipeline.training.checkpoint import CHECKSUMS, SPEC, WEIGHTS, load_model
 
 INFO = "model_info.json"
 INT8 = "model.int8.onnx"
@@ -33,6 +33,8 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
     with atomic_dir(out_dir) as tmp:
         for name in (WEIGHTS, SPEC, mlflow_runs.RUN_FILE):
             shutil.copy2(model_dir / name, tmp / name)
+        if (model_dir / CHECKSUMS).is_file():  # covers those three: the exported and registered model are checked too
+            shutil.copy2(model_dir / CHECKSUMS, tmp / CHECKSUMS)
         if (shards / "tokenizer.json").is_file():
             shutil.copy2(shards / "tokenizer.json", tmp / "tokenizer.json")
         diff, int8, hf = None, {}, {}

@@ -23,7 +23,7 @@ from pipeline.distributed import preflight
 from pipeline.distributed.planner import check_fits
 from pipeline.runtime import connect
 from pipeline.runtime.connect import check_reachable, cluster_address
-from pipeline.runtime.trainer import fit, storage_root
+from pipeline.runtime.trainer import fit, recover, storage_root
 from pipeline.tasks import task_for_data
 from pipeline.tracking import lineage, mlflow_runs
 from pipeline.training.checkpoint import WEIGHTS, read_meta, write_model
@@ -135,6 +135,9 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
         run_id = _mlflow_run(cfg, task_name, run_dir, tags)
         mlflow_runs.log_datasets(run_id, task_name, manifest.get("source", tcfg.data.source),
                                  manifest.get("raw_sha256"), shards_dir, manifest_md5, tags)
+        # what prepare read, repaired, re-decoded, refused and dropped (params: a rerun logs the same values)
+        mlflow.log_params({f"prepared.{k}": v for k, v in manifest.get("prepare_counts", {}).items()},
+                          run_id=run_id)
     except mlflow.exceptions.MlflowException as e:
         raise mlflow_runs.TrackingUnavailable(
             f"[{task_name}] cannot use the tracking store {uri} "
@@ -144,6 +147,9 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     layout = f", tp={cfg.parallel.tp}, pp={cfg.parallel.pp}" if cfg.parallel.tp * cfg.parallel.pp > 1 else ""
     print(f"[{task_name}] training on {where}: {cfg.cluster.num_workers} workers, strategy {cfg.strategy.name}"
           f"{layout}, {cfg.precision.dtype}; run {run_name}; MLflow run {run_id}", flush=True)
+    recovered = recover(cfg, task_name, run_name)  # damaged checkpoints set aside, unfinished ones removed
+    for key, value in (recovered.tags() if recovered else {}).items():
+        mlflow.MlflowClient().set_tag(run_id, key, value)
     start = time.perf_counter()
     shards = str(shards_dir.resolve())
     if cfg.cluster.shards_uri:  # workers on other nodes read (and cache) a published copy

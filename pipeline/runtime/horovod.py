@@ -84,7 +84,9 @@ def fit_horovod(cfg: PipelineConfig, task_name: str, shards: str, run_dir: Path)
             run_horovod(_worker, [config], cl.num_workers, cl.cpus_per_worker, cl.use_gpu)
             break
         except Exception as e:
-            if attempt == cl.max_failures:
+            from pipeline.runtime.trainer import fatal_error
+
+            if attempt == cl.max_failures or fatal_error(e) is not None:  # a damaged file, a full disk: no retry
                 return HorovodResult(None, e)
             print(f"[{task_name}] horovod attempt {attempt + 1} failed ({type(e).__name__}: {e}); "
                   "restarting from the last checkpoint", flush=True)

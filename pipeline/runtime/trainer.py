@@ -3,15 +3,51 @@
 The run is named by a digest of its config and data, under `cluster.storage_path`: rerunning
 the same configuration after an interruption resumes from its latest checkpoint, while a
 changed configuration starts a fresh run instead of resuming a stale one.
+
+Damaged state: before every attempt, `recover` checks the run's storage folder. Checkpoint
+folders Ray Train never registered (a write cut short by a crash or a full disk) are removed;
+the checkpoint a resume would load is verified against its checksums, and a damaged one is set
+aside (`<name>.damaged`) and dropped from Ray Train's checkpoint list
+(`checkpoint_manager_snapshot.json`), so that Ray hands the workers the newest intact one. A
+failed attempt is retried here, up to `cluster.max_failures` times (Ray Train itself is told
+not to retry: its `FailureConfig` cannot tell errors apart); a damaged file or a full disk is
+not retried, it ends the run in one line.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import atomic_write_text
 from pipeline.config.schema import PipelineConfig
 from pipeline.distributed import process_group_backend
+from pipeline.training.checkpoint import (
+    CheckpointError,
+    DamagedFile,
+    StorageFull,
+    fallback_line,
+    newest_intact,
+    nothing_intact,
+    read_meta,
+)
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's registered checkpoints
+SET_ASIDE = ".damaged"
+
+
+class _QuietKnownErrors(logging.Filter):
+    """Ray logs every failed training function with its traceback; a damaged checkpoint or a
+    full disk is reported by the driver in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        last = record.getMessage().rstrip().rsplit("\n", 1)[-1]
+        return not last.startswith(tuple(f"pipeline.training.checkpoint.{c.__name__}"
+                                         for c in (CheckpointError, DamagedFile, StorageFull)))
 
 
 def _worker(config: dict[str, Any]) -> None:
@@ -19,7 +55,8 @@ def _worker(config: dict[str, Any]) -> None:
     from pipeline.training.loop import train
     from pipeline.training.session import RaySession
 
-    train(validate(config["cfg"]), config["task"], config["shards"], RaySession())
+    logging.getLogger("ray.train.v2._internal.util").addFilter(_QuietKnownErrors())
+    train(validate(config["cfg"]), config["task"], config["shards"], RaySession(config.get("verified")))
 
 
 def storage_root(cfg: PipelineConfig) -> str:
@@ -31,40 +68,247 @@ def registered_step(run_dir: Path) -> int:
     """The step of the newest checkpoint Ray Train's controller has registered for a run (0 if
     none yet). A checkpoint folder on disk counts only once it is listed here: one the
     controller never took in is not resumed from."""
-    import json
-
     try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        snapshot = json.loads((run_dir / SNAPSHOT).read_text())
         return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
     except (OSError, ValueError, KeyError, TypeError):  # not written yet, or mid-write
         return 0
 
 
+@dataclass
+class Recovery:
+    """What `recover` found in a run's storage folder before training (re)started."""
+
+    resumed_step: int | None = None  # the checkpoint training resumes from (None: from scratch)
+    verified: str | None = None  # its folder name, checked against its checksums
+    damaged: list[str] = field(default_factory=list)  # damaged files, newest checkpoint first
+    set_aside: list[str] = field(default_factory=list)  # checkpoint folders renamed *.damaged
+    removed: list[str] = field(default_factory=list)  # unfinished checkpoint folders deleted
+
+    def tags(self) -> dict[str, str]:
+        """For the MLflow run: what was damaged, and where training resumed instead."""
+        if not self.damaged:
+            return {}
+        return {"checkpoint.damaged": self.damaged[0], "checkpoint.damaged_count": str(len(self.damaged)),
+                "checkpoint.resumed_from_step": str(self.resumed_step)}
+
+
+def run_dir_of(cfg: PipelineConfig, run_name: str) -> Path | None:
+    """The run's storage folder on this machine (None for remote storage such as s3://)."""
+    root = storage_root(cfg)
+    return None if "://" in root else Path(root) / run_name
+
+
+def recover(cfg: PipelineConfig, task_name: str, run_name: str) -> Recovery | None:
+    """Make the run's storage folder safe to resume from (see the module docstring); prints one
+    line when it removed or set anything aside. None when there is no local folder to check (a
+    fresh run, or remote storage: the workers check what they are given). With no intact
+    checkpoint left, raises `CheckpointError` (one line) and changes nothing."""
+    run_dir = run_dir_of(cfg, run_name)
+    if run_dir is None or not run_dir.is_dir():
+        return None
+    if cfg.strategy.name == "horovod":  # LocalSession's layout: checkpoint_<step>, staged as .tmp
+        return _recover_steps(run_dir, task_name)
+    return _recover_ray(run_dir, task_name)
+
+
+def _set_aside(directory: Path) -> str:
+    target = directory.with_name(directory.name + SET_ASIDE)
+    if target.exists():
+        shutil.rmtree(target)
+    directory.rename(target)
+    return target.name
+
+
+def _removed_line(task_name: str, run_dir: Path, removed: list[str]) -> None:
+    if removed:
+        print(f"[{task_name}] removed {len(removed)} unfinished checkpoint folder(s) under {run_dir} "
+              f"({', '.join(sorted(removed))}): a write was cut short", flush=True)
+
+
+def remove_unfinished(run_dir: Path) -> list[str]:
+    """Delete the checkpoint folders of a Ray run that Ray Train never registered: a write a
+    crash or a full disk cut short (Ray copies each rank's part straight under the final name)."""
+    registered = set()
+    snapshot = run_dir / SNAPSHOT
+    if snapshot.is_file():
+        try:
+            registered = {e["checkpoint_dir_name"] for e in json.loads(snapshot.read_text())["checkpoint_results"]}
+        except (ValueError, KeyError, TypeError):
+            return []  # an unreadable list: touch nothing (`recover` names the file)
+    removed = []
+    for p in sorted(run_dir.glob("checkpoint_*")):
+        if p.is_dir() and p.name not in registered and not p.name.endswith(SET_ASIDE):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+def _recover_ray(run_dir: Path, task_name: str) -> Recovery:
+    found = Recovery(removed=remove_unfinished(run_dir))
+    _removed_line(task_name, run_dir, found.removed)
+    path = run_dir / SNAPSHOT
+    if not path.is_file():
+        return found
+    try:
+        snapshot = json.loads(path.read_text())
+        entries = list(zip(snapshot["checkpoint_report_indices"], snapshot["checkpoint_results"], strict=True))
+    except (ValueError, KeyError, TypeError) as e:
+        raise DamagedFile(path, f"{type(e).__name__}; it is Ray Train's list of this run's checkpoints: delete "
+                                f"{run_dir} to train the run from scratch") from None
+    if not entries:
+        return found
+    entries.sort(key=lambda item: item[0], reverse=True)  # newest first
+    intact, damaged = newest_intact([run_dir / e["checkpoint_dir_name"] for _, e in entries])
+    if intact is None:
+        raise nothing_intact(damaged, run_dir)
+    bad = {e["checkpoint_dir_name"] for _, e in entries[:len(damaged)]}
+    bad |= {e["checkpoint_dir_name"] for _, e in entries if not (run_dir / e["checkpoint_dir_name"]).is_dir()}
+    found.verified, found.resumed_step = intact.name, int(read_meta(intact)["step"])
+    if not bad:
+        return found
+    found.damaged = [e.path for e in damaged]
+    found.set_aside = [_set_aside(run_dir / name) for name in sorted(bad) if (run_dir / name).is_dir()]
+    keep = [(i, e) for i, e in sorted(entries, key=lambda item: item[0]) if e["checkpoint_dir_name"] not in bad]
+    snapshot["checkpoint_results"] = [e for _, e in keep]
+    snapshot["checkpoint_report_indices"] = [i for i, _ in keep]
+    snapshot["latest_checkpoint_result"] = keep[-1][1]
+    pending = [(r, v) for r, v in zip(snapshot.get("pending_training_results", []),
+                                      snapshot.get("pending_validation_specs", []), strict=False)
+               if r["checkpoint_dir_name"] not in bad]
+    snapshot["pending_training_results"] = [r for r, _ in pending]
+    snapshot["pending_validation_specs"] = [v for _, v in pending]
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        if key in snapshot:
+            snapshot[key] = [name for name in snapshot[key] if name not in bad]
+    atomic_write_text(path, json.dumps(snapshot))
+    _fallback_line(task_name, found, damaged, intact)
+    if missing := sorted(bad - {e["checkpoint_dir_name"] for _, e in entries[:len(damaged)]}):
+        print(f"[{task_name}] dropped {len(missing)} missing checkpoint folder(s) from Ray Train's list in {path} "
+              f"({', '.join(missing)})", flush=True)
+    return found
+
+
+def _recover_steps(run_dir: Path, task_name: str) -> Recovery:
+    import re
+
+    found = Recovery()
+    for stale in sorted(run_dir.glob("checkpoint_*.tmp")):
+        shutil.rmtree(stale, ignore_errors=True)
+        found.removed.append(stale.name)
+    _removed_line(task_name, run_dir, found.removed)
+    steps = sorted((p for p in run_dir.glob("checkpoint_*") if re.fullmatch(r"checkpoint_\d+", p.name)
+                    and (p / "meta.json").is_file()), reverse=True)
+    if not steps:
+        return found
+    intact, damaged = newest_intact(steps)
+    if intact is None:
+        raise nothing_intact(damaged, run_dir)
+    found.verified, found.resumed_step = intact.name, int(read_meta(intact)["step"])
+    if damaged:
+        found.damaged = [e.path for e in damaged]
+        found.set_aside = [_set_aside(p) for p in steps[:len(damaged)]]
+        _fallback_line(task_name, found, damaged, intact)
+    return found
+
+
+def _fallback_line(task_name: str, found: Recovery, damaged: list[DamagedFile], intact: Path) -> None:
+    if damaged:
+        aside = f"; set aside as {', '.join(found.set_aside)}" if found.set_aside else ""
+        print(f"[{task_name}] {fallback_line(damaged, found.resumed_step or 0, intact)}{aside}", flush=True)
+
+
+def fatal_error(error: BaseException) -> CheckpointError | None:
+    """The checkpoint error (damaged file, full disk) behind a failed attempt, if any: retrying
+    it would fail the same way. Looks through Ray's wrappers (a worker group's failures, a task
+    error's cause, the user exception Ray Train keeps with its traceback)."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CheckpointError):  # Ray's task errors subclass their cause: prefer the cause itself
+            return e.cause if isinstance(getattr(e, "cause", None), CheckpointError) else e
+        failures = getattr(e, "worker_failures", None) or {}
+        todo += [failures[rank] for rank in sorted(failures)]
+        todo += [getattr(e, name, None) for name in ("_base_exc", "cause", "controller_failure")]
+        todo += [e.__cause__]
+    return None
+
+
+def _summary(error: BaseException) -> str:
+    """A failed attempt in a few words: the first worker's exception, its first line."""
+    failures = getattr(error, "worker_failures", None) or {}
+    base = next((getattr(f, "_base_exc", f) for _, f in sorted(failures.items())), error)
+    lines = str(base).strip().splitlines()
+    return f"{type(base).__name__}: {lines[0][:200] if lines else ''}"
+
+
 def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str):
-    """Train on Ray; returns the `ray.train.Result` (or its Horovod equivalent), whose `error`
-    is set if training failed for good. Horovod brings its own launcher (RayExecutor).
+    """Train on Ray; returns the `ray.train.Result` (or its Horovod equivalent). Horovod brings
+    its own launcher (RayExecutor). A failed attempt is retried from the last checkpoint up to
+    `cluster.max_failures` times, then its error is raised; a damaged checkpoint file or a full
+    disk raises `CheckpointError` (one line) at once.
 
     `shards` is where every worker reads the shards: an absolute local path (one node or a
     shared file system) or a URL such as s3://... (cached on each node)."""
     if cfg.strategy.name == "horovod":
         from pipeline.runtime.horovod import fit_horovod
 
-        return fit_horovod(cfg, task_name, shards, Path(storage_root(cfg)) / run_name)
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+        recover(cfg, task_name, run_name)
+        result = fit_horovod(cfg, task_name, shards, Path(storage_root(cfg)) / run_name)
+        if result.error is not None and (fatal := fatal_error(result.error)) is not None:
+            raise _final(fatal, cfg, run_name) from None
+        return result
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cl = cfg.cluster
-    trainer = TorchTrainer(
-        train_loop_per_worker=_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "task": task_name, "shards": shards},
-        scaling_config=ScalingConfig(num_workers=cl.num_workers, use_gpu=cl.use_gpu,
-                                     resources_per_worker={"CPU": cl.cpus_per_worker}),
-        torch_config=TorchConfig(backend=process_group_backend(cfg.strategy, cl.use_gpu)),
-        run_config=RunConfig(
-            name=run_name, storage_path=storage_root(cfg),
-            failure_config=FailureConfig(max_failures=cl.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.task(task_name).trainer.keep_last_k),
-            logging_config=LoggingConfig(log_level="WARNING"),  # our own progress lines say enough
-        ),
-    )
-    return trainer.fit()
+    for attempt in range(cl.max_failures + 1):
+        found = recover(cfg, task_name, run_name)
+        trainer = TorchTrainer(
+            train_loop_per_worker=_worker,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "task": task_name, "shards": shards,
+                               "verified": found.verified if found else None},
+            scaling_config=ScalingConfig(num_workers=cl.num_workers, use_gpu=cl.use_gpu,
+                                         resources_per_worker={"CPU": cl.cpus_per_worker}),
+            torch_config=TorchConfig(backend=process_group_backend(cfg.strategy, cl.use_gpu)),
+            run_config=RunConfig(
+                name=run_name, storage_path=storage_root(cfg),
+                failure_config=FailureConfig(max_failures=0),  # retried here, where errors can be told apart
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.task(task_name).trainer.keep_last_k),
+                logging_config=LoggingConfig(log_level="WARNING"),  # our own progress lines say enough
+            ),
+        )
+        try:
+            return trainer.fit()
+        except WorkerGroupError as e:
+            if (fatal := fatal_error(e)) is not None:
+                raise _final(fatal, cfg, run_name) from None
+            if attempt == cl.max_failures:
+                raise
+            print(f"[{task_name}] training attempt {attempt + 1} of {cl.max_failures + 1} failed ({_summary(e)}); "
+                  "restarting from the last checkpoint", flush=True)
+        except Exception as e:
+            if (fatal := fatal_error(e)) is not None:
+                raise _final(fatal, cfg, run_name) from None
+            raise
+    raise AssertionError("unreachable")
+
+
+def _final(fatal: CheckpointError, cfg: PipelineConfig, run_name: str) -> CheckpointError:
+    """The error a run ends with, once the half-written checkpoint folders it left are gone."""
+    run_dir = run_dir_of(cfg, run_name)
+    if run_dir is None or not run_dir.is_dir():
+        return fatal
+    if cfg.strategy.name == "horovod":
+        removed = [p.name for p in run_dir.glob("checkpoint_*.tmp")]
+        for name in removed:
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+    else:
+        removed = remove_unfinished(run_dir)
+    if removed and isinstance(fatal, StorageFull):
+        return StorageFull(f"{fatal}; removed the unfinished checkpoint folder(s) {', '.join(sorted(removed))}")
+    return fatal

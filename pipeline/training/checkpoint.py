@@ -2,43 +2,132 @@
 
 A checkpoint directory holds the strategy's training state (its own layout: `state.pt` for
 the replicated backends, a DCP directory for FSDP, a DeepSpeed checkpoint), optionally
-`model.safetensors` (consolidated fp32 weights, in the final checkpoint) and `meta.json`
-(step, data reader position, metric history). `meta.json` is written last: a directory
-without it is incomplete and is never loaded.
+`model.safetensors` (consolidated fp32 weights, in the final checkpoint), one checksum file
+per rank (`files-rank<r>.json`: size and sha256 of every file that rank wrote) and `meta.json`
+(step, data reader position, metric history, how many ranks wrote files). `meta.json` is
+written last: a directory without it is incomplete and is never loaded. Ranks write their
+parts into directories of their own (Ray Train merges them), so each rank records its own
+files and no rank needs to see another's.
+
+A model folder (`models/<task>/`, `export/<task>/`) holds `checksums.json` beside its files.
+Every checkpoint and model is checked against its checksums before it is loaded, and a damaged
+file is named (`DamagedFile`, a one-line error).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.atomic import atomic_dir, atomic_write_text
+from pipeline.atomic import (
+    atomic_dir,
+    atomic_write_text,
+    check_file,
+    checksum_record,
+    describe_files,
+    json_digest,
+    read_checksum_record,
+)
 
 STATE, META, WEIGHTS, SPEC = "state.pt", "meta.json", "model.safetensors", "model_spec.json"
+CHECKSUMS = "checksums.json"  # in a model folder
+RANK_FILES = "files-rank{}.json"  # in a checkpoint, one per rank
+_RECORDS = re.compile(r"(meta\.json|files-rank\d+\.json)$")
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
-def write_checkpoint_meta(directory: Path, meta: dict[str, Any],
-                          weights: dict[str, torch.Tensor] | None = None) -> None:
-    """Rank 0, after the strategy has saved: export weights (final checkpoint), then the marker."""
+class DamagedFile(CheckpointError):
+    """A file that no longer matches what was recorded when it was written (or cannot be read)."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"{path} is damaged ({reason})")
+        self.path, self.reason = str(path), reason
+
+    def __reduce__(self):  # crosses from Ray workers to the driver
+        return type(self), (self.path, self.reason)
+
+
+class StorageFull(CheckpointError):
+    """A checkpoint did not fit where it was written: retrying cannot help until space is freed."""
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+def seal_checkpoint(directory: Path, rank: int, world: int, meta: dict[str, Any] | None = None,
+                    weights: dict[str, torch.Tensor] | None = None) -> int:
+    """Every rank, after the strategy has saved its part into `directory`: rank 0 adds the
+    export weights (final checkpoint); each rank records its files' sizes and sha256 in
+    `files-rank<r>.json`; rank 0 writes the marker `meta.json` last, which says how many such
+    records belong to the checkpoint. Returns the bytes of this rank's part."""
     directory.mkdir(parents=True, exist_ok=True)
     if weights is not None:
         save_file(weights, str(directory / WEIGHTS))
-    atomic_write_text(directory / META, json.dumps(meta))
+    files = describe_files(directory, skip=lambda name: bool(_RECORDS.match(name)))
+    atomic_write_text(directory / RANK_FILES.format(rank), checksum_record(files, rank=rank))
+    if meta is not None:
+        body = {**meta, "ranks": world}
+        atomic_write_text(directory / META, json.dumps({**body, "sha256": json_digest(body)}))
+    return sum(f["size"] for f in files.values())
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
     """The small part of a checkpoint (step, reader position, history), without loading any tensors."""
-    if not (directory / META).is_file():
+    path = directory / META
+    if not path.is_file():
         raise CheckpointError(f"checkpoint {directory} is incomplete (no {META}); refusing to load it")
-    return json.loads((directory / META).read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedFile(path, f"not valid JSON: {e}") from e
+    if "sha256" in meta and json_digest({k: v for k, v in meta.items() if k != "sha256"}) != meta["sha256"]:
+        raise DamagedFile(path, "its own digest does not match its contents")
+    return meta
+
+
+_verified: dict[str, tuple] = {}  # checkpoint -> (name, size, mtime) of its files when last found intact
+
+
+def _signature(directory: Path) -> tuple:
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    return tuple((p.relative_to(directory).as_posix(), s.st_size, s.st_mtime_ns) for p in files for s in [p.stat()])
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Raise `DamagedFile` naming the first file of a checkpoint that does not match its rank's
+    record (or a record that is missing or damaged). A checkpoint from before checksums were
+    recorded (no `ranks` in its meta) has nothing to be checked against and passes."""
+    if not (directory / META).is_file():
+        raise DamagedFile(directory / META, "missing")
+    meta = read_meta(directory)
+    ranks = meta.get("ranks")
+    if ranks is None:
+        return
+    key, signature = str(directory.resolve()), _signature(directory)
+    if _verified.get(key) == signature:
+        return
+    expected: dict[str, list[dict[str, Any]]] = {}
+    for r in range(int(ranks)):
+        record = read_checksum_record(directory / RANK_FILES.format(r))
+        if isinstance(record, str):
+            raise DamagedFile(directory / RANK_FILES.format(r), record)
+        for name, entry in record.items():
+            expected.setdefault(name, []).append(entry)  # a name two ranks wrote may match either
+    for size_only in (True, False):  # sizes first: cheap, and what a truncation changes
+        for name in sorted(expected):
+            if why := check_file(directory / name, expected[name], size_only):
+                raise DamagedFile(directory / name, why)
+    _verified[key] = signature
 
 
 def load_training_state(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -47,21 +136,100 @@ def load_training_state(directory: Path) -> tuple[dict[str, Any], dict[str, Any]
     return torch.load(directory / STATE, map_location="cpu", weights_only=True), meta
 
 
+# --- a full disk ----------------------------------------------------------------------------
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "File too large")
+
+
+def free_bytes(where: Path | str) -> int | None:
+    try:
+        return shutil.disk_usage(where).free
+    except (OSError, ValueError):
+        return None
+
+
+def dir_bytes(directory: Path | str) -> int:
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+
+
+def out_of_space(exc: BaseException, where: Path | str, need: int = 0) -> bool:
+    """Whether a failed write failed for want of space (ENOSPC, a quota, a file-size limit).
+    torch's zip writer reports a short write without an errno ("unexpected pos ..."): a failed
+    write on a file system with less room left than the write needs counts too."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS:
+            return True
+        if any(text in str(seen) for text in _FULL_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    free = free_bytes(where)
+    return isinstance(exc, OSError | RuntimeError) and free is not None and free < max(need, 16 << 20)
+
+
+def storage_full(where: Path | str, step: int, need: int, qualifier: str = "", local: bool = False) -> StorageFull:
+    """The one-line error for a checkpoint that did not fit: the place, and the bytes it needs
+    (`qualifier` "about " or "more than " when they are not known exactly). `local`: the place
+    is the local directory a rank saves its part into before it is stored."""
+    free = free_bytes(where)
+    room = f", {free:,} bytes free there" if free is not None else ""
+    fix = ("Free some space there (or point TMPDIR at a larger file system) and rerun" if local else
+           "Free some space (or lower trainer.keep_last_k) and rerun")
+    return StorageFull(f"no space left on device writing the step-{step} checkpoint to {where}: this rank's part "
+                       f"needs {qualifier}{need:,} bytes{room}. {fix}: training resumes from the last complete "
+                       "checkpoint")
+
+
+# --- model folders ----------------------------------------------------------------------------
+
 def write_model(out_dir: Path, weights: dict[str, torch.Tensor], spec: dict[str, Any],
                 extra: dict[str, str] | None = None) -> None:
-    """Weights as safetensors plus the model spec, swapped into place in one rename."""
+    """Weights as safetensors plus the model spec and the checksums of both, swapped into place
+    in one rename."""
     with atomic_dir(out_dir) as tmp:
         save_file(weights, str(tmp / WEIGHTS))
         (tmp / SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
+        write_checksums(tmp)
+
+
+def write_checksums(directory: Path) -> None:
+    """Record size and sha256 of every file in a model folder (`checksums.json`)."""
+    files = describe_files(directory, skip=lambda name: name == CHECKSUMS)
+    atomic_write_text(directory / CHECKSUMS, checksum_record(files))
+
+
+def verify_model_dir(model_dir: Path) -> bool:
+    """Raise `DamagedFile` for the first file of a model folder that does not match
+    `checksums.json`. False if the folder has no checksums (written before they were recorded)."""
+    record = read_checksum_record(model_dir / CHECKSUMS)
+    if record == "missing":
+        return False
+    if isinstance(record, str):
+        raise DamagedFile(model_dir / CHECKSUMS, record)
+    for size_only in (True, False):
+        for name in sorted(record):
+            if why := check_file(model_dir / name, [record[name]], size_only):
+                raise DamagedFile(model_dir / name, why)
+    return True
 
 
 def read_model(model_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     for name in (WEIGHTS, SPEC):
         if not (model_dir / name).is_file():
             raise CheckpointError(f"{model_dir / name} is missing: run the train stage first")
-    return load_file(str(model_dir / WEIGHTS)), json.loads((model_dir / SPEC).read_text())
+    verify_model_dir(model_dir)
+    try:
+        weights = load_file(str(model_dir / WEIGHTS))
+    except (SafetensorError, OSError) as e:  # no checksums to compare with: the format check is all there is
+        raise DamagedFile(model_dir / WEIGHTS, f"not a readable safetensors file: {str(e).splitlines()[0]}") from e
+    try:
+        spec = json.loads((model_dir / SPEC).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedFile(model_dir / SPEC, f"not valid JSON: {e}") from e
+    return weights, spec
 
 
 def load_model(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -74,3 +242,30 @@ def load_model(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     model = task_for_spec(spec).build(spec)
     model.load_state_dict(weights)
     return model.eval(), spec
+
+
+
+def newest_intact(candidates: list[Path]) -> tuple[Path | None, list[DamagedFile]]:
+    """The first of `candidates` (newest first) that verifies, and what was found damaged before it."""
+    damaged = []
+    for directory in candidates:
+        try:
+            verify_checkpoint(directory)
+            return directory, damaged
+        except DamagedFile as e:
+            damaged.append(e)
+    return None, damaged
+
+
+def fallback_line(damaged: list[DamagedFile], step: int, directory: Path | str) -> str:
+    """One line for a resume that passes over damaged checkpoints."""
+    more = f" (and {len(damaged) - 1} older checkpoint(s))" if len(damaged) > 1 else ""
+    first = damaged[0]  # the newest: the one a resume would have used
+    return (f"checkpoint file {first.path} is damaged ({first.reason}){more}; resuming from the newest intact "
+            f"checkpoint, step {step} ({directory})")
+
+
+def nothing_intact(damaged: list[DamagedFile], root: Path | str) -> CheckpointError:
+    newest = damaged[0]
+    return CheckpointError(f"checkpoint file {newest.path} is damaged ({newest.reason}) and no intact checkpoint is "
+                           f"left under {root} ({len(damaged)} checked); delete {root} to train this run from scratch")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +27,7 @@ from pipeline.distributed.mesh import Layout
 from pipeline.distributed.precision import Precision
 from pipeline.models.hf import is_hf_folder
 from pipeline.tasks import task_for_data
-from pipeline.training.checkpoint import read_meta, write_checkpoint_meta
+from pipeline.training.checkpoint import dir_bytes, out_of_space, read_meta, seal_checkpoint, storage_full
 from pipeline.training.ema import EMA
 from pipeline.training.optim import ValidationTracker, build_optimizer, describe_optimizer, lr_at
 from pipeline.training.validation import validation_loss
@@ -193,14 +194,20 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     return state
 
 
+# this rank's part of a run's previous checkpoint, by session: the estimate when a save fails
+_last_part: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
 def _report(session: Session, strategy: Strategy, ema: EMA | None, reader: GlobalOrderReader, state: LoopState,
             tracker: ValidationTracker, entry: dict[str, float], checkpoint: bool, final: bool,
             implementation: dict[str, str]) -> None:
     """Report metrics; with a checkpoint every `ckpt_every` steps and at the end.
 
     Every rank saves its part of the strategy state into its own directory (the session merges
-    them); rank 0 then writes the marker `meta.json`. The final checkpoint also holds the
-    consolidated export weights: the EMA when enabled.
+    them) and records its files' checksums there; rank 0 then writes the marker `meta.json`.
+    The final checkpoint also holds the consolidated export weights: the EMA when enabled. A
+    write that fails for want of space (in the local directory or where the session stores
+    checkpoints) stops the run with `StorageFull`, naming the place and the bytes needed.
     """
     if not checkpoint:
         session.report(entry, None)
@@ -210,10 +217,26 @@ def _report(session: Session, strategy: Strategy, ema: EMA | None, reader: Globa
     if final:
         weights = strategy.gather_full(ema.weights()) if ema is not None else strategy.consolidated_state_dict()
     with tempfile.TemporaryDirectory(prefix="ckpt-") as d:
-        strategy.save(Path(d), extra)
-        if session.rank == 0:
-            meta = {"step": state.step, "skipped_steps": state.skipped_steps, "reader": reader.state_dict(),
-                    "history": state.history, "final": final, "stopped_early": state.stopped_early,
-                    "tracker": tracker.state_dict(), "implementation": implementation}
-            write_checkpoint_meta(Path(d), meta, weights)
-        session.report(entry, Path(d))
+        local = Path(d)
+        try:
+            strategy.save(local, extra)
+            meta = None
+            if session.rank == 0:
+                meta = {"step": state.step, "skipped_steps": state.skipped_steps, "reader": reader.state_dict(),
+                        "history": state.history, "final": final, "stopped_early": state.stopped_early,
+                        "tracker": tracker.state_dict(), "implementation": implementation}
+            part = seal_checkpoint(local, session.rank, session.world, meta, weights if session.rank == 0 else None)
+        except Exception as e:
+            written, before = dir_bytes(local), _last_part.get(session, 0)
+            if out_of_space(e, local, before):
+                raise storage_full(local.parent, state.step, max(written, before),
+                                   "about " if before > written else "more than ", local=True) from e
+            raise
+        _last_part[session] = part
+        try:
+            session.report(entry, local)
+        except Exception as e:
+            where = getattr(session, "storage", None)
+            if where is not None and out_of_space(e, where, part):
+                raise storage_full(where, state.step, part) from e
+            raise

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipeline.training.checkpoint import fallback_line, newest_intact, nothing_intact, read_meta, verify_checkpoint
+
+_STEP_DIR = re.compile(r"checkpoint_\d+$")  # not a staging (.tmp) or set-aside (.damaged) folder
 
 
 class LocalSession:
@@ -22,7 +27,10 @@ class LocalSession:
     Used in one process (tests, benchmarks, debugging), by several processes of one
     torch.distributed group, and under Horovod. Each rank copies its part of a checkpoint into
     `checkpoint_<step>.tmp`; after a barrier rank 0 renames it into place, so a crash mid-write
-    never leaves a folder that looks complete. Only the newest `keep_last_k` are kept.
+    never leaves a folder that looks complete (a failed copy removes its staging folder, and
+    staging folders a crash left behind go at the next start). Only the newest `keep_last_k` are
+    kept. Resuming verifies the newest checkpoint against its checksums and passes over damaged
+    ones to the newest intact one, saying so in one line.
     """
 
     def __init__(self, root: Path | None = None, device: torch.device | None = None, *,
@@ -39,13 +47,22 @@ class LocalSession:
         self.keep_last_k = keep_last_k
         self.reports: list[dict[str, Any]] = []
 
+    @property
+    def storage(self) -> Path | None:
+        """Where checkpoints go (named in a full-disk error)."""
+        return self.root
+
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         self.reports.append(metrics)
         if checkpoint_dir is None or self.root is None:
             return
         dest = self.root / f"checkpoint_{metrics['step']:08d}"
         staging = dest.with_name(dest.name + ".tmp")
-        shutil.copytree(checkpoint_dir, staging, dirs_exist_ok=True)
+        try:
+            shutil.copytree(checkpoint_dir, staging, dirs_exist_ok=True)
+        except BaseException:  # a full disk, say: leave no half-written folder behind
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         self._barrier()
         if self.rank == 0:
             if dest.exists():
@@ -59,19 +76,34 @@ class LocalSession:
     def _complete(self) -> list[Path]:
         if not (self.root and self.root.exists()):
             return []
-        return sorted(p for p in self.root.glob("checkpoint_*") if not p.name.endswith(".tmp")
+        return sorted(p for p in self.root.glob("checkpoint_*") if _STEP_DIR.match(p.name)
                       and (p / "meta.json").is_file())
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
+        if self.rank == 0 and self.root is not None and self.root.exists():
+            for stale in self.root.glob("checkpoint_*.tmp"):  # a copy a crash interrupted
+                shutil.rmtree(stale, ignore_errors=True)
         found = self._complete()
-        yield found[-1] if found else None
+        if not found:
+            yield None
+            return
+        intact, damaged = newest_intact(found[::-1])
+        if intact is None:
+            raise nothing_intact(damaged, self.root)
+        if damaged and self.rank == 0:
+            print(fallback_line(damaged, read_meta(intact)["step"], intact), flush=True)
+        yield intact
 
 
 class RaySession:
-    """Inside `TorchTrainer`: ranks from the train context, checkpoints through `ray.train.report`."""
+    """Inside `TorchTrainer`: ranks from the train context, checkpoints through `ray.train.report`.
 
-    def __init__(self) -> None:
+    `verified`: the name of the checkpoint the driver has already checked against its checksums
+    (`pipeline.runtime.trainer.recover`); any other one Ray hands over (remote storage) is checked
+    here, and a damaged one stops the run with `DamagedFile`."""
+
+    def __init__(self, verified: str | None = None) -> None:
         import logging
 
         import ray.train
@@ -84,7 +116,12 @@ class RaySession:
         except (ImportError, AttributeError):
             pass
         ctx = ray.train.get_context()
+        self.verified = verified
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        try:
+            self.storage: str | None = ctx.get_storage().experiment_fs_path
+        except Exception:  # a DeveloperAPI: only used to name the place in a full-disk error
+            self.storage = None
         if torch.cuda.is_available():
             self.device = torch.device("cuda", ctx.get_local_rank())
             torch.cuda.set_device(self.device)
@@ -107,4 +144,6 @@ class RaySession:
             yield None
             return
         with ckpt.as_directory() as d:
+            if Path(d).name != self.verified:
+                verify_checkpoint(Path(d))
             yield Path(d)
