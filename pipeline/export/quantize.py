@@ -11,7 +11,6 @@ same validation rows with the same loss function the evaluate stage uses.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 
 from pipeline.config.schema import EvalConfig
 from pipeline.data.shards import read_split
-from pipeline.evaluation.lm import split_loss
+from pipeline.evaluation.lm import perplexity, split_loss
 
 # protobuf cannot hold more than 2 GiB in one file; bigger graphs keep their weights beside it
 _EXTERNAL_DATA_BYTES = 1 << 30
@@ -70,6 +69,6 @@ def accuracy_change(fp32: Path, int8: Path, shards: Path, rows: EvalConfig) -> d
         return sum(f.stat().st_size for f in p.parent.glob(p.name + "*"))
 
     return {"fp32_val_loss": loss_a, "int8_val_loss": loss_b,
-            "fp32_val_perplexity": math.exp(loss_a), "int8_val_perplexity": math.exp(loss_b),
-            "int8_val_perplexity_change": math.exp(loss_b) / math.exp(loss_a) - 1.0,
+            "fp32_val_perplexity": perplexity(loss_a), "int8_val_perplexity": perplexity(loss_b),
+            "int8_val_perplexity_change": perplexity(loss_b - loss_a) - 1.0,  # ppl_b / ppl_a - 1 (inf, not a crash)
             "int8_max_abs_logit_diff": logit_diff, "int8_size_ratio": size(int8) / size(fp32)}
