@@ -56,8 +56,11 @@ def _run(shards: Path, out: Path) -> None:
     from tests.conftest import tiny_raw
 
     os.environ.update(WORKER_ENV)
+    from pipeline.runtime.local_group import free_port
+
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
-                                                            "dashboard_host": "127.0.0.1"})
+                                                            "dashboard_host": "127.0.0.1",
+                                                            "dashboard_port": free_port()})  # not a fixed 8265
     nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]  # 2 for training, 1 to restart on
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV})

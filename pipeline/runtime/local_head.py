@@ -75,7 +75,7 @@ class LocalHead:
             return
         os.killpg(self._proc.pid, signal.SIGTERM)
         try:
-            self._proc.wait(timeout=30)
+            self._proc.wait(timeout=10)  # `ray start --block` can take 30 s to stop cleanly; it is our own group
         except subprocess.TimeoutExpired:
             os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
