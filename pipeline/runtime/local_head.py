@@ -43,6 +43,12 @@ class LocalHead:
         self._proc = subprocess.Popen(
             [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
              "--port", str(self.port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+             # every other service on a free port too: Ray's defaults (10001, 52365, ...) collide with
+             # another head on this machine, whose job agent then never comes up
+             *(arg for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port",
+                                "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+                                "--node-manager-port", "--object-manager-port")
+               for arg in (flag, str(free_port()))),
              "--num-cpus", str(self.num_cpus), "--include-dashboard", "true", "--disable-usage-stats"],
             env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         try:
