@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.runtime.local_head import LocalHead
-from tests.test_e2e import _tiny_project
+from tests.e2e_project import tiny_project
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -35,7 +35,7 @@ def test_submit_dvc_repro_to_a_cluster(ray_head, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    project = _tiny_project(tmp_path / "project")
+    project = tiny_project(tmp_path / "project")
     store = f"sqlite:///{tmp_path}/jobs.db"
     proc = _pipeline(["submit", "--address", ray_head, "--env", f"MLFLOW_TRACKING_URI={store}", "--id", "lm-repro",
                       "--", "dvc", "repro", "train@lm"], project)
@@ -60,7 +60,7 @@ def test_submit_dvc_repro_to_a_cluster(ray_head, tmp_path):
 
 
 def test_failed_job_exits_non_zero_with_its_log_tail(ray_head, tmp_path):
-    project = _tiny_project(tmp_path / "project")
+    project = tiny_project(tmp_path / "project")
     proc = _pipeline(["submit", "--address", ray_head, "--", "python", "-m", "stages.train", "lm",
                       "tasks.lm.trainer.max_steps=3"], project)
     assert proc.returncode == 1
@@ -70,7 +70,7 @@ def test_failed_job_exits_non_zero_with_its_log_tail(ray_head, tmp_path):
 
 
 def test_submit_refuses_a_bad_config_before_contacting_the_cluster(tmp_path):
-    project = _tiny_project(tmp_path / "project")
+    project = tiny_project(tmp_path / "project")
     (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("seed: 1337", "seed: -1"))
     proc = _pipeline(["submit", "--address", "http://127.0.0.1:9", "--no-wait"], project, timeout=120)
     assert proc.returncode == 2 and "seed" in proc.stderr and "submitted" not in proc.stdout
@@ -84,7 +84,7 @@ def test_submit_waits_for_a_head_that_is_still_starting(tmp_path):
 
     from pipeline.runtime.local_group import free_port
 
-    project = _tiny_project(tmp_path / "project")
+    project = tiny_project(tmp_path / "project")
     port = free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(project),
            "PIPELINE_SUBMIT_WAIT_S": "300"}
@@ -107,7 +107,7 @@ def test_submit_waits_for_a_head_that_is_still_starting(tmp_path):
 def test_submit_to_a_cluster_that_never_comes_gives_up_in_one_line(tmp_path):
     from pipeline.runtime.local_group import free_port
 
-    project = _tiny_project(tmp_path / "project")
+    project = tiny_project(tmp_path / "project")
     address = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(project),
            "PIPELINE_SUBMIT_WAIT_S": "4"}

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from pipeline.runtime.local_group import free_port
-from tests.test_e2e import _tiny_project
+from tests.e2e_project import tiny_project
 
 
 @pytest.fixture(scope="module")
 def sharded_project(tmp_path_factory, built_data) -> Path:
     """A tiny project whose LM shards exist (copied from the session's built data)."""
     _, shards = built_data
-    project = _tiny_project(tmp_path_factory.mktemp("failfast") / "project")
+    project = tiny_project(tmp_path_factory.mktemp("failfast") / "project")
     shutil.copytree(shards["lm"], project / "data/lm/shards")
     return project
 

@@ -63,11 +63,11 @@ def test_tune_sweep_every_trial_an_mlflow_run(tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from tests.test_e2e import _sh, _tiny_project
+    from tests.e2e_project import run_ok, tiny_project
 
-    project = _tiny_project(tmp_path / "project")
-    _sh([sys.executable, "-m", "stages.prepare", "lm"], project)
-    _sh([sys.executable, "-m", "stages.shard", "lm"], project)
+    project = tiny_project(tmp_path / "project")
+    run_ok([sys.executable, "-m", "stages.prepare", "lm"], project)
+    run_ok([sys.executable, "-m", "stages.shard", "lm"], project)
     (project / "space.yaml").write_text(yaml.safe_dump(SPACE))
     env = {**os.environ, "PYTHONPATH": str(project), "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)

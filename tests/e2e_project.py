@@ -1,0 +1,62 @@
+"""A tiny copy of this project for end-to-end tests: the repository's files in a fresh git
+repository with the Hydra root config made tiny (so `dvc exp run` composes tiny variants too),
+and a runner that fails the test with the command's output tail."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import ROOT, TINY
+
+# Not copied: tests, benchmarks, and anything a pipeline run in this checkout left behind.
+OUTPUTS = ("tests/", "benchmarks/", "data/", "models/", "export/", "reports/", "registry/", "metrics/", "runs/",
+           "dvc.lock", "mlruns.db", "mlartifacts/", "dvc_plots/")
+
+
+def run_ok(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(cwd),
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "2"}  # tiny runs last seconds; the default samples every 10
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
+    return out
+
+
+def tiny_project(dest: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        src = ROOT / f
+        if src.is_file() and not f.startswith(OUTPUTS):
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    # Make the Hydra root config itself tiny, so `dvc exp run` composes tiny variants too.
+    cfg_path = dest / "configs" / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["defaults"] = [{"model@tasks.lm.model": "gpt_tiny"} if "model@tasks.lm.model" in d else
+                       {"model@tasks.diffusion.model": "dit_tiny"} if "model@tasks.diffusion.model" in d else d
+                       for d in cfg["defaults"]]
+    for item in TINY:
+        key, value = item.split("=", 1)
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for f in ("dvc.lock",):
+        (dest / f).unlink(missing_ok=True)
+    run_ok([sys.executable, "-m", "pipeline", "compose"], dest)
+    run_ok(["git", "init", "-q"], dest)
+    run_ok(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
+    run_ok(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny"], dest)
+    return dest
+
+

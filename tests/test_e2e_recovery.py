@@ -1,0 +1,163 @@
+"""Interrupted runs lose nothing: the train stage killed with SIGKILL resumes to the weights of
+an uninterrupted run, and a real `mlflow server` going down mid-training loses no metric."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.e2e_project import run_ok, tiny_project
+
+pytestmark = pytest.mark.e2e
+
+
+def test_killed_training_resumes_when_rerun(tmp_path):
+    """SIGKILL the train stage (driver, Ray and workers) after its first checkpoint; the rerun
+    resumes, and its final weights are exactly those of an uninterrupted run."""
+    import signal
+    import time
+
+    project = tiny_project(tmp_path / "project")
+    run_ok([sys.executable, "-m", "stages.prepare", "lm"], project)
+    run_ok([sys.executable, "-m", "stages.shard", "lm"], project)
+    args = [sys.executable, "-m", "stages.train", "lm", "tasks.lm.trainer.max_steps=40",
+            "tasks.lm.trainer.ckpt_every=4", "tasks.lm.trainer.log_every=4"]
+    env = {**os.environ, "PYTHONPATH": str(project)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(args, cwd=project, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((project / "runs/ray").glob("*/checkpoint_manager_snapshot.json")):
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (project / "models/lm").exists()  # nothing half-written for later stages to trust
+
+    out = run_ok(args, project)
+    resumed = [line for line in out.splitlines() if "resumed from step" in line]
+    assert resumed, out[-3000:]
+    step = int(resumed[0].split("resumed from step ")[1].split()[0])
+    assert 4 <= step < 40 and step % 4 == 0
+    assert "[lm] trained 40 steps" in out
+    from safetensors.torch import load_file
+
+    resumed_weights = load_file(str(project / "models/lm/model.safetensors"))
+    run_ok([*args, "cluster.storage_path=runs/uninterrupted"], project)  # the same run, from step 0, in one go
+    whole = load_file(str(project / "models/lm/model.safetensors"))
+    assert resumed_weights.keys() == whole.keys()
+    assert all(np.array_equal(resumed_weights[k].numpy(), whole[k].numpy()) for k in whole), "resume changed weights"
+
+
+
+def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    import time
+    import urllib.request
+
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                               f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while True:
+        assert server.poll() is None, "mlflow server exited"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return server
+        except OSError:
+            assert time.time() < deadline, "mlflow server did not come up in 120 s"
+            time.sleep(0.5)
+
+
+def test_tracking_server_down_during_training_loses_nothing(tmp_path):
+    """A real `mlflow server` (SQLite store) on 127.0.0.1 goes down while the train stage runs:
+    training finishes, the stage stops with one line naming the server, the final checkpoint is
+    kept and no model is written; with the server back, the rerun resumes the finished run (no
+    retraining) and logs it into the same MLflow run. Then evaluate, export and register run
+    against the server, and the registered model loads from it."""
+    import signal
+    import time
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.runtime.local_group import free_port
+
+    project = tiny_project(tmp_path / "project")
+    run_ok([sys.executable, "-m", "stages.prepare", "lm"], project)
+    run_ok([sys.executable, "-m", "stages.shard", "lm"], project)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(tmp_path, port)
+    args = [sys.executable, "-m", "stages.train", "lm", f"tracking.uri={uri}", "tasks.lm.trainer.max_steps=30",
+            "tasks.lm.trainer.ckpt_every=10", "tasks.lm.trainer.log_every=5"]
+    env = {**os.environ, "PYTHONPATH": str(project), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(args, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not list((project / "runs/ray").glob("*/checkpoint_manager_snapshot.json")):
+            assert proc.poll() is None and time.time() < deadline, "training ended before the server went down"
+            time.sleep(0.2)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 2, out[-3000:]
+    error = [line for line in out.splitlines() if line.startswith("error [train lm]")]
+    assert error and "training finished, but logging run" in error[0] and uri in error[0], out[-3000:]
+    assert not (project / "models/lm").exists()  # nothing for later stages to trust
+    run_dirs = [d for d in (project / "runs/ray").iterdir() if (d / "mlflow_run_id").is_file()]
+    assert len(run_dirs) == 1 and list(run_dirs[0].glob("checkpoint_*"))  # the checkpoints are kept
+    first_run_id = (run_dirs[0] / "mlflow_run_id").read_text().strip()
+
+    server = _mlflow_server(tmp_path, port)
+    try:
+        out = run_ok(args, project)
+        assert "[lm] resumed from step 30" in out and "[lm] trained 30 steps" in out
+        mlflow.set_tracking_uri(uri)
+        info = json.loads((project / "models/lm/run.json").read_text())
+        assert info["run_id"] == first_run_id
+        history = MlflowClient().get_metric_history(first_run_id, "train/loss")
+        assert sorted(m.step for m in history) == [5, 10, 15, 20, 25, 30]
+        _registry_through_server(project, uri, tmp_path / "artifacts", first_run_id)
+        mlflow.set_tracking_uri(None)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def _registry_through_server(project: Path, uri: str, artifacts: Path, run_id: str) -> None:
+    """evaluate, export and register (twice) against a real tracking server: the second version
+    has the same metric, so it becomes challenger and the champion stays; the champion loads and
+    predicts through the server, its files live in the server's artifact store, and lineage reads it."""
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    for stage in ("evaluate", "export", "register"):
+        out = run_ok([sys.executable, "-m", f"stages.{stage}", "lm", f"tracking.uri={uri}"], project)
+    assert "now champion" in out
+    out = run_ok([sys.executable, "-m", "stages.register", "lm", f"tracking.uri={uri}"], project)
+    assert "registered pipeline-lm v2" in out and "champion stays v1" in out
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("pipeline-lm", "champion").version in (1, "1")
+    assert client.get_model_version_by_alias("pipeline-lm", "challenger").version in (2, "2")
+    champion = client.get_model_version_by_alias("pipeline-lm", "champion")
+    assert champion.run_id == run_id and "eval.val_loss" in champion.tags
+    assert "eval/val_perplexity" in client.get_run(run_id).data.metrics
+    model = mlflow.pyfunc.load_model("models:/pipeline-lm@champion")
+    completion = model.predict(pd.DataFrame({"prompt": ["The for statement"]}), params={"max_new_tokens": 4})
+    assert completion["completion"][0].strip()
+    assert list(artifacts.rglob("model.int8.onnx")) and list(artifacts.rglob("MLmodel"))  # proxied to the server
+    shown = run_ok([sys.executable, "-m", "pipeline", "lineage", "pipeline-lm@champion", "--tracking-uri", uri],
+                   project)
+    assert run_id in shown and "input      lm-raw:" in shown
+
