@@ -25,23 +25,20 @@ def check_reachable(address: str, timeout_s: float) -> None:
     for ever, printing a pair of warnings every 30 s. `auto` (the cluster this machine belongs
     to) is left to Ray."""
     import socket
-    import time
+
+    from pipeline.waiting import wait_until_answers
 
     target = address.removeprefix("ray://")
     host, sep, port = target.rpartition(":")
     if address == "auto" or not sep or not port.isdigit():
         return
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout_s)):
-                return
-        except OSError as e:
-            if time.monotonic() + 1 > deadline:
-                raise ClusterUnavailable(
-                    f"the Ray cluster at {address} does not answer ({e.strerror or e}; waited {timeout_s:.0f} s, "
-                    "cluster.connect_timeout_s); is it running, and is RAY_ADDRESS / cluster.address right?") from None
-            time.sleep(1)
+
+    def probe() -> None:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout_s)).close()
+
+    wait_until_answers(probe, timeout_s, lambda e: ClusterUnavailable(
+        f"the Ray cluster at {address} does not answer ({e.strerror or e}; waited {timeout_s:.0f} s, "
+        "cluster.connect_timeout_s); is it running, and is RAY_ADDRESS / cluster.address right?"))
 
 
 def connect(cfg: ClusterConfig) -> str:

@@ -47,28 +47,24 @@ def check_reachable(cfg: TrackingConfig, say=print) -> None:
     """For a tracking server (http[s]://), say what is being checked and fail in one line when
     its /health does not answer within `tracking.connect_timeout_s`, instead of MLflow's
     minutes of silent retries. Local stores (SQLite, files) need no check."""
-    import time
     import urllib.error
     import urllib.request
+
+    from pipeline.waiting import wait_until_answers
 
     uri = tracking_uri(cfg)
     if not uri.startswith(("http://", "https://")):
         return
     say(f"checking the MLflow tracking server at {uri} ...", flush=True)
-    deadline = time.monotonic() + cfg.connect_timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=min(5.0, cfg.connect_timeout_s)):
-                return
-        except urllib.error.HTTPError:
-            return  # it answers (a proxy or an auth layer may refuse /health itself)
-        except OSError as e:
-            if time.monotonic() + 1 > deadline:
-                reason = getattr(e, "reason", None) or e
-                raise TrackingUnavailable(f"the MLflow tracking server at {uri} does not answer ({reason}; waited "
-                                          f"{cfg.connect_timeout_s:.0f} s, tracking.connect_timeout_s); nothing was "
-                                          "trained") from None
-            time.sleep(1)
+
+    def probe() -> None:
+        # an HTTP error is an answer (a proxy or an auth layer may refuse /health itself)
+        with contextlib.suppress(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=min(5.0, cfg.connect_timeout_s)).close()
+
+    wait_until_answers(probe, cfg.connect_timeout_s, lambda e: TrackingUnavailable(
+        f"the MLflow tracking server at {uri} does not answer ({getattr(e, 'reason', None) or e}; waited "
+        f"{cfg.connect_timeout_s:.0f} s, tracking.connect_timeout_s); nothing was trained"))
 
 
 def setup(cfg: TrackingConfig) -> str:
