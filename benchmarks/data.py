@@ -28,7 +28,7 @@ from pipeline.config.loading import apply_overrides
 from pipeline.config.schema import TextDataConfig
 from pipeline.data.build import prepare, shard
 from pipeline.data.reader import GlobalOrderReader
-from pipeline.data.shards import ShardSet
+from pipeline.data.shard_store import ShardSet
 from pipeline.data.synthetic import write_corpus
 from pipeline.training.loop import train
 from pipeline.training.session import LocalSession

@@ -71,7 +71,8 @@ def run_case(name: str, dtype: str, device: torch.device, steps: int, d_model: i
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return {"losses": losses, "step_ms": statistics.median(times[1:]) * 1e3}
+    # (read after the timing: the step leaves its loss on the device)
+    return {"losses": [float(v) for v in losses], "step_ms": statistics.median(times[1:]) * 1e3}
 
 
 def main() -> None:

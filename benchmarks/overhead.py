@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from pipeline.config import compose, validate
 from pipeline.config.loading import apply_overrides
 from pipeline.data.build import prepare, shard
-from pipeline.data.shards import load_manifest, read_split
-from pipeline.tasks import task_for_data
+from pipeline.data.shard_format import load_manifest
+from pipeline.data.shard_store import read_split
+from pipeline.tasks import task_named
 from pipeline.training.loop import train
 from pipeline.training.optim import build_optimizer
 from pipeline.training.session import LocalSession
@@ -39,9 +40,9 @@ def pipeline_step_time(cfg, shards: Path, steps: int) -> float:
 
 def bare_step_time(cfg, shards: Path, steps: int) -> float:
     tcfg = cfg.task("lm")
-    spec = task_for_data("text").model_spec(tcfg, load_manifest(shards))
+    spec = task_named("lm").model_spec(tcfg, load_manifest(shards))
     torch.manual_seed(cfg.seed)
-    model = task_for_data("text").build(spec)
+    model = task_named("lm").build(spec)
     opt = build_optimizer(model, tcfg.optim)
     tokens = torch.from_numpy(read_split(shards, "train")["tokens"].astype(np.int64))
     b = tcfg.trainer.global_batch_size

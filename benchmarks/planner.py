@@ -142,6 +142,9 @@ class MeasuringSession:
         if metrics["step"] >= self.steps:
             raise _Stop
 
+    def log_step(self, entry: dict[str, Any]) -> None:
+        pass  # no tracking in a memory measurement
+
 
 def warmup_jobs(jobs: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
     """One step of a tiny GPT per distinct strategy among `jobs`, run first and not measured: the
@@ -223,7 +226,7 @@ def measure(jobs: list[tuple[str, dict[str, Any]]], shards: Path, world: int = 2
 def predict(raw: dict[str, Any], shards: Path, world: int = 2):
     """The planner's per-rank plan for a measured config (CPU target, the shards' manifest)."""
     from pipeline.config import validate
-    from pipeline.data.shards import load_manifest
+    from pipeline.data.shard_format import load_manifest
     from pipeline.distributed.planner import plan
 
     return plan(validate(raw), "lm", workers=world, target="cpu", manifest=load_manifest(shards))

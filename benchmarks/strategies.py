@@ -147,13 +147,14 @@ def _bare_rank(rank: int, world: int, shards: str, dtype: str, steps: int) -> fl
 
     from pipeline.config import compose, validate
     from pipeline.config.loading import apply_overrides
-    from pipeline.data.shards import load_manifest, read_split
+    from pipeline.data.shard_format import load_manifest
+    from pipeline.data.shard_store import read_split
     from pipeline.distributed.precision import Precision
-    from pipeline.tasks import task_for_data
+    from pipeline.tasks import task_named
     from pipeline.training.optim import build_optimizer
 
     cfg = validate(apply_overrides(compose(Path(__file__).resolve().parents[1] / "configs"), MODEL))
-    tcfg, task = cfg.task("lm"), task_for_data("text")
+    tcfg, task = cfg.task("lm"), task_named("lm")
     spec = task.model_spec(tcfg, load_manifest(Path(shards)))
     torch.manual_seed(0)
     model = task.build(spec)

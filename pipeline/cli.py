@@ -24,7 +24,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
     """
     if os.environ.get("PIPELINE_DEBUG"):
         return ()
-    from pipeline.data.shards import ShardError
+    from pipeline.data.shard_format import ShardError
     from pipeline.data.sources import DataSourceError
     from pipeline.runtime.connect import ClusterUnavailable
     from pipeline.tracking.mlflow_runs import TrackingUnavailable
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
 def _plan_command(args: argparse.Namespace) -> None:
     """`pipeline plan`: the memory planner on the composed config (no GPU, no Ray)."""
     from pipeline.config.sizes import parse_size
-    from pipeline.data.shards import MANIFEST, load_manifest
+    from pipeline.data.shard_format import MANIFEST, load_manifest
     from pipeline.distributed.planner import format_plan, plan
 
     if args.device_memory is not None:

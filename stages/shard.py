@@ -1,4 +1,4 @@
-"""shard: prepared splits -> fixed-size Parquet shards with a manifest (rows, sha256, schema)."""
+"""shard: prepared splits -> fixed-size Arrow IPC shards with a manifest (rows, sha256, schema)."""
 
 import json
 from pathlib import Path

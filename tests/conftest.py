@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,21 @@ TINY_GROUPS = ["model@tasks.lm.model=gpt_tiny", "model@tasks.diffusion.model=dit
 def tiny_raw(extra: list[str] | None = None) -> dict:
     raw = compose(ROOT / "configs", TINY_GROUPS)
     return apply_overrides(raw, TINY + (extra or []))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shard_cache(tmp_path_factory) -> Iterator[Path]:
+    """The node's shard cache for this session (downloaded shards, the verification marker),
+    not the user's ~/.cache; subprocesses and Ray workers inherit it."""
+    from pipeline.data.shard_format import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("shard-cache"))
+    yield Path(os.environ[CACHE_ENV])
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
 
 
 @pytest.fixture

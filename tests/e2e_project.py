@@ -60,3 +60,21 @@ def tiny_project(dest: Path) -> Path:
     return dest
 
 
+def mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` (SQLite store under `root`) on 127.0.0.1:`port`, up and answering."""
+    import time
+    import urllib.request
+
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                               f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while True:
+        assert server.poll() is None, "mlflow server exited"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return server
+        except OSError:
+            assert time.time() < deadline, "mlflow server did not come up in 120 s"
+            time.sleep(0.5)

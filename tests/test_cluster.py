@@ -19,9 +19,14 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def local_head():
     with LocalHead(num_cpus=2) as head:
-        yield head.jobs_address
+        yield head
+
+
+@pytest.fixture
+def ray_head(local_head):
+    return local_head.jobs_address
 
 
 def _pipeline(args: list[str], project: Path, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -57,6 +62,19 @@ def test_submit_dvc_repro_to_a_cluster(ray_head, tmp_path):
         assert len(MlflowClient().get_metric_history(run.info.run_id, "train/loss")) == 4
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_loopback_only_local_head_after_a_job(local_head):
+    """The head `LocalHead` starts (for tests and for trying `pipeline submit`): every socket its
+    processes listen on, after a job ran there, is on 127.0.0.1."""
+    import psutil
+
+    from tests.test_loopback import is_loopback, listening
+
+    root = psutil.Process(local_head.pid)
+    sockets = listening({root.pid} | {p.pid for p in root.children(recursive=True)})
+    assert {"gcs_server", "raylet"} <= {name for _, _, name in sockets}, sockets
+    assert not [s for s in sockets if not is_loopback(s[0])], sockets
 
 
 def test_failed_job_exits_non_zero_with_its_log_tail(ray_head, tmp_path):

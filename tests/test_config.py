@@ -35,7 +35,7 @@ def test_configs_state_every_field():
         ("tasks.lm.model.kind=transformerxl", "tasks.lm.model"),
         ("tasks.lm.data.split.train=0.5", "tasks.lm.data.split: train + val + test must sum to 1"),
         ("tasks.diffusion.model.kind=gpt", "tasks.diffusion.model.patch_size: unknown key"),
-        ("precision.dtype=fp8", "precision.dtype"),
+        ("precision.dtype=fp4", "precision.dtype"),
         ("tasks.diffusion.export.quantize_int8=true", "tasks.diffusion: export.quantize_int8 is for the language"),
         ("tasks.lm.export.onnx=false", "tasks.lm.export: quantize_int8 quantizes the ONNX graph: it needs onnx"),
     ],

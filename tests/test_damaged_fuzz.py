@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from pipeline.config import ConfigError, validate
 from pipeline.config.loading import flatten
-from pipeline.data.shards import MANIFEST, ShardError, load_manifest, verify_split
+from pipeline.data.shard_format import MANIFEST, ShardError, load_manifest
+from pipeline.data.shard_verify import verify_split
 from pipeline.training.checkpoint import CheckpointError, load_model, newest_intact, write_model
 from pipeline.training.loop import train
 from pipeline.training.session import LocalSession
@@ -130,9 +131,9 @@ def test_damaged_model_folder_fuzz(built_data, tmp_path_factory, spec, name):
     import torch
 
     cfg, _ = built_data
-    from pipeline.tasks import task_for_data
+    from pipeline.tasks import task_named
 
-    task = task_for_data("text")
+    task = task_named("lm")
     spec_ = task.model_spec(cfg.task("lm"), {"vocab_size": 300, "seq_len": 32})
     folder = tmp_path_factory.mktemp("model") / "lm"
     write_model(folder, {k: v.clone() for k, v in task.build(spec_).state_dict().items()}, spec_)

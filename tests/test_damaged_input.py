@@ -18,7 +18,9 @@ import pytest
 from pipeline.config import ConfigError, compose
 from pipeline.config.schema import SplitConfig, TextDataConfig
 from pipeline.data.build import prepare
-from pipeline.data.shards import ShardError, ShardSet, load_manifest, write_dataset
+from pipeline.data.shard_format import ShardError, load_manifest
+from pipeline.data.shard_store import ShardSet
+from pipeline.data.shard_writer import write_dataset
 from pipeline.data.sources import (
     SNIFF_BYTES,
     DataSourceError,

@@ -186,11 +186,11 @@ def test_damaged_checkpoint_is_set_aside_by_the_driver(tmp_path, capsys, layout)
 
 
 def _lm_model_dir(built_data, tmp_path) -> Path:
-    from pipeline.data.shards import load_manifest
-    from pipeline.tasks import task_for_data
+    from pipeline.data.shard_format import load_manifest
+    from pipeline.tasks import task_named
 
     cfg, shards = built_data
-    task = task_for_data(cfg.task("lm").data.kind)
+    task = task_named("lm")
     spec = task.model_spec(cfg.task("lm"), load_manifest(shards["lm"]))
     torch.manual_seed(0)
     model = task.build(spec)

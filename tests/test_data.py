@@ -4,27 +4,30 @@ and the deterministic resumable reader."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.atomic import file_sha256
 from pipeline.config.schema import AugmentConfig, ImageDataConfig, SplitConfig, TextDataConfig
+from pipeline.data import shard_verify
 from pipeline.data.build import prepare
 from pipeline.data.images import augment, prepare_images
 from pipeline.data.reader import GlobalOrderReader
-from pipeline.data.shards import (
-    ShardError,
-    ShardSet,
-    load_manifest,
-    read_split,
-    sha256_file,
-    verify_split,
-    write_dataset,
-)
+from pipeline.data.shard_format import ShardError, load_manifest
+from pipeline.data.shard_store import ShardSet, read_split
+from pipeline.data.shard_verify import check_split, verify_split
+from pipeline.data.shard_writer import write_dataset
 from pipeline.data.sources import DataSourceError, read_images, read_text_documents
 from pipeline.data.splits import assign_split, content_hash
 from pipeline.data.text import clean_text
+from tests.conftest import ROOT
 
 
 def test_clean_text_normalises_unicode_and_spaces():
@@ -210,6 +213,90 @@ def test_damaged_shard_is_named(built_data, tmp_path, damage):
         victim.unlink()
     with pytest.raises(ShardError, match=victim.name):
         verify_split(copy, "train")
+
+
+# A worker process: verify and read every shard of a split, counting the files it hashes (each
+# hash slowed down, so that processes started together overlap while hashing).
+_WORKER = """
+import sys, time
+from pipeline.data import shard_verify
+from pipeline.data.shard_store import ShardSet
+calls, real = [], shard_verify.file_sha256
+def counted(path):
+    calls.append(path)
+    time.sleep(float(sys.argv[3]))
+    return real(path)
+shard_verify.file_sha256 = counted
+shards = ShardSet(sys.argv[1], "train", cache_dir=sys.argv[2])
+shards.check_sizes()
+for i in range(len(shards.rows)):
+    shards.load(i)
+print(len(calls))
+"""
+
+
+def _hashes_in_new_processes(root: Path, cache: Path, processes: int = 1, delay: float = 0.0) -> list[int]:
+    """Files hashed by each of `processes` worker processes started at once on this node."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(root), str(cache), str(delay)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(processes)]
+    counts = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        counts.append(int(out.split()[-1]))
+    return counts
+
+
+def test_shards_are_hashed_once_per_node(tmp_path, monkeypatch):
+    """Two worker processes starting together hash each shard once between them (one waits for
+    the other and trusts the marker it leaves in the node's shard cache); a third hashes nothing.
+    A shard changed afterwards is hashed again (its record no longer matches), a freshly written
+    one by every process until its mtime has settled, and one damaged after a process trusted it
+    is refused where that process reads it. The driver's check reads no content."""
+    root, cache = tmp_path / "shards", tmp_path / "cache"
+    write_dataset(root, {"train": [{"x": np.arange(96)}]}, 16, {"kind": "test"})
+    files = sorted(root.glob("train-*.arrow"))
+    a_minute_ago = time.time_ns() - 60 * 10**9  # written by the shard stage, before training started
+    for f in files:
+        os.utime(f, ns=(a_minute_ago, a_minute_ago))
+
+    assert sum(_hashes_in_new_processes(root, cache, processes=2, delay=0.2)) == len(files) == 6
+    assert _hashes_in_new_processes(root, cache) == [0]
+
+    calls: list[str] = []
+    real = shard_verify.file_sha256
+    monkeypatch.setattr(shard_verify, "file_sha256", lambda path: calls.append(Path(path).name) or real(path))
+
+    def new_process() -> list[str]:
+        """What another worker process on this node hashes: it has the marker, no memory of its own."""
+        shard_verify._HASHED.clear()
+        calls.clear()
+        ShardSet(root, "train", cache_dir=cache).check_sizes()
+        return list(calls)
+
+    assert new_process() == []
+    os.utime(files[2], ns=(a_minute_ago + 10**9,) * 2)  # changed (same bytes): its record no longer vouches
+    assert new_process() == [files[2].name]
+    assert new_process() == []  # recorded again
+    files[4].write_bytes(files[4].read_bytes())  # rewritten just now: too fresh to record
+    assert new_process() == [files[4].name]
+    assert new_process() == [files[4].name]
+
+    shards = ShardSet(root, "train", cache_dir=cache)
+    shards.check_sizes()
+    data = bytearray(files[3].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes, after this process verified the shard
+    files[3].write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=f"shard {files[3]} does not match its sha256"):
+        shards.load(3)
+
+    calls.clear()
+    check_split(root, "train")  # the driver: manifest and sizes only
+    assert calls == []
+    files[5].write_bytes(files[5].read_bytes()[:-10])
+    with pytest.raises(ShardError, match=f"shard {files[5]} is .* bytes, manifest says"):
+        check_split(root, "train")
 
 
 def _arrays(n=40):
@@ -410,7 +497,7 @@ def test_remote_shards_are_cached_verified_and_named(s3_server, built_data, tmp_
     short (no manifest yet) is refused."""
     import s3fs
 
-    from pipeline.data.shards import publish
+    from pipeline.data.shard_store import publish
 
     _, shards = built_data
     local_root = shards["lm"]
@@ -427,10 +514,10 @@ def test_remote_shards_are_cached_verified_and_named(s3_server, built_data, tmp_
                                                         b.next_local_batch().values(), strict=True))
     b.close()
     manifest = load_manifest(local_root)
-    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.name != "verified")  # (the node's marker)
     published = {f"{e['sha256']}.arrow" for e in manifest["splits"]["train"]["shards"]}
     assert cached and set(cached) < published  # streamed: only the shards read so far were fetched
-    assert all(sha256_file(tmp_path / "cache" / name) == name.split(".")[0] for name in cached)
+    assert all(file_sha256(tmp_path / "cache" / name) == name.split(".")[0] for name in cached)
     assert read_split(url, "val")["tokens"].shape == read_split(local_root, "val")["tokens"].shape
 
     victim = manifest["splits"]["train"]["shards"][1]["file"]
@@ -442,7 +529,9 @@ def test_remote_shards_are_cached_verified_and_named(s3_server, built_data, tmp_
     bad.check_sizes()  # sizes agree: only the hash can tell
     with pytest.raises(ShardError, match=f"{victim} does not match its sha256"):
         bad.load(1)
-    assert not list((tmp_path / "cache2").iterdir())  # nothing half-trusted left in the cache
+    # nothing half-trusted left in the cache, and nothing recorded as verified (only the marker's lock file)
+    assert [p.name for p in (tmp_path / "cache2").iterdir()] == ["verified"]
+    assert [p.name for p in (tmp_path / "cache2" / "verified").iterdir()] == [".lock"]
     fs.pipe(f"shards-bucket/lm/bad/{victim}", bytes(data[:-10]))
     with pytest.raises(ShardError, match=f"{victim} is .* bytes, manifest says"):
         ShardSet("s3://shards-bucket/lm/bad", "train", cache_dir=tmp_path / "cache2").check_sizes()

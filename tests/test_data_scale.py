@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.config.schema import TextDataConfig
 from pipeline.data.build import prepare, shard
-from pipeline.data.shards import verify_split
+from pipeline.data.shard_verify import verify_split
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -36,6 +36,8 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert 1 < lm["val_perplexity"] < 400 and diff["test_denoise_loss"] > 0
     png = project / "reports/diffusion/samples.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for task in ("lm", "diffusion"):  # the train stage's loss curves
+        assert (project / f"reports/{task}/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (project / "export/lm/model.onnx").stat().st_size > 0
     assert (project / "export/lm/model.safetensors").is_file()
 
@@ -66,11 +68,19 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert inputs[f"{task}-raw"][1]["digest_full"] == data_stats["raw_sha256"]
         if task == "lm":  # what prepare read and dropped is on the run too
             assert run.data.params["prepared.documents_raw"] == str(data_stats["documents_raw"])
-        # the version carries the lineage itself: commit, data and DVC hashes, environment, eval metrics
+        # the version carries its own lineage only (commit, config digest, this task's data hashes; the
+        # run keeps the rest) and a description: what was trained on what, metrics, how to load it
         eval_metrics = json.loads((project / f"metrics/{task}/eval.json").read_text())
-        assert mv.tags["git.commit"] == head and mv.tags["git.dirty"] == "false"
-        assert mv.tags[f"dvc.shard:{task}.data/{task}/shards"] == shard_md5 and "env.torch" in mv.tags
-        assert {f"eval.{k}": str(v) for k, v in eval_metrics.items()}.items() <= mv.tags.items()
+        assert mv.tags["git.commit"] == head and mv.tags["git.dirty"] == "false" and mv.tags["config.digest"]
+        assert mv.tags[f"dvc.shard:{task}.data/{task}/shards"] == shard_md5
+        assert mv.tags["data.raw_sha256"] == data_stats["raw_sha256"]
+        assert all(f":{task}." in k for k in mv.tags if k.startswith("dvc.")) and "env.torch" not in mv.tags
+        assert all(f"| {k} |" in mv.description or f"| **{k}** (registry metric" in mv.description
+                   for k in eval_metrics)
+        assert f'mlflow.pyfunc.load_model("models:/{name}@champion")' in mv.description
+        assert mv.description.startswith(f"{task} · {'gpt_tiny' if task == 'lm' else 'dit_tiny'} (")
+        assert run.info.run_name.startswith(f"{task}-{'tiny' if task == 'lm' else 'dit_tiny'}-ddp-20")
+        assert [f.path for f in client.list_artifacts(run.info.run_id, "training")] == ["training/loss.png"]
     exported = json.loads((project / "metrics/lm/export.json").read_text())
     assert exported["int8_size_ratio"] < 0.7 and abs(exported["int8_val_perplexity_change"]) < 0.1
     assert exported["hf_max_abs_logit_diff"] <= 1e-4 and exported["hf_greedy_tokens_equal"] == 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.e2e_project import run_ok, tiny_project
+from tests.e2e_project import mlflow_server, run_ok, tiny_project
 
 pytestmark = pytest.mark.e2e
 
@@ -56,31 +57,14 @@ def test_killed_training_resumes_when_rerun(tmp_path):
 
 
 
-def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    import time
-    import urllib.request
-
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-                               f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts"),
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while True:
-        assert server.poll() is None, "mlflow server exited"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return server
-        except OSError:
-            assert time.time() < deadline, "mlflow server did not come up in 120 s"
-            time.sleep(0.5)
-
-
 def test_tracking_server_down_during_training_loses_nothing(tmp_path):
-    """A real `mlflow server` (SQLite store) on 127.0.0.1 goes down while the train stage runs:
-    training finishes, the stage stops with one line naming the server, the final checkpoint is
-    kept and no model is written; with the server back, the rerun resumes the finished run (no
-    retraining) and logs it into the same MLflow run. Then evaluate, export and register run
-    against the server, and the registered model loads from it."""
+    """A real `mlflow server` (SQLite store) on 127.0.0.1 goes down while the train stage runs,
+    at a random step after the first metrics arrived live: training finishes, the stage stops
+    with one line naming the server, the final checkpoint is kept and no model is written; with
+    the server back, the rerun resumes the finished run (no retraining) and fills in the rest of
+    the history, so the run holds every step once, equal to the steps the training computed.
+    Then evaluate, export and register run against the server, and the registered model loads
+    from it."""
     import signal
     import time
 
@@ -94,21 +78,28 @@ def test_tracking_server_down_during_training_loses_nothing(tmp_path):
     run_ok([sys.executable, "-m", "stages.shard", "lm"], project)
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = _mlflow_server(tmp_path, port)
+    server = mlflow_server(tmp_path, port)
     args = [sys.executable, "-m", "stages.train", "lm", f"tracking.uri={uri}", "tasks.lm.trainer.max_steps=30",
             "tasks.lm.trainer.ckpt_every=10", "tasks.lm.trainer.log_every=5"]
     env = {**os.environ, "PYTHONPATH": str(project), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(args, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    live_before_kill = random.randint(1, 3)  # the server goes down after this many logged steps
+    client = MlflowClient(uri)
     try:
         deadline = time.time() + 300
-        while not list((project / "runs/ray").glob("*/checkpoint_manager_snapshot.json")):
+        while True:  # the metrics arrive while the stage trains (live), not after the fit
             assert proc.poll() is None and time.time() < deadline, "training ended before the server went down"
-            time.sleep(0.2)
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if runs and len(seen := client.get_metric_history(runs[0].info.run_id, "train/loss")) >= live_before_kill:
+                assert runs[0].info.status == "RUNNING"
+                break
+            time.sleep(0.3)
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+    live_steps = {m.step: m.value for m in seen}
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 2, out[-3000:]
     error = [line for line in out.splitlines() if line.startswith("error [train lm]")]
@@ -118,15 +109,25 @@ def test_tracking_server_down_during_training_loses_nothing(tmp_path):
     assert len(run_dirs) == 1 and list(run_dirs[0].glob("checkpoint_*"))  # the checkpoints are kept
     first_run_id = (run_dirs[0] / "mlflow_run_id").read_text().strip()
 
-    server = _mlflow_server(tmp_path, port)
+    server = mlflow_server(tmp_path, port)
     try:
         out = run_ok(args, project)
         assert "[lm] resumed from step 30" in out and "[lm] trained 30 steps" in out
         mlflow.set_tracking_uri(uri)
         info = json.loads((project / "models/lm/run.json").read_text())
         assert info["run_id"] == first_run_id
-        history = MlflowClient().get_metric_history(first_run_id, "train/loss")
-        assert sorted(m.step for m in history) == [5, 10, 15, 20, 25, 30]
+        # The run's whole history, step for step and key for key, is the checkpoint's (the steps
+        # the training computed), each step once: the part sent live before the outage, the rest
+        # filled in after it.
+        import csv
+
+        computed = list(csv.DictReader((project / "metrics/lm/train_history.csv").open()))
+        assert [int(r["step"]) for r in computed] == [5, 10, 15, 20, 25, 30]
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+            logged = sorted((m.step, m.value) for m in MlflowClient().get_metric_history(first_run_id, f"train/{key}"))
+            assert logged == [(int(r["step"]), pytest.approx(float(r[key]))) for r in computed], key
+        assert all(v == pytest.approx(float(next(r["loss"] for r in computed if int(r["step"]) == s)))
+                   for s, v in live_steps.items())
         _registry_through_server(project, uri, tmp_path / "artifacts", first_run_id)
         mlflow.set_tracking_uri(None)
     finally:
@@ -151,7 +152,8 @@ def _registry_through_server(project: Path, uri: str, artifacts: Path, run_id: s
     assert client.get_model_version_by_alias("pipeline-lm", "champion").version in (1, "1")
     assert client.get_model_version_by_alias("pipeline-lm", "challenger").version in (2, "2")
     champion = client.get_model_version_by_alias("pipeline-lm", "champion")
-    assert champion.run_id == run_id and "eval.val_loss" in champion.tags
+    assert champion.run_id == run_id and champion.tags["metric_name"] == "val_loss"
+    assert "val_loss" in champion.description  # the version says what it scored
     assert "eval/val_perplexity" in client.get_run(run_id).data.metrics
     model = mlflow.pyfunc.load_model("models:/pipeline-lm@champion")
     completion = model.predict(pd.DataFrame({"prompt": ["The for statement"]}), params={"max_new_tokens": 4})

@@ -27,11 +27,11 @@ def mlflow_store(tmp_path, monkeypatch):
 
 
 def _model_dir(tmp_path, built_data, task):
-    from pipeline.data.shards import load_manifest
-    from pipeline.tasks import task_for_data
+    from pipeline.data.shard_format import load_manifest
+    from pipeline.tasks import task_named
 
     cfg, shards = built_data
-    t = task_for_data(cfg.task(task).data.kind)
+    t = task_named(task)
     spec = t.model_spec(cfg.task(task), load_manifest(shards[task]))
     torch.manual_seed(0)
     model = t.build(spec)

@@ -175,7 +175,8 @@ def test_hugging_face_sharded_strategies_read_their_shards_of_the_checkpoint(lla
 def test_hugging_face_tokenizer_replaces_the_trained_one(llama_data, llama):
     from tokenizers import Tokenizer
 
-    from pipeline.data.shards import load_manifest, read_split
+    from pipeline.data.shard_format import load_manifest
+    from pipeline.data.shard_store import read_split
 
     _, stats, shards = llama_data
     assert stats["tokenizer_source"] == str(llama) and stats["eos_token"] == "</s>"
@@ -188,12 +189,12 @@ def test_hugging_face_tokenizer_replaces_the_trained_one(llama_data, llama):
 
 
 def test_hugging_face_train_preflight_names_a_stale_tokenizer_or_a_long_context(llama_data, tmp_path, llama):
-    from pipeline.data.shards import load_manifest
-    from pipeline.tasks import task_for_data
+    from pipeline.data.shard_format import load_manifest
+    from pipeline.tasks import task_named
 
     cfg, _, shards = llama_data
     manifest = load_manifest(shards)
-    task = task_for_data("text")
+    task = task_named("lm")
     task.model_spec(cfg.task("lm"), manifest)  # the data fits
     with pytest.raises(ValueError, match="shards were tokenized with another tokenizer"):
         task.model_spec(cfg.task("lm"), {**manifest, "tokenizer_sha256": "0" * 64})
@@ -207,12 +208,12 @@ def test_hugging_face_train_preflight_names_a_stale_tokenizer_or_a_long_context(
 def test_hugging_face_export_round_trips_an_unchanged_checkpoint(llama_data, llama, tmp_path):
     """No step taken: the export writes back the very folder the model came from, byte for byte
     (config.json, generation_config.json, safetensors, tokenizer files)."""
-    from pipeline.data.shards import load_manifest
+    from pipeline.data.shard_format import load_manifest
     from pipeline.export.hf_export import export_hf
-    from pipeline.tasks import task_for_data
+    from pipeline.tasks import task_named
 
     cfg, _, shards = llama_data
-    task = task_for_data("text")
+    task = task_named("lm")
     spec = task.model_spec(cfg.task("lm"), load_manifest(shards))
     model = _load(task.build(spec), llama)
     out = export_hf(model, spec, shards, tmp_path / "hf", cfg.task("lm").export)
@@ -241,15 +242,15 @@ def test_hugging_face_export_of_a_trained_gpt_loads_in_transformers(built_data, 
     greedy tokens. A config no stock architecture computes is reported in one line."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.data.shards import load_manifest
+    from pipeline.data.shard_format import load_manifest
     from pipeline.export.hf_export import export_hf
-    from pipeline.tasks import task_for_data
+    from pipeline.tasks import task_named
     from tests.test_sharded import _raw
 
     overrides, arch, skipped = CASES[case]
     _, shards = built_data
     cfg = validate(_raw([o for o in overrides if "@" in o] + [o for o in overrides if "@" not in o]))
-    task = task_for_data("text")
+    task = task_named("lm")
     spec = task.model_spec(cfg.task("lm"), load_manifest(shards["lm"]))
     torch.manual_seed(1)
     model = task.build(spec).eval()
@@ -275,12 +276,13 @@ def test_hugging_face_export_of_a_trained_gpt_loads_in_transformers(built_data, 
 def test_hugging_face_check_fails_on_a_folder_that_computes_otherwise(built_data, tmp_path):
     """The check can fail: a folder whose config.json no longer matches the weights' model
     (another norm epsilon) is caught by the logits bound."""
-    from pipeline.data.shards import load_manifest, read_split
+    from pipeline.data.shard_format import load_manifest
+    from pipeline.data.shard_store import read_split
     from pipeline.export.hf_export import check_hf_folder, write_hf_folder
-    from pipeline.tasks import task_for_data
+    from pipeline.tasks import task_named
 
     cfg, shards = built_data
-    task = task_for_data("text")
+    task = task_named("lm")
     spec = task.model_spec(cfg.task("lm"), load_manifest(shards["lm"]))
     model = task.build(spec).eval()
     write_hf_folder(model, spec, shards["lm"], tmp_path / "hf", cfg.task("lm").export)

@@ -14,7 +14,7 @@ from pipeline.distributed.activation import apply_activation_checkpointing
 from pipeline.models.dit import DiT
 from pipeline.models.gpt import GPT
 from pipeline.models.unet import UNet
-from pipeline.training.optim import build_optimizer, describe_optimizer
+from pipeline.training.optim import build_optimizer, check_kernels, describe_optimizer
 from tests.conftest import tiny_raw
 
 
@@ -96,7 +96,7 @@ def test_apex_asked_for_without_apex_is_a_clear_error():
     with pytest.raises(ValueError, match=r"optim.impl: 'apex' was asked for"):
         build_optimizer(_gpt(), OptimConfig(impl="apex"))
     with pytest.raises(ValueError, match=r"tasks.lm.model.norm_impl: 'apex'"):
-        preflight(validate(tiny_raw(["tasks.lm.model.norm_impl=apex"])), use_gpu=False)
+        check_kernels(validate(tiny_raw(["tasks.lm.model.norm_impl=apex"])))
     with pytest.raises(ValueError, match=r"impl 'apex' applies to adam and adamw"):
         OptimConfig(name="sgd", impl="apex")
 

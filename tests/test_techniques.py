@@ -87,11 +87,12 @@ def test_early_stopping_stops_and_stays_stopped(built_data, tmp_path):
 
 
 def test_label_smoothing_applies_to_training_only(built_data):
-    from pipeline.data.shards import load_manifest, read_split
-    from pipeline.tasks import task_for_data
+    from pipeline.data.shard_format import load_manifest
+    from pipeline.data.shard_store import read_split
+    from pipeline.tasks import task_named
 
     cfg, shards = built_data
-    task = task_for_data("text")
+    task = task_named("lm")
     spec = task.model_spec(cfg.task("lm"), load_manifest(shards["lm"]))
     model = task.build(spec)
     batch = task.batch_to_tensors({k: v[:4] for k, v in read_split(shards["lm"], "val").items()}, torch.device("cpu"))

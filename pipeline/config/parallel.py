@@ -88,3 +88,17 @@ def check_task_parallel(cfg: PipelineConfig, name: str) -> None:
             raise ValueError(f"{where}.trainer.grad_accum_steps ({tr.grad_accum_steps}) is the pipeline's "
                              f"micro-batch count; parallel.pp_schedule=1f1b needs at least parallel.pp ({pp}) "
                              "of them: raise grad_accum_steps, or use pp_schedule=gpipe")
+
+
+def check_compile(cfg: PipelineConfig) -> None:
+    """`trainer.compile` against the strategy (one line naming the keys). Every strategy compiles
+    the model before it wraps or shards it, except under ZeRO-3, whose parameters exist only
+    while DeepSpeed's module hooks gather them."""
+    if cfg.strategy.name != "deepspeed" or cfg.strategy.zero_stage != 3:
+        return
+    for name, task in cfg.tasks.items():
+        if task.trainer.compile != "none":
+            raise ValueError(f"tasks.{name}.trainer.compile={task.trainer.compile} cannot combine with "
+                             "strategy.zero_stage=3 (deepspeed): ZeRO-3 gathers each parameter in module hooks "
+                             "that torch.compile would trace and recompile on every call; use zero_stage 0-2, "
+                             "strategy fsdp, or trainer.compile=none")

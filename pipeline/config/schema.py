@@ -257,10 +257,16 @@ class TrainerConfig(Strict):
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     ac_selective: Literal["every_k", "attention"] = "every_k"
     ac_every_k: PositiveInt = 2
+    # torch.compile, applied by the strategy: none, blocks (each repeated block; the blocks share
+    # one graph, so compile time does not grow with depth) or model (the whole model).
+    compile: Literal["none", "blocks", "model"] = "none"
     # Start from these weights instead of a random init (fine-tuning): a safetensors file, or a
     # folder holding model.safetensors (an exported model, or models/<task>). Sharded strategies
     # read it one unit at a time. A checkpoint to resume from still takes precedence.
     init_from: str | None = None
+    # The dense peak TFLOP/s of one device that MFU is measured against; None: from the GPU table
+    # (pipeline/training/mfu.py), or a GEMM measured at start on CPU.
+    peak_tflops: PositiveFloat | None = None
 
     @model_validator(mode="after")
     def _eval_for_early_stop(self) -> TrainerConfig:
@@ -424,7 +430,9 @@ class ParallelConfig(Strict):
 
 
 class PrecisionConfig(Strict):
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # fp8: torchao float8 training of the blocks' large Linear layers, bf16 elsewhere (GPUs of
+    # compute capability 8.9+; refused before training elsewhere)
+    dtype: Literal["fp32", "bf16", "fp16", "fp8"] = "fp32"
 
 
 class TrackingConfig(Strict):
@@ -449,9 +457,10 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _parallel_fits(self) -> PipelineConfig:
-        from pipeline.config.parallel import check_parallel
+        from pipeline.config.parallel import check_compile, check_parallel
 
         check_parallel(self)
+        check_compile(self)
         return self
 
     def task(self, name: str) -> TaskConfig:

@@ -1,1 +1,1 @@
-"""Data: raw sources, preparation, Parquet shards with manifests, and the resumable reader."""
+"""Data: raw sources, preparation, Arrow IPC shards with manifests, and the resumable reader."""

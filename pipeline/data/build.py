@@ -2,7 +2,7 @@
 
 prepare: raw source -> cleaned, de-duplicated, split (and augmented / tokenizer-trained) files
          plus statistics.
-shard:   prepared files -> fixed-size Parquet shards with a manifest.
+shard:   prepared files -> fixed-size Arrow IPC shards with a manifest.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import atomic_dir, file_sha256
 from pipeline.config.schema import ImageDataConfig, TextDataConfig
 from pipeline.data import images, sources, text
 from pipeline.data.parallel import ordered_flatmap, ordered_map
-from pipeline.data.shards import sha256_file, write_dataset
+from pipeline.data.shard_writer import write_dataset
 from pipeline.data.splits import SPLITS
 
 TOKENIZER, STATS = "tokenizer.json", "stats.json"
@@ -43,7 +43,7 @@ def prepare(cfg: TextDataConfig | ImageDataConfig, seed: int, out_dir: Path,
                 stats["tokenizer_documents"] = text.train_tokenizer(tmp / "train.parquet", cfg.vocab_size,
                                                                     tmp / TOKENIZER, cfg.tokenizer_max_chars,
                                                                     stats["chars_train"])
-            stats["tokenizer_sha256"] = sha256_file(tmp / TOKENIZER)
+            stats["tokenizer_sha256"] = file_sha256(tmp / TOKENIZER)
             stats["source_units"] = len(units)
         else:
             raw = hashlib.sha256()  # of the raw examples as read, in order: the "raw data" of lineage
@@ -85,7 +85,7 @@ def shard(cfg: TextDataConfig | ImageDataConfig, prepared: Path, out_dir: Path) 
         from tokenizers import Tokenizer
 
         meta = {"kind": "text", "seq_len": cfg.seq_len, "vocab_size": Tokenizer.from_file(str(tok)).get_vocab_size(),
-                "tokenizer_sha256": sha256_file(tok), "eos_token": eos}
+                "tokenizer_sha256": file_sha256(tok), "eos_token": eos}
     else:
         splits, image_shape = {}, None
         for s in SPLITS:

@@ -7,7 +7,8 @@ import importlib
 import torch
 
 from pipeline.distributed.base import StepSettings, Strategy
-from pipeline.distributed.precision import Precision
+from pipeline.distributed.compile import check_compiler
+from pipeline.distributed.precision import Precision, check_fp8
 
 # name -> "module:Class", imported on use: DeepSpeed and Horovod are heavy and optional at import time.
 STRATEGIES: dict[str, str] = {
@@ -44,22 +45,20 @@ def build_strategy(cfg, precision: Precision, device: torch.device, settings: St
                    parallel=None) -> Strategy:
     """`cfg` is the strategy's own config model (DDPConfig, FSDPConfig, DeepSpeedConfig, HorovodConfig);
     `parallel` the ParallelConfig: with tensor or pipeline parallelism (tp or pp > 1) the mesh
-    strategy runs, the named strategy (ddp or fsdp) being its data-parallel part."""
+    strategy runs, the named strategy (ddp or fsdp) being its data-parallel part. The config
+    checked both: a known name, and tp/pp only with ddp or fsdp (`pipeline.config.parallel`)."""
     if parallel is not None and parallel.tp * parallel.pp > 1:
         from pipeline.distributed.mesh_strategy import MeshStrategy
 
-        if cfg.name not in ("ddp", "fsdp"):
-            raise ValueError(f"strategy.name={cfg.name} cannot combine with parallel.tp/parallel.pp (use ddp or fsdp)")
         return MeshStrategy(cfg, precision, device, settings, parallel)
-    if cfg.name not in STRATEGIES:
-        raise ValueError(f"strategy.name: unknown strategy '{cfg.name}' (known: {', '.join(STRATEGIES)})")
     module, cls = STRATEGIES[cfg.name].split(":")
     return getattr(importlib.import_module(module), cls)(cfg, precision, device, settings)
 
 
 def preflight(cfg, use_gpu: bool) -> None:
     """Checks on the driver, before any Ray resource is taken, that the chosen backend can run:
-    its package imports, and the precision is one it supports on this hardware."""
+    its package imports, and the precision is one it supports on this hardware. (The kernels
+    the optimizer and norms ask for: `pipeline.training.optim.check_kernels`.)"""
     import importlib.util
 
     name = cfg.strategy.name
@@ -73,12 +72,8 @@ def preflight(cfg, use_gpu: bool) -> None:
     if name == "horovod" and importlib.util.find_spec("horovod") is None:
         raise ValueError("strategy.name: 'horovod' needs Horovod built for this torch: run `make horovod` "
                          "(scripts/build_horovod.sh, about 4 minutes once)")
-    for task_name, task in cfg.tasks.items():
-        wants_apex = task.optim.impl == "apex" or getattr(task.model, "norm_impl", "torch") == "apex"
-        if wants_apex and importlib.util.find_spec("apex") is None:
-            key = "optim.impl" if task.optim.impl == "apex" else "model.norm_impl"
-            raise ValueError(f"tasks.{task_name}.{key}: 'apex' was asked for, but NVIDIA Apex is not "
-                             "installed here; install it, or use auto/torch")
+    check_fp8(cfg, use_gpu)  # precision.dtype fp8: torchao, a GPU with float8 tensor cores, ddp or fsdp
+    check_compiler(cfg, use_gpu)  # trainer.compile: inductor's C++ compiler (CPU) or Triton (GPU)
 
 
 def process_group_backend(cfg, use_gpu: bool) -> str:

@@ -10,33 +10,26 @@ from __future__ import annotations
 
 from torch import nn
 
-AC_MODES = ("none", "full", "selective")
+from pipeline.distributed.units import block_slots
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, selective: str = "every_k",
                                    every_k: int = 2) -> int:
-    """Wrap in place; returns how many modules were wrapped."""
+    """Wrap in place; returns how many modules were wrapped. `mode`, `selective` and `every_k`
+    are trainer.activation_checkpointing, ac_selective and ac_every_k (the config checks them)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    if mode not in AC_MODES:
-        raise ValueError(f"trainer.activation_checkpointing: unknown mode '{mode}' (known: {', '.join(AC_MODES)})")
     if mode == "none":
         return 0
-    wrapped, index = 0, 0
-    for child in model.children():
-        if not isinstance(child, nn.ModuleList):
-            continue
-        for i, block in enumerate(child):
-            if not any(True for _ in block.parameters()):
-                continue
-            if mode == "full" or (selective == "every_k" and index % every_k == 0):
-                child[i] = checkpoint_wrapper(block)
-                wrapped += 1
-            elif mode == "selective" and selective == "attention" and isinstance(getattr(block, "attn", None),
-                                                                                 nn.Module):
-                block.attn = checkpoint_wrapper(block.attn)
-                wrapped += 1
-            index += 1
+    wrapped = 0
+    for index, (container, i) in enumerate(block_slots(model)):
+        block = container[i]
+        if mode == "full" or (selective == "every_k" and index % every_k == 0):
+            container[i] = checkpoint_wrapper(block)
+            wrapped += 1
+        elif mode == "selective" and selective == "attention" and isinstance(getattr(block, "attn", None), nn.Module):
+            block.attn = checkpoint_wrapper(block.attn)
+            wrapped += 1
     if wrapped == 0:
         raise ValueError(f"trainer.activation_checkpointing={mode} ({selective}): this model has no "
                          "repeated blocks" + (" with an `attn` module" if selective == "attention" else ""))

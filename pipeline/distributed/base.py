@@ -12,7 +12,6 @@ Collective methods (marked so) must be called on every rank in the same order.
 from __future__ import annotations
 
 import contextlib
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +37,9 @@ class StepSettings:
     # trainer.activation_checkpointing, ac_selective, ac_every_k: applied by the strategy, after
     # any tensor-parallel split and before sharding (torchtitan's order)
     activation_checkpointing: tuple[str, str, int] = ("none", "every_k", 2)
+    # trainer.compile (none, blocks, model): torch.compile in place, by the strategy, after
+    # activation checkpointing and before sharding (`pipeline.distributed.compile`)
+    compile: str = "none"
 
 
 class Strategy(ABC):
@@ -69,6 +71,20 @@ class Strategy(ABC):
         from pipeline.distributed.activation import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, *self.settings.activation_checkpointing)
+
+    def compile(self, model: nn.Module) -> None:
+        """torch.compile the model's blocks or the model as the settings ask (in place: state-dict
+        keys unchanged). Called after `checkpoint_activations`, before sharding; the first step
+        is timed (`step_metrics`)."""
+        from pipeline.distributed.compile import apply_compile
+
+        self._compile_timer = apply_compile(model, self.settings.compile, lambda: self.optimizer)
+
+    def step_metrics(self) -> dict[str, float]:
+        """One-off figures for the next history entry: `compile_s` (the first step's time, under
+        trainer.compile) once it is known."""
+        timer = getattr(self, "_compile_timer", None)
+        return timer.metrics() if timer is not None else {}
 
     def materialize(self, model: nn.Module) -> nn.Module:
         """Allocate a meta-device model on this rank's device and initialise its weights (then
@@ -105,23 +121,28 @@ class Strategy(ABC):
 
     # ------------------------------------------------------------------ step
     def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], task: Any,
-                         generator: torch.Generator | None) -> float:
+                         generator: torch.Generator | None) -> torch.Tensor:
         """Forward and backward over one step's micro-batches (gradients accumulate, and are
-        synchronised on the last); returns the step's mean loss. A pipeline schedule overrides
+        synchronised on the last); returns the step's mean loss as a 0-dim float64 tensor on
+        the device, summed there (reading it would make the host wait for the device every
+        step; the loop reads its log window once per report). A pipeline schedule overrides
         this: it interleaves the micro-batches' forwards and backwards across stages."""
-        total = 0.0
+        total: torch.Tensor | None = None
         for i, batch in enumerate(micro_batches):
             with self.no_sync(i == len(micro_batches) - 1), self.precision.autocast():
                 loss = task.loss(self.model, batch, generator) / len(micro_batches)
             self.backward(loss)
-            total += loss.item()
+            part = loss.detach().to(torch.float64)
+            total = part if total is None else total + part
+        assert total is not None
         return total
 
     @torch.no_grad()
-    def eval_loss(self, batch: dict[str, torch.Tensor], task: Any, generator: torch.Generator | None) -> float:
-        """The loss of one batch without gradients (validation); the caller sets eval mode."""
+    def eval_loss(self, batch: dict[str, torch.Tensor], task: Any, generator: torch.Generator | None) -> torch.Tensor:
+        """The loss of one batch without gradients (validation), a 0-dim tensor left on the
+        device; the caller sets eval mode and reads the losses once per validation."""
         with self.precision.autocast():
-            return task.loss(self.model, batch, generator).item()
+            return task.loss(self.model, batch, generator).detach()
 
     def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager[None]:
         """Skip gradient synchronisation on all but the last micro-batch of an accumulation."""
@@ -131,8 +152,12 @@ class Strategy(ABC):
         self.precision.scale(loss).backward()
 
     @abstractmethod
-    def clip_and_step(self, max_norm: float) -> tuple[float, bool]:
-        """Unscale, clip (0 = off), step if gradients are finite, zero them. Returns (norm, stepped)."""
+    def clip_and_step(self, max_norm: float) -> tuple[torch.Tensor | float, torch.Tensor | bool]:
+        """Unscale, clip (0 = off), step if gradients are finite, zero them. Returns (norm,
+        stepped): device tensors (0-dim; the norm inf or nan when the step was skipped) where the
+        backend decides on the device, Python values where it decided on the host (DeepSpeed).
+        Nothing is read back from the device here unless the optimizer cannot skip on the
+        device (`pipeline.distributed.precision.guarded_step`)."""
 
     # ------------------------------------------------------------------ state (collective)
     @abstractmethod
@@ -163,9 +188,10 @@ class Strategy(ABC):
         return state
 
     # ------------------------------------------------------------------ communication (collective)
-    def all_mean(self, values: list[float]) -> list[float]:
-        """The mean of each value over the data-parallel ranks."""
-        t = torch.tensor(values, dtype=torch.float64)
+    def all_mean(self, values: list[float | torch.Tensor]) -> list[float]:
+        """The mean of each value (a float or a 0-dim tensor) over the data-parallel ranks: one
+        all-reduce on this rank's device (NCCL takes no CPU tensors) and one read back."""
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(self.device) for v in values])
         if world_size() > 1:
             dist.all_reduce(t)
             t /= dist.get_world_size()
@@ -177,8 +203,10 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> float:
-    """Total gradient norm (before clipping) and clip in place when max_norm > 0."""
+def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor | float:
+    """Total gradient norm (before clipping; a 0-dim tensor on the device, inf or nan when a
+    gradient is) and clip in place when max_norm > 0. Nothing is read back: `clip_grad_norm_`
+    scales by min(1, max_norm / norm) on the device."""
     if not params:
         return 0.0
     if max_norm > 0:
@@ -187,5 +215,4 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> float:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    value = norm.item()
-    return value if math.isfinite(value) else float("inf")
+    return norm

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -14,6 +15,7 @@ class DDPStrategy(ReplicatedStrategy):
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         self.checkpoint_activations(model)
+        self.compile(model)
         model = self.materialize(model)  # DDP replicates: every rank holds the whole model
         self._plain = model
         if world_size() > 1:
@@ -28,10 +30,10 @@ class DDPStrategy(ReplicatedStrategy):
             return self.model.no_sync()
         return super().no_sync(last_micro_batch)
 
-    def clip_and_step(self, max_norm: float) -> tuple[float, bool]:
+    def clip_and_step(self, max_norm: float) -> tuple[torch.Tensor | float, torch.Tensor]:
         assert self.optimizer is not None
         self.precision.unscale_(self.optimizer)
         norm = self._clip(max_norm)
-        stepped = self.precision.step(self.optimizer, norm != float("inf"))
+        stepped = self.precision.step(self.optimizer, norm)
         self.optimizer.zero_grad(set_to_none=True)
         return norm, stepped

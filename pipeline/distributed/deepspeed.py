@@ -73,6 +73,7 @@ class DeepSpeedStrategy(Strategy):
         if self.precision.name == "fp16" and self.device.type == "cpu" and not cpu_fp16_supported():
             raise ValueError(CPU_FP16_ERROR)
         self.checkpoint_activations(model)
+        self.compile(model)  # ZeRO 0-2 (the config refuses compile under ZeRO-3)
         config = self.ds_config(sum(p.numel() for p in model.parameters()))
         if self.cfg.zero_stage == 3 and any(p.is_meta for p in model.parameters()):
             self._partition_at_init(model, config)
@@ -119,10 +120,16 @@ class DeepSpeedStrategy(Strategy):
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # only advances DeepSpeed's micro-step counter
 
-    def clip_and_step(self, max_norm: float) -> tuple[float, bool]:
+    def clip_and_step(self, max_norm: float) -> tuple[torch.Tensor | float, bool]:
+        """DeepSpeed's engine clips, unscales, checks for overflow and steps, and decides the
+        skip itself, on the host (`was_step_applied` is a Python bool): the one backend whose
+        step keeps a host decision. Its norm is passed on as it comes (a tensor stays unread)."""
         self.engine.step()  # clips (config gradient_clipping), unscales, steps, zeroes gradients
         norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else 0.0
+        if norm is None:
+            norm = 0.0
+        elif not isinstance(norm, torch.Tensor):
+            norm = float(norm)
         return norm, bool(self.engine.was_step_applied())
 
     # ---------------------------------------------------------------- EMA over ZeRO-3 partitions

@@ -43,6 +43,7 @@ class FSDPStrategy(Strategy):
 
             self.precision.scaler = ShardedGradScaler(self.device.type)
         self.checkpoint_activations(model)
+        self.compile(model)  # before fully_shard, as torchtitan does
         low = self.precision.dtype if self.precision.dtype != torch.float32 else None
         mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
         for block in repeated_blocks(model):
@@ -72,11 +73,11 @@ class FSDPStrategy(Strategy):
     def no_sync(self, last_micro_batch: bool):
         return gradient_sync(self.model, last_micro_batch)
 
-    def clip_and_step(self, max_norm: float) -> tuple[float, bool]:
+    def clip_and_step(self, max_norm: float) -> tuple[torch.Tensor | float, torch.Tensor]:
         assert self.optimizer is not None
         self.precision.unscale_(self.optimizer)
         norm = grad_norm_and_clip([p for p in self.model.parameters() if p.grad is not None], max_norm)
-        stepped = self.precision.step(self.optimizer, norm != float("inf"))
+        stepped = self.precision.step(self.optimizer, norm)
         self.optimizer.zero_grad(set_to_none=True)
         return norm, stepped
 

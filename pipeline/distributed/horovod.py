@@ -23,6 +23,7 @@ class HorovodStrategy(ReplicatedStrategy):
         if not hvd.is_initialized():
             hvd.init()
         self.checkpoint_activations(model)
+        self.compile(model)
         model = self.materialize(model)
         self._plain = self.model = model
         base = make_optimizer(model)
@@ -42,19 +43,19 @@ class HorovodStrategy(ReplicatedStrategy):
 
         return hvd.rank()
 
-    def clip_and_step(self, max_norm: float) -> tuple[float, bool]:
+    def clip_and_step(self, max_norm: float) -> tuple[torch.Tensor | float, torch.Tensor]:
         assert self.optimizer is not None
         self.optimizer.synchronize()  # wait for the all-reduce before reading gradients
         self.precision.unscale_(self.optimizer)
         norm = self._clip(max_norm)
         with self.optimizer.skip_synchronize():
-            stepped = self.precision.step(self.optimizer, norm != float("inf"))
+            stepped = self.precision.step(self.optimizer, norm)
         self.optimizer.zero_grad()  # Horovod's override takes no set_to_none (torch's default: True)
         return norm, stepped
 
-    def all_mean(self, values: list[float]) -> list[float]:
+    def all_mean(self, values: list[float | torch.Tensor]) -> list[float]:
         import horovod.torch as hvd
 
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)  # gloo: on the host
         return hvd.allreduce(t, op=hvd.Average, name="pipeline.all_mean").tolist()
 

@@ -2,10 +2,11 @@
 either kind of data parallelism around them (2-D and 3-D layouts, as torchtitan builds them).
 
 `parallelize` applies, in one place and this order: the pipeline cut (this rank's stage), the
-tensor-parallel split of each block (`tensor_parallel`), activation checkpointing, then data
-parallelism over the dp sub-mesh: FSDP2's `fully_shard` (strategy fsdp) or its replicated
-twin `replicate` (strategy ddp, gradients all-reduced), per block and on the stage root. Every
-parameter thereby becomes a DTensor, so optimizer, clipping and DCP treat all layouts alike.
+tensor-parallel split of each block (`tensor_parallel`), activation checkpointing,
+torch.compile (`trainer.compile`), then data parallelism over the dp sub-mesh: FSDP2's
+`fully_shard` (strategy fsdp) or its replicated twin `replicate` (strategy ddp, gradients
+all-reduced), per block and on the stage root. Every parameter thereby becomes a DTensor, so
+optimizer, clipping and DCP treat all layouts alike.
 
 Initialisation is the sharded one (`sharded_init`): every rank draws each unit of the full
 model whole, in DDP's order, and keeps its slice of what its stage owns, so all layouts start
@@ -15,7 +16,6 @@ pipeline stages here; tied weights split across the first and last stage are sum
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from pipeline.distributed.base import OptimizerFactory, Strategy
 from pipeline.distributed.fsdp import gradient_sync, keep_local_slices
 from pipeline.distributed.mesh import Layout, build_mesh
 from pipeline.distributed.pipeline_parallel import build_schedule, retie, split_stage, tie_groups
+from pipeline.distributed.precision import guarded_step, nonfinite_flag
 from pipeline.distributed.sharded_init import init_by_unit, to_empty_keeping_ties
 from pipeline.distributed.tensor_parallel import apply_tensor_parallel, tp_plan
 from pipeline.distributed.units import repeated_blocks
@@ -89,7 +90,7 @@ class MeshStrategy(Strategy):
             self._pair_tied(part, ties)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        """Stage cut -> tensor parallel -> activation checkpointing -> data parallel."""
+        """Stage cut -> tensor parallel -> activation checkpointing -> torch.compile -> data parallel."""
         from torch.distributed._composable.replicate_with_fsdp import replicate
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -97,6 +98,7 @@ class MeshStrategy(Strategy):
         if self.use_tp:
             apply_tensor_parallel(part, tp_plan(model), self.mesh["tp"])
         self.checkpoint_activations(part)
+        self.compile(part)
         low = self.precision.dtype if self.precision.dtype != torch.float32 else None
         mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
         dp_mesh = self.mesh["dp"]
@@ -141,7 +143,7 @@ class MeshStrategy(Strategy):
         return gradient_sync(self.model, last_micro_batch)
 
     def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], task: Any,
-                         generator: torch.Generator | None) -> float:
+                         generator: torch.Generator | None) -> torch.Tensor:
         if not self.use_pp:
             return super().forward_backward(micro_batches, task, generator)
         losses: list[torch.Tensor] = []
@@ -153,7 +155,7 @@ class MeshStrategy(Strategy):
         return self._pipeline_loss(losses, len(micro_batches))
 
     @torch.no_grad()
-    def eval_loss(self, batch: dict[str, torch.Tensor], task: Any, generator: torch.Generator | None) -> float:
+    def eval_loss(self, batch: dict[str, torch.Tensor], task: Any, generator: torch.Generator | None) -> torch.Tensor:
         if not self.use_pp:
             return super().eval_loss(batch, task, generator)
         n = self.settings.grad_accum_steps
@@ -181,31 +183,32 @@ class MeshStrategy(Strategy):
         with self.precision.autocast():
             step(*(args if self.first_stage else ()), **kwargs)
 
-    def _pipeline_loss(self, losses: list[torch.Tensor], n: int) -> float:
-        """The step's mean loss, known on the last stage, shared with every stage."""
-        value = torch.tensor([sum(loss.item() for loss in losses) / n if self.last_stage else 0.0],
-                             dtype=torch.float64)
+    def _pipeline_loss(self, losses: list[torch.Tensor], n: int) -> torch.Tensor:
+        """The step's mean loss, known on the last stage, shared with every stage (a float64
+        tensor on the device, summed and all-reduced there: nothing is read back)."""
+        value = torch.zeros((), dtype=torch.float64, device=self.device)
+        if self.last_stage:
+            for loss in losses:
+                value = value + loss.detach().to(torch.float64)
+            value = value / n
+        value = value.reshape(1)
         dist.all_reduce(value, group=self.mesh["pp"].get_group())
-        return value.item()
+        return value.reshape(())
 
-    def clip_and_step(self, max_norm: float) -> tuple[float, bool]:
+    def clip_and_step(self, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The norm over every stage, clipping and the guarded step, all on the device."""
         assert self.optimizer is not None
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         counted = [p.grad for p in self.model.parameters() if p.grad is not None and id(p) not in self._norm_skip]
-        squared = _squared_norm(counted)
+        squared = _squared_norm(counted, self.device).reshape(1)
         if self.use_pp:
-            total = torch.tensor([squared], dtype=torch.float64)
-            dist.all_reduce(total, group=self.mesh["pp"].get_group())
-            squared = total.item()
-        norm = math.sqrt(squared) if math.isfinite(squared) else float("inf")
-        if max_norm > 0 and math.isfinite(norm):
-            coef = max_norm / (norm + 1e-6)
-            if coef < 1:
-                for g in grads:
-                    g.mul_(coef)
-        stepped = math.isfinite(norm)
-        if stepped:
-            self.optimizer.step()
+            dist.all_reduce(squared, group=self.mesh["pp"].get_group())
+        norm = squared.reshape(()).sqrt()
+        if max_norm > 0:  # min(1, max_norm / norm): 1 leaves the gradients as they are; inf skips anyway
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(coef)
+        stepped = guarded_step(self.optimizer, nonfinite_flag(norm))
         self.optimizer.zero_grad(set_to_none=True)
         return norm, stepped
 
@@ -237,18 +240,18 @@ class MeshStrategy(Strategy):
         return merged
 
 
-def _squared_norm(grads: list[torch.Tensor]) -> float:
-    """Sum of squared gradient norms. DTensors are grouped by mesh and placements (one norm
-    kernel per group, as `clip_grad_norm_` does, but without mixing meshes), and each
-    group's norm is reduced over its mesh by `full_tensor`."""
+def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of squared gradient norms (float64, on the device). DTensors are grouped by mesh
+    and placements (one norm kernel per group, as `clip_grad_norm_` does, but without mixing
+    meshes), and each group's norm is reduced over its mesh by `full_tensor`."""
     groups: dict[Any, list[torch.Tensor]] = {}
     for g in grads:
         key = (id(g.device_mesh), tuple(g.placements)) if hasattr(g, "device_mesh") else None
         groups.setdefault(key, []).append(g)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for members in groups.values():
         norm = torch.nn.utils.get_total_norm(members)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        total += norm.item() ** 2
+        total = total + norm.to(torch.float64) ** 2
     return total

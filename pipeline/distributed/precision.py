@@ -1,23 +1,48 @@
-"""Mixed precision as one object: the autocast context, loss scaling for fp16, and its state."""
+"""Mixed precision as one object: the autocast context, loss scaling for fp16, float8 layers for
+fp8, the optimizer step that skips non-finite gradients, and the precision's state.
+
+The step never reads a value back from the device to decide whether to skip: the "found inf"
+flag stays a device tensor and is handed to optimizers whose kernels take it (torch's fused
+Adam, AdamW and SGD: `optim.impl` auto on CUDA, or fused), which then skip on the device, step
+count included. Other optimizers cannot skip on the device, so for them the flag is read on
+the host, once per step (`guarded_step`; under fp16, torch's GradScaler does the same).
+"""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# precision.dtype -> the autocast dtype. fp8 computes the converted Linear layers' GEMMs in
+# float8 (torchao) and everything else under bf16 autocast.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+
+FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have float8 tensor cores
+FP8_STRATEGIES = ("ddp", "fsdp")
 
 
 class Precision:
-    """fp32: nothing. bf16: autocast, no scaling. fp16: autocast plus a dynamic GradScaler."""
+    """fp32: nothing. bf16: autocast, no scaling. fp16: autocast plus a dynamic GradScaler.
+    fp8: bf16 autocast plus torchao float8 training of the blocks' Linear layers (`prepare`).
+    The config admits only known names (`PrecisionConfig.dtype`)."""
 
     def __init__(self, dtype: str, device: torch.device) -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"precision.dtype: unknown '{dtype}' (known: {', '.join(DTYPES)})")
+        if dtype == "fp8":
+            check_fp8_device(device)
         self.name, self.dtype, self.device = dtype, DTYPES[dtype], device
         self.scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
+
+    def prepare(self, model: nn.Module) -> int:
+        """Apply what the precision changes in the model itself, from outside it, before the
+        strategy wraps it (on the meta device is fine): under fp8, swap the blocks' eligible
+        Linear layers for torchao's Float8Linear. Returns how many layers were converted."""
+        if self.name != "fp8":
+            return 0
+        return convert_to_fp8(model)
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         if self.dtype == torch.float32:
@@ -31,16 +56,19 @@ class Precision:
         if self.scaler:
             self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer, grads_finite: bool) -> bool:
-        """Step the optimizer unless gradients overflowed. Returns whether it stepped."""
+    def step(self, optimizer: torch.optim.Optimizer, norm: torch.Tensor | float) -> torch.Tensor:
+        """Step the optimizer unless the gradient norm is not finite (or, under fp16, the scaler
+        found inf/nan in the gradients). Returns whether it stepped, as a bool tensor on the
+        device. Nothing is read back, unless the optimizer cannot skip on the device: then
+        `guarded_step`, or under fp16 torch's GradScaler itself, reads the flag once."""
+        found_inf = nonfinite_flag(norm)
         if self.scaler:
-            scale_before = self.scaler.get_scale()
-            self.scaler.step(optimizer)  # skips by itself on inf/nan
+            _zero_dim_flags(self.scaler, optimizer)
+            self.scaler.step(optimizer)  # skips by itself on inf/nan; on the device for fused optimizers
+            scaler_found = _scaler_found_inf(self.scaler, optimizer, found_inf.device)
             self.scaler.update()
-            return grads_finite and self.scaler.get_scale() >= scale_before
-        if grads_finite:
-            optimizer.step()
-        return grads_finite
+            return (found_inf == 0) & (scaler_found == 0)
+        return guarded_step(optimizer, found_inf)
 
     def state_dict(self) -> dict[str, Any]:
         return self.scaler.state_dict() if self.scaler else {}
@@ -48,3 +76,141 @@ class Precision:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaler and state:
             self.scaler.load_state_dict(state)
+
+
+def nonfinite_flag(norm: torch.Tensor | float) -> torch.Tensor:
+    """1.0 where the gradient norm is inf or nan, else 0.0: a 0-dim float32 tensor on the
+    norm's device (the form torch's fused optimizers take as `found_inf`)."""
+    if not isinstance(norm, torch.Tensor):
+        norm = torch.tensor(float(norm))
+    return (~torch.isfinite(norm.detach())).to(torch.float32).reshape(())
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's step takes a `found_inf` tensor and skips on the device (torch's
+    fused Adam, AdamW, SGD and Adagrad kernels: what GradScaler uses too)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and \
+        "grad_scaler" not in _step_parameters(optimizer)
+
+
+def _step_parameters(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
+    import inspect
+
+    try:
+        return tuple(inspect.signature(optimizer.step).parameters)
+    except (TypeError, ValueError):
+        return ()
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> torch.Tensor:
+    """`optimizer.step()` unless `found_inf` is nonzero; returns `found_inf == 0` (on the device).
+
+    Optimizers that skip on the device are handed the flag, as GradScaler hands it to them (the
+    fused kernels then leave parameters, moments and the step count as they were). Any other
+    optimizer (foreach or for-loop torch kernels, RMSprop, Apex FusedAdam, Horovod's wrapper)
+    must be told on the host: the flag is read here, the step's one read of the device."""
+    if skips_on_device(optimizer):
+        optimizer.grad_scale, optimizer.found_inf = None, found_inf  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf  # type: ignore[attr-defined]
+    elif not found_inf.item():
+        optimizer.step()
+    return found_inf == 0
+
+
+def _zero_dim_flags(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """FSDP's ShardedGradScaler keeps its found-inf flags 1-d, which torch's fused optimizers
+    cannot subtract from their 0-d step counts ("output with shape [] doesn't match the
+    broadcast shape [1]"): make them 0-d views, as GradScaler's own are."""
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer))
+    if state and state.get("found_inf_per_device"):
+        state["found_inf_per_device"] = {k: v.reshape(()) for k, v in state["found_inf_per_device"].items()}
+
+
+def _scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
+                      device: torch.device) -> torch.Tensor:
+    """The scaler's own inf/nan flag for this step (summed over devices), read before `update()`
+    clears it."""
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for flag in scaler._found_inf_per_device(optimizer).values():
+        total = total + flag.to(device, non_blocking=True).reshape(())  # (the sharded scaler's are 1-d)
+    return total
+
+
+# ----------------------------------------------------------------------------- fp8
+FP8_DEVICE_ERROR = ("precision.dtype: fp8 needs a GPU with float8 tensor cores (compute capability 8.9 or "
+                    "newer: Ada, Hopper, Blackwell); {what}. Use bf16")
+
+
+def fp8_unavailable(device: torch.device | None = None) -> str | None:
+    """Why float8 training cannot run on `device` (None: CUDA device 0 of this process), or
+    None when it can."""
+    if device is not None and device.type != "cuda":
+        return FP8_DEVICE_ERROR.format(what=f"this run trains on {device.type.upper()}")
+    if not torch.cuda.is_available():
+        return FP8_DEVICE_ERROR.format(what="this machine has no CUDA device")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        return FP8_DEVICE_ERROR.format(what=f"{name} has compute capability {capability[0]}.{capability[1]}")
+    return None
+
+
+def check_fp8_device(device: torch.device) -> None:
+    if (why := fp8_unavailable(device)) is not None:
+        raise ValueError(why)
+
+
+def check_fp8(cfg: Any, use_gpu: bool) -> None:
+    """The driver's check before any Ray resource (`pipeline.distributed.preflight` calls it):
+    precision.dtype fp8 needs torchao, a strategy it is wired into, no tensor parallelism, and
+    float8 hardware. Without a local GPU on a GPU cluster the hardware is checked by the
+    workers (same message)."""
+    if cfg.precision.dtype != "fp8":
+        return
+    import importlib.util
+
+    if cfg.strategy.name not in FP8_STRATEGIES:
+        raise ValueError(f"precision.dtype: fp8 runs with strategy ddp or fsdp (got {cfg.strategy.name})")
+    if cfg.parallel.tp > 1:
+        raise ValueError("precision.dtype: fp8 cannot combine with parallel.tp > 1 (use bf16)")
+    if not use_gpu:
+        raise ValueError(FP8_DEVICE_ERROR.format(what="this run trains on CPUs (cluster.use_gpu is false)"))
+    if importlib.util.find_spec("torchao") is None:
+        raise ValueError("precision.dtype: fp8 needs torchao (pip install torchao, or the project's [gpu] extra)")
+    if torch.cuda.is_available() and (why := fp8_unavailable()) is not None:
+        raise ValueError(why)
+
+
+def fp8_module_filter(model: nn.Module) -> Callable[[nn.Module, str], bool]:
+    """Which Linear layers fp8 converts: those inside the model's repeated blocks whose both
+    dimensions are multiples of 16 (float8 GEMMs need it) and which are not small. "Small" is
+    torchao's measured heuristic for tensorwise scaling on H100: in_features <= 4096 and
+    out_features <= 1024 run faster in bf16 (the cast and scale outweigh the faster GEMM).
+    Embeddings, the output head and anything outside the blocks stay in bf16."""
+    from pipeline.distributed.units import repeated_blocks
+
+    blocks = {id(b) for b in repeated_blocks(model)}
+    prefixes = tuple(f"{name}." for name, m in model.named_modules() if id(m) in blocks)
+
+    def keep_fp8(module: nn.Module, fqn: str) -> bool:
+        if not isinstance(module, nn.Linear) or not fqn.startswith(prefixes):
+            return False
+        k, n = module.in_features, module.out_features
+        if k % 16 or n % 16:
+            return False
+        return not (k <= 4096 and n <= 1024)
+
+    return keep_fp8
+
+
+def convert_to_fp8(model: nn.Module) -> int:
+    """Swap the filtered Linear layers for torchao's Float8Linear (tensorwise dynamic scaling),
+    in place; weights keep their identity, so a meta-device model converts before sharding."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
+
+    convert_to_float8_training(model, config=Float8LinearConfig(), module_filter_fn=fp8_module_filter(model))
+    return sum(isinstance(m, Float8Linear) for m in model.modules())

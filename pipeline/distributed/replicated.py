@@ -16,7 +16,7 @@ from torch import nn
 from pipeline.distributed import dcp_state
 from pipeline.distributed.base import Strategy, grad_norm_and_clip
 
-STATE = "state.pt"  # the name pipeline.training.checkpoint reads for inspection
+STATE = "state.pt"  # rank 0's file; pipeline.training.checkpoint imports the name (inspection, checksums)
 
 
 class ReplicatedStrategy(Strategy):
@@ -31,7 +31,7 @@ class ReplicatedStrategy(Strategy):
 
         return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
-    def _clip(self, max_norm: float) -> float:
+    def _clip(self, max_norm: float) -> torch.Tensor | float:
         return grad_norm_and_clip([p for p in self._plain.parameters() if p.grad is not None], max_norm)
 
     def save(self, directory: Path, extra: dict[str, Any]) -> None:

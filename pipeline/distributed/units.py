@@ -11,10 +11,12 @@ from __future__ import annotations
 from torch import nn
 
 
+def block_slots(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
+    """Where each repeated block sits (its ModuleList and index), for wrappers that replace it."""
+    return [(child, i) for child in model.children() if isinstance(child, nn.ModuleList)
+            for i, m in enumerate(child) if any(True for _ in m.parameters())]
+
+
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """Entries of the root module's ModuleLists that hold parameters, in definition order."""
-    blocks: list[nn.Module] = []
-    for child in model.children():
-        if isinstance(child, nn.ModuleList):
-            blocks.extend(m for m in child if any(True for _ in m.parameters()))
-    return blocks
+    return [container[i] for container, i in block_slots(model)]

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from pipeline.config.schema import EvalConfig
-from pipeline.data.shards import read_split
+from pipeline.data.shard_store import read_split
 from pipeline.models.diffusion import GaussianDiffusion
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config.schema import EvalConfig
-from pipeline.data.shards import read_split
+from pipeline.data.shard_store import read_split
 
 
 def perplexity(loss: float) -> float:

@@ -163,7 +163,7 @@ def export_hf(model: torch.nn.Module, spec: dict[str, Any], shards: Path, out: P
               ecfg: ExportConfig) -> dict[str, Any]:
     """Write `out` (inside the export's atomic folder) and check it on the first validation
     rows; raise when the check fails. Returns the figures (metrics) and what was written."""
-    from pipeline.data.shards import read_split
+    from pipeline.data.shard_store import read_split
 
     written = write_hf_folder(model, spec, shards, out, ecfg)
     if written["hf_architecture"] is None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.config.schema import EvalConfig
-from pipeline.data.shards import read_split
+from pipeline.data.shard_store import read_split
 from pipeline.evaluation.lm import perplexity, split_loss
 
 # protobuf cannot hold more than 2 GiB in one file; bigger graphs keep their weights beside it

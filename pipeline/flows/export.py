@@ -17,7 +17,7 @@ from pipeline.export.onnx_export import export_onnx
 from pipeline.export.pyfunc import example_input, log_pyfunc
 from pipeline.export.quantize import accuracy_change, quantize_int8
 from pipeline.tracking import mlflow_runs
-from pipeline.tracking.registry import Registration, register
+from pipeline.tracking.registry import Registration, describe_version, register, version_tags
 from pipeline.training.checkpoint import CHECKSUMS, SPEC, WEIGHTS, load_model
 
 INFO = "model_info.json"
@@ -80,16 +80,6 @@ def hf_metrics(hf: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in hf.items() if k.startswith("hf_") and isinstance(v, int | float)}
 
 
-_LINEAGE = ("git.", "data.", "dvc.", "env.", "impl.", "ray.", "cluster.", "init_from.")
-
-
-def lineage_tags(run_id: str) -> dict[str, str]:
-    """The training run's lineage tags (commit, dirty flag, data and DVC hashes, environment,
-    what ran, where), copied onto the model version so the registry answers without a join."""
-    tags = mlflow.MlflowClient().get_run(run_id).data.tags
-    return {k: v for k, v in tags.items() if k.startswith(_LINEAGE) or k in ("strategy", "precision", "task")}
-
-
 def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_dir: Path, out: Path) -> Registration:
     tcfg = cfg.task(task)
     info = json.loads((export_dir / INFO).read_text())
@@ -99,7 +89,15 @@ def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_di
                        f"(have: {', '.join(sorted(metrics))})")
     run = mlflow_runs.read_run_file(export_dir)
     mlflow.set_tracking_uri(run["tracking_uri"])
-    tags = {**lineage_tags(run["run_id"]), **{f"eval.{k}": str(v) for k, v in metrics.items()}}
-    reg = register(info["model_uri"], info["run_id"], tcfg.registry, float(metrics[tcfg.registry.metric]), tags)
+    trained = mlflow.MlflowClient().get_run(info["run_id"])
+    example = example_input(json.loads((export_dir / SPEC).read_text())).to_dict("list")
+
+    def describe(version: str) -> str:
+        return describe_version(tcfg.registry.name, version, trained, metrics, tcfg.registry, run["tracking_uri"],
+                                example=repr(example), hf_architecture=info.get("hf_architecture"))
+
+    # the version carries its own lineage only (the run keeps the rest) and says what it is
+    reg = register(info["model_uri"], info["run_id"], tcfg.registry, float(metrics[tcfg.registry.metric]),
+                   version_tags(trained), describe)
     atomic_write_text(out, json.dumps(dataclasses.asdict(reg), indent=2))
     return reg

@@ -157,7 +157,7 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     from ray.tune.search.optuna import OptunaSearch
 
     from pipeline.config import config_digest
-    from pipeline.data.shards import verify_split
+    from pipeline.data.shard_verify import check_split
     from pipeline.runtime import connect
     from pipeline.runtime.trainer import storage_root
     from pipeline.tracking import mlflow_runs
@@ -169,8 +169,8 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     if num_samples:
         sweep = sweep.model_copy(update={"num_samples": num_samples})
     check_space(base, task, sweep)
-    verify_split(shards, "train")
-    verify_split(shards, "val")
+    check_split(shards, "train")  # manifest and sizes; the trials' workers hash, once per node
+    check_split(shards, "val")
     exp_id = mlflow_runs.setup(cfg.tracking)
     name = f"sweep-{task}-{config_digest({'base': base, 'sweep': sweep.model_dump(), 'seed': seed})}"
     with mlflow.start_run(run_name=name, tags={"sweep": name, "task": task}) as parent:

@@ -18,16 +18,20 @@ from pipeline.config import config_digest, flatten
 from pipeline.config.parallel import check_task_parallel, data_parallel_size
 from pipeline.config.schema import PipelineConfig
 from pipeline.data.build import file_md5
-from pipeline.data.shards import MANIFEST, load_manifest, publish, verify_split
+from pipeline.data.shard_format import MANIFEST, load_manifest
+from pipeline.data.shard_store import publish
+from pipeline.data.shard_verify import check_split
 from pipeline.distributed import preflight
 from pipeline.distributed.planner import check_fits
 from pipeline.runtime import connect
-from pipeline.runtime.connect import check_reachable, cluster_address
+from pipeline.runtime.connect import check_reachable, cluster_address, embedded
 from pipeline.runtime.trainer import fit, recover, storage_root
 from pipeline.tasks import task_for_data
-from pipeline.tracking import lineage, mlflow_runs
+from pipeline.tracking import lineage, mlflow_runs, plots
+from pipeline.tracking.live import fill_missing, reachable_from_anywhere
 from pipeline.training.checkpoint import WEIGHTS, read_meta, write_model
 from pipeline.training.loop import micro_batch_size
+from pipeline.training.optim import check_kernels
 
 
 @dataclass
@@ -62,15 +66,32 @@ def _mlflow_run(cfg: PipelineConfig, task_name: str, run_dir: Path, tags: dict[s
     params = flatten({"task": task_name, **cfg.task(task_name).model_dump(mode="json"),
                       "strategy": cfg.strategy.model_dump(), "parallel": cfg.parallel.model_dump(),
                       "precision": cfg.precision.model_dump(), "cluster": cfg.cluster.model_dump(), "seed": cfg.seed})
-    with mlflow.start_run(run_name=f"{task_name}-train", tags=tags) as run:
+    # a name a person can read: lm-tiny-ddp-2026-12-02T2031 (task, model preset, strategy, start time)
+    name = mlflow_runs.run_name(task_name, cfg.task(task_name).model, cfg.strategy.name)
+    with mlflow.start_run(run_name=name, tags={**tags, "config.digest": config_digest(params)}) as run:
         mlflow.log_params(mlflow_runs.safe_params(params))
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(run.info.run_id)
     return run.info.run_id
 
 
+def _parameter_count(spec: dict[str, Any], weights: dict[str, Any]) -> int:
+    """Trainable parameters of the model (tied weights once), counted on a copy built on the meta
+    device (no memory); the stored tensors' sizes if that cannot be built."""
+    import torch
+
+    from pipeline.tasks import task_for_spec
+
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in task_for_spec(spec).build(spec).parameters())
+    except Exception:  # a count for a description is never worth failing the stage
+        return sum(t.numel() for t in weights.values())
+
+
 # Settings that never change the trained weights: a rerun with other values resumes the same run.
-HARMLESS_TRAINER_KEYS = ("log_every", "ckpt_every", "keep_last_k", "prefetch_batches", "max_nonfinite_in_a_row")
+HARMLESS_TRAINER_KEYS = ("log_every", "ckpt_every", "keep_last_k", "prefetch_batches", "max_nonfinite_in_a_row",
+                         "peak_tflops")
 
 
 def run_identity(cfg: PipelineConfig, task_name: str, manifest_md5: str) -> dict[str, Any]:
@@ -100,11 +121,12 @@ def run_identity(cfg: PipelineConfig, task_name: str, manifest_md5: str) -> dict
 
 
 def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir: Path,
-               metrics_dir: Path) -> TrainOutcome:
+               metrics_dir: Path, reports_dir: Path | None = None) -> TrainOutcome:
     tcfg = cfg.task(task_name)
     # Fail before any Ray resource is taken: bad shards, or a batch that cannot be split.
-    verify_split(shards_dir, "train")
+    check_split(shards_dir, "train")  # manifest and sizes; each node's workers hash the shards once
     preflight(cfg, cfg.cluster.use_gpu)
+    check_kernels(cfg)  # Apex kernels asked for where Apex is not installed
     check_task_parallel(cfg, task_name)  # heads, layers and batch against parallel.tp / parallel.pp
     micro_batch_size(tcfg.trainer.global_batch_size,
                      data_parallel_size(cfg.cluster.num_workers, cfg.parallel.tp, cfg.parallel.pp),
@@ -119,6 +141,7 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     tags = lineage.run_tags({"task": task_name, "data.manifest_md5": manifest_md5, "ray.run_name": run_name,
                              "strategy": cfg.strategy.name, "precision": cfg.precision.dtype,
                              "cluster.workers": cfg.cluster.num_workers,
+                             "model.preset": mlflow_runs.model_label(tcfg.model),
                              "parallel": f"tp={cfg.parallel.tp},pp={cfg.parallel.pp}",
                              **({"init_from.path": str(Path(pretrained).resolve()),
                                  "init_from.fingerprint": identity["init_from"]} if pretrained else {})})
@@ -155,8 +178,12 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     if cfg.cluster.shards_uri:  # workers on other nodes read (and cache) a published copy
         shards = publish(shards_dir, f"{cfg.cluster.shards_uri.rstrip('/')}/{task_name}/{manifest_md5}")
         print(f"[{task_name}] shards published to {shards}", flush=True)
+    # rank 0 logs the history as it trains: to a server from anywhere, to a SQLite file only from this machine
+    live = {"run_id": run_id, "tracking_uri": uri} if embedded() or reachable_from_anywhere(uri) else None
+    print(f"[{task_name}] live metrics: {'MLflow run ' + run_id + ' at ' + uri if live else 'after the fit'} "
+          f"(tracking store {'reachable from the workers' if live else 'on this machine only'})", flush=True)
     with mlflow_runs.system_metrics(run_id):
-        result = fit(cfg, task_name, shards, run_name)
+        result = fit(cfg, task_name, shards, run_name, live)
     seconds = time.perf_counter() - start
     if result.error:
         raise RuntimeError(f"[{task_name}] training failed: {result.error}") from result.error
@@ -170,17 +197,33 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     info = {"run_id": run_id, "ray_run": run_name, "tracking_uri": uri,
             "data_manifest_md5": manifest_md5, "git_commit": tags["git.commit"]}
     summary = {"final_loss": history[-1]["loss"], "steps": meta["step"], "skipped_steps": meta["skipped_steps"],
-               "train_seconds": round(seconds, 1), **{k: v for k, v in history[-1].items() if k.endswith("_per_s")}}
-    # Training talks to no tracking server: everything is logged here, after the fit, from the
-    # final checkpoint. MLflow's HTTP client retries with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES);
-    # if the server stays down, the stage fails with one line and nothing is lost: the Ray run and
-    # its final checkpoint stay, and a rerun resumes the finished run and logs it, with no retraining.
+               "train_seconds": round(seconds, 1),
+               **{k: v for k, v in history[-1].items() if k.endswith("_per_s") or k == "mfu"}}
+    if "mfu_peak_tflops" in meta.get("implementation", {}):  # the peak MFU was measured against
+        summary["peak_tflops"] = float(meta["implementation"]["mfu_peak_tflops"])
+    if compiled := [h["compile_s"] for h in history if "compile_s" in h]:  # trainer.compile: the last start's
+        summary["compile_s"] = compiled[-1]
+    # reports/<task>/loss.png: train and validation loss, the learning rate beneath (DVC plots it too)
+    loss_plot = plots.write_loss_plot(
+        history, reports_dir / "loss.png", f"{task_name}: {mlflow_runs.model_label(tcfg.model)}, "
+        f"{cfg.strategy.name}, {meta['step']} steps") if reports_dir is not None else None
+    # Rank 0 logged the history while it trained (pipeline/tracking/live.py); what it could not send
+    # (server down, or no live logging) is logged here from the final checkpoint, which holds every
+    # step. MLflow's HTTP client retries with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES); if the server
+    # stays down, the stage fails with one line and nothing is lost: the Ray run and its final
+    # checkpoint stay, and a rerun resumes the finished run and logs it, with no retraining.
     try:
-        mlflow_runs.log_history(run_id, history)
+        filled = fill_missing(run_id, history)  # what live logging could not send, never a step twice
+        if live and filled:
+            print(f"[{task_name}] {filled} metric values logged after the fit (the live logger could not send them)",
+                  flush=True)
+        mlflow.MlflowClient().set_tag(run_id, "model.parameters", str(_parameter_count(spec, weights)))
+        if loss_plot is not None:
+            mlflow.MlflowClient().log_artifact(run_id, str(loss_plot), "training")
         for key, value in meta.get("implementation", {}).items():  # what actually ran: backend, kernels
             mlflow.MlflowClient().set_tag(run_id, f"impl.{key}", value)
-        mlflow.MlflowClient().log_batch(run_id, metrics=[
-            mlflow.entities.Metric(f"train/{k}", float(v), 0, meta["step"]) for k, v in summary.items()])
+        # the run's totals at its last step (throughput and MFU are in the history already); a rerun adds none twice
+        fill_missing(run_id, [{"step": meta["step"], **{k: v for k, v in summary.items() if k not in history[-1]}}])
     except mlflow.exceptions.MlflowException as e:
         raise mlflow_runs.TrackingUnavailable(
             f"[{task_name}] training finished, but logging run {run_id} to {uri} failed "

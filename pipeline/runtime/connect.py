@@ -3,7 +3,10 @@ in-process local Ray sized to this machine."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from typing import Any
 
 from pipeline.config.schema import ClusterConfig
 
@@ -50,6 +53,8 @@ def connect(cfg: ClusterConfig) -> str:
         return "already connected"
     address = cluster_address(cfg)
     if address:
+        if _own_api_address[0] is not None and os.environ.get("RAY_API_SERVER_ADDRESS") == _own_api_address[0]:
+            del os.environ["RAY_API_SERVER_ADDRESS"]  # an earlier local Ray's, in this process
         check_reachable(address, cfg.connect_timeout_s)
         # Inside a submitted job the job's runtime_env (working_dir, env vars) is already set; Ray
         # refuses a second one naming the same env vars unless told to combine them.
@@ -57,10 +62,82 @@ def connect(cfg: ClusterConfig) -> str:
         ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
         return f"Ray cluster at {address}"
     need = cfg.num_workers * cfg.cpus_per_worker
-    # address="local": a fresh instance even when a `ray start` cluster is running on this machine
-    # (a bare ray.init() would join that one). The dashboard serves Ray's State API, which Ray
-    # Train's placement-group cleaner polls; it binds to 127.0.0.1 only.
-    ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=True,
-             dashboard_host="127.0.0.1", runtime_env={"env_vars": WORKER_ENV},
-             log_to_driver=True, configure_logging=False)
+    with _loopback_only() as ports:
+        # address="local": a fresh instance even when a `ray start` cluster is running on this machine
+        # (a bare ray.init() would join that one). The dashboard serves Ray's State API, which Ray
+        # Train's placement-group cleaner polls; token authentication stays on (Ray 2.59+).
+        ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=True,
+                 dashboard_host=LOOPBACK, dashboard_port=ports["dashboard"], _node_ip_address=LOOPBACK,
+                 _metrics_export_port=ports["metrics_export"],
+                 runtime_env={"env_vars": {**WORKER_ENV, **_own_address_env(ports)}},
+                 log_to_driver=True, configure_logging=False)
+    # This process's own State API calls go to its own Ray too (the variable is replaced by the
+    # next local Ray, and dropped when a cluster is joined).
+    os.environ.update(_own_address_env(ports))
+    _own_api_address[0] = os.environ["RAY_API_SERVER_ADDRESS"]
+    _embedded_gcs[0] = ray.get_runtime_context().gcs_address
     return f"local Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)"
+
+
+LOOPBACK = "127.0.0.1"
+_own_api_address: list[str | None] = [None]  # the State API address this process set for its local Ray
+_embedded_gcs: list[str | None] = [None]  # the GCS of the local Ray this process started
+
+
+def embedded() -> bool:
+    """Whether this process is connected to the single-node local Ray that `connect` started
+    (not to a cluster, nor to a `ray.cluster_utils.Cluster` a test built)."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().gcs_address == _embedded_gcs[0]
+
+
+def _own_address_env(ports: dict[str, int]) -> dict[str, str]:
+    """Where every process of this Ray finds its own cluster's State API. Without it Ray Train's
+    placement-group cleaner (an actor) auto-discovers "the" Ray on the machine and, beside a second
+    pipeline's Ray, fails with "Found multiple active Ray instances" or talks to the wrong one."""
+    return {"RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{ports['dashboard']}"}
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[dict[str, int]]:
+    """Start the embedded Ray on 127.0.0.1 only, on ports nobody else holds.
+
+    Ray 2.60 turns a node IP of 127.0.0.1 into the host's external address (so that other nodes
+    could join) unless clusters are switched off, as on macOS and Windows by default: with
+    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` its GCS, raylet, workers, agents and metrics endpoints all
+    bind loopback (checked with psutil in tests/test_cluster.py::test_loopback_*). The variable is
+    read by each process Ray starts now (they inherit it) and by this process's `ray_constants`;
+    both are restored afterwards, so a later `ray.cluster_utils.Cluster` or `ray start` in the same
+    process is unaffected. Fixed default ports (dashboard 8265, dashboard agent 52365, Prometheus
+    endpoints 44217/44227) would collide with a second pipeline's Ray on the same host: every one
+    is a free port here, the agent's chosen by the OS (0)."""
+    import ray._private.parameter as parameter
+    import ray._private.ray_constants as ray_constants
+
+    from pipeline.runtime.local_group import free_port
+
+    ports = {"dashboard": free_port(), "metrics_export": free_port()}
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **_own_address_env(ports),
+           "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port())}
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_cluster, saved_params = ray_constants.ENABLE_RAY_CLUSTER, parameter.RayParams
+
+    class LoopbackParams(saved_params):  # ray.init offers no dashboard_agent_listen_port
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("dashboard_agent_listen_port", 0)
+            super().__init__(*args, **kwargs)
+
+    os.environ.update(env)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    parameter.RayParams = LoopbackParams
+    try:
+        yield ports
+    finally:
+        parameter.RayParams = saved_params
+        ray_constants.ENABLE_RAY_CLUSTER = saved_cluster
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

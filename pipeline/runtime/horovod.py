@@ -39,6 +39,7 @@ def _worker(config: dict[str, Any]) -> int:
     import torch
 
     from pipeline.config import validate
+    from pipeline.tracking.live import LiveMetrics
     from pipeline.training.loop import train
     from pipeline.training.session import LocalSession
 
@@ -50,9 +51,14 @@ def _worker(config: dict[str, Any]) -> int:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, int(config["threads"])))
     cfg = validate(config["cfg"])
+    live = config.get("live")
     session = LocalSession(Path(config["root"]), device, rank=hvd.rank(), world=hvd.size(), barrier=_barrier,
-                           keep_last_k=cfg.task(config["task"]).trainer.keep_last_k)
-    return train(cfg, config["task"], config["shards"], session).step
+                           keep_last_k=cfg.task(config["task"]).trainer.keep_last_k,
+                           live=LiveMetrics(live["run_id"], live["tracking_uri"]) if live and hvd.rank() == 0 else None)
+    try:
+        return train(cfg, config["task"], config["shards"], session).step
+    finally:
+        session.close()
 
 
 def run_horovod(fn: Callable[..., Any], args: list[Any], num_workers: int, cpus_per_worker: float,
@@ -70,14 +76,15 @@ def run_horovod(fn: Callable[..., Any], args: list[Any], num_workers: int, cpus_
         executor.shutdown()
 
 
-def fit_horovod(cfg: PipelineConfig, task_name: str, shards: str, run_dir: Path) -> HorovodResult:
+def fit_horovod(cfg: PipelineConfig, task_name: str, shards: str, run_dir: Path,
+                live: dict[str, str] | None = None) -> HorovodResult:
     from ray.train import Checkpoint
 
     from pipeline.training.session import LocalSession
 
     cl = cfg.cluster
     config = {"cfg": cfg.model_dump(mode="json"), "task": task_name, "shards": shards,
-              "root": str(run_dir), "use_gpu": cl.use_gpu,
+              "root": str(run_dir), "use_gpu": cl.use_gpu, "live": live,
               "threads": os.environ.get("OMP_NUM_THREADS", int(cl.cpus_per_worker))}
     for attempt in range(cl.max_failures + 1):
         try:

@@ -37,7 +37,12 @@ class LocalHead:
 
     def __enter__(self) -> LocalHead:
         bin_dir = Path(sys.executable).parent
-        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: a one-node cluster, whose GCS, raylet and agents then
+        # bind 127.0.0.1 instead of every interface (Ray otherwise swaps 127.0.0.1 for the host's
+        # external address so that other nodes could join); pipeline/runtime/connect.py says more.
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+               "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port())}
         env.pop("RAY_ADDRESS", None)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
@@ -57,6 +62,12 @@ class LocalHead:
             self.__exit__(None, None, None)
             raise
         return self
+
+    @property
+    def pid(self) -> int:
+        """The `ray start --block` process, parent of every process of this head."""
+        assert self._proc is not None, "the head is not running"
+        return self._proc.pid
 
     def _wait_up(self) -> None:
         deadline = time.time() + self.start_timeout_s

@@ -16,6 +16,7 @@ not retried, it ends the run in one line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -56,7 +57,22 @@ def _worker(config: dict[str, Any]) -> None:
     from pipeline.training.session import RaySession
 
     logging.getLogger("ray.train.v2._internal.util").addFilter(_QuietKnownErrors())
-    train(validate(config["cfg"]), config["task"], config["shards"], RaySession(config.get("verified")))
+    import ray.train
+
+    from pipeline.tracking.live import LiveMetrics, node_monitor
+
+    live, ctx = config.get("live"), ray.train.get_context()
+    sink = LiveMetrics(live["run_id"], live["tracking_uri"]) if live and ctx.get_world_rank() == 0 else None
+    session = RaySession(config.get("verified"), live=sink)
+    # system metrics of every training node (its local rank 0), not only of the driver's
+    node = f"node-{ray.get_runtime_context().get_node_id()[:8]}"
+    monitor = node_monitor(live["run_id"], live["tracking_uri"], node) \
+        if live and ctx.get_local_rank() == 0 else contextlib.nullcontext()
+    try:
+        with monitor:
+            train(validate(config["cfg"]), config["task"], config["shards"], session)
+    finally:
+        session.close()
 
 
 def storage_root(cfg: PipelineConfig) -> str:
@@ -246,24 +262,28 @@ def _summary(error: BaseException) -> str:
     return f"{type(base).__name__}: {lines[0][:200] if lines else ''}"
 
 
-def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str):
+def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str, live: dict[str, str] | None = None):
     """Train on Ray; returns the `ray.train.Result` (or its Horovod equivalent). Horovod brings
     its own launcher (RayExecutor). A failed attempt is retried from the last checkpoint up to
     `cluster.max_failures` times, then its error is raised; a damaged checkpoint file or a full
     disk raises `CheckpointError` (one line) at once.
 
     `shards` is where every worker reads the shards: an absolute local path (one node or a
-    shared file system) or a URL such as s3://... (cached on each node)."""
+    shared file system) or a URL such as s3://... (cached on each node). `live` (run_id,
+    tracking_uri) makes rank 0 log the per-step history to that MLflow run while it trains."""
     if cfg.strategy.name == "horovod":
         from pipeline.runtime.horovod import fit_horovod
 
         recover(cfg, task_name, run_name)
-        result = fit_horovod(cfg, task_name, shards, Path(storage_root(cfg)) / run_name)
+        result = fit_horovod(cfg, task_name, shards, Path(storage_root(cfg)) / run_name, live)
         if result.error is not None and (fatal := fatal_error(result.error)) is not None:
             raise _final(fatal, cfg, run_name) from None
         return result
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, WorkerGroupError
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.runtime.connect import embedded
+    from pipeline.runtime.rendezvous import torch_config
 
     cl = cfg.cluster
     for attempt in range(cl.max_failures + 1):
@@ -271,10 +291,10 @@ def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str):
         trainer = TorchTrainer(
             train_loop_per_worker=_worker,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "task": task_name, "shards": shards,
-                               "verified": found.verified if found else None},
+                               "verified": found.verified if found else None, "live": live},
             scaling_config=ScalingConfig(num_workers=cl.num_workers, use_gpu=cl.use_gpu,
                                          resources_per_worker={"CPU": cl.cpus_per_worker}),
-            torch_config=TorchConfig(backend=process_group_backend(cfg.strategy, cl.use_gpu)),
+            torch_config=torch_config(process_group_backend(cfg.strategy, cl.use_gpu), single_node=embedded()),
             run_config=RunConfig(
                 name=run_name, storage_path=storage_root(cfg),
                 failure_config=FailureConfig(max_failures=0),  # retried here, where errors can be told apart

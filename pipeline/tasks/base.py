@@ -18,8 +18,9 @@ from pipeline.config.schema import TaskConfig
 
 
 class Task(ABC):
-    kind: str
-    item_name: str  # what throughput counts: "tokens" or "images"
+    name: str  # the task's one name: its registry key, its config chain (`tasks.<name>`), the spec's `task`
+    data_kind: str  # the `data.kind` it trains on ("text", "images")
+    item_name: str  # the unit throughput counts ("tokens", "images"), as in `tokens_per_s`
     label_smoothing: float = 0.0  # training-time only; set by the loop for classification-style losses
 
     @abstractmethod
@@ -39,11 +40,11 @@ class Task(ABC):
     def pipeline_io(self, batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """(the model's positional inputs, the loss target): how a pipeline schedule feeds the
         first stage and scores the last. Tasks whose loss draws noise inside it do not pipeline."""
-        raise NotImplementedError(f"task '{self.kind}' cannot run under pipeline parallelism")
+        raise NotImplementedError(f"task '{self.name}' cannot run under pipeline parallelism")
 
     def output_loss(self, output: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
         """The loss from the model's output (the pipeline's last stage computes it)."""
-        raise NotImplementedError(f"task '{self.kind}' cannot run under pipeline parallelism")
+        raise NotImplementedError(f"task '{self.name}' cannot run under pipeline parallelism")
 
     @abstractmethod
     def items(self, batch: dict[str, torch.Tensor]) -> int:
@@ -51,3 +52,12 @@ class Task(ABC):
 
     def flops_per_item(self, model: nn.Module, spec: dict[str, Any]) -> float | None:
         return None
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor of a batch on the training device without making the host wait: to a GPU
+    through pinned memory (a copy from pageable memory may wait for the device's queue),
+    asynchronously."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.atomic import file_sha256
 from pipeline.config.schema import GPTConfig, TaskConfig
-from pipeline.data.shards import sha256_file
 from pipeline.models.gpt import GPT
-from pipeline.tasks.base import Task
+from pipeline.tasks.base import Task, to_device
 
 
 def pretrained_source(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -23,7 +23,7 @@ def pretrained_source(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     key = "tasks.lm.model.init_from"
     config = json.loads((folder / "config.json").read_text())
     tokenizer = folder / "tokenizer.json"
-    if tokenizer.is_file() and manifest.get("tokenizer_sha256") not in (None, sha256_file(tokenizer)):
+    if tokenizer.is_file() and manifest.get("tokenizer_sha256") not in (None, file_sha256(tokenizer)):
         raise ValueError(f"{key}: the shards were tokenized with another tokenizer than {tokenizer}; rerun "
                          "prepare and shard (`dvc repro` does, as init_from is one of prepare's params)")
     context = config.get("max_position_embeddings")
@@ -36,7 +36,8 @@ def pretrained_source(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 class LanguageModeling(Task):
-    kind = "text"
+    name = "lm"
+    data_kind = "text"
     item_name = "tokens"
 
     def model_spec(self, cfg: TaskConfig, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -48,7 +49,7 @@ class LanguageModeling(Task):
         if manifest["vocab_size"] > vocab:
             raise ValueError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's vocabulary "
                              f"({manifest['vocab_size']}) the shards were written with")
-        spec = {"task": "lm", "model": cfg.model.model_dump(mode="json"), "vocab_size": vocab,
+        spec = {"task": self.name, "model": cfg.model.model_dump(mode="json"), "vocab_size": vocab,
                 "max_seq_len": manifest["seq_len"]}
         if cfg.model.init_from:
             spec["hf_source"] = pretrained_source(Path(cfg.model.init_from), manifest)
@@ -58,7 +59,7 @@ class LanguageModeling(Task):
         return GPT(GPTConfig.model_validate(spec["model"]), spec["vocab_size"], spec["max_seq_len"])
 
     def batch_to_tensors(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-        tokens = torch.from_numpy(batch["tokens"].astype(np.int64)).to(device, non_blocking=True)
+        tokens = to_device(torch.from_numpy(batch["tokens"].astype(np.int64)), device)
         return {"x": tokens[:, :-1], "y": tokens[:, 1:]}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor],

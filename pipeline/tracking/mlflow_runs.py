@@ -4,6 +4,7 @@ and export (the run id travels in `run.json` beside the model)."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -83,6 +84,24 @@ def setup(cfg: TrackingConfig) -> str:
     return exp_id
 
 
+def model_label(model_cfg: Any) -> str:
+    """What a model is called in run names, tags and registry descriptions: its config preset
+    (`gpt_tiny`), or the folder name of the Hugging Face checkpoint it started from."""
+    init_from = getattr(model_cfg, "init_from", None)
+    return Path(init_from).name if init_from else str(getattr(model_cfg, "preset", "custom"))
+
+
+def run_name(task: str, model_cfg: Any, strategy: str, when: datetime.datetime | None = None) -> str:
+    """A training run's name in the MLflow UI: task, model preset, strategy and local start time
+    to the minute, e.g. `lm-tiny-ddp-2026-12-02T2031` or `diffusion-dit_small-fsdp-...` (the LM's
+    `gpt_` prefix is dropped: GPT is its only kind)."""
+    label = model_label(model_cfg)
+    if getattr(model_cfg, "kind", None) == "gpt":
+        label = label.removeprefix("gpt_")
+    label = re.sub(r"[^A-Za-z0-9_.]+", "-", label).strip("-") or "model"
+    return f"{task}-{label}-{strategy}-{(when or datetime.datetime.now()).strftime('%Y-%m-%dT%H%M')}"
+
+
 def safe_params(params: dict[str, Any]) -> dict[str, str]:
     """Params minus anything that looks like a secret; values cut to MLflow's length limit."""
     return {k: str(v)[:6000] for k, v in params.items() if not _SECRET.search(k)}
@@ -97,10 +116,6 @@ def log_history(run_id: str, history: list[dict[str, float]], prefix: str = "tra
     client = MlflowClient()
     for i in range(0, len(metrics), 900):
         client.log_batch(run_id, metrics=metrics[i : i + 900])
-
-
-def write_run_file(model_dir: Path, info: dict[str, Any]) -> None:
-    (model_dir / RUN_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
 
 
 def read_run_file(model_dir: Path) -> dict[str, Any]:

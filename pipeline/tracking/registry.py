@@ -3,8 +3,12 @@ only when the configured metric beats the current champion's."""
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -39,13 +43,18 @@ def champion(client: MlflowClient, name: str) -> tuple[str, float | None] | None
 
 
 def register(model_uri: str, run_id: str, cfg: RegistryConfig, metric_value: float,
-             tags: dict[str, str]) -> Registration:
-    """Register `model_uri`, alias it challenger, and promote it to champion if it is better."""
+             tags: dict[str, str], describe: Callable[[str], str] | None = None) -> Registration:
+    """Register `model_uri` (with `describe(version)` as the version's description), alias it
+    challenger, and promote it to champion if it is better."""
     import mlflow
 
     client = MlflowClient()
     mv = mlflow.register_model(model_uri, cfg.name, tags={**tags, "metric_name": cfg.metric,
                                                           "metric_value": str(metric_value), "run_id": run_id})
+    if describe is not None:
+        client.update_model_version(cfg.name, mv.version, description=describe(str(mv.version)))
+    if not client.get_registered_model(cfg.name).description:
+        client.update_registered_model(cfg.name, description=model_description(cfg))
     client.set_registered_model_alias(cfg.name, CHALLENGER, mv.version)
     current = champion(client, cfg.name)
     prev_version, prev_value = current if current else (None, None)
@@ -53,3 +62,125 @@ def register(model_uri: str, run_id: str, cfg: RegistryConfig, metric_value: flo
     if promoted:
         client.set_registered_model_alias(cfg.name, CHAMPION, mv.version)
     return Registration(cfg.name, str(mv.version), metric_value, promoted, prev_version, prev_value)
+
+
+# --- what a person reads in the registry: a version's own lineage (tags) and a description ---
+
+# The data stages behind a model and the out of each, as dvc.lock names them (`data/<task>/<out>`).
+DATA_STAGES = (("prepare", "prepared"), ("shard", "shards"))
+_KIND = {"lm": "language model (GPT)", "diffusion": "class-conditional diffusion model"}
+
+
+def version_tags(run: Run) -> dict[str, str]:
+    """A registered version's own lineage, under a few names: its task; the commit it was trained
+    at (and whether the tree had uncommitted changes); the digest of its config; its data: the
+    sha256 of the raw examples as read, DVC's md5 of its task's prepared data and shards (keys
+    as `dvc.lock` names them, `dvc.<stage>:<task>.<path>`) and the shard manifest's md5; and the
+    weights it started from, if any. Everything else the run records (every hash in dvc.lock,
+    package versions, Ray and kernel details) stays on the run: `python -m pipeline lineage`."""
+    tags = run.data.tags
+    task = tags.get("task", "")
+    out = {"task": task}
+    for key in ("git.commit", "git.dirty", "config.digest", "data.manifest_md5",
+                "init_from.path", "init_from.fingerprint"):
+        if key in tags:
+            out[key] = tags[key]
+    for stage, name in DATA_STAGES:
+        key = f"dvc.{stage}:{task}.data/{task}/{name}"
+        if key in tags:
+            out[key] = tags[key]
+    for i in run.inputs.dataset_inputs if run.inputs else []:
+        if i.dataset.name == f"{task}-raw":
+            out["data.raw_sha256"] = {t.key: t.value for t in i.tags}.get("digest_full", i.dataset.digest)
+    return out
+
+
+def _fmt(value: Any) -> str:
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _parameters(n: str | None) -> str:
+    if not (n and n.isdigit()):
+        return "parameters not recorded"
+    count = int(n)
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= size:
+            return f"{count / size:.3g}{unit} parameters"
+    return f"{count} parameters"
+
+
+def describe_version(name: str, version: str, run: Run, metrics: dict[str, float], cfg: RegistryConfig,
+                     tracking_uri: str, example: str | None = None, hf_architecture: str | None = None) -> str:
+    """The version's description (Markdown, as the MLflow UI shows it): a summary line (the
+    versions table shows the start), what was trained on what, the headline metrics, the run it
+    came from, and how to load it."""
+    tags, params = run.data.tags, run.data.params
+    task = tags.get("task", "?")
+    preset = tags.get("model.preset") or params.get("model.preset", "?")
+    strategy, precision = tags.get("strategy", "?"), tags.get("precision", "?")
+    workers = tags.get("cluster.workers") or params.get("cluster.num_workers", "?")
+    steps = run.data.metrics.get("train/steps", params.get("trainer.max_steps", "?"))
+    started = (datetime.datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
+               if run.info.start_time else "?")
+    better = "higher" if cfg.greater_is_better else "lower"
+    commit = tags.get("git.commit", "unknown")
+    dirty = {"false": "clean", "true": "with uncommitted changes"}.get(tags.get("git.dirty", ""), "state unknown")
+    lineage = version_tags(run)
+    data = [f"raw examples sha256 `{lineage['data.raw_sha256']}`"] if "data.raw_sha256" in lineage else []
+    data += [f"`{k.split('.', 2)[2]}` (`{k.split('.')[1]}`) `{v}`" for k, v in lineage.items() if k.startswith("dvc.")]
+    if "data.manifest_md5" in lineage:
+        data.append(f"shard manifest md5 `{lineage['data.manifest_md5']}`")
+    lines = [
+        f"{task} · {preset} ({_parameters(tags.get('model.parameters'))}) · {strategy} on {workers} workers, "
+        f"{precision} · {cfg.metric} {_fmt(metrics.get(cfg.metric))} · trained {started}",
+        "",
+        f"A {_KIND.get(task, 'model')}, `{preset}`, trained {_fmt(steps)} steps with `{strategy}` on "
+        f"{workers} workers ({precision}) on `{params.get('data.source', '?')}`.",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        f"| **{cfg.metric}** (registry metric, {better} is better) | **{_fmt(metrics.get(cfg.metric))}** |",
+        *(f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if k != cfg.metric),
+        "",
+        "**Where it came from**",
+        "",
+        f"- MLflow run `{run.info.run_name}` ({run.info.run_id})",
+        f"- git commit `{commit}` ({dirty}); config digest `{tags.get('config.digest', '?')}`",
+        "- data: " + ("; ".join(data) or "hashes not recorded"),
+        f"- the whole chain (every stage's DVC hashes, datasets, config, and whether this workspace still "
+        f"matches): `python -m pipeline lineage {name}/{version}`",
+        "",
+        "**Load it**",
+        "",
+        "```python",
+        "import mlflow, pandas",
+        f'mlflow.set_tracking_uri("{tracking_uri}")',
+        f'model = mlflow.pyfunc.load_model("models:/{name}@champion")  # whichever version is champion',
+        f'model = mlflow.pyfunc.load_model("models:/{name}/{version}")  # this version',
+        *([f"model.predict(pandas.DataFrame({example}))"] if example else []),
+        "```",
+    ]
+    if hf_architecture:
+        lines += [
+            "",
+            f"**As a Hugging Face model** ({hf_architecture}): the version's files hold a `transformers` folder, "
+            f"`hf/` (in the workspace that trained it: `export/{task}/hf/`).",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f'folder = mlflow.pyfunc.load_model("models:/{name}/{version}").unwrap_python_model().dir / "hf"',
+            "model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)",
+            "```",
+        ]
+    return "\n".join(lines)
+
+
+def model_description(cfg: RegistryConfig) -> str:
+    """The registered model's own description, set once."""
+    better = "highest" if cfg.greater_is_better else "lowest"
+    return (f"Versions registered by this project's `register` stage (`dvc repro`). `@challenger` is the newest; "
+            f"`@champion` the one with the {better} `{cfg.metric}` so far (`python -m pipeline promote` moves it "
+            "by hand). Each version's description says what it was trained on, its metrics, and how to load it.")

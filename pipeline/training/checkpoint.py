@@ -36,8 +36,9 @@ from pipeline.atomic import (
     json_digest,
     read_checksum_record,
 )
+from pipeline.distributed.replicated import STATE  # the replicated backends' state file (its one home)
 
-STATE, META, WEIGHTS, SPEC = "state.pt", "meta.json", "model.safetensors", "model_spec.json"
+META, WEIGHTS, SPEC = "meta.json", "model.safetensors", "model_spec.json"
 CHECKSUMS = "checksums.json"  # in a model folder
 RANK_FILES = "files-rank{}.json"  # in a checkpoint, one per rank
 _RECORDS = re.compile(r"(meta\.json|files-rank\d+\.json)$")

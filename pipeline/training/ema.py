@@ -20,11 +20,19 @@ class EMA:
         self.shadow = {k: v.detach().clone().float() for k, v in source.items()}
 
     @torch.no_grad()
-    def update(self, source: dict[str, torch.Tensor], step: int) -> None:
+    def update(self, source: dict[str, torch.Tensor], step: int, applied: torch.Tensor | bool = True) -> None:
+        """Average in the weights after step `step`. `applied`: whether the optimizer stepped,
+        a bool or a device bool tensor (then a skipped step leaves the average unchanged,
+        decided on the device: the weight of the new value becomes 0)."""
+        if applied is False:
+            return
         d = min(self.decay, (1 + step) / (10 + step))
+        weight: float | torch.Tensor = 1 - d
+        if isinstance(applied, torch.Tensor):
+            weight = torch.where(applied, weight, 0.0).to(torch.float32)
         for k, v in source.items():
             if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach().float(), 1 - d)
+                self.shadow[k].lerp_(v.detach().float(), weight)
             else:
                 self.shadow[k].copy_(v)
 

@@ -21,7 +21,8 @@ import torch
 
 from pipeline.config.schema import PipelineConfig
 from pipeline.data.reader import GlobalOrderReader
-from pipeline.data.shards import ShardSet, load_manifest, read_split
+from pipeline.data.shard_format import load_manifest
+from pipeline.data.shard_store import ShardSet, read_split
 from pipeline.distributed import StepSettings, Strategy, build_strategy
 from pipeline.distributed.mesh import Layout
 from pipeline.distributed.precision import Precision
@@ -29,8 +30,10 @@ from pipeline.models.hf import is_hf_folder
 from pipeline.tasks import task_for_data
 from pipeline.training.checkpoint import dir_bytes, out_of_space, read_meta, seal_checkpoint, storage_full
 from pipeline.training.ema import EMA
+from pipeline.training.mfu import device_peak, mfu
 from pipeline.training.optim import ValidationTracker, build_optimizer, describe_optimizer, lr_at
 from pipeline.training.validation import validation_loss
+from pipeline.training.window import StepWindow
 
 
 class Session(Protocol):
@@ -40,6 +43,7 @@ class Session(Protocol):
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
     def latest_checkpoint(self): ...
+    def log_step(self, entry: dict[str, Any]) -> None: ...
 
 
 class NonFiniteError(RuntimeError):
@@ -95,17 +99,27 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     flops_per_item = task.flops_per_item(model, spec)  # before sharding: ZeRO-3 leaves empty parameters behind
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     precision = Precision(cfg.precision.dtype, session.device)
+    fp8_layers = precision.prepare(model)  # fp8: the blocks' large Linear layers become torchao Float8Linear
     strategy = build_strategy(cfg.strategy, precision, session.device,
                               StepSettings(micro, tr.grad_accum_steps, tr.grad_clip,
-                                           (tr.activation_checkpointing, tr.ac_selective, tr.ac_every_k)),
+                                           (tr.activation_checkpointing, tr.ac_selective, tr.ac_every_k), tr.compile),
                               cfg.parallel)
     pretrained = getattr(tcfg.model, "init_from", None)  # a Hugging Face checkpoint (its config set the model)
     strategy.init_from = weights_file(tr.init_from or pretrained) if tr.init_from or pretrained else None
     strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
     implementation = {"strategy": strategy.describe(), "optimizer": describe_optimizer(strategy.optimizer),
-                      "precision": precision.name, "activation_checkpointing": tr.activation_checkpointing}
+                      "precision": precision.name + (f" ({fp8_layers} Float8Linear layers)" if fp8_layers else ""),
+                      "activation_checkpointing": tr.activation_checkpointing, "compile": tr.compile}
+    peak = device_peak(session.device, precision.name, tr.peak_tflops) if flops_per_item else None
+    if peak is not None:
+        # logged once; tagged on the MLflow run (impl.mfu_peak*) and a metric of it (train/peak_tflops)
+        implementation.update(mfu_peak=peak.describe(), mfu_peak_tflops=f"{peak.tflops:.6g}")
     if session.rank == 0:
-        print(f"[{task_name}] " + "; ".join(f"{k}: {v}" for k, v in implementation.items()), flush=True)
+        print(f"[{task_name}] " + "; ".join(f"{k}: {v}" for k, v in implementation.items() if k != "mfu_peak_tflops"),
+              flush=True)
+        if flops_per_item and peak is None:
+            print(f"[{task_name}] no MFU: the dense peak of {session.device} in {precision.name} is not known "
+                  f"(set tasks.{task_name}.trainer.peak_tflops)", flush=True)
     train_shards = ShardSet(shards_root, "train")
     train_shards.check_sizes()  # a missing, truncated or (local) corrupt shard stops the run before step 1
     reader = GlobalOrderReader(train_shards, tr.global_batch_size, dp_rank, dp_size, seed=cfg.seed,
@@ -126,8 +140,11 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
             if session.rank == 0:
                 print(f"[{task_name}] resumed from step {state.step} ({ckpt})", flush=True)
 
-    window_loss, window_items, window_start = 0.0, 0, time.perf_counter()
-    window_steps, last_norm, reported_final, data_wait = 0, 0.0, False, 0.0
+    # the losses, norms and skips of the steps since the last report, summed on the device and
+    # read once per report: a step never waits for the device (pipeline/training/window.py)
+    window = StepWindow(session.device, tr.max_nonfinite_in_a_row)
+    window_items, window_start, reported_final, data_wait = 0, time.perf_counter(), False, 0.0
+    run_start, first_step = window_start, state.step  # for the ETA: this start's pace so far
     while state.step < tr.max_steps and not state.stopped_early:
         lr = lr_at(state.step, tcfg.optim, tr.max_steps, tracker.plateau_scale)
         for group in strategy.optimizer.param_groups:
@@ -140,22 +157,10 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
         step_loss = strategy.forward_backward(batches, task, gen)
         window_items += sum(task.items(batch) for batch in batches)
         norm, stepped = strategy.clip_and_step(tr.grad_clip)
-        if ema is not None and stepped:
-            ema.update(strategy.ema_source(), state.step)
+        if ema is not None:
+            ema.update(strategy.ema_source(), state.step, applied=stepped)  # a skipped step leaves it as it is
         state.step += 1
-        if stepped and math.isfinite(step_loss):
-            state.nonfinite_in_a_row = 0
-            window_loss += step_loss
-            window_steps += 1
-            last_norm = norm
-        else:
-            state.skipped_steps += 1
-            state.nonfinite_in_a_row += 1
-            if state.nonfinite_in_a_row >= tr.max_nonfinite_in_a_row:
-                raise NonFiniteError(
-                    f"[{task_name}] {state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
-                    f"(last loss {step_loss}, grad norm {norm}) at step {state.step}; lower optim.lr or use "
-                    f"another precision. Checkpoints up to the last good step are kept.")
+        window.add(step_loss, norm, stepped, state.step)
 
         val_loss = None
         if val is not None and state.step % tr.eval_every == 0:
@@ -166,32 +171,59 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
         do_ckpt = final or state.step % tr.ckpt_every == 0
         if not (do_ckpt or val_loss is not None or state.step % tr.log_every == 0):
             continue
+        seen = window.read()  # the window's one read back from the device
+        state.skipped_steps += seen.skipped
+        state.nonfinite_in_a_row = seen.in_a_row
+        if seen.limit_step:
+            raise NonFiniteError(
+                f"[{task_name}] {tr.max_nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+                f"(last loss {seen.limit_loss}, grad norm {_inf_if_nan(seen.limit_norm)}) at step "
+                f"{seen.limit_step}; lower optim.lr or use another precision. Checkpoints up to the last good "
+                "step are kept.")
         elapsed = time.perf_counter() - window_start
-        loss_mean, items_total, wait_mean = strategy.all_mean([window_loss / max(1, window_steps), float(window_items),
-                                                               data_wait])
+        loss_mean, items_total, wait_mean = strategy.all_mean([seen.loss_mean, float(window_items), data_wait])
         items_total *= dp_size  # every rank of a data-parallel replica counted the same items
-        entry = {"step": state.step, "loss": loss_mean, "lr": lr, "grad_norm": last_norm,
+        entry = {"step": state.step, "loss": loss_mean, "lr": lr, "grad_norm": seen.last_norm,
                  f"{task.item_name}_per_s": items_total / elapsed, "epoch": reader.epoch,
                  "skipped_steps": state.skipped_steps, "data_wait_frac": wait_mean / elapsed}
         if val_loss is not None:
             entry["val_loss"] = val_loss
         if flops_per_item:
             entry["model_tflops"] = flops_per_item * items_total / elapsed / 1e12
+            if peak is not None:  # against every device of the run (tensor/pipeline ranks too)
+                entry["mfu"] = mfu(entry["model_tflops"], peak, session.world)
+        entry.update(strategy.step_metrics())  # compile_s once, under trainer.compile
         state.history.append(entry)
+        session.log_step(entry)  # to the MLflow run now (rank 0, off this thread), not only after the fit
         if session.rank == 0:
             extra = f" | val {val_loss:.4f}" if val_loss is not None else ""
+            util = f" | MFU {entry['mfu']:.1%}" if "mfu" in entry else ""
+            eta = (time.perf_counter() - run_start) / (state.step - first_step) * (tr.max_steps - state.step)
             print(f"[{task_name}] step {state.step}/{tr.max_steps} | loss {loss_mean:.4f}{extra} | lr {lr:.2e} | "
-                  f"grad {last_norm:.2f} | {entry[f'{task.item_name}_per_s']:,.0f} {task.item_name}/s", flush=True)
+                  f"grad {seen.last_norm:.2f} | {entry[f'{task.item_name}_per_s']:,.0f} {task.item_name}/s{util} | "
+                  f"eta {_duration(eta)}", flush=True)
             if state.stopped_early:
                 print(f"[{task_name}] early stop: no better validation loss than {tracker.best:.4f} in "
                       f"{tracker.evals_since_best} validations", flush=True)
         _report(session, strategy, ema, reader, state, tracker, entry, do_ckpt, final, implementation)
-        window_loss, window_items, window_steps, window_start, data_wait = 0.0, 0, 0, time.perf_counter(), 0.0
+        window_items, window_start, data_wait = 0, time.perf_counter(), 0.0
         reported_final = final
     if not reported_final:  # resumed a finished run: hand its final checkpoint over again
         _report(session, strategy, ema, reader, state, tracker, state.history[-1], True, True, implementation)
     reader.close()
     return state
+
+
+def _duration(seconds: float) -> str:
+    """1h02m, 3m05s, 42s: how long the rest of the run should take at this start's pace."""
+    seconds = max(0, round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _inf_if_nan(norm: float) -> float:
+    return norm if math.isfinite(norm) else float("inf")
 
 
 # this rank's part of a run's previous checkpoint, by session: the estimate when a save fails

@@ -22,6 +22,18 @@ def apex_available() -> bool:
     return importlib.util.find_spec("apex") is not None
 
 
+def check_kernels(cfg) -> None:
+    """On the driver, before any Ray resource is taken (beside `pipeline.distributed.preflight`):
+    a task asking for Apex kernels (`optim.impl` or `model.norm_impl` apex) where Apex is not
+    installed stops with one line. `cfg` is the PipelineConfig."""
+    for task_name, task in cfg.tasks.items():
+        wants_apex = task.optim.impl == "apex" or getattr(task.model, "norm_impl", "torch") == "apex"
+        if wants_apex and not apex_available():
+            key = "optim.impl" if task.optim.impl == "apex" else "model.norm_impl"
+            raise ValueError(f"tasks.{task_name}.{key}: 'apex' was asked for, but NVIDIA Apex is not "
+                             "installed here; install it, or use auto/torch")
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The configured optimizer, with the kernel implementation `cfg.impl` asks for.
 

@@ -12,16 +12,41 @@ import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from pipeline.training.checkpoint import fallback_line, newest_intact, nothing_intact, read_meta, verify_checkpoint
 
+
+class StepSink(Protocol):
+    """Where each history entry goes as training runs (the runtime passes MLflow's live logger
+    to rank 0's session; pipeline/tracking/live.py)."""
+
+    def log(self, entry: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class _LiveSteps:
+    """What both sessions do with each history entry: hand it to the live sink, if any."""
+
+    _live: StepSink | None = None
+
+    def log_step(self, entry: dict[str, Any]) -> None:
+        """One history entry, to the MLflow run while training runs (where a live sink was given)."""
+        if self._live is not None:
+            self._live.log(entry)
+
+    def close(self) -> None:
+        """Send what the live sink still holds (bounded wait) and stop it."""
+        if self._live is not None:
+            self._live.close()
+
+
 _STEP_DIR = re.compile(r"checkpoint_\d+$")  # not a staging (.tmp) or set-aside (.damaged) folder
 
 
-class LocalSession:
+class LocalSession(_LiveSteps):
     """Checkpoints as step-numbered folders under `root` (if given), outside Ray Train.
 
     Used in one process (tests, benchmarks, debugging), by several processes of one
@@ -35,7 +60,8 @@ class LocalSession:
 
     def __init__(self, root: Path | None = None, device: torch.device | None = None, *,
                  rank: int | None = None, world: int | None = None,
-                 barrier: Callable[[], None] | None = None, keep_last_k: int = 0) -> None:
+                 barrier: Callable[[], None] | None = None, keep_last_k: int = 0,
+                 live: StepSink | None = None) -> None:
         import torch.distributed as dist
 
         spread = dist.is_available() and dist.is_initialized()
@@ -46,6 +72,7 @@ class LocalSession:
         self.root = root
         self.keep_last_k = keep_last_k
         self.reports: list[dict[str, Any]] = []
+        self._live = live
 
     @property
     def storage(self) -> Path | None:
@@ -96,14 +123,14 @@ class LocalSession:
         yield intact
 
 
-class RaySession:
+class RaySession(_LiveSteps):
     """Inside `TorchTrainer`: ranks from the train context, checkpoints through `ray.train.report`.
 
     `verified`: the name of the checkpoint the driver has already checked against its checksums
     (`pipeline.runtime.trainer.recover`); any other one Ray hands over (remote storage) is checked
     here, and a damaged one stops the run with `DamagedFile`."""
 
-    def __init__(self, verified: str | None = None) -> None:
+    def __init__(self, verified: str | None = None, live: StepSink | None = None) -> None:
         import logging
 
         import ray.train
@@ -128,6 +155,7 @@ class RaySession:
         else:
             self.device = torch.device("cpu")
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self._live = live
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.train
@@ -147,3 +175,4 @@ class RaySession:
             if Path(d).name != self.verified:
                 verify_checkpoint(Path(d))
             yield Path(d)
+

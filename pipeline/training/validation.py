@@ -17,7 +17,8 @@ from pipeline.tasks import Task
 def validation_loss(task: Task, strategy: Strategy, val: dict[str, np.ndarray], global_batch: int,
                     batches: int, device: torch.device, seed: int) -> float:
     """This rank's mean loss; the caller averages over ranks. Each data-parallel replica reads
-    its slice (every tensor- or pipeline-parallel rank of a replica the same one)."""
+    its slice (every tensor- or pipeline-parallel rank of a replica the same one). The batches'
+    losses stay on the device until all have run, then come back in one read."""
     n = len(next(iter(val.values())))
     rank, local = strategy.dp_rank, global_batch // strategy.dp_size
     gen = torch.Generator(device=device).manual_seed(seed + rank)
@@ -28,6 +29,6 @@ def validation_loss(task: Task, strategy: Strategy, val: dict[str, np.ndarray], 
     for b in range(batches):
         idx = np.arange(b * global_batch + rank * local, b * global_batch + (rank + 1) * local) % n
         batch = task.batch_to_tensors({k: v[idx] for k, v in val.items()}, device)
-        losses.append(strategy.eval_loss(batch, task, gen))
+        losses.append(strategy.eval_loss(batch, task, gen).to(torch.float64).reshape(()))
     model.train(was_training)
-    return float(np.mean(losses))
+    return float(np.mean(torch.stack(losses).tolist()))

@@ -1,0 +1,274 @@
+"""GPU throughput and MFU of the GPT presets: tokens/s and model FLOPs utilisation for gpt_125m,
+gpt_350m and gpt_1b at sequence 2048, eager vs `trainer.compile=blocks`, bf16 vs fp8, without
+and with full activation checkpointing, each at the micro-batch that fills the GPU's memory.
+
+One process, one GPU, no Ray: the DDP strategy at world size 1 (no wrapper) running the loop's
+own step (`Strategy.forward_backward` + `clip_and_step`: autocast, fused AdamW, clipping, the
+on-device skip) on random tokens, the optimizer and precision the config names. The micro-batch
+is the memory planner's largest for this GPU's memory (`pipeline.distributed.planner.plan`,
+`target="cuda"`); should it not fit after all (allocator fragmentation; the planner counts
+fp8 as bf16 and does not model compilation), it is lowered by a fifth until a step runs.
+MFU = model FLOPs (`GPT.flops_per_token`: 6N + attention) per second over the dense peak of the
+precision in use (`pipeline.training.mfu`: bf16 or fp8, from the table by device name).
+
+    python benchmarks/gpu.py                      # the full table (one GPU; some minutes per row)
+    python benchmarks/gpu.py --json results.json  # the rows as JSON too
+    python benchmarks/gpu.py --presets gpt_125m --compile none --precision bf16
+    python benchmarks/gpu.py --smoke              # CPU: gpt_tiny, sequence 64, 2 steps (checks the script)
+
+No GPU figures exist yet: this was written and smoke-tested on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ("gpt_125m", "gpt_350m", "gpt_1b")
+VOCAB = 50257
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    compile: str
+    precision: str
+    ac: str
+    params_m: float | None = None
+    micro_batch: int | None = None
+    planned_micro_batch: int | None = None
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    step_ms: float | None = None
+    peak_gib: float | None = None
+    note: str = ""
+
+
+def config(preset: str, seq: int, precision: str, ac: str, compile_mode: str, micro: int = 1):
+    """The validated pipeline config of one row (the lm task; DDP)."""
+    from pipeline.config import compose, validate
+    from pipeline.config.loading import apply_overrides
+    from pipeline.config.schema import TrainerConfig
+
+    groups = [f"model@tasks.lm.model={preset}", "strategy=ddp"]
+    overrides = [f"precision.dtype={precision}", f"tasks.lm.data.seq_len={seq}", f"tasks.lm.data.vocab_size={VOCAB}",
+                 f"tasks.lm.trainer.activation_checkpointing={ac}", f"tasks.lm.trainer.global_batch_size={micro}",
+                 "tasks.lm.optim.warmup_steps=0", "cluster.num_workers=1"]
+    if "compile" in TrainerConfig.model_fields:
+        overrides.append(f"tasks.lm.trainer.compile={compile_mode}")
+    return validate(apply_overrides(compose(ROOT / "configs", groups), overrides))
+
+
+def planned_micro_batch(preset: str, seq: int, precision: str, ac: str, compile_mode: str, device: torch.device,
+                        memory: int | None) -> int | None:
+    """The memory planner's largest micro-batch for this device's memory (None: it cannot say)."""
+    from pipeline.distributed.planner import plan
+
+    if memory is None:
+        return None
+    try:
+        p = plan(config(preset, seq, precision, ac, compile_mode), "lm", workers=1, device_memory=memory,
+                 target="cuda" if device.type == "cuda" else "cpu", micro_batch=1, suggest=False)
+    except Exception as e:  # the planner models what the strategies do; say so and search instead
+        print(f"  planner: {type(e).__name__}: {e}; searching instead", flush=True)
+        return None
+    return p.largest_micro_batch
+
+
+def run(preset: str, seq: int, precision: str, ac: str, compile_mode: str, micro: int, steps: int, warmup: int,
+        device: torch.device) -> dict[str, Any]:
+    """Build, set up and time `steps` training steps after `warmup` ones. Raises torch's
+    OutOfMemoryError when the micro-batch does not fit."""
+    from pipeline.distributed import StepSettings, build_strategy
+    from pipeline.distributed.precision import Precision
+    from pipeline.tasks import task_for_data
+    from pipeline.training.mfu import device_peak
+    from pipeline.training.optim import build_optimizer, describe_optimizer
+
+    cfg = config(preset, seq, precision, ac, compile_mode, micro)
+    tcfg = cfg.task("lm")
+    task = task_for_data("text")
+    spec = task.model_spec(tcfg, {"vocab_size": VOCAB, "seq_len": seq})
+    with torch.device("meta"):
+        model = task.build(spec)
+    flops_per_token = task.flops_per_item(model, spec)
+    params = sum(p.numel() for p in model.parameters())
+    torch.manual_seed(0)
+    prec = Precision(precision, device)
+    fp8_layers = prec.prepare(model)
+    settings: dict[str, Any] = {}
+    if "compile" in {f.name for f in dataclasses.fields(StepSettings)}:
+        settings["compile"] = compile_mode
+    strategy = build_strategy(cfg.strategy, prec, device,
+                              StepSettings(micro, 1, tcfg.trainer.grad_clip, (ac, "every_k", 2), **settings))
+    strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
+    rows = torch.randint(0, VOCAB, (micro, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    batch = {"x": rows[:, :-1], "y": rows[:, 1:]}
+
+    def step() -> None:
+        strategy.forward_backward([batch], task, None)
+        strategy.clip_and_step(tcfg.trainer.grad_clip)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):  # compilation, kernel selection, optimizer state
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    optimizer = strategy.optimizer
+    tokens_per_s = micro * seq * steps / seconds
+    peak_flops = device_peak(device, precision)
+    return {"params": params, "tokens_per_s": tokens_per_s, "step_ms": seconds / steps * 1e3,
+            "mfu": flops_per_token * tokens_per_s / 1e12 / peak_flops.tflops if peak_flops else None,
+            "peak_source": peak_flops.describe() if peak_flops else "unknown", "peak_bytes": peak,
+            "fp8_layers": fp8_layers, "optimizer": describe_optimizer(optimizer)}
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(Exception):
+        torch._dynamo.reset()  # compiled graphs of the last row
+
+
+def measure(row: Row, seq: int, steps: int, warmup: int, device: torch.device, memory: int | None,
+            max_micro: int | None) -> Row:
+    planned = planned_micro_batch(row.model, seq, row.precision, row.ac, row.compile, device, memory)
+    row.planned_micro_batch = planned
+    micro = planned if planned else 1
+    if max_micro:
+        micro = min(micro, max_micro)
+    search = planned is None and device.type == "cuda"  # no plan: double until it does not fit
+    best: dict[str, Any] | None = None
+    while micro >= 1:
+        try:
+            result = run(row.model, seq, row.precision, row.ac, row.compile, micro, steps, warmup, device)
+        except torch.OutOfMemoryError:
+            _free()
+            if search and best is not None:
+                break
+            micro = micro * 4 // 5 if micro > 1 else 0
+            search = False
+            continue
+        _free()
+        best = {**result, "micro": micro}
+        if search and (max_micro is None or micro * 2 <= max_micro):
+            micro *= 2
+            continue
+        break
+    if best is None:
+        row.note = "does not fit at micro-batch 1"
+        return row
+    row.params_m = best["params"] / 1e6
+    row.micro_batch = best["micro"]
+    row.tokens_per_s, row.mfu, row.step_ms = best["tokens_per_s"], best["mfu"], best["step_ms"]
+    row.peak_gib = best["peak_bytes"] / 2**30 if best["peak_bytes"] else None
+    row.note = "; ".join(filter(None, [f"{best['fp8_layers']} Float8Linear" if best["fp8_layers"] else "",
+                                       best["optimizer"]]))
+    return row
+
+
+def unavailable(row: Row, device: torch.device) -> str | None:
+    """Why a row cannot run here (None: it can)."""
+    import dataclasses as dc
+    import importlib.util
+
+    from pipeline.distributed import StepSettings
+    from pipeline.distributed.precision import fp8_unavailable
+
+    if row.precision == "fp8":
+        if (why := fp8_unavailable(device)) is not None:
+            return why.split("; ", 1)[-1].split(". Use", 1)[0]
+        if importlib.util.find_spec("torchao") is None:
+            return "torchao is not installed (pip install -e '.[gpu]')"
+    if row.compile != "none" and "compile" not in {f.name for f in dc.fields(StepSettings)}:
+        return "trainer.compile is not in this version"
+    return None
+
+
+def table(rows: list[Row], device_name: str) -> str:
+    lines = [f"GPT presets on {device_name}, one device, DDP strategy (no wrapper), sequence as given",
+             "| model | params | compile | precision | AC | micro-batch (planned) | tokens/s | MFU | step ms | "
+             "peak GiB | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        def f(v: float | None, fmt: str) -> str:
+            return "n/a" if v is None else format(v, fmt)
+
+        planned = f" ({r.planned_micro_batch})" if r.planned_micro_batch is not None else ""
+        params = "n/a" if r.params_m is None else f"{r.params_m:.0f}M"
+        lines.append(f"| {r.model} | {params} | {r.compile} | {r.precision} | {r.ac} | "
+                     f"{r.micro_batch if r.micro_batch is not None else 'n/a'}{planned} | "
+                     f"{f(r.tokens_per_s, ',.0f')} | "
+                     f"{'n/a' if r.mfu is None else format(r.mfu, '.1%')} | {f(r.step_ms, '.1f')} | "
+                     f"{f(r.peak_gib, '.1f')} | {r.note} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--compile", default="none,blocks", help="trainer.compile values to compare")
+    ap.add_argument("--precision", default="bf16,fp8")
+    ap.add_argument("--ac", default="none,full", help="trainer.activation_checkpointing values")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
+    ap.add_argument("--max-micro-batch", type=int, default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU check of the script: gpt_tiny, sequence 64, 2 steps, micro-batch at most 4")
+    args = ap.parse_args()
+    if args.smoke:
+        args.presets, args.compile, args.seq, args.steps, args.warmup = "gpt_tiny", "none", 64, 2, 1
+        args.max_micro_batch, args.device = 4, "cpu"
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        memory = torch.cuda.mem_get_info(device)[1]
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        memory, device_name = (2**30 if args.smoke else None), f"CPU ({torch.get_num_threads()} threads)"
+    rows: list[Row] = []
+    for preset in args.presets.split(","):
+        for compile_mode in args.compile.split(","):
+            for precision in args.precision.split(","):
+                for ac in args.ac.split(","):
+                    row = Row(preset, compile_mode, precision, ac)
+                    print(f"{preset} compile={compile_mode} {precision} ac={ac} ...", flush=True)
+                    if (why := unavailable(row, device)) is not None:
+                        row.note = f"not run: {why}"
+                    else:
+                        measure(row, args.seq, args.steps, args.warmup, device, memory, args.max_micro_batch)
+                    rows.append(row)
+    out = table(rows, device_name)
+    print(out)
+    if args.json:
+        args.json.write_text(json.dumps({"device": device_name, "seq": args.seq, "steps": args.steps,
+                                         "torch": torch.__version__, "rows": [dataclasses.asdict(r) for r in rows]},
+                                        indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

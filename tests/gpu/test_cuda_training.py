@@ -1,0 +1,269 @@
+"""The GPU suite (`make test-gpu`, marker `gpu`): the training loop on a CUDA device, without Ray.
+
+Skipped where torch sees no CUDA device, and left out of `make test` (`-m "not gpu"`). Every run
+is the tiny config of the CPU tests (tests/conftest.py) on `cuda:0`, in one process, inside one
+world-size-1 NCCL group kept for the whole module (FSDP2 and DeepSpeed need torch.distributed;
+DeepSpeed keeps its groups in module globals, so the group is created once, not per run). What
+it checks, beyond the CPU suite:
+
+* DDP, FSDP2 and DeepSpeed ZeRO 0-3 train in fp32 (equal to DDP), bf16 and fp16 (loss scaling),
+  with torch's fused AdamW where `optim.impl=auto`, and report MFU against the table's peak;
+* a step that does not log makes no host-device synchronisation (`torch.cuda.set_sync_debug_mode`);
+* attention runs the flash kernel; `trainer.compile=blocks` trains like eager; fp8 (torchao
+  float8) trains on Hopper/Ada; activation checkpointing lowers the peak memory;
+* Apex's FusedAdam and fused norms (where Apex imports) equal torch's.
+
+No GPU figures exist yet for this project: this suite was written without a GPU to run it on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import warnings
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from tests.conftest import tiny_raw
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+CUDA = torch.device("cuda", 0)
+STEPS = ["tasks.lm.trainer.max_steps=6", "tasks.lm.trainer.log_every=3", "tasks.lm.trainer.ckpt_every=6",
+         "tasks.lm.optim.warmup_steps=2"]
+STRATEGIES = {
+    "ddp": ["strategy.name=ddp"],
+    "fsdp": ["strategy.name=fsdp"],
+    **{f"zero{s}": ["strategy.name=deepspeed", f"strategy.zero_stage={s}"] for s in range(4)},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_rank_group():
+    """A world-size-1 NCCL process group in this process (what Ray Train would set up), with
+    the variables DeepSpeed reads. DDP at world size 1 does not wrap the model."""
+    import torch.distributed as dist
+
+    from pipeline.runtime.local_group import free_port
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    with mock.patch.dict(os.environ, env):
+        torch.cuda.set_device(CUDA)
+        dist.init_process_group("nccl", rank=0, world_size=1, device_id=CUDA)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def run_loop(shards: Path, root: Path, overrides: list[str], task: str = "lm"):
+    from pipeline.config import validate
+    from pipeline.training.checkpoint import read_meta
+    from pipeline.training.loop import train
+    from pipeline.training.session import LocalSession
+
+    session = LocalSession(root, device=CUDA)
+    state = train(validate(tiny_raw([*STEPS, *overrides])), task, shards, session)
+    with session.latest_checkpoint() as ckpt:
+        implementation = read_meta(ckpt)["implementation"]
+    return state, implementation
+
+
+def _needs(name: str) -> None:
+    if name.startswith("zero"):
+        pytest.importorskip("deepspeed")
+
+
+@pytest.fixture(scope="module")
+def fp32_ddp(built_data, tmp_path_factory):
+    _, shards = built_data
+    state, _ = run_loop(shards["lm"], tmp_path_factory.mktemp("fp32_ddp"), ["strategy.name=ddp"])
+    return [h["loss"] for h in state.history]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_strategy_trains_on_cuda(built_data, tmp_path, fp32_ddp, name, dtype):
+    """fp32 equals DDP's losses (1e-4 relative: the sums' order differs); bf16 and fp16 (dynamic
+    loss scaling: torch's, FSDP's sharded one, or DeepSpeed's) stay within 3% of them."""
+    _needs(name)
+    _, shards = built_data
+    state, implementation = run_loop(shards["lm"], tmp_path, [*STRATEGIES[name], f"precision.dtype={dtype}"])
+    losses = [h["loss"] for h in state.history]
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, fp32_ddp, strict=True))
+    assert worst < (1e-4 if dtype == "fp32" else 0.03), f"{name} {dtype}: {worst:.2e} from DDP fp32"
+    if not name.startswith("zero"):  # DeepSpeed steps the torch optimizer it was handed, inside its engine
+        assert implementation["optimizer"] == "torch AdamW (fused)", implementation  # optim.impl=auto on CUDA
+    if "mfu_peak" in implementation:  # a GPU the table knows
+        assert all(0 < h["mfu"] <= 1 for h in state.history)
+
+
+def test_a_step_that_does_not_log_never_synchronises(built_data, tmp_path):
+    """`torch.cuda.set_sync_debug_mode("warn")` warns at every synchronising CUDA call; counted
+    per step (the reader is asked for each step's batch once), steps 2, 4 and 5 (not logged,
+    after step 1's one-off set-up) must have none. DDP, bf16, fused AdamW, EMA on."""
+    from pipeline.data.reader import GlobalOrderReader
+
+    _, shards = built_data
+    starts: list[int] = []
+    original = GlobalOrderReader.next_local_batch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def next_local_batch(self, *a, **k):
+            torch.cuda.set_sync_debug_mode("warn")
+            starts.append(len(caught))
+            return original(self, *a, **k)
+
+        with mock.patch.object(GlobalOrderReader, "next_local_batch", next_local_batch):
+            try:
+                run_loop(shards["lm"], tmp_path, ["precision.dtype=bf16", "tasks.lm.trainer.ema_decay=0.9"])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        starts.append(len(caught))
+    syncs = {step: [str(w.message) for w in caught[a:b] if "synchroniz" in str(w.message)]
+             for step, (a, b) in enumerate(itertools.pairwise(starts), 1)}
+    assert all(syncs[step] == [] for step in (2, 4, 5)), {s: syncs[s] for s in (2, 4, 5)}
+
+
+def test_fused_adamw_is_picked_on_cuda_and_steps_like_foreach():
+    from pipeline.config.schema import GPTConfig, OptimConfig
+    from pipeline.models.gpt import GPT
+    from pipeline.training.optim import build_optimizer, describe_optimizer
+
+    def model() -> GPT:
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(d_model=128, n_layers=2, n_heads=4), 256, 64).to(CUDA)
+        m.init_weights()
+        return m
+
+    a, b = model(), model()
+    oa, ob = build_optimizer(a, OptimConfig(impl="torch")), build_optimizer(b, OptimConfig(impl="auto"))
+    assert describe_optimizer(ob) == "torch AdamW (fused)"
+    x = torch.randint(0, 256, (4, 64), device=CUDA)
+    _same_after_three_steps(a, oa, b, ob, x)
+
+
+def test_attention_runs_the_flash_kernel():
+    """The GPT's `scaled_dot_product_attention` (causal, no mask) in bf16 is flash-eligible: with
+    only FLASH_ATTENTION allowed it runs, and unrestricted the profiler sees a flash kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pipeline.config.schema import GPTConfig
+    from pipeline.models.gpt import GPT
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(d_model=256, n_layers=2, n_heads=4), 512, 256).to(CUDA)
+    m.init_weights()
+    x = torch.randint(0, 512, (2, 256), device=CUDA)
+
+    def step() -> None:
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(m(x).float().flatten(0, 1), x.flatten())
+        loss.backward()
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        step()  # raises "No available kernel" if flash cannot run these inputs
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    names = [e.name.lower() for e in prof.events()]
+    assert any("flash" in n for n in names), sorted({n for n in names if "attention" in n or "fmha" in n})
+
+
+def test_compile_blocks_trains_like_eager(built_data, tmp_path, fp32_ddp):
+    from pipeline.config.schema import TrainerConfig
+
+    if "compile" not in TrainerConfig.model_fields:
+        pytest.skip("trainer.compile is not in this version")
+    _, shards = built_data
+    state, _ = run_loop(shards["lm"], tmp_path, ["tasks.lm.trainer.compile=blocks"])
+    worst = max(abs(a["loss"] - b) / abs(b) for a, b in zip(state.history, fp32_ddp, strict=True))
+    assert worst < 1e-4, f"compile=blocks differs from eager by {worst:.2e} relative"
+
+
+def test_fp8_trains_on_hopper(built_data, tmp_path):
+    """fp8 (torchao float8 GEMMs in the blocks' large Linear layers) learns like bf16: a model
+    wide enough that the filter converts its MLP input projections."""
+    from pipeline.distributed.precision import fp8_unavailable
+
+    if (why := fp8_unavailable(CUDA)) is not None:
+        pytest.skip(why)
+    pytest.importorskip("torchao.float8")
+    _, shards = built_data
+    wide = ["tasks.lm.model.d_model=512", "tasks.lm.model.n_heads=8", "tasks.lm.model.mlp_hidden=1536"]
+    bf16, _ = run_loop(shards["lm"], tmp_path / "bf16", [*wide, "precision.dtype=bf16"])
+    fp8, implementation = run_loop(shards["lm"], tmp_path / "fp8", [*wide, "precision.dtype=fp8"])
+    assert "4 Float8Linear layers" in implementation["precision"]  # 2 blocks x (w1, w3)
+    losses = [h["loss"] for h in fp8.history]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    worst = max(abs(a - b["loss"]) / b["loss"] for a, b in zip(losses, bf16.history, strict=True))
+    assert worst < 0.05, f"fp8 strays {worst:.2%} from bf16"
+
+
+def test_activation_checkpointing_lowers_peak_memory():
+    """Full activation checkpointing keeps one block's activations instead of all of them: the
+    forward/backward's memory above the weights and gradients falls by more than half."""
+    from pipeline.config.schema import GPTConfig
+    from pipeline.distributed.activation import apply_activation_checkpointing
+    from pipeline.models.gpt import GPT
+
+    def activation_bytes(mode: str) -> int:
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(d_model=512, n_layers=8, n_heads=8), 4096, 512).to(CUDA)
+        m.init_weights()
+        apply_activation_checkpointing(m, mode)
+        x = torch.randint(0, 4096, (8, 512), device=CUDA)
+        for p in m.parameters():  # gradients allocated before the measurement
+            p.grad = torch.zeros_like(p)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(m(x).float().flatten(0, 1), x.flatten())
+        loss.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    plain, full = activation_bytes("none"), activation_bytes("full")
+    assert full < 0.5 * plain, f"full AC {full / 2**20:.0f} MiB vs none {plain / 2**20:.0f} MiB"
+
+
+def test_apex_fused_adam_and_norms_equal_torch():
+    pytest.importorskip("apex")
+    from pipeline.config.schema import GPTConfig, OptimConfig
+    from pipeline.models.gpt import GPT
+    from pipeline.training.optim import build_optimizer, describe_optimizer
+
+    def model(norm_impl: str, norm: str = "rmsnorm") -> GPT:
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(d_model=128, n_layers=2, n_heads=4, norm=norm, norm_impl=norm_impl), 256, 64).to(CUDA)
+        m.init_weights()
+        return m
+
+    x = torch.randint(0, 256, (4, 64), device=CUDA)
+    for norm in ("rmsnorm", "layernorm"):
+        ref, fused = model("torch", norm), model("apex", norm)
+        fused.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5, msg=f"apex {norm}")
+    a, b = model("torch"), model("torch")
+    oa, ob = build_optimizer(a, OptimConfig(impl="torch")), build_optimizer(b, OptimConfig(impl="apex"))
+    assert describe_optimizer(ob) == "apex FusedAdam"
+    _same_after_three_steps(a, oa, b, ob, x)
+
+
+def _same_after_three_steps(a, oa, b, ob, x) -> None:
+    """Three language-model steps of two copies under two optimizers end with equal weights."""
+    for m, opt in ((a, oa), (b, ob)):
+        for _ in range(3):
+            torch.nn.functional.cross_entropy(m(x).flatten(0, 1), x.flatten()).backward()
+            opt.step()
+            opt.zero_grad()
+    for (k, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=k)
