@@ -155,7 +155,11 @@ def node_monitor(run_id: str, tracking_uri: str, node: str) -> Iterator[None]:
     `system/<node>/...` while the body runs. Best effort: a tracking server that is down costs
     samples, never the training."""
     try:
+        import logging
+
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per worker
 
         monitor = SystemMetricsMonitor(run_id, sampling_interval=5, samples_before_logging=1, resume_logging=True,
                                        node_id=node, tracking_uri=tracking_uri)
