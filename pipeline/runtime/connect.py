@@ -69,7 +69,7 @@ def connect(cfg: ClusterConfig) -> str:
         ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=True,
                  dashboard_host=LOOPBACK, dashboard_port=ports["dashboard"], _node_ip_address=LOOPBACK,
                  _metrics_export_port=ports["metrics_export"],
-                 runtime_env={"env_vars": {**WORKER_ENV, **_own_address_env(ports)}},
+                 runtime_env={"env_vars": {**WORKER_ENV, **_own_address_env(ports), **ONE_NODE_ENV}},
                  log_to_driver=True, configure_logging=False)
     # This process's own State API calls go to its own Ray too (the variable is replaced by the
     # next local Ray, and dropped when a cluster is joined).
@@ -80,6 +80,9 @@ def connect(cfg: ClusterConfig) -> str:
 
 
 LOOPBACK = "127.0.0.1"
+# One node cannot be drained or preempted: Ray Train's preemption watcher (one more actor process
+# per fit, polling every 5 s) has nothing to watch on the embedded Ray.
+ONE_NODE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 _own_api_address: list[str | None] = [None]  # the State API address this process set for its local Ray
 _embedded_gcs: list[str | None] = [None]  # the GCS of the local Ray this process started
 
