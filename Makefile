@@ -41,8 +41,13 @@ repro: setup
 	@echo "  MLflow:   $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1"
 	@echo "  models:   export/lm  export/diffusion   (registry: models:/pipeline-lm@champion, models:/pipeline-diffusion@champion)"
 
+# Two test processes (pytest-xdist): a Ray or DVC test waits on process starts and polls for a good
+# part of its time, which the other process fills. A module's tests stay together (its fixtures are
+# built once). TEST_WORKERS=0 runs them one after another in one process, TEST_WORKERS=auto one per core.
+TEST_WORKERS ?= 2
 test: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m "not gpu" --durations=25
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m "not gpu" --durations=25 \
+		-n $(TEST_WORKERS) --dist loadscope
 
 # On a CUDA machine (set up with TORCH=torch): the gpu-marked tests, torchao for fp8 installed first.
 test-gpu: setup

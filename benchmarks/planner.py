@@ -39,6 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 SIZES: dict[str, list[str]] = {
+    # the test's pair (tests/test_planner.py): the same checks at a quarter of the benchmark's compute
+    "tiny": ["tasks.lm.model.d_model=256", "tasks.lm.model.n_layers=4", "tasks.lm.model.n_heads=4",
+             "tasks.lm.trainer.global_batch_size=8"],
     "small": ["tasks.lm.model.d_model=512", "tasks.lm.model.n_layers=4", "tasks.lm.model.n_heads=8",
               "tasks.lm.trainer.global_batch_size=8"],
     "large": ["tasks.lm.model.d_model=768", "tasks.lm.model.n_layers=8", "tasks.lm.model.n_heads=12",

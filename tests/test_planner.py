@@ -2,9 +2,9 @@
 tensors, and its per-rank totals against peaks measured on 2 real gloo ranks.
 
 `pytest -k planner` selects every test here. The last one trains 20 configs (DDP, FSDP2,
-ZeRO-1/2/3 x activation checkpointing none/full x two GPT sizes) for 3 steps each in one group
-of two processes (benchmarks/planner.py measures; figures in benchmarks/RESULTS.md): about
-4 minutes of CPU, 6.5 minutes wall on the shared 2-core dev machine.
+ZeRO-1/2/3 x activation checkpointing none/full x two GPT sizes, 3.7M and 13.9M parameters)
+for 3 steps each in one group of two processes, with the harness of benchmarks/planner.py (which
+records the same check at 13.9M and 58.2M in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -140,12 +140,12 @@ def test_planner_refuses_what_cannot_fit_and_names_the_fix():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_planner_predicts_measured_peaks_within_15_percent(tmp_path):
-    """DDP, FSDP2, ZeRO-1/2/3 x activation checkpointing none/full x GPT 13.9M and 58.2M
+    """DDP, FSDP2, ZeRO-1/2/3 x activation checkpointing none/full x GPT 3.7M and 13.9M
     parameters, 2 ranks: the planner's per-rank peak within 15% of the measured one."""
     sys.path.insert(0, str(ROOT))
     from benchmarks.planner import build_shards, compare, configs, print_validation
 
-    rows = compare(configs(), build_shards(tmp_path))
+    rows = compare(configs(sizes=("tiny", "small")), build_shards(tmp_path))
     print_validation(rows)
     bad = [f"{r['name']}: predicted {r['predicted'] / 2**20:.1f} MiB, measured {r['measured'] / 2**20:.1f} MiB "
            f"({r['error']:+.1%})" for r in rows if abs(r["error"]) > 0.15]

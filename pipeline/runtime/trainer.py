@@ -283,12 +283,14 @@ def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str, live: d
     from ray.train.torch import TorchTrainer
 
     from pipeline.runtime.connect import embedded
+    from pipeline.runtime.embedded_trainer import embedded_trainer_class
     from pipeline.runtime.rendezvous import torch_config
 
     cl = cfg.cluster
+    trainer_class = embedded_trainer_class() if embedded() else TorchTrainer
     for attempt in range(cl.max_failures + 1):
         found = recover(cfg, task_name, run_name)
-        trainer = TorchTrainer(
+        trainer = trainer_class(
             train_loop_per_worker=_worker,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "task": task_name, "shards": shards,
                                "verified": found.verified if found else None, "live": live},
