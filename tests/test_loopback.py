@@ -10,6 +10,7 @@ Both fits must finish, neither may see the other's Ray, and no socket may listen
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -63,13 +64,18 @@ def _fit_and_sample(project: Path) -> None:
     os.chdir(project)
     me = psutil.Process()
     seen: set[tuple[str, int, str]] = set()
+    titles: set[str] = set()  # Ray's actor processes by their titles (ray::TrainController, ...)
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             try:
-                pids = {me.pid} | {p.pid for p in me.children(recursive=True)}
-                seen.update(listening(pids))
+                children = me.children(recursive=True)
+                seen.update(listening({me.pid} | {p.pid for p in children}))
+                for child in children:
+                    with contextlib.suppress(psutil.Error, IndexError):
+                        if (title := child.cmdline()[0]).startswith("ray::"):  # ray::Class[.method()]
+                            titles.add(title.split()[0].split(".")[0].split("(")[0])
             except psutil.Error:
                 pass
             time.sleep(0.5)
@@ -84,7 +90,7 @@ def _fit_and_sample(project: Path) -> None:
     done.set()
     sampler.join()
     (project / "report.json").write_text(json.dumps({"steps": outcome.steps, "gcs": gcs,
-                                                     "sockets": sorted(seen)}))
+                                                     "sockets": sorted(seen), "titles": sorted(titles)}))
 
 
 def test_loopback_only_two_local_rays_fit_at_once(built_data, tmp_path):
@@ -113,6 +119,11 @@ def test_loopback_only_two_local_rays_fit_at_once(built_data, tmp_path):
         assert {"gcs_server", "raylet"} <= names, sockets
         wide = [s for s in sockets if not is_loopback(s[0])]
         assert not wide, f"listening beyond loopback: {wide}"
+        # the embedded Ray's lean Ray Train (pipeline/runtime/embedded_trainer.py): a controller and
+        # workers, but no Ray Data DatasetManager nor autoscaling coordinator actor
+        titles = report["titles"]
+        assert "ray::TrainController" in titles and "ray::RayTrainWorker" in titles, titles
+        assert not [t for t in titles if "DatasetManager" in t or "AutoscalingCoordinator" in t], titles
 
 
 if __name__ == "__main__":
