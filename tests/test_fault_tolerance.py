@@ -43,6 +43,7 @@ def test_node_killed_mid_training_resumes_exactly(built_data, tmp_path):
 
 
 def _run(shards: Path, out: Path) -> None:
+    os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")  # a busy machine starts it slowly
     import ray
     import torch
     from ray.cluster_utils import Cluster

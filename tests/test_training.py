@@ -188,3 +188,19 @@ def test_run_identity_resumes_across_harmless_changes(override):
     # validation counts where the loop acts on it
     assert name("tasks.lm.trainer.early_stop_patience=2", "tasks.lm.trainer.eval_every=3") != \
         name("tasks.lm.trainer.early_stop_patience=2")
+
+
+def test_elastic_worker_count_keys_the_same_run_where_a_checkpoint_reshards():
+    """The same samples with the same global batch at any worker count: under DDP, FSDP2 and
+    Horovod a rerun on other workers resumes the run; DeepSpeed's checkpoint cannot follow, so
+    its worker count keys another run."""
+    from pipeline.config import config_digest
+    from pipeline.flows.train import run_identity
+
+    def name(*extra: str) -> str:
+        return config_digest(run_identity(validate(tiny_raw(list(extra))), "lm", "md5"))
+
+    for strategy in ("strategy.name=ddp", "strategy.name=fsdp"):
+        assert name(strategy, "cluster.num_workers=4") == name(strategy, "cluster.num_workers=1")
+    zero = "strategy.name=deepspeed"
+    assert name(zero, "cluster.num_workers=4") != name(zero, "cluster.num_workers=1")

@@ -346,6 +346,12 @@ class ClusterConfig(Strict):
 
     address: str | None = None
     num_workers: PositiveInt = 2
+    # Elastic training: the fewest workers a run goes on with. None = exactly num_workers. When
+    # set, Ray Train starts with as many workers as the cluster has room for (up to num_workers,
+    # at least min_workers); a lost node restarts the run from its last checkpoint on the workers
+    # that remain, and a later restart grows back. The global batch stays trainer.global_batch_size
+    # at every count (the micro-batch adjusts), so it must divide evenly at each one.
+    min_workers: PositiveInt | None = None
     cpus_per_worker: PositiveFloat = 1.0
     use_gpu: bool = False
     storage_path: str = "runs/ray"
@@ -457,10 +463,12 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _parallel_fits(self) -> PipelineConfig:
+        from pipeline.config.elastic import check_elastic
         from pipeline.config.parallel import check_compile, check_parallel
 
         check_parallel(self)
         check_compile(self)
+        check_elastic(self)
         return self
 
     def task(self, name: str) -> TaskConfig:

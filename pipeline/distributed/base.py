@@ -46,6 +46,9 @@ class Strategy(ABC):
     """Wrap a model and optimizer; run backward and step; save, load and consolidate state."""
 
     name: str = "base"
+    # Why a checkpoint of this backend cannot be loaded by another number of ranks (None: it can,
+    # so a run resumes at any worker count; pipeline/config/elastic.py).
+    reshard_limit: str | None = None
 
     def __init__(self, cfg: Any, precision: Precision, device: torch.device, settings: StepSettings) -> None:
         self.cfg = cfg

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.config.elastic import CANNOT_RESHARD
 from pipeline.distributed.base import OptimizerFactory, Strategy
 from pipeline.distributed.sharded_init import init_by_unit, materialize_buffers
 
@@ -38,6 +39,7 @@ def cpu_fp16_supported() -> bool:
 
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
+    reshard_limit = CANNOT_RESHARD["deepspeed"]
     _parts: dict[str, nn.Parameter] | None = None  # ZeRO-3's partitioned parameters by state-dict name
 
     def ds_config(self, num_params: int) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import mlflow
 from safetensors.torch import load_file
 
 from pipeline.config import config_digest, flatten
+from pipeline.config.elastic import check_task_elastic, strategy_reshards, worker_counts
 from pipeline.config.parallel import check_task_parallel, data_parallel_size
 from pipeline.config.schema import PipelineConfig
 from pipeline.data.build import file_md5
@@ -110,8 +111,10 @@ def run_identity(cfg: PipelineConfig, task_name: str, manifest_md5: str) -> dict
         trainer.pop("eval_every")
         trainer.pop("eval_batches")
     identity: dict[str, Any] = {"task": task, "seed": cfg.seed, "data": manifest_md5,
-                                "strategy": cfg.strategy.model_dump(), "precision": cfg.precision.model_dump(),
-                                "workers": cfg.cluster.num_workers}
+                                "strategy": cfg.strategy.model_dump(), "precision": cfg.precision.model_dump()}
+    if not strategy_reshards(cfg.strategy.name):
+        # the other layouts resume at any worker count (same samples, same global batch): one run
+        identity["workers"] = cfg.cluster.num_workers
     if cfg.parallel.tp * cfg.parallel.pp > 1:  # (absent otherwise)
         identity["parallel"] = cfg.parallel.model_dump()
     pretrained = getattr(tcfg.model, "init_from", None) or tcfg.trainer.init_from
@@ -128,6 +131,7 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     preflight(cfg, cfg.cluster.use_gpu)
     check_kernels(cfg)  # Apex kernels asked for where Apex is not installed
     check_task_parallel(cfg, task_name)  # heads, layers and batch against parallel.tp / parallel.pp
+    check_task_elastic(cfg, task_name)  # the batch at every worker count of an elastic range
     micro_batch_size(tcfg.trainer.global_batch_size,
                      data_parallel_size(cfg.cluster.num_workers, cfg.parallel.tp, cfg.parallel.pp),
                      tcfg.trainer.grad_accum_steps)
@@ -168,7 +172,9 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     where = connect(cfg.cluster)
     mlflow.MlflowClient().set_tag(run_id, "ray.cluster", where)
     layout = f", tp={cfg.parallel.tp}, pp={cfg.parallel.pp}" if cfg.parallel.tp * cfg.parallel.pp > 1 else ""
-    print(f"[{task_name}] training on {where}: {cfg.cluster.num_workers} workers, strategy {cfg.strategy.name}"
+    counts = worker_counts(cfg)
+    workers = f"{counts.start}..{counts.stop - 1} workers (elastic)" if len(counts) > 1 else f"{counts.start} workers"
+    print(f"[{task_name}] training on {where}: {workers}, strategy {cfg.strategy.name}"
           f"{layout}, {cfg.precision.dtype}; run {run_name}; MLflow run {run_id}", flush=True)
     recovered = recover(cfg, task_name, run_name)  # damaged checkpoints set aside, unfinished ones removed
     for key, value in (recovered.tags() if recovered else {}).items():

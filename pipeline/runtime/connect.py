@@ -133,14 +133,20 @@ def _loopback_only() -> Iterator[dict[str, int]]:
             kwargs.setdefault("dashboard_agent_listen_port", 0)
             super().__init__(*args, **kwargs)
 
+    from pipeline.runtime.local_head import DASHBOARD_STARTUP_TIMEOUT_S
+
     os.environ.update(env)
     ray_constants.ENABLE_RAY_CLUSTER = False
+    saved_timeout = ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S  # read once, at Ray's import
+    if "RAY_DASHBOARD_STARTUP_TIMEOUT_S" not in os.environ:
+        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = int(DASHBOARD_STARTUP_TIMEOUT_S)
     parameter.RayParams = LoopbackParams
     try:
         yield ports
     finally:
         parameter.RayParams = saved_params
         ray_constants.ENABLE_RAY_CLUSTER = saved_cluster
+        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = saved_timeout
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)

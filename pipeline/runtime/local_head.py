@@ -24,6 +24,10 @@ from pathlib import Path
 
 from pipeline.runtime.local_group import free_port
 
+# Ray gives its dashboard (about ten Python processes) 60 s to come up and fails `ray start` /
+# `ray.init` otherwise, which a busy 2-core machine exceeded (CI, two test processes beside a
+# 5-node test cluster). A slow start is not a failure here; a user's RAY_DASHBOARD_STARTUP_TIMEOUT_S wins.
+DASHBOARD_STARTUP_TIMEOUT_S = "300"
 
 class LocalHead:
     def __init__(self, num_cpus: int = 2, log: Path | None = None, start_timeout_s: float = 180,
@@ -40,7 +44,8 @@ class LocalHead:
         # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: a one-node cluster, whose GCS, raylet and agents then
         # bind 127.0.0.1 instead of every interface (Ray otherwise swaps 127.0.0.1 for the host's
         # external address so that other nodes could join); pipeline/runtime/connect.py says more.
-        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+        env = {"RAY_DASHBOARD_STARTUP_TIMEOUT_S": DASHBOARD_STARTUP_TIMEOUT_S,
+               **os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port())}
         env.pop("RAY_ADDRESS", None)

@@ -28,6 +28,7 @@ from pipeline.atomic import atomic_write_text
 from pipeline.config.schema import PipelineConfig
 from pipeline.distributed import process_group_backend
 from pipeline.training.checkpoint import (
+    CannotReshard,
     CheckpointError,
     DamagedFile,
     StorageFull,
@@ -48,7 +49,7 @@ class _QuietKnownErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         last = record.getMessage().rstrip().rsplit("\n", 1)[-1]
         return not last.startswith(tuple(f"pipeline.training.checkpoint.{c.__name__}"
-                                         for c in (CheckpointError, DamagedFile, StorageFull)))
+                                         for c in (CheckpointError, DamagedFile, StorageFull, CannotReshard)))
 
 
 def _worker(config: dict[str, Any]) -> None:
@@ -282,11 +283,12 @@ def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str, live: d
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchTrainer
 
+    from pipeline.config.elastic import worker_counts
     from pipeline.runtime.connect import embedded
     from pipeline.runtime.embedded_trainer import embedded_trainer_class
     from pipeline.runtime.rendezvous import torch_config
 
-    cl = cfg.cluster
+    cl, counts = cfg.cluster, worker_counts(cfg)
     trainer_class = embedded_trainer_class() if embedded() else TorchTrainer
     for attempt in range(cl.max_failures + 1):
         found = recover(cfg, task_name, run_name)
@@ -294,7 +296,9 @@ def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str, live: d
             train_loop_per_worker=_worker,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "task": task_name, "shards": shards,
                                "verified": found.verified if found else None, "live": live},
-            scaling_config=ScalingConfig(num_workers=cl.num_workers, use_gpu=cl.use_gpu,
+            # a range makes Ray Train start with the workers the cluster has room for (elastic)
+            scaling_config=ScalingConfig(num_workers=(counts.start, counts.stop - 1) if len(counts) > 1
+                                         else cl.num_workers, use_gpu=cl.use_gpu,
                                          resources_per_worker={"CPU": cl.cpus_per_worker}),
             torch_config=torch_config(process_group_backend(cfg.strategy, cl.use_gpu), single_node=embedded()),
             run_config=RunConfig(

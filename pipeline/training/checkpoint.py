@@ -59,6 +59,11 @@ class DamagedFile(CheckpointError):
         return type(self), (self.path, self.reason)
 
 
+class CannotReshard(CheckpointError):
+    """A checkpoint written by another number of ranks than this run's, under a backend whose
+    state cannot be redistributed: retrying on the same workers cannot help."""
+
+
 class StorageFull(CheckpointError):
     """A checkpoint did not fit where it was written: retrying cannot help until space is freed."""
 

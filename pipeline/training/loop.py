@@ -28,7 +28,14 @@ from pipeline.distributed.mesh import Layout
 from pipeline.distributed.precision import Precision
 from pipeline.models.hf import is_hf_folder
 from pipeline.tasks import task_for_data
-from pipeline.training.checkpoint import dir_bytes, out_of_space, read_meta, seal_checkpoint, storage_full
+from pipeline.training.checkpoint import (
+    CannotReshard,
+    dir_bytes,
+    out_of_space,
+    read_meta,
+    seal_checkpoint,
+    storage_full,
+)
 from pipeline.training.ema import EMA
 from pipeline.training.mfu import device_peak, mfu
 from pipeline.training.optim import ValidationTracker, build_optimizer, describe_optimizer, lr_at
@@ -57,6 +64,15 @@ class LoopState:
     nonfinite_in_a_row: int = 0
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _check_world(saved: int, world: int, strategy: Strategy, ckpt: Path, task_name: str) -> None:
+    """A checkpoint from another number of ranks loads wherever the backend can redistribute
+    its state (replicated; DCP reshards); elsewhere the run stops in one line."""
+    if saved != world and strategy.reshard_limit is not None:
+        raise CannotReshard(f"[{task_name}] the checkpoint {ckpt} was written by {saved} workers and this run has "
+                            f"{world}: {strategy.reshard_limit}; set cluster.num_workers={saved} to resume it, or "
+                            "start a new run (another cluster.storage_path)")
 
 
 def micro_batch_size(global_batch: int, world: int, accum: int) -> int:
@@ -130,6 +146,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None:
             meta = read_meta(ckpt)
+            _check_world(meta.get("ranks", session.world), session.world, strategy, ckpt, task_name)
             extra = strategy.load(ckpt, {"ema": ema.state_dict()} if ema is not None else {})
             if ema is not None:
                 ema.load_state_dict(extra["ema"])
@@ -139,6 +156,10 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
                               meta["history"])
             if session.rank == 0:
                 print(f"[{task_name}] resumed from step {state.step} ({ckpt})", flush=True)
+                if meta.get("ranks", session.world) != session.world:
+                    print(f"[{task_name}] resized: {meta['ranks']} -> {session.world} workers; micro-batch {micro} x "
+                          f"{tr.grad_accum_steps} accumulation step(s) per worker, global batch "
+                          f"{tr.global_batch_size} as before, the same samples in the same order", flush=True)
 
     # the losses, norms and skips of the steps since the last report, summed on the device and
     # read once per report: a step never waits for the device (pipeline/training/window.py)
@@ -185,7 +206,8 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
         items_total *= dp_size  # every rank of a data-parallel replica counted the same items
         entry = {"step": state.step, "loss": loss_mean, "lr": lr, "grad_norm": seen.last_norm,
                  f"{task.item_name}_per_s": items_total / elapsed, "epoch": reader.epoch,
-                 "skipped_steps": state.skipped_steps, "data_wait_frac": wait_mean / elapsed}
+                 "skipped_steps": state.skipped_steps, "data_wait_frac": wait_mean / elapsed,
+                 "workers": session.world}  # changes when an elastic run resumes on another count
         if val_loss is not None:
             entry["val_loss"] = val_loss
         if flops_per_item:
