@@ -352,6 +352,10 @@ class ClusterConfig(Strict):
     # that remain, and a later restart grows back. The global batch stays trainer.global_batch_size
     # at every count (the micro-batch adjusts), so it must divide evenly at each one.
     min_workers: PositiveInt | None = None
+    # Elastic runs only: how often (seconds) Ray Train looks for room to grow back towards
+    # num_workers while training. Growing restarts the workers from the last checkpoint, so the
+    # default (Ray's) is a minute; a shorter check regains a returned node sooner.
+    resize_check_s: PositiveFloat = 60.0
     cpus_per_worker: PositiveFloat = 1.0
     use_gpu: bool = False
     storage_path: str = "runs/ray"

@@ -299,7 +299,8 @@ def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str, live: d
             # a range makes Ray Train start with the workers the cluster has room for (elastic)
             scaling_config=ScalingConfig(num_workers=(counts.start, counts.stop - 1) if len(counts) > 1
                                          else cl.num_workers, use_gpu=cl.use_gpu,
-                                         resources_per_worker={"CPU": cl.cpus_per_worker}),
+                                         resources_per_worker={"CPU": cl.cpus_per_worker},
+                                         elastic_resize_monitor_interval_s=cl.resize_check_s),
             torch_config=torch_config(process_group_backend(cfg.strategy, cl.use_gpu), single_node=embedded()),
             run_config=RunConfig(
                 name=run_name, storage_path=storage_root(cfg),

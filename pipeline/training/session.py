@@ -158,10 +158,17 @@ class RaySession(_LiveSteps):
         self._live = live
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        """Checkpoints go to Ray Train; metrics alone do not. Each `ray.train.report` is a barrier
+        across ranks and then waits, on a queue of one, until the controller takes the previous
+        report, which it does once per poll (every 2 s on a cluster by default): a metrics-only
+        report at every logged step held a 4-worker run to one step per 2 s (measured on the
+        4-node test cluster, 0.3 s of compute). Nothing reads those reports; the step history
+        reaches MLflow live (`_LiveSteps`) and in every checkpoint."""
         import ray.train
 
-        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        if checkpoint_dir is None:
+            return
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)))
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
