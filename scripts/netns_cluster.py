@@ -80,6 +80,7 @@ class NamespaceCluster:
 
     hosts: int = 3
     cpus_per_host: int = 1
+    head_cpus: int | None = None  # None: cpus_per_host; 0 keeps training off the head
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every Ray process
     log_dir: Path = Path("/tmp/netns-cluster")
     pgids: list[int] = field(default_factory=list)
@@ -108,6 +109,9 @@ class NamespaceCluster:
         for host in self.members:
             outside, inside = f"pl-v{host.index}", f"pl-v{host.index}n"
             _ip("netns", "add", host.name)
+            # IPv4 only: no link-local IPv6 address that a wildcard socket would also answer on
+            subprocess.run(["ip", "netns", "exec", host.name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                            "net.ipv6.conf.default.disable_ipv6=1"], check=True, capture_output=True)
             _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
             _ip("link", "set", outside, "master", BRIDGE)
             _ip("link", "set", outside, "up")
@@ -143,15 +147,17 @@ class NamespaceCluster:
         self.env.setdefault("RAY_AUTH_MODE", "token")
         if not (Path.home() / ".ray" / "auth_token").is_file() and "RAY_AUTH_TOKEN" not in os.environ:
             subprocess.run([ray, "get-auth-token", "--generate"], check=True, capture_output=True)
-        common = ["--block", "--num-cpus", str(self.cpus_per_host), "--disable-usage-stats"]
+        common = ["--block", "--disable-usage-stats"]
+        cpus = ["--num-cpus", str(self.cpus_per_host)]
+        head_cpus = ["--num-cpus", str(self.cpus_per_host if self.head_cpus is None else self.head_cpus)]
         head = self.head
         self.spawn(head, [ray, "start", "--head", "--node-ip-address", head.ip, "--port", str(HEAD_PORT),
                           "--dashboard-host", head.ip, "--dashboard-port", str(DASHBOARD_PORT),
-                          "--include-dashboard", "true", *common], self.log_dir / f"{head.name}.log")
+                          "--include-dashboard", "true", *head_cpus, *common], self.log_dir / f"{head.name}.log")
         self._wait(lambda: self._answers(f"{self.jobs_address}/api/version"), 180, "the head's dashboard")
         for host in self.members[1:]:
-            self.spawn(host, [ray, "start", "--address", self.gcs_address, "--node-ip-address", host.ip, *common],
-                       self.log_dir / f"{host.name}.log")
+            self.spawn(host, [ray, "start", "--address", self.gcs_address, "--node-ip-address", host.ip, *cpus,
+                              *common], self.log_dir / f"{host.name}.log")
         self._wait(lambda: len(self.alive_nodes()) >= self.hosts, 180, f"{self.hosts} alive nodes")
 
     @staticmethod
@@ -249,6 +255,12 @@ def down() -> list[str]:
     for name in names:
         _ip("netns", "del", name, check=False)
         removed.append(f"namespace {name}")
+    # a namespace's veth goes with it, but not always at once: the next `up` must find none
+    for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
+        link = line.split(":")[1].strip().split("@")[0]
+        if link.startswith("pl-v"):
+            _ip("link", "del", link, check=False)
+            removed.append(f"link {link}")
     if _ip("link", "show", BRIDGE, check=False).returncode == 0:
         _ip("link", "del", BRIDGE, check=False)
         removed.append(f"bridge {BRIDGE}")

@@ -29,7 +29,8 @@ def run_ok(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
     return out
 
 
-def tiny_project(dest: Path) -> Path:
+def tiny_project(dest: Path, extra: tuple[str, ...] = ()) -> Path:
+    """The copy, its root config made tiny and then set by `extra` ("key=value" items)."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
@@ -43,7 +44,7 @@ def tiny_project(dest: Path) -> Path:
     cfg["defaults"] = [{"model@tasks.lm.model": "gpt_tiny"} if "model@tasks.lm.model" in d else
                        {"model@tasks.diffusion.model": "dit_tiny"} if "model@tasks.diffusion.model" in d else d
                        for d in cfg["defaults"]]
-    for item in TINY:
+    for item in (*TINY, *extra):
         key, value = item.split("=", 1)
         node = cfg
         *parents, leaf = key.split(".")
@@ -60,20 +61,20 @@ def tiny_project(dest: Path) -> Path:
     return dest
 
 
-def mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    """A real `mlflow server` (SQLite store under `root`) on 127.0.0.1:`port`, up and answering."""
+def mlflow_server(root: Path, port: int, host: str = "127.0.0.1") -> subprocess.Popen:
+    """A real `mlflow server` (SQLite store under `root`) on `host`:`port`, up and answering."""
     import time
     import urllib.request
 
     server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
                                f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts"),
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                               "--host", host, "--port", str(port), "--workers", "1"],
                               cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while True:
         assert server.poll() is None, "mlflow server exited"
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+            with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2):
                 return server
         except OSError:
             assert time.time() < deadline, "mlflow server did not come up in 120 s"

@@ -55,7 +55,43 @@ class FileStoreTorchConfig(TorchConfig):
         return _FileStoreBackend
 
 
+def gloo_on_node_ip() -> None:
+    """Point gloo at the network interface that holds this node's Ray address (GLOO_SOCKET_IFNAME),
+    unless the user named one. Left alone, gloo binds the address the machine's hostname resolves
+    to, and where that is loopback (a common /etc/hosts, and every host of the namespace test
+    cluster) each rank offers its peers 127.0.0.1: the process group then fails to form across
+    hosts ("Gloo connectFullMesh failed ... remote=[127.0.0.1]")."""
+    import os
+
+    import psutil
+    import ray
+
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    ip = ray.util.get_node_ip_address()
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addrs):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return
+
+
+class _ClusterBackend(_TorchBackend):
+    """Ray Train's TCP rendezvous, with gloo on each node's Ray address."""
+
+    def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
+        worker_group.execute(gloo_on_node_ip)
+        super().on_start(worker_group, backend_config)
+
+
+class ClusterTorchConfig(TorchConfig):
+    """A `TorchConfig` for several nodes: gloo binds the interface of each node's Ray address."""
+
+    @property
+    def backend_cls(self) -> type[_TorchBackend]:
+        return _ClusterBackend
+
+
 def torch_config(backend: str, single_node: bool) -> TorchConfig:
     """The process-group settings for a fit: a socket-free rendezvous on the embedded local Ray
-    (`single_node`), Ray Train's TCP one on a cluster."""
-    return FileStoreTorchConfig(backend=backend) if single_node else TorchConfig(backend=backend)
+    (`single_node`), Ray Train's TCP one on a cluster (gloo on each node's Ray address)."""
+    return FileStoreTorchConfig(backend=backend) if single_node else ClusterTorchConfig(backend=backend)

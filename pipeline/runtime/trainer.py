@@ -52,6 +52,25 @@ class _QuietKnownErrors(logging.Filter):
                                          for c in (CheckpointError, DamagedFile, StorageFull, CannotReshard)))
 
 
+def _announce_nodes(task: str, rank: int, world: int) -> None:
+    """Rank 0 says which node (IP) each rank runs on: on a cluster, the first thing to check when
+    a run is slower than it should be, or a rendezvous reached the wrong address."""
+    import ray
+    import torch.distributed as dist
+
+    ips: list[Any] = [ray.util.get_node_ip_address()]
+    if world > 1 and dist.is_initialized():
+        ips = [None] * world
+        dist.all_gather_object(ips, ray.util.get_node_ip_address())
+    if rank == 0:
+        by_node: dict[str, list[int]] = {}
+        for r, ip in enumerate(ips):
+            by_node.setdefault(str(ip), []).append(r)
+        nodes = "; ".join(f"{ip} (rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))})"
+                          for ip, rs in by_node.items())
+        print(f"[{task}] {world} worker(s) on {len(by_node)} node(s): {nodes}", flush=True)
+
+
 def _worker(config: dict[str, Any]) -> None:
     from pipeline.config import validate
     from pipeline.training.loop import train
@@ -65,6 +84,7 @@ def _worker(config: dict[str, Any]) -> None:
     live, ctx = config.get("live"), ray.train.get_context()
     sink = LiveMetrics(live["run_id"], live["tracking_uri"]) if live and ctx.get_world_rank() == 0 else None
     session = RaySession(config.get("verified"), live=sink)
+    _announce_nodes(config["task"], ctx.get_world_rank(), ctx.get_world_size())
     # system metrics of every training node (its local rank 0), not only of the driver's
     node = f"node-{ray.get_runtime_context().get_node_id()[:8]}"
     monitor = node_monitor(live["run_id"], live["tracking_uri"], node) \
