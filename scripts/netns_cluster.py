@@ -132,6 +132,12 @@ class NamespaceCluster:
         for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
             env.pop(key, None)
         script = 'mount -t tmpfs -o size=4g tmpfs /tmp && exec "$@"'
+        prefix = Path(sys.prefix).resolve()
+        if prefix.is_relative_to("/tmp"):  # a checkout under /tmp: keep its environment in sight
+            keep = STATE.parent / "tmp"
+            keep.mkdir(parents=True, exist_ok=True)
+            script = (f'mount --bind /tmp {keep} && mount -t tmpfs -o size=4g tmpfs /tmp && mkdir -p {prefix} && '
+                      f'mount --bind {keep / prefix.relative_to("/tmp")} {prefix} && exec "$@"')
         proc = subprocess.Popen(["ip", "netns", "exec", host.name, "unshare", "--mount", "--propagation", "private",
                                  "sh", "-c", script, "host", *argv],
                                 cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
