@@ -184,15 +184,10 @@ MAX_STEPS = 60
 
 def _registered(run_dir: Path) -> tuple[int, int]:
     """(step, workers) of the newest checkpoint Ray Train's controller has registered."""
-    import json
+    from pipeline.runtime.trainer import registered_metrics
 
-    from pipeline.runtime.trainer import SNAPSHOT
-
-    try:
-        metrics = json.loads((run_dir / SNAPSHOT).read_text())["latest_checkpoint_result"]["metrics"]
-        return int(metrics["step"]), int(metrics["workers"])
-    except (OSError, ValueError, KeyError, TypeError):  # not written yet, or mid-write
-        return 0, 0
+    metrics = registered_metrics(run_dir)
+    return int(metrics.get("step", 0)), int(metrics.get("workers", 0))
 
 
 def _cluster_raw(storage: Path) -> dict:

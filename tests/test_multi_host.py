@@ -45,15 +45,10 @@ def _ns(host, *argv: str) -> str:
                           check=True).stdout
 
 
-def _raylet_pid(host) -> int:
-    pids = [p for p in cluster_pids(host) if Path(f"/proc/{p}/comm").read_text().strip() == "raylet"]
+def _raylet_pid(cluster, host) -> int:
+    pids = [p for p in cluster.host_pids(host) if Path(f"/proc/{p}/comm").read_text().strip() == "raylet"]
     assert pids, f"no raylet on {host.name}"
     return pids[0]
-
-
-def cluster_pids(host) -> list[int]:
-    return [int(p) for p in subprocess.run(["ip", "netns", "pids", host.name], capture_output=True,
-                                           text=True).stdout.split()]
 
 
 def test_multi_host_hosts_have_their_own_addresses_and_disks(cluster):
@@ -62,11 +57,12 @@ def test_multi_host_hosts_have_their_own_addresses_and_disks(cluster):
     assert cluster.alive_nodes() == [h.ip for h in cluster.members]
     sessions = {}
     for host in cluster.members:
-        listing = subprocess.run(["nsenter", "-t", str(_raylet_pid(host)), "-m", "ls", "/tmp/ray"],
+        raylet = str(_raylet_pid(cluster, host))
+        listing = subprocess.run(["nsenter", "-t", raylet, "-m", "ls", "/tmp/ray"],
                                  capture_output=True, text=True, check=True).stdout.split()
         sessions[host.name] = {name for name in listing if name.startswith("session_2")}
         assert len(sessions[host.name]) == 1, (host.name, listing)  # its own, and only that
-        logs = subprocess.run(["nsenter", "-t", str(_raylet_pid(host)), "-m", "ls", "/tmp/ray/session_latest/logs"],
+        logs = subprocess.run(["nsenter", "-t", raylet, "-m", "ls", "/tmp/ray/session_latest/logs"],
                               capture_output=True, text=True, check=True).stdout.split()
         assert ("gcs_server.out" in logs) == (host == cluster.head), (host.name, logs)  # the GCS is the head's
     (session,) = sessions[cluster.head.name]
@@ -154,7 +150,7 @@ def test_multi_host_submit_trains_ddp_on_two_hosts_with_s3_storage(cluster, tmp_
 def test_multi_host_down_removes_every_namespace_process_and_the_bridge(cluster):
     """`down` (also what a crashed run's next `up` calls first) kills every process it started
     and everything left in the namespaces, and deletes the namespaces and the bridge."""
-    pids = [p for h in cluster.members for p in cluster_pids(h)]
+    pids = [p for h in cluster.members for p in cluster.host_pids(h)]
     assert len(pids) >= 3 * HOSTS  # raylets, agents, workers, the head's GCS and dashboard
     removed = netns.down()
     assert f"bridge {netns.BRIDGE}" in removed and sum(r.startswith("namespace ") for r in removed) == HOSTS

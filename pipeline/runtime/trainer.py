@@ -58,10 +58,11 @@ def _announce_nodes(task: str, rank: int, world: int) -> None:
     import ray
     import torch.distributed as dist
 
-    ips: list[Any] = [ray.util.get_node_ip_address()]
+    ip = ray.util.get_node_ip_address()
+    ips: list[Any] = [ip]
     if world > 1 and dist.is_initialized():
         ips = [None] * world
-        dist.all_gather_object(ips, ray.util.get_node_ip_address())
+        dist.all_gather_object(ips, ip)
     if rank == 0:
         by_node: dict[str, list[int]] = {}
         for r, ip in enumerate(ips):
@@ -101,15 +102,20 @@ def storage_root(cfg: PipelineConfig) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def registered_step(run_dir: Path) -> int:
-    """The step of the newest checkpoint Ray Train's controller has registered for a run (0 if
-    none yet). A checkpoint folder on disk counts only once it is listed here: one the
-    controller never took in is not resumed from."""
+def registered_metrics(run_dir: Path) -> dict[str, Any]:
+    """The metrics (a history entry: step, workers, ...) of the newest checkpoint Ray Train's
+    controller has registered for a run; {} if none yet. A checkpoint folder on disk counts only
+    once it is listed here: one the controller never took in is not resumed from."""
     try:
-        snapshot = json.loads((run_dir / SNAPSHOT).read_text())
-        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+        metrics = json.loads((run_dir / SNAPSHOT).read_text())["latest_checkpoint_result"]["metrics"]
+        return metrics if isinstance(metrics, dict) else {}
     except (OSError, ValueError, KeyError, TypeError):  # not written yet, or mid-write
-        return 0
+        return {}
+
+
+def registered_step(run_dir: Path) -> int:
+    """The step of the newest registered checkpoint (0 if none yet)."""
+    return int(registered_metrics(run_dir).get("step", 0))
 
 
 @dataclass
