@@ -5,7 +5,8 @@ processes, as two users or `dvc queue start -j 2` would. While each fits, a thre
 listening socket of its process and all its descendants (GCS, raylet, dashboard and its agents,
 the Prometheus endpoints, Ray workers, the Train controller and the gloo rendezvous) with psutil.
 Both fits must finish, neither may see the other's Ray, and no socket may listen on anything but
-127.0.0.1 / ::1.
+127.0.0.1 / ::1. Each then leaves a placement group behind, as a controller that died would, and
+the embedded trainer's cleanup frees it.
 """
 
 from __future__ import annotations
@@ -85,12 +86,25 @@ def _fit_and_sample(project: Path) -> None:
     cfg = validate(tiny_raw())
     outcome = train_task(cfg, "lm", Path("data/lm/shards"), Path("models/lm"), Path("metrics/lm"))
     import ray
+    from ray.util.placement_group import placement_group
+
+    from pipeline.runtime.embedded_trainer import remove_leftover_placement_groups
 
     gcs = ray.get_runtime_context().gcs_address
     done.set()
     sampler.join()
-    (project / "report.json").write_text(json.dumps({"steps": outcome.steps, "gcs": gcs,
-                                                     "sockets": sorted(seen), "titles": sorted(titles)}))
+    # what a controller that died mid-fit leaves behind: its workers' reservation, every CPU
+    cpus = int(ray.cluster_resources()["CPU"])
+    ray.get(placement_group([{"CPU": 1}] * cpus).ready(), timeout=120)
+    held = ray.available_resources().get("CPU", 0)
+    removed = remove_leftover_placement_groups()
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < cpus and time.time() < deadline:
+        time.sleep(0.2)
+    (project / "report.json").write_text(json.dumps({
+        "steps": outcome.steps, "gcs": gcs, "sockets": sorted(seen), "titles": sorted(titles),
+        "leftover": {"held_free_cpus": held, "removed": removed,
+                     "freed": ray.available_resources().get("CPU", 0) == cpus}}))
 
 
 def test_loopback_only_two_local_rays_fit_at_once(built_data, tmp_path):
@@ -120,10 +134,13 @@ def test_loopback_only_two_local_rays_fit_at_once(built_data, tmp_path):
         wide = [s for s in sockets if not is_loopback(s[0])]
         assert not wide, f"listening beyond loopback: {wide}"
         # the embedded Ray's lean Ray Train (pipeline/runtime/embedded_trainer.py): a controller and
-        # workers, but no Ray Data DatasetManager nor autoscaling coordinator actor
+        # workers, but no Ray Data DatasetManager, autoscaling coordinator or placement-group cleaner
         titles = report["titles"]
         assert "ray::TrainController" in titles and "ray::RayTrainWorker" in titles, titles
-        assert not [t for t in titles if "DatasetManager" in t or "AutoscalingCoordinator" in t], titles
+        assert not [t for t in titles if any(
+            name in t for name in ("DatasetManager", "AutoscalingCoordinator", "PlacementGroupCleaner"))], titles
+        # without the cleaner, a reservation left on the embedded Ray is freed before the next fit
+        assert report["leftover"] == {"held_free_cpus": 0, "removed": 1, "freed": True}, report["leftover"]
 
 
 if __name__ == "__main__":

@@ -51,8 +51,17 @@ def clean_text(doc: str) -> str:
     doc = unicodedata.normalize("NFC", doc)
     if not doc.replace("\n", "").replace("\t", "").isprintable():  # the per-character pass only when needed
         doc = "".join(ch for ch in doc if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
-    lines = [_SPACES.sub(" ", line).rstrip() for line in doc.split("\n")]
+    lines = [_single_spaces(line).rstrip() for line in doc.split("\n")]
     return "\n".join(lines).strip("\n")
+
+
+def _single_spaces(line: str) -> str:
+    """Runs of blanks as one space. Most lines have none to change, and finding that out with
+    `in` is ~15x faster than the regex's scan (prepare of a 1 GiB corpus spent a quarter of its
+    time here)."""
+    if "  " in line or "\t" in line or "\u00a0" in line:
+        return _SPACES.sub(" ", line)
+    return line
 
 
 def clean_unit(job: tuple[str, TextDataConfig, int]) -> Iterator[pa.RecordBatch | dict[str, Any]]:

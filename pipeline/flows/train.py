@@ -223,7 +223,8 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
         if live and filled:
             print(f"[{task_name}] {filled} metric values logged after the fit (the live logger could not send them)",
                   flush=True)
-        mlflow.MlflowClient().set_tag(run_id, "model.parameters", str(_parameter_count(spec, weights)))
+        parameters = meta.get("parameters") or _parameter_count(spec, weights)  # (a checkpoint from before the count)
+        mlflow.MlflowClient().set_tag(run_id, "model.parameters", str(parameters))
         if loss_plot is not None:
             mlflow.MlflowClient().log_artifact(run_id, str(loss_plot), "training")
         for key, value in meta.get("implementation", {}).items():  # what actually ran: backend, kernels

@@ -70,7 +70,7 @@ def connect(cfg: ClusterConfig) -> str:
                  dashboard_host=LOOPBACK, dashboard_port=ports["dashboard"], _node_ip_address=LOOPBACK,
                  _metrics_export_port=ports["metrics_export"],
                  runtime_env={"env_vars": {**WORKER_ENV, **_own_address_env(ports), **ONE_NODE_ENV}},
-                 log_to_driver=True, configure_logging=False)
+                 log_to_driver=True, configure_logging=False, _system_config=NO_PRESTART)
     # This process's own State API calls go to its own Ray too (the variable is replaced by the
     # next local Ray, and dropped when a cluster is joined).
     os.environ.update(_own_address_env(ports))
@@ -85,6 +85,11 @@ LOOPBACK = "127.0.0.1"
 # workers every 2 s by default, so a fit ends up to 2 s after its workers; on one node a poll is a
 # local call, so every 0.5 s costs nothing. (pipeline/runtime/embedded_trainer.py drops the rest.)
 ONE_NODE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# Ray starts one Python worker per CPU for the first driver, ahead of any task. A fit needs
+# actors (controller, synchronisation actor, workers), which start processes as they are created
+# anyway; measured on the embedded Ray with 2 CPUs, one prestarted worker was never used and cost
+# 2 s of CPU at every start, with no fit any slower without them.
+NO_PRESTART = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
 _own_api_address: list[str | None] = [None]  # the State API address this process set for its local Ray
 _embedded_gcs: list[str | None] = [None]  # the GCS of the local Ray this process started
 

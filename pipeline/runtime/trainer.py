@@ -311,13 +311,15 @@ def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str, live: d
 
     from pipeline.config.elastic import worker_counts
     from pipeline.runtime.connect import embedded
-    from pipeline.runtime.embedded_trainer import embedded_trainer_class
+    from pipeline.runtime.embedded_trainer import embedded_trainer_class, remove_leftover_placement_groups
     from pipeline.runtime.rendezvous import torch_config
 
     cl, counts = cfg.cluster, worker_counts(cfg)
     trainer_class = embedded_trainer_class() if embedded() else TorchTrainer
     for attempt in range(cl.max_failures + 1):
         found = recover(cfg, task_name, run_name)
+        if trainer_class is not TorchTrainer:
+            remove_leftover_placement_groups()
         trainer = trainer_class(
             train_loop_per_worker=_worker,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "task": task_name, "shards": shards,

@@ -113,6 +113,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     with torch.device("meta"):  # no weights yet: the strategy shards, then materialises
         model = task.build(spec)
     flops_per_item = task.flops_per_item(model, spec)  # before sharding: ZeRO-3 leaves empty parameters behind
+    parameters = sum(p.numel() for p in model.parameters())  # tied weights once; the driver tags the run with it
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     precision = Precision(cfg.precision.dtype, session.device)
     fp8_layers = precision.prepare(model)  # fp8: the blocks' large Linear layers become torchao Float8Linear
@@ -227,11 +228,12 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
             if state.stopped_early:
                 print(f"[{task_name}] early stop: no better validation loss than {tracker.best:.4f} in "
                       f"{tracker.evals_since_best} validations", flush=True)
-        _report(session, strategy, ema, reader, state, tracker, entry, do_ckpt, final, implementation)
+        _report(session, strategy, ema, reader, state, tracker, entry, do_ckpt, final, implementation, parameters)
         window_items, window_start, data_wait = 0, time.perf_counter(), 0.0
         reported_final = final
     if not reported_final:  # resumed a finished run: hand its final checkpoint over again
-        _report(session, strategy, ema, reader, state, tracker, state.history[-1], True, True, implementation)
+        _report(session, strategy, ema, reader, state, tracker, state.history[-1], True, True, implementation,
+                parameters)
     reader.close()
     return state
 
@@ -254,7 +256,7 @@ _last_part: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 def _report(session: Session, strategy: Strategy, ema: EMA | None, reader: GlobalOrderReader, state: LoopState,
             tracker: ValidationTracker, entry: dict[str, float], checkpoint: bool, final: bool,
-            implementation: dict[str, str]) -> None:
+            implementation: dict[str, str], parameters: int) -> None:
     """Report metrics; with a checkpoint every `ckpt_every` steps and at the end.
 
     Every rank saves its part of the strategy state into its own directory (the session merges
@@ -278,7 +280,8 @@ def _report(session: Session, strategy: Strategy, ema: EMA | None, reader: Globa
             if session.rank == 0:
                 meta = {"step": state.step, "skipped_steps": state.skipped_steps, "reader": reader.state_dict(),
                         "history": state.history, "final": final, "stopped_early": state.stopped_early,
-                        "tracker": tracker.state_dict(), "implementation": implementation}
+                        "tracker": tracker.state_dict(), "implementation": implementation,
+                        "parameters": parameters}
             part = seal_checkpoint(local, session.rank, session.world, meta, weights if session.rank == 0 else None)
         except Exception as e:
             written, before = dir_bytes(local), _last_part.get(session, 0)
