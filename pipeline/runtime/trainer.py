@@ -316,9 +316,10 @@ def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str, live: d
 
     cl, counts = cfg.cluster, worker_counts(cfg)
     trainer_class = embedded_trainer_class() if embedded() else TorchTrainer
+    no_cleaner = trainer_class is not TorchTrainer  # the lean trainer runs without Ray Train's placement-group cleaner
     for attempt in range(cl.max_failures + 1):
         found = recover(cfg, task_name, run_name)
-        if trainer_class is not TorchTrainer:
+        if no_cleaner:
             remove_leftover_placement_groups()
         trainer = trainer_class(
             train_loop_per_worker=_worker,
