@@ -18,15 +18,28 @@ from tests.e2e_project import mlflow_server, run_ok, tiny_project
 pytestmark = pytest.mark.e2e
 
 
-def test_killed_training_resumes_when_rerun(tmp_path):
+@pytest.fixture(scope="module")
+def prepared_lm(tmp_path_factory) -> Path:
+    """A tiny project with the lm data prepared and sharded; each test trains in its own copy."""
+    project = tiny_project(tmp_path_factory.mktemp("recovery") / "project")
+    run_ok([sys.executable, "-m", "stages.prepare", "lm"], project)
+    run_ok([sys.executable, "-m", "stages.shard", "lm"], project)
+    return project
+
+
+def _copy(prepared: Path, dest: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(prepared, dest, symlinks=True))
+
+
+def test_killed_training_resumes_when_rerun(prepared_lm, tmp_path):
     """SIGKILL the train stage (driver, Ray and workers) after its first checkpoint; the rerun
     resumes, and its final weights are exactly those of an uninterrupted run."""
     import signal
     import time
 
-    project = tiny_project(tmp_path / "project")
-    run_ok([sys.executable, "-m", "stages.prepare", "lm"], project)
-    run_ok([sys.executable, "-m", "stages.shard", "lm"], project)
+    project = _copy(prepared_lm, tmp_path / "project")
     args = [sys.executable, "-m", "stages.train", "lm", "tasks.lm.trainer.max_steps=60",
             "tasks.lm.trainer.ckpt_every=4", "tasks.lm.trainer.log_every=4"]
     env = {**os.environ, "PYTHONPATH": str(project)}
@@ -57,7 +70,7 @@ def test_killed_training_resumes_when_rerun(tmp_path):
 
 
 
-def test_tracking_server_down_during_training_loses_nothing(tmp_path):
+def test_tracking_server_down_during_training_loses_nothing(prepared_lm, tmp_path):
     """A real `mlflow server` (SQLite store) on 127.0.0.1 goes down while the train stage runs,
     at a random step after the first metrics arrived live: training finishes, the stage stops
     with one line naming the server, the final checkpoint is kept and no model is written; with
@@ -73,9 +86,7 @@ def test_tracking_server_down_during_training_loses_nothing(tmp_path):
 
     from pipeline.runtime.local_group import free_port
 
-    project = tiny_project(tmp_path / "project")
-    run_ok([sys.executable, "-m", "stages.prepare", "lm"], project)
-    run_ok([sys.executable, "-m", "stages.shard", "lm"], project)
+    project = _copy(prepared_lm, tmp_path / "project")
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = mlflow_server(tmp_path, port)

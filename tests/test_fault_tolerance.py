@@ -33,12 +33,12 @@ def test_node_killed_mid_training_resumes_exactly(built_data, tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert 20 <= report["killed_after_step"] < 240  # after the first checkpoint, before the end
+    assert 10 <= report["killed_after_step"] < 120  # after the first checkpoint, before the end
     resumed = [int(line.split("resumed from step ")[1].split()[0]) for line in proc.stdout.splitlines()
                if "resumed from step" in line]
     assert resumed, "the restarted workers did not resume from a checkpoint:\n" + proc.stdout[-3000:]
-    assert report["killed_after_step"] <= resumed[0] < 240 and resumed[0] % 20 == 0
-    assert report["steps"] == [240, 240]
+    assert report["killed_after_step"] <= resumed[0] < 120 and resumed[0] % 10 == 0
+    assert report["steps"] == [120, 120]
     assert report["equal"], f"weights differ from the uninterrupted run: max |diff| {report['max_diff']}"
 
 
@@ -65,8 +65,8 @@ def _run(shards: Path, out: Path) -> None:
     nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]  # 2 for training, 1 to restart on
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV})
-    cfg = validate(tiny_raw(["tasks.lm.trainer.max_steps=240", "tasks.lm.trainer.ckpt_every=20",
-                             "tasks.lm.trainer.log_every=20", f"cluster.storage_path={out / 'runs'}",
+    cfg = validate(tiny_raw(["tasks.lm.trainer.max_steps=120", "tasks.lm.trainer.ckpt_every=10",
+                             "tasks.lm.trainer.log_every=10", f"cluster.storage_path={out / 'runs'}",
                              "cluster.max_failures=2"]))
 
     def weights(result) -> tuple[dict, int]:
@@ -81,7 +81,7 @@ def _run(shards: Path, out: Path) -> None:
     run_dir = out / "runs" / "killed"
     # A checkpoint counts once Ray Train's controller has registered it (its snapshot file lists
     # it); a directory on disk that the controller never took in is not one to resume from.
-    after = 20 * random.randint(1, 4)  # the node goes at a random step after the first checkpoint
+    after = 10 * random.randint(1, 4)  # the node goes at a random step after the first checkpoint
     while (registered := registered_step(run_dir)) < after:
         assert thread.is_alive(), "training ended before a node could be killed"
         time.sleep(0.05)

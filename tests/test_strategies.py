@@ -1,8 +1,9 @@
 """Every parallelism backend trains the same model: 2 real ranks over gloo on CPU.
 
-For each strategy one group of processes runs, in order: 20 fp32 steps with a checkpoint at
-step 10; a resume from that step-10 checkpoint in a fresh loop; 6 steps with 2-way gradient
-accumulation and 6 without (same global batch); and 4 bf16 steps. The tests then compare:
+One group of processes runs every strategy in turn (Horovod in a group of its own), each in
+order: 20 fp32 steps with a checkpoint at step 10; a resume from that step-10 checkpoint in a
+fresh loop; 6 steps with 2-way gradient accumulation and 6 without (same global batch); and 6
+bf16 steps. The tests then compare:
 per-step losses against DDP's, resumed weights against the uninterrupted run's, accumulated
 against plain, and the exported (consolidated) weights against DDP's.
 
@@ -67,6 +68,12 @@ def _scenario(rank: int, world: int, raws: dict, shards: str, root: str, horovod
     return out
 
 
+def _scenarios(rank: int, world: int, jobs: dict[str, tuple[dict, str]], shards: str) -> dict:
+    """Several strategies' scenarios one after another in one group of ranks (one spawn and one
+    set of imports for all of them, as benchmarks/planner.py runs its layouts)."""
+    return {name: _scenario(rank, world, raws, shards, root) for name, (raws, root) in jobs.items()}
+
+
 def _horovod_scenario(raws: dict, shards: str, root: str) -> dict:
     import horovod.torch as hvd
 
@@ -75,38 +82,51 @@ def _horovod_scenario(raws: dict, shards: str, root: str) -> dict:
     return _scenario(hvd.rank(), hvd.size(), raws, shards, root, horovod=True)
 
 
-@pytest.fixture(scope="module")
-def runs(built_data, tmp_path_factory):
-    """Lazily run each strategy's scenario once; tests of one strategy share the result."""
+def _raws(name: str) -> dict:
+    """The configs of one strategy's scenario."""
     from pipeline.distributed.deepspeed import cpu_fp16_supported
+
+    extra = STRATEGIES[name]
+    raws = {"fp32": tiny_raw(COMMON + extra), "short": tiny_raw(COMMON + SHORT + extra),
+            "accum": tiny_raw(COMMON + SHORT + extra + ["tasks.lm.trainer.grad_accum_steps=2"]),
+            "bf16": tiny_raw(COMMON + SHORT + extra + ["precision.dtype=bf16"])}
+    if not name.startswith("zero") or cpu_fp16_supported():
+        raws["fp16"] = tiny_raw(COMMON + SHORT + extra + ["precision.dtype=fp16"])
+    return raws
+
+
+@pytest.fixture(scope="module")
+def runs(request, built_data, tmp_path_factory):
+    """Each strategy's scenario, run once; tests of one strategy share the result. The first
+    request runs every spawned strategy this session's selection of this module needs (DDP, the
+    reference, always) in one group; Horovod runs on Ray when asked for."""
     from pipeline.runtime.local_group import run_group
 
     _, shards = built_data
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec") and "name" in item.callspec.params}
     cache: dict[str, dict] = {}
     ray_started = []
 
     def get(name: str) -> dict:
-        if name not in cache:
-            extra = STRATEGIES[name]
-            raws = {"fp32": tiny_raw(COMMON + extra), "short": tiny_raw(COMMON + SHORT + extra),
-                    "accum": tiny_raw(COMMON + SHORT + extra + ["tasks.lm.trainer.grad_accum_steps=2"]),
-                    "bf16": tiny_raw(COMMON + SHORT + extra + ["precision.dtype=bf16"])}
-            if not name.startswith("zero") or cpu_fp16_supported():
-                raws["fp16"] = tiny_raw(COMMON + SHORT + extra + ["precision.dtype=fp16"])
+        if name in cache:
+            return cache[name]
+        if name == "horovod":
+            import ray
+
+            from pipeline.runtime.horovod import run_horovod
+
+            if not ray.is_initialized():  # workers import this module by name, as pytest did
+                here = Path(__file__).parent
+                ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
+                         runtime_env={"env_vars": {"PYTHONPATH": f"{here}:{here.parent}"}})
+                ray_started.append(True)
             root = str(tmp_path_factory.mktemp(name))
-            if name == "horovod":
-                import ray
-
-                from pipeline.runtime.horovod import run_horovod
-
-                if not ray.is_initialized():  # workers import this module by name, as pytest did
-                    here = Path(__file__).parent
-                    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
-                             runtime_env={"env_vars": {"PYTHONPATH": f"{here}:{here.parent}"}})
-                    ray_started.append(True)
-                cache[name] = run_horovod(_horovod_scenario, [raws, str(shards["lm"]), root], 2, 1, False)[0]
-            else:
-                cache[name] = run_group(_scenario, 2, raws, str(shards["lm"]), root)[0]
+            cache[name] = run_horovod(_horovod_scenario, [_raws(name), str(shards["lm"]), root], 2, 1, False)[0]
+        else:
+            batch = [n for n in STRATEGIES if n != "horovod" and n not in cache and n in {*selected, "ddp", name}]
+            jobs = {n: (_raws(n), str(tmp_path_factory.mktemp(n))) for n in batch}
+            cache.update(run_group(_scenarios, 2, jobs, str(shards["lm"]), timeout_s=1800)[0])
         return cache[name]
 
     yield get
