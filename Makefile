@@ -47,7 +47,7 @@ repro: setup
 TEST_WORKERS ?= 2
 test: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m "not gpu" --durations=25 \
-		-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+		-n $(TEST_WORKERS) --dist loadscope
 
 # On a CUDA machine (set up with TORCH=torch): the gpu-marked tests, torchao for fp8 installed first.
 test-gpu: setup

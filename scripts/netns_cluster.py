@@ -4,13 +4,14 @@
     sudo .venv/bin/python scripts/netns_cluster.py down              # also after a crash
 
 Each host is a network namespace with its own address on a private bridge (10.77.0.0/24, used for
-nothing else: the bridge is 10.77.0.1, host i is 10.77.0.1i) and its own /tmp (a mount namespace
-with a tmpfs), so its Ray processes see no other host's files: no shared disk, as on real
-machines. The head and the workers are started with the commands of the on-prem instructions and
-the SLURM script (`ray start --head --node-ip-address <ip>`, `ray start --address <head>:6379
---node-ip-address <ip>`); from the default namespace the head's Jobs API answers at
-http://10.77.0.11:8265. Everything started is recorded (namespaces, bridge, process groups) in
-/run/netns-cluster/state.json, and `down` removes all of it, by PID and by name.
+nothing else: the bridge is 10.77.0.1, host i is 10.77.0.1i), its own /tmp (a mount namespace
+with a tmpfs) and its own host name (a UTS namespace), so its Ray processes see no other host's
+files: no shared disk, as on real machines. The head and the workers are started with the
+commands of the on-prem instructions and the SLURM script (`ray start --head --node-ip-address
+<ip>`, `ray start --address <head>:6379 --node-ip-address <ip>`); from the default namespace
+the head's Jobs API answers at http://10.77.0.11:8265. Everything started is recorded
+(namespaces, bridge, process groups) in /run/netns-cluster/state.json, and `down` removes all of
+it, by PID and by name.
 
 Needs root and `ip netns` (iproute2). tests/test_multi_host.py uses `NamespaceCluster` directly.
 """
@@ -125,21 +126,24 @@ class NamespaceCluster:
     # ------------------------------------------------------------------ processes
     def spawn(self, host: Host, argv: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
         """Run `argv` on `host`: in its network namespace, in a mount namespace with a /tmp of
-        its own, in a new process group recorded for `down`."""
+        its own and a UTS namespace with its own host name, in a new process group recorded for
+        `down`."""
         log.parent.mkdir(parents=True, exist_ok=True)
         bin_dir = Path(sys.executable).parent
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", **self.env}
         for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
             env.pop(key, None)
-        script = 'mount -t tmpfs -o size=4g tmpfs /tmp && exec "$@"'
+        # Its own host name too (a UTS namespace): Horovod groups ranks into hosts by name, and ranks
+        # on "one host" would meet over loopback.
+        script = f'hostname {host.name} && mount -t tmpfs -o size=4g tmpfs /tmp && exec "$@"'
         prefix = Path(sys.prefix).resolve()
         if prefix.is_relative_to("/tmp"):  # a checkout under /tmp: keep its environment in sight
             keep = STATE.parent / "tmp"
             keep.mkdir(parents=True, exist_ok=True)
-            script = (f'mount --bind /tmp {keep} && mount -t tmpfs -o size=4g tmpfs /tmp && mkdir -p {prefix} && '
-                      f'mount --bind {keep / prefix.relative_to("/tmp")} {prefix} && exec "$@"')
-        proc = subprocess.Popen(["ip", "netns", "exec", host.name, "unshare", "--mount", "--propagation", "private",
-                                 "sh", "-c", script, "host", *argv],
+            script = (f'hostname {host.name} && mount --bind /tmp {keep} && mount -t tmpfs -o size=4g tmpfs /tmp && '
+                      f'mkdir -p {prefix} && mount --bind {keep / prefix.relative_to("/tmp")} {prefix} && exec "$@"')
+        proc = subprocess.Popen(["ip", "netns", "exec", host.name, "unshare", "--mount", "--uts", "--propagation",
+                                 "private", "sh", "-c", script, "host", *argv],
                                 cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.pgids.append(proc.pid)

@@ -28,28 +28,6 @@ TINY = [
 TINY_GROUPS = ["model@tasks.lm.model=gpt_tiny", "model@tasks.diffusion.model=dit_tiny"]
 
 
-# Seconds each module took in a full `make test` (2026-12-03, 2 cores, `--durations=0`, summed per
-# module; modules under 20 s left out). Only the order they give matters: `make test` runs
-# `--dist loadscope --no-loadscope-reorder`, so whole modules go to the two test processes in
-# collection order, and the longest going first lets the short ones fill in at the end (by
-# default xdist orders modules by their number of tests, which sent a 9-minute single-test
-# module last while the other process sat idle). Refresh after large changes:
-# `pytest --durations=0 ...`, then sum per module.
-MODULE_SECONDS = {
-    "test_e2e_variants.py": 1008, "test_e2e_recovery.py": 564, "test_e2e.py": 525, "test_strategies.py": 453,
-    "test_elastic.py": 422, "test_model_parallel.py": 284, "test_sharded_scale.py": 278, "test_planner.py": 221,
-    "test_multi_host.py": 209, "test_data_scale.py": 205, "test_cluster.py": 200, "test_damaged_state.py": 197,
-    "test_fault_tolerance.py": 155, "test_loopback.py": 109, "test_sweep.py": 101, "test_sharded.py": 97,
-    "test_compile.py": 72, "test_training.py": 60, "test_export.py": 60, "test_live_metrics.py": 54,
-    "test_hugging_face.py": 32, "test_fail_fast.py": 22,
-}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Longest modules first (MODULE_SECONDS), the rest after them in their usual order."""
-    items.sort(key=lambda item: -MODULE_SECONDS.get(item.path.name, 0))  # stable: a module's order is kept
-
-
 def tiny_raw(extra: list[str] | None = None) -> dict:
     raw = compose(ROOT / "configs", TINY_GROUPS)
     return apply_overrides(raw, TINY + (extra or []))

@@ -47,6 +47,20 @@ def test_bad_values_name_the_key(override, fragment):
     assert "\n" not in str(err.value)
 
 
+def test_horovod_refuses_object_store_storage_at_validation():
+    """Horovod's ranks write checkpoint files themselves (no Ray Train upload): an s3:// storage
+    path stops at validation in one line naming both keys; DDP takes the same path."""
+    s3 = ["cluster.storage_path=s3://runs/ray"]
+    from pipeline.distributed import VARIANTS
+
+    with pytest.raises(ConfigError) as err:
+        validate(apply_overrides(tiny_raw(), [*s3, *VARIANTS["horovod"]]))
+    msg = str(err.value)
+    assert "cluster.storage_path=s3://runs/ray" in msg and "strategy.name=horovod" in msg and "\n" not in msg
+    assert validate(apply_overrides(tiny_raw(), s3)).cluster.storage_path == "s3://runs/ray"
+    assert validate(apply_overrides(tiny_raw(), VARIANTS["horovod"])).strategy.name == "horovod"
+
+
 def test_model_family_must_fit_the_data():
     raw = compose(ROOT / "configs", ["model@tasks.diffusion.model=gpt_tiny"])
     with pytest.raises(ConfigError, match=r"tasks.diffusion: model kind 'gpt' cannot train on images data"):

@@ -7,8 +7,9 @@ What is proved so far: the hosts come up with their own addresses and disks; Ray
 each host are reachable only at that host's address or its loopback; `pipeline submit` runs the
 LM chain on the head with DDP training on 2 other hosts, shards and checkpoints on S3 (a moto
 server on the bridge), MLflow on a real server on the bridge; `down` leaves nothing behind.
-Not yet: FSDP2, DeepSpeed and Horovod across hosts, a host killed mid-run, the cluster checkpoint
-on the local default (issue 20).
+Not yet: FSDP2, DeepSpeed and Horovod across hosts (Horovod's gloo rendezvous aborts in
+`hvd.init` across these hosts: issue 20's notes), a host killed mid-run, the cluster checkpoint on
+the local default.
 """
 
 from __future__ import annotations

@@ -469,10 +469,12 @@ class PipelineConfig(Strict):
     def _parallel_fits(self) -> PipelineConfig:
         from pipeline.config.elastic import check_elastic
         from pipeline.config.parallel import check_compile, check_parallel
+        from pipeline.config.storage import check_storage
 
         check_parallel(self)
         check_compile(self)
         check_elastic(self)
+        check_storage(self)
         return self
 
     def task(self, name: str) -> TaskConfig:

@@ -5,18 +5,23 @@ Ray Train is not involved, so this module does what Ray Train does for the other
 checkpoints go to `<storage>/<run name>/checkpoint_<step>` through `LocalSession` (all ranks
 copy, rank 0 commits with a rename), and a failed attempt is retried up to
 `cluster.max_failures` times, resuming from the newest complete checkpoint. The storage path
-must be visible to every worker (one machine, or a shared file system on a cluster).
+must be visible to every worker (one machine, or a shared file system on a cluster): the driver
+writes a file into the run's folder and every rank looks for it before training, so a path that
+is local to each host stops the run at once, naming the ranks and hosts that cannot see it. A
+URL (s3://...) is refused when the config is validated (pipeline/config/storage.py).
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config.schema import PipelineConfig
+from pipeline.config.schema import ClusterConfig, PipelineConfig
 
 
 @dataclass
@@ -44,6 +49,7 @@ def _worker(config: dict[str, Any]) -> int:
     from pipeline.training.session import LocalSession
 
     hvd.init()
+    _check_shared(Path(config["marker"]), hvd.rank())
     if config["use_gpu"]:
         device = torch.device("cuda", hvd.local_rank())
         torch.cuda.set_device(device)
@@ -59,6 +65,25 @@ def _worker(config: dict[str, Any]) -> int:
         return train(cfg, config["task"], config["shards"], session).step
     finally:
         session.close()
+
+
+def _check_shared(marker: Path, rank: int) -> None:
+    """Every rank: whether it sees the file the driver wrote into the run's folder. All ranks
+    learn the answer (an all-gather), so all of them stop together instead of some waiting in
+    a collective for the others."""
+    import horovod.torch as hvd
+    import ray
+
+    from pipeline.training.checkpoint import StorageNotShared
+
+    views = hvd.allgather_object((rank, marker.is_file(), ray.util.get_node_ip_address()))
+    blind = sorted((r, ip) for r, seen, ip in views if not seen)
+    if blind:
+        who = ", ".join(f"rank {r} on {ip}" for r, ip in blind)
+        raise StorageNotShared(
+            f"cluster.storage_path: {marker.parent} is not shared by the workers' hosts ({who} cannot see "
+            "the file the driver wrote there); strategy.name=horovod needs a folder every worker sees: a shared "
+            "file system, or use ddp, fsdp or deepspeed, which also take an s3:// storage_path")
 
 
 def run_horovod(fn: Callable[..., Any], args: list[Any], num_workers: int, cpus_per_worker: float,
@@ -78,14 +103,26 @@ def run_horovod(fn: Callable[..., Any], args: list[Any], num_workers: int, cpus_
 
 def fit_horovod(cfg: PipelineConfig, task_name: str, shards: str, run_dir: Path,
                 live: dict[str, str] | None = None) -> HorovodResult:
+    """Train on Horovod ranks, retrying a failed attempt from the newest complete checkpoint."""
+    cl = cfg.cluster
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker = run_dir / f".shared-{uuid.uuid4().hex}"  # each rank must see it (_check_shared)
+    marker.write_text(f"written by the driver on {socket.gethostname()}\n")
+    config = {"cfg": cfg.model_dump(mode="json"), "task": task_name, "shards": shards,
+              "root": str(run_dir), "use_gpu": cl.use_gpu, "live": live, "marker": str(marker),
+              "threads": os.environ.get("OMP_NUM_THREADS", int(cl.cpus_per_worker))}
+    try:
+        return _attempts(config, cl, task_name, run_dir)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _attempts(config: dict[str, Any], cl: ClusterConfig, task_name: str, run_dir: Path) -> HorovodResult:
+    """Up to 1 + cluster.max_failures runs of the Horovod group, then the newest complete checkpoint."""
     from ray.train import Checkpoint
 
     from pipeline.training.session import LocalSession
 
-    cl = cfg.cluster
-    config = {"cfg": cfg.model_dump(mode="json"), "task": task_name, "shards": shards,
-              "root": str(run_dir), "use_gpu": cl.use_gpu, "live": live,
-              "threads": os.environ.get("OMP_NUM_THREADS", int(cl.cpus_per_worker))}
     for attempt in range(cl.max_failures + 1):
         try:
             run_horovod(_worker, [config], cl.num_workers, cl.cpus_per_worker, cl.use_gpu)

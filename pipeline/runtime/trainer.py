@@ -26,12 +26,14 @@ from typing import Any
 
 from pipeline.atomic import atomic_write_text
 from pipeline.config.schema import PipelineConfig
+from pipeline.config.storage import is_url
 from pipeline.distributed import process_group_backend
 from pipeline.training.checkpoint import (
     CannotReshard,
     CheckpointError,
     DamagedFile,
     StorageFull,
+    StorageNotShared,
     fallback_line,
     newest_intact,
     nothing_intact,
@@ -49,7 +51,8 @@ class _QuietKnownErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         last = record.getMessage().rstrip().rsplit("\n", 1)[-1]
         return not last.startswith(tuple(f"pipeline.training.checkpoint.{c.__name__}"
-                                         for c in (CheckpointError, DamagedFile, StorageFull, CannotReshard)))
+                                         for c in (CheckpointError, DamagedFile, StorageFull, StorageNotShared,
+                                                   CannotReshard)))
 
 
 def _announce_nodes(task: str, rank: int, world: int) -> None:
@@ -99,7 +102,7 @@ def _worker(config: dict[str, Any]) -> None:
 
 def storage_root(cfg: PipelineConfig) -> str:
     path = cfg.cluster.storage_path
-    return path if "://" in path else str(Path(path).resolve())
+    return path if is_url(path) else str(Path(path).resolve())
 
 
 def registered_metrics(run_dir: Path) -> dict[str, Any]:

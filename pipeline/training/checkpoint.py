@@ -68,6 +68,11 @@ class StorageFull(CheckpointError):
     """A checkpoint did not fit where it was written: retrying cannot help until space is freed."""
 
 
+class StorageNotShared(CheckpointError):
+    """Ranks that must write into one folder do not all see it (a local path on several hosts):
+    retrying on the same hosts cannot help."""
+
+
 # --- checkpoints --------------------------------------------------------------------------
 
 def seal_checkpoint(directory: Path, rank: int, world: int, meta: dict[str, Any] | None = None,
