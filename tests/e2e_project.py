@@ -61,6 +61,14 @@ def tiny_project(dest: Path, extra: tuple[str, ...] = ()) -> Path:
     return dest
 
 
+def prepared_project(dest: Path, task: str = "lm") -> Path:
+    """A tiny project with `task`'s data prepared and sharded (what several e2e tests start from)."""
+    project = tiny_project(dest)
+    run_ok([sys.executable, "-m", "stages.prepare", task], project)
+    run_ok([sys.executable, "-m", "stages.shard", task], project)
+    return project
+
+
 def mlflow_server(root: Path, port: int, host: str = "127.0.0.1") -> subprocess.Popen:
     """A real `mlflow server` (SQLite store under `root`) on `host`:`port`, up and answering."""
     import time

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.e2e_project import mlflow_server, run_ok, tiny_project
+from tests.e2e_project import mlflow_server, prepared_project, run_ok
 
 pytestmark = pytest.mark.e2e
 
@@ -21,10 +21,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def prepared_lm(tmp_path_factory) -> Path:
     """A tiny project with the lm data prepared and sharded; each test trains in its own copy."""
-    project = tiny_project(tmp_path_factory.mktemp("recovery") / "project")
-    run_ok([sys.executable, "-m", "stages.prepare", "lm"], project)
-    run_ok([sys.executable, "-m", "stages.shard", "lm"], project)
-    return project
+    return prepared_project(tmp_path_factory.mktemp("recovery") / "project")
 
 
 def _copy(prepared: Path, dest: Path) -> Path:

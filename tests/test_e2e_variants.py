@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e_project import run_ok, tiny_project
+from tests.e2e_project import prepared_project, run_ok
 
 pytestmark = pytest.mark.e2e
 
@@ -20,10 +20,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def lm_project(tmp_path_factory) -> Path:
     """A tiny project with the lm data prepared and sharded, shared by the strategy runs."""
-    project = tiny_project(tmp_path_factory.mktemp("strategies") / "project")
-    run_ok([sys.executable, "-m", "stages.prepare", "lm"], project)
-    run_ok([sys.executable, "-m", "stages.shard", "lm"], project)
-    return project
+    return prepared_project(tmp_path_factory.mktemp("strategies") / "project")
 
 
 def test_sharded_ema_diffusion_chain_under_zero3(lm_project):
