@@ -133,14 +133,19 @@ class NamespaceCluster:
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", **self.env}
         for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
             env.pop(key, None)
-        # Its own host name too (a UTS namespace): Horovod groups ranks into hosts by name, and ranks
-        # on "one host" would meet over loopback.
-        script = f'hostname {host.name} && mount -t tmpfs -o size=4g tmpfs /tmp && exec "$@"'
+        # Its own host name too (a UTS namespace), which every host resolves (its own /etc/hosts, as
+        # DNS does on real machines): Horovod groups ranks into hosts by name, and gloo's full mesh
+        # aborts when a peer's name does not resolve.
+        hosts_file = STATE.parent / "hosts"
+        hosts_file.parent.mkdir(parents=True, exist_ok=True)
+        hosts_file.write_text("127.0.0.1 localhost\n" + "".join(f"{h.ip} {h.name}\n" for h in self.members))
+        names = f"hostname {host.name} && mount --bind {hosts_file} /etc/hosts"
+        script = f'{names} && mount -t tmpfs -o size=4g tmpfs /tmp && exec "$@"'
         prefix = Path(sys.prefix).resolve()
         if prefix.is_relative_to("/tmp"):  # a checkout under /tmp: keep its environment in sight
             keep = STATE.parent / "tmp"
             keep.mkdir(parents=True, exist_ok=True)
-            script = (f'hostname {host.name} && mount --bind /tmp {keep} && mount -t tmpfs -o size=4g tmpfs /tmp && '
+            script = (f'{names} && mount --bind /tmp {keep} && mount -t tmpfs -o size=4g tmpfs /tmp && '
                       f'mkdir -p {prefix} && mount --bind {keep / prefix.relative_to("/tmp")} {prefix} && exec "$@"')
         proc = subprocess.Popen(["ip", "netns", "exec", host.name, "unshare", "--mount", "--uts", "--propagation",
                                  "private", "sh", "-c", script, "host", *argv],
@@ -275,6 +280,7 @@ def down() -> list[str]:
         _ip("link", "del", BRIDGE, check=False)
         removed.append(f"bridge {BRIDGE}")
     STATE.unlink(missing_ok=True)
+    (STATE.parent / "hosts").unlink(missing_ok=True)
     return removed
 
 

@@ -7,9 +7,9 @@ What is proved so far: the hosts come up with their own addresses and disks; Ray
 each host are reachable only at that host's address or its loopback; `pipeline submit` runs the
 LM chain on the head with DDP training on 2 other hosts, shards and checkpoints on S3 (a moto
 server on the bridge), MLflow on a real server on the bridge; `down` leaves nothing behind.
-Not yet: FSDP2, DeepSpeed and Horovod across hosts (Horovod's gloo rendezvous aborts in
-`hvd.init` across these hosts: issue 20's notes), a host killed mid-run, the cluster checkpoint on
-the local default.
+Horovod's ranks meet across the hosts and, with no shared disk, stop before training in one line
+naming the hosts that cannot see the checkpoint folder. Not yet: FSDP2, DeepSpeed and Horovod
+training across hosts, a host killed mid-run, the cluster checkpoint on the local default (issue 20).
 """
 
 from __future__ import annotations
@@ -146,6 +146,32 @@ def test_multi_host_submit_trains_ddp_on_two_hosts_with_s3_storage(cluster, tmp_
                 for o in page.get("Contents", [])]
         assert any(k.startswith("ray/") and "/checkpoint_" in k for k in keys), keys[:20]  # checkpoints on S3
         assert any(k.startswith("shards/") and k.endswith("manifest.json") for k in keys), keys[:20]
+
+
+def test_multi_host_horovod_without_a_shared_disk_stops_in_one_line(cluster, tmp_path):
+    """Horovod's ranks write checkpoints into one folder themselves (horovod.ray runs outside Ray
+    Train). On hosts that share no disk a local `cluster.storage_path` is a different folder on
+    each: the ranks meet across the hosts (Horovod's gloo rendezvous), then stop before any step,
+    in one line naming every rank and host that cannot see the driver's folder, and the job fails
+    with it. (An s3:// path is refused when the config is validated: tests/test_config.py.)"""
+    import os
+
+    from tests.e2e_project import tiny_project
+
+    project = tiny_project(tmp_path / "project", ("cluster.num_workers=2", "cluster.max_failures=0",
+                                                  "strategy.name=horovod", "strategy.backend=gloo"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(project)}
+    env.pop("RAY_ADDRESS", None)
+    args = [sys.executable, "-m", "pipeline", "submit", "--address", cluster.jobs_address, "--no-pip",
+            "--id", "multi-host-horovod", "--", "dvc", "repro", "train@lm"]
+    proc = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    errors = [line for line in out.splitlines() if "error [train lm]: cluster.storage_path: " in line]
+    assert errors, out[-6000:]
+    assert "is not shared by the workers' hosts" in errors[0] and "strategy.name=horovod" in errors[0], errors[0]
+    assert all(f"on {h.ip}" in errors[0] for h in cluster.members[1:]), errors[0]  # both workers' hosts
+    assert "[lm] step 1/" not in out  # stopped before training
 
 
 def test_multi_host_down_removes_every_namespace_process_and_the_bridge(cluster):
