@@ -36,6 +36,7 @@ SUBNET = "10.77.0"
 BRIDGE = "pl-br0"
 PREFIX = "pl-host"
 STATE = Path("/run/netns-cluster/state.json")
+HOSTS_FILE = STATE.parent / "hosts"  # bind-mounted as every host's /etc/hosts
 HEAD_PORT, DASHBOARD_PORT = 6379, 8265
 
 
@@ -104,6 +105,10 @@ class NamespaceCluster:
 
     # ------------------------------------------------------------------ network
     def _network_up(self) -> None:
+        # Every host resolves every host's name: Horovod groups ranks into hosts by name, and gloo's
+        # full mesh aborts when a peer's name does not resolve.
+        HOSTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        HOSTS_FILE.write_text("127.0.0.1 localhost\n" + "".join(f"{h.ip} {h.name}\n" for h in self.members))
         _ip("link", "add", BRIDGE, "type", "bridge")
         _ip("addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE)
         _ip("link", "set", BRIDGE, "up")
@@ -133,13 +138,9 @@ class NamespaceCluster:
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", **self.env}
         for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
             env.pop(key, None)
-        # Its own host name too (a UTS namespace), which every host resolves (its own /etc/hosts, as
-        # DNS does on real machines): Horovod groups ranks into hosts by name, and gloo's full mesh
-        # aborts when a peer's name does not resolve.
-        hosts_file = STATE.parent / "hosts"
-        hosts_file.parent.mkdir(parents=True, exist_ok=True)
-        hosts_file.write_text("127.0.0.1 localhost\n" + "".join(f"{h.ip} {h.name}\n" for h in self.members))
-        names = f"hostname {host.name} && mount --bind {hosts_file} /etc/hosts"
+        # Its own host name too (a UTS namespace), which every host resolves (HOSTS_FILE as its
+        # /etc/hosts, as DNS does on real machines).
+        names = f"hostname {host.name} && mount --bind {HOSTS_FILE} /etc/hosts"
         script = f'{names} && mount -t tmpfs -o size=4g tmpfs /tmp && exec "$@"'
         prefix = Path(sys.prefix).resolve()
         if prefix.is_relative_to("/tmp"):  # a checkout under /tmp: keep its environment in sight
@@ -280,7 +281,7 @@ def down() -> list[str]:
         _ip("link", "del", BRIDGE, check=False)
         removed.append(f"bridge {BRIDGE}")
     STATE.unlink(missing_ok=True)
-    (STATE.parent / "hosts").unlink(missing_ok=True)
+    HOSTS_FILE.unlink(missing_ok=True)
     return removed
 
 

@@ -142,7 +142,7 @@ class Recovery:
 def run_dir_of(cfg: PipelineConfig, run_name: str) -> Path | None:
     """The run's storage folder on this machine (None for remote storage such as s3://)."""
     root = storage_root(cfg)
-    return None if "://" in root else Path(root) / run_name
+    return None if is_url(root) else Path(root) / run_name
 
 
 def recover(cfg: PipelineConfig, task_name: str, run_name: str) -> Recovery | None:
