@@ -6,9 +6,12 @@
 Each host is a network namespace with its own address on a private bridge (10.77.0.0/24, used for
 nothing else: the bridge is 10.77.0.1, host i is 10.77.0.1i), its own /tmp (a mount namespace
 with a tmpfs) and its own host name (a UTS namespace), so its Ray processes see no other host's
-files: no shared disk, as on real machines. The head and the workers are started with the
-commands of the on-prem instructions and the SLURM script (`ray start --head --node-ip-address
-<ip>`, `ray start --address <head>:6379 --node-ip-address <ip>`); from the default namespace
+files: no shared disk, as on real machines. (They do see the machine's folders outside /tmp:
+nothing of a run goes there unless asked. /run/netns-cluster/shared is the folder for a run
+that wants a shared file system, as an NFS mount would be: Horovod's checkpoints.) The head and
+the workers are started with the commands of the on-prem instructions and the SLURM script
+(`ray start --head --node-ip-address <ip>`, `ray start --address <head>:6379
+--node-ip-address <ip>`); from the default namespace
 the head's Jobs API answers at http://10.77.0.11:8265. Everything started is recorded
 (namespaces, bridge, process groups) in /run/netns-cluster/state.json, and `down` removes all of
 it, by PID and by name.
@@ -37,6 +40,7 @@ BRIDGE = "pl-br0"
 PREFIX = "pl-host"
 STATE = Path("/run/netns-cluster/state.json")
 HOSTS_FILE = STATE.parent / "hosts"  # bind-mounted as every host's /etc/hosts
+SHARED = STATE.parent / "shared"  # the one folder meant to be shared: it stands for an NFS mount
 HEAD_PORT, DASHBOARD_PORT = 6379, 8265
 
 
@@ -163,18 +167,23 @@ class NamespaceCluster:
         self.env.setdefault("RAY_AUTH_MODE", "token")
         if not (Path.home() / ".ray" / "auth_token").is_file() and "RAY_AUTH_TOKEN" not in os.environ:
             subprocess.run([ray, "get-auth-token", "--generate"], check=True, capture_output=True)
-        common = ["--block", "--disable-usage-stats"]
-        cpus = ["--num-cpus", str(self.cpus_per_host)]
         head_cpus = ["--num-cpus", str(self.cpus_per_host if self.head_cpus is None else self.head_cpus)]
         head = self.head
         self.spawn(head, [ray, "start", "--head", "--node-ip-address", head.ip, "--port", str(HEAD_PORT),
                           "--dashboard-host", head.ip, "--dashboard-port", str(DASHBOARD_PORT),
-                          "--include-dashboard", "true", *head_cpus, *common], self.log_dir / f"{head.name}.log")
+                          "--include-dashboard", "true", *head_cpus, "--block", "--disable-usage-stats"],
+                   self.log_dir / f"{head.name}.log")
         self._wait(lambda: self._answers(f"{self.jobs_address}/api/version"), 180, "the head's dashboard")
         for host in self.members[1:]:
-            self.spawn(host, [ray, "start", "--address", self.gcs_address, "--node-ip-address", host.ip, *cpus,
-                              *common], self.log_dir / f"{host.name}.log")
+            self._join(host)
         self._wait(lambda: len(self.alive_nodes()) >= self.hosts, 180, f"{self.hosts} alive nodes")
+
+    def _join(self, host: Host) -> None:
+        """`ray start --address <head>` on a worker host (the on-prem instructions' command)."""
+        ray = str(Path(sys.executable).parent / "ray")
+        self.spawn(host, [ray, "start", "--address", self.gcs_address, "--node-ip-address", host.ip,
+                          "--num-cpus", str(self.cpus_per_host), "--block", "--disable-usage-stats"],
+                   self.log_dir / f"{host.name}.log")
 
     @staticmethod
     def _answers(url: str) -> bool:
@@ -216,10 +225,19 @@ class NamespaceCluster:
         return [int(p) for p in out if p.isdigit()]
 
     def kill_host(self, host: Host) -> None:
-        """Every process of `host`, at once (a machine that died)."""
+        """Every process of `host`, at once, by PID (a machine that died); its /tmp goes with them."""
         for pid in self.host_pids(host):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+    def restart_host(self, host: Host, timeout_s: float = 180) -> None:
+        """A killed worker host back, as after a reboot (an empty /tmp): Ray started on it again,
+        waited for until the head counts it alive."""
+        deadline = time.time() + 60
+        while self.host_pids(host) and time.time() < deadline:  # the old processes gone first
+            time.sleep(0.2)
+        self._join(host)
+        self._wait(lambda: host.ip in self.alive_nodes(), timeout_s, f"{host.name} back")
 
     # ------------------------------------------------------------------ lifecycle
     def _save(self) -> None:
@@ -231,6 +249,7 @@ class NamespaceCluster:
             raise ClusterError(f"namespace cluster: {reason}")
         down()  # what a crashed run left behind
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        SHARED.mkdir(parents=True, exist_ok=True)
         self._save()
         try:
             self._network_up()
@@ -282,6 +301,9 @@ def down() -> list[str]:
         removed.append(f"bridge {BRIDGE}")
     STATE.unlink(missing_ok=True)
     HOSTS_FILE.unlink(missing_ok=True)
+    if SHARED.is_dir():
+        shutil.rmtree(SHARED, ignore_errors=True)
+        removed.append(f"folder {SHARED}")
     return removed
 
 

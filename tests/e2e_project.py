@@ -19,9 +19,10 @@ OUTPUTS = ("tests/", "benchmarks/", "data/", "models/", "export/", "reports/", "
            "dvc.lock", "mlruns.db", "mlartifacts/", "dvc_plots/")
 
 
-def run_ok(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
+def run_ok(cmd: list[str], cwd: Path, timeout: int = 900, env: dict[str, str] | None = None) -> str:
+    """Run `cmd` in `cwd` (with `env` added to this environment); its output, or the test fails."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(cwd),
-           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "2"}  # tiny runs last seconds; the default samples every 10
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "2", **(env or {})}  # tiny runs last seconds; the default 10
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr

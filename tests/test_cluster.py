@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.runtime.local_head import LocalHead
 from tests.e2e_project import tiny_project
+from tests.namespace_hosts import covered_across_hosts
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -36,6 +37,7 @@ def _pipeline(args: list[str], project: Path, timeout: int = 900) -> subprocess.
                           text=True, timeout=timeout)
 
 
+@covered_across_hosts("test_multi_host_lm_chain_with_ddp_registers_what_the_embedded_ray_does")
 def test_submit_dvc_repro_to_a_cluster(ray_head, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.e2e_project import prepared_project, run_ok
+from tests.namespace_hosts import covered_across_hosts
 
 pytestmark = pytest.mark.e2e
 
@@ -41,6 +42,7 @@ def test_sharded_ema_diffusion_chain_under_zero3(lm_project):
     assert (lm_project / "export/diffusion/model.safetensors").is_file()
 
 
+@covered_across_hosts("test_multi_host_fsdp2_zero3_and_horovod_train_on_two_hosts")
 def test_dvc_exp_run_with_horovod(lm_project):
     """`dvc exp run -S strategy=horovod register@lm`: DVC composes the group, the train stage launches
     Horovod through horovod.ray.RayExecutor, and the rest of the pipeline runs on its model."""

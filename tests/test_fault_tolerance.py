@@ -21,10 +21,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.namespace_hosts import covered_across_hosts
 
 pytestmark = pytest.mark.e2e
 
 
+@covered_across_hosts("test_multi_host_worker_host_killed_mid_run_resumes_from_s3_with_the_same_weights")
 def test_node_killed_mid_training_resumes_exactly(built_data, tmp_path):
     shards = built_data[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -19,7 +19,7 @@ from pipeline.config.elastic import check_task_elastic, strategy_reshards, worke
 from pipeline.config.parallel import check_task_parallel, data_parallel_size
 from pipeline.config.schema import PipelineConfig
 from pipeline.data.build import file_md5
-from pipeline.data.shard_format import MANIFEST, load_manifest
+from pipeline.data.shard_format import MANIFEST, filesystem, load_manifest
 from pipeline.data.shard_store import publish
 from pipeline.data.shard_verify import check_split
 from pipeline.distributed import preflight
@@ -44,6 +44,9 @@ class TrainOutcome:
     seconds: float
 
 
+RUN_ID_FILE = "mlflow_run_id"  # beside a Ray run's checkpoints: the MLflow run it logs to
+
+
 def _history_csv(history: list[dict[str, float]]) -> str:
     buf = io.StringIO()
     fields = list(dict.fromkeys(k for h in history for k in h))  # validation rows add val_loss
@@ -53,12 +56,14 @@ def _history_csv(history: list[dict[str, float]]) -> str:
     return buf.getvalue()
 
 
-def _mlflow_run(cfg: PipelineConfig, task_name: str, run_dir: Path, tags: dict[str, str]) -> str:
-    """Continue the MLflow run of an interrupted Ray run, or start a new one."""
+def _mlflow_run(cfg: PipelineConfig, task_name: str, run_dir: str, tags: dict[str, str]) -> str:
+    """Continue the MLflow run of an interrupted Ray run, or start a new one. The run's id is
+    kept beside its checkpoints (`<run_dir>/mlflow_run_id`, a local folder or an s3:// prefix),
+    so a rerun from any machine that sees the storage continues the same MLflow run."""
     mlflow_runs.setup(cfg.tracking)
-    marker = run_dir / "mlflow_run_id"
-    if marker.is_file():
-        run_id = marker.read_text().strip()
+    fs, marker = filesystem(f"{run_dir.rstrip('/')}/{RUN_ID_FILE}")
+    if fs.exists(marker):
+        run_id = fs.cat_file(marker).decode().strip()
         try:
             mlflow.MlflowClient().get_run(run_id)
             return run_id
@@ -71,8 +76,8 @@ def _mlflow_run(cfg: PipelineConfig, task_name: str, run_dir: Path, tags: dict[s
     name = mlflow_runs.run_name(task_name, cfg.task(task_name).model, cfg.strategy.name)
     with mlflow.start_run(run_name=name, tags={**tags, "config.digest": config_digest(params)}) as run:
         mlflow.log_params(mlflow_runs.safe_params(params))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(run.info.run_id)
+    fs.makedirs(marker.rsplit("/", 1)[0], exist_ok=True)  # (object stores have no folders: a no-op)
+    fs.pipe_file(marker, run.info.run_id.encode())
     return run.info.run_id
 
 
@@ -156,7 +161,7 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     if address := cluster_address(cfg.cluster):
         check_reachable(address, cfg.cluster.connect_timeout_s)
     mlflow_runs.check_reachable(cfg.tracking, lambda *a, **k: print(f"[{task_name}]", *a, **k))
-    run_dir = Path(storage_root(cfg)) / run_name
+    run_dir = f"{storage_root(cfg).rstrip('/')}/{run_name}"  # a local folder or an s3:// prefix
     manifest = load_manifest(shards_dir)
     try:
         run_id = _mlflow_run(cfg, task_name, run_dir, tags)

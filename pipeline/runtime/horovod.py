@@ -49,7 +49,7 @@ def _worker(config: dict[str, Any]) -> int:
     from pipeline.training.session import LocalSession
 
     hvd.init()
-    _check_shared(Path(config["marker"]), hvd.rank())
+    _check_shared(Path(config["marker"]), hvd.rank(), config["task"])
     if config["use_gpu"]:
         device = torch.device("cuda", hvd.local_rank())
         torch.cuda.set_device(device)
@@ -67,16 +67,20 @@ def _worker(config: dict[str, Any]) -> int:
         session.close()
 
 
-def _check_shared(marker: Path, rank: int) -> None:
+def _check_shared(marker: Path, rank: int, task: str) -> None:
     """Every rank: whether it sees the file the driver wrote into the run's folder. All ranks
     learn the answer (an all-gather), so all of them stop together instead of some waiting in
-    a collective for the others."""
+    a collective for the others. Rank 0 also says which node each rank runs on, as Ray Train's
+    workers do (`nodes_line`)."""
     import horovod.torch as hvd
     import ray
 
+    from pipeline.runtime.trainer import nodes_line
     from pipeline.training.checkpoint import StorageNotShared
 
     views = hvd.allgather_object((rank, marker.is_file(), ray.util.get_node_ip_address()))
+    if rank == 0:
+        print(nodes_line(task, [ip for _, _, ip in sorted(views)]), flush=True)
     blind = sorted((r, ip) for r, seen, ip in views if not seen)
     if blind:
         who = ", ".join(f"rank {r} on {ip}" for r, ip in blind)

@@ -55,9 +55,20 @@ class _QuietKnownErrors(logging.Filter):
                                                    CannotReshard)))
 
 
+def nodes_line(task: str, ips: list[Any]) -> str:
+    """`[task] N worker(s) on M node(s): <ip> (ranks ...); ...` from each rank's node IP, in rank
+    order: on a cluster, the first thing to check when a run is slower than it should be, or a
+    rendezvous reached the wrong address."""
+    by_node: dict[str, list[int]] = {}
+    for r, ip in enumerate(ips):
+        by_node.setdefault(str(ip), []).append(r)
+    nodes = "; ".join(f"{ip} (rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))})"
+                      for ip, rs in by_node.items())
+    return f"[{task}] {len(ips)} worker(s) on {len(by_node)} node(s): {nodes}"
+
+
 def _announce_nodes(task: str, rank: int, world: int) -> None:
-    """Rank 0 says which node (IP) each rank runs on: on a cluster, the first thing to check when
-    a run is slower than it should be, or a rendezvous reached the wrong address."""
+    """Rank 0 prints `nodes_line`."""
     import ray
     import torch.distributed as dist
 
@@ -67,12 +78,7 @@ def _announce_nodes(task: str, rank: int, world: int) -> None:
         ips = [None] * world
         dist.all_gather_object(ips, ip)
     if rank == 0:
-        by_node: dict[str, list[int]] = {}
-        for r, ip in enumerate(ips):
-            by_node.setdefault(str(ip), []).append(r)
-        nodes = "; ".join(f"{ip} (rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))})"
-                          for ip, rs in by_node.items())
-        print(f"[{task}] {world} worker(s) on {len(by_node)} node(s): {nodes}", flush=True)
+        print(nodes_line(task, ips), flush=True)
 
 
 def _worker(config: dict[str, Any]) -> None:
