@@ -66,19 +66,6 @@ def test_submit_dvc_repro_to_a_cluster(ray_head, tmp_path):
         mlflow.set_tracking_uri(None)
 
 
-def test_loopback_only_local_head_after_a_job(local_head):
-    """The head `LocalHead` starts (for tests and for trying `pipeline submit`): every socket its
-    processes listen on, after a job ran there, is on 127.0.0.1."""
-    import psutil
-
-    from tests.test_loopback import is_loopback, listening
-
-    root = psutil.Process(local_head.pid)
-    sockets = listening({root.pid} | {p.pid for p in root.children(recursive=True)})
-    assert {"gcs_server", "raylet"} <= {name for _, _, name in sockets}, sockets
-    assert not [s for s in sockets if not is_loopback(s[0])], sockets
-
-
 def test_failed_job_exits_non_zero_with_its_log_tail(ray_head, tmp_path):
     project = tiny_project(tmp_path / "project")
     proc = _pipeline(["submit", "--address", ray_head, "--", "python", "-m", "stages.train", "lm",
@@ -87,6 +74,28 @@ def test_failed_job_exits_non_zero_with_its_log_tail(ray_head, tmp_path):
     # the shards were never built on the cluster: the stage's own one-line error comes back in the tail
     assert "FAILED" in proc.stderr and "last lines of its log" in proc.stderr
     assert "error [train lm]" in proc.stderr and "shards" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_loopback_only_local_head_after_a_job(local_head):
+    """The head `LocalHead` starts (for tests and for trying `pipeline submit`): every socket its
+    processes listen on, after a job ran there (the failed job above; this module's tests run in
+    file order), is on 127.0.0.1. The raylet and the GCS are waited for: on a busy machine the
+    head answers before every service has bound its port."""
+    import time
+
+    import psutil
+
+    from tests.test_loopback import is_loopback, listening
+
+    root = psutil.Process(local_head.pid)
+    deadline = time.time() + 60
+    while True:
+        sockets = listening({root.pid} | {p.pid for p in root.children(recursive=True)})
+        if {"gcs_server", "raylet"} <= {name for _, _, name in sockets} or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert {"gcs_server", "raylet"} <= {name for _, _, name in sockets}, sockets
+    assert not [s for s in sockets if not is_loopback(s[0])], sockets
 
 
 def test_submit_refuses_a_bad_config_before_contacting_the_cluster(tmp_path):

@@ -159,7 +159,7 @@ def _nodes_announced(out: str, cluster) -> list[str]:
             if "[lm] 2 worker(s) on 2 node(s): " in line and all(f"{ip} (rank " in line for ip in hosts)]
 
 
-STEPS, CKPT_EVERY = 40, 10  # long enough for a host to die between two checkpoints
+STEPS, CKPT_EVERY = 30, 10  # long enough for a host to die between two checkpoints
 CHAIN = (f"tasks.lm.trainer.max_steps={STEPS}", f"tasks.lm.trainer.ckpt_every={CKPT_EVERY}")
 REMOTE = ("cluster.storage_path=s3://runs/ray", "cluster.shards_uri=s3://runs/shards")
 
@@ -266,10 +266,10 @@ def test_multi_host_lm_chain_with_ddp_registers_what_the_embedded_ray_does(clust
 
 def test_multi_host_worker_host_killed_mid_run_resumes_from_s3_with_the_same_weights(cluster, services, ddp_chain):
     """The DDP chain's config again, its checkpoints under another S3 prefix: once one of its
-    checkpoints (at random) is registered there, every process of one worker host is killed (by PID, its /tmp
-    with them), and the host comes back a little later with an empty disk. The run restarts
-    from its last checkpoint on S3 once both hosts are there again (2 workers, one CPU each) and
-    ends with the weights of the uninterrupted run (`ddp_chain`), bit for bit."""
+    checkpoints (at random) is registered there, every process of one worker host is killed (by
+    PID, its /tmp with them), and the host comes back a little later with an empty disk. The run
+    restarts from its last checkpoint on S3 once both hosts are there again (2 workers, one CPU
+    each) and ends with the weights of the uninterrupted run (`ddp_chain`), bit for bit."""
     import threading
     import time
 
@@ -291,7 +291,7 @@ def test_multi_host_worker_host_killed_mid_run_resumes_from_s3_with_the_same_wei
         snapshot = json.loads(bucket.get_object(Bucket="runs", Key=keys[0])["Body"].read())
         return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
 
-    def kill_after_first_checkpoint() -> None:
+    def kill_after_a_checkpoint() -> None:
         deadline = time.time() + 900
         while (step := registered_step()) < kill_at and time.time() < deadline:
             time.sleep(0.05)
@@ -300,7 +300,7 @@ def test_multi_host_worker_host_killed_mid_run_resumes_from_s3_with_the_same_wei
         time.sleep(5)  # down for a while: the run notices and waits for room
         cluster.restart_host(victim)
 
-    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
     watcher.start()
     code, out = _submit(cluster, project, "multi-host-killed",
                         ["dvc repro shard@lm && python -m stages.train lm cluster.storage_path=s3://runs/killed "
