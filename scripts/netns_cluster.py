@@ -10,11 +10,10 @@ files: no shared disk, as on real machines. (They do see the machine's folders o
 nothing of a run goes there unless asked. /run/netns-cluster/shared is the folder for a run
 that wants a shared file system, as an NFS mount would be: Horovod's checkpoints.) The head and
 the workers are started with the commands of the on-prem instructions and the SLURM script
-(`ray start --head --node-ip-address <ip>`, `ray start --address <head>:6379
---node-ip-address <ip>`); from the default namespace
-the head's Jobs API answers at http://10.77.0.11:8265. Everything started is recorded
-(namespaces, bridge, process groups) in /run/netns-cluster/state.json, and `down` removes all of
-it, by PID and by name.
+(`ray start --head --node-ip-address <ip>`, `ray start --address <head>:6379 --node-ip-address
+<ip>`); from the default namespace the head's Jobs API answers at http://10.77.0.11:8265.
+Everything started is recorded (namespaces, bridge, process groups) in
+/run/netns-cluster/state.json, and `down` removes all of it, by PID and by name.
 
 Needs root and `ip netns` (iproute2). tests/test_multi_host.py uses `NamespaceCluster` directly.
 """

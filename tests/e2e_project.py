@@ -88,3 +88,22 @@ def mlflow_server(root: Path, port: int, host: str = "127.0.0.1") -> subprocess.
         except OSError:
             assert time.time() < deadline, "mlflow server did not come up in 120 s"
             time.sleep(0.5)
+
+
+def moto_server(host: str, port: int) -> subprocess.Popen:
+    """A real S3-compatible server (moto's server mode) on `host`:`port`, in its own process
+    group, up and answering. Clients reach it through AWS_ENDPOINT_URL, as a real endpoint."""
+    import time
+    import urllib.request
+
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", host, "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while True:
+        assert server.poll() is None, "moto_server exited"
+        try:
+            urllib.request.urlopen(f"http://{host}:{port}", timeout=1).close()
+            return server
+        except OSError:
+            assert time.time() < deadline, "moto_server did not come up in 60 s"
+            time.sleep(0.3)

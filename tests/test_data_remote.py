@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -25,23 +21,12 @@ from pipeline.data.sources import DataSourceError, read_images, read_text_docume
 def s3_server(monkeypatch):
     """A real S3-compatible server (moto's server mode) on 127.0.0.1, in its own process; s3fs
     finds it through the standard AWS environment variables, as it would a real endpoint."""
-    import urllib.request
-
     from pipeline.runtime.local_group import free_port
+    from tests.e2e_project import moto_server
 
     port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = moto_server("127.0.0.1", port)
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        assert server.poll() is None, "moto_server exited"
-        try:
-            urllib.request.urlopen(endpoint, timeout=1).close()
-            break
-        except OSError:
-            assert time.time() < deadline, "moto_server did not come up"
-            time.sleep(0.3)
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
         monkeypatch.setenv(key, value)

@@ -97,13 +97,11 @@ def services(tmp_path_factory):
     (and this machine) needs to reach them."""
     import contextlib
     import os
-    import time
 
     import boto3
-    import botocore.exceptions
 
     from pipeline.runtime.local_group import free_port
-    from tests.e2e_project import mlflow_server
+    from tests.e2e_project import mlflow_server, moto_server
 
     root = tmp_path_factory.mktemp("services")
     bridge = f"{netns.SUBNET}.1"  # this machine's address on the hosts' network
@@ -111,21 +109,13 @@ def services(tmp_path_factory):
     aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://{bridge}:{s3_port}"}
     with contextlib.ExitStack() as stack:
-        s3 = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", bridge, "-p", str(s3_port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        s3 = moto_server(bridge, s3_port)
         stack.callback(os.killpg, s3.pid, 9)
         server = mlflow_server(root, mlflow_port, host=bridge)
         stack.callback(os.killpg, server.pid, 9)
         bucket = boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
                               aws_secret_access_key="testing", region_name="us-east-1")
-        deadline = time.time() + 60
-        while True:
-            try:
-                bucket.create_bucket(Bucket="runs")
-                break
-            except botocore.exceptions.EndpointConnectionError:
-                assert s3.poll() is None and time.time() < deadline, "moto_server did not come up"
-                time.sleep(0.3)
+        bucket.create_bucket(Bucket="runs")
         yield {"aws": aws, "tracking": f"http://{bridge}:{mlflow_port}", "bucket": bucket}
 
 
