@@ -14,9 +14,10 @@ precision in use (`pipeline.training.mfu`: bf16 or fp8, from the table by device
     python benchmarks/gpu.py                      # the full table (one GPU; some minutes per row)
     python benchmarks/gpu.py --json results.json  # the rows as JSON too
     python benchmarks/gpu.py --presets gpt_125m --compile none --precision bf16
+    python benchmarks/gpu.py --profile            # and each row's top kernels for one step
     python benchmarks/gpu.py --smoke              # CPU: gpt_tiny, sequence 64, 2 steps (checks the script)
 
-No GPU figures exist yet: this was written and smoke-tested on a CPU-only machine.
+Figures (one H200, 2026-12-04) are in benchmarks/RESULTS.md, "On a GPU".
 """
 
 from __future__ import annotations
@@ -84,8 +85,22 @@ def planned_micro_batch(preset: str, seq: int, precision: str, ac: str, compile_
     return p.largest_micro_batch
 
 
+def profile_step(step, sync) -> None:
+    """Where one step's GPU time goes: the kernels with the most self time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            sync()
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60),
+              flush=True)
+    except Exception as e:  # a profiler that does not work here costs the row nothing
+        print(f"  profiler: {type(e).__name__}: {e}", flush=True)
+
+
 def run(preset: str, seq: int, precision: str, ac: str, compile_mode: str, micro: int, steps: int, warmup: int,
-        device: torch.device) -> dict[str, Any]:
+        device: torch.device, profile: bool = False) -> dict[str, Any]:
     """Build, set up and time `steps` training steps after `warmup` ones. Raises torch's
     OutOfMemoryError when the micro-batch does not fit."""
     from pipeline.distributed import StepSettings, build_strategy
@@ -133,6 +148,8 @@ def run(preset: str, seq: int, precision: str, ac: str, compile_mode: str, micro
     sync()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    if profile:
+        profile_step(step, sync)
     optimizer = strategy.optimizer
     tokens_per_s = micro * seq * steps / seconds
     peak_flops = device_peak(device, precision)
@@ -151,7 +168,7 @@ def _free() -> None:
 
 
 def measure(row: Row, seq: int, steps: int, warmup: int, device: torch.device, memory: int | None,
-            max_micro: int | None) -> Row:
+            max_micro: int | None, profile: bool = False) -> Row:
     planned = planned_micro_batch(row.model, seq, row.precision, row.ac, row.compile, device, memory)
     row.planned_micro_batch = planned
     micro = planned if planned else 1
@@ -161,7 +178,7 @@ def measure(row: Row, seq: int, steps: int, warmup: int, device: torch.device, m
     best: dict[str, Any] | None = None
     while micro >= 1:
         try:
-            result = run(row.model, seq, row.precision, row.ac, row.compile, micro, steps, warmup, device)
+            result = run(row.model, seq, row.precision, row.ac, row.compile, micro, steps, warmup, device, profile)
         except torch.OutOfMemoryError:
             _free()
             if search and best is not None:
@@ -236,6 +253,7 @@ def main() -> None:
     ap.add_argument("--max-micro-batch", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--profile", action="store_true", help="print each row's top kernels for one step")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU check of the script: gpt_tiny, sequence 64, 2 steps, micro-batch at most 4")
     args = ap.parse_args()
@@ -243,6 +261,8 @@ def main() -> None:
         args.presets, args.compile, args.seq, args.steps, args.warmup = "gpt_tiny", "none", 64, 2, 1
         args.max_micro_batch, args.device = 4, "cpu"
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
     if device.type == "cuda":
         torch.cuda.set_device(device)
         memory = torch.cuda.mem_get_info(device)[1]
@@ -259,7 +279,8 @@ def main() -> None:
                     if (why := unavailable(row, device)) is not None:
                         row.note = f"not run: {why}"
                     else:
-                        measure(row, args.seq, args.steps, args.warmup, device, memory, args.max_micro_batch)
+                        measure(row, args.seq, args.steps, args.warmup, device, memory, args.max_micro_batch,
+                                args.profile)
                     rows.append(row)
     out = table(rows, device_name)
     print(out)

@@ -3,6 +3,8 @@ and the challenger/champion alias rule."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pytest
 import torch
@@ -80,9 +82,18 @@ def test_int8_onnx_is_quantized_and_scored(built_data, tmp_path):
 
 @pytest.mark.parametrize("task", ["lm", "diffusion"])
 def test_pyfunc_round_trip(built_data, tmp_path, mlflow_store, task):
+    """The logged model predicts; its files sit under artifacts/model_dir whatever the exporter's
+    (atomic, temporary) folder was called, without the ONNX files the run carries beside it, and
+    no staging folder is left behind."""
     d, spec = _model_dir(tmp_path, built_data, task)
+    d = d.rename(d.parent / ".lm.tmp-abc123")
+    (d / "model.onnx").write_bytes(b"graph")
     with mlflow.start_run():
         info = log_pyfunc(d, spec)
+    logged = Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "artifacts"
+    assert [p.name for p in logged.iterdir()] == ["model_dir"]
+    assert not list(logged.glob("model_dir/*.onnx*")) and (logged / "model_dir/model.safetensors").is_file()
+    assert not list(d.parent.glob(".pyfunc-*"))
     out = mlflow.pyfunc.load_model(info.model_uri).predict(example_input(spec))
     if task == "lm":
         assert list(out.columns) == ["completion"] and len(out) == 2

@@ -117,6 +117,23 @@ def test_preset_parameter_counts_on_meta_device(preset, vocab, nominal):
     assert model.flops_per_token(2048) > 6 * model.num_params(non_embedding=True)
 
 
+def test_gpu_presets_pad_the_vocabulary_to_a_multiple_of_64(tiny_cfg):
+    """GPT-2's 50,257 tokens become 50,304 embedding rows in the GPU presets (fast matmul kernels
+    for the head); an explicit model.vocab_size wins; the tiny preset keeps the tokenizer's size."""
+    from pipeline.config import compose, validate
+    from pipeline.config.loading import apply_overrides
+    from pipeline.tasks import task_named
+    from tests.conftest import ROOT
+
+    lm = task_named("lm")
+    manifest = {"vocab_size": 50257, "seq_len": 2048}
+    for preset, extra, rows in (("gpt_1b", [], 50304), ("gpt_7b", [], 50304), ("gpt_tiny", [], 50257),
+                                ("gpt_1b", ["tasks.lm.model.vocab_size=50400"], 50400)):
+        cfg = validate(apply_overrides(compose(ROOT / "configs", [f"model@tasks.lm.model={preset}"]), extra))
+        assert lm.model_spec(cfg.task("lm"), manifest)["vocab_size"] == rows, (preset, extra)
+    assert lm.model_spec(tiny_cfg.task("lm"), {"vocab_size": 300, "seq_len": 32})["vocab_size"] == 300
+
+
 def test_meta_built_model_materialises_like_an_eager_one():
     cfg = GPTConfig(d_model=32, n_layers=2, n_heads=4)
     eager = GPT(cfg, vocab_size=50, max_seq_len=16)

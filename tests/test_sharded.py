@@ -111,7 +111,14 @@ def test_sharded_init_equals_ddp(init_results, name, case):
 
 def test_sharded_init_draws_one_unit_at_a_time():
     """The initialisation driver never has more than one unit whole: the embeddings (with the
-    head when tied), then each block on its own, in the unsharded order."""
+    head when tied), then each block on its own, in the unsharded order. Every operation while a
+    unit is drawn (its allocation included) runs with the previous units' whole tensors already
+    freed: on an H200 the 7B preset's setup peaked one block higher while a unit's list of whole
+    tensors outlived it into the next unit's allocation."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from pipeline.config import validate
     from pipeline.distributed.sharded_init import init_by_unit
     from pipeline.models.gpt import GPT
@@ -120,10 +127,25 @@ def test_sharded_init_draws_one_unit_at_a_time():
     with torch.device("meta"):
         model = GPT(cfg, 300, 32)
     units: list[int] = []
-    init_by_unit(model, torch.device("cpu"), lambda pairs: units.append(sum(f.numel() for _, f in pairs)))
+    drawn: list[weakref.ref] = []  # the whole tensors of every unit placed so far
+    overlaps: list[str] = []
+
+    def place(pairs) -> None:
+        drawn.extend(weakref.ref(f) for _, f in pairs)
+        units.append(sum(f.numel() for _, f in pairs))
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(r() is not None for r in drawn):
+                overlaps.append(f"{func} while drawing unit {len(units)}")
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        init_by_unit(model, torch.device("cpu"), place)
     block = sum(p.numel() for p in model.blocks[0].parameters())
     root = model.embed.weight.numel() + model.head.weight.numel() + model.norm.weight.numel()
     assert units == [root] + [block] * cfg.n_layers
+    assert overlaps == [], overlaps[:3]
     assert all(p.is_meta for p in model.parameters())  # the driver kept nothing whole itself
 
     eager = GPT(cfg, 300, 32)

@@ -122,6 +122,10 @@ class GPTConfig(Strict):
     mlp_hidden: PositiveInt | None = None  # the MLP's hidden width; None: from mlp_ratio (SwiGLU: 2/3 of it, x64)
     norm_eps: PositiveFloat | None = None  # None: 1e-6 (rmsnorm), 1e-5 (layernorm)
     vocab_size: PositiveInt | None = None  # embedding rows; None: the tokenizer's vocabulary
+    # Without vocab_size, the tokenizer's vocabulary rounded up to a multiple of this. The GPU
+    # presets use 64: an odd vocabulary (GPT-2's 50,257) sends the output head's three matmuls,
+    # the largest of the step, to slow fallback kernels (a quarter of a 1B step on an H200).
+    vocab_multiple: PositiveInt = 1
     # A Hugging Face checkpoint folder (Llama architecture: config.json + safetensors) to start
     # from: its config.json sets the architecture fields above (the ones here are then ignored),
     # its weights the initial weights, its tokenizer replaces the one prepare would train.

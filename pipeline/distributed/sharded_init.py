@@ -102,6 +102,9 @@ def init_by_unit(model: nn.Module, device: torch.device, place: Placer, keep_who
             if weights is not None:
                 copy_from_safetensors(weights, {names[id(p)]: whole for p, whole in pairs})
             place(pairs)
+            # Drop this unit's whole tensors now: a name still bound would keep them alive while
+            # the next unit is allocated (two units at once: one block more at every rank's peak).
+            del pairs
 
 
 def parameter_names(model: nn.Module) -> dict[int, str]:

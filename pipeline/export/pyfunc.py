@@ -8,6 +8,7 @@ Inputs and outputs are plain tables so `mlflow models serve` answers JSON:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,34 @@ def example_input(spec: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame({"label": [0, 7]})
 
 
+# What the pyfunc never reads: the ONNX graphs, logged beside it under onnx/ and onnx_int8/.
+NOT_IN_PYFUNC = ("model.onnx*", "model.int8.onnx*")
+
+
+def pyfunc_artifacts(model_dir: Path, staging: Path) -> Path:
+    """The folder MLflow copies into the model as its `model_dir` artifact. MLflow names the
+    artifact after the folder, and the exporter's folder is an atomic temporary one
+    (`.lm.tmp-xxxx`), so the files are linked (copied where links fail) into `staging/model_dir`
+    first, leaving out the ONNX files that the run already carries under onnx/."""
+    import shutil
+
+    target = staging / "model_dir"
+    skip = shutil.ignore_patterns(*NOT_IN_PYFUNC)
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(model_dir, target, ignore=skip, copy_function=link)
+    return target
+
+
 def log_pyfunc(model_dir: Path, spec: dict[str, Any]):
     """Log the model into the active run (library code included); returns MLflow's ModelInfo."""
+    import tempfile
+
     import pipeline
 
     example = example_input(spec)
@@ -68,8 +95,10 @@ def log_pyfunc(model_dir: Path, spec: dict[str, Any]):
     output = PipelineModel()
     output.load_context(type("Ctx", (), {"artifacts": {"model_dir": str(model_dir)}})())
     signature = mlflow.models.infer_signature(example, output.predict(None, example, params), params)
-    return mlflow.pyfunc.log_model(
-        name="model", python_model=PipelineModel(), artifacts={"model_dir": str(model_dir)},
-        code_paths=[str(Path(pipeline.__file__).parent)], signature=signature, input_example=example,
-        pip_requirements=["torch", "safetensors", "tokenizers", "numpy", "pandas", "pydantic", "pyyaml"],
-    )
+    with tempfile.TemporaryDirectory(prefix=".pyfunc-", dir=model_dir.parent) as staging:
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=PipelineModel(),
+            artifacts={"model_dir": str(pyfunc_artifacts(model_dir, Path(staging)))},
+            code_paths=[str(Path(pipeline.__file__).parent)], signature=signature, input_example=example,
+            pip_requirements=["torch", "safetensors", "tokenizers", "numpy", "pandas", "pydantic", "pyyaml"],
+        )

@@ -45,7 +45,8 @@ class LanguageModeling(Task):
         also carries that checkpoint's config.json and generation_config.json, so the export
         writes them back with only what training changed; its shards must have been tokenized
         by its tokenizer, and the data's sequences must fit its context."""
-        vocab = cfg.model.vocab_size or manifest["vocab_size"]
+        multiple = cfg.model.vocab_multiple
+        vocab = cfg.model.vocab_size or -(-manifest["vocab_size"] // multiple) * multiple
         if manifest["vocab_size"] > vocab:
             raise ValueError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's vocabulary "
                              f"({manifest['vocab_size']}) the shards were written with")
