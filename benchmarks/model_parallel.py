@@ -94,7 +94,7 @@ def _bubble_rank(rank: int, world: int, schedule: str, micro: int, steps: int) -
                                     micro, world)
     strategy.forward_backward(micros, task, None)  # builds the schedule (shape inference), warms up
     strategy.clip_and_step(1.0)
-    stage = strategy.schedule._stage
+    stages = getattr(strategy.schedule, "_stages", None) or [strategy.schedule._stage]  # interleaved: two
     busy = [0.0]
 
     def timed(fn):
@@ -107,8 +107,9 @@ def _bubble_rank(rank: int, world: int, schedule: str, micro: int, steps: int) -
         return run
 
     # forward_maybe_with_nosync / backward_maybe_with_nosync are the stage's compute, without its sends
-    stage.forward_maybe_with_nosync = timed(stage.forward_maybe_with_nosync)
-    stage.backward_maybe_with_nosync = timed(stage.backward_maybe_with_nosync)
+    for stage in stages:
+        stage.forward_maybe_with_nosync = timed(stage.forward_maybe_with_nosync)
+        stage.backward_maybe_with_nosync = timed(stage.backward_maybe_with_nosync)
     idle, secs = [], []
     for _ in range(steps):
         torch.distributed.barrier()
@@ -125,12 +126,14 @@ def _bubble_rank(rank: int, world: int, schedule: str, micro: int, steps: int) -
 def bubble(args) -> None:
     from pipeline.runtime.local_group import run_group
 
-    print("\npipeline bubble, PP=2 (idle fraction per rank: measured vs the schedule's (p-1)/(m+p-1)):")
-    for schedule in ("gpipe", "1f1b"):
+    print("\npipeline bubble, PP=2 (idle fraction per rank: measured vs the schedule's (p-1)/(v*m+p-1), v the "
+          "stages per rank):")
+    for schedule in ("gpipe", "1f1b", "interleaved_1f1b"):
+        v = 2 if schedule == "interleaved_1f1b" else 1
         for m in (4, 8):
             got = run_group(_bubble_rank, 2, schedule, m, args.steps)
-            ideal = 1 / (m + 1)
-            print(f"  {schedule:>5} m={m}: rank 0 idle {got[0][0]:.3f}, rank 1 idle {got[1][0]:.3f}   "
+            ideal = 1 / (v * m + 1)
+            print(f"  {schedule:>16} m={m}: rank 0 idle {got[0][0]:.3f}, rank 1 idle {got[1][0]:.3f}   "
                   f"ideal {ideal:.3f}   step {got[0][1] * 1e3:.0f} ms", flush=True)
 
 

@@ -29,6 +29,10 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {  # name -> (ranks, overrides)
     "tp2": (2, LAYOUT_VARIANTS["tp2"]),
     "pp2_gpipe": (2, LAYOUT_VARIANTS["pp2"] + ACCUM2 + ["parallel.pp_schedule=gpipe"]),
     "pp2_1f1b": (2, LAYOUT_VARIANTS["pp2"] + ACCUM2 + ["parallel.pp_schedule=1f1b"]),
+    # interleaved: 2 ranks x 2 stages each (rank 0: blocks 0 and 2, rank 1: blocks 1 and 3)
+    "ddp_4l": (2, [*VARIANTS["ddp"], "tasks.lm.model.n_layers=4"]),
+    "pp2_interleaved_1f1b": (2, LAYOUT_VARIANTS["pp2"] + ACCUM2 + ["parallel.pp_schedule=interleaved_1f1b",
+                                                                  "tasks.lm.model.n_layers=4"]),
     "fsdp_tp2x2": (4, LAYOUT_VARIANTS["fsdp_tp2"] + ["cluster.num_workers=4"]),
     "pp2_dp2": (4, LAYOUT_VARIANTS["pp2"] + ACCUM2 + ["cluster.num_workers=4"]),
     "tp2_pp2_bf16": (4, ["parallel.tp=2", "parallel.pp=2", "cluster.num_workers=4", "precision.dtype=bf16",
@@ -76,7 +80,7 @@ def runs(built_data, tmp_path_factory):
             ranks, overrides = LAYOUTS[name]
             root = tmp_path_factory.mktemp(f"mp-{name}")
             result = run_group(_train_rank, ranks, tiny_raw(STEPS + overrides), str(shards["lm"]), str(root),
-                               name in ("tp2", "pp2_1f1b"))[0]
+                               name in ("tp2", "pp2_1f1b", "pp2_interleaved_1f1b"))[0]
             cache[name] = {**result, "root": root}
         return cache[name]
 
@@ -133,11 +137,23 @@ def test_tensor_parallel_dit_losses_and_ema_equal_ddp(built_data, tmp_path):
         torch.testing.assert_close(got["straight"]["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved_1f1b"])
 def test_pipeline_parallel_losses_equal_ddp(runs, schedule):
     """2 stages, 2 micro-batches per step (the accumulation micro-batches) against DDP's one
-    big batch: the schedule's gradient equals the big batch's."""
-    _assert_losses_equal(runs("ddp"), runs(f"pp2_{schedule}"), f"pp2_{schedule}")
+    big batch: the schedule's gradient equals the big batch's. Interleaved 1F1B: 4 stages of a
+    4-block model on 2 ranks, each rank running two of them."""
+    _assert_losses_equal(runs("ddp_4l" if schedule.startswith("interleaved") else "ddp"), runs(f"pp2_{schedule}"),
+                         f"pp2_{schedule}")
+
+
+def test_pipeline_parallel_interleaved_exports_ddp_weights(runs):
+    """Under interleaving each rank holds two stages: the exported weights (every block,
+    gathered from both ranks' two stages, the tied head once) are DDP's keys and values."""
+    got, ref = runs("pp2_interleaved_1f1b"), runs("ddp_4l")
+    assert "interleaved_1f1b" in got["straight"]["layout"], got["straight"]["layout"]
+    assert got["straight"]["weights"].keys() == ref["straight"]["weights"].keys()
+    for k, v in ref["straight"]["weights"].items():
+        torch.testing.assert_close(got["straight"]["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_pipeline_parallel_with_data_parallel_losses_equal_ddp(runs):
@@ -156,7 +172,7 @@ def test_tensor_parallel_and_pipeline_parallel_3d_bf16_trains_close_to_ddp_fp32(
     assert all(v.dtype == torch.float32 for v in runs("tp2_pp2_bf16")["straight"]["weights"].values())
 
 
-@pytest.mark.parametrize("name", ["tp2", "pp2_1f1b"])
+@pytest.mark.parametrize("name", ["tp2", "pp2_1f1b", "pp2_interleaved_1f1b"])
 def test_tensor_parallel_and_pipeline_parallel_resume_is_bit_exact(runs, name):
     """Resumed from the step-10 DCP checkpoint, a run ends with the same weights and losses."""
     run = runs(name)
@@ -223,7 +239,7 @@ def test_tensor_parallel_and_pipeline_parallel_checkpoint_loads_under_another_la
     (["parallel.tp=2", "strategy.name=deepspeed"], "strategy.name=deepspeed cannot combine"),
     (["parallel.tp=2", "precision.dtype=fp16"], "precision.dtype=fp16"),
     (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "tasks.lm.trainer.grad_accum_steps=2"],
-     "interleaved_1f1b"),
+     "n_layers (2) must be divisible by parallel.pp (2) x 2 stages per rank under interleaved_1f1b"),
     (["parallel.pp=2", "tasks.lm.trainer.grad_accum_steps=3"], "global_batch_size (8) must be divisible"),
 ])
 def test_tensor_parallel_and_pipeline_parallel_config_errors_name_the_keys(overrides, message):

@@ -27,7 +27,14 @@ from pipeline.distributed import dcp_state
 from pipeline.distributed.base import OptimizerFactory, Strategy
 from pipeline.distributed.fsdp import gradient_sync, keep_local_slices
 from pipeline.distributed.mesh import Layout, build_mesh
-from pipeline.distributed.pipeline_parallel import build_schedule, retie, split_stage, tie_groups
+from pipeline.distributed.pipeline_parallel import (
+    build_schedule,
+    merge_stages,
+    rank_stages,
+    retie,
+    split_stage,
+    tie_groups,
+)
 from pipeline.distributed.precision import guarded_step, nonfinite_flag
 from pipeline.distributed.sharded_init import init_by_unit, to_empty_keeping_ties
 from pipeline.distributed.tensor_parallel import apply_tensor_parallel, tp_plan
@@ -47,6 +54,8 @@ class MeshStrategy(Strategy):
         # GPU) turns both on to build and step the tp and pp paths over size-1 mesh dimensions.
         self.use_tp, self.use_pp = parallel.tp > 1, parallel.pp > 1
         self.schedule = None
+        self.stage_ids = rank_stages(self.pp_rank, parallel.pp, parallel.pp_schedule) if self.use_pp else [0]
+        self.parts: list[nn.Module] = []  # what the schedule runs: this rank's stages
         self._tie_pairs: list[tuple[nn.Parameter, Any]] = []  # (tied parameter, group of first+last stage)
         self._norm_skip: set[int] = set()  # tied copies counted on another stage
 
@@ -90,13 +99,22 @@ class MeshStrategy(Strategy):
             self._pair_tied(part, ties)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        """Stage cut -> tensor parallel -> activation checkpointing -> torch.compile -> data parallel."""
+        """Each of this rank's stages: stage cut -> tensor parallel -> activation checkpointing ->
+        torch.compile -> data parallel (each stage its own FSDP root, as torchtitan's model
+        parts). Returns one module holding them all (`merge_stages`)."""
+        if not self.use_pp:
+            self.parts = [self._parallelize_part(model)]
+            return self.parts[0]
+        stages = self.layout.pp * len(self.stage_ids)
+        self.parts = [self._parallelize_part(split_stage(model, s, stages)) for s in self.stage_ids]
+        return merge_stages(model, self.parts)
+
+    def _parallelize_part(self, part: nn.Module) -> nn.Module:
         from torch.distributed._composable.replicate_with_fsdp import replicate
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        part = split_stage(model, self.pp_rank, self.layout.pp) if self.use_pp else model
         if self.use_tp:
-            apply_tensor_parallel(part, tp_plan(model), self.mesh["tp"])
+            apply_tensor_parallel(part, tp_plan(part), self.mesh["tp"])
         self.checkpoint_activations(part)
         self.compile(part)
         low = self.precision.dtype if self.precision.dtype != torch.float32 else None
@@ -172,7 +190,8 @@ class MeshStrategy(Strategy):
         self._smoothing = getattr(task, "label_smoothing", 0.0) if train else 0.0  # read by the loss_fn
         if self.schedule is None:
             self.schedule = build_schedule(
-                self.model, self.pp_rank, self.layout.pp, self.device, self.mesh["pp"].get_group(),
+                self.parts, self.stage_ids, self.layout.pp * len(self.stage_ids), self.device,
+                self.mesh["pp"].get_group(),
                 self.parallel.pp_schedule, len(micro_batches),
                 lambda out, target: task.output_loss(out, target, self._smoothing))
         parts = [task.pipeline_io(b) for b in micro_batches]
