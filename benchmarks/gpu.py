@@ -54,14 +54,15 @@ class Row:
     note: str = ""
 
 
-def config(preset: str, seq: int, precision: str, ac: str, compile_mode: str, micro: int = 1):
-    """The validated pipeline config of one row (the lm task; DDP)."""
+def config(preset: str, seq: int, precision: str, ac: str, compile_mode: str, micro: int = 1,
+           strategy: str = "ddp", vocab: int = VOCAB):
+    """The validated pipeline config of one row (the lm task; DDP unless told)."""
     from pipeline.config import compose, validate
     from pipeline.config.loading import apply_overrides
     from pipeline.config.schema import TrainerConfig
 
-    groups = [f"model@tasks.lm.model={preset}", "strategy=ddp"]
-    overrides = [f"precision.dtype={precision}", f"tasks.lm.data.seq_len={seq}", f"tasks.lm.data.vocab_size={VOCAB}",
+    groups = [f"model@tasks.lm.model={preset}", f"strategy={strategy}"]
+    overrides = [f"precision.dtype={precision}", f"tasks.lm.data.seq_len={seq}", f"tasks.lm.data.vocab_size={vocab}",
                  f"tasks.lm.trainer.activation_checkpointing={ac}", f"tasks.lm.trainer.global_batch_size={micro}",
                  "tasks.lm.optim.warmup_steps=0", "cluster.num_workers=1"]
     if "compile" in TrainerConfig.model_fields:

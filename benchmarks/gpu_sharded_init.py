@@ -30,21 +30,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
 
 
 def config(preset: str, seq: int, micro: int, ac: str, precision: str):
-    from pipeline.config import compose, validate
-    from pipeline.config.loading import apply_overrides
+    """gpu.py's row config under FSDP2, eager (the 7B preset's tokenizer has 32,000 tokens)."""
+    from gpu import config as row_config  # benchmarks/ is this script's folder
 
     vocab = 32000 if preset == "gpt_7b" else 50257
-    overrides = [f"precision.dtype={precision}", f"tasks.lm.data.seq_len={seq}", f"tasks.lm.data.vocab_size={vocab}",
-                 f"tasks.lm.trainer.activation_checkpointing={ac}", f"tasks.lm.trainer.global_batch_size={micro}",
-                 "tasks.lm.optim.warmup_steps=0", "cluster.num_workers=1"]
-    cfg = validate(apply_overrides(compose(ROOT / "configs", [f"model@tasks.lm.model={preset}", "strategy=fsdp"]),
-                                   overrides))
-    return cfg, vocab
+    return row_config(preset, seq, precision, ac, "none", micro, strategy="fsdp", vocab=vocab), vocab
 
 
 def largest_unit_bytes(model: torch.nn.Module) -> int:

@@ -55,6 +55,7 @@ class MeshStrategy(Strategy):
         self.use_tp, self.use_pp = parallel.tp > 1, parallel.pp > 1
         self.schedule = None
         self.stage_ids = rank_stages(self.pp_rank, parallel.pp, parallel.pp_schedule) if self.use_pp else [0]
+        self.num_stages = parallel.pp * len(self.stage_ids)
         self.parts: list[nn.Module] = []  # what the schedule runs: this rank's stages
         self._tie_pairs: list[tuple[nn.Parameter, Any]] = []  # (tied parameter, group of first+last stage)
         self._norm_skip: set[int] = set()  # tied copies counted on another stage
@@ -105,8 +106,7 @@ class MeshStrategy(Strategy):
         if not self.use_pp:
             self.parts = [self._parallelize_part(model)]
             return self.parts[0]
-        stages = self.layout.pp * len(self.stage_ids)
-        self.parts = [self._parallelize_part(split_stage(model, s, stages)) for s in self.stage_ids]
+        self.parts = [self._parallelize_part(split_stage(model, s, self.num_stages)) for s in self.stage_ids]
         return merge_stages(model, self.parts)
 
     def _parallelize_part(self, part: nn.Module) -> nn.Module:
@@ -190,8 +190,7 @@ class MeshStrategy(Strategy):
         self._smoothing = getattr(task, "label_smoothing", 0.0) if train else 0.0  # read by the loss_fn
         if self.schedule is None:
             self.schedule = build_schedule(
-                self.parts, self.stage_ids, self.layout.pp * len(self.stage_ids), self.device,
-                self.mesh["pp"].get_group(),
+                self.parts, self.stage_ids, self.num_stages, self.device, self.mesh["pp"].get_group(),
                 self.parallel.pp_schedule, len(micro_batches),
                 lambda out, target: task.output_loss(out, target, self._smoothing))
         parts = [task.pipeline_io(b) for b in micro_batches]

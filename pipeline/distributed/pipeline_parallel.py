@@ -50,17 +50,21 @@ def stage_blocks(n_blocks: int, stage: int, stages: int) -> range:
     return range(stage * per, (stage + 1) * per)
 
 
-def split_stage(model: nn.Module, stage: int, stages: int) -> nn.Module:
-    """This stage's module: a shallow copy of `model`'s root holding only its own parts.
-
-    Sub-modules and buffers are shared with `model` (so initialising through the full skeleton
-    fills the stage); module and hook registries are the copy's own (so wrapping the stage
-    does not wrap the skeleton)."""
-    plan = pp_plan(model)
+def _root_copy(model: nn.Module) -> nn.Module:
+    """A shallow copy of `model`'s root: sub-modules and buffers shared with `model` (so
+    initialising through the full skeleton fills the copy), module and hook registries its
+    own (so wrapping the copy does not wrap the skeleton)."""
     part = copy.copy(model)
     for key, value in model.__dict__.items():
         if isinstance(value, dict) and key != "_buffers":
             part.__dict__[key] = type(value)(value)
+    return part
+
+
+def split_stage(model: nn.Module, stage: int, stages: int) -> nn.Module:
+    """This stage's module: a root copy of `model` (`_root_copy`) holding only its own parts."""
+    plan = pp_plan(model)
+    part = _root_copy(model)
     blocks = getattr(model, plan["blocks"])
     owned = stage_blocks(len(blocks), stage, stages)
     setattr(part, plan["blocks"], nn.ModuleList(b if i in owned else nn.Identity() for i, b in enumerate(blocks)))
@@ -81,10 +85,7 @@ def merge_stages(model: nn.Module, parts: list[nn.Module]) -> nn.Module:
     if len(parts) == 1:
         return parts[0]
     plan = pp_plan(model)
-    merged = copy.copy(model)
-    for key, value in model.__dict__.items():
-        if isinstance(value, dict) and key != "_buffers":
-            merged.__dict__[key] = type(value)(value)
+    merged = _root_copy(model)
     lists = [getattr(p, plan["blocks"]) for p in parts]
     setattr(merged, plan["blocks"], nn.ModuleList(
         next((blocks[i] for blocks in lists if not isinstance(blocks[i], nn.Identity)), nn.Identity())
