@@ -15,6 +15,8 @@ precision in use (`pipeline.training.mfu`: bf16 or fp8, from the table by device
     python benchmarks/gpu.py --json results.json  # the rows as JSON too
     python benchmarks/gpu.py --presets gpt_125m --compile none --precision bf16
     python benchmarks/gpu.py --profile            # and each row's top kernels for one step
+    python benchmarks/gpu.py --presets gpt_1b --compile blocks:eager-loss,blocks --ac none
+                                                  # the compiled loss (`trainer.compile_loss`) against the eager one
     python benchmarks/gpu.py --smoke              # CPU: gpt_tiny, sequence 64, 2 steps (checks the script)
 
 Figures (one H200, 2026-12-04) are in benchmarks/RESULTS.md, "On a GPU".
@@ -56,7 +58,8 @@ class Row:
 
 def config(preset: str, seq: int, precision: str, ac: str, compile_mode: str, micro: int = 1,
            strategy: str = "ddp", vocab: int = VOCAB):
-    """The validated pipeline config of one row (the lm task; DDP unless told)."""
+    """The validated pipeline config of one row (the lm task; DDP unless told). `compile_mode` is a
+    trainer.compile value, with `:eager-loss` for trainer.compile_loss=false."""
     from pipeline.config import compose, validate
     from pipeline.config.loading import apply_overrides
     from pipeline.config.schema import TrainerConfig
@@ -65,8 +68,11 @@ def config(preset: str, seq: int, precision: str, ac: str, compile_mode: str, mi
     overrides = [f"precision.dtype={precision}", f"tasks.lm.data.seq_len={seq}", f"tasks.lm.data.vocab_size={vocab}",
                  f"tasks.lm.trainer.activation_checkpointing={ac}", f"tasks.lm.trainer.global_batch_size={micro}",
                  "tasks.lm.optim.warmup_steps=0", "cluster.num_workers=1"]
+    mode, _, loss = compile_mode.partition(":")
     if "compile" in TrainerConfig.model_fields:
-        overrides.append(f"tasks.lm.trainer.compile={compile_mode}")
+        overrides.append(f"tasks.lm.trainer.compile={mode}")
+    if "compile_loss" in TrainerConfig.model_fields:
+        overrides.append(f"tasks.lm.trainer.compile_loss={loss != 'eager-loss'}")
     return validate(apply_overrides(compose(ROOT / "configs", groups), overrides))
 
 
@@ -122,8 +128,11 @@ def run(preset: str, seq: int, precision: str, ac: str, compile_mode: str, micro
     prec = Precision(precision, device)
     fp8_layers = prec.prepare(model)
     settings: dict[str, Any] = {}
+    tr = tcfg.trainer
     if "compile" in {f.name for f in dataclasses.fields(StepSettings)}:
-        settings["compile"] = compile_mode
+        settings["compile"] = tr.compile
+    if tr.compile != "none" and getattr(tr, "compile_loss", False):
+        task.compile_loss()  # as the loop does
     strategy = build_strategy(cfg.strategy, prec, device,
                               StepSettings(micro, 1, tcfg.trainer.grad_clip, (ac, "every_k", 2), **settings))
     strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
@@ -169,13 +178,14 @@ def _free() -> None:
 
 
 def measure(row: Row, seq: int, steps: int, warmup: int, device: torch.device, memory: int | None,
-            max_micro: int | None, profile: bool = False) -> Row:
-    planned = planned_micro_batch(row.model, seq, row.precision, row.ac, row.compile, device, memory)
+            max_micro: int | None, profile: bool = False, fixed_micro: int | None = None) -> Row:
+    planned = None if fixed_micro else planned_micro_batch(row.model, seq, row.precision, row.ac, row.compile,
+                                                           device, memory)
     row.planned_micro_batch = planned
-    micro = planned if planned else 1
+    micro = fixed_micro or planned or 1
     if max_micro:
         micro = min(micro, max_micro)
-    search = planned is None and device.type == "cuda"  # no plan: double until it does not fit
+    search = planned is None and not fixed_micro and device.type == "cuda"  # no plan: double until it does not fit
     best: dict[str, Any] | None = None
     while micro >= 1:
         try:
@@ -210,6 +220,7 @@ def unavailable(row: Row, device: torch.device) -> str | None:
     import dataclasses as dc
     import importlib.util
 
+    from pipeline.config.schema import TrainerConfig
     from pipeline.distributed import StepSettings
     from pipeline.distributed.precision import fp8_unavailable
 
@@ -220,6 +231,8 @@ def unavailable(row: Row, device: torch.device) -> str | None:
             return "torchao is not installed (pip install -e '.[gpu]')"
     if row.compile != "none" and "compile" not in {f.name for f in dc.fields(StepSettings)}:
         return "trainer.compile is not in this version"
+    if row.compile.endswith(":eager-loss") and "compile_loss" not in TrainerConfig.model_fields:
+        return "trainer.compile_loss is not in this version"
     return None
 
 
@@ -245,13 +258,15 @@ def table(rows: list[Row], device_name: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default=",".join(PRESETS))
-    ap.add_argument("--compile", default="none,blocks", help="trainer.compile values to compare")
+    ap.add_argument("--compile", default="none,blocks",
+                    help="trainer.compile values to compare (`blocks:eager-loss`: with trainer.compile_loss=false)")
     ap.add_argument("--precision", default="bf16,fp8")
     ap.add_argument("--ac", default="none,full", help="trainer.activation_checkpointing values")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per row")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
     ap.add_argument("--max-micro-batch", type=int, default=None)
+    ap.add_argument("--micro-batch", type=int, default=None, help="this micro-batch, not the planner's")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--profile", action="store_true", help="print each row's top kernels for one step")
@@ -281,7 +296,7 @@ def main() -> None:
                         row.note = f"not run: {why}"
                     else:
                         measure(row, args.seq, args.steps, args.warmup, device, memory, args.max_micro_batch,
-                                args.profile)
+                                args.profile, args.micro_batch)
                     rows.append(row)
     out = table(rows, device_name)
     print(out)

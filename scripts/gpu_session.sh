@@ -8,7 +8,8 @@
 # Parts (PARTS, default all, in this order): env, tests (`tests/gpu`, the CUDA suite),
 # mp (tensor/pipeline-parallel code paths at world size 1), sharded (FSDP2 sharded init of the
 # 1B and 7B presets against the planner), bench (tokens/s and MFU of the 1B preset: eager vs
-# compile, bf16 vs fp8), apex (Apex's FusedAdam and fused norms against torch's), small (the 125M
+# compile, bf16 vs fp8), loss (the 1B preset compiled, its loss eager against compiled:
+# trainer.compile_loss, bf16 and fp8), apex (Apex's FusedAdam and fused norms against torch's), small (the 125M
 # and 350M presets, compiled, bf16 and fp8), acfull (the 1B preset with full activation
 # checkpointing). Logs and JSON go to $OUT.
 #
@@ -20,7 +21,7 @@
 # built for this GPU's architecture only, in the background while the tests run.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
-PARTS=${PARTS:-"env tests mp sharded bench apex small acfull"}
+PARTS=${PARTS:-"env tests mp sharded bench loss apex small acfull"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 LOG="$OUT/session.log"
@@ -82,6 +83,8 @@ has mp && part mp "${MP_LIMIT:-40}" python3 benchmarks/gpu_model_parallel.py --d
 has sharded && part sharded "${SHARDED_LIMIT:-100}" python3 benchmarks/gpu_sharded_init.py --json "$OUT/sharded.json"
 has bench && part bench "${BENCH_LIMIT:-230}" python3 benchmarks/gpu.py --presets gpt_1b --compile none,blocks \
   --precision bf16,fp8 --ac none --steps 10 --warmup 3 --profile --json "$OUT/bench.json"
+has loss && part loss "${LOSS_LIMIT:-200}" python3 benchmarks/gpu.py --presets gpt_1b \
+  --compile blocks:eager-loss,blocks --precision bf16,fp8 --ac none --steps 10 --warmup 3 --json "$OUT/bench_loss.json"
 if has apex && [ -n "${APEX_PID:-}" ]; then
   say "waiting for the apex build"
   timeout 40 tail --pid="$APEX_PID" -f /dev/null

@@ -150,3 +150,72 @@ def test_compile_refused_where_it_cannot_run(monkeypatch):
     with pytest.raises(ValueError, match=r"tasks.diffusion.trainer.compile=model: torch.compile on CPU builds C\+\+ "
                                          r"kernels, and no-such-c\+\+ is not on PATH"):
         preflight(cfg, use_gpu=False)
+
+
+@pytest.fixture
+def fast_inductor():
+    """The CPU's vector ISA from its flags (see `_group`): a test-time saving, same kernels."""
+    import torch._inductor.config as inductor
+
+    with inductor.patch({"cpp.vec_isa_ok": True}):
+        yield
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_compile_loss_equals_eager_cross_entropy(fast_inductor, dtype, smoothing):
+    """The lm task's compiled loss (`trainer.compile_loss`) against the eager one: the same value
+    and the same gradient of the logits, in their own dtype, with and without label smoothing."""
+    from pipeline.tasks.lm import LanguageModeling
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 16, 96, generator=g)).to(dtype)
+    target = torch.randint(0, 96, (2, 16), generator=g)
+    eager, compiled = LanguageModeling(), LanguageModeling()
+    compiled.compile_loss()
+    results = []
+    for task in (eager, compiled):
+        x = logits.clone().requires_grad_()
+        loss = task.output_loss(x, target, smoothing)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (ref, ref_grad), (got, got_grad) = results
+    assert got.dtype == torch.float32 and got_grad.dtype == dtype
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3  # bf16: one rounding of the gradient, either way
+    torch.testing.assert_close(got_grad, ref_grad, rtol=tol, atol=tol / 100)
+
+
+def _bytes_allocated(fn) -> int:
+    """Every byte allocated on the CPU while `fn` runs (the profiler's per-operator allocations,
+    inductor's kernels included; frees are not subtracted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+
+
+def test_compile_loss_never_materialises_fp32_logits(fast_inductor):
+    """bf16 logits of 512 tokens x 8192 classes (8 MiB; 16 MiB in fp32): the eager loss allocates
+    several fp32 copies in forward and backward (upcast, log-softmax, their gradients), the
+    compiled one nothing of fp32 size, only the logits' bf16 gradient."""
+    from pipeline.tasks.lm import LanguageModeling
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 256, 8192, generator=g).to(torch.bfloat16).requires_grad_()
+    target = torch.randint(0, 8192, (2, 256), generator=g)
+    fp32_bytes = logits.numel() * 4
+    compiled = LanguageModeling()
+    compiled.compile_loss()
+    allocated = {}
+    for name, task in (("eager", LanguageModeling()), ("compiled", compiled)):
+        def step(task=task) -> None:
+            task.output_loss(logits, target).backward()
+        step()  # (compilation, outside the measurement)
+        logits.grad = None
+        allocated[name] = _bytes_allocated(step)
+        logits.grad = None
+    assert allocated["eager"] >= 3 * fp32_bytes, allocated  # the check can see fp32 copies
+    assert allocated["compiled"] < fp32_bytes, allocated
+    assert allocated["compiled"] >= logits.numel() * 2, allocated  # the bf16 gradient itself

@@ -35,6 +35,10 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {  # name -> (ranks, overrides)
                                                                   "tasks.lm.model.n_layers=4"]),
     "fsdp_tp2x2": (4, LAYOUT_VARIANTS["fsdp_tp2"] + ["cluster.num_workers=4"]),
     "pp2_dp2": (4, LAYOUT_VARIANTS["pp2"] + ACCUM2 + ["cluster.num_workers=4"]),
+    # torch.compile (blocks, and the loss: the pipeline's last stage calls the compiled loss)
+    "tp2_compiled": (2, LAYOUT_VARIANTS["tp2"] + ["tasks.lm.trainer.compile=blocks"]),
+    "pp2_1f1b_compiled": (2, LAYOUT_VARIANTS["pp2"] + ACCUM2 + ["parallel.pp_schedule=1f1b",
+                                                               "tasks.lm.trainer.compile=blocks"]),
     "tp2_pp2_bf16": (4, ["parallel.tp=2", "parallel.pp=2", "cluster.num_workers=4", "precision.dtype=bf16",
                          *ACCUM2]),
 }
@@ -42,12 +46,15 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {  # name -> (ranks, overrides)
 
 def _train_rank(rank: int, world: int, raw: dict, shards: str, root: str, resume: bool, task: str = "lm") -> dict:
     """Train; then (with `resume`) train again from the step-10 checkpoint into another folder."""
+    import torch._inductor.config as inductor
     from safetensors.torch import load_file
 
     from pipeline.config import validate
     from pipeline.training.checkpoint import read_meta
     from pipeline.training.loop import train
     from pipeline.training.session import LocalSession
+
+    inductor.cpp.vec_isa_ok = True  # compiled layouts: the CPU's vector ISA from its flags (test time only)
 
     def run(name: str) -> dict:
         session = LocalSession(Path(root) / name, rank=rank, world=world)
@@ -144,6 +151,14 @@ def test_pipeline_parallel_losses_equal_ddp(runs, schedule):
     4-block model on 2 ranks, each rank running two of them."""
     _assert_losses_equal(runs("ddp_4l" if schedule.startswith("interleaved") else "ddp"), runs(f"pp2_{schedule}"),
                          f"pp2_{schedule}")
+
+
+@pytest.mark.parametrize("name", ["tp2_compiled", "pp2_1f1b_compiled"])
+def test_model_parallel_compiled_losses_equal_ddp(runs, name):
+    """trainer.compile=blocks under TP (each block compiled after its split, on DTensors) and
+    under PP (each stage's blocks compiled; the last stage's loss is the compiled cross-entropy,
+    run inside the schedule's backward): 20 steps equal eager DDP's."""
+    _assert_losses_equal(runs("ddp"), runs(name), name)
 
 
 def test_pipeline_parallel_interleaved_exports_ddp_weights(runs):

@@ -264,6 +264,10 @@ class TrainerConfig(Strict):
     # torch.compile, applied by the strategy: none, blocks (each repeated block; the blocks share
     # one graph, so compile time does not grow with depth) or model (the whole model).
     compile: Literal["none", "blocks", "model"] = "none"
+    # With trainer.compile, compile the task's loss too (torchtitan's `compile.components: loss`):
+    # for the lm task inductor fuses the upcast of the logits, the log-softmax and the gather, so
+    # the fp32 (tokens x vocab) logits and their fp32 gradient are never materialised.
+    compile_loss: bool = True
     # Start from these weights instead of a random init (fine-tuning): a safetensors file, or a
     # folder holding model.safetensors (an exported model, or models/<task>). Sharded strategies
     # read it one unit at a time. A checkpoint to resume from still takes precedence.

@@ -46,6 +46,11 @@ class Task(ABC):
         """The loss from the model's output (the pipeline's last stage computes it)."""
         raise NotImplementedError(f"task '{self.name}' cannot run under pipeline parallelism")
 
+    def compile_loss(self) -> None:
+        """torch.compile this task's loss (`trainer.compile_loss`); a task whose loss gains
+        nothing from it (small outputs, or noise drawn inside it) keeps it eager."""
+        return None
+
     @abstractmethod
     def items(self, batch: dict[str, torch.Tensor]) -> int:
         """Units of work in the batch, for throughput."""

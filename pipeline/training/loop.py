@@ -104,6 +104,8 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     tr = tcfg.trainer
     task = task_for_data(tcfg.data.kind)
     task.label_smoothing = tr.label_smoothing
+    if tr.compile != "none" and tr.compile_loss:
+        task.compile_loss()
     manifest = load_manifest(shards_root)
     spec = task.model_spec(tcfg, manifest)
     layout = Layout(session.world, cfg.parallel.tp, cfg.parallel.pp)  # the data-parallel degree keys the data
@@ -126,7 +128,8 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
     implementation = {"strategy": strategy.describe(), "optimizer": describe_optimizer(strategy.optimizer),
                       "precision": precision.name + (f" ({fp8_layers} Float8Linear layers)" if fp8_layers else ""),
-                      "activation_checkpointing": tr.activation_checkpointing, "compile": tr.compile}
+                      "activation_checkpointing": tr.activation_checkpointing,
+                      "compile": tr.compile + (" (and the loss)" if tr.compile != "none" and tr.compile_loss else "")}
     peak = device_peak(session.device, precision.name, tr.peak_tflops) if flops_per_item else None
     if peak is not None:
         # logged once; tagged on the MLflow run (impl.mfu_peak*) and a metric of it (train/peak_tflops)

@@ -188,6 +188,38 @@ def test_compile_blocks_trains_like_eager(built_data, tmp_path, fp32_ddp):
     assert worst < 1e-4, f"compile=blocks differs from eager by {worst:.2e} relative"
 
 
+def test_compiled_loss_keeps_fp32_logits_off_the_gpu():
+    """The lm task's compiled cross-entropy (`trainer.compile_loss`) on bf16 logits of 8 x 2048
+    tokens x a 50,304 vocabulary (1.6 GB): eager forward + backward allocates fp32 copies on top
+    (upcast, log-softmax, their gradients), the compiled loss little beyond the bf16 gradient."""
+    from pipeline.tasks.lm import LanguageModeling
+
+    if not hasattr(LanguageModeling, "compile_loss"):
+        pytest.skip("trainer.compile_loss is not in this version")
+    g = torch.Generator(CUDA).manual_seed(0)
+    logits = torch.randn(8, 2048, 50304, device=CUDA, generator=g, dtype=torch.bfloat16).requires_grad_()
+    target = torch.randint(0, 50304, (8, 2048), device=CUDA, generator=g)
+    compiled = LanguageModeling()
+    compiled.compile_loss()
+    extra, losses = {}, {}
+    for name, task in (("eager", LanguageModeling()), ("compiled", compiled)):
+        for _ in range(2):  # the first call compiles
+            logits.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            loss = task.output_loss(logits, target)
+            loss.backward()
+            torch.cuda.synchronize()
+            extra[name] = torch.cuda.max_memory_allocated() - base
+        losses[name] = loss.item()
+    logits.grad = None
+    bf16 = logits.numel() * 2
+    assert abs(losses["compiled"] - losses["eager"]) <= 1e-5 * losses["eager"], losses
+    assert extra["eager"] >= 4 * bf16, extra  # at least one fp32 copy and a gradient alive together
+    assert extra["compiled"] <= 1.25 * bf16, extra  # the bf16 gradient, and per-token scalars
+
+
 def test_fp8_trains_on_hopper(built_data, tmp_path):
     """fp8 (torchao float8 GEMMs in the blocks' large Linear layers) learns like bf16: a model
     wide enough that the filter converts its MLP input projections."""
