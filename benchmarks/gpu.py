@@ -38,6 +38,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("gpt_125m", "gpt_350m", "gpt_1b")
 VOCAB = 50257
+AC = {  # --ac labels: trainer.activation_checkpointing (and ac_selective)
+    "none": ["tasks.lm.trainer.activation_checkpointing=none"],
+    "full": ["tasks.lm.trainer.activation_checkpointing=full"],
+    "op": ["tasks.lm.trainer.activation_checkpointing=selective", "tasks.lm.trainer.ac_selective=op"],
+}
 
 
 @dataclasses.dataclass
@@ -66,7 +71,7 @@ def config(preset: str, seq: int, precision: str, ac: str, compile_mode: str, mi
 
     groups = [f"model@tasks.lm.model={preset}", f"strategy={strategy}"]
     overrides = [f"precision.dtype={precision}", f"tasks.lm.data.seq_len={seq}", f"tasks.lm.data.vocab_size={vocab}",
-                 f"tasks.lm.trainer.activation_checkpointing={ac}", f"tasks.lm.trainer.global_batch_size={micro}",
+                 *AC[ac], f"tasks.lm.trainer.global_batch_size={micro}",
                  "tasks.lm.optim.warmup_steps=0", "cluster.num_workers=1"]
     mode, _, loss = compile_mode.partition(":")
     if "compile" in TrainerConfig.model_fields:
@@ -134,7 +139,8 @@ def run(preset: str, seq: int, precision: str, ac: str, compile_mode: str, micro
     if tr.compile != "none" and getattr(tr, "compile_loss", False):
         task.compile_loss()  # as the loop does
     strategy = build_strategy(cfg.strategy, prec, device,
-                              StepSettings(micro, 1, tcfg.trainer.grad_clip, (ac, "every_k", 2), **settings))
+                              StepSettings(micro, 1, tr.grad_clip,
+                                           (tr.activation_checkpointing, tr.ac_selective, tr.ac_every_k), **settings))
     strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
     rows = torch.randint(0, VOCAB, (micro, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
     batch = {"x": rows[:, :-1], "y": rows[:, 1:]}
@@ -261,7 +267,8 @@ def main() -> None:
     ap.add_argument("--compile", default="none,blocks",
                     help="trainer.compile values to compare (`blocks:eager-loss`: with trainer.compile_loss=false)")
     ap.add_argument("--precision", default="bf16,fp8")
-    ap.add_argument("--ac", default="none,full", help="trainer.activation_checkpointing values")
+    ap.add_argument("--ac", default="none,full",
+                    help="activation checkpointing: none, full, op (selective by operator: ac_selective=op)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per row")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")

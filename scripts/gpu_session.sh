@@ -10,8 +10,8 @@
 # 1B and 7B presets against the planner), bench (tokens/s and MFU of the 1B preset: eager vs
 # compile, bf16 vs fp8), loss (the 1B preset compiled, its loss eager against compiled:
 # trainer.compile_loss, bf16 and fp8), apex (Apex's FusedAdam and fused norms against torch's), small (the 125M
-# and 350M presets, compiled, bf16 and fp8), acfull (the 1B preset with full activation
-# checkpointing). Logs and JSON go to $OUT.
+# and 350M presets, compiled, bf16 and fp8), acfull (the 1B preset with activation checkpointing by
+# operator and full). Logs and JSON go to $OUT.
 #
 # What it assumes of the machine: python3 with a CUDA torch, Triton and transformers (the
 # project's other needs for these parts are pure Python). Missing packages come as wheels in
@@ -93,6 +93,6 @@ if has apex && [ -n "${APEX_PID:-}" ]; then
 fi
 has small && part small "${SMALL_LIMIT:-150}" python3 benchmarks/gpu.py --presets gpt_125m,gpt_350m --compile blocks \
   --precision bf16,fp8 --ac none --steps 10 --warmup 3 --json "$OUT/bench_small.json"
-has acfull && part acfull "${ACFULL_LIMIT:-70}" python3 benchmarks/gpu.py --presets gpt_1b --compile blocks \
-  --precision bf16 --ac full --steps 10 --warmup 3 --json "$OUT/bench_acfull.json"
+has acfull && part acfull "${ACFULL_LIMIT:-150}" python3 benchmarks/gpu.py --presets gpt_1b --compile blocks \
+  --precision bf16 --ac op,full --steps 10 --warmup 3 --json "$OUT/bench_acfull.json"
 say "done"

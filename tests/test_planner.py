@@ -36,8 +36,8 @@ def test_planner_parses_sizes_and_names_the_key():
     assert validate(tiny_raw(["cluster.device_memory=8GiB"])).cluster.device_memory == "8GiB"
 
 
-@pytest.mark.parametrize("mode", ["none", "full"])
-def test_planner_trace_equals_real_tensors(mode):
+@pytest.mark.parametrize(("mode", "selective"), [("none", "every_k"), ("full", "every_k"), ("selective", "op")])
+def test_planner_trace_equals_real_tensors(mode, selective):
     """The fake-tensor trace of a step peaks at, and ends with, exactly the bytes the same step
     holds in real CPU tensors (same counter, real storage; the trace has more operators: the
     views its block hooks add, which allocate nothing)."""
@@ -48,9 +48,10 @@ def test_planner_trace_equals_real_tensors(mode):
 
     cfg = GPTConfig(d_model=256, n_layers=3, n_heads=4)
     spec = {"task": "lm", "model": cfg.model_dump(), "vocab_size": 1024, "max_seq_len": 128}
-    _, trace = _run_fake("text", spec, TrainerConfig(activation_checkpointing=mode), torch.float32, None, "cpu", 4)
+    trainer = TrainerConfig(activation_checkpointing=mode, ac_selective=selective)
+    _, trace = _run_fake("text", spec, trainer, torch.float32, None, "cpu", 4)
     model = GPT(cfg, 1024, 128)
-    apply_activation_checkpointing(model, mode)
+    apply_activation_checkpointing(model, mode, selective)
     x = torch.zeros(4, 128, dtype=torch.long)
     real = _LiveBytes({t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]})
     with real:
@@ -148,6 +149,28 @@ def test_planner_refuses_what_cannot_fit_and_names_the_fix():
     tight = validate(tiny_raw([*SMALL, f"cluster.device_memory={static.params + static.optimizer}"]))
     with pytest.raises(ValueError, match=r"^cluster.device_memory: .*would fit"):
         check_fits(tight, "lm")
+
+
+def test_planner_suggests_checkpointing_by_op_before_full():
+    """Where micro-batch 1 fits only with less activation memory, the suggestion is the cheapest
+    recomputation that fits: checkpointing by operator before full checkpointing."""
+    from pipeline.distributed.planner import check_fits, plan
+
+    long = ["tasks.lm.model.d_model=128", "tasks.lm.model.n_layers=4", "tasks.lm.model.n_heads=4",
+            "tasks.lm.data.seq_len=1024", "tasks.lm.data.vocab_size=512"]  # activations outweigh the weights
+
+    def need(*ac: str) -> int:
+        return plan(validate(tiny_raw([*long, *ac])), "lm", workers=2, micro_batch=1).total
+
+    plain = need()
+    by_op = need("tasks.lm.trainer.activation_checkpointing=selective", "tasks.lm.trainer.ac_selective=op")
+    full = need("tasks.lm.trainer.activation_checkpointing=full")
+    assert full < by_op < plain, (full, by_op, plain)
+    for memory, suggestion in ((by_op, "activation_checkpointing=selective tasks.lm.trainer.ac_selective=op"),
+                               (by_op - 1, "activation_checkpointing=full")):
+        cfg = validate(tiny_raw([*long, f"cluster.device_memory={memory}"]))
+        with pytest.raises(ValueError, match=rf"^cluster.device_memory: .*; tasks.lm.trainer.{suggestion} would fit"):
+            check_fits(cfg, "lm")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")

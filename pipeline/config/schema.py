@@ -257,9 +257,10 @@ class TrainerConfig(Strict):
     shuffle_window: NonNegInt = 16  # shards whose rows are shuffled together (0 = all: exact global shuffle)
     prefetch_batches: NonNegInt = 2  # batches the reader decodes ahead in a background thread (0 = none)
     # Recompute activations in backward instead of keeping them: none, full (every block), or
-    # selective: every `ac_every_k`-th block, or only the attention of every block.
+    # selective: every `ac_every_k`-th block, only the attention of every block, or `op`: every
+    # block keeping its attention and every other matmul output, recomputing the elementwise ops.
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    ac_selective: Literal["every_k", "attention"] = "every_k"
+    ac_selective: Literal["every_k", "attention", "op"] = "every_k"
     ac_every_k: PositiveInt = 2
     # torch.compile, applied by the strategy: none, blocks (each repeated block; the blocks share
     # one graph, so compile time does not grow with depth) or model (the whole model).

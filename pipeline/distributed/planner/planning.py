@@ -184,8 +184,11 @@ def _with(cfg: PipelineConfig, strategy: dict[str, Any] | None = None, ac: str |
     raw = cfg.model_dump(mode="json")
     if strategy is not None:
         raw["strategy"] = strategy
-    if ac is not None and task_name is not None:
-        raw["tasks"][task_name]["trainer"]["activation_checkpointing"] = ac
+    if ac is not None and task_name is not None:  # a trainer.activation_checkpointing value, or "op"
+        trainer = raw["tasks"][task_name]["trainer"]
+        trainer["activation_checkpointing"] = "selective" if ac == "op" else ac
+        if ac == "op":
+            trainer["ac_selective"] = "op"
     return PipelineConfig.model_validate(raw)
 
 
@@ -226,6 +229,9 @@ def _suggest(cfg: PipelineConfig, task_name: str, workers: int, target: str, mem
         tries.insert(0, (f"{key}.activation_checkpointing=full", _with(cfg, ac="full", task_name=task_name)))
         tries += [(f"{label} {key}.activation_checkpointing=full", _with(c, ac="full", task_name=task_name))
                   for label, c in list(tries[1:])]
+        if not (ac == "selective" and tcfg.trainer.ac_selective == "op"):  # less recomputation than full: first
+            tries.insert(0, (f"{key}.activation_checkpointing=selective {key}.ac_selective=op",
+                             _with(cfg, ac="op", task_name=task_name)))
     for label, alt in tries:
         ev, _ = _evaluator(alt, task_name, workers, target, manifest)
         fit = ev.largest_micro_batch(memory)
