@@ -1,6 +1,7 @@
 """The memory planner against measured peaks, and the README table the planner makes.
 
-validate (default): for DDP, FSDP2 and DeepSpeed ZeRO-1/2/3, with and without full activation
+validate (default): for DDP, FSDP2, DeepSpeed ZeRO-1/2/3 and tensor parallel over both ranks (under
+ddp, which is FSDP2's `replicate` there, and fsdp), with and without full activation
 checkpointing, at two GPT sizes, the pipeline's own `train()` loop runs 3 steps (DDP; 2 for the others) on 2 real gloo
 ranks (`run_group`, as tests/test_strategies.py does). Every rank measures its own peak; the
 planner predicts it from the same config and the same shard manifest.
@@ -47,7 +48,7 @@ SIZES: dict[str, list[str]] = {
     "large": ["tasks.lm.model.d_model=768", "tasks.lm.model.n_layers=8", "tasks.lm.model.n_heads=12",
               "tasks.lm.trainer.global_batch_size=4"],
 }
-STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "tp2", "fsdp_tp2")  # tp2: tensor parallel over both ranks
 AC_MODES = ("none", "full")
 STEPS = int(os.environ.get("PLANNER_STEPS", "3"))  # DDP's; the others stop after 2 (measure_rank)
 SEQ_LEN = 256
@@ -62,15 +63,16 @@ def configs(sizes: tuple[str, ...] = ("small", "large"), strategies: tuple[str, 
     """(name, raw config) for every measured combination."""
     from pipeline.config import compose
     from pipeline.config.loading import apply_overrides
-    from pipeline.distributed import VARIANTS
+    from pipeline.distributed import LAYOUT_VARIANTS, VARIANTS
 
+    variants = {**VARIANTS, **LAYOUT_VARIANTS}
     base = compose(ROOT / "configs")
     out = []
     for size in sizes:
         for strategy in strategies:
             for ac in ac_modes:
                 raw = apply_overrides(_copy(base),
-                                      [*DATA, *LOOP, *SIZES[size], *VARIANTS[strategy],
+                                      [*DATA, *LOOP, *SIZES[size], *variants[strategy],
                                        f"tasks.lm.trainer.activation_checkpointing={ac}", *extra])
                 out.append((f"{size}/{strategy}/ac={ac}", raw))
     return out

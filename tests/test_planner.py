@@ -100,6 +100,36 @@ def test_planner_optimizer_temporaries_match_torch(name, impl):
     assert predicted <= max(tracker.samples, default=0) <= predicted + 0.25 * largest
 
 
+def test_planner_tensor_parallel_traces_one_tp_rank():
+    """Under parallel.tp the trace runs the model one tp rank holds (`tensor_parallel.localize`:
+    q/k/v and the MLP's input projections with 1/tp of their outputs, the output projections 1/tp
+    of their inputs): block parameters and per-item activations shrink, the replicated embeddings
+    and head do not; the micro-batch divides by the data-parallel ranks only; pp is refused."""
+    from pipeline.config.schema import GPTConfig
+    from pipeline.distributed.planner import format_plan, plan
+    from pipeline.distributed.tensor_parallel import localize
+    from pipeline.models.gpt import GPT
+
+    model = GPT(GPTConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2), 100, 16)
+    assert localize(model, GPT.tp_plan, 2) == 14
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    assert (attn.wq.out_features, attn.wk.out_features, attn.wo.in_features, attn.wo.out_features) == (32, 16, 32, 64)
+    assert (mlp.w1.out_features, mlp.w3.out_features, mlp.w2.in_features) == (mlp.hidden // 2,) * 3
+    model(torch.zeros(2, 16, dtype=torch.long)).sum().backward()  # the forward runs on the local heads
+
+    raw = [*SMALL, "tasks.lm.trainer.global_batch_size=8"]
+    dp = plan(validate(tiny_raw(raw)), "lm", workers=2)
+    tp = plan(validate(tiny_raw([*raw, "parallel.tp=2"])), "lm", workers=2)
+    assert tp.strategy == "replicate (FSDP2) x tp=2" and tp.micro_batch == 2 * dp.micro_batch == 8
+    whole = GPT(validate(tiny_raw(raw)).task("lm").model, 1024, 128)
+    n_whole = sum(p.numel() for p in whole.parameters())
+    localize(whole, GPT.tp_plan, 2)
+    assert dp.num_params == n_whole and tp.num_params == sum(p.numel() for p in whole.parameters()) < n_whole
+    assert "parameters per tp rank (of 2)" in format_plan(tp)
+    with pytest.raises(ValueError, match=r"parallel.pp=2: the memory planner models data and tensor parallel"):
+        plan(validate(tiny_raw([*raw, "parallel.pp=2"])), "lm", workers=2)
+
+
 def test_planner_cli_prints_the_breakdown_and_names_a_bad_flag(tmp_path):
     import yaml
 

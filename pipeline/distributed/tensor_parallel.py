@@ -52,3 +52,27 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], tp_mesh) -> in
     if split == 0:
         raise ValueError(f"parallel.tp: none of {type(model).__name__}.tp_plan's modules exist in its blocks")
     return split
+
+
+def localize(model: nn.Module, plan: dict[str, str], tp: int) -> int:
+    """Replace, in place, every planned projection of every repeated block by a plain Linear of
+    the shape one of `tp` ranks holds (colwise: out_features / tp; rowwise: in_features / tp).
+    The memory planner traces this model: tensor parallelism runs the same local matmuls on
+    DTensors' local tensors, so its parameters, saved activations and temporaries are one tp
+    rank's (the collectives' transient output buffers aside). Returns how many were replaced."""
+    replaced = 0
+    for block in repeated_blocks(model):
+        for path, style in plan.items():
+            if not _has(block, path):
+                continue
+            old = block.get_submodule(path)
+            n_in, n_out = old.in_features, old.out_features
+            if (n_out if style == "colwise" else n_in) % tp:
+                raise ValueError(f"parallel.tp={tp}: {path} has {n_out if style == 'colwise' else n_in} "
+                                 f"{'output' if style == 'colwise' else 'input'} features, not divisible by {tp}")
+            shape = (n_in, n_out // tp) if style == "colwise" else (n_in // tp, n_out)
+            new = nn.Linear(*shape, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+            parent, _, name = path.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, name, new)
+            replaced += 1
+    return replaced

@@ -172,9 +172,9 @@ def _trace_dtype(cfg: PipelineConfig) -> torch.dtype:
     """The parameter dtype forward/backward runs with: DDP and Horovod keep fp32 parameters
     (autocast casts them per op); FSDP's MixedPrecisionPolicy gathers low-precision units and
     DeepSpeed casts the whole module to bf16/fp16."""
-    if isinstance(cfg.strategy, (DDPConfig, HorovodConfig)):
+    if isinstance(cfg.strategy, (DDPConfig, HorovodConfig)) and cfg.parallel.tp == 1:
         return torch.float32
-    return DTYPES[cfg.precision.dtype]
+    return DTYPES[cfg.precision.dtype]  # (under tensor parallel ddp is FSDP2's `replicate`: the same policy)
 
 
 def _const(value: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -197,6 +197,23 @@ def _layout(cfg: PipelineConfig, facts: ModelFacts, workers: int, optim: OptimCo
     largest = max(facts.param_numels)
     nothing = _const(0)
     whole = lambda root, block: root + block  # noqa: E731 - gradients held whole, as param.grad
+
+    tp = cfg.parallel.tp
+    if tp > 1 and isinstance(s, DDPConfig):
+        # Tensor parallel (P: this tp rank's slices; N: the dp ranks) with ddp: FSDP2's `replicate`
+        # over the dp ranks. Parameters, gradients and optimizer state whole in fp32. Like FSDP2 it
+        # computes with unsharded copies of the parameters (in lp; a copy in fp32 too, measured),
+        # but never reshards them: the whole copy stays from the first forward to the end of
+        # backward. Each block's gradients go through an lp + fp32 reduce buffer, as FSDP2's.
+        block = facts.largest_block
+        gathered = _const(P * lp)
+
+        def replicate_reducing(phase: np.ndarray) -> np.ndarray:
+            return np.where(phase == 2, block * (lp + 4), 0)
+
+        return _Layout(f"replicate (FSDP2) x tp={tp}", Breakdown(params=P * 4, optimizer=P * S), Breakdown(),
+                       gathered, replicate_reducing, lambda root, blk: (root + blk) // lp * 4,
+                       Breakdown(grads=P * 4, optimizer=k * largest * 4))
 
     if isinstance(s, (DDPConfig, HorovodConfig)):
         # Every rank: fp32 parameters, gradients and optimizer state. DDP's reducer keeps flat
@@ -234,7 +251,7 @@ def _layout(cfg: PipelineConfig, facts: ModelFacts, workers: int, optim: OptimCo
             return root_done + (block_done // lp) * 4 // N
 
         suffix = "" if s.reshard_after_forward else ", reshard_after_forward=False"
-        return _Layout(f"fsdp (FSDP2{suffix})", Breakdown(params=shard * 4, optimizer=shard * S), Breakdown(),
+        return _Layout(f"fsdp (FSDP2{suffix})" + (f" x tp={tp}" if tp > 1 else ""), Breakdown(params=shard * 4, optimizer=shard * S), Breakdown(),
                        gathered, reducing, fsdp_grads,
                        Breakdown(grads=shard * 4, optimizer=k * math.ceil(largest / N) * 4))
 

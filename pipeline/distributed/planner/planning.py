@@ -49,6 +49,7 @@ class MemoryPlan:
     largest_micro_batch: int | None = None  # None: no device memory given; 0: not even 1 fits
     suggestion: str = ""
     notes: list[str] = field(default_factory=list)
+    tp: int = 1  # tensor-parallel degree: num_params is then one tp rank's
 
     @property
     def total(self) -> int:
@@ -123,8 +124,9 @@ def _evaluator(cfg: PipelineConfig, task_name: str, workers: int, target: str,
                manifest: dict[str, Any] | None) -> tuple[_Evaluator, dict[str, Any]]:
     tcfg = cfg.task(task_name)
     spec = spec_for_planning(tcfg, manifest)
-    profile = activation_profile(tcfg, spec, _trace_dtype(cfg), _autocast_dtype(cfg.precision.dtype), target)
-    layout = _layout(cfg, profile.facts, workers, tcfg.optim, target)
+    tp = cfg.parallel.tp
+    profile = activation_profile(tcfg, spec, _trace_dtype(cfg), _autocast_dtype(cfg.precision.dtype), target, tp)
+    layout = _layout(cfg, profile.facts, workers // tp, tcfg.optim, target)
     reserve = CUDA_RUNTIME_RESERVE if target == "cuda" else 0
     return _Evaluator(layout, profile, reserve), spec
 
@@ -140,16 +142,17 @@ def plan(cfg: PipelineConfig, task_name: str, workers: int | None = None, device
          manifest: dict[str, Any] | None = None, suggest: bool = True) -> MemoryPlan:
     """Plan one task's training step per rank.
 
-    workers: data-parallel ranks (default `cluster.num_workers`); device_memory: bytes or a size
+    workers: ranks, data x tensor parallel (default `cluster.num_workers`); device_memory: bytes or a size
     string (default `cluster.device_memory`); target: "cuda" or "cpu" (default from
     `cluster.use_gpu`); micro_batch: default the configured one (global batch / workers /
     accumulation), else 1; manifest: the shard manifest, when the shards exist.
     """
-    if cfg.parallel.tp * cfg.parallel.pp > 1:
-        raise ValueError(f"parallel.tp={cfg.parallel.tp}/parallel.pp={cfg.parallel.pp}: the memory planner models "
-                         "data-parallel layouts only (ddp, fsdp, ZeRO); tensor and pipeline parallel are not "
-                         "modelled yet")
+    if cfg.parallel.pp > 1:
+        raise ValueError(f"parallel.pp={cfg.parallel.pp}: the memory planner models data and tensor parallel "
+                         "layouts (ddp, fsdp, ZeRO, parallel.tp); pipeline parallel is not modelled yet")
     workers = workers or cfg.cluster.num_workers
+    if workers % cfg.parallel.tp:
+        raise ValueError(f"parallel.tp={cfg.parallel.tp} does not divide {workers} workers")
     target = target or ("cuda" if cfg.cluster.use_gpu else "cpu")
     if target not in ("cuda", "cpu"):
         raise ValueError(f"target: expected cuda or cpu (got {target!r})")
@@ -158,12 +161,12 @@ def plan(cfg: PipelineConfig, task_name: str, workers: int | None = None, device
     memory = parse_size(device_memory) if device_memory is not None else None
     tcfg = cfg.task(task_name)
     ev, spec = _evaluator(cfg, task_name, workers, target, manifest)
-    configured = _configured_micro_batch(tcfg, workers)
+    configured = _configured_micro_batch(tcfg, workers // cfg.parallel.tp)
     mb = micro_batch or configured or 1
     device, phase = ev.peak(mb)
     result = MemoryPlan(task_name, ev.layout.name, workers, cfg.precision.dtype, target,
                         tcfg.trainer.activation_checkpointing, ev.profile.facts.params, mb,
-                        _item_shape(spec), device, phase, ev.layout.host, memory)
+                        _item_shape(spec), device, phase, ev.layout.host, memory, tp=cfg.parallel.tp)
     if micro_batch is None and configured is None:
         result.notes.append(f"trainer.global_batch_size {tcfg.trainer.global_batch_size} does not divide into "
                             f"{workers} workers x {tcfg.trainer.grad_accum_steps} accumulation steps: shown at "
@@ -208,19 +211,21 @@ def _suggest(cfg: PipelineConfig, task_name: str, workers: int, target: str, mem
     tcfg = cfg.task(task_name)
     best = p.largest_micro_batch or 0
     key = f"tasks.{task_name}.trainer"
+    tp = cfg.parallel.tp
+    dp = workers // tp
     if best >= 1:
         if p.micro_batch is None or p.micro_batch <= best:
             return f"fits: largest micro-batch {best}"
         g = tcfg.trainer.global_batch_size
         for accum in range(tcfg.trainer.grad_accum_steps + 1, g + 1):
-            if g % (workers * accum) == 0 and g // (workers * accum) <= best:
+            if g % (dp * accum) == 0 and g // (dp * accum) <= best:
                 return (f"micro-batch {p.micro_batch} does not fit, {best} does: set {key}.grad_accum_steps={accum} "
-                        f"(micro-batch {g // (workers * accum)})")
+                        f"(micro-batch {g // (dp * accum)})")
         return f"micro-batch {p.micro_batch} does not fit, {best} does: lower {key}.global_batch_size"
     tries: list[tuple[str, PipelineConfig]] = []
     ac = tcfg.trainer.activation_checkpointing
     current = cfg.strategy.model_dump()
-    for label, strat in ALTERNATIVES:
+    for label, strat in ALTERNATIVES[:1] if tp > 1 else ALTERNATIVES:  # (tensor parallel runs under ddp or fsdp)
         merged = {**{k: v for k, v in current.items() if k == "backend"}, **strat}
         if merged.get("name") == current.get("name") and all(current.get(k) == v for k, v in strat.items()):
             continue
@@ -237,6 +242,8 @@ def _suggest(cfg: PipelineConfig, task_name: str, workers: int, target: str, mem
         fit = ev.largest_micro_batch(memory)
         if fit >= 1:
             return f"nothing fits at micro-batch 1; {label} would fit (largest micro-batch {fit})"
+    if tp > 1:
+        return f"nothing fits at micro-batch 1 with parallel.tp={tp}, even with fsdp and full checkpointing"
     full_shard = _with(cfg, {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": True,
                              "offload_params": True}, ac="full", task_name=task_name)
     for more in (2**k for k in range(1, 13)):
@@ -254,9 +261,9 @@ def check_fits(cfg: PipelineConfig, task_name: str, manifest: dict[str, Any] | N
     raise ValueError (one line, starting with the key) if the configured micro-batch cannot fit."""
     if cfg.cluster.device_memory is None:
         return None
-    if cfg.parallel.tp * cfg.parallel.pp > 1:
+    if cfg.parallel.pp > 1:
         print(f"[{task_name}] cluster.device_memory is not checked: the memory planner does not model "
-              "parallel.tp / parallel.pp yet", flush=True)
+              "parallel.pp yet", flush=True)
         return None
     p = plan(cfg, task_name, manifest=manifest)
     assert p.device_memory is not None

@@ -155,15 +155,20 @@ def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dtype: torch.dtype,
-              autocast_dtype: torch.dtype | None, target: str, micro_batch: int) -> tuple[ModelFacts, _Trace]:
-    """Build the model under FakeTensorMode and trace one forward + backward at `micro_batch`."""
+              autocast_dtype: torch.dtype | None, target: str, micro_batch: int,
+              tp: int = 1) -> tuple[ModelFacts, _Trace]:
+    """Build the model under FakeTensorMode and trace one forward + backward at `micro_batch`;
+    with `tp` > 1, the model one tensor-parallel rank computes (`tensor_parallel.localize`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from pipeline.distributed.tensor_parallel import localize, tp_plan
     from pipeline.tasks import task_for_data
 
     task = task_for_data(kind)
     with FakeTensorMode():
         model = task.build(spec)
+        if tp > 1:
+            localize(model, tp_plan(model), tp)
         blocks = repeated_blocks(model)
         params = list(model.parameters())
         index = {id(p): i for i, p in enumerate(params)}
@@ -256,19 +261,19 @@ _PROFILE_CACHE: dict[tuple, ActivationProfile] = {}
 
 
 def activation_profile(tcfg: TaskConfig, spec: dict[str, Any], param_dtype: torch.dtype,
-                       autocast_dtype: torch.dtype | None, target: str) -> ActivationProfile:
+                       autocast_dtype: torch.dtype | None, target: str, tp: int = 1) -> ActivationProfile:
     """Trace at micro-batch 1 and 2 and split every operator's live bytes into a fixed part and
     a per-item part (exact while every operator's tensors scale linearly with the batch, as a
     Transformer's and a U-Net's do; tests/test_planner.py checks a third point)."""
     import json
 
     key = (json.dumps(spec, sort_keys=True), tcfg.trainer.activation_checkpointing, tcfg.trainer.ac_selective,
-           tcfg.trainer.ac_every_k, tcfg.trainer.label_smoothing, str(param_dtype), str(autocast_dtype), target)
+           tcfg.trainer.ac_every_k, tcfg.trainer.label_smoothing, str(param_dtype), str(autocast_dtype), target, tp)
     if key in _PROFILE_CACHE:
         return _PROFILE_CACHE[key]
     kind = tcfg.data.kind
-    facts, one = _run_fake(kind, spec, tcfg.trainer, param_dtype, autocast_dtype, target, 1)
-    _, two = _run_fake(kind, spec, tcfg.trainer, param_dtype, autocast_dtype, target, 2)
+    facts, one = _run_fake(kind, spec, tcfg.trainer, param_dtype, autocast_dtype, target, 1, tp)
+    _, two = _run_fake(kind, spec, tcfg.trainer, param_dtype, autocast_dtype, target, 2, tp)
     if len(one.live) != len(two.live):
         raise RuntimeError("planner: the traced step runs different operators at micro-batch 1 and 2; "
                            "its activations are not linear in the batch")
