@@ -250,8 +250,9 @@ def _layout(cfg: PipelineConfig, facts: ModelFacts, workers: int, optim: OptimCo
         def fsdp_grads(root_done: np.ndarray, block_done: np.ndarray) -> np.ndarray:
             return root_done + (block_done // lp) * 4 // N
 
-        suffix = "" if s.reshard_after_forward else ", reshard_after_forward=False"
-        return _Layout(f"fsdp (FSDP2{suffix})" + (f" x tp={tp}" if tp > 1 else ""), Breakdown(params=shard * 4, optimizer=shard * S), Breakdown(),
+        suffix = ("" if s.reshard_after_forward else ", reshard_after_forward=False") + ")"
+        suffix += f" x tp={tp}" if tp > 1 else ""
+        return _Layout(f"fsdp (FSDP2{suffix}", Breakdown(params=shard * 4, optimizer=shard * S), Breakdown(),
                        gathered, reducing, fsdp_grads,
                        Breakdown(grads=shard * 4, optimizer=k * math.ceil(largest / N) * 4))
 
