@@ -37,6 +37,9 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {  # name -> (ranks, overrides)
     "pp2_dp2": (4, LAYOUT_VARIANTS["pp2"] + ACCUM2 + ["cluster.num_workers=4"]),
     # torch.compile (blocks, and the loss: the pipeline's last stage calls the compiled loss)
     "tp2_compiled": (2, LAYOUT_VARIANTS["tp2"] + ["tasks.lm.trainer.compile=blocks"]),
+    # activation checkpointing by operator: the policy sees the DTensor matmuls of the split blocks
+    "tp2_op_ac": (2, LAYOUT_VARIANTS["tp2"] + ["tasks.lm.trainer.activation_checkpointing=selective",
+                                              "tasks.lm.trainer.ac_selective=op"]),
     "pp2_1f1b_compiled": (2, LAYOUT_VARIANTS["pp2"] + ACCUM2 + ["parallel.pp_schedule=1f1b",
                                                                "tasks.lm.trainer.compile=blocks"]),
     "tp2_pp2_bf16": (4, ["parallel.tp=2", "parallel.pp=2", "cluster.num_workers=4", "precision.dtype=bf16",
@@ -159,6 +162,12 @@ def test_model_parallel_compiled_losses_equal_ddp(runs, name):
     under PP (each stage's blocks compiled; the last stage's loss is the compiled cross-entropy,
     run inside the schedule's backward): 20 steps equal eager DDP's."""
     _assert_losses_equal(runs("ddp"), runs(name), name)
+
+
+def test_tensor_parallel_with_activation_checkpointing_by_op_losses_equal_ddp(runs):
+    """ac_selective=op on TP=2: the policy keeps (and recomputes) the split blocks' DTensor
+    matmuls and attention like the unsplit ones': 20 steps equal DDP without checkpointing."""
+    _assert_losses_equal(runs("ddp"), runs("tp2_op_ac"), "tp2_op_ac")
 
 
 def test_pipeline_parallel_interleaved_exports_ddp_weights(runs):
