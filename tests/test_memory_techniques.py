@@ -127,16 +127,18 @@ def test_activation_checkpointing_on_diffusion_models():
     for model in (DiT(DiTConfig(d_model=32, depth=2, n_heads=4, diffusion=proc), (1, 8, 8), 10),
                   UNet(UNetConfig(base_channels=8, diffusion=proc), (1, 8, 8), 10)):
         model.init_weights()
-        wrapped = copy.deepcopy(model)
-        assert apply_activation_checkpointing(wrapped, "full") > 0
 
         def loss(m):
             x = torch.linspace(-1, 1, 2 * 64).reshape(2, 1, 8, 8)
             return m(x, torch.tensor([3, 500]), torch.tensor([1, 2])).square().mean()
 
-        ref, got = _grads(model, loss), _grads(wrapped, loss)
-        for a, b in zip(ref.values(), got.values(), strict=True):
-            torch.testing.assert_close(b, a, rtol=0, atol=0)
+        ref = _grads(model, loss)
+        for mode, selective in (("full", "every_k"), ("selective", "op")):  # op: the U-Net's convs are recomputed
+            wrapped = copy.deepcopy(model)
+            assert apply_activation_checkpointing(wrapped, mode, selective) > 0
+            got = _grads(wrapped, loss)
+            for a, b in zip(ref.values(), got.values(), strict=True):
+                torch.testing.assert_close(b, a, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"attn"):  # the U-Net has no attention modules to pick
         apply_activation_checkpointing(UNet(UNetConfig(base_channels=8, diffusion=proc), (1, 8, 8), 10),
                                        "selective", "attention")
