@@ -1,9 +1,9 @@
 """The memory planner against measured peaks, and the README table the planner makes.
 
-validate (default): for DDP, FSDP2, DeepSpeed ZeRO-1/2/3 and tensor parallel over both ranks (under
-ddp, which is FSDP2's `replicate` there, and fsdp), with and without full activation
-checkpointing, at two GPT sizes, the pipeline's own `train()` loop runs 3 steps (DDP; 2 for the others) on 2 real gloo
-ranks (`run_group`, as tests/test_strategies.py does). Every rank measures its own peak; the
+validate (default): for DDP, FSDP2, DeepSpeed ZeRO-1/2/3, and tensor or pipeline parallel (1F1B and GPipe, 2
+micro-batches) over both ranks (under ddp, which is FSDP2's `replicate` there, and fsdp), with and without full
+activation checkpointing, at two GPT sizes, the pipeline's own `train()` loop runs 3 steps (DDP; 2 for the others)
+on 2 real gloo ranks (`run_group`, as tests/test_strategies.py does). Every rank measures its own peak; the
 planner predicts it from the same config and the same shard manifest.
 
 How a peak is measured (per rank, per config, all configs one after another in the same two
@@ -48,7 +48,13 @@ SIZES: dict[str, list[str]] = {
     "large": ["tasks.lm.model.d_model=768", "tasks.lm.model.n_layers=8", "tasks.lm.model.n_heads=12",
               "tasks.lm.trainer.global_batch_size=4"],
 }
-STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "tp2", "fsdp_tp2")  # tp2: tensor parallel over both ranks
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "tp2", "fsdp_tp2", "pp2_1f1b", "pp2_gpipe", "fsdp_pp2_1f1b")
+ACCUM2 = ["tasks.lm.trainer.grad_accum_steps=2"]  # the pipeline's micro-batches
+PIPELINES = {  # pipeline parallel over both ranks (dp = 1), under ddp (FSDP2's replicate there) or fsdp
+    "pp2_1f1b": ["strategy.name=ddp", "parallel.pp=2", "parallel.pp_schedule=1f1b", *ACCUM2],
+    "pp2_gpipe": ["strategy.name=ddp", "parallel.pp=2", "parallel.pp_schedule=gpipe", *ACCUM2],
+    "fsdp_pp2_1f1b": ["strategy.name=fsdp", "parallel.pp=2", "parallel.pp_schedule=1f1b", *ACCUM2],
+}
 AC_MODES = ("none", "full")
 STEPS = int(os.environ.get("PLANNER_STEPS", "3"))  # DDP's; the others stop after 2 (measure_rank)
 SEQ_LEN = 256
@@ -65,7 +71,7 @@ def configs(sizes: tuple[str, ...] = ("small", "large"), strategies: tuple[str, 
     from pipeline.config.loading import apply_overrides
     from pipeline.distributed import LAYOUT_VARIANTS, VARIANTS
 
-    variants = {**VARIANTS, **LAYOUT_VARIANTS}
+    variants = {**VARIANTS, **LAYOUT_VARIANTS, **PIPELINES}
     base = compose(ROOT / "configs")
     out = []
     for size in sizes:

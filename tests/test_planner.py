@@ -104,7 +104,8 @@ def test_planner_tensor_parallel_traces_one_tp_rank():
     """Under parallel.tp the trace runs the model one tp rank holds (`tensor_parallel.localize`:
     q/k/v and the MLP's input projections with 1/tp of their outputs, the output projections 1/tp
     of their inputs): block parameters and per-item activations shrink, the replicated embeddings
-    and head do not; the micro-batch divides by the data-parallel ranks only; pp is refused."""
+    and head do not; the micro-batch divides by the data-parallel ranks only. Interleaved pipeline
+    stages are refused."""
     from pipeline.config.schema import GPTConfig
     from pipeline.distributed.planner import format_plan, plan
     from pipeline.distributed.tensor_parallel import localize
@@ -126,8 +127,32 @@ def test_planner_tensor_parallel_traces_one_tp_rank():
     localize(whole, GPT.tp_plan, 2)
     assert dp.num_params == n_whole and tp.num_params == sum(p.numel() for p in whole.parameters()) < n_whole
     assert "parameters per tp rank (of 2)" in format_plan(tp)
-    with pytest.raises(ValueError, match=r"parallel.pp=2: the memory planner models data and tensor parallel"):
-        plan(validate(tiny_raw([*raw, "parallel.pp=2"])), "lm", workers=2)
+    with pytest.raises(ValueError, match=r"parallel.pp_schedule=interleaved_1f1b: the memory planner models the "):
+        plan(validate(tiny_raw([*raw, "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
+                                "tasks.lm.model.n_layers=4"])), "lm", workers=2)
+
+
+def test_planner_pipeline_parallel_holds_what_the_schedule_keeps_in_flight():
+    """Under parallel.pp each stage's rank is traced on its own stage (the first takes token ids,
+    the others a received hidden state; the last computes the loss), holding as many micro-batches'
+    forward state as its schedule keeps in flight: GPipe all of them, 1F1B's stage s `pp - s`. The
+    plan is the worst rank's; the largest micro-batch the one every rank fits."""
+    from pipeline.distributed.planner import plan
+    from pipeline.distributed.planner.planning import in_flight
+
+    assert [in_flight("gpipe", s, 2, 4) for s in (0, 1)] == [4, 4]
+    assert [in_flight("1f1b", s, 4, 8) for s in range(4)] == [4, 3, 2, 1]
+    assert in_flight("1f1b", 0, 4, 2) == 2
+    raw = [*SMALL, "tasks.lm.model.n_layers=4", "tasks.lm.trainer.global_batch_size=16",
+           "tasks.lm.trainer.grad_accum_steps=4", "parallel.pp=2"]
+    gpipe = plan(validate(tiny_raw([*raw, "parallel.pp_schedule=gpipe"])), "lm", workers=2, device_memory="1GiB")
+    one_f = plan(validate(tiny_raw([*raw, "parallel.pp_schedule=1f1b"])), "lm", workers=2, device_memory="1GiB")
+    assert gpipe.micro_batch == one_f.micro_batch == 4  # the pipeline's micro-batch: global / dp / accumulation
+    assert gpipe.device.activations > one_f.device.activations  # 4 micro-batches in flight, not 2
+    assert gpipe.largest_micro_batch < one_f.largest_micro_batch
+    assert "x pp=2 (gpipe)" in gpipe.strategy and "pipeline stage" in gpipe.split
+    whole = plan(validate(tiny_raw([*raw[:-1]])), "lm", workers=2)
+    assert max(gpipe.num_params, one_f.num_params) < whole.num_params  # a stage holds part of the model
 
 
 def test_planner_cli_prints_the_breakdown_and_names_a_bad_flag(tmp_path):

@@ -34,6 +34,13 @@ How the numbers are made, and why this way:
   communication buffers) follows each strategy's layout; see `layouts._layout` for every term and
   which measurement it was checked against (`tests/test_planner.py`, `benchmarks/planner.py`).
 
+* **Tensor and pipeline parallel.** Under `parallel.tp` the trace runs the model one tp rank
+  holds (`tensor_parallel.localize`: the split projections at their local shapes), so its
+  parameters and activations are that rank's. Under `parallel.pp` every stage is traced on its
+  own (`pipeline_parallel.split_stage`), and a stage holds the forward state of as many
+  micro-batches as its schedule keeps in flight (`planning.in_flight`); the plan is the worst
+  rank's. Data parallelism around them is FSDP2's `fully_shard` or `replicate`.
+
 Peak = the larger of (static + gathered parameters + the worst operator of forward/backward,
 with gradients as the strategy holds them at that moment) and (static + gradients + the
 optimizer step's temporaries). On a CUDA target a fixed runtime reserve (CUDA context, NCCL and

@@ -172,9 +172,9 @@ def _trace_dtype(cfg: PipelineConfig) -> torch.dtype:
     """The parameter dtype forward/backward runs with: DDP and Horovod keep fp32 parameters
     (autocast casts them per op); FSDP's MixedPrecisionPolicy gathers low-precision units and
     DeepSpeed casts the whole module to bf16/fp16."""
-    if isinstance(cfg.strategy, (DDPConfig, HorovodConfig)) and cfg.parallel.tp == 1:
+    if isinstance(cfg.strategy, (DDPConfig, HorovodConfig)) and cfg.parallel.tp * cfg.parallel.pp == 1:
         return torch.float32
-    return DTYPES[cfg.precision.dtype]  # (under tensor parallel ddp is FSDP2's `replicate`: the same policy)
+    return DTYPES[cfg.precision.dtype]  # (under tp/pp ddp is FSDP2's `replicate`: the same policy)
 
 
 def _const(value: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -198,10 +198,11 @@ def _layout(cfg: PipelineConfig, facts: ModelFacts, workers: int, optim: OptimCo
     nothing = _const(0)
     whole = lambda root, block: root + block  # noqa: E731 - gradients held whole, as param.grad
 
-    tp = cfg.parallel.tp
-    if tp > 1 and isinstance(s, DDPConfig):
-        # Tensor parallel (P: this tp rank's slices; N: the dp ranks) with ddp: FSDP2's `replicate`
-        # over the dp ranks. Parameters, gradients and optimizer state whole in fp32. Like FSDP2 it
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    mesh = (f" x tp={tp}" if tp > 1 else "") + (f" x pp={pp} ({cfg.parallel.pp_schedule})" if pp > 1 else "")
+    if mesh and isinstance(s, DDPConfig):
+        # Tensor or pipeline parallel (P: this rank's slices or stage; N: the dp ranks) with ddp: FSDP2's
+        # `replicate` over the dp ranks. Parameters, gradients and optimizer state whole in fp32. Like FSDP2 it
         # computes with unsharded copies of the parameters (in lp; a copy in fp32 too, measured),
         # but never reshards them: the whole copy stays from the first forward to the end of
         # backward. Each block's gradients go through an lp + fp32 reduce buffer, as FSDP2's.
@@ -211,7 +212,7 @@ def _layout(cfg: PipelineConfig, facts: ModelFacts, workers: int, optim: OptimCo
         def replicate_reducing(phase: np.ndarray) -> np.ndarray:
             return np.where(phase == 2, block * (lp + 4), 0)
 
-        return _Layout(f"replicate (FSDP2) x tp={tp}", Breakdown(params=P * 4, optimizer=P * S), Breakdown(),
+        return _Layout(f"replicate (FSDP2){mesh}", Breakdown(params=P * 4, optimizer=P * S), Breakdown(),
                        gathered, replicate_reducing, lambda root, blk: (root + blk) // lp * 4,
                        Breakdown(grads=P * 4, optimizer=k * largest * 4))
 
@@ -251,7 +252,7 @@ def _layout(cfg: PipelineConfig, facts: ModelFacts, workers: int, optim: OptimCo
             return root_done + (block_done // lp) * 4 // N
 
         suffix = ("" if s.reshard_after_forward else ", reshard_after_forward=False") + ")"
-        suffix += f" x tp={tp}" if tp > 1 else ""
+        suffix += mesh
         return _Layout(f"fsdp (FSDP2{suffix}", Breakdown(params=shard * 4, optimizer=shard * S), Breakdown(),
                        gathered, reducing, fsdp_grads,
                        Breakdown(grads=shard * 4, optimizer=k * math.ceil(largest / N) * 4))

@@ -49,7 +49,7 @@ class MemoryPlan:
     largest_micro_batch: int | None = None  # None: no device memory given; 0: not even 1 fits
     suggestion: str = ""
     notes: list[str] = field(default_factory=list)
-    tp: int = 1  # tensor-parallel degree: num_params is then one tp rank's
+    split: str = ""  # under tp/pp, whose parameters num_params counts ("per tp rank (of 2)", ...)
 
     @property
     def total(self) -> int:
@@ -120,15 +120,69 @@ class _Evaluator:
         return int(max(0, min(MAX_MICRO_BATCH, int(np.min(room[grows] // per[grows])))))
 
 
+class _Ranks:
+    """The worst of several ranks that hold different things (pipeline stages): the peak is the
+    largest rank's, the micro-batch that fits the smallest one's; `layout` and `profile` are the
+    rank of the last `peak` asked (the first rank until then)."""
+
+    def __init__(self, ranks: list[_Evaluator]) -> None:
+        self.ranks, self.worst = ranks, 0
+
+    @property
+    def layout(self) -> _Layout:
+        return self.ranks[self.worst].layout
+
+    @property
+    def profile(self) -> ActivationProfile:
+        return self.ranks[self.worst].profile
+
+    def peak(self, micro_batch: int) -> tuple[Breakdown, str]:
+        peaks = [r.peak(micro_batch) for r in self.ranks]
+        self.worst = max(range(len(peaks)), key=lambda i: peaks[i][0].total)
+        return peaks[self.worst]
+
+    def optimizer_step(self) -> tuple[int, Breakdown]:
+        return max((r.optimizer_step() for r in self.ranks), key=lambda x: x[0])
+
+    def largest_micro_batch(self, budget: int) -> int:
+        return min(r.largest_micro_batch(budget) for r in self.ranks)
+
+
+def in_flight(schedule: str, stage: int, stages: int, micro_batches: int) -> int:
+    """Micro-batches whose forward state a pipeline stage holds at once: GPipe runs every forward
+    before any backward; 1F1B's stage s runs `stages - s` forwards before its first backward."""
+    return micro_batches if schedule == "gpipe" else min(stages - stage, micro_batches)
+
+
 def _evaluator(cfg: PipelineConfig, task_name: str, workers: int, target: str,
-               manifest: dict[str, Any] | None) -> tuple[_Evaluator, dict[str, Any]]:
+               manifest: dict[str, Any] | None) -> tuple[_Evaluator | _Ranks, dict[str, Any]]:
+    """The evaluator of one rank (data and tensor parallel: every rank alike), or of each
+    pipeline stage's rank (`_Ranks`): the stage's own trace, with the micro-batches its schedule
+    keeps in flight, and the state of its own parameters."""
     tcfg = cfg.task(task_name)
     spec = spec_for_planning(tcfg, manifest)
-    tp = cfg.parallel.tp
-    profile = activation_profile(tcfg, spec, _trace_dtype(cfg), _autocast_dtype(cfg.precision.dtype), target, tp)
-    layout = _layout(cfg, profile.facts, workers // tp, tcfg.optim, target)
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    dp = workers // (tp * pp)
     reserve = CUDA_RUNTIME_RESERVE if target == "cuda" else 0
-    return _Evaluator(layout, profile, reserve), spec
+    dtypes = (_trace_dtype(cfg), _autocast_dtype(cfg.precision.dtype))
+    if pp == 1:
+        profile = activation_profile(tcfg, spec, *dtypes, target, tp)
+        return _Evaluator(_layout(cfg, profile.facts, dp, tcfg.optim, target), profile, reserve), spec
+    ranks = []
+    for stage in range(pp):
+        profile = activation_profile(tcfg, spec, *dtypes, target, tp, (stage, pp))
+        held = profile.in_flight(in_flight(cfg.parallel.pp_schedule, stage, pp, tcfg.trainer.grad_accum_steps))
+        ranks.append(_Evaluator(_layout(cfg, profile.facts, dp, tcfg.optim, target), held, reserve))
+    return _Ranks(ranks), spec
+
+
+def _split(cfg: PipelineConfig, ev: _Evaluator | _Ranks) -> str:
+    """Whose parameters a plan under tp/pp counts: one tp rank's, of the peak rank's stage."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    where = [f"tp rank (of {tp})"] if tp > 1 else []
+    if pp > 1:
+        where.append(f"pipeline stage {getattr(ev, 'worst', 0)} (of {pp}, the peak rank's)")
+    return " per " + ", ".join(where) if where else ""
 
 
 def _item_shape(spec: dict[str, Any]) -> str:
@@ -147,12 +201,13 @@ def plan(cfg: PipelineConfig, task_name: str, workers: int | None = None, device
     `cluster.use_gpu`); micro_batch: default the configured one (global batch / workers /
     accumulation), else 1; manifest: the shard manifest, when the shards exist.
     """
-    if cfg.parallel.pp > 1:
-        raise ValueError(f"parallel.pp={cfg.parallel.pp}: the memory planner models data and tensor parallel "
-                         "layouts (ddp, fsdp, ZeRO, parallel.tp); pipeline parallel is not modelled yet")
+    if cfg.parallel.pp > 1 and cfg.parallel.pp_schedule not in ("gpipe", "1f1b"):
+        raise ValueError(f"parallel.pp_schedule={cfg.parallel.pp_schedule}: the memory planner models the gpipe and "
+                         "1f1b schedules; interleaved stages are not modelled yet")
     workers = workers or cfg.cluster.num_workers
-    if workers % cfg.parallel.tp:
-        raise ValueError(f"parallel.tp={cfg.parallel.tp} does not divide {workers} workers")
+    if workers % (cfg.parallel.tp * cfg.parallel.pp):
+        raise ValueError(f"parallel.tp={cfg.parallel.tp} x parallel.pp={cfg.parallel.pp} does not divide "
+                         f"{workers} workers")
     target = target or ("cuda" if cfg.cluster.use_gpu else "cpu")
     if target not in ("cuda", "cpu"):
         raise ValueError(f"target: expected cuda or cpu (got {target!r})")
@@ -161,12 +216,12 @@ def plan(cfg: PipelineConfig, task_name: str, workers: int | None = None, device
     memory = parse_size(device_memory) if device_memory is not None else None
     tcfg = cfg.task(task_name)
     ev, spec = _evaluator(cfg, task_name, workers, target, manifest)
-    configured = _configured_micro_batch(tcfg, workers // cfg.parallel.tp)
+    configured = _configured_micro_batch(tcfg, workers // (cfg.parallel.tp * cfg.parallel.pp))
     mb = micro_batch or configured or 1
     device, phase = ev.peak(mb)
     result = MemoryPlan(task_name, ev.layout.name, workers, cfg.precision.dtype, target,
                         tcfg.trainer.activation_checkpointing, ev.profile.facts.params, mb,
-                        _item_shape(spec), device, phase, ev.layout.host, memory, tp=cfg.parallel.tp)
+                        _item_shape(spec), device, phase, ev.layout.host, memory, split=_split(cfg, ev))
     if micro_batch is None and configured is None:
         result.notes.append(f"trainer.global_batch_size {tcfg.trainer.global_batch_size} does not divide into "
                             f"{workers} workers x {tcfg.trainer.grad_accum_steps} accumulation steps: shown at "
@@ -211,7 +266,7 @@ def _suggest(cfg: PipelineConfig, task_name: str, workers: int, target: str, mem
     tcfg = cfg.task(task_name)
     best = p.largest_micro_batch or 0
     key = f"tasks.{task_name}.trainer"
-    tp = cfg.parallel.tp
+    tp = cfg.parallel.tp * cfg.parallel.pp  # (model-parallel ranks: the suggestions keep them)
     dp = workers // tp
     if best >= 1:
         if p.micro_batch is None or p.micro_batch <= best:
@@ -243,7 +298,8 @@ def _suggest(cfg: PipelineConfig, task_name: str, workers: int, target: str, mem
         if fit >= 1:
             return f"nothing fits at micro-batch 1; {label} would fit (largest micro-batch {fit})"
     if tp > 1:
-        return f"nothing fits at micro-batch 1 with parallel.tp={tp}, even with fsdp and full checkpointing"
+        return (f"nothing fits at micro-batch 1 with parallel.tp={cfg.parallel.tp} x parallel.pp={cfg.parallel.pp}, "
+                "even with fsdp and full checkpointing")
     full_shard = _with(cfg, {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": True,
                              "offload_params": True}, ac="full", task_name=task_name)
     for more in (2**k for k in range(1, 13)):
@@ -261,9 +317,9 @@ def check_fits(cfg: PipelineConfig, task_name: str, manifest: dict[str, Any] | N
     raise ValueError (one line, starting with the key) if the configured micro-batch cannot fit."""
     if cfg.cluster.device_memory is None:
         return None
-    if cfg.parallel.pp > 1:
+    if cfg.parallel.pp > 1 and cfg.parallel.pp_schedule not in ("gpipe", "1f1b"):
         print(f"[{task_name}] cluster.device_memory is not checked: the memory planner does not model "
-              "parallel.pp yet", flush=True)
+              f"parallel.pp_schedule={cfg.parallel.pp_schedule} yet", flush=True)
         return None
     p = plan(cfg, task_name, manifest=manifest)
     assert p.device_memory is not None

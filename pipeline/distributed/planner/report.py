@@ -13,9 +13,9 @@ from pipeline.distributed.planner.planning import MemoryPlan
 def format_plan(p: MemoryPlan) -> str:
     """A small table a person reads: one row per kind of memory, device and host columns."""
     mb = p.micro_batch if p.micro_batch is not None else 1
-    per = f" per tp rank (of {p.tp})" if p.tp > 1 else ""
-    lines = [f"memory plan: {p.task}, {p.num_params / 1e6:,.1f}M parameters{per}, {p.strategy}, {p.workers} workers, "
-             f"{p.precision}, activation checkpointing {p.activation_checkpointing}, {p.target} target",
+    lines = [f"memory plan: {p.task}, {p.num_params / 1e6:,.1f}M parameters{p.split}, {p.strategy}, "
+             f"{p.workers} workers, {p.precision}, activation checkpointing {p.activation_checkpointing}, "
+             f"{p.target} target",
              f"per rank at micro-batch {mb} ({p.item_shape}); peak during the {p.phase}"]
     rows = [("parameters", "params"), ("gradients", "grads"), ("optimizer state", "optimizer"),
             ("activations", "activations"), ("communication buffers", "comm")]

@@ -113,6 +113,7 @@ class _Trace:
     root_grads: np.ndarray
     block_grads: np.ndarray
     phase: np.ndarray  # 0 outside the repeated blocks, 1 in a block's forward, 2 in a block's backward
+    forward_end: int = 0  # index of the last operator of forward: what a pipeline keeps per micro-batch
 
 
 @contextlib.contextmanager
@@ -156,11 +157,15 @@ def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
 
 def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dtype: torch.dtype,
               autocast_dtype: torch.dtype | None, target: str, micro_batch: int,
-              tp: int = 1) -> tuple[ModelFacts, _Trace]:
+              tp: int = 1, stage: tuple[int, int] | None = None) -> tuple[ModelFacts, _Trace]:
     """Build the model under FakeTensorMode and trace one forward + backward at `micro_batch`;
-    with `tp` > 1, the model one tensor-parallel rank computes (`tensor_parallel.localize`)."""
+    with `tp` > 1, the model one tensor-parallel rank computes (`tensor_parallel.localize`);
+    with `stage` (index, count), that pipeline stage alone (`pipeline_parallel.split_stage`): it
+    takes the previous stage's hidden state (a received buffer) and, but for the last, runs
+    backward from a gradient of its output's shape, as a pipeline schedule does."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from pipeline.distributed.pipeline_parallel import split_stage
     from pipeline.distributed.tensor_parallel import localize, tp_plan
     from pipeline.tasks import task_for_data
 
@@ -169,6 +174,8 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
         model = task.build(spec)
         if tp > 1:
             localize(model, tp_plan(model), tp)
+        if stage is not None:
+            model = split_stage(model, *stage)
         blocks = repeated_blocks(model)
         params = list(model.parameters())
         index = {id(p): i for i, p in enumerate(params)}
@@ -215,11 +222,23 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
         cuda = _attention_without_dropout() if target == "cuda" else contextlib.nullcontext()
         autocast = (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
+        first, last = stage is None or stage[0] == 0, stage is None or stage[0] == stage[1] - 1
+        if not first:  # the hidden state received from the previous stage (it needs a gradient)
+            batch["x"] = torch.zeros(*batch["x"].shape, model.cfg.d_model, dtype=param_dtype, requires_grad=True)
         with cuda, tracker:
             with autocast:
-                loss = task.loss(model, batch, None)
+                if stage is None:
+                    loss = task.loss(model, batch, None)
+                else:
+                    inputs, target = task.pipeline_io(batch)
+                    out = model(*inputs)
+                    loss = task.output_loss(out, target) if last else out
             calls_forward = list(calls)  # (checkpointed blocks call their modules again in backward)
-            loss.backward()
+            forward_end = len(tracker.samples) - 1
+            if last:
+                loss.backward()
+            else:
+                loss.backward(torch.zeros_like(loss))
         for h in [*hooks, *grad_hooks]:
             h.remove()
         n = len(tracker.samples)
@@ -229,7 +248,7 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
             root[min(at, n - 1):] = r
             blk[min(at, n - 1):] = b
         trace = _Trace(np.asarray(tracker.samples, dtype=np.int64), root, blk,
-                       np.asarray(tracker.phases, dtype=np.int8))
+                       np.asarray(tracker.phases, dtype=np.int8), max(forward_end, 0))
         numels = tuple(p.numel() for p in params)
         facts = ModelFacts(
             params=sum(numels),
@@ -255,30 +274,45 @@ class ActivationProfile:
     block_grads: np.ndarray
     phase: np.ndarray
     grad_bytes: int  # bytes per gradient element in the trace
+    forward_end: int = 0  # the operator ending forward (`_Trace.forward_end`)
+
+    def in_flight(self, micro_batches: int) -> ActivationProfile:
+        """This profile with `micro_batches - 1` more micro-batches' forward state held throughout
+        (a pipeline stage that runs several forwards before their backwards): what is live when
+        forward ends, the saved activations, the output and the received input."""
+        extra = micro_batches - 1
+        if extra <= 0:
+            return self
+        f = self.forward_end
+        held_fixed = self.fixed[f] - self.root_grads[f] - self.block_grads[f]
+        return ActivationProfile(self.facts, self.fixed + extra * held_fixed, self.per_item + extra * self.per_item[f],
+                                 self.root_grads, self.block_grads, self.phase, self.grad_bytes, f)
 
 
 _PROFILE_CACHE: dict[tuple, ActivationProfile] = {}
 
 
 def activation_profile(tcfg: TaskConfig, spec: dict[str, Any], param_dtype: torch.dtype,
-                       autocast_dtype: torch.dtype | None, target: str, tp: int = 1) -> ActivationProfile:
+                       autocast_dtype: torch.dtype | None, target: str, tp: int = 1,
+                       stage: tuple[int, int] | None = None) -> ActivationProfile:
     """Trace at micro-batch 1 and 2 and split every operator's live bytes into a fixed part and
     a per-item part (exact while every operator's tensors scale linearly with the batch, as a
     Transformer's and a U-Net's do; tests/test_planner.py checks a third point)."""
     import json
 
     key = (json.dumps(spec, sort_keys=True), tcfg.trainer.activation_checkpointing, tcfg.trainer.ac_selective,
-           tcfg.trainer.ac_every_k, tcfg.trainer.label_smoothing, str(param_dtype), str(autocast_dtype), target, tp)
+           tcfg.trainer.ac_every_k, tcfg.trainer.label_smoothing, str(param_dtype), str(autocast_dtype), target, tp,
+           stage)
     if key in _PROFILE_CACHE:
         return _PROFILE_CACHE[key]
     kind = tcfg.data.kind
-    facts, one = _run_fake(kind, spec, tcfg.trainer, param_dtype, autocast_dtype, target, 1, tp)
-    _, two = _run_fake(kind, spec, tcfg.trainer, param_dtype, autocast_dtype, target, 2, tp)
+    facts, one = _run_fake(kind, spec, tcfg.trainer, param_dtype, autocast_dtype, target, 1, tp, stage)
+    _, two = _run_fake(kind, spec, tcfg.trainer, param_dtype, autocast_dtype, target, 2, tp, stage)
     if len(one.live) != len(two.live):
         raise RuntimeError("planner: the traced step runs different operators at micro-batch 1 and 2; "
                            "its activations are not linear in the batch")
     per_item = two.live - one.live
     profile = ActivationProfile(facts, one.live - per_item, per_item, one.root_grads, one.block_grads, one.phase,
-                                torch.empty(0, dtype=param_dtype).element_size())
+                                torch.empty(0, dtype=param_dtype).element_size(), one.forward_end)
     _PROFILE_CACHE[key] = profile
     return profile
