@@ -16,6 +16,7 @@ pipeline stages here; tied weights split across the first and last stage are sum
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -201,8 +202,11 @@ class MeshStrategy(Strategy):
         with self.precision.autocast():
             # return_outputs=False: by default the last stage keeps every micro-batch's output (the
             # logits) to the end of the step and concatenates them, which the loop never reads
-            # (measured by the memory planner's harness: one more logits tensor per micro-batch)
-            step(*(args if self.first_stage else ()), return_outputs=False, **kwargs)
+            # (measured by the memory planner's harness: one more logits tensor per micro-batch).
+            # (torch releases without the argument keep them.)
+            if "return_outputs" in inspect.signature(self.schedule.step).parameters:
+                kwargs["return_outputs"] = False
+            step(*(args if self.first_stage else ()), **kwargs)
 
     def _pipeline_loss(self, losses: list[torch.Tensor], n: int) -> torch.Tensor:
         """The step's mean loss, known on the last stage, shared with every stage (a float64
