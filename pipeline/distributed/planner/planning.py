@@ -228,8 +228,9 @@ def plan(cfg: PipelineConfig, task_name: str, workers: int | None = None, device
                             "micro-batch 1")
     if tcfg.trainer.compile != "none":
         result.notes.append(f"trainer.compile={tcfg.trainer.compile} is not modelled (the trace is eager): inductor's "
-                            "fused kernels keep other tensors alive; on an H200 the 1B preset with full activation "
-                            "checkpointing did not fit at the planned micro-batch when compiled, so leave headroom")
+                            "fused kernels keep other tensors alive (on an H200 the 1B preset with full activation "
+                            "checkpointing did not fit at the planned micro-batch when compiled, so leave headroom), "
+                            "while the compiled loss (trainer.compile_loss) writes no fp32 copy of the logits")
     if memory is not None:
         result.largest_micro_batch = ev.largest_micro_batch(memory)
         if suggest:
