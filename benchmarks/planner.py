@@ -1,9 +1,10 @@
 """The memory planner against measured peaks, and the README table the planner makes.
 
-validate (default): for DDP, FSDP2, DeepSpeed ZeRO-1/2/3, and tensor or pipeline parallel (1F1B and GPipe, 2
-micro-batches) over both ranks (under ddp, which is FSDP2's `replicate` there, and fsdp), with and without full
-activation checkpointing, at two GPT sizes, the pipeline's own `train()` loop runs 3 steps (DDP; 2 for the others)
-on 2 real gloo ranks (`run_group`, as tests/test_strategies.py does). Every rank measures its own peak; the
+validate (default): for DDP, FSDP2, DeepSpeed ZeRO-1/2/3, and tensor or pipeline parallel (GPipe, 1F1B and
+interleaved 1F1B, 2 micro-batches) over both ranks (under ddp, which is FSDP2's `replicate` there, and
+fsdp), with and without full activation checkpointing, at two GPT sizes, the pipeline's own `train()`
+loop runs 3 steps (DDP; 2 for the others) on 2 real gloo ranks (`run_group`, as tests/test_strategies.py
+does). Every rank measures its own peak; the
 planner predicts it from the same config and the same shard manifest.
 
 How a peak is measured (per rank, per config, all configs one after another in the same two
@@ -48,12 +49,14 @@ SIZES: dict[str, list[str]] = {
     "large": ["tasks.lm.model.d_model=768", "tasks.lm.model.n_layers=8", "tasks.lm.model.n_heads=12",
               "tasks.lm.trainer.global_batch_size=4"],
 }
-STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "tp2", "fsdp_tp2", "pp2_1f1b", "pp2_gpipe", "fsdp_pp2_1f1b")
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "tp2", "fsdp_tp2", "pp2_1f1b", "pp2_gpipe", "fsdp_pp2_1f1b",
+              "pp2_interleaved")
 ACCUM2 = ["tasks.lm.trainer.grad_accum_steps=2"]  # the pipeline's micro-batches
 PIPELINES = {  # pipeline parallel over both ranks (dp = 1), under ddp (FSDP2's replicate there) or fsdp
     "pp2_1f1b": ["strategy.name=ddp", "parallel.pp=2", "parallel.pp_schedule=1f1b", *ACCUM2],
     "pp2_gpipe": ["strategy.name=ddp", "parallel.pp=2", "parallel.pp_schedule=gpipe", *ACCUM2],
     "fsdp_pp2_1f1b": ["strategy.name=fsdp", "parallel.pp=2", "parallel.pp_schedule=1f1b", *ACCUM2],
+    "pp2_interleaved": ["strategy.name=ddp", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", *ACCUM2],
 }
 AC_MODES = ("none", "full")
 STEPS = int(os.environ.get("PLANNER_STEPS", "3"))  # DDP's; the others stop after 2 (measure_rank)
@@ -170,7 +173,7 @@ def warmup_jobs(jobs: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[
         if key in seen:
             continue
         seen.add(key)
-        tiny = apply_overrides(_copy(raw), ["tasks.lm.model.d_model=64", "tasks.lm.model.n_layers=2",
+        tiny = apply_overrides(_copy(raw), ["tasks.lm.model.d_model=64", "tasks.lm.model.n_layers=4",
                                             "tasks.lm.model.n_heads=2"])
         out.append((f"warmup:{name}", tiny))
     return out

@@ -104,8 +104,7 @@ def test_planner_tensor_parallel_traces_one_tp_rank():
     """Under parallel.tp the trace runs the model one tp rank holds (`tensor_parallel.localize`:
     q/k/v and the MLP's input projections with 1/tp of their outputs, the output projections 1/tp
     of their inputs): block parameters and per-item activations shrink, the replicated embeddings
-    and head do not; the micro-batch divides by the data-parallel ranks only. Interleaved pipeline
-    stages are refused."""
+    and head do not; the micro-batch divides by the data-parallel ranks only."""
     from pipeline.config.schema import GPTConfig
     from pipeline.distributed.planner import format_plan, plan
     from pipeline.distributed.tensor_parallel import localize
@@ -127,9 +126,8 @@ def test_planner_tensor_parallel_traces_one_tp_rank():
     localize(whole, GPT.tp_plan, 2)
     assert dp.num_params == n_whole and tp.num_params == sum(p.numel() for p in whole.parameters()) < n_whole
     assert "parameters per tp rank (of 2)" in format_plan(tp)
-    with pytest.raises(ValueError, match=r"parallel.pp_schedule=interleaved_1f1b: the memory planner models the "):
-        plan(validate(tiny_raw([*raw, "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
-                                "tasks.lm.model.n_layers=4"])), "lm", workers=2)
+    with pytest.raises(ValueError, match=r"parallel.tp=2 x parallel.pp=1 does not divide 3 workers"):
+        plan(validate(tiny_raw([*raw, "parallel.tp=2"])), "lm", workers=3)
 
 
 def test_planner_pipeline_parallel_holds_what_the_schedule_keeps_in_flight():
@@ -153,6 +151,25 @@ def test_planner_pipeline_parallel_holds_what_the_schedule_keeps_in_flight():
     assert "x pp=2 (gpipe)" in gpipe.strategy and "pipeline stage" in gpipe.split
     whole = plan(validate(tiny_raw([*raw[:-1]])), "lm", workers=2)
     assert max(gpipe.num_params, one_f.num_params) < whole.num_params  # a stage holds part of the model
+
+
+def test_planner_interleaved_pipeline_replays_torchs_warmup():
+    """Interleaved 1F1B: a rank runs two stages (r and r + pp); when its first backward runs it
+    holds the forwards torch's ScheduleInterleaved1F1B has run by then, per local stage. The rank
+    plans both stages' parameters."""
+    from pipeline.distributed.planner import plan
+    from pipeline.distributed.planner.planning import interleaved_in_flight
+
+    # pp=2, 2 micro-batches: rank 0 warms up with every forward (4), rank 1 with 2, then one more
+    assert interleaved_in_flight(0, 2, 2, 2) == [2, 2] and interleaved_in_flight(1, 2, 2, 2) == [2, 1]
+    # pp=4, 8 micro-batches (2 rounds of 4): rank 0 runs 4 + 2 x 3 warm-up forwards, then one more
+    assert interleaved_in_flight(0, 2, 4, 8) == [7, 4] and interleaved_in_flight(3, 2, 4, 8) == [4, 1]
+    raw = [*SMALL, "tasks.lm.model.n_layers=4", "tasks.lm.trainer.global_batch_size=8",
+           "tasks.lm.trainer.grad_accum_steps=2", "parallel.pp=2"]
+    inter = plan(validate(tiny_raw([*raw, "parallel.pp_schedule=interleaved_1f1b"])), "lm", workers=2)
+    one_f = plan(validate(tiny_raw([*raw, "parallel.pp_schedule=1f1b"])), "lm", workers=2)
+    assert "x pp=2 (interleaved_1f1b)" in inter.strategy
+    assert inter.device.activations > one_f.device.activations  # rank 0 holds all 4 stage forwards
 
 
 def test_planner_cli_prints_the_breakdown_and_names_a_bad_flag(tmp_path):

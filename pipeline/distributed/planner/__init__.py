@@ -38,8 +38,9 @@ How the numbers are made, and why this way:
   holds (`tensor_parallel.localize`: the split projections at their local shapes), so its
   parameters and activations are that rank's. Under `parallel.pp` every stage is traced on its
   own (`pipeline_parallel.split_stage`), and a stage holds the forward state of as many
-  micro-batches as its schedule keeps in flight (`planning.in_flight`); the plan is the worst
-  rank's. Data parallelism around them is FSDP2's `fully_shard` or `replicate`.
+  micro-batches as its schedule keeps in flight (`planning.in_flight`; under interleaved 1F1B a
+  rank's two stages, by replaying torch's warm-up, `planning.interleaved_in_flight`); the plan is
+  the worst rank's. Data parallelism around them is FSDP2's `fully_shard` or `replicate`.
 
 Peak = the larger of (static + gathered parameters + the worst operator of forward/backward,
 with gradients as the strategy holds them at that moment) and (static + gradients + the

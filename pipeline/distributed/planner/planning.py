@@ -18,8 +18,9 @@ import torch
 
 from pipeline.config.schema import PipelineConfig, TaskConfig
 from pipeline.config.sizes import format_size, parse_size
+from pipeline.distributed.pipeline_parallel import rank_stages
 from pipeline.distributed.planner.layouts import Breakdown, _Layout, _layout, _trace_dtype
-from pipeline.distributed.planner.trace import ActivationProfile, activation_profile, spec_for_planning
+from pipeline.distributed.planner.trace import ActivationProfile, activation_profile, merge_facts, spec_for_planning
 from pipeline.distributed.precision import DTYPES
 
 GiB = 2**30
@@ -154,6 +155,21 @@ def in_flight(schedule: str, stage: int, stages: int, micro_batches: int) -> int
     return micro_batches if schedule == "gpipe" else min(stages - stage, micro_batches)
 
 
+def interleaved_in_flight(rank: int, local_stages: int, pp: int, micro_batches: int) -> list[int]:
+    """Per local stage of a rank under interleaved 1F1B, the micro-batches whose forward state it
+    holds when its first backward runs, replaying torch's ScheduleInterleaved1F1B: a rank runs
+    `(v - 1) x per_round + 2 (pp - 1 - rank)` warm-up forwards (at most every forward), then one
+    more before that backward; forward i belongs to local stage `(i // per_round) % v`."""
+    rounds = max(1, micro_batches // pp)
+    per_round = micro_batches // rounds
+    total = micro_batches * local_stages
+    warmup = min((local_stages - 1) * per_round + 2 * (pp - 1 - rank), total)
+    counts = [0] * local_stages
+    for i in range(min(warmup + 1, total)):
+        counts[(i // per_round) % local_stages] += 1
+    return counts
+
+
 def _evaluator(cfg: PipelineConfig, task_name: str, workers: int, target: str,
                manifest: dict[str, Any] | None) -> tuple[_Evaluator | _Ranks, dict[str, Any]]:
     """The evaluator of one rank (data and tensor parallel: every rank alike), or of each
@@ -169,10 +185,19 @@ def _evaluator(cfg: PipelineConfig, task_name: str, workers: int, target: str,
         profile = activation_profile(tcfg, spec, *dtypes, target, tp)
         return _Evaluator(_layout(cfg, profile.facts, dp, tcfg.optim, target), profile, reserve), spec
     ranks = []
-    for stage in range(pp):
-        profile = activation_profile(tcfg, spec, *dtypes, target, tp, (stage, pp))
-        held = profile.in_flight(in_flight(cfg.parallel.pp_schedule, stage, pp, tcfg.trainer.grad_accum_steps))
-        ranks.append(_Evaluator(_layout(cfg, profile.facts, dp, tcfg.optim, target), held, reserve))
+    schedule, n = cfg.parallel.pp_schedule, tcfg.trainer.grad_accum_steps
+    for rank in range(pp):
+        stages = rank_stages(rank, pp, schedule)
+        profiles = [activation_profile(tcfg, spec, *dtypes, target, tp, (s, pp * len(stages))) for s in stages]
+        if len(stages) == 1:
+            held = profiles[0].in_flight(in_flight(schedule, rank, pp, n))
+        else:  # traced on the later local stage (the first backward's), the others' forwards held beside it
+            counts = interleaved_in_flight(rank, len(stages), pp, n)
+            counts[-1] -= 1  # (the traced one)
+            extra = [(c, p.held()) for c, p in zip(counts, profiles, strict=True)]
+            held = profiles[-1].holding(sum(c * f for c, (f, _) in extra), sum(c * i for c, (_, i) in extra))
+        facts = merge_facts([p.facts for p in profiles])
+        ranks.append(_Evaluator(_layout(cfg, facts, dp, tcfg.optim, target), held, reserve))
     return _Ranks(ranks), spec
 
 
@@ -201,9 +226,6 @@ def plan(cfg: PipelineConfig, task_name: str, workers: int | None = None, device
     `cluster.use_gpu`); micro_batch: default the configured one (global batch / workers /
     accumulation), else 1; manifest: the shard manifest, when the shards exist.
     """
-    if cfg.parallel.pp > 1 and cfg.parallel.pp_schedule not in ("gpipe", "1f1b"):
-        raise ValueError(f"parallel.pp_schedule={cfg.parallel.pp_schedule}: the memory planner models the gpipe and "
-                         "1f1b schedules; interleaved stages are not modelled yet")
     workers = workers or cfg.cluster.num_workers
     if workers % (cfg.parallel.tp * cfg.parallel.pp):
         raise ValueError(f"parallel.tp={cfg.parallel.tp} x parallel.pp={cfg.parallel.pp} does not divide "
@@ -317,10 +339,6 @@ def check_fits(cfg: PipelineConfig, task_name: str, manifest: dict[str, Any] | N
     """The train stage's check, before any Ray resource: when `cluster.device_memory` is set,
     raise ValueError (one line, starting with the key) if the configured micro-batch cannot fit."""
     if cfg.cluster.device_memory is None:
-        return None
-    if cfg.parallel.pp > 1 and cfg.parallel.pp_schedule not in ("gpipe", "1f1b"):
-        print(f"[{task_name}] cluster.device_memory is not checked: the memory planner does not model "
-              f"parallel.pp_schedule={cfg.parallel.pp_schedule} yet", flush=True)
         return None
     p = plan(cfg, task_name, manifest=manifest)
     assert p.device_memory is not None

@@ -49,6 +49,19 @@ class ModelFacts:
         return max(self.block_params, default=0)
 
 
+def merge_facts(parts: list[ModelFacts]) -> ModelFacts:
+    """The facts of one rank that runs several pipeline stages (interleaved schedules): their
+    parameters side by side (the stages of one rank share none), calls in stage order."""
+    offsets = np.cumsum([0] + [len(f.param_numels) for f in parts])
+    return ModelFacts(
+        params=sum(f.params for f in parts), root_params=sum(f.root_params for f in parts),
+        block_params=tuple(b for f in parts for b in f.block_params),
+        matrix_params=sum(f.matrix_params for f in parts), small_params=sum(f.small_params for f in parts),
+        param_numels=tuple(n for f in parts for n in f.param_numels),
+        module_calls=tuple(tuple(int(o) + i for i in call) for f, o in zip(parts, offsets, strict=False)
+                           for call in f.module_calls))
+
+
 def spec_for_planning(tcfg: TaskConfig, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """The model spec the loop would build, from a shard manifest when there is one, else from
     the config alone (vocabulary size and sequence length for text; for images the builtin
@@ -276,17 +289,24 @@ class ActivationProfile:
     grad_bytes: int  # bytes per gradient element in the trace
     forward_end: int = 0  # the operator ending forward (`_Trace.forward_end`)
 
+    def held(self) -> tuple[int, int]:
+        """(fixed, per item) bytes one micro-batch's forward state holds while it waits for its
+        backward in a pipeline: what is live when forward ends (saved activations, the output,
+        the received input), gradients aside."""
+        f = self.forward_end
+        return int(self.fixed[f] - self.root_grads[f] - self.block_grads[f]), int(self.per_item[f])
+
+    def holding(self, fixed: int, per_item: int) -> ActivationProfile:
+        """This profile with `fixed + per_item x micro-batch` more bytes held throughout."""
+        return ActivationProfile(self.facts, self.fixed + fixed, self.per_item + per_item, self.root_grads,
+                                 self.block_grads, self.phase, self.grad_bytes, self.forward_end)
+
     def in_flight(self, micro_batches: int) -> ActivationProfile:
         """This profile with `micro_batches - 1` more micro-batches' forward state held throughout
-        (a pipeline stage that runs several forwards before their backwards): what is live when
-        forward ends, the saved activations, the output and the received input."""
-        extra = micro_batches - 1
-        if extra <= 0:
-            return self
-        f = self.forward_end
-        held_fixed = self.fixed[f] - self.root_grads[f] - self.block_grads[f]
-        return ActivationProfile(self.facts, self.fixed + extra * held_fixed, self.per_item + extra * self.per_item[f],
-                                 self.root_grads, self.block_grads, self.phase, self.grad_bytes, f)
+        (a pipeline stage that runs several forwards before their backwards)."""
+        fixed, per_item = self.held()
+        extra = max(micro_batches - 1, 0)
+        return self.holding(extra * fixed, extra * per_item)
 
 
 _PROFILE_CACHE: dict[tuple, ActivationProfile] = {}
