@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
                                                  "overrides of configs/, e.g. 'model@tasks.lm.model=gpt_7b')")
     pl.add_argument("--params", default="params.yaml")
     pl.add_argument("--compose", action="store_true", help="compose configs/ with Hydra instead of reading --params")
-    pl.add_argument("--workers", type=int, default=None, help="ranks, dp x tp (default: cluster.num_workers)")
+    pl.add_argument("--workers", type=int, default=None, help="ranks, dp x tp x pp (default: cluster.num_workers)")
     pl.add_argument("--device-memory", default=None, help="memory of one device, e.g. 80GiB "
                                                           "(default: cluster.device_memory)")
     pl.add_argument("--target", choices=("cuda", "cpu"), default=None,

@@ -12,7 +12,7 @@ unchanged, so checkpoints and exported weights do not depend on this setting.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -46,29 +46,22 @@ def _policy(counts: dict[str, int], ctx: Any, func: Any, *_args: Any, **_kwargs:
 
 def op_policy_context() -> Any:
     """A fresh (forward, recompute) context pair for one checkpointed call of a block."""
-    from functools import partial
-
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
     return create_selective_checkpoint_contexts(partial(_policy, defaultdict(int)))
-
-
-def _wrapper(context_fn: Callable[[], Any] | None = None) -> Callable[[nn.Module], nn.Module]:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    if context_fn is None:
-        return checkpoint_wrapper
-    return lambda module: checkpoint_wrapper(module, context_fn=context_fn)
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, selective: str = "every_k",
                                    every_k: int = 2) -> int:
     """Wrap in place; returns how many modules were wrapped. `mode`, `selective` and `every_k`
     are trainer.activation_checkpointing, ac_selective and ac_every_k (the config checks them)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
     if mode == "none":
         return 0
     by_op = mode == "selective" and selective == "op"
-    checkpoint_wrapper = _wrapper(op_policy_context if by_op else None)
+    if by_op:
+        checkpoint_wrapper = partial(checkpoint_wrapper, context_fn=op_policy_context)
     wrapped = 0
     for index, (container, i) in enumerate(block_slots(model)):
         block = container[i]

@@ -55,6 +55,7 @@ class MeshStrategy(Strategy):
         # GPU) turns both on to build and step the tp and pp paths over size-1 mesh dimensions.
         self.use_tp, self.use_pp = parallel.tp > 1, parallel.pp > 1
         self.schedule = None
+        self._step_kwargs: dict[str, Any] = {}  # what every schedule step passes (set with the schedule)
         self.stage_ids = rank_stages(self.pp_rank, parallel.pp, parallel.pp_schedule) if self.use_pp else [0]
         self.num_stages = parallel.pp * len(self.stage_ids)
         self.parts: list[nn.Module] = []  # what the schedule runs: this rank's stages
@@ -194,19 +195,19 @@ class MeshStrategy(Strategy):
                 self.parts, self.stage_ids, self.num_stages, self.device, self.mesh["pp"].get_group(),
                 self.parallel.pp_schedule, len(micro_batches),
                 lambda out, target: task.output_loss(out, target, self._smoothing))
+            # return_outputs=False: by default the last stage keeps every micro-batch's output (the
+            # logits) to the end of the step and concatenates them, which the loop never reads
+            # (measured by the memory planner's harness: one more logits tensor per micro-batch).
+            # (torch releases without the argument keep them.)
+            if "return_outputs" in inspect.signature(self.schedule.step).parameters:
+                self._step_kwargs["return_outputs"] = False
         parts = [task.pipeline_io(b) for b in micro_batches]
         args = tuple(torch.cat([p[0][i] for p in parts]) for i in range(len(parts[0][0])))
         target = torch.cat([p[1] for p in parts])
         kwargs = {"target": target, "losses": losses} if self.last_stage else {}
         step = self.schedule.step if train else self.schedule.eval
         with self.precision.autocast():
-            # return_outputs=False: by default the last stage keeps every micro-batch's output (the
-            # logits) to the end of the step and concatenates them, which the loop never reads
-            # (measured by the memory planner's harness: one more logits tensor per micro-batch).
-            # (torch releases without the argument keep them.)
-            if "return_outputs" in inspect.signature(self.schedule.step).parameters:
-                kwargs["return_outputs"] = False
-            step(*(args if self.first_stage else ()), **kwargs)
+            step(*(args if self.first_stage else ()), **kwargs, **self._step_kwargs)
 
     def _pipeline_loss(self, losses: list[torch.Tensor], n: int) -> torch.Tensor:
         """The step's mean loss, known on the last stage, shared with every stage (a float64

@@ -69,6 +69,11 @@ def _autocast_dtype(precision: str) -> torch.dtype | None:
     return None if precision == "fp32" else DTYPES[precision]
 
 
+def _data_parallel(cfg: PipelineConfig, workers: int) -> int:
+    """The data-parallel ranks among `workers`: the rest split the model (tp x pp)."""
+    return workers // (cfg.parallel.tp * cfg.parallel.pp)
+
+
 def _configured_micro_batch(tcfg: TaskConfig, workers: int) -> int | None:
     g, a = tcfg.trainer.global_batch_size, tcfg.trainer.grad_accum_steps
     return g // (workers * a) if g % (workers * a) == 0 else None
@@ -178,7 +183,7 @@ def _evaluator(cfg: PipelineConfig, task_name: str, workers: int, target: str,
     tcfg = cfg.task(task_name)
     spec = spec_for_planning(tcfg, manifest)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    dp = workers // (tp * pp)
+    dp = _data_parallel(cfg, workers)
     reserve = CUDA_RUNTIME_RESERVE if target == "cuda" else 0
     dtypes = (_trace_dtype(cfg), _autocast_dtype(cfg.precision.dtype))
     if pp == 1:
@@ -221,7 +226,7 @@ def plan(cfg: PipelineConfig, task_name: str, workers: int | None = None, device
          manifest: dict[str, Any] | None = None, suggest: bool = True) -> MemoryPlan:
     """Plan one task's training step per rank.
 
-    workers: ranks, data x tensor parallel (default `cluster.num_workers`); device_memory: bytes or a size
+    workers: all ranks, dp x tp x pp (default `cluster.num_workers`); device_memory: bytes or a size
     string (default `cluster.device_memory`); target: "cuda" or "cpu" (default from
     `cluster.use_gpu`); micro_batch: default the configured one (global batch / workers /
     accumulation), else 1; manifest: the shard manifest, when the shards exist.
@@ -238,7 +243,7 @@ def plan(cfg: PipelineConfig, task_name: str, workers: int | None = None, device
     memory = parse_size(device_memory) if device_memory is not None else None
     tcfg = cfg.task(task_name)
     ev, spec = _evaluator(cfg, task_name, workers, target, manifest)
-    configured = _configured_micro_batch(tcfg, workers // (cfg.parallel.tp * cfg.parallel.pp))
+    configured = _configured_micro_batch(tcfg, _data_parallel(cfg, workers))
     mb = micro_batch or configured or 1
     device, phase = ev.peak(mb)
     result = MemoryPlan(task_name, ev.layout.name, workers, cfg.precision.dtype, target,
@@ -289,8 +294,8 @@ def _suggest(cfg: PipelineConfig, task_name: str, workers: int, target: str, mem
     tcfg = cfg.task(task_name)
     best = p.largest_micro_batch or 0
     key = f"tasks.{task_name}.trainer"
-    tp = cfg.parallel.tp * cfg.parallel.pp  # (model-parallel ranks: the suggestions keep them)
-    dp = workers // tp
+    split = cfg.parallel.tp * cfg.parallel.pp > 1  # model-parallel: the suggestions keep tp and pp
+    dp = _data_parallel(cfg, workers)
     if best >= 1:
         if p.micro_batch is None or p.micro_batch <= best:
             return f"fits: largest micro-batch {best}"
@@ -303,7 +308,7 @@ def _suggest(cfg: PipelineConfig, task_name: str, workers: int, target: str, mem
     tries: list[tuple[str, PipelineConfig]] = []
     ac = tcfg.trainer.activation_checkpointing
     current = cfg.strategy.model_dump()
-    for label, strat in ALTERNATIVES[:1] if tp > 1 else ALTERNATIVES:  # (tensor parallel runs under ddp or fsdp)
+    for label, strat in ALTERNATIVES[:1] if split else ALTERNATIVES:  # (tp/pp run under ddp or fsdp only)
         merged = {**{k: v for k, v in current.items() if k == "backend"}, **strat}
         if merged.get("name") == current.get("name") and all(current.get(k) == v for k, v in strat.items()):
             continue
@@ -320,7 +325,7 @@ def _suggest(cfg: PipelineConfig, task_name: str, workers: int, target: str, mem
         fit = ev.largest_micro_batch(memory)
         if fit >= 1:
             return f"nothing fits at micro-batch 1; {label} would fit (largest micro-batch {fit})"
-    if tp > 1:
+    if split:
         return (f"nothing fits at micro-batch 1 with parallel.tp={cfg.parallel.tp} x parallel.pp={cfg.parallel.pp}, "
                 "even with fsdp and full checkpointing")
     full_shard = _with(cfg, {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": True,
