@@ -190,18 +190,6 @@ def test_planner_cli_prints_the_breakdown_and_names_a_bad_flag(tmp_path):
         "error: --device-memory: expected a size such as 80GiB, 512MiB or a number of bytes (got '80Gx')"]
 
 
-def test_planner_says_compilation_is_not_modelled():
-    """A compiled run gets the plan of the eager step plus a note saying so (a 1B preset planned
-    eager did not fit under compile with full activation checkpointing on an H200)."""
-    from pipeline.distributed.planner import plan
-
-    eager = plan(validate(tiny_raw(SMALL)), "lm", workers=2)
-    compiled = plan(validate(tiny_raw([*SMALL, "tasks.lm.trainer.compile=blocks"])), "lm", workers=2)
-    assert not any("compile" in n for n in eager.notes)
-    assert any(n.startswith("trainer.compile=blocks is not modelled") for n in compiled.notes), compiled.notes
-    assert compiled.total == eager.total
-
-
 def test_planner_refuses_what_cannot_fit_and_names_the_fix():
     """The train stage's check: one line, starting with the key, naming a micro-batch or a strategy."""
     from pipeline.distributed.planner import check_fits, plan

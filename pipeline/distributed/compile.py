@@ -84,16 +84,25 @@ def _rank() -> int:
     return int(os.environ.get("HOROVOD_RANK", "0"))
 
 
+def compile_targets(model: nn.Module, mode: str) -> list[nn.Module]:
+    """The modules `mode` (trainer.compile: none, blocks, model) compiles, in forward order; the
+    memory planner compiles the same ones."""
+    if mode == "none":
+        return []
+    targets = repeated_blocks(model) if mode == "blocks" else [model]
+    if not targets:
+        raise ValueError("trainer.compile=blocks: this model has no repeated blocks (use compile=model)")
+    return targets
+
+
 def apply_compile(model: nn.Module, mode: str,
                   optimizer: Callable[[], torch.optim.Optimizer | None] = lambda: None) -> CompileTimer | None:
     """Compile in place, as `mode` (trainer.compile: none, blocks, model) asks; `optimizer` gives
     the optimizer once it exists (the end of the timed first step). Returns the timer (None
     for none)."""
-    if mode == "none":
-        return None
-    targets = repeated_blocks(model) if mode == "blocks" else [model]
+    targets = compile_targets(model, mode)
     if not targets:
-        raise ValueError("trainer.compile=blocks: this model has no repeated blocks (use compile=model)")
+        return None
     timer = CompileTimer(len(targets), mode, optimizer)
     for module in targets:
         module.compile()

@@ -46,9 +46,10 @@ class Task(ABC):
         """The loss from the model's output (the pipeline's last stage computes it)."""
         raise NotImplementedError(f"task '{self.name}' cannot run under pipeline parallelism")
 
-    def compile_loss(self) -> None:
-        """torch.compile this task's loss (`trainer.compile_loss`); a task whose loss gains
-        nothing from it (small outputs, or noise drawn inside it) keeps it eager."""
+    def compile_loss(self, **options: Any) -> None:
+        """torch.compile this task's loss (`trainer.compile_loss`; `options` go to torch.compile,
+        the memory planner passes its own backend); a task whose loss gains nothing from it
+        (small outputs, or noise drawn inside it) keeps it eager."""
         return None
 
     @abstractmethod

@@ -85,11 +85,11 @@ class LanguageModeling(Task):
 
     _cross_entropy = staticmethod(token_cross_entropy)
 
-    def compile_loss(self) -> None:
+    def compile_loss(self, **options: Any) -> None:
         """Compile the cross-entropy for this task's runs (see `token_cross_entropy`): the training
         step, a pipeline schedule's last stage and validation all reach it through `output_loss`.
         Validation's batch shape and no-grad mode compile once more (dynamo's guards)."""
-        self._cross_entropy = torch.compile(token_cross_entropy)
+        self._cross_entropy = torch.compile(token_cross_entropy, **options)
 
     def items(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["y"].numel()

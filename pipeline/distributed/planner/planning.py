@@ -20,7 +20,13 @@ from pipeline.config.schema import PipelineConfig, TaskConfig
 from pipeline.config.sizes import format_size, parse_size
 from pipeline.distributed.pipeline_parallel import rank_stages
 from pipeline.distributed.planner.layouts import Breakdown, _Layout, _layout, _trace_dtype
-from pipeline.distributed.planner.trace import ActivationProfile, activation_profile, merge_facts, spec_for_planning
+from pipeline.distributed.planner.trace import (
+    ActivationProfile,
+    activation_profile,
+    merge_facts,
+    spec_for_planning,
+    traces_compiled,
+)
 from pipeline.distributed.precision import DTYPES
 
 GiB = 2**30
@@ -254,10 +260,14 @@ def plan(cfg: PipelineConfig, task_name: str, workers: int | None = None, device
                             f"{workers} workers x {tcfg.trainer.grad_accum_steps} accumulation steps: shown at "
                             "micro-batch 1")
     if tcfg.trainer.compile != "none":
-        result.notes.append(f"trainer.compile={tcfg.trainer.compile} is not modelled (the trace is eager): inductor's "
-                            "fused kernels keep other tensors alive (on an H200 the 1B preset with full activation "
-                            "checkpointing did not fit at the planned micro-batch when compiled, so leave headroom), "
-                            "while the compiled loss (trainer.compile_loss) writes no fp32 copy of the logits")
+        if not traces_compiled(tcfg.trainer):
+            result.notes.append(f"trainer.compile={tcfg.trainer.compile} with activation_checkpointing="
+                                f"{tcfg.trainer.activation_checkpointing}: traced eagerly (inductor's checkpointed "
+                                "regions are not modelled; the eager trace was above them on CPU)")
+        elif target == "cuda":
+            result.notes.append(f"trainer.compile={tcfg.trainer.compile}: traced on inductor's own graphs (what its "
+                                "partitioner saves, what its fused kernels write), checked against inductor's CPU "
+                                "allocations, not yet its CUDA ones")
     if memory is not None:
         result.largest_micro_batch = ev.largest_micro_batch(memory)
         if suggest:

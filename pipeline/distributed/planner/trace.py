@@ -24,6 +24,8 @@ from torch import nn
 
 from pipeline.config.schema import TaskConfig, TrainerConfig
 from pipeline.distributed.activation import apply_activation_checkpointing
+from pipeline.distributed.compile import compile_targets
+from pipeline.distributed.planner.compiled import fresh_dynamo, planning_backend
 from pipeline.distributed.units import repeated_blocks
 
 # DeepSpeed ZeRO-3's default (DeepSpeed 0.19), here because `ModelFacts.small_params` counts by it;
@@ -85,19 +87,38 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
 
     Storages that existed before (parameters, buffers) are ignored: the strategy layout counts
     those. A storage is counted once however many views share it, and uncounted when its
-    Python object is finalized (PyTorch keeps one Python object per live storage)."""
+    Python object is finalized (PyTorch keeps one Python object per live storage). Storages
+    made under `uncounted()` (values a compiled kernel fuses away, `compiled.py`) are tracked
+    at 0 bytes. Compiled code runs under it (`ignore_compile_internals`), its graphs' operators
+    counted, and higher-order operators pass through it whole."""
+
+    supports_higher_order_operators = True
 
     def __init__(self, ignore: set[int]) -> None:
         super().__init__()
         self.ignore = ignore
         self.live: dict[int, weakref.ref] = {}
+        self.sizes: dict[int, int] = {}  # bytes counted per live storage
         self.now = 0
+        self.counting = True
         self.samples: list[int] = []
         self.phase = 0  # set by block hooks: 0 outside the blocks, 1 in a block's forward, 2 in its backward
         self.phases: list[int] = []
 
-    def _freed(self, key: int, nbytes: int) -> None:
-        self.now -= nbytes
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    @contextlib.contextmanager
+    def uncounted(self) -> Iterator[None]:
+        before, self.counting = self.counting, False
+        try:
+            yield
+        finally:
+            self.counting = before
+
+    def _freed(self, key: int) -> None:
+        self.now -= self.sizes.pop(key, 0)
         self.live.pop(key, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
@@ -108,8 +129,9 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
                 key = st._cdata
                 if key in self.ignore or key in self.live or not st.nbytes():
                     continue
-                n = st.nbytes()
-                self.live[key] = weakref.ref(st, lambda _r, key=key, n=n: self._freed(key, n))
+                n = st.nbytes() if self.counting else 0
+                self.live[key] = weakref.ref(st, lambda _r, key=key: self._freed(key))
+                self.sizes[key] = n
                 self.now += n
         self.samples.append(self.now)
         self.phases.append(self.phase)
@@ -168,6 +190,17 @@ def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
                 module._parameters[name] = done[id(p)]
 
 
+def traces_compiled(trainer: TrainerConfig) -> bool:
+    """Whether the trace runs inductor's graphs (`compiled.py`) rather than eager. Not for
+    regions checkpointed whole (full, every k-th block): replayed on CPU they came out 5-19%
+    under inductor's measured allocations, while the eager trace stays above them, so those
+    are traced eagerly. Operator-level checkpointing (`selective`, `op`) replays exactly."""
+    if trainer.compile == "none":
+        return False
+    return trainer.activation_checkpointing == "none" or (
+        trainer.activation_checkpointing == "selective" and trainer.ac_selective == "op")
+
+
 def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dtype: torch.dtype,
               autocast_dtype: torch.dtype | None, target: str, micro_batch: int,
               tp: int = 1, stage: tuple[int, int] | None = None) -> tuple[ModelFacts, _Trace]:
@@ -183,7 +216,9 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
     from pipeline.tasks import task_for_data
 
     task = task_for_data(kind)
-    with FakeTensorMode():
+    compiled = traces_compiled(trainer)
+    # (compiled regions of checkpointed blocks save a real RNG state: let it into the fake mode)
+    with fresh_dynamo() if compiled else contextlib.nullcontext(), FakeTensorMode(allow_non_fake_inputs=compiled):
         model = task.build(spec)
         if tp > 1:
             localize(model, tp_plan(model), tp)
@@ -208,6 +243,19 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
                                        trainer.ac_every_k)
         model.train()
         batch = _fake_batch(kind, spec, micro_batch)
+        tracker: _LiveBytes | None = None
+        if compiled:  # module calls in eager order first: hooks inside compiled code would be traced into it
+            with torch.no_grad():
+                task.loss(model, batch, None)
+            calls_forward = list(calls)
+            for h in hooks:
+                h.remove()
+            block_types = {type(b) for b in blocks} if trainer.compile == "model" else set()
+            backend = planning_backend(lambda: tracker, target, block_types)
+            for module in compile_targets(model, trainer.compile):
+                module.forward = torch.compile(module.forward, backend=backend, dynamic=False)
+            if trainer.compile_loss:
+                task.compile_loss(backend=backend, dynamic=False)
         ignore = {t.untyped_storage()._cdata for t in [*params, *model.buffers()]}
         root_done, block_done = [0], [0]
         marks: list[tuple[int, int, int]] = []
@@ -228,7 +276,8 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
                 tracker.phase = value
             return hook
 
-        for unit in repeated_blocks(model):  # (the checkpoint wrappers, under activation checkpointing)
+        # (under activation checkpointing, the checkpoint wrappers; a compiled model's replay sets the phases)
+        for unit in repeated_blocks(model) if not (compiled and trainer.compile == "model") else []:
             grad_hooks += [unit.register_forward_pre_hook(set_phase(1)), unit.register_forward_hook(set_phase(0)),
                            unit.register_full_backward_pre_hook(set_phase(2)),
                            unit.register_full_backward_hook(set_phase(0))]
@@ -246,7 +295,8 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
                     inputs, target = task.pipeline_io(batch)
                     out = model(*inputs)
                     loss = task.output_loss(out, target) if last else out
-            calls_forward = list(calls)  # (checkpointed blocks call their modules again in backward)
+            if not compiled:
+                calls_forward = list(calls)  # (checkpointed blocks call their modules again in backward)
             forward_end = len(tracker.samples) - 1
             if last:
                 loss.backward()
@@ -321,8 +371,9 @@ def activation_profile(tcfg: TaskConfig, spec: dict[str, Any], param_dtype: torc
     import json
 
     key = (json.dumps(spec, sort_keys=True), tcfg.trainer.activation_checkpointing, tcfg.trainer.ac_selective,
-           tcfg.trainer.ac_every_k, tcfg.trainer.label_smoothing, str(param_dtype), str(autocast_dtype), target, tp,
-           stage)
+           tcfg.trainer.ac_every_k, tcfg.trainer.label_smoothing,
+           traces_compiled(tcfg.trainer) and (tcfg.trainer.compile, tcfg.trainer.compile_loss), str(param_dtype),
+           str(autocast_dtype), target, tp, stage)
     if key in _PROFILE_CACHE:
         return _PROFILE_CACHE[key]
     kind = tcfg.data.kind
