@@ -72,3 +72,30 @@ def test_mfu_in_every_history_entry_of_a_tiny_cpu_run(built_data, tmp_path, task
     with session.latest_checkpoint() as ckpt:
         implementation = read_meta(ckpt)["implementation"]
     assert "measured" in implementation["mfu_peak"] and float(implementation["mfu_peak_tflops"]) > 0
+
+
+def test_mfu_cpu_peak_measured_again_when_the_model_beats_it(monkeypatch, built_data, tmp_path, capsys):
+    """A CPU peak measured while the machine was busy (here: pretended 1,000x too low) is measured
+    again when the model outruns it: MFU stays a fraction, the log says so, and the checkpoint
+    records the peak used. A known (table or configured) peak is never replaced."""
+    from pipeline.training import mfu as mfu_module
+    from pipeline.training.checkpoint import read_meta
+    from pipeline.training.loop import train
+    from pipeline.training.session import LocalSession
+
+    true_peak = measured_cpu_tflops(torch.float32)
+    monkeypatch.setitem(mfu_module._measured, (torch.float32, torch.get_num_threads()), true_peak / 1000)
+    busy = device_peak(torch.device("cpu"), "fp32")
+    assert busy.tflops == pytest.approx(true_peak / 1000)
+    assert Peak(1.0, "the table").beaten_by(5.0).tflops == 1.0
+    assert busy.beaten_by(busy.tflops / 2) is busy  # not beaten: not measured again
+
+    _, shards = built_data
+    cfg = validate(tiny_raw(["tasks.lm.trainer.max_steps=2", "tasks.lm.trainer.log_every=1"]))
+    session = LocalSession(tmp_path)
+    state = train(cfg, "lm", shards["lm"], session)
+    assert all(0 < entry["mfu"] <= 1 for entry in state.history), state.history
+    assert "MFU peak measured again" in capsys.readouterr().out
+    with session.latest_checkpoint() as ckpt:
+        implementation = read_meta(ckpt)["implementation"]
+    assert float(implementation["mfu_peak_tflops"]) > busy.tflops and "measured again" in implementation["mfu_peak"]
