@@ -58,6 +58,7 @@ class Row:
     mfu: float | None = None
     step_ms: float | None = None
     peak_gib: float | None = None
+    planned_gib: float | None = None  # the planner's peak at the micro-batch run, less its CUDA runtime reserve
     note: str = ""
 
 
@@ -95,6 +96,20 @@ def planned_micro_batch(preset: str, seq: int, precision: str, ac: str, compile_
         print(f"  planner: {type(e).__name__}: {e}; searching instead", flush=True)
         return None
     return p.largest_micro_batch
+
+
+def planned_peak(preset: str, seq: int, precision: str, ac: str, compile_mode: str, device: torch.device,
+                 micro: int) -> float | None:
+    """The memory planner's peak at `micro`, in GiB and less its CUDA runtime reserve, so that it
+    compares with `max_memory_allocated` (None: it cannot say)."""
+    from pipeline.distributed.planner import plan
+
+    try:
+        p = plan(config(preset, seq, precision, ac, compile_mode, micro), "lm", workers=1,
+                 target="cuda" if device.type == "cuda" else "cpu", micro_batch=micro, suggest=False)
+    except Exception:  # already said by planned_micro_batch
+        return None
+    return (p.total - p.device.reserve) / 2**30
 
 
 def profile_step(step, sync) -> None:
@@ -216,6 +231,7 @@ def measure(row: Row, seq: int, steps: int, warmup: int, device: torch.device, m
     row.micro_batch = best["micro"]
     row.tokens_per_s, row.mfu, row.step_ms = best["tokens_per_s"], best["mfu"], best["step_ms"]
     row.peak_gib = best["peak_bytes"] / 2**30 if best["peak_bytes"] else None
+    row.planned_gib = planned_peak(row.model, seq, row.precision, row.ac, row.compile, device, best["micro"])
     row.note = "; ".join(filter(None, [f"{best['fp8_layers']} Float8Linear" if best["fp8_layers"] else "",
                                        best["optimizer"]]))
     return row
@@ -245,7 +261,7 @@ def unavailable(row: Row, device: torch.device) -> str | None:
 def table(rows: list[Row], device_name: str) -> str:
     lines = [f"GPT presets on {device_name}, one device, DDP strategy (no wrapper), sequence as given",
              "| model | params | compile | precision | AC | micro-batch (planned) | tokens/s | MFU | step ms | "
-             "peak GiB | note |",
+             "peak GiB (planned) | note |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         def f(v: float | None, fmt: str) -> str:
@@ -257,7 +273,8 @@ def table(rows: list[Row], device_name: str) -> str:
                      f"{r.micro_batch if r.micro_batch is not None else 'n/a'}{planned} | "
                      f"{f(r.tokens_per_s, ',.0f')} | "
                      f"{'n/a' if r.mfu is None else format(r.mfu, '.1%')} | {f(r.step_ms, '.1f')} | "
-                     f"{f(r.peak_gib, '.1f')} | {r.note} |")
+                     f"{f(r.peak_gib, '.1f')}{'' if r.planned_gib is None else f' ({r.planned_gib:.1f})'} | "
+                     f"{r.note} |")
     return "\n".join(lines)
 
 
