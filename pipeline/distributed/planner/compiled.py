@@ -46,9 +46,10 @@ def _opcount_threshold(device: str) -> int:
     """Operations above which inductor stores a reused value (`has_large_inner_fn`)."""
     from torch._inductor import config
 
-    if config.realize_opcount_threshold is not None:
+    if getattr(config, "realize_opcount_threshold", None) is not None:
         return config.realize_opcount_threshold
-    return config.realize_cpu_opcount_threshold if device == "cpu" else config._realize_opcount_threshold_default
+    default = getattr(config, "_realize_opcount_threshold_default", 30)
+    return getattr(config, "realize_cpu_opcount_threshold", default) if device == "cpu" else default
 
 
 def _extern_ops() -> set[Any]:
@@ -163,7 +164,7 @@ def planning_backend(tracker: Callable[[], Any], device: str,
         donated: set[fx.Node] = set()
         context = torch._guards.TracingContext.try_get()
         if is_backward and context is not None and context.fw_metadata is not None:
-            donated = {placeholders[i] for i in context.fw_metadata.bw_donated_idxs or []}
+            donated = {placeholders[i] for i in getattr(context.fw_metadata, "bw_donated_idxs", None) or []}
 
         def run(args: list[Any]) -> Any:
             # A donated input (a saved activation only this backward reads) is dropped after its

@@ -260,7 +260,10 @@ def plan(cfg: PipelineConfig, task_name: str, workers: int | None = None, device
                             f"{workers} workers x {tcfg.trainer.grad_accum_steps} accumulation steps: shown at "
                             "micro-batch 1")
     if tcfg.trainer.compile != "none":
-        if not traces_compiled(tcfg.trainer):
+        if ev.profile.compile_fallback:
+            result.notes.append(f"trainer.compile={tcfg.trainer.compile}: inductor's graphs could not be traced with "
+                                f"this torch ({ev.profile.compile_fallback}); traced eagerly")
+        elif not traces_compiled(tcfg.trainer):
             result.notes.append(f"trainer.compile={tcfg.trainer.compile} with activation_checkpointing="
                                 f"{tcfg.trainer.activation_checkpointing}: traced eagerly (inductor's checkpointed "
                                 "regions are not modelled; the eager trace was above them on CPU)")

@@ -13,6 +13,7 @@ estimated.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -338,6 +339,7 @@ class ActivationProfile:
     phase: np.ndarray
     grad_bytes: int  # bytes per gradient element in the trace
     forward_end: int = 0  # the operator ending forward (`_Trace.forward_end`)
+    compile_fallback: str = ""  # why a compiled step was traced eagerly after all (this torch's inductor)
 
     def held(self) -> tuple[int, int]:
         """(fixed, per item) bytes one micro-batch's forward state holds while it waits for its
@@ -348,8 +350,7 @@ class ActivationProfile:
 
     def holding(self, fixed: int, per_item: int) -> ActivationProfile:
         """This profile with `fixed + per_item x micro-batch` more bytes held throughout."""
-        return ActivationProfile(self.facts, self.fixed + fixed, self.per_item + per_item, self.root_grads,
-                                 self.block_grads, self.phase, self.grad_bytes, self.forward_end)
+        return dataclasses.replace(self, fixed=self.fixed + fixed, per_item=self.per_item + per_item)
 
     def in_flight(self, micro_batches: int) -> ActivationProfile:
         """This profile with `micro_batches - 1` more micro-batches' forward state held throughout
@@ -377,13 +378,22 @@ def activation_profile(tcfg: TaskConfig, spec: dict[str, Any], param_dtype: torc
     if key in _PROFILE_CACHE:
         return _PROFILE_CACHE[key]
     kind = tcfg.data.kind
-    facts, one = _run_fake(kind, spec, tcfg.trainer, param_dtype, autocast_dtype, target, 1, tp, stage)
-    _, two = _run_fake(kind, spec, tcfg.trainer, param_dtype, autocast_dtype, target, 2, tp, stage)
+    trainer, fallback = tcfg.trainer, ""
+    while True:
+        try:
+            facts, one = _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, 1, tp, stage)
+            _, two = _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, 2, tp, stage)
+            break
+        except Exception as e:  # compiled traces lean on inductor internals that another torch may lack
+            if not traces_compiled(trainer):
+                raise
+            fallback = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            trainer = trainer.model_copy(update={"compile": "none"})
     if len(one.live) != len(two.live):
         raise RuntimeError("planner: the traced step runs different operators at micro-batch 1 and 2; "
                            "its activations are not linear in the batch")
     per_item = two.live - one.live
     profile = ActivationProfile(facts, one.live - per_item, per_item, one.root_grads, one.block_grads, one.phase,
-                                torch.empty(0, dtype=param_dtype).element_size(), one.forward_end)
+                                torch.empty(0, dtype=param_dtype).element_size(), one.forward_end, fallback)
     _PROFILE_CACHE[key] = profile
     return profile
