@@ -153,6 +153,30 @@ def test_planner_pipeline_parallel_holds_what_the_schedule_keeps_in_flight():
     assert max(gpipe.num_params, one_f.num_params) < whole.num_params  # a stage holds part of the model
 
 
+def test_planner_counts_each_pipeline_stages_receive_buffers():
+    """torch's PipelineStage keeps, per micro-batch of the step, a buffer for the hidden state it
+    receives (all but the first stage) and one for its output's gradient (all but the last),
+    for the whole run: the trace leaves them out, the plan adds micro-batches x their bytes."""
+    from pipeline.distributed.planner.layouts import _trace_dtype
+    from pipeline.distributed.planner.planning import _autocast_dtype, _evaluator
+    from pipeline.distributed.planner.trace import activation_profile, spec_for_planning
+
+    raw = [*SMALL, "tasks.lm.model.n_layers=4", "tasks.lm.trainer.global_batch_size=16", "parallel.pp=2",
+           "parallel.pp_schedule=gpipe", "tasks.lm.trainer.grad_accum_steps=4"]
+    cfg = validate(tiny_raw(raw))
+    tcfg = cfg.task("lm")
+    spec = spec_for_planning(tcfg)
+    dtypes = (_trace_dtype(cfg), _autocast_dtype(cfg.precision.dtype))  # (the stages' parameters: bf16)
+    hidden = spec["max_seq_len"] * 256 * dtypes[0].itemsize  # bytes per item: sequence x d_model
+    profiles = [activation_profile(tcfg, spec, *dtypes, "cpu", 1, (i, 4)) for i in range(4)]
+    assert [p.recv_per_item for p in profiles] == [hidden, 2 * hidden, 2 * hidden, hidden]
+    ranks, _ = _evaluator(cfg, "lm", 2, "cpu", None)
+    for rank, evaluator in enumerate(ranks.ranks):  # gpipe holds all 4 forwards, and 4 of each buffer
+        stage = activation_profile(tcfg, spec, *dtypes, "cpu", 1, (rank, 2))
+        extra = evaluator.profile.per_item - stage.in_flight(4).per_item
+        assert set(extra.tolist()) == {4 * hidden}
+
+
 def test_planner_interleaved_pipeline_replays_torchs_warmup():
     """Interleaved 1F1B: a rank runs two stages (r and r + pp); when its first backward runs it
     holds the forwards torch's ScheduleInterleaved1F1B has run by then, per local stage. The rank

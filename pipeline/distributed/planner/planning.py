@@ -201,12 +201,13 @@ def _evaluator(cfg: PipelineConfig, task_name: str, workers: int, target: str,
         stages = rank_stages(rank, pp, schedule)
         profiles = [activation_profile(tcfg, spec, *dtypes, target, tp, (s, pp * len(stages))) for s in stages]
         if len(stages) == 1:
-            held = profiles[0].in_flight(in_flight(schedule, rank, pp, n))
+            held = profiles[0].in_flight(in_flight(schedule, rank, pp, n)).receive_buffers(n)
         else:  # traced on the later local stage (the first backward's), the others' forwards held beside it
             counts = interleaved_in_flight(rank, len(stages), pp, n)
             counts[-1] -= 1  # (the traced one)
             extra = [(c, p.held()) for c, p in zip(counts, profiles, strict=True)]
-            held = profiles[-1].holding(sum(c * f for c, (f, _) in extra), sum(c * i for c, (_, i) in extra))
+            held = profiles[-1].holding(sum(c * f for c, (f, _) in extra),
+                                        sum(c * i for c, (_, i) in extra) + n * sum(p.recv_per_item for p in profiles))
         facts = merge_facts([p.facts for p in profiles])
         ranks.append(_Evaluator(_layout(cfg, facts, dp, tcfg.optim, target), held, reserve))
     return _Ranks(ranks), spec

@@ -150,6 +150,7 @@ class _Trace:
     block_grads: np.ndarray
     phase: np.ndarray  # 0 outside the repeated blocks, 1 in a block's forward, 2 in a block's backward
     forward_end: int = 0  # index of the last operator of forward: what a pipeline keeps per micro-batch
+    recv: tuple[int, int] = (0, 0)  # a pipeline stage's receive buffers: hidden state in, output gradient
 
 
 @contextlib.contextmanager
@@ -286,8 +287,11 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
         autocast = (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
         first, last = stage is None or stage[0] == 0, stage is None or stage[0] == stage[1] - 1
+        recv = [0, 0]  # bytes of the stage's receive buffers: the hidden state in, its output's gradient
         if not first:  # the hidden state received from the previous stage (it needs a gradient)
             batch["x"] = torch.zeros(*batch["x"].shape, model.cfg.d_model, dtype=param_dtype, requires_grad=True)
+            tracker.ignore.add(batch["x"].untyped_storage()._cdata)  # a persistent buffer, counted by the plan
+            recv[0] = batch["x"].untyped_storage().nbytes()
         with cuda, tracker:
             with autocast:
                 if stage is None:
@@ -302,7 +306,11 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
             if last:
                 loss.backward()
             else:
-                loss.backward(torch.zeros_like(loss))
+                with tracker.uncounted():  # (the stage's receive buffer for it, as above)
+                    grad = torch.zeros_like(loss)
+                recv[1] = grad.untyped_storage().nbytes()
+                loss.backward(grad)
+                del grad
         for h in [*hooks, *grad_hooks]:
             h.remove()
         n = len(tracker.samples)
@@ -312,7 +320,7 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
             root[min(at, n - 1):] = r
             blk[min(at, n - 1):] = b
         trace = _Trace(np.asarray(tracker.samples, dtype=np.int64), root, blk,
-                       np.asarray(tracker.phases, dtype=np.int8), max(forward_end, 0))
+                       np.asarray(tracker.phases, dtype=np.int8), max(forward_end, 0), (recv[0], recv[1]))
         numels = tuple(p.numel() for p in params)
         facts = ModelFacts(
             params=sum(numels),
@@ -340,6 +348,14 @@ class ActivationProfile:
     grad_bytes: int  # bytes per gradient element in the trace
     forward_end: int = 0  # the operator ending forward (`_Trace.forward_end`)
     compile_fallback: str = ""  # why a compiled step was traced eagerly after all (this torch's inductor)
+    recv_per_item: int = 0  # a pipeline stage's receive buffers for one micro-batch, per item (`receive_buffers`)
+
+    def receive_buffers(self, micro_batches: int) -> ActivationProfile:
+        """This profile with the receive buffers a pipeline stage keeps for the whole run: torch's
+        `PipelineStage` allocates, per micro-batch of the step, one buffer for the hidden state it
+        receives (but the first stage) and one for its output's gradient (but the last), once,
+        and keeps them (`_setup_forward_recv_info`, `_setup_backward_recv_info`)."""
+        return self.holding(0, micro_batches * self.recv_per_item)
 
     def held(self) -> tuple[int, int]:
         """(fixed, per item) bytes one micro-batch's forward state holds while it waits for its
@@ -394,6 +410,7 @@ def activation_profile(tcfg: TaskConfig, spec: dict[str, Any], param_dtype: torc
                            "its activations are not linear in the batch")
     per_item = two.live - one.live
     profile = ActivationProfile(facts, one.live - per_item, per_item, one.root_grads, one.block_grads, one.phase,
-                                torch.empty(0, dtype=param_dtype).element_size(), one.forward_end, fallback)
+                                torch.empty(0, dtype=param_dtype).element_size(), one.forward_end, fallback,
+                                sum(two.recv) - sum(one.recv))
     _PROFILE_CACHE[key] = profile
     return profile
