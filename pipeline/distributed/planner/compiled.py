@@ -24,7 +24,13 @@ Which nodes inductor writes (`written_nodes`) follows its lowering rules:
   `realize_reads_threshold` buffers or has more than `realize_opcount_threshold` operations,
   or, on CPU only, it computes an exponential, logarithm, sigmoid or tanh.
 
-Everything else is a fused intermediate. Checked against inductor's real CPU allocations (every
+Everything else is a fused intermediate. And a backward's donated inputs (saved activations only
+it reads, `bw_donated_idxs`) are freed after their last use, since inductor writes over them; its
+other inputs stay referenced by the caller to the end.
+
+Not modelled: the order inductor's scheduler runs fused kernels in (the replay keeps the graph's),
+which regions checkpointed whole depend on; the trace keeps the eager trace for those
+(`trace.traces_compiled`). Checked against inductor's real CPU allocations (every
 allocation the profiler records in one compiled step): `tests/test_planner_compiled.py`.
 """
 
