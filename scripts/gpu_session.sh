@@ -9,7 +9,8 @@
 # mp (tensor/pipeline-parallel code paths at world size 1), sharded (FSDP2 sharded init of the
 # 1B and 7B presets against the planner), bench (tokens/s and MFU of the 1B preset: eager vs
 # compile, bf16 vs fp8), loss (the 1B preset compiled, its loss eager against compiled:
-# trainer.compile_loss, bf16 and fp8), apex (Apex's FusedAdam and fused norms against torch's), small (the 125M
+# trainer.compile_loss, bf16 and fp8, each at the planner's micro-batch), loss18 (the same in bf16 at micro-batch
+# 18, the one measured before the compiled loss: the loss's own effect, apart from a larger micro-batch), apex (Apex's FusedAdam and fused norms against torch's), small (the 125M
 # and 350M presets, compiled, bf16 and fp8), acfull (the 1B preset with activation checkpointing by
 # operator and full). Logs and JSON go to $OUT.
 #
@@ -85,6 +86,9 @@ has bench && part bench "${BENCH_LIMIT:-230}" python3 benchmarks/gpu.py --preset
   --precision bf16,fp8 --ac none --steps 10 --warmup 3 --profile --json "$OUT/bench.json"
 has loss && part loss "${LOSS_LIMIT:-200}" python3 benchmarks/gpu.py --presets gpt_1b \
   --compile blocks:eager-loss,blocks --precision bf16,fp8 --ac none --steps 10 --warmup 3 --json "$OUT/bench_loss.json"
+has loss18 && part loss18 "${LOSS18_LIMIT:-110}" python3 benchmarks/gpu.py --presets gpt_1b \
+  --compile blocks:eager-loss,blocks --precision bf16 --ac none --micro-batch 18 --steps 10 --warmup 3 \
+  --json "$OUT/bench_loss18.json"
 if has apex && [ -n "${APEX_PID:-}" ]; then
   say "waiting for the apex build"
   timeout 40 tail --pid="$APEX_PID" -f /dev/null
