@@ -41,6 +41,7 @@ STATE = Path("/run/netns-cluster/state.json")
 HOSTS_FILE = STATE.parent / "hosts"  # bind-mounted as every host's /etc/hosts
 SHARED = STATE.parent / "shared"  # the one folder meant to be shared: it stands for an NFS mount
 HEAD_PORT, DASHBOARD_PORT = 6379, 8265
+DASHBOARD_STARTUP_TIMEOUT_S = "300"  # seconds, as the pipeline's own head (pipeline/runtime/local_head.py)
 
 
 class ClusterError(RuntimeError):
@@ -164,6 +165,10 @@ class NamespaceCluster:
         # One token for every node and every client (Ray 2.59+), as on a real cluster: a joining
         # node that sends none is refused. ~/.ray/auth_token stands for the secret each host gets.
         self.env.setdefault("RAY_AUTH_MODE", "token")
+        # Ray gives its dashboard 60 s to start, and `ray start --head` fails after that; a busy
+        # machine (CI beside other work) has taken longer. The pipeline's own head waits 300 s.
+        if "RAY_DASHBOARD_STARTUP_TIMEOUT_S" not in os.environ:
+            self.env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", DASHBOARD_STARTUP_TIMEOUT_S)
         if not (Path.home() / ".ray" / "auth_token").is_file() and "RAY_AUTH_TOKEN" not in os.environ:
             subprocess.run([ray, "get-auth-token", "--generate"], check=True, capture_output=True)
         head_cpus = ["--num-cpus", str(self.cpus_per_host if self.head_cpus is None else self.head_cpus)]
@@ -172,7 +177,8 @@ class NamespaceCluster:
                           "--dashboard-host", head.ip, "--dashboard-port", str(DASHBOARD_PORT),
                           "--include-dashboard", "true", *head_cpus, "--block", "--disable-usage-stats"],
                    self.log_dir / f"{head.name}.log")
-        self._wait(lambda: self._answers(f"{self.jobs_address}/api/version"), 180, "the head's dashboard")
+        self._wait(lambda: self._answers(f"{self.jobs_address}/api/version"), int(DASHBOARD_STARTUP_TIMEOUT_S) + 60,
+                   "the head's dashboard")
         for host in self.members[1:]:
             self._join(host)
         self._wait(lambda: len(self.alive_nodes()) >= self.hosts, 180, f"{self.hosts} alive nodes")
@@ -248,6 +254,8 @@ class NamespaceCluster:
             raise ClusterError(f"namespace cluster: {reason}")
         down()  # what a crashed run left behind
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.log_dir.glob("*.log"):  # an earlier cluster's, which an error's log tails would show
+            old.unlink()
         SHARED.mkdir(parents=True, exist_ok=True)
         self._save()
         try:
