@@ -218,11 +218,12 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
             entry["model_tflops"] = flops_per_item * items_total / elapsed / 1e12
             if peak is not None:  # against every device of the run (tensor/pipeline ranks too)
                 faster = peak.beaten_by(entry["model_tflops"] / session.world)
-                if faster is not peak and session.rank == 0:
-                    print(f"[{task_name}] MFU peak measured again: {faster.tflops:.4g} TFLOP/s (was "
-                          f"{peak.tflops:.4g}; the CPU was busy during the first measurement)", flush=True)
+                if faster.tflops != peak.tflops:
+                    if session.rank == 0:
+                        print(f"[{task_name}] MFU peak measured again: {faster.tflops:.4g} TFLOP/s (was "
+                              f"{peak.tflops:.4g}; the CPU was busy during the first measurement)", flush=True)
+                    implementation.update(mfu_peak=faster.describe(), mfu_peak_tflops=f"{faster.tflops:.6g}")
                 peak = faster
-                implementation.update(mfu_peak=peak.describe(), mfu_peak_tflops=f"{peak.tflops:.6g}")
                 entry["mfu"] = mfu(entry["model_tflops"], peak, session.world)
         entry.update(strategy.step_metrics())  # compile_s once, under trainer.compile
         state.history.append(entry)

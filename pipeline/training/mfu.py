@@ -63,11 +63,14 @@ class Peak:
     def beaten_by(self, tflops_per_device: float) -> Peak:
         """This peak, or, when a device ran the model faster than it and the peak was measured
         here, the peak measured again (the faster of both): the first measurement ran while
-        something else used the CPU. A known peak is kept, whatever a device reports."""
+        something else used the CPU. A known peak is kept, whatever a device reports; so is a
+        measured one that measuring again did not raise (and it is not measured a third time)."""
         if self.measured is None or tflops_per_device <= self.tflops:
             return self
         again = measured_cpu_tflops(self.measured, fresh=True)
-        return self if again <= self.tflops else Peak(again, self.source + ", measured again", self.measured)
+        if again <= self.tflops:
+            return Peak(self.tflops, self.source, None)
+        return Peak(again, self.source + ", measured again", self.measured)
 
 
 def precision_key(precision: str, device: torch.device) -> str:

@@ -140,10 +140,10 @@ class _Replay(fx.Interpreter):
     sets the tracker's phase from each node's module stack: 1 in a block's forward, 2 in its
     backward, 0 elsewhere."""
 
-    def __init__(self, gm: fx.GraphModule, tracker: Any, device: str, backward: bool,
+    def __init__(self, gm: fx.GraphModule, written: set[fx.Node], tracker: Any, backward: bool,
                  block_types: set[type]) -> None:
         super().__init__(gm)
-        self.written = written_nodes(gm, device)
+        self.written = written
         self.tracker, self.backward, self.block_types = tracker, backward, block_types
 
     def run_node(self, n: fx.Node) -> Any:
@@ -167,6 +167,7 @@ def planning_backend(tracker: Callable[[], Any], device: str,
     def inner_compile(gm: fx.GraphModule, example_inputs: Any, is_backward: bool = False,
                       **_: Any) -> Callable[[list[Any]], Any]:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        written = written_nodes(gm, device)  # (once per graph: every block runs the same one)
         donated: set[fx.Node] = set()
         context = torch._guards.TracingContext.try_get()
         if is_backward and context is not None and context.fw_metadata is not None:
@@ -178,7 +179,7 @@ def planning_backend(tracker: Callable[[], Any], device: str,
             env = dict(zip(placeholders, args, strict=True))
             kept = [v for p, v in env.items() if p not in donated]
             args.clear()
-            out = _Replay(gm, tracker(), device, is_backward, block_types or set()).run(initial_env=env)
+            out = _Replay(gm, written, tracker(), is_backward, block_types or set()).run(initial_env=env)
             del kept
             return out
 

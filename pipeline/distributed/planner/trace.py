@@ -99,7 +99,6 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         super().__init__()
         self.ignore = ignore
         self.live: dict[int, weakref.ref] = {}
-        self.sizes: dict[int, int] = {}  # bytes counted per live storage
         self.now = 0
         self.counting = True
         self.samples: list[int] = []
@@ -118,8 +117,8 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         finally:
             self.counting = before
 
-    def _freed(self, key: int) -> None:
-        self.now -= self.sizes.pop(key, 0)
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.now -= nbytes
         self.live.pop(key, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
@@ -131,8 +130,7 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
                 if key in self.ignore or key in self.live or not st.nbytes():
                     continue
                 n = st.nbytes() if self.counting else 0
-                self.live[key] = weakref.ref(st, lambda _r, key=key: self._freed(key))
-                self.sizes[key] = n
+                self.live[key] = weakref.ref(st, lambda _r, key=key, n=n: self._freed(key, n))
                 self.now += n
         self.samples.append(self.now)
         self.phases.append(self.phase)
@@ -394,17 +392,21 @@ def activation_profile(tcfg: TaskConfig, spec: dict[str, Any], param_dtype: torc
     if key in _PROFILE_CACHE:
         return _PROFILE_CACHE[key]
     kind = tcfg.data.kind
-    trainer, fallback = tcfg.trainer, ""
-    while True:
-        try:
-            facts, one = _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, 1, tp, stage)
-            _, two = _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, 2, tp, stage)
-            break
-        except Exception as e:  # compiled traces lean on inductor internals that another torch may lack
-            if not traces_compiled(trainer):
-                raise
-            fallback = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            trainer = trainer.model_copy(update={"compile": "none"})
+
+    def run(trainer: TrainerConfig) -> tuple[ModelFacts, _Trace, _Trace]:
+        facts, one = _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, 1, tp, stage)
+        return facts, one, _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, 2, tp, stage)[1]
+
+    fallback = ""
+    try:
+        facts, one, two = run(tcfg.trainer)
+    except Exception as e:  # compiled traces lean on inductor internals that another torch may lack
+        if not traces_compiled(tcfg.trainer):
+            raise
+        while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None:
+            e = inner  # (dynamo wraps a backend's error: name the root one)
+        fallback = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        facts, one, two = run(tcfg.trainer.model_copy(update={"compile": "none"}))
     if len(one.live) != len(two.live):
         raise RuntimeError("planner: the traced step runs different operators at micro-batch 1 and 2; "
                            "its activations are not linear in the batch")
