@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,21 +174,43 @@ class Strategy(ABC):
         """Restore what `save` wrote (from the merged checkpoint). `extra` holds the current values
         (sharded backends load into them in place); returns the saved ones."""
 
-    @abstractmethod
-    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 model weights as a plain module would have them (for export). Complete on
-        rank 0; other ranks may return an empty dict."""
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The model's weights under the names a plain module has, in this rank's layout (whole,
+        or this rank's shards as DTensors); what `full_tensors` gathers when given no state."""
+        return self.unwrapped.state_dict()
+
+    def full_shapes(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[int, ...]]:
+        """The whole (unsharded) shape of every tensor `full_tensors` will yield, in its order;
+        `state` as there. Known on rank 0 before any tensor is gathered, so a file's header can
+        be written first. Collective where ranks hold different parts (pipeline stages)."""
+        state = self.export_state() if state is None else state
+        return {k: tuple(v.shape) for k, v in state.items()}  # a DTensor's shape is the global one
+
+    def full_tensors(self, state: dict[str, torch.Tensor] | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Whole fp32 CPU tensors, one at a time: the model's weights (`export_state`), or a state
+        dict in `ema_source`'s layout (EMA weights). Rank 0 gets each tensor, other ranks None;
+        a tensor may alias live state (copy it to keep it). Collective: every rank runs the
+        iterator to the end, in step, since each gather may be a collective. Nothing but the
+        tensor in hand is ever whole, so no rank holds the whole model at once."""
+        state = self.export_state() if state is None else state
+        first = not dist.is_initialized() or dist.get_rank() == 0
+        for k, v in state.items():
+            whole = v.full_tensor() if hasattr(v, "full_tensor") else v  # a DTensor: gathered over its mesh
+            yield k, whole.detach().float().cpu() if first else None
+            del whole  # before the next gather: one whole tensor at a time, not two
+
+    def consolidated_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor of `full_tensors` at once (complete on rank 0, empty elsewhere): for tests
+        and small models. Export streams them instead (`pipeline.training.checkpoint`). Copies:
+        tied weights share storage, which safetensors refuses. Collective."""
+        return {k: v.clone() for k, v in self.full_tensors(state) if v is not None}
 
     def ema_source(self) -> dict[str, torch.Tensor]:
         """This rank's training weights as the EMA averages them: the full state dict unless the
         backend shards (then each rank's own part, so the EMA is sharded the same way and its
         update needs no communication)."""
         return self.unwrapped.state_dict()
-
-    def gather_full(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Full tensors from a state dict in `ema_source`'s layout (EMA weights). Identity unless
-        sharded; a collective where it gathers."""
-        return state
 
     # ------------------------------------------------------------------ communication (collective)
     def all_mean(self, values: list[float | torch.Tensor]) -> list[float]:

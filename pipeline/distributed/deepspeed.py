@@ -154,23 +154,42 @@ class DeepSpeedStrategy(Strategy):
 
         return {k: safe_get_local_fp32_param(p) for k, p in parts.items()}
 
-    def gather_full(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Whole tensors from per-rank ZeRO-3 partitions, one parameter at a time (collective)."""
+    def full_shapes(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[int, ...]]:
+        """Whole shapes: ZeRO-3 keeps each parameter's in `ds_shape` (the tensor itself is a
+        partition, or empty outside a gather)."""
         parts = self._partitioned()
-        if not parts:
-            return super().gather_full(state)
+        if state is None:
+            state = self.engine.module.state_dict(keep_vars=True)
+        return {k: tuple(parts[k].ds_shape) if k in parts else tuple(v.shape) for k, v in state.items()}
+
+    def full_tensors(self, state: dict[str, torch.Tensor] | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """The model's weights: DeepSpeed's fp32 master copy where it keeps one (ZeRO 1-3, bf16,
+        fp16), gathered from every rank's partition for each parameter in turn (a collective
+        under ZeRO 1-3). An EMA state (`ema_source`'s ZeRO-3 partitions): each gathered the same
+        way, one at a time."""
         import torch.distributed as dist
 
-        out = {}
+        first = not dist.is_initialized() or dist.get_rank() == 0
+        if state is None:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            for k, v in self.engine.module.state_dict(keep_vars=True).items():
+                master = safe_get_full_fp32_param(v) if isinstance(v, nn.Parameter) else None
+                whole = master if master is not None else v.detach()
+                yield k, whole.float().cpu() if first else None
+                del master, whole  # before the next gather: one whole tensor at a time
+            return
+        parts = self._partitioned()
         for k, v in state.items():
             if k not in parts:
-                out[k] = v.detach().float().cpu().clone()
+                yield k, v.detach().float().cpu() if first else None
                 continue
             pieces = torch.empty(dist.get_world_size() * v.numel(), dtype=v.dtype, device=v.device)
             dist.all_gather_into_tensor(pieces, v.detach().contiguous())
             p = parts[k]
-            out[k] = pieces[: p.ds_numel].view(p.ds_shape).float().cpu().clone()
-        return out
+            yield k, pieces[: p.ds_numel].view(p.ds_shape).float().cpu() if first else None
+            del pieces
 
     # ---------------------------------------------------------------- checkpoints
     def _extra_file(self, directory: Path) -> Path:
@@ -196,20 +215,6 @@ class DeepSpeedStrategy(Strategy):
             raise RuntimeError(f"{file} is missing: this checkpoint was written by another number of ranks "
                                "or an older version of the pipeline")
         return torch.load(file, map_location=self.device, weights_only=True)
-
-    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 weights: DeepSpeed's fp32 master copy where it keeps one (ZeRO 1-3, bf16, fp16),
-        gathered from every rank's partition (a collective under ZeRO-3)."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        module = self.engine.module
-        full = {}
-        for p in module.parameters():
-            value = safe_get_full_fp32_param(p)
-            full[id(p)] = (value if value is not None else p.detach()).float().cpu()
-        # clone per key: tied weights share storage, which safetensors refuses
-        return {k: (full[id(v)] if id(v) in full else v.detach().float().cpu()).clone()
-                for k, v in module.state_dict(keep_vars=True).items()}
 
 
 @contextlib.contextmanager

@@ -9,7 +9,8 @@ equal a DDP run's with the same seed.
 Checkpoints use torch.distributed.checkpoint (DCP, `dcp_state`): each rank writes its own shard
 file and rank 0 the metadata, so the per-rank directories merge into one sharded checkpoint,
 which loads at another world size or under another layout (tensor or pipeline
-parallel, DDP). Export gathers the full state dict on rank 0.
+parallel, DDP). Export gathers one tensor at a time to rank 0, which writes it and drops it
+(`Strategy.full_tensors`): the whole model is never in one process.
 """
 
 from __future__ import annotations
@@ -87,15 +88,12 @@ class FSDPStrategy(Strategy):
     def load(self, directory: Path, extra: dict[str, Any]) -> dict[str, Any]:
         return dcp_state.load(directory, self.model, self.optimizer, extra)  # in place, into this rank's shards
 
-    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """This rank's shards (DTensors) under the plain module's names, as DCP names them:
+        `full_tensors` gathers them one at a time, so no rank ever holds the whole model."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v.detach().float().clone() for k, v in full.items()}
-
-    def gather_full(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu().clone()
-                for k, v in state.items()}
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=False))
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ pipeline stages here; tied weights split across the first and last stage are sum
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -245,25 +246,47 @@ class MeshStrategy(Strategy):
     def load(self, directory: Path, extra: dict[str, Any]) -> dict[str, Any]:
         return dcp_state.load(directory, self.model, self.optimizer, extra)
 
-    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.gather_full(self.model.state_dict())
-
-    def gather_full(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Whole tensors on rank 0: each stage gathers its own over dp and tp (DTensor), then
-        the stages' first ranks send theirs to rank 0."""
-        full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu().clone()
-                for k, v in state.items()}
+    def full_shapes(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[int, ...]]:
         if not self.use_pp:
-            return full
-        mine = full if (self._dp_rank, self.tp_rank) == (0, 0) else {}
-        gathered: list[dict[str, torch.Tensor] | None] = [None] * self.layout.world if self.rank == 0 else None
-        dist.gather_object(mine, gathered, dst=0)
-        if self.rank != 0:
-            return {}
-        merged: dict[str, torch.Tensor] = {}
-        for part in gathered:
-            merged.update(part or {})
-        return merged
+            return super().full_shapes(state)
+        return {k: shape for k, (_, shape) in self._senders(state).items()}
+
+    def full_tensors(self, state: dict[str, torch.Tensor] | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Under pipeline parallelism each stage holds its own tensors: for each in turn, the
+        ranks of the stage holding it gather it over their dp and tp mesh (DTensor), and the
+        stage's first rank sends it to rank 0 (point to point, on the backend's device). One
+        tensor is in flight at a time."""
+        if not self.use_pp:
+            yield from super().full_tensors(state)
+            return
+        state = self.export_state() if state is None else state
+        for k, (sender, shape) in self._senders(state).items():
+            whole = None
+            if self.layout.coords(sender)[0] == self.pp_rank:  # this rank's stage holds k
+                v = state[k]
+                whole = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float()
+            if self.rank == 0 and sender != 0:
+                whole = torch.empty(shape, dtype=torch.float32, device=self.device)
+                dist.recv(whole, src=sender)
+            elif self.rank == sender != 0:
+                dist.send(whole.to(self.device).contiguous(), dst=0)
+            yield k, whole.cpu() if self.rank == 0 else None
+            del whole
+
+    def _senders(self, state: dict[str, torch.Tensor] | None) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """Every exported tensor's whole shape and the rank that sends it to rank 0: the first
+        rank ((dp, tp) = (0, 0)) of the earliest stage holding it (a weight tied between the
+        first and last stage is sent once). One small all-gather of names and shapes."""
+        state = self.export_state() if state is None else state
+        mine = {k: tuple(v.shape) for k, v in state.items()} if (self._dp_rank, self.tp_rank) == (0, 0) else {}
+        everyone: list[dict[str, tuple[int, ...]] | None] = [None] * self.layout.world
+        dist.all_gather_object(everyone, mine)
+        senders: dict[str, tuple[int, tuple[int, ...]]] = {}
+        for rank, shapes in enumerate(everyone):  # pp is the slowest coordinate: earlier stages first
+            for k, shape in (shapes or {}).items():
+                senders.setdefault(k, (rank, shape))
+        return senders
 
 
 def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

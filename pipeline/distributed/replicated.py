@@ -51,7 +51,3 @@ class ReplicatedStrategy(Strategy):
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state.get("scaler", {}))
         return state.get("extra", {})
-
-    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
-        # clone: tied weights share storage, which safetensors refuses
-        return {k: v.detach().float().cpu().clone() for k, v in self._plain.state_dict().items()}

@@ -6,13 +6,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from safetensors.torch import load_file
 
 from pipeline.config import config_digest, flatten
 from pipeline.config.elastic import check_task_elastic, strategy_reshards, worker_counts
@@ -30,7 +30,7 @@ from pipeline.runtime.trainer import fit, recover, storage_root
 from pipeline.tasks import task_for_data
 from pipeline.tracking import lineage, mlflow_runs, plots
 from pipeline.tracking.live import fill_missing, reachable_from_anywhere
-from pipeline.training.checkpoint import WEIGHTS, read_meta, write_model
+from pipeline.training.checkpoint import WEIGHTS, read_meta, safetensors_shapes, write_model
 from pipeline.training.loop import micro_batch_size
 from pipeline.training.optim import check_kernels
 
@@ -81,9 +81,10 @@ def _mlflow_run(cfg: PipelineConfig, task_name: str, run_dir: str, tags: dict[st
     return run.info.run_id
 
 
-def _parameter_count(spec: dict[str, Any], weights: dict[str, Any]) -> int:
+def _parameter_count(spec: dict[str, Any], weights: Path) -> int:
     """Trainable parameters of the model (tied weights once), counted on a copy built on the meta
-    device (no memory); the stored tensors' sizes if that cannot be built."""
+    device (no memory); the stored tensors' sizes (from the safetensors header) if that cannot
+    be built."""
     import torch
 
     from pipeline.tasks import task_for_spec
@@ -92,7 +93,7 @@ def _parameter_count(spec: dict[str, Any], weights: dict[str, Any]) -> int:
         with torch.device("meta"):
             return sum(p.numel() for p in task_for_spec(spec).build(spec).parameters())
     except Exception:  # a count for a description is never worth failing the stage
-        return sum(t.numel() for t in weights.values())
+        return sum(math.prod(shape) for shape in safetensors_shapes(weights).values())
 
 
 # Settings that never change the trained weights: a rerun with other values resumes the same run.
@@ -198,51 +199,51 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     seconds = time.perf_counter() - start
     if result.error:
         raise RuntimeError(f"[{task_name}] training failed: {result.error}") from result.error
-    with result.checkpoint.as_directory() as d:
+    with result.checkpoint.as_directory() as d:  # open until the weights are copied into the model folder
         meta = read_meta(Path(d))  # the driver needs weights and history, not the optimizer state
         if not meta.get("final"):
             raise RuntimeError(f"[{task_name}] the last checkpoint is not the final one (step {meta['step']})")
-        weights = load_file(str(Path(d) / WEIGHTS))
-    history = meta["history"]
-    spec = task_for_data(tcfg.data.kind).model_spec(tcfg, manifest)
-    info = {"run_id": run_id, "ray_run": run_name, "tracking_uri": uri,
-            "data_manifest_md5": manifest_md5, "git_commit": tags["git.commit"]}
-    summary = {"final_loss": history[-1]["loss"], "steps": meta["step"], "skipped_steps": meta["skipped_steps"],
-               "train_seconds": round(seconds, 1),
-               **{k: v for k, v in history[-1].items() if k.endswith("_per_s") or k == "mfu"}}
-    if "mfu_peak_tflops" in meta.get("implementation", {}):  # the peak MFU was measured against
-        summary["peak_tflops"] = float(meta["implementation"]["mfu_peak_tflops"])
-    if compiled := [h["compile_s"] for h in history if "compile_s" in h]:  # trainer.compile: the last start's
-        summary["compile_s"] = compiled[-1]
-    # reports/<task>/loss.png: train and validation loss, the learning rate beneath (DVC plots it too)
-    loss_plot = plots.write_loss_plot(
-        history, reports_dir / "loss.png", f"{task_name}: {mlflow_runs.model_label(tcfg.model)}, "
-        f"{cfg.strategy.name}, {meta['step']} steps") if reports_dir is not None else None
-    # Rank 0 logged the history while it trained (pipeline/tracking/live.py); what it could not send
-    # (server down, or no live logging) is logged here from the final checkpoint, which holds every
-    # step. MLflow's HTTP client retries with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES); if the server
-    # stays down, the stage fails with one line and nothing is lost: the Ray run and its final
-    # checkpoint stay, and a rerun resumes the finished run and logs it, with no retraining.
-    try:
-        filled = fill_missing(run_id, history)  # what live logging could not send, never a step twice
-        if live and filled:
-            print(f"[{task_name}] {filled} metric values logged after the fit (the live logger could not send them)",
-                  flush=True)
-        parameters = meta.get("parameters") or _parameter_count(spec, weights)  # (a checkpoint from before the count)
-        mlflow.MlflowClient().set_tag(run_id, "model.parameters", str(parameters))
-        if loss_plot is not None:
-            mlflow.MlflowClient().log_artifact(run_id, str(loss_plot), "training")
-        for key, value in meta.get("implementation", {}).items():  # what actually ran: backend, kernels
-            mlflow.MlflowClient().set_tag(run_id, f"impl.{key}", value)
-        # the run's totals at its last step (throughput and MFU are in the history already); a rerun adds none twice
-        fill_missing(run_id, [{"step": meta["step"], **{k: v for k, v in summary.items() if k not in history[-1]}}])
-    except mlflow.exceptions.MlflowException as e:
-        raise mlflow_runs.TrackingUnavailable(
-            f"[{task_name}] training finished, but logging run {run_id} to {uri} failed "
-            f"({str(e).splitlines()[0][:200]}). The final checkpoint is kept under {run_dir}; rerun the "
-            "stage when the tracking server is back: it resumes the finished run and logs it without "
-            "retraining") from e
-    write_model(model_dir, weights, spec, {mlflow_runs.RUN_FILE: json.dumps(info, indent=2)})
+        history = meta["history"]
+        spec = task_for_data(tcfg.data.kind).model_spec(tcfg, manifest)
+        info = {"run_id": run_id, "ray_run": run_name, "tracking_uri": uri,
+                "data_manifest_md5": manifest_md5, "git_commit": tags["git.commit"]}
+        summary = {"final_loss": history[-1]["loss"], "steps": meta["step"], "skipped_steps": meta["skipped_steps"],
+                   "train_seconds": round(seconds, 1),
+                   **{k: v for k, v in history[-1].items() if k.endswith("_per_s") or k == "mfu"}}
+        if "mfu_peak_tflops" in meta.get("implementation", {}):  # the peak MFU was measured against
+            summary["peak_tflops"] = float(meta["implementation"]["mfu_peak_tflops"])
+        if compiled := [h["compile_s"] for h in history if "compile_s" in h]:  # trainer.compile: the last start's
+            summary["compile_s"] = compiled[-1]
+        # reports/<task>/loss.png: train and validation loss, the learning rate beneath (DVC plots it too)
+        loss_plot = plots.write_loss_plot(
+            history, reports_dir / "loss.png", f"{task_name}: {mlflow_runs.model_label(tcfg.model)}, "
+            f"{cfg.strategy.name}, {meta['step']} steps") if reports_dir is not None else None
+        # Rank 0 logged the history while it trained (pipeline/tracking/live.py); what it could not send
+        # (server down, or no live logging) is logged here from the final checkpoint, which holds every
+        # step. MLflow's HTTP client retries with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES); if the server
+        # stays down, the stage fails with one line and nothing is lost: the Ray run and its final
+        # checkpoint stay, and a rerun resumes the finished run and logs it, with no retraining.
+        try:
+            filled = fill_missing(run_id, history)  # what live logging could not send, never a step twice
+            if live and filled:
+                print(f"[{task_name}] {filled} metric values logged after the fit (the live logger could not "
+                      "send them)", flush=True)
+            # (a checkpoint from before the count has none in its meta)
+            parameters = meta.get("parameters") or _parameter_count(spec, Path(d) / WEIGHTS)
+            mlflow.MlflowClient().set_tag(run_id, "model.parameters", str(parameters))
+            if loss_plot is not None:
+                mlflow.MlflowClient().log_artifact(run_id, str(loss_plot), "training")
+            for key, value in meta.get("implementation", {}).items():  # what actually ran: backend, kernels
+                mlflow.MlflowClient().set_tag(run_id, f"impl.{key}", value)
+            # the run's totals at its last step (throughput and MFU are in the history already); a rerun adds none twice
+            fill_missing(run_id, [{"step": meta["step"], **{k: v for k, v in summary.items() if k not in history[-1]}}])
+        except mlflow.exceptions.MlflowException as e:
+            raise mlflow_runs.TrackingUnavailable(
+                f"[{task_name}] training finished, but logging run {run_id} to {uri} failed "
+                f"({str(e).splitlines()[0][:200]}). The final checkpoint is kept under {run_dir}; rerun the "
+                "stage when the tracking server is back: it resumes the finished run and logs it without "
+                "retraining") from e
+        write_model(model_dir, Path(d) / WEIGHTS, spec, {mlflow_runs.RUN_FILE: json.dumps(info, indent=2)})
     metrics_dir.mkdir(parents=True, exist_ok=True)
     (metrics_dir / "train.json").write_text(json.dumps(summary, indent=2))
     (metrics_dir / "train_history.csv").write_text(_history_csv(history))

@@ -21,10 +21,10 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import (
@@ -37,6 +37,10 @@ from pipeline.atomic import (
     read_checksum_record,
 )
 from pipeline.distributed.replicated import STATE  # the replicated backends' state file (its one home)
+from pipeline.safetensors_stream import drain_or_write
+
+if TYPE_CHECKING:
+    from pipeline.distributed.base import Strategy
 
 META, WEIGHTS, SPEC = "meta.json", "model.safetensors", "model_spec.json"
 CHECKSUMS = "checksums.json"  # in a model folder
@@ -75,15 +79,22 @@ class StorageNotShared(CheckpointError):
 
 # --- checkpoints --------------------------------------------------------------------------
 
-def seal_checkpoint(directory: Path, rank: int, world: int, meta: dict[str, Any] | None = None,
-                    weights: dict[str, torch.Tensor] | None = None) -> int:
-    """Every rank, after the strategy has saved its part into `directory`: rank 0 adds the
-    export weights (final checkpoint); each rank records its files' sizes and sha256 in
-    `files-rank<r>.json`; rank 0 writes the marker `meta.json` last, which says how many such
-    records belong to the checkpoint. Returns the bytes of this rank's part."""
+def write_weights(directory: Path | None, strategy: Strategy, state: dict[str, torch.Tensor] | None = None) -> None:
+    """The export weights of a final checkpoint (`model.safetensors`, fp32): the strategy's
+    `full_tensors` (the model's weights, or `state` in its EMA layout) gathered one tensor at a
+    time and streamed into the file by rank 0 (`directory` given), so the whole model is never
+    in one process. Every rank calls it (the gathers are collectives); the others pass None."""
+    shapes = strategy.full_shapes(state)
+    specs = {k: (torch.float32, shape) for k, shape in shapes.items()}
+    drain_or_write(None if directory is None else directory / WEIGHTS, specs, strategy.full_tensors(state))
+
+
+def seal_checkpoint(directory: Path, rank: int, world: int, meta: dict[str, Any] | None = None) -> int:
+    """Every rank, after the strategy has saved its part into `directory` (and rank 0 the export
+    weights of a final checkpoint, `write_weights`): each rank records its files' sizes and
+    sha256 in `files-rank<r>.json`; rank 0 writes the marker `meta.json` last, which says how
+    many such records belong to the checkpoint. Returns the bytes of this rank's part."""
     directory.mkdir(parents=True, exist_ok=True)
-    if weights is not None:
-        save_file(weights, str(directory / WEIGHTS))
     files = describe_files(directory, skip=lambda name: bool(_RECORDS.match(name)))
     atomic_write_text(directory / RANK_FILES.format(rank), checksum_record(files, rank=rank))
     if meta is not None:
@@ -194,16 +205,34 @@ def storage_full(where: Path | str, step: int, need: int, qualifier: str = "", l
 
 # --- model folders ----------------------------------------------------------------------------
 
-def write_model(out_dir: Path, weights: dict[str, torch.Tensor], spec: dict[str, Any],
+def write_model(out_dir: Path, weights: dict[str, torch.Tensor] | Path, spec: dict[str, Any],
                 extra: dict[str, str] | None = None) -> None:
     """Weights as safetensors plus the model spec and the checksums of both, swapped into place
-    in one rename."""
+    in one rename. `weights` may be a safetensors file (a final checkpoint's), copied as it is:
+    the weights are never loaded, so no process needs the whole model in memory for this."""
     with atomic_dir(out_dir) as tmp:
-        save_file(weights, str(tmp / WEIGHTS))
+        if isinstance(weights, Path):
+            shapes = safetensors_shapes(weights)  # a readable header, and data of the size it announces
+            shutil.copyfile(weights, tmp / WEIGHTS)
+            if not shapes:
+                raise DamagedFile(weights, "it holds no tensors")
+        else:
+            save_file(weights, str(tmp / WEIGHTS))
         (tmp / SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
         write_checksums(tmp)
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from a safetensors file's header (nothing else is read); `DamagedFile`
+    if the file is not a readable safetensors file."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            names = f.keys()  # (a safe_open handle is not iterable)
+            return {k: tuple(f.get_slice(k).get_shape()) for k in names}
+    except (SafetensorError, OSError) as e:
+        raise DamagedFile(path, f"not a readable safetensors file: {str(e).splitlines()[0]}") from e
 
 
 def write_checksums(directory: Path) -> None:

@@ -6,7 +6,7 @@ dominated by the random initialisation.
 The average is kept over whatever the strategy hands out as its local weights
 (`Strategy.ema_source`): the whole state dict under DDP, each rank's DTensor shards under FSDP2,
 each rank's fp32 master partitions under ZeRO-3. So a sharded run keeps a sharded EMA, updated
-without any communication; only export gathers it (`Strategy.gather_full`).
+without any communication; only export gathers it, one tensor at a time (`Strategy.full_tensors`).
 """
 
 from __future__ import annotations

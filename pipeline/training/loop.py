@@ -35,6 +35,7 @@ from pipeline.training.checkpoint import (
     read_meta,
     seal_checkpoint,
     storage_full,
+    write_weights,
 )
 from pipeline.training.ema import EMA
 from pipeline.training.mfu import device_peak, mfu
@@ -279,20 +280,20 @@ def _report(session: Session, strategy: Strategy, ema: EMA | None, reader: Globa
         session.report(entry, None)
         return
     extra = {"ema": ema.state_dict()} if ema is not None else {}
-    weights = None
-    if final:
-        weights = strategy.gather_full(ema.weights()) if ema is not None else strategy.consolidated_state_dict()
     with tempfile.TemporaryDirectory(prefix="ckpt-") as d:
         local = Path(d)
         try:
             strategy.save(local, extra)
+            if final:  # streamed: one whole tensor at a time, written by rank 0
+                write_weights(local if session.rank == 0 else None, strategy,
+                              ema.weights() if ema is not None else None)
             meta = None
             if session.rank == 0:
                 meta = {"step": state.step, "skipped_steps": state.skipped_steps, "reader": reader.state_dict(),
                         "history": state.history, "final": final, "stopped_early": state.stopped_early,
                         "tracker": tracker.state_dict(), "implementation": implementation,
                         "parameters": parameters}
-            part = seal_checkpoint(local, session.rank, session.world, meta, weights if session.rank == 0 else None)
+            part = seal_checkpoint(local, session.rank, session.world, meta)
         except Exception as e:
             written, before = dir_bytes(local), _last_part.get(session, 0)
             if out_of_space(e, local, before):
