@@ -28,3 +28,43 @@ def test_classifier_scores_untrained_samples_as_chance(built_data):
     assert m["classifier_real_accuracy"] > 0.85  # the judge itself recognises real held-out digits
     assert m["sample_accuracy"] < 0.4  # an untrained denoiser makes noise, not the digits asked for
     assert m["sample_frechet_distance"] > 1.0
+
+
+def test_eval_device_picks_the_gpu_only_where_there_is_one(tmp_path):
+    """`eval.device`: auto is the CPU on a machine without CUDA (the GPU where torch sees one);
+    cuda there fails before the model is even looked for, naming the key."""
+    import pytest
+
+    from pipeline.config import validate
+    from pipeline.evaluation.device import eval_device
+    from pipeline.flows.evaluate import evaluate
+    from tests.conftest import tiny_raw
+
+    assert eval_device("cpu") == torch.device("cpu")
+    assert eval_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    if torch.cuda.is_available():
+        return
+    tcfg = validate(tiny_raw(["tasks.lm.eval.device=cuda"])).task("lm")
+    with pytest.raises(ValueError, match=r"eval\.device=cuda, but torch .* finds no CUDA device"):
+        evaluate(tcfg, tmp_path / "no-model", tmp_path / "no-shards", tmp_path / "m", tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_cpu_generator_drives_a_model_on_another_device():
+    """The evaluate stage keeps its seeded CPU generators when the model moves to the GPU: noise,
+    timesteps and sampled tokens are drawn on the generator's device and then moved. The meta
+    device stands in for CUDA here (a model there computes shapes only); drawing on the model's
+    device with a CPU generator is what failed before. (On CUDA: `tests/gpu`, evaluation_on_cuda.)"""
+    from pipeline.models.diffusion import GaussianDiffusion
+
+    with torch.device("meta"):
+        dit = DiT(DiTConfig(d_model=32, depth=1, n_heads=2, diffusion=DiffusionProcessConfig(sample_steps=3)),
+                  (1, 8, 8), num_classes=10).eval()
+    process = GaussianDiffusion(dit.cfg.diffusion)
+    gen = torch.Generator().manual_seed(4)
+    images = process.sample(dit, torch.arange(3), (1, 8, 8), 10, eta=1.0, generator=gen)
+    assert images.device.type == "meta" and images.shape == (3, 1, 8, 8)
+    x = torch.empty(5, 1, 8, 8, device="meta")
+    loss = process.loss(dit, x, torch.zeros(5, dtype=torch.long, device="meta"), 10, gen)
+    assert loss.device.type == "meta" and loss.shape == ()
+    assert gen.initial_seed() == 4 and not torch.equal(gen.get_state(), torch.Generator().manual_seed(4).get_state())

@@ -317,6 +317,11 @@ class ExportConfig(Strict):
 class EvalConfig(Strict):
     max_batches: PositiveInt = 50
     batch_size: PositiveInt = 64
+    # where the evaluate stage runs the model: auto takes the machine's GPU when it has one (a 1B
+    # model's held-out loss is hours on CPUs), cpu always, cuda or a clear error. Random draws
+    # (noise, timesteps, samples) come from CPU generators either way, so devices differ only
+    # by floating-point rounding.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     sample_rows: PositiveInt = 10  # diffusion: rows of the sample grid (one per class up to 10)
     sample_cols: PositiveInt = 8
     samples_per_class: NonNegInt = 30  # diffusion: samples scored by the digit classifier (0 = skip)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from pipeline.config.schema import EvalConfig
 from pipeline.data.shard_store import read_split
+from pipeline.evaluation.device import model_device
 from pipeline.models.diffusion import GaussianDiffusion
 
 
@@ -21,9 +22,10 @@ def denoise_loss(model: torch.nn.Module, shards: Path, split: str, cfg: EvalConf
     x_all = torch.from_numpy(data["image"][: cfg.max_batches * cfg.batch_size]).float()
     y_all = torch.from_numpy(data["label"][: len(x_all)]).long()
     gen = torch.Generator().manual_seed(seed)
+    device = model_device(model)
     total = 0.0
     for i in range(0, len(x_all), cfg.batch_size):
-        x, y = x_all[i : i + cfg.batch_size], y_all[i : i + cfg.batch_size]
+        x, y = x_all[i : i + cfg.batch_size].to(device), y_all[i : i + cfg.batch_size].to(device)
         total += process.loss(model, x, y, model.num_classes, gen).item() * len(x)
     return total / len(x_all)
 
@@ -36,7 +38,7 @@ def sample_grid(model: torch.nn.Module, cfg: EvalConfig, seed: int = 0) -> tuple
     process = GaussianDiffusion(model.cfg.diffusion)
     images = process.sample(model, labels, tuple(model.image_shape), model.num_classes,
                             generator=torch.Generator().manual_seed(seed))
-    return labels.numpy(), images
+    return labels.numpy(), images.cpu()
 
 
 def save_grid(images: torch.Tensor, cols: int, path: Path, scale: int = 4, pad: int = 2) -> None:
@@ -68,5 +70,5 @@ def score_with_classifier(model: torch.nn.Module, shards: Path, cfg: EvalConfig,
     asked = torch.arange(model.num_classes).repeat_interleave(cfg.samples_per_class)
     process = GaussianDiffusion(model.cfg.diffusion)
     samples = process.sample(model, asked, tuple(model.image_shape), model.num_classes,
-                             generator=torch.Generator().manual_seed(seed))
+                             generator=torch.Generator().manual_seed(seed)).cpu()  # the classifier runs on the CPU
     return score_samples(clf, samples, asked.numpy(), real, real_labels)

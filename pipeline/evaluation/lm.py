@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from pipeline.config.schema import EvalConfig
 from pipeline.data.shard_store import read_split
+from pipeline.evaluation.device import model_device
 
 
 def perplexity(loss: float) -> float:
@@ -26,8 +27,9 @@ def split_loss(model: torch.nn.Module, shards: Path, split: str, cfg: EvalConfig
     """Mean next-token cross-entropy over the first max_batches * batch_size rows of a split."""
     tokens = read_split(shards, split, cfg.max_batches * cfg.batch_size)["tokens"].astype(np.int64)
     total, count = 0.0, 0
+    device = model_device(model)
     for i in range(0, len(tokens), cfg.batch_size):
-        t = torch.from_numpy(tokens[i : i + cfg.batch_size])
+        t = torch.from_numpy(tokens[i : i + cfg.batch_size]).to(device)
         logits = model(t[:, :-1])
         total += F.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten(), reduction="sum").item()
         count += t[:, 1:].numel()
@@ -43,6 +45,6 @@ def evaluate_lm(model: torch.nn.Module, shards: Path, cfg: EvalConfig, prompt: s
         metrics[f"{split}_loss"] = loss
         metrics[f"{split}_perplexity"] = perplexity(loss)
     tok = Tokenizer.from_file(str(shards / "tokenizer.json"))
-    ids = torch.tensor([tok.encode(prompt).ids])
+    ids = torch.tensor([tok.encode(prompt).ids], device=model_device(model))
     out = model.generate(ids, 120, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
     return metrics, tok.decode(out[0].tolist())

@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 
 from pipeline.config.schema import TaskConfig
+from pipeline.evaluation.device import eval_device
 from pipeline.tracking import mlflow_runs
 from pipeline.training.checkpoint import load_model
 
@@ -15,8 +16,12 @@ from pipeline.training.checkpoint import load_model
 def evaluate(tcfg: TaskConfig, model_dir: Path, shards: Path, metrics_dir: Path, reports_dir: Path) -> dict[str, float]:
     import torch
 
+    device = eval_device(tcfg.eval.device)  # before loading: a bad choice fails at once
     torch.manual_seed(0)
     model, spec = load_model(model_dir)
+    model.to(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
+    print(f"[{spec['task']}] evaluating on {where} (eval.device={tcfg.eval.device})", flush=True)
     reports_dir.mkdir(parents=True, exist_ok=True)
     if spec["task"] == "lm":
         from pipeline.evaluation.lm import evaluate_lm
@@ -39,6 +44,7 @@ def evaluate(tcfg: TaskConfig, model_dir: Path, shards: Path, metrics_dir: Path,
     mlflow.set_tracking_uri(info["tracking_uri"])
     with mlflow.start_run(run_id=info["run_id"]):
         mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
+        mlflow.set_tag("eval.device", device.type)
         for a in artifacts:
             mlflow.log_artifact(str(a), artifact_path="evaluation")
     return metrics

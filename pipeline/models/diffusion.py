@@ -36,7 +36,8 @@ class GaussianDiffusion(nn.Module):
         self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
 
     def _ab(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return self.alpha_bar[t].view(-1, *([1] * (like.dim() - 1)))
+        # (the table follows the timesteps' device: a process built on the CPU samples a GPU model)
+        return self.alpha_bar.to(t.device)[t].view(-1, *([1] * (like.dim() - 1)))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps (closed form of the forward process)."""
@@ -54,10 +55,11 @@ class GaussianDiffusion(nn.Module):
         """Mean squared error of the prediction at a uniformly drawn timestep per example
         (optionally weighted per example, e.g. by class)."""
         b = x0.shape[0]
-        t = torch.randint(0, self.cfg.timesteps, (b,), generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        draw = generator.device if generator is not None else x0.device  # (a CPU generator for a GPU model)
+        t = torch.randint(0, self.cfg.timesteps, (b,), generator=generator, device=draw).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=draw, dtype=x0.dtype).to(x0.device)
         if self.cfg.cond_drop_prob > 0 and model.training:
-            drop = torch.rand(b, generator=generator, device=x0.device) < self.cfg.cond_drop_prob
+            drop = torch.rand(b, generator=generator, device=draw).to(x0.device) < self.cfg.cond_drop_prob
             y = torch.where(drop, torch.full_like(y, num_classes), y)
         pred = model(self.q_sample(x0, t, noise), t, y)
         if weight is None:
@@ -78,15 +80,20 @@ class GaussianDiffusion(nn.Module):
     def sample(self, model: nn.Module, labels: torch.Tensor, shape: tuple[int, ...], num_classes: int,
                steps: int | None = None, guidance: float | None = None, eta: float | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDIM sampling (eta=0 deterministic, eta=1 ancestral; default from config) with classifier-free guidance."""
+        """DDIM sampling (eta=0 deterministic, eta=1 ancestral; default from config) with classifier-free
+        guidance, on the model's device. Noise is drawn on the generator's device (the CPU when there
+        is none), so a CPU generator gives the same samples wherever the model runs, up to rounding."""
         steps = steps or self.cfg.sample_steps
         w = self.cfg.guidance_scale if guidance is None else guidance
         eta = self.cfg.sample_eta if eta is None else eta
         ts = torch.linspace(self.cfg.timesteps - 1, 0, steps).round().long().tolist()
-        x = torch.randn((len(labels), *shape), generator=generator)
+        device = next(model.parameters()).device
+        draw = generator.device if generator is not None else torch.device("cpu")
+        labels = labels.to(device)
+        x = torch.randn((len(labels), *shape), generator=generator, device=draw).to(device)
         null = torch.full_like(labels, num_classes)
         for i, t in enumerate(ts):
-            tt = torch.full((len(labels),), t, dtype=torch.long)
+            tt = torch.full((len(labels),), t, dtype=torch.long, device=device)
             if w > 0:
                 both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
                 cond, uncond = both.chunk(2)
@@ -101,5 +108,5 @@ class GaussianDiffusion(nn.Module):
             sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
             x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
             if eta > 0 and i + 1 < len(ts):
-                x = x + sigma * torch.randn(x.shape, generator=generator)
+                x = x + sigma * torch.randn(x.shape, generator=generator, device=draw).to(device)
         return x

@@ -350,7 +350,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample continuations; temperature 0 means greedy."""
+        """Sample continuations; temperature 0 means greedy. Sampling draws on the generator's
+        device (a CPU generator gives the same tokens wherever the model runs, up to rounding)."""
         for _ in range(max_new_tokens):
             logits = self(idx[:, -self.max_seq_len :])[:, -1, :]
             if temperature == 0:
@@ -360,6 +361,9 @@ class GPT(nn.Module):
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+                probs = F.softmax(logits, dim=-1)
+                if generator is not None:
+                    probs = probs.to(generator.device)
+                nxt = torch.multinomial(probs, 1, generator=generator).to(idx.device)
             idx = torch.cat([idx, nxt], dim=1)
         return idx

@@ -11,7 +11,8 @@ it checks, beyond the CPU suite:
 * a step that does not log makes no host-device synchronisation (`torch.cuda.set_sync_debug_mode`);
 * attention runs the flash kernel; `trainer.compile=blocks` trains like eager; fp8 (torchao
   float8) trains on Hopper/Ada; activation checkpointing lowers the peak memory;
-* Apex's FusedAdam and fused norms (where Apex imports) equal torch's.
+* Apex's FusedAdam and fused norms (where Apex imports) equal torch's;
+* the evaluate stage's metrics on the GPU (`eval.device`) equal the CPU's.
 
 Ran on one NVIDIA H200 (torch 2.11, 2026-12-04): all pass (benchmarks/RESULTS.md, "On a GPU").
 """
@@ -299,3 +300,36 @@ def _same_after_three_steps(a, oa, b, ob, x) -> None:
             opt.zero_grad()
     for (k, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_evaluation_on_cuda_equals_cpu(built_data):
+    """`eval.device=auto` takes the GPU: held-out losses and DDIM samples (noise from the same CPU
+    generators) equal the CPU's up to rounding, and the text sample is drawn from the same stream."""
+    from pipeline.config.schema import DiffusionProcessConfig, DiTConfig, EvalConfig, GPTConfig
+    from pipeline.evaluation.device import eval_device
+    from pipeline.evaluation.diffusion import denoise_loss, sample_grid
+    from pipeline.evaluation.lm import split_loss
+    from pipeline.models.dit import DiT
+    from pipeline.models.gpt import GPT
+
+    _, shards = built_data
+    assert eval_device("auto") == CUDA
+    cfg = EvalConfig(max_batches=2, batch_size=8, sample_rows=2, sample_cols=2)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(d_model=64, n_layers=2, n_heads=2), 300, 32).eval()
+    dit = DiT(DiTConfig(d_model=32, depth=1, n_heads=2, diffusion=DiffusionProcessConfig(sample_steps=4)),
+              (1, 8, 8), num_classes=10).eval()
+
+    def metrics(device: torch.device) -> dict:
+        gpt.to(device), dit.to(device)
+        prompt = torch.zeros(1, 2, dtype=torch.long, device=device)
+        return {"lm": split_loss(gpt, shards["lm"], "val", cfg),
+                "denoise": denoise_loss(dit, shards["diffusion"], "val", cfg), "images": sample_grid(dit, cfg)[1],
+                "tokens": gpt.generate(prompt, 8, 0.8, 40, torch.Generator().manual_seed(0))}
+
+    cpu, gpu = metrics(torch.device("cpu")), metrics(CUDA)
+    assert gpu["lm"] == pytest.approx(cpu["lm"], rel=1e-4)
+    assert gpu["denoise"] == pytest.approx(cpu["denoise"], rel=1e-4)
+    assert gpu["images"].device.type == "cpu"
+    torch.testing.assert_close(gpu["images"], cpu["images"], rtol=1e-3, atol=1e-3)
+    assert gpu["tokens"].device == CUDA and torch.equal(gpu["tokens"].cpu(), cpu["tokens"])
