@@ -14,6 +14,7 @@ that does not match the header it was announced with is a clear error naming it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -93,10 +94,19 @@ def drain_or_write(path: Path | str | None, specs: Mapping[str, Spec],
                    tensors: Iterable[tuple[str, torch.Tensor | None]]) -> int:
     """`write_streamed` on the rank that writes (`path` given); elsewhere just run the iterator,
     whose steps may be collectives every rank has to join. Returns the bytes written (0 when
-    only drained)."""
+    only drained). If the write fails (a full disk, a tensor that does not match), the writer
+    still runs the iterator to its end before raising, so the other ranks' gathers complete
+    instead of waiting on it."""
+    it = iter(tensors)
     if path is not None:
-        return write_streamed(path, specs, tensors)
-    for _ in tensors:  # (the loop variable is rebound at once: nothing is kept)
+        try:
+            return write_streamed(path, specs, it)
+        except Exception:
+            with contextlib.suppress(Exception):  # the write's error is the one to report
+                for _ in it:
+                    pass
+            raise
+    for _ in it:  # (the loop variable is rebound at once: nothing is kept)
         pass
     return 0
 

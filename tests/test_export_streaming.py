@@ -1,7 +1,8 @@
 """Export weights are streamed: gathered one tensor at a time and written into a safetensors file
 whose header goes first (`pipeline.safetensors_stream`, `Strategy.full_tensors`), so no process
 ever holds a sharded model whole, neither rank 0 at the final checkpoint nor the driver that
-copies it into the model folder."""
+copies it into the model folder. And a model folder loads with its weights in memory once
+(`load_model`: built on the meta device, the file's tensors assigned)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,25 @@ def test_streamed_safetensors_names_the_tensor_that_does_not_match_and_leaves_no
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         write_streamed(path, _specs(state), arrive(state))
     assert os.listdir(tmp_path) == []  # neither the file nor its temporary
+
+
+def test_a_failed_write_still_runs_the_gathers_to_the_end(tmp_path):
+    """The writing rank's error (here a tensor that does not match its header, as a full disk
+    would be) is raised only after the iterator has run to its end: every step of it may be a
+    collective the other ranks are waiting in."""
+    from pipeline.safetensors_stream import drain_or_write
+
+    state = {"a": torch.ones(2), "b": torch.ones(3), "c": torch.ones(4)}
+    ran: list[str] = []
+
+    def gathers():
+        for k, v in state.items():
+            ran.append(k)
+            yield k, (torch.ones(9) if k == "a" else v)
+
+    with pytest.raises(ValueError, match=r"'a' is torch\.float32"):
+        drain_or_write(tmp_path / "m.safetensors", _specs(state), gathers())
+    assert ran == ["a", "b", "c"] and os.listdir(tmp_path) == []
 
 
 # ------------------------------------------------------------------------ on real ranks
@@ -157,3 +177,105 @@ def test_export_weights_stream_one_tensor_at_a_time(tmp_path, name):
     assert got["streamed"] <= 2 * largest + (1 << 20), (name, got["streamed"], largest, total)  # ... one at a time
     print(f"{name}: rank 0 peak while streaming {got['streamed'] / 2**20:.1f} MiB, gathering at once "
           f"{got['at_once'] / 2**20:.1f} MiB; largest tensor {largest / 2**20:.1f}, model {total / 2**20:.1f} MiB")
+
+
+# ------------------------------------------------------------------------ loading a model folder
+MODELS = {
+    "gpt_tied": ("lm", ["tasks.lm.model.tie_weights=true"]),
+    "gpt_untied": ("lm", ["tasks.lm.model.tie_weights=false"]),
+    "dit": ("diffusion", []),
+    "unet": ("diffusion", ["model@tasks.diffusion.model=unet_tiny"]),
+}
+
+
+def _spec(task: str, overrides: list[str]) -> dict:
+    from pipeline.config import validate
+    from tests.test_sharded import _raw
+
+    tcfg = validate(_raw(overrides)).task(task)
+    if task == "lm":
+        return {"task": "lm", "model": tcfg.model.model_dump(mode="json"), "vocab_size": 300, "max_seq_len": 32}
+    return {"task": "diffusion", "model": tcfg.model.model_dump(mode="json"), "image_shape": [1, 8, 8],
+            "num_classes": 10}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_load_model_assigns_the_files_tensors_and_ties_them_again(tmp_path, name):
+    """`load_model` builds on the meta device and takes the file's tensors as the parameters: the
+    model equals one built eagerly and loaded by copy (weights, RoPE tables, outputs), tied
+    weights are one parameter again, and nothing is left on the meta device."""
+    from pipeline.tasks import task_for_spec
+    from pipeline.training.checkpoint import load_model, write_model
+
+    spec = _spec(*MODELS[name])
+    torch.manual_seed(0)
+    eager = task_for_spec(spec).build(spec).eval()
+    write_model(tmp_path / "m", {k: v.clone() for k, v in eager.state_dict().items()}, spec)
+    model, _ = load_model(tmp_path / "m")
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    for (k, a), (_, b) in zip(eager.state_dict(keep_vars=True).items(), model.state_dict(keep_vars=True).items(),
+                              strict=True):
+        assert torch.equal(a, b), f"{name}: {k}"
+    assert [n for n, _ in model.named_buffers()] == [n for n, _ in eager.named_buffers()]
+    for (n, a), (_, b) in zip(eager.named_buffers(), model.named_buffers(), strict=True):
+        assert torch.equal(a, b), f"{name}: buffer {n}"
+    if name.startswith("gpt"):
+        assert (model.head.weight is model.embed.weight) == (name == "gpt_tied")
+        x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+        assert torch.equal(model(x), eager(x))
+    else:
+        x, t, y = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 9]), \
+            torch.tensor([1, 4])
+        assert torch.equal(model(x, t, y), eager(x, t, y))
+
+
+_LOAD = """
+import sys, torch
+from pathlib import Path
+from safetensors.torch import load_file
+from pipeline.tasks import task_for_spec
+from pipeline.training.checkpoint import load_model, read_model
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
+folder, way = Path(sys.argv[1]), sys.argv[2]
+with torch.device("meta"):  # whatever building imports lazily belongs to the baseline
+    task_for_spec(read_model(folder)[1]).build(read_model(folder)[1])
+before = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")
+if way == "assign":
+    model, _ = load_model(folder)
+else:  # what load_model did before: a randomly initialised model, then a copy of the file's tensors
+    weights, spec = read_model(folder)
+    model = task_for_spec(spec).build(spec)
+    model.load_state_dict(weights)
+    del weights
+assert all(p.sum() == p.sum() for p in model.parameters())  # every weight read (safetensors maps the file)
+print(status("VmHWM") - before)
+"""
+
+
+def test_load_model_holds_the_weights_once(tmp_path):
+    """A 52M-parameter GPT folder (0.2 GB): loading it and reading every weight takes about the
+    file's size above the process's resident size (measured in a fresh process, glibc mapping
+    large allocations on their own; the parameters are the file's pages, which safetensors maps),
+    where building a randomly initialised model and copying the file into it took twice that."""
+    import subprocess
+    import sys
+
+    from pipeline.config.schema import GPTConfig
+    from pipeline.models.gpt import GPT
+    from pipeline.training.checkpoint import WEIGHTS, write_model
+
+    cfg = GPTConfig(d_model=512, n_layers=6, n_heads=8, tie_weights=False)
+    model = GPT(cfg, 32768, 64)
+    spec = {"task": "lm", "model": cfg.model_dump(mode="json"), "vocab_size": 32768, "max_seq_len": 64}
+    write_model(tmp_path / "m", model.state_dict(), spec)
+    size = (tmp_path / "m" / WEIGHTS).stat().st_size
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    peak = {way: int(subprocess.run([sys.executable, "-c", _LOAD, str(tmp_path / "m"), way], env=env, check=True,
+                                    capture_output=True, text=True).stdout.split()[-1])
+            for way in ("assign", "copy")}
+    print(f"load_model: {peak['assign'] / 1e9:.2f} GB above resident, eager build + copy {peak['copy'] / 1e9:.2f} GB; "
+          f"file {size / 1e9:.2f} GB")
+    assert peak["assign"] < 1.3 * size
+    assert peak["copy"] > 1.8 * size  # (the measurement sees a second copy where there is one)

@@ -20,5 +20,6 @@ def eval_device(choice: str) -> torch.device:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """The device a model's weights are on (inputs go there)."""
-    return next(model.parameters()).device
+    """The device a model's weights are on (inputs go there); the CPU for one without any."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")

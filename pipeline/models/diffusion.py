@@ -87,7 +87,8 @@ class GaussianDiffusion(nn.Module):
         w = self.cfg.guidance_scale if guidance is None else guidance
         eta = self.cfg.sample_eta if eta is None else eta
         ts = torch.linspace(self.cfg.timesteps - 1, 0, steps).round().long().tolist()
-        device = next(model.parameters()).device
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
         draw = generator.device if generator is not None else torch.device("cpu")
         labels = labels.to(device)
         x = torch.randn((len(labels), *shape), generator=generator, device=draw).to(device)
