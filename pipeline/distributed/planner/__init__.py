@@ -5,6 +5,7 @@ It sits beside the strategies because it has to know their layouts (what `ddp.py
 and `deepspeed.py` keep on each rank); it imports neither DeepSpeed nor Ray.
 
 Modules: `trace.py` (the fake-tensor activation trace and the model's parameter counts),
+`cuda_kernels.py` (CUDA's eager norms, for a trace on CPU tensors),
 `layouts.py` (each strategy's per-rank state), `planning.py` (the peak, the largest
 micro-batch, suggestions, the train stage's check) and `report.py` (the printed table).
 
@@ -28,8 +29,10 @@ How the numbers are made, and why this way:
   runs the flash kernel there (q, k, v, output and log-sum-exp saved) except with attention
   dropout, where the CPU falls back to the math path (the T x T matrix is saved). For a CUDA
   target the trace runs attention without dropout, which is what the CUDA flash kernel saves
-  (its dropout mask is regenerated from an RNG state, not stored). CUDA's autocast op lists
-  differ slightly from the CPU's (which ops stay fp32); the trace uses the CPU's.
+  (its dropout mask is regenerated from an RNG state, not stored). The norms differ too, by an
+  activation per norm: for an eager CUDA step the trace runs them as CUDA does (`cuda_kernels.py`:
+  fp32 under autocast, RMSNorm as the fused kernel that saves only its input and rstd); with
+  the CPU's composite RMSNorm the H200's 1B row was planned 11% over its measured peak.
 * **Static state per strategy** (parameters, gradients, optimizer state, fp32 master copies,
   communication buffers) follows each strategy's layout; see `layouts._layout` for every term and
   which measurement it was checked against (`tests/test_planner.py`, `benchmarks/planner.py`).

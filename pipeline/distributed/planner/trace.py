@@ -27,6 +27,7 @@ from pipeline.config.schema import TaskConfig, TrainerConfig
 from pipeline.distributed.activation import apply_activation_checkpointing
 from pipeline.distributed.compile import compile_targets
 from pipeline.distributed.planner.compiled import fresh_dynamo, planning_backend
+from pipeline.distributed.planner.cuda_kernels import cuda_norms
 from pipeline.distributed.units import repeated_blocks
 
 # DeepSpeed ZeRO-3's default (DeepSpeed 0.19), here because `ModelFacts.small_params` counts by it;
@@ -281,7 +282,11 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
             grad_hooks += [unit.register_forward_pre_hook(set_phase(1)), unit.register_forward_hook(set_phase(0)),
                            unit.register_full_backward_pre_hook(set_phase(2)),
                            unit.register_full_backward_hook(set_phase(0))]
-        cuda = _attention_without_dropout() if target == "cuda" else contextlib.nullcontext()
+        cuda = contextlib.ExitStack()
+        if target == "cuda":
+            cuda.enter_context(_attention_without_dropout())
+            if trainer.compile == "none":  # (compiled code's norms are inductor's on either device)
+                cuda.enter_context(cuda_norms())
         autocast = (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
         first, last = stage is None or stage[0] == 0, stage is None or stage[0] == stage[1] - 1
