@@ -7,7 +7,9 @@ own step (`Strategy.forward_backward` + `clip_and_step`: autocast, fused AdamW, 
 on-device skip) on random tokens, the optimizer and precision the config names. The micro-batch
 is the memory planner's largest for this GPU's memory (`pipeline.distributed.planner.plan`,
 `target="cuda"`); should it not fit after all (allocator fragmentation; the planner counts
-fp8 as bf16 and does not model compilation), it is lowered by a fifth until a step runs.
+fp8 as bf16 and traces compiled whole-block checkpointing eagerly), it is lowered by a fifth
+until a step runs, and the row's note keeps each out-of-memory: what the allocator held before
+it, the request that failed and the planner's peak there (the data a planner fix starts from).
 MFU = model FLOPs (`GPT.flops_per_token`: 6N + attention) per second over the dense peak of the
 precision in use (`pipeline.training.mfu`: bf16 or fp8, from the table by device name).
 
@@ -208,10 +210,16 @@ def measure(row: Row, seq: int, steps: int, warmup: int, device: torch.device, m
         micro = min(micro, max_micro)
     search = planned is None and not fixed_micro and device.type == "cuda"  # no plan: double until it does not fit
     best: dict[str, Any] | None = None
+    ooms: list[str] = []  # what each out-of-memory reached, against the plan: the data to fix the planner with
     while micro >= 1:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         try:
             result = run(row.model, seq, row.precision, row.ac, row.compile, micro, steps, warmup, device, profile)
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as e:
+            ooms.append(oom_note(e, micro, device, planned_peak(row.model, seq, row.precision, row.ac, row.compile,
+                                                                device, micro)))
+            print(f"  {ooms[-1]}", flush=True)
             _free()
             if search and best is not None:
                 break
@@ -225,7 +233,7 @@ def measure(row: Row, seq: int, steps: int, warmup: int, device: torch.device, m
             continue
         break
     if best is None:
-        row.note = "does not fit at micro-batch 1"
+        row.note = "; ".join(["does not fit at micro-batch 1", *ooms])
         return row
     row.params_m = best["params"] / 1e6
     row.micro_batch = best["micro"]
@@ -233,8 +241,20 @@ def measure(row: Row, seq: int, steps: int, warmup: int, device: torch.device, m
     row.peak_gib = best["peak_bytes"] / 2**30 if best["peak_bytes"] else None
     row.planned_gib = planned_peak(row.model, seq, row.precision, row.ac, row.compile, device, best["micro"])
     row.note = "; ".join(filter(None, [f"{best['fp8_layers']} Float8Linear" if best["fp8_layers"] else "",
-                                       best["optimizer"]]))
+                                       best["optimizer"], *ooms]))
     return row
+
+
+def oom_note(error: Exception, micro: int, device: torch.device, planned: float | None) -> str:
+    """One line for an out-of-memory at `micro`: the most the allocator held before it, the
+    request that failed (from torch's message) and the planner's peak there, in GiB."""
+    import re
+
+    held = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    asked = re.search(r"Tried to allocate ([\d.]+ [KMG]iB)", str(error))
+    return (f"OOM at micro-batch {micro}: held up to {'n/a' if held is None else f'{held:.1f}'} GiB"
+            f"{f', then asked {asked.group(1)}' if asked else ''}, planned "
+            f"{'n/a' if planned is None else f'{planned:.1f}'} GiB")
 
 
 def unavailable(row: Row, device: torch.device) -> str | None:
