@@ -23,7 +23,7 @@ How the numbers are made, and why this way:
   freed). That is the allocation sequence eager PyTorch makes, without making it: saved
   activations, autocast weight copies, logits and cross-entropy buffers, one block's recompute
   under checkpointing, and the backward's gradient temporaries all appear by themselves. The
-  trace runs at micro-batch 1 and 2; every operator's live bytes are linear in the micro-batch
+  trace runs at micro-batch 2 and 3; every operator's live bytes are linear in the micro-batch
   (`fixed + per_item * B`), which makes the largest micro-batch an exact integer computation.
   The trace is on CPU tensors, so it sees the CPU's attention kernel: `scaled_dot_product_attention`
   runs the flash kernel there (q, k, v, output and log-sum-exp saved) except with attention

@@ -192,7 +192,7 @@ def planning_backend(tracker: Callable[[], Any], device: str,
 @contextlib.contextmanager
 def fresh_dynamo() -> Iterator[None]:
     """Dynamo's in-process state reset before and after: the trace compiles the model's code
-    objects with its own backend at micro-batches 1 and 2, which a later real compile in the same
+    objects with its own backend at micro-batches 2 and 3, which a later real compile in the same
     process must neither reuse nor read as a dynamic batch dimension. Plan before compiling for
     real (the train stage and benchmarks do): code compiled earlier in the process recompiles."""
     torch._dynamo.reset()

@@ -380,14 +380,17 @@ class ActivationProfile:
 
 
 _PROFILE_CACHE: dict[tuple, ActivationProfile] = {}
+LOW = 2  # the smaller of the two traced micro-batches (`activation_profile`)
 
 
 def activation_profile(tcfg: TaskConfig, spec: dict[str, Any], param_dtype: torch.dtype,
                        autocast_dtype: torch.dtype | None, target: str, tp: int = 1,
                        stage: tuple[int, int] | None = None) -> ActivationProfile:
-    """Trace at micro-batch 1 and 2 and split every operator's live bytes into a fixed part and
+    """Trace at micro-batch 2 and 3 and split every operator's live bytes into a fixed part and
     a per-item part (exact while every operator's tensors scale linearly with the batch, as a
-    Transformer's and a U-Net's do; tests/test_planner.py checks a third point)."""
+    Transformer's and a U-Net's do; tests/test_planner.py checks a third point). Not 1: there
+    autograd skips the batch reduction of a broadcast parameter's gradient (DiT's position
+    table), one operator fewer than at any other micro-batch."""
     import json
 
     key = (json.dumps(spec, sort_keys=True), tcfg.trainer.activation_checkpointing, tcfg.trainer.ac_selective,
@@ -399,25 +402,25 @@ def activation_profile(tcfg: TaskConfig, spec: dict[str, Any], param_dtype: torc
     kind = tcfg.data.kind
 
     def run(trainer: TrainerConfig) -> tuple[ModelFacts, _Trace, _Trace]:
-        facts, one = _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, 1, tp, stage)
-        return facts, one, _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, 2, tp, stage)[1]
+        facts, low = _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, LOW, tp, stage)
+        return facts, low, _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, LOW + 1, tp, stage)[1]
 
     fallback = ""
     try:
-        facts, one, two = run(tcfg.trainer)
+        facts, low, high = run(tcfg.trainer)
     except Exception as e:  # compiled traces lean on inductor internals that another torch may lack
         if not traces_compiled(tcfg.trainer):
             raise
         while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None:
             e = inner  # (dynamo wraps a backend's error: name the root one)
         fallback = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        facts, one, two = run(tcfg.trainer.model_copy(update={"compile": "none"}))
-    if len(one.live) != len(two.live):
-        raise RuntimeError("planner: the traced step runs different operators at micro-batch 1 and 2; "
+        facts, low, high = run(tcfg.trainer.model_copy(update={"compile": "none"}))
+    if len(low.live) != len(high.live):
+        raise RuntimeError(f"planner: the traced step runs different operators at micro-batch {LOW} and {LOW + 1}; "
                            "its activations are not linear in the batch")
-    per_item = two.live - one.live
-    profile = ActivationProfile(facts, one.live - per_item, per_item, one.root_grads, one.block_grads, one.phase,
-                                torch.empty(0, dtype=param_dtype).element_size(), one.forward_end, fallback,
-                                sum(two.recv) - sum(one.recv))
+    per_item = high.live - low.live
+    profile = ActivationProfile(facts, low.live - LOW * per_item, per_item, low.root_grads, low.block_grads,
+                                low.phase, torch.empty(0, dtype=param_dtype).element_size(), low.forward_end,
+                                fallback, sum(high.recv) - sum(low.recv))
     _PROFILE_CACHE[key] = profile
     return profile
