@@ -15,7 +15,7 @@ by an activation-sized tensor per norm:
 
 Found on the H200's 1B row (bf16, micro-batch 18, eager): the CPU-composite trace planned
 135.7 GiB against 122.1 GiB measured, two fp32 activations per block too many; with the fused
-stand-in it plans 121.9 (`tests/test_planner.py::test_planner_matches_the_h200s_eager_1b_peak`).
+stand-in it plans 121.9 (`tests/test_planner.py::test_planner_matches_the_h200s_eager_and_compiled_1b_peaks`).
 
 `cuda_norms()` makes a trace allocate what CUDA does: under it the norms cast as CUDA's
 autocast does, and `rms_norm` runs a stand-in with the fused kernel's outputs and saved
