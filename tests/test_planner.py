@@ -295,7 +295,7 @@ def test_planner_cuda_norms_allocate_what_cudas_kernels_do():
     per-row rstd (the fused kernel), not the CPU composite's fp32 normalised copy as well; under
     autocast the norms run in fp32 (CUDA's autocast list), as they do not on CPU. F is left as
     it was found."""
-    from pipeline.distributed.planner.cuda_kernels import cuda_norms, has_fused_rms_norm
+    from pipeline.distributed.planner.cuda_kernels import cuda_kernels, has_fused_rms_norm
 
     def saved_bytes(fn, x):
         seen = {}
@@ -312,7 +312,7 @@ def test_planner_cuda_norms_allocate_what_cudas_kernels_do():
     x = torch.randn(4, 16, 64, requires_grad=True)
     cpu, _ = saved_bytes(norm, x)
     before = (F.rms_norm, F.layer_norm, F.group_norm)
-    with cuda_norms():
+    with cuda_kernels(eager=True):
         cuda, out = saved_bytes(norm, x)
         out.sum().backward()
         assert x.grad.shape == x.shape and norm.weight.grad.shape == norm.weight.shape

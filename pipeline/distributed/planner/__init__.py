@@ -5,7 +5,7 @@ It sits beside the strategies because it has to know their layouts (what `ddp.py
 and `deepspeed.py` keep on each rank); it imports neither DeepSpeed nor Ray.
 
 Modules: `trace.py` (the fake-tensor activation trace and the model's parameter counts),
-`cuda_kernels.py` (CUDA's eager norms, for a trace on CPU tensors),
+`cuda_kernels.py` (CUDA's attention and eager norms, for a trace on CPU tensors),
 `layouts.py` (each strategy's per-rank state), `planning.py` (the peak, the largest
 micro-batch, suggestions, the train stage's check) and `report.py` (the printed table).
 

@@ -1,8 +1,14 @@
-"""What CUDA's eager norms allocate and keep, for a trace that runs on CPU tensors.
+"""What CUDA's kernels allocate and keep where the CPU's differ, for a trace on CPU tensors.
 
 The planner traces a step on fake CPU tensors (`trace.py`), so it sees the CPU's kernels. For
-most operators that is what CUDA allocates too; the norms are where the two devices differ, and
-by an activation-sized tensor per norm:
+most operators that is what CUDA allocates too. Where it is not, `cuda_kernels()` patches the
+functions the models call for the trace's duration:
+
+* **Attention.** CUDA's flash kernel saves an RNG state, not a dropout mask, while the CPU falls
+  back to the math path (the T x T matrix saved) under attention dropout: the trace runs
+  attention without dropout.
+
+The norms differ by an activation-sized tensor per norm:
 
 * **Autocast.** CUDA's autocast runs `layer_norm`, `rms_norm` and `group_norm` in fp32 (the
   `AT_FORALL_FP32` list of ATen's `autocast_mode.h`); the CPU's leaves them in the input's
@@ -17,11 +23,10 @@ Found on the H200's 1B row (bf16, micro-batch 18, eager): the CPU-composite trac
 135.7 GiB against 122.1 GiB measured, two fp32 activations per block too many; with the fused
 stand-in it plans 121.9 (`tests/test_planner.py::test_planner_matches_the_h200s_eager_and_compiled_1b_peaks`).
 
-`cuda_norms()` makes a trace allocate what CUDA does: under it the norms cast as CUDA's
-autocast does, and `rms_norm` runs a stand-in with the fused kernel's outputs and saved
-tensors (its values are never read: the trace's tensors are fake). It is for eager CUDA steps
-only: inductor decomposes the norms of compiled code into its own kernels on either device,
-which the compiled trace already models.
+Under `cuda_kernels(eager=True)` the norms cast as CUDA's autocast does, and `rms_norm` runs a
+stand-in with the fused kernel's outputs and saved tensors (its values are never read: the
+trace's tensors are fake). Only for eager steps: inductor decomposes the norms of compiled code
+into its own kernels on either device, which the compiled trace already models.
 """
 
 from __future__ import annotations
@@ -89,18 +94,34 @@ def _fused_or_composite(composite: Callable[..., torch.Tensor]) -> Callable[...,
     return rms_norm
 
 
+def _without_dropout(sdpa: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`scaled_dot_product_attention` with `dropout_p` 0, however it was passed."""
+
+    def attention(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if len(args) > 4:
+            args = (*args[:4], 0.0, *args[5:])
+        elif "dropout_p" in kwargs:
+            kwargs["dropout_p"] = 0.0
+        return sdpa(*args, **kwargs)
+
+    return attention
+
+
 @contextlib.contextmanager
-def cuda_norms() -> Iterator[None]:
-    """The norms of an eager CUDA step on the trace's CPU tensors: `F.layer_norm`, `F.group_norm`
-    and `F.rms_norm` (what `nn.LayerNorm`, `nn.GroupNorm` and `nn.RMSNorm` call) cast as CUDA's
-    autocast casts them, and RMSNorm fused where this torch has the fused kernel. Patched on
-    `torch.nn.functional` for the trace's duration (forward and backward: a checkpointed
-    block's recompute must see the same functions)."""
-    originals = {name: getattr(F, name) for name in ("layer_norm", "group_norm", "rms_norm")}
-    rms = _fused_or_composite(originals["rms_norm"]) if has_fused_rms_norm() else originals["rms_norm"]
-    F.layer_norm = _fp32_under_autocast(originals["layer_norm"])
-    F.group_norm = _fp32_under_autocast(originals["group_norm"])
-    F.rms_norm = _fp32_under_autocast(rms)
+def cuda_kernels(eager: bool) -> Iterator[None]:
+    """A CUDA step's kernels on the trace's CPU tensors: attention without dropout always; for an
+    eager step also `F.layer_norm`, `F.group_norm` and `F.rms_norm` (what `nn.LayerNorm`,
+    `nn.GroupNorm` and `nn.RMSNorm` call) cast as CUDA's autocast casts them, and RMSNorm fused
+    where this torch has the fused kernel. Patched on `torch.nn.functional` for the trace's
+    duration (forward and backward: a checkpointed block's recompute must see the same functions)."""
+    names = ["scaled_dot_product_attention", *(["layer_norm", "group_norm", "rms_norm"] if eager else [])]
+    originals = {name: getattr(F, name) for name in names}
+    F.scaled_dot_product_attention = _without_dropout(originals["scaled_dot_product_attention"])
+    if eager:
+        rms = _fused_or_composite(originals["rms_norm"]) if has_fused_rms_norm() else originals["rms_norm"]
+        F.layer_norm = _fp32_under_autocast(originals["layer_norm"])
+        F.group_norm = _fp32_under_autocast(originals["group_norm"])
+        F.rms_norm = _fp32_under_autocast(rms)
     try:
         yield
     finally:

@@ -27,7 +27,7 @@ from pipeline.config.schema import TaskConfig, TrainerConfig
 from pipeline.distributed.activation import apply_activation_checkpointing
 from pipeline.distributed.compile import compile_targets
 from pipeline.distributed.planner.compiled import fresh_dynamo, planning_backend
-from pipeline.distributed.planner.cuda_kernels import cuda_norms
+from pipeline.distributed.planner.cuda_kernels import cuda_kernels
 from pipeline.distributed.units import repeated_blocks
 
 # DeepSpeed ZeRO-3's default (DeepSpeed 0.19), here because `ModelFacts.small_params` counts by it;
@@ -152,26 +152,6 @@ class _Trace:
     recv: tuple[int, int] = (0, 0)  # a pipeline stage's receive buffers: hidden state in, output gradient
 
 
-@contextlib.contextmanager
-def _attention_without_dropout() -> Iterator[None]:
-    """CUDA's flash kernel saves an RNG state, not a dropout mask: trace attention without dropout."""
-    import torch.nn.functional as F
-
-    original = F.scaled_dot_product_attention
-
-    def sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
-        kwargs["dropout_p"] = 0.0
-        if len(args) > 4:
-            args = (*args[:4], 0.0, *args[5:])
-        return original(*args, **kwargs)
-
-    F.scaled_dot_product_attention = sdpa
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
-
-
 def _fake_batch(kind: str, spec: dict[str, Any], micro_batch: int) -> dict[str, torch.Tensor]:
     """What `Task.batch_to_tensors` returns, as (fake) zeros of the right shapes and dtypes."""
     if kind == "text":
@@ -282,11 +262,7 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
             grad_hooks += [unit.register_forward_pre_hook(set_phase(1)), unit.register_forward_hook(set_phase(0)),
                            unit.register_full_backward_pre_hook(set_phase(2)),
                            unit.register_full_backward_hook(set_phase(0))]
-        cuda = contextlib.ExitStack()
-        if target == "cuda":
-            cuda.enter_context(_attention_without_dropout())
-            if trainer.compile == "none":  # (compiled code's norms are inductor's on either device)
-                cuda.enter_context(cuda_norms())
+        cuda = cuda_kernels(eager=trainer.compile == "none") if target == "cuda" else contextlib.nullcontext()
         autocast = (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
         first, last = stage is None or stage[0] == 0, stage is None or stage[0] == stage[1] - 1
