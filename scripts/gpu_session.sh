@@ -16,7 +16,8 @@
 #
 # What it assumes of the machine: python3 with a CUDA torch, Triton and transformers (the
 # project's other needs for these parts are pure Python). Missing packages come as wheels in
-# .whl/ (hydra-core, omegaconf, pydantic, deepspeed, torchao, ...), installed into /tmp/site.
+# .whl/ (hydra-core, omegaconf, pydantic, deepspeed, torchao, ...), installed into /tmp/site;
+# `bash scripts/gpu_wheels.sh` gathers them beforehand on a machine with a package registry.
 # Apex is on no registry: when .apex/ holds its source (`apex/` and `csrc/` of NVIDIA/apex), its
 # two extensions the project uses (amp_C for FusedAdam, fused_layer_norm_cuda for the norms) are
 # built for this GPU's architecture only, in the background while the tests run.
