@@ -2,7 +2,8 @@
 
 validate (default): for DDP, FSDP2, DeepSpeed ZeRO-1/2/3, and tensor or pipeline parallel (GPipe, 1F1B and
 interleaved 1F1B, 2 micro-batches) over both ranks (under ddp, which is FSDP2's `replicate` there, and
-fsdp), with and without full activation checkpointing, at two GPT sizes, the pipeline's own `train()`
+fsdp), with and without full activation checkpointing, at two GPT sizes, and for the diffusion task's
+DiT (data-parallel strategies only; its EMA on: the planner counts it), the pipeline's own `train()`
 loop runs 3 steps (DDP; 2 for the others) on 2 real gloo ranks (`run_group`, as tests/test_strategies.py
 does). Every rank measures its own peak; the
 planner predicts it from the same config and the same shard manifest.
@@ -22,7 +23,7 @@ sharding, are reported separately, not compared). The process's own memory growt
 readme: the planner's table for the GPT presets x DDP / FSDP2 / ZeRO-3 (+ offload) x 8 and 64
 GPUs of 80 GiB, bf16, sequence 2048 (markdown, pasted into the README).
 
-    python benchmarks/planner.py [--part validate|readme|all] [--sizes small,large]
+    python benchmarks/planner.py [--part validate|readme|all] [--sizes small,large,dit]
 """
 
 from __future__ import annotations
@@ -48,7 +49,13 @@ SIZES: dict[str, list[str]] = {
               "tasks.lm.trainer.global_batch_size=8"],
     "large": ["tasks.lm.model.d_model=768", "tasks.lm.model.n_layers=8", "tasks.lm.model.n_heads=12",
               "tasks.lm.trainer.global_batch_size=4"],
+    # the diffusion task's DiT on the digits resized to 32 x 32 (patch 2: 256 tokens an image)
+    "dit": ["tasks.diffusion.model.d_model=384", "tasks.diffusion.model.depth=6", "tasks.diffusion.model.n_heads=6",
+            "tasks.diffusion.trainer.global_batch_size=16"],
+    "dit_tiny": ["tasks.diffusion.model.d_model=256", "tasks.diffusion.model.depth=4",  # the test's
+                 "tasks.diffusion.model.n_heads=4", "tasks.diffusion.trainer.global_batch_size=16"],
 }
+DIFFUSION_SIZES = {"dit", "dit_tiny"}  # the others are the lm task's
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "tp2", "fsdp_tp2", "pp2_1f1b", "pp2_gpipe", "fsdp_pp2_1f1b",
               "pp2_interleaved")
 ACCUM2 = ["tasks.lm.trainer.grad_accum_steps=2"]  # the pipeline's micro-batches
@@ -58,13 +65,29 @@ PIPELINES = {  # pipeline parallel over both ranks (dp = 1), under ddp (FSDP2's 
     "fsdp_pp2_1f1b": ["strategy.name=fsdp", "parallel.pp=2", "parallel.pp_schedule=1f1b", *ACCUM2],
     "pp2_interleaved": ["strategy.name=ddp", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", *ACCUM2],
 }
+DIFFUSION_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")  # no tensor or pipeline split of the DiT
 AC_MODES = ("none", "full")
 STEPS = int(os.environ.get("PLANNER_STEPS", "3"))  # DDP's; the others stop after 2 (measure_rank)
 SEQ_LEN = 256
 DATA = [f"tasks.lm.data.seq_len={SEQ_LEN}", "tasks.lm.data.vocab_size=2048", "tasks.lm.data.shard_rows=64"]
-LOOP = [f"tasks.lm.trainer.max_steps={STEPS + 1}", "tasks.lm.trainer.log_every=1", "tasks.lm.trainer.ckpt_every=1000",
-        "tasks.lm.trainer.eval_every=0", "tasks.lm.trainer.prefetch_batches=0", "tasks.lm.optim.warmup_steps=1",
-        "tasks.diffusion.trainer.ema_decay=0"]
+IMAGE_DATA = ["tasks.diffusion.data.image_size=32", "tasks.diffusion.data.augment.copies=0",
+              "tasks.diffusion.data.shard_rows=64"]
+
+
+def task_of(size: str) -> str:
+    """The task a size row trains: the diffusion task's DiT, else the lm task's GPT."""
+    return "diffusion" if size in DIFFUSION_SIZES else "lm"
+
+
+def loop(task: str) -> list[str]:
+    """The trainer overrides of a measured run: STEPS + 1 steps, a report each step, no
+    checkpoints or evaluation, no prefetching thread."""
+    t = f"tasks.{task}"
+    return [f"{t}.trainer.max_steps={STEPS + 1}", f"{t}.trainer.log_every=1", f"{t}.trainer.ckpt_every=1000",
+            f"{t}.trainer.eval_every=0", f"{t}.trainer.prefetch_batches=0", f"{t}.optim.warmup_steps=1"]
+
+
+LOOP = [*loop("lm"), "tasks.diffusion.trainer.ema_decay=0"]  # (the GPT rows; the DiT's keep its EMA)
 
 
 def configs(sizes: tuple[str, ...] = ("small", "large"), strategies: tuple[str, ...] = STRATEGIES,
@@ -78,13 +101,22 @@ def configs(sizes: tuple[str, ...] = ("small", "large"), strategies: tuple[str, 
     base = compose(ROOT / "configs")
     out = []
     for size in sizes:
+        task = task_of(size)
+        setup = [*DATA, *LOOP] if task == "lm" else [*IMAGE_DATA, *loop(task)]
         for strategy in strategies:
+            if task == "diffusion" and strategy not in DIFFUSION_STRATEGIES:
+                continue
             for ac in ac_modes:
                 raw = apply_overrides(_copy(base),
-                                      [*DATA, *LOOP, *SIZES[size], *variants[strategy],
-                                       f"tasks.lm.trainer.activation_checkpointing={ac}", *extra])
+                                      [*setup, *SIZES[size], *variants[strategy],
+                                       f"tasks.{task}.trainer.activation_checkpointing={ac}", *extra])
                 out.append((f"{size}/{strategy}/ac={ac}", raw))
     return out
+
+
+def job_task(name: str) -> str:
+    """The task of a job named by `configs` ("size/strategy/ac=...", or "warmup:" + that)."""
+    return task_of(name.removeprefix("warmup:").split("/")[0])
 
 
 def _copy(raw: dict[str, Any]) -> dict[str, Any]:
@@ -93,8 +125,9 @@ def _copy(raw: dict[str, Any]) -> dict[str, Any]:
     return copy.deepcopy(raw)
 
 
-def build_shards(root: Path) -> Path:
-    """Text shards of `SEQ_LEN`-token rows (a generated corpus of real words, BPE vocabulary 2048)."""
+def build_shards(root: Path, tasks: tuple[str, ...] = ("lm",)) -> dict[str, Path]:
+    """Shards per task: text of `SEQ_LEN`-token rows (a generated corpus of real words, BPE
+    vocabulary 2048); the builtin digits at 32 x 32 for the diffusion task."""
     from pipeline.config import compose, validate
     from pipeline.config.loading import apply_overrides
     from pipeline.data.build import prepare, shard
@@ -103,11 +136,14 @@ def build_shards(root: Path) -> Path:
     corpus = root / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
     write_corpus(corpus / "words.txt", 600_000)
-    cfg = validate(apply_overrides(compose(ROOT / "configs"), [*DATA, f"tasks.lm.data.source={corpus}"]))
-    data = cfg.task("lm").data
-    prepare(data, cfg.seed, root / "prepared")
-    shard(data, root / "prepared", root / "shards")
-    return root / "shards"
+    cfg = validate(apply_overrides(compose(ROOT / "configs"), [*DATA, *IMAGE_DATA, f"tasks.lm.data.source={corpus}"]))
+    out = {}
+    for task in tasks:
+        data = cfg.task(task).data
+        prepare(data, cfg.seed, root / task / "prepared")
+        shard(data, root / task / "prepared", root / task / "shards")
+        out[task] = root / task / "shards"
+    return out
 
 
 # ----------------------------------------------------------------------------- measurement (in each rank)
@@ -168,18 +204,21 @@ def warmup_jobs(jobs: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[
     from pipeline.config.loading import apply_overrides
 
     seen, out = set(), []
+    tiny = {"lm": ["tasks.lm.model.d_model=64", "tasks.lm.model.n_layers=4", "tasks.lm.model.n_heads=2"],
+            "diffusion": ["tasks.diffusion.model.d_model=64", "tasks.diffusion.model.depth=2",
+                          "tasks.diffusion.model.n_heads=2"]}
     for name, raw in jobs:
-        key = (raw["strategy"]["name"], raw["strategy"].get("zero_stage"), raw["precision"]["dtype"])
+        task = job_task(name)
+        key = (task, raw["strategy"]["name"], raw["strategy"].get("zero_stage"), raw["precision"]["dtype"])
         if key in seen:
             continue
         seen.add(key)
-        tiny = apply_overrides(_copy(raw), ["tasks.lm.model.d_model=64", "tasks.lm.model.n_layers=4",
-                                            "tasks.lm.model.n_heads=2"])
-        out.append((f"warmup:{name}", tiny))
+        out.append((f"warmup:{name}", apply_overrides(_copy(raw), tiny[task])))
     return out
 
 
-def measure_rank(rank: int, world: int, jobs: list[tuple[str, dict[str, Any]]], shards: str) -> list[dict[str, Any]]:
+def measure_rank(rank: int, world: int, jobs: list[tuple[str, dict[str, Any]]],
+                 shards: dict[str, str]) -> list[dict[str, Any]]:
     """Runs inside each rank: every job's training-step peak above the pre-setup baseline
     (after `warmup_jobs`, whose results are dropped)."""
     import torch.distributed as dist
@@ -199,8 +238,9 @@ def measure_rank(rank: int, world: int, jobs: list[tuple[str, dict[str, Any]]], 
         # backward); every other layout is steady from step 2 (measured: steps 2 and 3 within 0.3 MiB).
         session = MeasuringSession(rank, world, STEPS if raw["strategy"]["name"] == "ddp" else 2)
         start = time.perf_counter()
+        task = job_task(name)
         with contextlib.suppress(_Stop):
-            train(cfg, "lm", Path(shards), session)
+            train(cfg, task, Path(shards[task]), session)
         seconds = time.perf_counter() - start
         if name.startswith("warmup:"):
             continue
@@ -215,14 +255,14 @@ def measure_rank(rank: int, world: int, jobs: list[tuple[str, dict[str, Any]]], 
     return out
 
 
-def measure(jobs: list[tuple[str, dict[str, Any]]], shards: Path, world: int = 2) -> list[dict[str, Any]]:
+def measure(jobs: list[tuple[str, dict[str, Any]]], shards: dict[str, Path], world: int = 2) -> list[dict[str, Any]]:
     """All jobs in one group of `world` spawned gloo ranks; per job the largest rank's figures."""
     from pipeline.runtime.local_group import run_group
 
     saved = {k: os.environ.get(k) for k in MALLOC_ENV}
     os.environ.update(MALLOC_ENV)  # read by glibc when the spawned ranks start
     try:
-        per_rank = run_group(measure_rank, world, jobs, str(shards), timeout_s=1200)
+        per_rank = run_group(measure_rank, world, jobs, {k: str(v) for k, v in shards.items()}, timeout_s=1200)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -237,21 +277,22 @@ def measure(jobs: list[tuple[str, dict[str, Any]]], shards: Path, world: int = 2
     return merged
 
 
-def predict(raw: dict[str, Any], shards: Path, world: int = 2):
+def predict(raw: dict[str, Any], shards: Path, task: str = "lm", world: int = 2):
     """The planner's per-rank plan for a measured config (CPU target, the shards' manifest)."""
     from pipeline.config import validate
     from pipeline.data.shard_format import load_manifest
     from pipeline.distributed.planner import plan
 
-    return plan(validate(raw), "lm", workers=world, target="cpu", manifest=load_manifest(shards))
+    return plan(validate(raw), task, workers=world, target="cpu", manifest=load_manifest(shards))
 
 
-def compare(jobs: list[tuple[str, dict[str, Any]]], shards: Path) -> list[dict[str, Any]]:
+def compare(jobs: list[tuple[str, dict[str, Any]]], shards: dict[str, Path]) -> list[dict[str, Any]]:
     """Predicted vs measured per job: the rows of the validation table."""
     measured = measure(jobs, shards)
     rows = []
     for (name, raw), m in zip(jobs, measured, strict=True):
-        p = predict(raw, shards)
+        task = job_task(name)
+        p = predict(raw, shards[task], task)
         rows.append({"name": name, "predicted": p.total, "measured": m["peak"], "phase": p.phase,
                      "error": p.total / m["peak"] - 1, "plan": p, "m": m})
     return rows
@@ -262,13 +303,15 @@ def _mib(n: float) -> str:
 
 
 def print_validation(rows: list[dict[str, Any]]) -> None:
+    from pipeline.distributed.planner.report import format_count
+
     print("| config | params | predicted MiB | measured MiB (rank 0, 1) | error | predicted peak during |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         p, m = r["plan"], r["m"]
         ranks = ", ".join(_mib(x) for x in m["ranks"])
-        print(f"| {r['name']} | {p.num_params / 1e6:.1f}M | {_mib(r['predicted'])} | {_mib(r['measured'])} ({ranks}) "
-              f"| {r['error']:+.1%} | {r['phase']} |")
+        print(f"| {r['name']} | {format_count(p.num_params)} | {_mib(r['predicted'])} | {_mib(r['measured'])} "
+              f"({ranks}) | {r['error']:+.1%} | {r['phase']} |")
     worst = max(abs(r["error"]) for r in rows)
     print(f"\nworst |error| {worst:.1%} over {len(rows)} configs")
 
@@ -329,7 +372,7 @@ def main() -> None:
         jobs = configs(tuple(args.sizes.split(",")), tuple(args.strategies.split(",")), tuple(args.ac.split(",")),
                        tuple(args.override))
         with tempfile.TemporaryDirectory(prefix="planner-") as d:
-            shards = build_shards(Path(d))
+            shards = build_shards(Path(d), tuple(sorted({task_of(s) for s in args.sizes.split(",")})))
             start = time.perf_counter()
             rows = compare(jobs, shards)
             print_validation(rows)

@@ -191,10 +191,11 @@ def _evaluator(cfg: PipelineConfig, task_name: str, workers: int, target: str,
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     dp = _data_parallel(cfg, workers)
     reserve = CUDA_RUNTIME_RESERVE if target == "cuda" else 0
+    ema = tcfg.trainer.ema_decay > 0  # the loop keeps an fp32 average of the weights
     dtypes = (_trace_dtype(cfg), _autocast_dtype(cfg.precision.dtype))
     if pp == 1:
         profile = activation_profile(tcfg, spec, *dtypes, target, tp)
-        return _Evaluator(_layout(cfg, profile.facts, dp, tcfg.optim, target), profile, reserve), spec
+        return _Evaluator(_layout(cfg, profile.facts, dp, tcfg.optim, target, ema), profile, reserve), spec
     ranks = []
     schedule, n = cfg.parallel.pp_schedule, tcfg.trainer.grad_accum_steps
     for rank in range(pp):
@@ -209,7 +210,7 @@ def _evaluator(cfg: PipelineConfig, task_name: str, workers: int, target: str,
             held = profiles[-1].holding(sum(c * f for c, (f, _) in extra),
                                         sum(c * i for c, (_, i) in extra) + n * sum(p.recv_per_item for p in profiles))
         facts = merge_facts([p.facts for p in profiles])
-        ranks.append(_Evaluator(_layout(cfg, facts, dp, tcfg.optim, target), held, reserve))
+        ranks.append(_Evaluator(_layout(cfg, facts, dp, tcfg.optim, target, ema), held, reserve))
     return _Ranks(ranks), spec
 
 

@@ -10,15 +10,25 @@ from pipeline.config.sizes import format_size
 from pipeline.distributed.planner.planning import MemoryPlan
 
 
+def format_count(n: int) -> str:
+    """A parameter count as people write it: 48.3K, 124.4M, 1.32B (not 0.0M for a small model)."""
+    for scale, suffix, digits in ((1e9, "B", 2), (1e6, "M", 1), (1e3, "K", 1)):
+        if n >= scale:
+            return f"{n / scale:,.{digits}f}{suffix}"
+    return str(n)
+
+
 def format_plan(p: MemoryPlan) -> str:
     """A small table a person reads: one row per kind of memory, device and host columns."""
     mb = p.micro_batch if p.micro_batch is not None else 1
-    lines = [f"memory plan: {p.task}, {p.num_params / 1e6:,.1f}M parameters{p.split}, {p.strategy}, "
+    lines = [f"memory plan: {p.task}, {format_count(p.num_params)} parameters{p.split}, {p.strategy}, "
              f"{p.workers} workers, {p.precision}, activation checkpointing {p.activation_checkpointing}, "
              f"{p.target} target",
              f"per rank at micro-batch {mb} ({p.item_shape}); peak during the {p.phase}"]
     rows = [("parameters", "params"), ("gradients", "grads"), ("optimizer state", "optimizer"),
             ("activations", "activations"), ("communication buffers", "comm")]
+    if p.device.ema or p.host.ema:
+        rows.insert(3, ("EMA weights", "ema"))
     if p.device.reserve:
         rows.append(("CUDA runtime reserve", "reserve"))
     offloaded = p.host.total > 0
