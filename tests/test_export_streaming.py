@@ -279,3 +279,42 @@ def test_load_model_holds_the_weights_once(tmp_path):
           f"file {size / 1e9:.2f} GB")
     assert peak["assign"] < 1.3 * size
     assert peak["copy"] > 1.8 * size  # (the measurement sees a second copy where there is one)
+
+
+def _gather_rank(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from pipeline.distributed.base import gather_rows, whole_on_first
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(0)
+    cases = {
+        "even": (torch.randn(6, 3, generator=g), Shard(0)),
+        "uneven": (torch.randn(5, 3, generator=g), Shard(0)),
+        "fewer rows than ranks": (torch.randn(1, 4, generator=g), Shard(0)),
+        "1-d": (torch.randn(7, generator=g), Shard(0)),
+        "columns (all-gathered)": (torch.randn(4, 6, generator=g), Shard(1)),
+        "replicated": (torch.randn(3, generator=g), Replicate()),
+    }
+    out = {}
+    for name, (t, placement) in cases.items():
+        got = whole_on_first(distribute_tensor(t, mesh, [placement]))
+        out[name] = (got is None) if rank else bool(torch.equal(got, t))
+    piece = torch.full((rank + 1, 2), float(rank))  # unequal pieces straight through gather_rows
+    got = gather_rows(piece, [1, 2], [0, 1])
+    out["rows"] = (got is None) if rank else got.tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    return out
+
+
+def test_export_gathers_each_tensor_on_rank_0_only():
+    """`whole_on_first` (what `Strategy.full_tensors` gathers with): FSDP2's row shards, even,
+    uneven and with a rank holding no rows, arrive whole and exact on rank 0 by point-to-point
+    sends into one preallocated tensor, and the other ranks get nothing (an all-gather gave
+    every rank the whole tensor, and gloo's a second copy of it); other layouts go through
+    DTensor's all-gather, with the same result on rank 0."""
+    from pipeline.runtime.local_group import run_group
+
+    for rank, result in enumerate(run_group(_gather_rank, 2)):
+        assert all(result.values()), (rank, result)
+        assert len(result) == 7

@@ -196,8 +196,8 @@ class Strategy(ABC):
         state = self.export_state() if state is None else state
         first = not dist.is_initialized() or dist.get_rank() == 0
         for k, v in state.items():
-            whole = v.full_tensor() if hasattr(v, "full_tensor") else v  # a DTensor: gathered over its mesh
-            yield k, whole.detach().float().cpu() if first else None
+            whole = whole_on_first(v) if hasattr(v, "full_tensor") else v  # a DTensor: gathered over its mesh
+            yield k, whole.detach().float().cpu() if first and whole is not None else None
             del whole  # before the next gather: one whole tensor at a time, not two
 
     def consolidated_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -221,6 +221,44 @@ class Strategy(ABC):
             dist.all_reduce(t)
             t /= dist.get_world_size()
         return t.tolist()
+
+
+def gather_rows(local: torch.Tensor, rows: list[int], ranks: list[int]) -> torch.Tensor | None:
+    """Concatenate along dim 0 the pieces `ranks` hold (`rows[i]` rows on `ranks[i]`; this
+    rank's is `local`) on the first of them, which gets the whole tensor (the others None).
+    Point to point into slices of one preallocated tensor: the receiver holds the whole tensor
+    once and the senders nothing more, where an all-gather gives every rank the whole tensor
+    (and gloo's all-gather a second, internal copy of it). Collective over `ranks`."""
+    me = dist.get_rank()
+    if me != ranks[0]:
+        if local.numel():
+            dist.send(local.contiguous(), dst=ranks[0])
+        return None
+    whole = torch.empty((sum(rows), *local.shape[1:]), dtype=local.dtype, device=local.device)
+    start = 0
+    for rank, n in zip(ranks, rows, strict=True):
+        if n and rank == me:
+            whole[start:start + n].copy_(local)
+        elif n:
+            dist.recv(whole[start:start + n], src=rank)
+        start += n
+    return whole
+
+
+def whole_on_first(v: Any) -> torch.Tensor | None:
+    """A DTensor made whole on global rank 0 (None elsewhere): FSDP2's layout (rows split over a
+    1-D mesh whose first rank is rank 0, as `torch.chunk` splits them) by `gather_rows`, any
+    other layout by DTensor's own all-gather (`full_tensor`, whole on every rank)."""
+    from torch.distributed.tensor import Shard
+
+    mesh = v.device_mesh
+    ranks = mesh.mesh.flatten().tolist()
+    if mesh.ndim != 1 or tuple(v.placements) != (Shard(0),) or ranks[0] != 0 or not v.dim():
+        whole = v.full_tensor()
+        return whole if dist.get_rank() == 0 else None
+    total, chunk = v.shape[0], -(-v.shape[0] // len(ranks))
+    rows = [max(0, min(chunk, total - i * chunk)) for i in range(len(ranks))]
+    return gather_rows(v.to_local(), rows, ranks)
 
 
 def world_size() -> int:

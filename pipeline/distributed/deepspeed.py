@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.config.elastic import CANNOT_RESHARD
-from pipeline.distributed.base import OptimizerFactory, Strategy
+from pipeline.distributed.base import OptimizerFactory, Strategy, gather_rows
 from pipeline.distributed.sharded_init import init_by_unit, materialize_buffers
 
 TAG = "deepspeed"  # checkpoint sub-directory: <checkpoint>/deepspeed/{mp_rank_00_model_states.pt, *optim_states.pt}
@@ -166,11 +166,18 @@ class DeepSpeedStrategy(Strategy):
                      ) -> Iterator[tuple[str, torch.Tensor | None]]:
         """The model's weights: DeepSpeed's fp32 master copy where it keeps one (ZeRO 1-3, bf16,
         fp16), gathered from every rank's partition for each parameter in turn (a collective
-        under ZeRO 1-3). An EMA state (`ema_source`'s ZeRO-3 partitions): each gathered the same
-        way, one at a time."""
+        under ZeRO 1-3). Under ZeRO-3 each rank sends its fp32 partition to rank 0
+        (`gather_rows`), as for an EMA state (`ema_source`'s ZeRO-3 partitions): DeepSpeed's
+        own full-parameter gather is an all-gather, the whole tensor on every rank."""
         import torch.distributed as dist
 
         first = not dist.is_initialized() or dist.get_rank() == 0
+        parts = self._partitioned()
+        if state is None and parts:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            state = {k: safe_get_local_fp32_param(parts[k]) if k in parts else v.detach()
+                     for k, v in self.engine.module.state_dict(keep_vars=True).items()}
         if state is None:
             from deepspeed.utils import safe_get_full_fp32_param
 
@@ -180,15 +187,15 @@ class DeepSpeedStrategy(Strategy):
                 yield k, whole.float().cpu() if first else None
                 del master, whole  # before the next gather: one whole tensor at a time
             return
-        parts = self._partitioned()
         for k, v in state.items():
             if k not in parts:
                 yield k, v.detach().float().cpu() if first else None
                 continue
-            pieces = torch.empty(dist.get_world_size() * v.numel(), dtype=v.dtype, device=v.device)
-            dist.all_gather_into_tensor(pieces, v.detach().contiguous())
+            world = dist.get_world_size()  # (partitions are padded to one length on every rank)
+            # (on the backend's device: an offloaded optimizer keeps its fp32 partitions in host memory)
+            pieces = gather_rows(v.detach().to(self.device), [v.numel()] * world, list(range(world)))
             p = parts[k]
-            yield k, pieces[: p.ds_numel].view(p.ds_shape).float().cpu() if first else None
+            yield k, pieces[: p.ds_numel].view(p.ds_shape).float().cpu() if pieces is not None else None
             del pieces
 
     # ---------------------------------------------------------------- checkpoints
