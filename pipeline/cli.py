@@ -31,7 +31,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from pipeline.training.checkpoint import CheckpointError
 
     return (ConfigError, FileNotFoundError, KeyError, ValueError, ShardError, DataSourceError, CheckpointError,
-            TrackingUnavailable, ClusterUnavailable)
+            TrackingUnavailable, ClusterUnavailable, ConnectionError)  # (an address nothing answers at)
 
 
 def stage_main(stage: str, run: Callable[[PipelineConfig, str], None], argv: list[str] | None = None) -> None:
@@ -55,16 +55,16 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compose", help="compose configs/ with Hydra into params.yaml (what `dvc exp run` does)")
     c.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. 'model@tasks.lm.model=gpt_tiny'")
-    c.add_argument("--config-dir", default="configs")
-    c.add_argument("--out", default="params.yaml")
+    c.add_argument("--config-dir", default="configs", help="the Hydra config folder (default: configs)")
+    c.add_argument("--out", default="params.yaml", help="where to write the composed config (default: params.yaml)")
     v = sub.add_parser("validate", help="validate params.yaml and print the first problem")
-    v.add_argument("--params", default="params.yaml")
+    v.add_argument("--params", default="params.yaml", help="the config file to check (default: params.yaml)")
     lin = sub.add_parser("lineage", help="where a registered model came from: run, config, data, commit")
     lin.add_argument("ref", help="<model>@<alias> or <model>@<version>, e.g. pipeline-lm@champion")
     lin.add_argument("--json", action="store_true", help="print JSON instead of text")
     pro = sub.add_parser("promote", help="point an alias at a version by hand (promote or roll back)")
     pro.add_argument("ref", help="<model>@<version> (or <model>@<alias>) to point the alias at")
-    pro.add_argument("--alias", default="champion")
+    pro.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
     rep = sub.add_parser("reproduce", help="re-run the pipeline at a version's commit and compare its metrics")
     rep.add_argument("ref", help="<model>@<alias> or <model>@<version>")
     rep.add_argument("--workdir", default=None, help="where to check the commit out (default: a temporary dir)")
@@ -92,7 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     pl.add_argument("--target", choices=("cuda", "cpu"), default=None,
                     help="what the ranks run on (default: cuda if cluster.use_gpu, else cpu)")
     pl.add_argument("--micro-batch", type=int, default=None, help="plan this micro-batch instead of the configured one")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.cmd in ("plan", "compose") and not any(e.startswith("-") for e in extra):
+        args.overrides += extra  # overrides after an option (`plan lm --workers 8 parallel.tp=2`)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.cmd in ("lineage", "promote", "reproduce"):
             _registry_command(args)
@@ -109,14 +113,16 @@ def main(argv: list[str] | None = None) -> None:
         elif args.cmd == "plan":
             _plan_command(args)
         elif args.cmd == "compose":
+            from pipeline.atomic import atomic_write_text
+
             raw = compose(args.config_dir, args.overrides)
             validate(raw)
-            Path(args.out).write_text(yaml.safe_dump(raw, sort_keys=False))
+            atomic_write_text(args.out, yaml.safe_dump(raw, sort_keys=False))  # DVC stages read it
             print(f"wrote {args.out}")
         else:
             load_config(args.params)
             print(f"{args.params}: ok")
-    except (ConfigError, ValueError, FileNotFoundError, KeyError) as e:
+    except _known_errors() as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
@@ -143,8 +149,11 @@ def _plan_command(args: argparse.Namespace) -> None:
     # Image shape and class count come from the shards when they exist; text sizes from the config.
     manifest = load_manifest(shards) if (shards / MANIFEST).is_file() and cfg.task(args.task).data.kind != "text" \
         else None
-    print(format_plan(plan(cfg, args.task, workers=args.workers, device_memory=args.device_memory,
-                           target=args.target, micro_batch=args.micro_batch, manifest=manifest)))
+    p = plan(cfg, args.task, workers=args.workers, device_memory=args.device_memory, target=args.target,
+             micro_batch=args.micro_batch, manifest=manifest)
+    print(format_plan(p))
+    if p.fits is False:  # a script can tell: the planned micro-batch does not fit the device memory given
+        sys.exit(1)
 
 
 def _registry_command(args: argparse.Namespace) -> None:
@@ -155,7 +164,12 @@ def _registry_command(args: argparse.Namespace) -> None:
     from pipeline.tracking import inspect
     from pipeline.tracking.mlflow_runs import tracking_uri
 
-    mlflow.set_tracking_uri(args.tracking_uri or tracking_uri(load_config(args.params).tracking))
+    uri = args.tracking_uri or tracking_uri(load_config(args.params).tracking)
+    store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if store is not None and not store.is_file():  # (MLflow would create an empty store to look in)
+        raise FileNotFoundError(f"no tracking store at {uri}: nothing has been registered here yet (run `make repro` "
+                                "or `dvc repro` first, or pass --tracking-uri)")
+    mlflow.set_tracking_uri(uri)
     if args.cmd == "promote":
         print(inspect.promote(args.ref, args.alias))
         return

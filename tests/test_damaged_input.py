@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -172,3 +173,89 @@ def test_damaged_compose_override_is_one_line(tmp_path):
         assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
     with pytest.raises(ConfigError, match=r"no config\.yaml in"):
         compose(tmp_path, [])
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"tasks: [1, 2\n", "not valid YAML: expected ',' or ']', but got '<stream end>' (line 2, column 1)"),
+    (b"seed: 1\ntasks:\n\tlm: {}\n", "not valid YAML: found character '\\t' that cannot start any token (line 3"),
+    (b"seed: 1\nseed: 2\n", "not valid YAML: key 'seed' appears twice in one mapping (line 2, column 1)"),
+    (b"\xff\xfeseed: 1\n", "not UTF-8 text (byte 0): is it a YAML file?"),
+    (b"", "is empty (run `pipeline compose` to write a full config)"),
+    (b"# only a comment\n", "is empty"),
+], ids=["unclosed", "tab", "duplicate-key", "utf16", "empty", "comment-only"])
+def test_damaged_params_file_is_named_in_one_line(tmp_path, content, expected):
+    """A hand-edited params.yaml that YAML cannot read: the stages (and so `dvc repro`) and the
+    `pipeline` command stop with one line naming the file and the line, not a traceback; a key
+    given twice is refused rather than the later value silently winning."""
+    from pipeline.config import ConfigError, load_config
+
+    params = tmp_path / "params.yaml"
+    params.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_config(params)
+    assert str(err.value).startswith(str(params)) and expected in str(err.value), str(err.value)
+    for cmd in (["stages.prepare", "lm"], ["pipeline", "validate"]):
+        proc = subprocess.run([sys.executable, "-m", *cmd, "--params", str(params)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], (cmd, proc.stderr[-2000:])
+
+
+def test_damaged_params_path_and_override_values_are_named(tmp_path):
+    """A directory given as the params file, an override value YAML cannot parse, a key under a
+    value, and a config group picked without Hydra: each one line naming what is wrong."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.config.loading import apply_overrides
+    from tests.conftest import tiny_raw
+
+    with pytest.raises(ConfigError, match=r"is a directory, not a YAML file"):
+        load_config(tmp_path)
+    cases = [("tasks.lm.optim.lr=[1,", r"tasks\.lm\.optim\.lr: the value '\[1,' is not valid YAML"),
+             ("seed.x=1", r"seed\.x: unknown key \(seed is a value, not a section\)"),
+             ("strategy=fsdp", r"strategy: is a section, not a value; set one of its keys \(strategy\.<key>=\.\.\.\)"),
+             ("tasks.lmm.trainer.max_steps=5", r"tasks\.lmm\.trainer\.max_steps: unknown key \(no section "
+                                               r"'tasks\.lmm'\)")]
+    for override, pattern in cases:
+        with pytest.raises(ConfigError, match=pattern):
+            apply_overrides(tiny_raw(), [override])
+    assert apply_overrides(tiny_raw(), ["tasks.lm.optim.lr=0.5"])["tasks"]["lm"]["optim"]["lr"] == 0.5
+
+
+def test_damaged_cli_input_is_one_line_and_changes_nothing(tmp_path):
+    """The `pipeline` command on a newcomer's mistakes: a plan that does not fit exits 1 (a script
+    can tell), overrides may follow the options, fp8 is not planned for a CPU, a read-only
+    registry query on a checkout with no tracking store creates none, a cluster nothing answers
+    at and a sweep of 0 trials are one line each (exit 2)."""
+    import socket
+
+    import yaml
+
+    from tests.conftest import tiny_raw
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_raw()))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    small = run("plan", "lm", "--params", str(params), "--device-memory", "1MiB", "--workers", "2",
+                "strategy.name=fsdp")  # (the override after the options)
+    assert small.returncode == 1, small.stderr[-2000:]
+    assert "fsdp (FSDP2" in small.stdout and "does NOT fit; not even micro-batch 1 fits" in small.stdout
+    fits = run("plan", "lm", "--params", str(params), "--device-memory", "8GiB")
+    assert fits.returncode == 0 and "fits; largest micro-batch that fits:" in fits.stdout, fits.stderr[-2000:]
+
+    def one_line(proc: subprocess.CompletedProcess, fragment: str) -> None:
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], proc.stderr[-2000:]
+
+    one_line(run("plan", "lm", "--params", str(params), "precision.dtype=fp8"),
+             "precision.dtype: fp8 needs a GPU with float8 tensor cores")
+    one_line(run("lineage", "pipeline-lm@champion", "--params", str(params)), "no tracking store at sqlite:///")
+    assert not list(tmp_path.glob("*.db")), list(tmp_path.iterdir())  # nothing created by looking
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one_line(run("status", "raysubmit_x", "--address", f"http://127.0.0.1:{port}"), f"127.0.0.1:{port}")
+    one_line(run("sweep", "lm", "--params", str(params), "--trials", "0"), "--trials: must be at least 1 (got 0)")

@@ -45,6 +45,52 @@ def _format_validation_error(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one
+    silently, so a pasted duplicate would override the value above it unseen)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line from a YAML error: what is wrong, and where (line, column)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; every way it can be unreadable (missing, a directory, not UTF-8,
+    not YAML, empty, a duplicated key) is a one-line `ConfigError` naming the file."""
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory, not a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found (run `dvc exp run` or `pipeline compose` to create it)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): is it a YAML file?") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    if raw is None:
+        raise ConfigError(f"{path} is empty (run `pipeline compose` to write a full config)")
+    return raw
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in place."""
     for item in overrides:
@@ -53,11 +99,22 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         key, value = item.split("=", 1)
         node = raw
         parts = key.split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             if not isinstance(node.get(p), dict):
-                raise ConfigError(f"{key}: unknown key (no section '{p}')")
+                where = ".".join(parts[:i + 1])
+                if p in node:
+                    raise ConfigError(f"{key}: unknown key ({where} is a value, not a section)")
+                raise ConfigError(f"{key}: unknown key (no section '{where}')")
             node = node[p]
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: the value {value!r} is not valid YAML: {_yaml_problem(e)}") from None
+        if isinstance(node.get(parts[-1]), dict) and not isinstance(parsed, dict) and parsed is not None:
+            raise ConfigError(f"{key}: is a section, not a value; set one of its keys ({key}.<key>=...), or pick a "
+                              f"config group option with Hydra (`pipeline compose {item}`, `dvc exp run -S {item}`, "
+                              "`pipeline plan --compose`)")
+        node[parts[-1]] = parsed
     return raw
 
 
@@ -84,9 +141,7 @@ def _resolve_task(name: str, task: Any) -> Any:
 def load_config(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()) -> PipelineConfig:
     """Read params.yaml (or another file), apply overrides and validate."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found (run `dvc exp run` or `pipeline compose` to create it)")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return validate(apply_overrides(raw, overrides))

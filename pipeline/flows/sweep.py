@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import PositiveInt, model_validator
 
 from pipeline.config import ConfigError, validate
-from pipeline.config.loading import apply_overrides
+from pipeline.config.loading import apply_overrides, read_yaml
 from pipeline.config.schema import Strict
 
 
@@ -83,8 +82,9 @@ class SweepConfig(Strict):
 def load_sweep(path: Path) -> SweepConfig:
     if not path.is_file():
         raise FileNotFoundError(f"sweep file {path} not found (see configs/sweep/)")
+    raw = read_yaml(path)
     try:
-        return SweepConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+        return SweepConfig.model_validate(raw)
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from e
 
@@ -162,11 +162,13 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     from pipeline.runtime.trainer import storage_root
     from pipeline.tracking import mlflow_runs
 
-    base = yaml.safe_load(params.read_text())
+    if num_samples is not None and num_samples < 1:
+        raise ConfigError(f"--trials: must be at least 1 (got {num_samples})")
+    base = read_yaml(params)
     cfg = validate(base)
     cfg.task(task)
     sweep = load_sweep(sweep_file)
-    if num_samples:
+    if num_samples is not None:
         sweep = sweep.model_copy(update={"num_samples": num_samples})
     check_space(base, task, sweep)
     check_split(shards, "train")  # manifest and sizes; the trials' workers hash, once per node

@@ -27,7 +27,7 @@ from pipeline.distributed.planner.trace import (
     spec_for_planning,
     traces_compiled,
 )
-from pipeline.distributed.precision import DTYPES
+from pipeline.distributed.precision import DTYPES, FP8_DEVICE_ERROR
 
 GiB = 2**30
 # CUDA context, NCCL communicators and cuBLAS workspaces: outside the caching allocator, so no
@@ -246,6 +246,9 @@ def plan(cfg: PipelineConfig, task_name: str, workers: int | None = None, device
     target = target or ("cuda" if cfg.cluster.use_gpu else "cpu")
     if target not in ("cuda", "cpu"):
         raise ValueError(f"target: expected cuda or cpu (got {target!r})")
+    if cfg.precision.dtype == "fp8" and target == "cpu":  # the train stage refuses it: no plan for what cannot run
+        raise ValueError(FP8_DEVICE_ERROR.format(what="this plan's target is the CPU (plan a GPU with --target cuda, "
+                                                      "or set cluster.use_gpu)"))
     if device_memory is None:
         device_memory = cfg.cluster.device_memory
     memory = parse_size(device_memory) if device_memory is not None else None

@@ -44,8 +44,9 @@ def format_plan(p: MemoryPlan) -> str:
                  (f"{format_size(p.host.total):>12}" if offloaded else ""))
     if p.device_memory is not None:
         verdict = "fits" if p.fits else "does NOT fit"
-        lines.append(f"device memory {format_size(p.device_memory)}: micro-batch {mb} {verdict}; "
-                     f"largest micro-batch that fits: {p.largest_micro_batch}")
+        largest = (f"largest micro-batch that fits: {p.largest_micro_batch}" if p.largest_micro_batch
+                   else "not even micro-batch 1 fits")
+        lines.append(f"device memory {format_size(p.device_memory)}: micro-batch {mb} {verdict}; {largest}")
         if p.suggestion and not p.suggestion.startswith("fits"):
             lines.append(p.suggestion)
     lines += [f"note: {n}" for n in p.notes]
