@@ -214,7 +214,7 @@ def test_damaged_params_path_and_override_values_are_named(tmp_path):
              ("seed.x=1", r"seed\.x: unknown key \(seed is a value, not a section\)"),
              ("strategy=fsdp", r"strategy: is a section, not a value; set one of its keys \(strategy\.<key>=\.\.\.\)"),
              ("tasks.lmm.trainer.max_steps=5", r"tasks\.lmm\.trainer\.max_steps: unknown key \(no section "
-                                               r"'tasks\.lmm'\)")]
+                                               r"'tasks\.lmm'; tasks has: diffusion, lm\)")]
     for override, pattern in cases:
         with pytest.raises(ConfigError, match=pattern):
             apply_overrides(tiny_raw(), [override])

@@ -104,7 +104,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
                 where = ".".join(parts[:i + 1])
                 if p in node:
                     raise ConfigError(f"{key}: unknown key ({where} is a value, not a section)")
-                raise ConfigError(f"{key}: unknown key (no section '{where}')")
+                known = sorted(k for k, v in node.items() if isinstance(v, dict))
+                parent = ".".join(parts[:i]) or "the config"
+                listed = f"; {parent} has: {', '.join(known)}" if 0 < len(known) <= 12 else ""
+                raise ConfigError(f"{key}: unknown key (no section '{where}'{listed})")
             node = node[p]
         try:
             parsed = yaml.safe_load(value)
