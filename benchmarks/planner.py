@@ -54,8 +54,12 @@ SIZES: dict[str, list[str]] = {
             "tasks.diffusion.trainer.global_batch_size=16"],
     "dit_tiny": ["tasks.diffusion.model.d_model=256", "tasks.diffusion.model.depth=4",  # the test's
                  "tasks.diffusion.model.n_heads=4", "tasks.diffusion.trainer.global_batch_size=16"],
+    # the DDPM U-Net (unet_small's layout, wider), on the same 32 x 32 digits
+    "unet": ["tasks.diffusion.model.base_channels=64", "tasks.diffusion.model.channel_mults=[1,2,2]",
+             "tasks.diffusion.trainer.global_batch_size=16"],
 }
-DIFFUSION_SIZES = {"dit", "dit_tiny"}  # the others are the lm task's
+DIFFUSION_SIZES = {"dit", "dit_tiny", "unet"}  # the others are the lm task's
+BASE = {"unet": ["model@tasks.diffusion.model=unet_small"]}  # Hydra overrides composing a size's base config
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "tp2", "fsdp_tp2", "pp2_1f1b", "pp2_gpipe", "fsdp_pp2_1f1b",
               "pp2_interleaved")
 ACCUM2 = ["tasks.lm.trainer.grad_accum_steps=2"]  # the pipeline's micro-batches
@@ -98,9 +102,9 @@ def configs(sizes: tuple[str, ...] = ("small", "large"), strategies: tuple[str, 
     from pipeline.distributed import LAYOUT_VARIANTS, VARIANTS
 
     variants = {**VARIANTS, **LAYOUT_VARIANTS, **PIPELINES}
-    base = compose(ROOT / "configs")
     out = []
     for size in sizes:
+        base = compose(ROOT / "configs", BASE.get(size, []))
         task = task_of(size)
         setup = [*DATA, *LOOP] if task == "lm" else [*IMAGE_DATA, *loop(task)]
         for strategy in strategies:
@@ -204,16 +208,18 @@ def warmup_jobs(jobs: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[
     from pipeline.config.loading import apply_overrides
 
     seen, out = set(), []
-    tiny = {"lm": ["tasks.lm.model.d_model=64", "tasks.lm.model.n_layers=4", "tasks.lm.model.n_heads=2"],
-            "diffusion": ["tasks.diffusion.model.d_model=64", "tasks.diffusion.model.depth=2",
-                          "tasks.diffusion.model.n_heads=2"]}
+    tiny = {"gpt": ["tasks.lm.model.d_model=64", "tasks.lm.model.n_layers=4", "tasks.lm.model.n_heads=2"],
+            "dit": ["tasks.diffusion.model.d_model=64", "tasks.diffusion.model.depth=2",
+                    "tasks.diffusion.model.n_heads=2"],
+            "unet": ["tasks.diffusion.model.base_channels=8"]}
     for name, raw in jobs:
         task = job_task(name)
-        key = (task, raw["strategy"]["name"], raw["strategy"].get("zero_stage"), raw["precision"]["dtype"])
+        kind = raw["tasks"][task]["model"]["kind"]
+        key = (kind, raw["strategy"]["name"], raw["strategy"].get("zero_stage"), raw["precision"]["dtype"])
         if key in seen:
             continue
         seen.add(key)
-        out.append((f"warmup:{name}", apply_overrides(_copy(raw), tiny[task])))
+        out.append((f"warmup:{name}", apply_overrides(_copy(raw), tiny[kind])))
     return out
 
 
