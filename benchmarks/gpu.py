@@ -324,7 +324,12 @@ def main() -> None:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
     if device.type == "cuda":
+        from pipeline.config.schema import ClusterConfig
+        from pipeline.runtime.cuda_allocator import configure_cuda_allocator
+
         torch.cuda.set_device(device)
+        allocator = configure_cuda_allocator(ClusterConfig().cuda_alloc_conf)  # what a training worker runs with
+        print(f"CUDA allocator settings: {allocator or 'torch default'}", flush=True)
         memory = torch.cuda.mem_get_info(device)[1]
         device_name = torch.cuda.get_device_name(device)
     else:

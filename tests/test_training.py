@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -204,3 +205,21 @@ def test_elastic_worker_count_keys_the_same_run_where_a_checkpoint_reshards():
         assert name(strategy, "cluster.num_workers=4") == name(strategy, "cluster.num_workers=1")
     zero = "strategy.name=deepspeed"
     assert name(zero, "cluster.num_workers=4") != name(zero, "cluster.num_workers=1")
+
+
+def test_cuda_allocator_settings_apply_once_and_the_users_win(monkeypatch):
+    """`cluster.cuda_alloc_conf` (expandable segments by default) reaches the allocator of a GPU
+    worker through torch's settings call and the environment (for the processes it starts); a
+    PYTORCH_CUDA_ALLOC_CONF the user set is left as it is, and "" keeps torch's default. (The
+    CUDA side, segments really mapped expandable, is checked by tests/gpu.)"""
+    from pipeline.runtime.cuda_allocator import ENV, configure_cuda_allocator
+
+    applied: list[str] = []
+    monkeypatch.delenv(ENV, raising=False)
+    assert validate(tiny_raw()).cluster.cuda_alloc_conf == "expandable_segments:True"
+    assert configure_cuda_allocator("", applied.append) is None and applied == [] and ENV not in os.environ
+    assert configure_cuda_allocator("expandable_segments:True", applied.append) == "expandable_segments:True"
+    assert applied == ["expandable_segments:True"] and os.environ[ENV] == "expandable_segments:True"
+    monkeypatch.setenv(ENV, "max_split_size_mb:128")
+    assert configure_cuda_allocator("expandable_segments:True", applied.append) == "max_split_size_mb:128"
+    assert applied == ["expandable_segments:True"] and os.environ[ENV] == "max_split_size_mb:128"

@@ -385,6 +385,11 @@ class ClusterConfig(Strict):
     # bytes. When set, the train stage asks the memory planner first and refuses a config whose
     # per-rank peak does not fit (`python -m pipeline plan <task>` prints the breakdown).
     device_memory: int | str | None = None
+    # The CUDA caching allocator's settings for GPU workers (PYTORCH_CUDA_ALLOC_CONF, unless the
+    # environment sets it). Expandable segments grow one mapping instead of caching blocks of
+    # fixed sizes, so a step that fills the device (the planner's largest micro-batch) is not
+    # refused for fragmentation; torchtitan runs with the same. "" leaves torch's default.
+    cuda_alloc_conf: str = "expandable_segments:True"
 
     @field_validator("device_memory")
     @classmethod

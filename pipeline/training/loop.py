@@ -27,6 +27,7 @@ from pipeline.distributed import StepSettings, Strategy, build_strategy
 from pipeline.distributed.mesh import Layout
 from pipeline.distributed.precision import Precision
 from pipeline.models.hf import is_hf_folder
+from pipeline.runtime.cuda_allocator import configure_cuda_allocator
 from pipeline.tasks import task_for_data
 from pipeline.training.checkpoint import (
     CannotReshard,
@@ -118,6 +119,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     flops_per_item = task.flops_per_item(model, spec)  # before sharding: ZeRO-3 leaves empty parameters behind
     parameters = sum(p.numel() for p in model.parameters())  # tied weights once; the driver tags the run with it
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    allocator = configure_cuda_allocator(cfg.cluster.cuda_alloc_conf) if session.device.type == "cuda" else None
     precision = Precision(cfg.precision.dtype, session.device)
     fp8_layers = precision.prepare(model)  # fp8: the blocks' large Linear layers become torchao Float8Linear
     strategy = build_strategy(cfg.strategy, precision, session.device,
@@ -131,6 +133,8 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
                       "precision": precision.name + (f" ({fp8_layers} Float8Linear layers)" if fp8_layers else ""),
                       "activation_checkpointing": tr.activation_checkpointing,
                       "compile": tr.compile + (" (and the loss)" if tr.compile != "none" and tr.compile_loss else "")}
+    if allocator is not None:
+        implementation["cuda_allocator"] = allocator
     peak = device_peak(session.device, precision.name, tr.peak_tflops) if flops_per_item else None
     if peak is not None:
         # logged once; tagged on the MLflow run (impl.mfu_peak*) and a metric of it (train/peak_tflops)

@@ -104,6 +104,20 @@ def test_strategy_trains_on_cuda(built_data, tmp_path, fp32_ddp, name, dtype):
         assert implementation["optimizer"] == "torch AdamW (fused)", implementation  # optim.impl=auto on CUDA
     if "mfu_peak" in implementation:  # a GPU the table knows
         assert all(0 < h["mfu"] <= 1 for h in state.history)
+    # cluster.cuda_alloc_conf (expandable segments unless the environment says otherwise), recorded
+    assert implementation.get("cuda_allocator") == os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), implementation
+
+
+def test_training_maps_expandable_segments(built_data, tmp_path):
+    """`cluster.cuda_alloc_conf`'s default reaches the caching allocator even though the process
+    used CUDA before (this module's NCCL group): the segments a run maps are expandable."""
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True") != "expandable_segments:True":
+        pytest.skip("PYTORCH_CUDA_ALLOC_CONF is set to other settings here")
+    _, shards = built_data
+    _, implementation = run_loop(shards["lm"], tmp_path, ["strategy.name=ddp"])
+    assert implementation["cuda_allocator"] == "expandable_segments:True"
+    segments = torch.cuda.memory_snapshot()
+    assert any(s.get("is_expandable") for s in segments), [(s["total_size"], s.get("is_expandable")) for s in segments]
 
 
 def test_a_step_that_does_not_log_never_synchronises(built_data, tmp_path):
