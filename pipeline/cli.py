@@ -165,7 +165,7 @@ def _registry_command(args: argparse.Namespace) -> None:
     from pipeline.tracking.mlflow_runs import tracking_uri
 
     uri = args.tracking_uri or tracking_uri(load_config(args.params).tracking)
-    store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    store = Path(uri.removeprefix("sqlite:///").split("?")[0]) if uri.startswith("sqlite:///") else None
     if store is not None and not store.is_file():  # (MLflow would create an empty store to look in)
         raise FileNotFoundError(f"no tracking store at {uri}: nothing has been registered here yet (run `make repro` "
                                 "or `dvc repro` first, or pass --tracking-uri)")

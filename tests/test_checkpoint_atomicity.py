@@ -53,3 +53,22 @@ def test_atomic_dir_keeps_the_old_artifact_when_the_writer_dies(tmp_path):
         raise RuntimeError("killed mid-write")
     assert (target / "model.safetensors").read_text() == "v1"
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary left behind
+
+
+def test_atomic_file_gets_the_mode_a_plain_write_gives(tmp_path):
+    """An atomically written file (params.yaml from `pipeline compose`, metrics, records) is
+    readable as a plain write would leave it: not mkstemp's private 0600."""
+    import os
+
+    from pipeline.atomic import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "params.yaml", "seed: 1\n")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.yaml", "seed: 1\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "params.yaml").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.yaml").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "params.yaml").read_text() == "seed: 1\n"

@@ -219,6 +219,12 @@ def test_damaged_params_path_and_override_values_are_named(tmp_path):
         with pytest.raises(ConfigError, match=pattern):
             apply_overrides(tiny_raw(), [override])
     assert apply_overrides(tiny_raw(), ["tasks.lm.optim.lr=0.5"])["tasks"]["lm"]["optim"]["lr"] == 0.5
+    from pipeline.config.loading import read_yaml  # anchors and merge keys a user wrote stay legal
+
+    merged = tmp_path / "anchors.yaml"
+    merged.write_text("base: &b {a: 1, b: 2}\nderived: {<<: *b, b: 3}\nx: &x {p: 1}\nboth: {<<: [*x, *b]}\n")
+    assert read_yaml(merged) == {"base": {"a": 1, "b": 2}, "derived": {"a": 1, "b": 3}, "x": {"p": 1},
+                                 "both": {"p": 1, "a": 1, "b": 2}}
 
 
 def test_damaged_cli_input_is_one_line_and_changes_nothing(tmp_path):
@@ -235,9 +241,11 @@ def test_damaged_cli_input_is_one_line_and_changes_nothing(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_raw()))
 
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "RAY_ADDRESS")}
+
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              text=True, timeout=180, env={**env, "PYTHONPATH": str(ROOT)})
 
     small = run("plan", "lm", "--params", str(params), "--device-memory", "1MiB", "--workers", "2",
                 "strategy.name=fsdp")  # (the override after the options)

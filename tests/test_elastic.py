@@ -42,7 +42,7 @@ def test_elastic_range_is_checked_before_any_worker():
         ("cluster.num_workers=4", "cluster.min_workers=2", "parallel.tp=2"): r"parallel.tp/parallel.pp > 1",
     }
     for overrides, message in cases.items():
-        raw = tiny_raw(list(overrides))
+        raw = tiny_raw([o for o in overrides if o != "strategy=horovod"])  # (a config group: set below)
         if "strategy=horovod" in overrides:
             raw["strategy"] = {"name": "horovod", "backend": "gloo"}
         with pytest.raises(Exception, match=message) as err:

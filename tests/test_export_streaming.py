@@ -296,6 +296,7 @@ def _gather_rank(rank: int, world: int) -> dict:
         "1-d": (torch.randn(7, generator=g), Shard(0)),
         "columns (all-gathered)": (torch.randn(4, 6, generator=g), Shard(1)),
         "replicated": (torch.randn(3, generator=g), Replicate()),
+        "zero-width rows": (torch.randn(5, 0, generator=g), Shard(0)),
     }
     out = {}
     for name, (t, placement) in cases.items():
@@ -317,4 +318,4 @@ def test_export_gathers_each_tensor_on_rank_0_only():
 
     for rank, result in enumerate(run_group(_gather_rank, 2)):
         assert all(result.values()), (rank, result)
-        assert len(result) == 7
+        assert len(result) == 8

@@ -88,7 +88,7 @@ def test_planner_plans_both_diffusion_models_and_traces_them_as_real_tensors(kin
 
     raw = tiny_raw()
     if kind == "unet":
-        raw["tasks"]["diffusion"]["model"] = {"kind": "unet", "preset": "unet_tiny",
+        raw["tasks"]["diffusion"]["model"] = {"kind": "unet", "preset": "custom",  # (UNetConfig's defaults)
                                               "diffusion": raw["tasks"]["diffusion"]["model"]["diffusion"]}
     cfg = validate(raw)
     tcfg = cfg.task("diffusion")
@@ -123,28 +123,42 @@ def test_planner_plans_both_diffusion_models_and_traces_them_as_real_tensors(kin
     assert [format_count(n) for n in (999, 38_512, 1_300_000, 1_316_000_000)] == ["999", "38.5K", "1.3M", "1.32B"]
 
 
-@pytest.mark.parametrize(("strategy", "where", "sharded"), [
-    (["strategy.name=ddp"], "device", False), (["strategy.name=fsdp"], "device", True),
-    (["strategy.name=deepspeed", "strategy.zero_stage=2"], "device", False),
-    (["strategy.name=deepspeed", "strategy.zero_stage=3"], "device", True),
-    (["strategy.name=deepspeed", "strategy.zero_stage=3", "strategy.offload_optimizer=true"], "host", True)])
-def test_planner_counts_the_ema_copy_where_the_loop_keeps_it(strategy, where, sharded):
+@pytest.mark.parametrize(("task", "strategy", "sharded"), [
+    ("diffusion", ["strategy.name=ddp"], False), ("diffusion", ["strategy.name=fsdp"], True),
+    ("diffusion", ["strategy.name=deepspeed", "strategy.zero_stage=2"], False),
+    ("diffusion", ["strategy.name=deepspeed", "strategy.zero_stage=3"], True),
+    ("diffusion", ["strategy.name=deepspeed", "strategy.zero_stage=3", "strategy.offload_optimizer=true"], True),
+    ("lm", ["strategy.name=ddp", "tasks.lm.model.tie_weights=true"], False)])
+def test_planner_counts_the_ema_copy_where_the_loop_keeps_it(task, strategy, sharded):
     """trainer.ema_decay > 0 (the diffusion task's default): the loop keeps an fp32 copy of its
-    rank's weights (`EMA(strategy.ema_source())`), whole or as sharded as the strategy's, in host
-    memory when ZeRO-3 offloads its fp32 master partition. The planner left it out, and every
-    DiT row of the measured-peaks test below was 10-15% under."""
+    rank's weights (`EMA(strategy.ema_source())`), one clone per state-dict entry (a tied
+    embedding twice), whole or as sharded as the strategy's, on the device even when ZeRO-3
+    offloads its optimizer (DeepSpeed hands the partitions over as device copies, made again at
+    each update: a second copy at the step). The planner left it out, and every DiT row of the
+    measured-peaks test below was 10-15% under."""
     from pipeline.distributed.planner import format_plan, plan
+    from pipeline.distributed.planner.planning import _evaluator
+    from pipeline.distributed.planner.trace import spec_for_planning
+    from pipeline.tasks import task_for_data
+
+    def config(decay: float):
+        return validate(tiny_raw([*strategy, f"tasks.{task}.trainer.ema_decay={decay}"]))
 
     def planned(decay: float):
-        cfg = validate(tiny_raw([*strategy, f"tasks.diffusion.trainer.ema_decay={decay}"]))
-        return plan(cfg, "diffusion", workers=2, target="cpu", micro_batch=4, suggest=False)
+        return plan(config(decay), task, workers=2, target="cuda", micro_batch=4, suggest=False)
 
     off, on = planned(0.0), planned(0.995)
-    params = on.num_params
-    copy = 4 * (-(-params // 2) if sharded else params)
-    assert off.device.ema == off.host.ema == 0
-    assert getattr(on, where).ema == copy and getattr(on, "host" if where == "device" else "device").ema == 0
-    assert getattr(on, where).total - getattr(off, where).total == copy
+    tcfg = config(0.995).task(task)
+    with torch.device("meta"):
+        model = task_for_data(tcfg.data.kind).build(spec_for_planning(tcfg))
+    entries = sum(t.numel() for t in model.state_dict().values())
+    assert (entries > on.num_params) == (task == "lm")  # the tied embedding, under two names
+    copy = 4 * (-(-entries // 2) if sharded else entries)
+    assert off.device.ema == off.host.ema == 0 and on.host.ema == 0
+    assert on.device.ema == copy and on.device.total - off.device.total == copy
+    offload = "strategy.offload_optimizer=true" in strategy
+    step = _evaluator(config(0.995), task, 2, "cuda", None)[0].layout.step
+    assert step.ema == (copy if offload else 0)
     assert "EMA weights" in format_plan(on) and "EMA weights" not in format_plan(off)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges, it is no key of its own
+            continue
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, Hashable):
+            continue  # (a complex key: the mapping's own constructor says what is wrong with it)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
@@ -71,9 +75,10 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
-def read_yaml(path: Path) -> Any:
+def read_yaml(path: Path, empty_hint: str = "") -> Any:
     """A YAML file's content; every way it can be unreadable (missing, a directory, not UTF-8,
-    not YAML, empty, a duplicated key) is a one-line `ConfigError` naming the file."""
+    not YAML, empty, a duplicated key) is a one-line `ConfigError` naming the file;
+    `empty_hint` says what to do about an empty one."""
     if path.is_dir():
         raise ConfigError(f"config file '{path}' is a directory, not a YAML file")
     if not path.is_file():
@@ -87,7 +92,7 @@ def read_yaml(path: Path) -> Any:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     if raw is None:
-        raise ConfigError(f"{path} is empty (run `pipeline compose` to write a full config)")
+        raise ConfigError(f"{path} is empty" + (f" ({empty_hint})" if empty_hint else ""))
     return raw
 
 
@@ -144,7 +149,7 @@ def _resolve_task(name: str, task: Any) -> Any:
 def load_config(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()) -> PipelineConfig:
     """Read params.yaml (or another file), apply overrides and validate."""
     path = Path(path)
-    raw = read_yaml(path)
+    raw = read_yaml(path, "run `pipeline compose` to write a full config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return validate(apply_overrides(raw, overrides))

@@ -12,6 +12,7 @@ Collective methods (marked so) must be called on every rank in the same order.
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -223,24 +224,41 @@ class Strategy(ABC):
         return t.tolist()
 
 
-def gather_rows(local: torch.Tensor, rows: list[int], ranks: list[int]) -> torch.Tensor | None:
-    """Concatenate along dim 0 the pieces `ranks` hold (`rows[i]` rows on `ranks[i]`; this
-    rank's is `local`) on the first of them, which gets the whole tensor (the others None).
-    Point to point into slices of one preallocated tensor: the receiver holds the whole tensor
-    once and the senders nothing more, where an all-gather gives every rank the whole tensor
-    (and gloo's all-gather a second, internal copy of it). Collective over `ranks`."""
-    me = dist.get_rank()
-    if me != ranks[0]:
+def gather_rows(local: torch.Tensor, rows: list[int], ranks: list[int],
+                group: dist.ProcessGroup | None = None) -> torch.Tensor | None:
+    """Concatenate along dim 0 the pieces `ranks` hold (`rows[i]` rows on `ranks[i]`, laid out as
+    `torch.chunk` lays them: every piece but the last ones `max(rows)` long; this rank's is
+    `local`) on the first of them, which gets the whole tensor (the others None). Collective over
+    `group` (the default group when None), whose ranks are `ranks` in order.
+
+    Into one preallocated tensor: the receiver holds the whole tensor once and the senders
+    nothing more, where an all-gather gives every rank the whole tensor (and gloo's all-gather
+    a second, internal copy of it). Under gloo, point to point (on CPU: gloo sends no CUDA
+    tensors); under NCCL, one `gather` of pieces padded to one length, which runs on the group's
+    own communicator (separate sends would open a communicator per pair of ranks)."""
+    me, first = dist.get_rank(), ranks[0]
+    per_row = math.prod(local.shape[1:])  # (the same on every rank)
+    if dist.get_backend(group) == "nccl":
+        chunk = max(rows)
+        if local.shape[0] < chunk:
+            local = torch.cat([local, local.new_zeros((chunk - local.shape[0], *local.shape[1:]))])
+        whole = torch.empty((chunk * len(ranks), *local.shape[1:]), dtype=local.dtype,
+                            device=local.device) if me == first else None
+        dist.gather(local.contiguous(), list(whole.split(chunk)) if whole is not None else None, dst=first,
+                    group=group)
+        return whole[:sum(rows)] if whole is not None else None
+    local = local.cpu()
+    if me != first:
         if local.numel():
-            dist.send(local.contiguous(), dst=ranks[0])
+            dist.send(local.contiguous(), dst=first, group=group)
         return None
-    whole = torch.empty((sum(rows), *local.shape[1:]), dtype=local.dtype, device=local.device)
+    whole = torch.empty((sum(rows), *local.shape[1:]), dtype=local.dtype)
     start = 0
     for rank, n in zip(ranks, rows, strict=True):
-        if n and rank == me:
+        if n * per_row and rank == me:
             whole[start:start + n].copy_(local)
-        elif n:
-            dist.recv(whole[start:start + n], src=rank)
+        elif n * per_row:  # (the sender skips an empty piece: so does the receiver)
+            dist.recv(whole[start:start + n], src=rank, group=group)
         start += n
     return whole
 
@@ -258,7 +276,7 @@ def whole_on_first(v: Any) -> torch.Tensor | None:
         return whole if dist.get_rank() == 0 else None
     total, chunk = v.shape[0], -(-v.shape[0] // len(ranks))
     rows = [max(0, min(chunk, total - i * chunk)) for i in range(len(ranks))]
-    return gather_rows(v.to_local(), rows, ranks)
+    return gather_rows(v.to_local(), rows, ranks, mesh.get_group())
 
 
 def world_size() -> int:

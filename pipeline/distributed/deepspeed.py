@@ -173,12 +173,7 @@ class DeepSpeedStrategy(Strategy):
 
         first = not dist.is_initialized() or dist.get_rank() == 0
         parts = self._partitioned()
-        if state is None and parts:
-            from deepspeed.utils import safe_get_local_fp32_param
-
-            state = {k: safe_get_local_fp32_param(parts[k]) if k in parts else v.detach()
-                     for k, v in self.engine.module.state_dict(keep_vars=True).items()}
-        if state is None:
+        if state is None and not parts:  # ZeRO 0-2: whole parameters, DeepSpeed's gather of the fp32 master
             from deepspeed.utils import safe_get_full_fp32_param
 
             for k, v in self.engine.module.state_dict(keep_vars=True).items():
@@ -187,16 +182,37 @@ class DeepSpeedStrategy(Strategy):
                 yield k, whole.float().cpu() if first else None
                 del master, whole  # before the next gather: one whole tensor at a time
             return
+        weights = state is None
+        if weights:  # ZeRO-3's weights: each parameter's fp32 partition, taken when its turn comes
+            state = self.engine.module.state_dict(keep_vars=True)
         for k, v in state.items():
             if k not in parts:
                 yield k, v.detach().float().cpu() if first else None
                 continue
-            world = dist.get_world_size()  # (partitions are padded to one length on every rank)
-            # (on the backend's device: an offloaded optimizer keeps its fp32 partitions in host memory)
-            pieces = gather_rows(v.detach().to(self.device), [v.numel()] * world, list(range(world)))
-            p = parts[k]
-            yield k, pieces[: p.ds_numel].view(p.ds_shape).float().cpu() if pieces is not None else None
-            del pieces
+            yield k, self._whole_parameter(parts[k], first) if weights else self._whole(v, parts[k])
+
+    def _whole_parameter(self, p: nn.Parameter, first: bool) -> torch.Tensor | None:
+        """One ZeRO-3 parameter whole on rank 0 (None elsewhere), in fp32: its fp32 master partition
+        from every rank; a frozen parameter, which has no master, gathered by DeepSpeed in the
+        dtype it trains in. Collective."""
+        from deepspeed import zero
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        local = safe_get_local_fp32_param(p)
+        if local is None:
+            with zero.GatheredParameters([p]):
+                return p.detach().float().cpu() if first else None
+        return self._whole(local, p)
+
+    def _whole(self, partition: torch.Tensor, p: nn.Parameter) -> torch.Tensor | None:
+        """The parameter `p` whole on rank 0 (None elsewhere) from every rank's `partition` of it
+        (1-d, padded to one length on every rank), sent to rank 0 (`gather_rows`). On the
+        backend's device: an offloaded optimizer keeps its fp32 partitions in host memory."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        pieces = gather_rows(partition.detach().to(self.device), [partition.numel()] * world, list(range(world)))
+        return pieces[: p.ds_numel].view(p.ds_shape).float().cpu() if pieces is not None else None
 
     # ---------------------------------------------------------------- checkpoints
     def _extra_file(self, directory: Path) -> Path:

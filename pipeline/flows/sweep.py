@@ -164,7 +164,7 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
 
     if num_samples is not None and num_samples < 1:
         raise ConfigError(f"--trials: must be at least 1 (got {num_samples})")
-    base = read_yaml(params)
+    base = read_yaml(params, "run `pipeline compose` to write a full config")
     cfg = validate(base)
     cfg.task(task)
     sweep = load_sweep(sweep_file)

@@ -186,21 +186,24 @@ def _layout(cfg: PipelineConfig, facts: ModelFacts, workers: int, optim: OptimCo
             ema: bool = False) -> _Layout:
     """Per-rank bytes of one strategy (`_state_layout`), with the EMA's copy of the weights when
     `ema` (trainer.ema_decay > 0). The loop averages `strategy.ema_source()` into fp32 clones on
-    its device: the whole state dict under DDP, Horovod and ZeRO-0/1/2 (whose lp module state
-    dict is cloned to fp32), this rank's shards under FSDP2 (DTensors) and its fp32 master
-    partition under ZeRO-3, which lives in host memory when the optimizer is offloaded.
-    Measured with the DiT on 2 ranks (benchmarks/planner.py, tests/test_planner.py): left out,
-    every row was under by about this copy (10-15%)."""
+    its device, one per state-dict entry (a tied weight twice): the whole state dict under DDP,
+    Horovod and ZeRO-0/1/2 (whose lp module state dict is cloned to fp32), this rank's shards
+    under FSDP2 (DTensors) and its fp32 master partition under ZeRO-3. With ZeRO-3's optimizer
+    offloaded that partition is in host memory, but DeepSpeed hands it over as a copy on the
+    device (`safe_get_local_fp32_param`), so the EMA is on the device, and each update makes
+    the copies of every partition again: a second copy at the step. Measured with the DiT on 2
+    ranks (benchmarks/planner.py, tests/test_planner.py): left out, every row was under by
+    about this copy (10-15%)."""
     layout = _state_layout(cfg, facts, workers, optim, target)
     if not ema:
         return layout
-    s, P, N = cfg.strategy, facts.params, workers
+    s, N = cfg.strategy, workers
+    entries = facts.state_numel or facts.params
     sharded = isinstance(s, FSDPConfig) or (isinstance(s, DeepSpeedConfig) and s.zero_stage == 3)
-    copy = (math.ceil(P / N) if sharded else P) * 4
+    copy = (math.ceil(entries / N) if sharded else entries) * 4
+    layout.static.ema += copy
     if isinstance(s, DeepSpeedConfig) and s.zero_stage == 3 and s.offload_optimizer:
-        layout.host.ema += copy
-    else:
-        layout.static.ema += copy
+        layout.step.ema += copy
     return layout
 
 

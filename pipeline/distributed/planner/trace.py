@@ -47,6 +47,9 @@ class ModelFacts:
     small_params: int  # parameters of at most ZERO3_PERSISTENCE_THRESHOLD elements (ZeRO-3 keeps them whole)
     param_numels: tuple[int, ...]  # every (unique) parameter, indexed as in `module_calls`
     module_calls: tuple[tuple[int, ...], ...]  # forward order of module calls that own parameters
+    # elements of the state dict's entries: a tied weight under each of its names, persistent
+    # buffers too (what an EMA of the state dict clones); 0 = `params`
+    state_numel: int = 0
 
     @property
     def largest_block(self) -> int:
@@ -63,7 +66,8 @@ def merge_facts(parts: list[ModelFacts]) -> ModelFacts:
         matrix_params=sum(f.matrix_params for f in parts), small_params=sum(f.small_params for f in parts),
         param_numels=tuple(n for f in parts for n in f.param_numels),
         module_calls=tuple(tuple(int(o) + i for i in call) for f, o in zip(parts, offsets, strict=False)
-                           for call in f.module_calls))
+                           for call in f.module_calls),
+        state_numel=sum(f.state_numel or f.params for f in parts))
 
 
 def spec_for_planning(tcfg: TaskConfig, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -309,6 +313,7 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
             small_params=sum(n for n in numels if n <= ZERO3_PERSISTENCE_THRESHOLD),
             param_numels=numels,
             module_calls=tuple(calls_forward),
+            state_numel=sum(t.numel() for t in model.state_dict().values()),
         )
     return facts, trace
 
