@@ -1,11 +1,12 @@
 """torch.compile (`trainer.compile`) on CPU with inductor, against eager, on 2 real gloo ranks.
 
-One spawned group of 2 DDP ranks trains, in order: the GPT eagerly and with compile=blocks (10
-fp32 steps, a checkpoint at step 5), a resume of the compiled run from that checkpoint, the GPT
-with compile=model, then the DiT eagerly and with compile=blocks. Compiled code is shared inside
-each process (the resumed run compiles nothing new), so the whole file costs about one GPT, one
-whole-GPT and one DiT compilation per rank. The tests compare per-step losses (within 1e-5
-relative), resumed against uninterrupted weights, state-dict keys, and the reported compile time.
+One spawned group of 2 ranks trains, in order: the GPT under DDP eagerly and with compile=blocks
+(10 fp32 steps, a checkpoint at step 5), a resume of the compiled run from that checkpoint, the GPT
+with compile=model, the DiT eagerly and with compile=blocks, then the GPT eagerly and with
+compile=blocks under FSDP2 with whole-block activation checkpointing and under DeepSpeed ZeRO-2.
+Compiled code is shared inside each process (the resumed run compiles nothing new). The tests
+compare per-step losses (within 1e-5 relative), resumed against uninterrupted weights, state-dict
+keys, and the reported compile time.
 """
 
 from __future__ import annotations
@@ -23,15 +24,19 @@ from tests.conftest import tiny_raw
 STEPS = ["log_every=1", "ckpt_every=5", "keep_last_k=5", "prefetch_batches=0", "max_steps=10", "ema_decay=0"]
 LM = [f"tasks.lm.trainer.{s}" for s in STEPS]
 DIT = [f"tasks.diffusion.trainer.{s}" for s in STEPS]
-RUNS = {  # name -> (task, trainer.compile)
-    "lm_eager": ("lm", "none"), "lm_blocks": ("lm", "blocks"), "lm_model": ("lm", "model"),
-    "dit_eager": ("diffusion", "none"), "dit_blocks": ("diffusion", "blocks"),
+FSDP_AC = ["strategy.name=fsdp", "tasks.lm.trainer.activation_checkpointing=full"]
+ZERO2 = ["strategy.name=deepspeed", "strategy.zero_stage=2"]
+RUNS = {  # name -> (task, trainer.compile, further overrides)
+    "lm_eager": ("lm", "none", []), "lm_blocks": ("lm", "blocks", []), "lm_model": ("lm", "model", []),
+    "dit_eager": ("diffusion", "none", []), "dit_blocks": ("diffusion", "blocks", []),
+    "fsdp_ac_eager": ("lm", "none", FSDP_AC), "fsdp_ac_blocks": ("lm", "blocks", FSDP_AC),
+    "zero2_eager": ("lm", "none", ZERO2), "zero2_blocks": ("lm", "blocks", ZERO2),
 }
 
 
-def _raw(task: str, mode: str) -> dict:
+def _raw(task: str, mode: str, extra: list[str]) -> dict:
     key = "lm" if task == "lm" else "diffusion"
-    return tiny_raw((LM if task == "lm" else DIT) + [f"tasks.{key}.trainer.compile={mode}"])
+    return tiny_raw((LM if task == "lm" else DIT) + [f"tasks.{key}.trainer.compile={mode}", *extra])
 
 
 def _group(rank: int, world: int, raws: dict, shards: dict, root: str) -> dict:
@@ -50,14 +55,15 @@ def _group(rank: int, world: int, raws: dict, shards: dict, root: str) -> dict:
     from pipeline.training.session import LocalSession
 
     def run(name: str, key: str) -> dict:
-        task, _ = RUNS[key]
+        task = RUNS[key][0]
         session = LocalSession(Path(root) / name, rank=rank, world=world)
         state = train(validate(raws[key]), task, Path(shards[task]), session)
         out = {"history": state.history}
         if rank == 0:
             with session.latest_checkpoint() as ckpt:
                 out["weights"] = load_file(str(ckpt / "model.safetensors"))
-                out["state_keys"] = sorted(torch.load(ckpt / STATE, weights_only=True)["model"])
+                if (ckpt / STATE).exists():  # (FSDP2 and DeepSpeed write sharded checkpoints)
+                    out["state_keys"] = sorted(torch.load(ckpt / STATE, weights_only=True)["model"])
         return out
 
     out = {name: run(name, name) for name in ("lm_eager", "lm_blocks")}
@@ -66,7 +72,8 @@ def _group(rank: int, world: int, raws: dict, shards: dict, root: str) -> dict:
         shutil.copytree(src, Path(root) / "lm_resumed" / src.name)
     torch.distributed.barrier()
     out["lm_resumed"] = run("lm_resumed", "lm_blocks")
-    for name in ("lm_model", "dit_eager", "dit_blocks"):
+    for name in ("lm_model", "dit_eager", "dit_blocks", "fsdp_ac_eager", "fsdp_ac_blocks", "zero2_eager",
+                 "zero2_blocks"):
         out[name] = run(name, name)
     return out if rank == 0 else {}
 
@@ -76,7 +83,7 @@ def runs(built_data, tmp_path_factory):
     from pipeline.runtime.local_group import run_group
 
     _, shards = built_data
-    raws = {name: _raw(task, mode) for name, (task, mode) in RUNS.items()}
+    raws = {name: _raw(*spec) for name, spec in RUNS.items()}
     root = tmp_path_factory.mktemp("compile")
     return run_group(_group, 2, raws, {k: str(v) for k, v in shards.items()}, str(root))[0]
 
@@ -103,6 +110,17 @@ def test_compile_blocks_dit_losses_equal_eager(runs):
     _assert_close(runs["dit_eager"], runs["dit_blocks"], "DiT, compile=blocks", weights=False)
 
 
+def test_compile_blocks_gpt_losses_equal_eager_under_fsdp2_with_checkpointing(runs):
+    """FSDP2 with whole-block activation checkpointing: each checkpointed block compiled (the
+    recomputation inside the graph) before `fully_shard`, against the same eager run."""
+    _assert_close(runs["fsdp_ac_eager"], runs["fsdp_ac_blocks"], "GPT, FSDP2 + full AC, compile=blocks")
+
+
+def test_compile_blocks_gpt_losses_equal_eager_under_zero2(runs):
+    """DeepSpeed ZeRO-2 takes the module compiled in place (the configuration allows 0-2)."""
+    _assert_close(runs["zero2_eager"], runs["zero2_blocks"], "GPT, ZeRO-2, compile=blocks")
+
+
 def test_compile_model_gpt_losses_equal_eager(runs):
     _assert_close(runs["lm_eager"], runs["lm_model"], "GPT, compile=model")
 
@@ -126,12 +144,14 @@ def test_compile_keeps_state_dict_keys(runs):
 
 def test_compile_time_reported_once(runs):
     """`compile_s` (the first step, compilation included) is in the first history entry only."""
-    for name in ("lm_blocks", "lm_model", "dit_blocks", "lm_resumed"):
+    for name in ("lm_blocks", "lm_model", "dit_blocks", "lm_resumed", "fsdp_ac_blocks", "zero2_blocks"):
         timed = [h for h in runs[name]["history"] if "compile_s" in h]
         assert len(timed) == (2 if name == "lm_resumed" else 1), name  # resumed: the original run's and its own
         assert timed[-1]["compile_s"] > 0
-    assert timed[0]["step"] == 1 and timed[1]["step"] == 6
-    assert not any("compile_s" in h for h in runs["lm_eager"]["history"])
+    resumed = [h["step"] for h in runs["lm_resumed"]["history"] if "compile_s" in h]
+    assert resumed == [1, 6]
+    for name in ("lm_eager", "fsdp_ac_eager", "zero2_eager"):
+        assert not any("compile_s" in h for h in runs[name]["history"]), name
 
 
 def test_compile_refused_where_it_cannot_run(monkeypatch):
