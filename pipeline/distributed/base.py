@@ -50,6 +50,9 @@ class Strategy(ABC):
     # Why a checkpoint of this backend cannot be loaded by another number of ranks (None: it can,
     # so a run resumes at any worker count; pipeline/config/elastic.py).
     reshard_limit: str | None = None
+    # Whether FSDP2 all-gathers the weights before each use (so fp8 weights can travel in float8,
+    # `Precision.prepare`); such a strategy calls `precision.after_step` after each step.
+    gathers_weights: bool = False
 
     def __init__(self, cfg: Any, precision: Precision, device: torch.device, settings: StepSettings) -> None:
         self.cfg = cfg

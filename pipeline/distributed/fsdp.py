@@ -31,6 +31,7 @@ from pipeline.distributed.units import repeated_blocks
 
 class FSDPStrategy(Strategy):
     name = "fsdp"
+    gathers_weights = True
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -80,6 +81,7 @@ class FSDPStrategy(Strategy):
         norm = grad_norm_and_clip([p for p in self.model.parameters() if p.grad is not None], max_norm)
         stepped = self.precision.step(self.optimizer, norm)
         self.optimizer.zero_grad(set_to_none=True)
+        self.precision.after_step(self.model)
         return norm, stepped
 
     def save(self, directory: Path, extra: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ the host, once per step (`guarded_step`; under fp16, torch's GradScaler does the
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -30,19 +31,40 @@ class Precision:
     fp8: bf16 autocast plus torchao float8 training of the blocks' Linear layers (`prepare`).
     The config admits only known names (`PrecisionConfig.dtype`)."""
 
-    def __init__(self, dtype: str, device: torch.device) -> None:
-        if dtype == "fp8":
+    def __init__(self, dtype: str, device: torch.device, fp8_emulate: bool = False,
+                 fp8_all_gather: bool = False) -> None:
+        if dtype == "fp8" and not fp8_emulate:
             check_fp8_device(device)
         self.name, self.dtype, self.device = dtype, DTYPES[dtype], device
         self.scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
+        self.fp8_emulate, self.fp8_all_gather = fp8_emulate, fp8_all_gather
+        self._precompute_scales = False  # set by `prepare` when float8 weights are all-gathered
 
-    def prepare(self, model: nn.Module) -> int:
+    def prepare(self, model: nn.Module, gathers_weights: bool = False) -> int:
         """Apply what the precision changes in the model itself, from outside it, before the
         strategy wraps it (on the meta device is fine): under fp8, swap the blocks' eligible
-        Linear layers for torchao's Float8Linear. Returns how many layers were converted."""
+        Linear layers for torchao's Float8Linear. `gathers_weights`: the strategy all-gathers
+        weights with FSDP2 before each use (`Strategy.gathers_weights`), so under
+        `fp8_all_gather` they travel in float8. Returns how many layers were converted."""
         if self.name != "fp8":
             return 0
-        return convert_to_fp8(model)
+        self._precompute_scales = self.fp8_all_gather and gathers_weights
+        return convert_to_fp8(model, emulate=self.fp8_emulate, all_gather=self._precompute_scales)
+
+    def describe(self, fp8_layers: int) -> str:
+        """One line for the log and MLflow (`impl.precision`)."""
+        if self.name != "fp8":
+            return self.name
+        how = ", emulated" if self.fp8_emulate else ""
+        how += ", float8 all-gather" if self._precompute_scales else ""
+        return f"fp8 ({fp8_layers} Float8Linear layers{how})"
+
+    def after_step(self, model: nn.Module) -> None:
+        """After each optimizer step, under float8 all-gather: every converted weight's scale for
+        the next forward, from one all-reduce of all their amaxes (without it each layer's
+        all-gather would first all-reduce its own amax)."""
+        if self._precompute_scales:
+            torchao_float8().precompute_float8_dynamic_scale_for_fsdp(model)
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         if self.dtype == torch.float32:
@@ -176,11 +198,12 @@ def check_fp8(cfg: Any, use_gpu: bool) -> None:
         raise ValueError(f"precision.dtype: fp8 runs with strategy ddp or fsdp (got {cfg.strategy.name})")
     if cfg.parallel.tp > 1:
         raise ValueError("precision.dtype: fp8 cannot combine with parallel.tp > 1 (use bf16)")
-    if not use_gpu:
-        raise ValueError(FP8_DEVICE_ERROR.format(what="this run trains on CPUs (cluster.use_gpu is false)"))
+    if not use_gpu and not cfg.precision.fp8_emulate:
+        raise ValueError(FP8_DEVICE_ERROR.format(what="this run trains on CPUs (cluster.use_gpu is false)")
+                         + ", or precision.fp8_emulate=true to check its numerics")
     if importlib.util.find_spec("torchao") is None:
         raise ValueError("precision.dtype: fp8 needs torchao (pip install torchao, or the project's [gpu] extra)")
-    if torch.cuda.is_available() and (why := fp8_unavailable()) is not None:
+    if use_gpu and not cfg.precision.fp8_emulate and torch.cuda.is_available() and (why := fp8_unavailable()):
         raise ValueError(why)
 
 
@@ -206,11 +229,32 @@ def fp8_module_filter(model: nn.Module) -> Callable[[nn.Module, str], bool]:
     return keep_fp8
 
 
-def convert_to_fp8(model: nn.Module) -> int:
+def convert_to_fp8(model: nn.Module, emulate: bool = False, all_gather: bool = False) -> int:
     """Swap the filtered Linear layers for torchao's Float8Linear (tensorwise dynamic scaling),
-    in place; weights keep their identity, so a meta-device model converts before sharding."""
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-    from torchao.float8.float8_linear import Float8Linear
+    in place; weights keep their identity, so a meta-device model converts before sharding.
+    `emulate`: torchao's emulated GEMM (any device); `all_gather`: the weights become torchao's
+    float8-castable tensor, which FSDP2 all-gathers in float8."""
+    float8 = torchao_float8()
+    config = float8.Float8LinearConfig(emulate=emulate, enable_fsdp_float8_all_gather=all_gather)
+    float8.convert_to_float8_training(model, config=config, module_filter_fn=fp8_module_filter(model))
+    return sum(isinstance(m, float8.float8_linear.Float8Linear) for m in model.modules())
 
-    convert_to_float8_training(model, config=Float8LinearConfig(), module_filter_fn=fp8_module_filter(model))
-    return sum(isinstance(m, Float8Linear) for m in model.modules())
+
+def torchao_float8() -> Any:
+    """`torchao.float8`. On a CPU-only torch build its import warns, once per process, that each
+    of torchao's CUDA kernel libraries failed to load; those kernels cannot run there anyway, so
+    those warnings are dropped (on a CUDA build they stay: a kernel that fails to load matters)."""
+    import logging
+
+    if torch.version.cuda is not None or "torchao" in sys.modules:
+        import torchao.float8
+
+        return torchao.float8
+    logger = logging.getLogger("torchao")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torchao.float8
+    finally:
+        logger.setLevel(level)
+    return torchao.float8

@@ -120,17 +120,18 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     parameters = sum(p.numel() for p in model.parameters())  # tied weights once; the driver tags the run with it
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     allocator = configure_cuda_allocator(cfg.cluster.cuda_alloc_conf) if session.device.type == "cuda" else None
-    precision = Precision(cfg.precision.dtype, session.device)
-    fp8_layers = precision.prepare(model)  # fp8: the blocks' large Linear layers become torchao Float8Linear
+    precision = Precision(cfg.precision.dtype, session.device, cfg.precision.fp8_emulate, cfg.precision.fp8_all_gather)
     strategy = build_strategy(cfg.strategy, precision, session.device,
                               StepSettings(micro, tr.grad_accum_steps, tr.grad_clip,
                                            (tr.activation_checkpointing, tr.ac_selective, tr.ac_every_k), tr.compile),
                               cfg.parallel)
+    # fp8: the blocks' large Linear layers become torchao Float8Linear (before the strategy wraps them)
+    fp8_layers = precision.prepare(model, strategy.gathers_weights)
     pretrained = getattr(tcfg.model, "init_from", None)  # a Hugging Face checkpoint (its config set the model)
     strategy.init_from = weights_file(tr.init_from or pretrained) if tr.init_from or pretrained else None
     strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
     implementation = {"strategy": strategy.describe(), "optimizer": describe_optimizer(strategy.optimizer),
-                      "precision": precision.name + (f" ({fp8_layers} Float8Linear layers)" if fp8_layers else ""),
+                      "precision": precision.describe(fp8_layers),
                       "activation_checkpointing": tr.activation_checkpointing,
                       "compile": tr.compile + (" (and the loss)" if tr.compile != "none" and tr.compile_loss else "")}
     if allocator is not None:

@@ -120,8 +120,22 @@ class ParallelConfig(Strict):
 
 class PrecisionConfig(Strict):
     # fp8: torchao float8 training of the blocks' large Linear layers, bf16 elsewhere (GPUs of
-    # compute capability 8.9+; refused before training elsewhere)
+    # compute capability 8.9+; refused before training elsewhere, unless emulated)
     dtype: Literal["fp32", "bf16", "fp16", "fp8"] = "fp32"
+    # fp8 only: torchao's emulation (the same float8 casts and scales, each GEMM run in bf16 on
+    # the dequantised operands), on any device, CPUs included. For checking an fp8 run's numerics,
+    # checkpoints and layouts without float8 hardware; never faster than bf16.
+    fp8_emulate: bool = False
+    # fp8 under FSDP2: the converted layers' weights are all-gathered in float8 (half of bf16's
+    # bytes), their scales computed for all layers in one all-reduce after each optimizer step
+    # (torchtitan's enable_fsdp_float8_all_gather with precompute_float8_dynamic_scale_for_fsdp).
+    fp8_all_gather: bool = True
+
+    @model_validator(mode="after")
+    def _emulate_needs_fp8(self) -> PrecisionConfig:
+        if self.fp8_emulate and self.dtype != "fp8":
+            raise ValueError(f"precision.fp8_emulate=true needs precision.dtype=fp8 (got {self.dtype})")
+        return self
 
 
 class TrackingConfig(Strict):

@@ -246,7 +246,8 @@ def plan(cfg: PipelineConfig, task_name: str, workers: int | None = None, device
     target = target or ("cuda" if cfg.cluster.use_gpu else "cpu")
     if target not in ("cuda", "cpu"):
         raise ValueError(f"target: expected cuda or cpu (got {target!r})")
-    if cfg.precision.dtype == "fp8" and target == "cpu":  # the train stage refuses it: no plan for what cannot run
+    if cfg.precision.dtype == "fp8" and target == "cpu" and not cfg.precision.fp8_emulate:
+        # the train stage refuses it: no plan for what cannot run
         raise ValueError(FP8_DEVICE_ERROR.format(what="this plan's target is the CPU (plan a GPU with --target cuda, "
                                                       "or set cluster.use_gpu)"))
     if device_memory is None:
