@@ -36,6 +36,54 @@ def test_interrupted_write_leaves_the_previous_checkpoint_loadable(tmp_path):
         read_meta(root / "checkpoint_00000030")
 
 
+def test_rereport_stopped_mid_replace_keeps_a_complete_checkpoint(tmp_path, monkeypatch):
+    """A finished run run again reports its last checkpoint again, replacing the folder of the
+    same step. Stopped between moving the old copy aside and renaming the new one in, the next
+    start puts the old copy back (it had deleted it first, and then the new copy as stale)."""
+    from pathlib import Path
+
+    root = tmp_path / "run"
+    LocalSession(root).report({"step": 6}, _ckpt(tmp_path, 6))
+    rename = Path.rename
+
+    def stopped(self, target):
+        if self.name.endswith(".tmp"):
+            raise KeyboardInterrupt("stopped before the new copy got its name")
+        return rename(self, target)
+
+    (tmp_path / "again").mkdir()
+    again = _ckpt(tmp_path / "again", 6)
+    monkeypatch.setattr(Path, "rename", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        LocalSession(root).report({"step": 6}, again)
+    monkeypatch.setattr(Path, "rename", rename)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000006.old", "checkpoint_00000006.tmp"]
+    with LocalSession(root).latest_checkpoint() as latest:
+        assert latest == root / "checkpoint_00000006" and read_meta(latest)["step"] == 6
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000006"]
+    # stopped after the rename but before the old copy was dropped: the new one stays
+    (root / "checkpoint_00000006.old").mkdir()
+    with LocalSession(root).latest_checkpoint() as latest:
+        assert latest == root / "checkpoint_00000006"
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000006"]
+
+
+def test_ray_run_without_its_checkpoint_list_loses_no_complete_checkpoint(tmp_path, capsys):
+    """Ray Train's snapshot file missing: a folder holding the loop's meta.json is set aside (kept,
+    not resumed from) instead of deleted; one without it is a write cut short and goes."""
+    from pipeline.runtime.trainer import SET_ASIDE, SNAPSHOT, remove_unfinished
+
+    run = tmp_path / "run"
+    run.mkdir()
+    done = _ckpt(tmp_path, 6)
+    done.rename(run / "checkpoint_2026-12-06_00-00-01.000000")
+    (run / "checkpoint_2026-12-06_00-00-02.000000").mkdir()  # never got its meta.json
+    assert remove_unfinished(run, "lm") == ["checkpoint_2026-12-06_00-00-02.000000"]
+    assert sorted(p.name for p in run.iterdir()) == [f"checkpoint_2026-12-06_00-00-01.000000{SET_ASIDE}"]
+    out = capsys.readouterr().out
+    assert f"[lm] {run / SNAPSHOT} (Ray Train's list of checkpoints) is missing: set aside 1 checkpoint" in out
+
+
 def test_keep_last_k(tmp_path):
     root = tmp_path / "run"
     session = LocalSession(root, keep_last_k=2)

@@ -39,6 +39,7 @@ from pipeline.training.checkpoint import (
     nothing_intact,
     read_meta,
 )
+from pipeline.training.session import finish_interrupted_replace
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's registered checkpoints
 SET_ASIDE = ".damaged"
@@ -178,26 +179,39 @@ def _removed_line(task_name: str, run_dir: Path, removed: list[str]) -> None:
               f"({', '.join(sorted(removed))}): a write was cut short", flush=True)
 
 
-def remove_unfinished(run_dir: Path) -> list[str]:
+def remove_unfinished(run_dir: Path, task_name: str = "") -> list[str]:
     """Delete the checkpoint folders of a Ray run that Ray Train never registered: a write a
-    crash or a full disk cut short (Ray copies each rank's part straight under the final name)."""
+    crash or a full disk cut short (Ray copies each rank's part straight under the final name).
+
+    Without Ray's list at all (its snapshot file missing: the run stopped before its first
+    checkpoint was registered, or the file was lost), a folder that holds the loop's `meta.json`
+    may be a complete checkpoint: it is set aside (renamed, kept, not resumed from) rather than
+    deleted; folders without it are deleted."""
     registered = set()
     snapshot = run_dir / SNAPSHOT
-    if snapshot.is_file():
+    listed = snapshot.is_file()
+    if listed:
         try:
             registered = {e["checkpoint_dir_name"] for e in json.loads(snapshot.read_text())["checkpoint_results"]}
         except (ValueError, KeyError, TypeError):
             return []  # an unreadable list: touch nothing (`recover` names the file)
-    removed = []
+    removed, kept = [], []
     for p in sorted(run_dir.glob("checkpoint_*")):
         if p.is_dir() and p.name not in registered and not p.name.endswith(SET_ASIDE):
+            if not listed and (p / "meta.json").is_file():
+                kept.append(_set_aside(p))
+                continue
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
+    if kept:
+        print(f"[{task_name or 'train'}] {run_dir / SNAPSHOT} (Ray Train's list of checkpoints) is missing: set aside "
+              f"{len(kept)} checkpoint folder(s) it would have listed, not resumed from ({', '.join(kept)})",
+              flush=True)
     return removed
 
 
 def _recover_ray(run_dir: Path, task_name: str) -> Recovery:
-    found = Recovery(removed=remove_unfinished(run_dir))
+    found = Recovery(removed=remove_unfinished(run_dir, task_name))
     _removed_line(task_name, run_dir, found.removed)
     path = run_dir / SNAPSHOT
     if not path.is_file():
@@ -246,6 +260,7 @@ def _recover_steps(run_dir: Path, task_name: str) -> Recovery:
     import re
 
     found = Recovery()
+    finish_interrupted_replace(run_dir)
     for stale in sorted(run_dir.glob("checkpoint_*.tmp")):
         shutil.rmtree(stale, ignore_errors=True)
         found.removed.append(stale.name)

@@ -92,9 +92,15 @@ class LocalSession(_LiveSteps):
             raise
         self._barrier()
         if self.rank == 0:
+            # A checkpoint of this step already there (a finished run run again reports its last
+            # one again) is moved aside, not deleted, until the new copy is in place: a crash in
+            # between leaves a complete copy under one name or the other (`latest_checkpoint`).
+            aside = dest.with_name(dest.name + ".old")
             if dest.exists():
-                shutil.rmtree(dest)
+                shutil.rmtree(aside, ignore_errors=True)
+                dest.rename(aside)
             staging.rename(dest)
+            shutil.rmtree(aside, ignore_errors=True)
             if self.keep_last_k:
                 for old in self._complete()[:-self.keep_last_k]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -109,6 +115,7 @@ class LocalSession(_LiveSteps):
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
         if self.rank == 0 and self.root is not None and self.root.exists():
+            finish_interrupted_replace(self.root)
             for stale in self.root.glob("checkpoint_*.tmp"):  # a copy a crash interrupted
                 shutil.rmtree(stale, ignore_errors=True)
         found = self._complete()
@@ -121,6 +128,17 @@ class LocalSession(_LiveSteps):
         if damaged and self.rank == 0:
             print(fallback_line(damaged, read_meta(intact)["step"], intact), flush=True)
         yield intact
+
+
+def finish_interrupted_replace(root: Path) -> None:
+    """Undo what a stop in the middle of `LocalSession.report`'s replacement left: a checkpoint
+    moved aside (`.old`) whose new copy never got its name is put back; one that did is dropped."""
+    for aside in root.glob("checkpoint_*.old"):
+        dest = aside.with_name(aside.name[:-len(".old")])
+        if dest.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.rename(dest)
 
 
 class RaySession(_LiveSteps):
