@@ -402,3 +402,47 @@ if __name__ == "__main__":
         _full_disk(Path(sys.argv[2]), Path(sys.argv[3]))
     elif sys.argv[1] == "ray":
         _ray_rerun(Path(sys.argv[2]))
+
+
+def test_damaged_init_weights_are_named_before_any_run(tmp_path, built_data):
+    """`trainer.init_from` / `model.init_from` are checked by the train stage's driver before Ray,
+    MLflow or a run folder exist: a model folder against its checksums (a bit flip that keeps
+    the header readable trained silently before), a truncated safetensors file by its header,
+    a Hugging Face index that is not JSON or lists a missing file. One named error, no retries."""
+    from safetensors.torch import save_file
+
+    from pipeline.config import validate
+    from pipeline.flows.train import train_task
+    from pipeline.training.checkpoint import check_init_weights
+    from tests.conftest import tiny_raw
+
+    folder = tmp_path / "model"
+    write_model(folder, {"w": torch.arange(4096, dtype=torch.float32).reshape(64, 64)}, {"kind": "test"})
+    check_init_weights(folder, "k")  # intact
+    _flip(folder / WEIGHTS, 200)
+    with pytest.raises(DamagedFile, match=rf"{folder / WEIGHTS} is damaged \(its sha256 differs"):
+        check_init_weights(folder, "k")
+    single = tmp_path / "w.safetensors"
+    save_file({"w": torch.ones(64, 64)}, str(single))
+    _truncate(single)
+    with pytest.raises(DamagedFile, match=rf"{single} .*not a readable safetensors file"):
+        check_init_weights(single, "k")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors.index.json").write_text('{"weight_map": {"a": "part-1.safetensors",')
+    with pytest.raises(DamagedFile, match=r"model.safetensors.index.json .*not a safetensors index"):
+        check_init_weights(hf, "k")
+    (hf / "model.safetensors.index.json").write_text('{"weight_map": {"a": "part-1.safetensors"}}')
+    with pytest.raises(FileNotFoundError, match=r"^k: .*part-1.safetensors is missing \(listed in model.safetensors"):
+        check_init_weights(hf, "k")
+    with pytest.raises(FileNotFoundError, match=r"^k: .*nowhere does not exist"):
+        check_init_weights(tmp_path / "nowhere", "k")
+
+    _, shards = built_data
+    store = tmp_path / "store"
+    cfg = validate(tiny_raw([f"tasks.lm.trainer.init_from={folder}", f"cluster.storage_path={store}",
+                             f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}"]))
+    with pytest.raises(DamagedFile, match=rf"{folder / WEIGHTS} is damaged"):
+        train_task(cfg, "lm", shards["lm"], tmp_path / "out", tmp_path / "metrics")
+    assert not store.exists() and not (tmp_path / "mlruns.db").exists() and not (tmp_path / "out").exists()

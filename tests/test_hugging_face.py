@@ -71,6 +71,10 @@ def test_hugging_face_config_json_sets_the_gpt_architecture(llama, text_corpus):
     ({"head_dim": 32}, "head_dim is 32 differs"),
     ({"hidden_act": "gelu"}, "hidden_act is 'gelu'"),
     ({"num_hidden_layers": None}, "has no num_hidden_layers"),
+    ({"num_attention_heads": 0}, "num_attention_heads is 0: expected a positive integer"),
+    ({"hidden_size": "64x"}, 'hidden_size is "64x": expected a positive integer'),
+    ({"rms_norm_eps": "small"}, 'rms_norm_eps is "small": expected a positive number'),
+    ({"rope_scaling": [1, 2]}, r"rope_scaling is \[1, 2\]: expected an object"),
 ])
 def test_hugging_face_architecture_mismatches_are_named_at_validation(tmp_path, llama, text_corpus, change, named):
     bad = tmp_path / "bad"
@@ -80,6 +84,14 @@ def test_hugging_face_architecture_mismatches_are_named_at_validation(tmp_path, 
     config = {k: v for k, v in config.items() if v is not None}
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=rf"tasks.lm.model.init_from: .*config.json.*{named}"):
+        _cfg(bad, text_corpus)
+
+
+def test_hugging_face_config_that_is_not_an_object_is_named(tmp_path, llama, text_corpus):
+    bad = tmp_path / "bad"
+    shutil.copytree(llama, bad)
+    (bad / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"tasks.lm.model.init_from: .*config.json holds a JSON list, not an object"):
         _cfg(bad, text_corpus)
 
 

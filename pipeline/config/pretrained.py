@@ -31,19 +31,47 @@ def read_hf_config(folder: str | Path, key: str = "model.init_from") -> dict[str
     if not (path / HF_CONFIG).is_file():
         raise ValueError(f"{key}: {path} has no {HF_CONFIG}: is it a Hugging Face checkpoint folder?")
     try:
-        return json.loads((path / HF_CONFIG).read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads((path / HF_CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{key}: {path / HF_CONFIG} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{key}: {path / HF_CONFIG} holds a JSON {type(config).__name__}, not an object of "
+                         "settings: is it a model's config.json?")
+    return config
 
 
-def rope_theta(hf: dict[str, Any]) -> tuple[float, str]:
+def _positive_int(hf: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
+    """`hf[key]` as a count; absent (or null, where there is a default) gives `default`, or a
+    KeyError the caller words ("has no ..."); anything but a positive integer names the key."""
+    value = hf.get(key)
+    if value is None:
+        if default is None:
+            raise KeyError(key)
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{where}: {key} is {json.dumps(value)}: expected a positive integer")
+    return value
+
+
+def _number(hf: dict[str, Any], key: str, where: str, default: float) -> float:
+    value = hf.get(key)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"{where}: {key} is {json.dumps(value)}: expected a positive number")
+    return float(value)
+
+
+def rope_theta(hf: dict[str, Any], where: str) -> tuple[float, str]:
     """(theta, rope type) from either layout: transformers 5's `rope_parameters`, or 4's
     `rope_theta` + `rope_scaling`."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: {key} is {json.dumps(value)}: expected an object")
+    theta = _number({"rope_theta": params.get("rope_theta", hf.get("rope_theta"))}, "rope_theta", where, 10000.0)
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    return float(theta), kind
+    return theta, kind
 
 
 def gpt_fields_from_llama(hf: dict[str, Any], where: str) -> dict[str, Any]:
@@ -54,9 +82,9 @@ def gpt_fields_from_llama(hf: dict[str, Any], where: str) -> dict[str, Any]:
         archs = ", ".join(hf.get("architectures") or []) or "none named"
         raise ValueError(f"{where}: model_type '{model_type}' ({archs}): only the Llama architecture "
                          "(model_type 'llama') can be loaded into the GPT")
-    d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    n_kv = int(hf.get("num_key_value_heads") or n_heads)
-    theta, rope_type = rope_theta(hf)
+    d_model, n_heads = _positive_int(hf, "hidden_size", where), _positive_int(hf, "num_attention_heads", where)
+    n_kv = _positive_int(hf, "num_key_value_heads", where, default=n_heads)
+    theta, rope_type = rope_theta(hf, where)
     refusals = {
         "head_dim": (hf.get("head_dim") not in (None, d_model // n_heads),
                      f"{hf.get('head_dim')} differs from hidden_size / num_attention_heads ({d_model // n_heads})"),
@@ -73,11 +101,11 @@ def gpt_fields_from_llama(hf: dict[str, Any], where: str) -> dict[str, Any]:
         raise ValueError(f"{where}: hidden_size {d_model}, num_attention_heads {n_heads}, num_key_value_heads "
                          f"{n_kv} do not divide evenly")
     return {
-        "d_model": d_model, "n_layers": int(hf["num_hidden_layers"]), "n_heads": n_heads,
-        "n_kv_heads": n_kv if n_kv != n_heads else None, "mlp_hidden": int(hf["intermediate_size"]),
-        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), "norm": "rmsnorm", "mlp": "swiglu", "pos_emb": "rope",
+        "d_model": d_model, "n_layers": _positive_int(hf, "num_hidden_layers", where), "n_heads": n_heads,
+        "n_kv_heads": n_kv if n_kv != n_heads else None, "mlp_hidden": _positive_int(hf, "intermediate_size", where),
+        "norm_eps": _number(hf, "rms_norm_eps", where, 1e-6), "norm": "rmsnorm", "mlp": "swiglu", "pos_emb": "rope",
         "tie_weights": bool(hf.get("tie_word_embeddings", False)), "rope_theta": theta,
-        "vocab_size": int(hf["vocab_size"]),
+        "vocab_size": _positive_int(hf, "vocab_size", where),
     }
 
 

@@ -30,7 +30,7 @@ from pipeline.runtime.trainer import fit, recover, storage_root
 from pipeline.tasks import task_for_data
 from pipeline.tracking import lineage, mlflow_runs, plots
 from pipeline.tracking.live import fill_missing, reachable_from_anywhere
-from pipeline.training.checkpoint import WEIGHTS, read_meta, safetensors_shapes, write_model
+from pipeline.training.checkpoint import WEIGHTS, check_init_weights, read_meta, safetensors_shapes, write_model
 from pipeline.training.loop import micro_batch_size
 from pipeline.training.optim import check_kernels
 
@@ -134,6 +134,10 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     tcfg = cfg.task(task_name)
     # Fail before any Ray resource is taken: bad shards, or a batch that cannot be split.
     check_split(shards_dir, "train")  # manifest and sizes; each node's workers hash the shards once
+    for key, weights in (("model.init_from", getattr(tcfg.model, "init_from", None)),
+                         ("trainer.init_from", tcfg.trainer.init_from)):
+        if weights:  # checksums and safetensors headers: a damaged file is named here, not in each worker
+            check_init_weights(Path(weights), f"tasks.{task_name}.{key}")
     preflight(cfg, cfg.cluster.use_gpu)
     check_kernels(cfg)  # Apex kernels asked for where Apex is not installed
     check_task_parallel(cfg, task_name)  # heads, layers and batch against parallel.tp / parallel.pp

@@ -187,7 +187,11 @@ class HFCheckpoint:
             raise ValueError(f"{key}: {self.folder / HF_CONFIG}: model_type '{self.config.get('model_type')}': "
                              "only Llama checkpoints are read")
         if (self.folder / INDEX).is_file():
-            self.files = json.loads((self.folder / INDEX).read_text())["weight_map"]
+            try:
+                self.files = json.loads((self.folder / INDEX).read_text())["weight_map"]
+            except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{key}: {self.folder / INDEX} is not a safetensors index ({type(e).__name__}: "
+                                 f"{e})") from None
         elif (self.folder / SAFETENSORS).is_file():
             self.files = None
         else:

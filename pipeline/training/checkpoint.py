@@ -256,6 +256,35 @@ def verify_model_dir(model_dir: Path) -> bool:
     return True
 
 
+def check_init_weights(path: Path, key: str) -> None:
+    """The weights a run starts from (`trainer.init_from`, `model.init_from`), checked on the
+    driver before any worker or run exists, so damage is one line naming the file instead of a
+    safetensors error in every worker, retried: a folder's `checksums.json` (our model and export
+    folders) is compared file by file, and every safetensors file it reads (one, or those a
+    Hugging Face index lists) must have a header that covers the file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{key}: {path} does not exist")
+    if not path.is_dir():
+        safetensors_shapes(path)
+        return
+    verify_model_dir(path)
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        files = [path / WEIGHTS]
+    else:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = [path / name for name in sorted(set(weight_map.values()))]
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise DamagedFile(index, f"not a safetensors index ({type(e).__name__}: {e})") from None
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{key}: {file} is missing" + (f" (listed in {index.name})" if index.is_file()
+                                                                    else ""))
+        safetensors_shapes(file)
+
+
 def read_model(model_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     for name in (WEIGHTS, SPEC):
         if not (model_dir / name).is_file():
