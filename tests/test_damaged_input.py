@@ -267,3 +267,42 @@ def test_damaged_cli_input_is_one_line_and_changes_nothing(tmp_path):
         port = s.getsockname()[1]
     one_line(run("status", "raysubmit_x", "--address", f"http://127.0.0.1:{port}"), f"127.0.0.1:{port}")
     one_line(run("sweep", "lm", "--params", str(params), "--trials", "0"), "--trials: must be at least 1 (got 0)")
+
+
+def test_damaged_shard_tokenizer_is_named_by_every_reader(tmp_path, built_data):
+    """The shards' tokenizer.json swapped for another (valid) one, truncated or deleted after the
+    shard stage: the train stage's driver, evaluation and export each stop in one line naming
+    the file, checked against the manifest's `tokenizer_sha256` (a swapped tokenizer gave
+    garbage samples and was shipped inside the exported model)."""
+    import shutil
+
+    from pipeline.config import validate
+    from pipeline.data.shard_tokenizer import checked_tokenizer, load_tokenizer
+    from pipeline.flows.export import export
+    from pipeline.flows.train import train_task
+    from tests.conftest import tiny_raw
+
+    _, shards = built_data
+    mine = tmp_path / "shards"
+    shutil.copytree(shards["lm"], mine)
+    tokenizer = mine / "tokenizer.json"
+    assert checked_tokenizer(mine) == tokenizer and load_tokenizer(mine).get_vocab_size() > 0
+    assert checked_tokenizer(shards["diffusion"]) is None  # images: no tokenizer, nothing to check
+    cfg = validate(tiny_raw([f"cluster.storage_path={tmp_path / 'store'}"]))
+    original = tokenizer.read_text()
+    swapped = json.dumps(json.loads(original), indent=1)  # the same vocabulary, other bytes: not the same file
+    for damage, expected in ((swapped, "is not the tokenizer the shards were written with"),
+                             (original[: len(original) // 2], "is not the tokenizer the shards were written with"),
+                             (None, "is missing: the tokenizer the shards were written with")):
+        if damage is None:
+            tokenizer.unlink()
+        else:
+            tokenizer.write_text(damage)
+        pattern = re.escape(str(tokenizer)) + " " + re.escape(expected)
+        for reader in (lambda: checked_tokenizer(mine), lambda: load_tokenizer(mine),
+                       lambda: export(cfg, "lm", tmp_path / "no-model", mine, tmp_path / "out", tmp_path / "m"),
+                       lambda: train_task(cfg, "lm", mine, tmp_path / "model", tmp_path / "m")):
+            with pytest.raises(ShardError, match=pattern) as e:
+                reader()
+            assert "\n" not in str(e.value)
+    assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()

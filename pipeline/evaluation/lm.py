@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from pipeline.config.schema import EvalConfig
 from pipeline.data.shard_store import read_split
+from pipeline.data.shard_tokenizer import load_tokenizer
 from pipeline.evaluation.device import model_device
 
 
@@ -37,14 +38,12 @@ def split_loss(model: torch.nn.Module, shards: Path, split: str, cfg: EvalConfig
 
 
 def evaluate_lm(model: torch.nn.Module, shards: Path, cfg: EvalConfig, prompt: str = "The ") -> tuple[dict, str]:
-    from tokenizers import Tokenizer
-
     metrics = {}
     for split in ("val", "test"):
         loss = split_loss(model, shards, split, cfg)
         metrics[f"{split}_loss"] = loss
         metrics[f"{split}_perplexity"] = perplexity(loss)
-    tok = Tokenizer.from_file(str(shards / "tokenizer.json"))
+    tok = load_tokenizer(shards)  # the one the shards were written with, or an error naming the file
     ids = torch.tensor([tok.encode(prompt).ids], device=model_device(model))
     out = model.generate(ids, 120, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
     return metrics, tok.decode(out[0].tolist())

@@ -12,6 +12,7 @@ import mlflow
 
 from pipeline.atomic import atomic_dir, atomic_write_text
 from pipeline.config.schema import EvalConfig, PipelineConfig
+from pipeline.data.shard_tokenizer import checked_tokenizer
 from pipeline.export.hf_export import HF_DIR, export_hf
 from pipeline.export.onnx_export import export_onnx
 from pipeline.export.pyfunc import example_input, log_pyfunc
@@ -27,6 +28,7 @@ INT8 = "model.int8.onnx"
 def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_dir: Path,
            metrics_dir: Path) -> dict[str, Any]:
     tcfg = cfg.task(task)
+    tokenizer = checked_tokenizer(shards)  # what the export ships must be what the shards were written with
     model, spec = load_model(model_dir)
     run = mlflow_runs.read_run_file(model_dir)
     mlflow.set_tracking_uri(run["tracking_uri"])
@@ -35,8 +37,8 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
             shutil.copy2(model_dir / name, tmp / name)
         if (model_dir / CHECKSUMS).is_file():  # covers those three: the exported and registered model are checked too
             shutil.copy2(model_dir / CHECKSUMS, tmp / CHECKSUMS)
-        if (shards / "tokenizer.json").is_file():
-            shutil.copy2(shards / "tokenizer.json", tmp / "tokenizer.json")
+        if tokenizer is not None:
+            shutil.copy2(tokenizer, tmp / tokenizer.name)
         diff, int8, hf = None, {}, {}
         if spec["task"] == "lm" and tcfg.export.hf:  # before the MLflow model, which then carries hf/ too
             hf = export_hf(model, spec, shards, tmp / HF_DIR, tcfg.export)

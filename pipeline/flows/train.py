@@ -21,6 +21,7 @@ from pipeline.config.schema import PipelineConfig
 from pipeline.data.build import file_md5
 from pipeline.data.shard_format import MANIFEST, filesystem, load_manifest
 from pipeline.data.shard_store import publish
+from pipeline.data.shard_tokenizer import checked_tokenizer
 from pipeline.data.shard_verify import check_split
 from pipeline.distributed import preflight
 from pipeline.distributed.planner import check_fits
@@ -134,6 +135,7 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     tcfg = cfg.task(task_name)
     # Fail before any Ray resource is taken: bad shards, or a batch that cannot be split.
     check_split(shards_dir, "train")  # manifest and sizes; each node's workers hash the shards once
+    checked_tokenizer(shards_dir)  # evaluate and export need the shards' own tokenizer: found now, not after training
     for key, weights in (("model.init_from", getattr(tcfg.model, "init_from", None)),
                          ("trainer.init_from", tcfg.trainer.init_from)):
         if weights:  # checksums and safetensors headers: a damaged file is named here, not in each worker
