@@ -446,3 +446,27 @@ def test_damaged_init_weights_are_named_before_any_run(tmp_path, built_data):
     with pytest.raises(DamagedFile, match=rf"{folder / WEIGHTS} is damaged"):
         train_task(cfg, "lm", shards["lm"], tmp_path / "out", tmp_path / "metrics")
     assert not store.exists() and not (tmp_path / "mlruns.db").exists() and not (tmp_path / "out").exists()
+
+
+def test_damaged_register_inputs_are_named(tmp_path):
+    """The register stage reads the export's model_info.json and the evaluation's eval.json: a
+    truncated one is named with the stage to run again, not a bare JSON error."""
+    from pipeline.config import validate
+    from pipeline.flows.export import INFO, register_export
+    from tests.conftest import tiny_raw
+
+    cfg = validate(tiny_raw())
+    export_dir, metrics_dir = tmp_path / "export", tmp_path / "metrics"
+    export_dir.mkdir()
+    metrics_dir.mkdir()
+    (export_dir / INFO).write_text('{"run_id": "ab')
+    (metrics_dir / "eval.json").write_text('{"val_loss": 1.0}')
+    with pytest.raises(DamagedFile, match=rf"^{export_dir / INFO} is damaged \(not valid JSON: .*run the export stage"):
+        register_export(cfg, "lm", export_dir, metrics_dir, tmp_path / "out")
+    (export_dir / INFO).write_text('{"run_id": "ab"}')
+    (metrics_dir / "eval.json").write_text('{"val_lo')
+    with pytest.raises(DamagedFile, match=r"eval.json is damaged \(not valid JSON: .*run the evaluate stage again"):
+        register_export(cfg, "lm", export_dir, metrics_dir, tmp_path / "out")
+    (metrics_dir / "eval.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"eval.json is missing: run the evaluate stage first"):
+        register_export(cfg, "lm", export_dir, metrics_dir, tmp_path / "out")

@@ -19,7 +19,7 @@ from pipeline.export.pyfunc import example_input, log_pyfunc
 from pipeline.export.quantize import accuracy_change, quantize_int8
 from pipeline.tracking import mlflow_runs
 from pipeline.tracking.registry import Registration, describe_version, register, version_tags
-from pipeline.training.checkpoint import CHECKSUMS, SPEC, WEIGHTS, load_model
+from pipeline.training.checkpoint import CHECKSUMS, SPEC, WEIGHTS, load_model, read_json
 
 INFO = "model_info.json"
 INT8 = "model.int8.onnx"
@@ -84,15 +84,15 @@ def hf_metrics(hf: dict[str, Any]) -> dict[str, float]:
 
 def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_dir: Path, out: Path) -> Registration:
     tcfg = cfg.task(task)
-    info = json.loads((export_dir / INFO).read_text())
-    metrics = json.loads((metrics_dir / "eval.json").read_text())
+    info = read_json(export_dir / INFO, "export")
+    metrics = read_json(metrics_dir / "eval.json", "evaluate")
     if tcfg.registry.metric not in metrics:
         raise KeyError(f"tasks.{task}.registry.metric: '{tcfg.registry.metric}' is not an evaluation metric "
                        f"(have: {', '.join(sorted(metrics))})")
     run = mlflow_runs.read_run_file(export_dir)
     mlflow.set_tracking_uri(run["tracking_uri"])
     trained = mlflow.MlflowClient().get_run(info["run_id"])
-    example = example_input(json.loads((export_dir / SPEC).read_text())).to_dict("list")
+    example = example_input(read_json(export_dir / SPEC, "export")).to_dict("list")
 
     def describe(version: str) -> str:
         return describe_version(tcfg.registry.name, version, trained, metrics, tcfg.registry, run["tracking_uri"],

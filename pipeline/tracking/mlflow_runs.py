@@ -122,7 +122,11 @@ def read_run_file(model_dir: Path) -> dict[str, Any]:
     path = model_dir / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the train stage records the MLflow run there")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged (not valid JSON: {e}): it names the MLflow run the train stage "
+                         "recorded; run the train stage again") from None
 
 
 def log_datasets(run_id: str, task: str, source: str, raw_sha256: str | None, shards_dir: Path,

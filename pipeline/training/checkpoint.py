@@ -285,6 +285,17 @@ def check_init_weights(path: Path, key: str) -> None:
         safetensors_shapes(file)
 
 
+def read_json(path: Path, made_by: str) -> Any:
+    """A JSON record a stage wrote (`made_by`: the stage that writes it), or one line naming the
+    file: missing, or damaged, with the stage to run again."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the {made_by} stage first")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedFile(path, f"not valid JSON: {e}; run the {made_by} stage again") from None
+
+
 def read_model(model_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     for name in (WEIGHTS, SPEC):
         if not (model_dir / name).is_file():
