@@ -241,20 +241,24 @@ def convert_to_fp8(model: nn.Module, emulate: bool = False, all_gather: bool = F
 
 
 def torchao_float8() -> Any:
-    """`torchao.float8`. On a CPU-only torch build its import warns, once per process, that each
-    of torchao's CUDA kernel libraries failed to load; those kernels cannot run there anyway, so
-    those warnings are dropped (on a CUDA build they stay: a kernel that fails to load matters)."""
+    """`torchao.float8`, imported quietly. torchao registers an Enum with torch's pytree, which
+    newer torch answers with a deprecation warning on every import (torchao's business, not the
+    user's); and on a CPU-only torch build its import warns that each of its CUDA kernel libraries
+    failed to load, kernels that cannot run there anyway. Both are dropped; on a CUDA build a
+    kernel library that fails to load is still reported."""
     import logging
 
-    if torch.version.cuda is not None or "torchao" in sys.modules:
-        import torchao.float8
-
-        return torchao.float8
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    if "torchao.float8" in sys.modules:
+        return sys.modules["torchao.float8"]
+    quiet = [logging.getLogger("torch.utils._pytree")]
+    if torch.version.cuda is None:
+        quiet.append(logging.getLogger("torchao"))
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
     try:
         import torchao.float8
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
     return torchao.float8
