@@ -187,7 +187,7 @@ def check_fp8_device(device: torch.device) -> None:
 
 def check_fp8(cfg: Any, use_gpu: bool) -> None:
     """The driver's check before any Ray resource (`pipeline.distributed.preflight` calls it):
-    precision.dtype fp8 needs torchao, a strategy it is wired into, no tensor parallelism, and
+    precision.dtype fp8 needs torchao, a strategy it is wired into (ddp or fsdp, with or without tp and pp), and
     float8 hardware. Without a local GPU on a GPU cluster the hardware is checked by the
     workers (same message)."""
     if cfg.precision.dtype != "fp8":
@@ -196,8 +196,6 @@ def check_fp8(cfg: Any, use_gpu: bool) -> None:
 
     if cfg.strategy.name not in FP8_STRATEGIES:
         raise ValueError(f"precision.dtype: fp8 runs with strategy ddp or fsdp (got {cfg.strategy.name})")
-    if cfg.parallel.tp > 1:
-        raise ValueError("precision.dtype: fp8 cannot combine with parallel.tp > 1 (use bf16)")
     if not use_gpu and not cfg.precision.fp8_emulate:
         raise ValueError(FP8_DEVICE_ERROR.format(what="this run trains on CPUs (cluster.use_gpu is false)")
                          + ", or precision.fp8_emulate=true to check its numerics")

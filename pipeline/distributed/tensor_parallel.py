@@ -37,15 +37,28 @@ def _has(module: nn.Module, path: str) -> bool:
         return False
 
 
+def _style(module: nn.Module, style: str):
+    """The parallel style for one projection: torch's, or, for a layer fp8 converted (torchao's
+    Float8Linear), torchao's float8 twin of it, which casts the layer's input and output
+    gradient as DTensors, so their scales are those of the whole tensor across the tp ranks."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if type(module).__name__ == "Float8Linear":
+        from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel, Float8RowwiseParallel
+
+        return Float8ColwiseParallel() if style == "colwise" else Float8RowwiseParallel()
+    return ColwiseParallel() if style == "colwise" else RowwiseParallel()
+
+
 def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], tp_mesh) -> int:
     """Split every repeated block's planned projections over `tp_mesh` (in place, also on the
     meta device, before sharding or materialising). Returns how many modules were split."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import parallelize_module
 
-    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     split = 0
     for block in repeated_blocks(model):
-        present = {path: styles[style]() for path, style in plan.items() if _has(block, path)}
+        present = {path: _style(block.get_submodule(path), style) for path, style in plan.items()
+                   if _has(block, path)}
         if present:
             parallelize_module(block, tp_mesh, present)
             split += len(present)
