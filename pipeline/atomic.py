@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,10 +21,16 @@ from typing import Any
 
 @contextlib.contextmanager
 def atomic_dir(target: Path | str) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `target` in one rename."""
+    """Yield a temporary sibling directory; on success it replaces `target` in one rename.
+
+    The temporary is made as `mkdir` makes a folder (0777 less the umask), not mkdtemp's private
+    0700, which the rename would keep on the artifact. Its name carries the writer's host, pid
+    namespace and pid, so temporaries that a killed writer left for the same `target` (full
+    copies) are removed here once that writer is gone."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_stale_temporaries(target)
+    tmp = _make_temporary_dir(target)
     try:
         yield tmp
         if target.exists():
@@ -37,6 +43,62 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _writer_tag() -> str:
+    """Who writes a temporary: `<host>-<pid namespace>-<pid>`. The namespace (0 where /proc has
+    none) keeps two containers sharing a host name and a folder from taking each other's pids
+    for their own."""
+    try:
+        pidns = os.readlink("/proc/self/ns/pid").partition("[")[2].rstrip("]") or "0"
+    except OSError:
+        pidns = "0"
+    return f"{socket.gethostname()}-{pidns}-{os.getpid()}"
+
+
+def _make_temporary_dir(target: Path) -> Path:
+    """A fresh `.<name>.tmp-<writer>-<random>` folder beside `target`, mode 0777 less the umask."""
+    while True:
+        tmp = target.with_name(f".{target.name}.tmp-{_writer_tag()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.mkdir(tmp, 0o777)
+        except FileExistsError:  # another writer's name (all but impossible): draw again
+            continue
+        return tmp
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove temporaries of `target` whose writer is gone: written on this host, in this pid
+    namespace, by a pid that no longer exists. Anything else (another host's, a live or unknown
+    writer's, a name of another format) is left alone."""
+    prefix = f".{target.name}.tmp-"
+    host, pidns, me = _writer_tag().rsplit("-", 2)
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return
+    for p in siblings:
+        if not p.name.startswith(prefix):
+            continue
+        parts = p.name[len(prefix):].rsplit("-", 3)
+        if len(parts) != 4 or parts[0] != host or parts[1] != pidns or not parts[2].isdigit() \
+                or parts[2] == me or _pid_alive(int(parts[2])):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists here (one we may not signal exists too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, OSError):
+        return True  # undecidable: keep the temporary
+    return True
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:

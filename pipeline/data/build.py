@@ -21,6 +21,7 @@ from pipeline.atomic import atomic_dir, file_sha256
 from pipeline.config.schema import ImageDataConfig, TextDataConfig
 from pipeline.data import images, sources, text
 from pipeline.data.parallel import ordered_flatmap, ordered_map
+from pipeline.data.shard_format import MANIFEST
 from pipeline.data.shard_writer import write_dataset
 from pipeline.data.splits import SPLITS
 
@@ -77,15 +78,18 @@ def shard(cfg: TextDataConfig | ImageDataConfig, prepared: Path, out_dir: Path) 
     """Write the shards and manifest; returns the manifest path. Text streams: one batch of
     documents and one shard of rows at a time."""
     stats = json.loads((prepared / STATS).read_text())
+    tokenizer = b""
     if isinstance(cfg, TextDataConfig):
-        tok = prepared / TOKENIZER
-        tokenizer_json = tok.read_text()
+        # read once: the bytes the rows are encoded with are the bytes hashed and shipped
+        tokenizer = (prepared / TOKENIZER).read_bytes()
+        tokenizer_json = tokenizer.decode()
         eos = stats.get("eos_token", text.EOS)
         splits = {s: _token_rows(cfg, prepared / f"{s}.parquet", tokenizer_json, eos) for s in SPLITS}
         from tokenizers import Tokenizer
 
-        meta = {"kind": "text", "seq_len": cfg.seq_len, "vocab_size": Tokenizer.from_file(str(tok)).get_vocab_size(),
-                "tokenizer_sha256": file_sha256(tok), "eos_token": eos}
+        meta = {"kind": "text", "seq_len": cfg.seq_len,
+                "vocab_size": Tokenizer.from_str(tokenizer_json).get_vocab_size(),
+                "tokenizer_sha256": hashlib.sha256(tokenizer).hexdigest(), "eos_token": eos}
     else:
         splits, image_shape = {}, None
         for s in SPLITS:
@@ -101,12 +105,23 @@ def shard(cfg: TextDataConfig | ImageDataConfig, prepared: Path, out_dir: Path) 
                  # what prepare read, repaired and dropped: the train stage logs these to MLflow (data/*)
                  "prepare_counts": {k: v for k, v in sorted(stats.items())
                                     if isinstance(v, int) and not isinstance(v, bool)}})
-    manifest = write_dataset(out_dir, splits, cfg.shard_rows, meta, cfg.shard_compression)
-    if isinstance(cfg, TextDataConfig):  # the tokenizer travels with the shards it encoded
-        for name in text.HF_TOKENIZER_FILES:
-            if (prepared / name).is_file():
-                (out_dir / name).write_bytes((prepared / name).read_bytes())
-    return manifest
+    # The tokenizer travels with the shards it encoded, inside the same atomic swap: written after
+    # it, a crash would leave new shards beside a missing or truncated tokenizer and the old
+    # folder gone. write_dataset fills `tmp` (atomically itself); the tokenizer joins it there.
+    with atomic_dir(out_dir) as tmp:
+        write_dataset(tmp, splits, cfg.shard_rows, meta, cfg.shard_compression)
+        if isinstance(cfg, TextDataConfig):
+            copy_tokenizer(prepared, tmp, tokenizer)
+    return out_dir / MANIFEST
+
+
+def copy_tokenizer(prepared: Path, out_dir: Path, tokenizer: bytes) -> None:
+    """Put the tokenizer files beside the shards: tokenizer.json as the bytes the manifest's
+    `tokenizer_sha256` hashes, the others (a Hugging Face tokenizer's config) as prepare left them."""
+    (out_dir / TOKENIZER).write_bytes(tokenizer)
+    for name in text.HF_TOKENIZER_FILES:
+        if name != TOKENIZER and (prepared / name).is_file():
+            (out_dir / name).write_bytes((prepared / name).read_bytes())
 
 
 def progress(items: Iterable, desc: str, total: int, unit: str) -> Iterator:

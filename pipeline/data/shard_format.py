@@ -23,6 +23,7 @@ size, for shards that travel over a network.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -122,26 +123,73 @@ def read_shard(path: Path) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
+def check_shard(table: pa.Table, entry: dict[str, Any], spec: dict[str, Any], where: str) -> None:
+    """A ShardError naming `where` ("shard <file>") and the field unless the table read from it
+    holds the manifest entry's row count and the split's columns, each with the manifest's value
+    type and values per row. Size and sha256 say the file is the one written; this says the
+    manifest still describes it (an edited manifest has no digest of its own). Only the schema
+    and the row count are looked at: metadata, no data is read."""
+    if table.num_rows != entry["rows"]:
+        raise ShardError(f"{where}: field 'rows' is {entry['rows']} in the manifest, the file holds "
+                         f"{table.num_rows} rows (manifest edited or shard replaced): run the shard stage again")
+    for name, col_spec in spec.items():
+        if problem := _column_problem(table.schema, name, col_spec):
+            raise ShardError(f"{where}: {problem}: run the shard stage again")
+
+
+def _column_problem(schema: pa.Schema, name: str, col_spec: Any) -> str | None:
+    """Why column `name` of a shard does not match its manifest spec (dtype, shape), or None. A
+    1-D column is a primitive Arrow column; an N-D one a fixed-size list of prod(shape) values."""
+    if schema.get_field_index(name) < 0:
+        return f"column '{name}' is in the manifest but not in the file"
+    dtype, shape = (col_spec.get("dtype"), col_spec.get("shape")) if isinstance(col_spec, dict) else (None, None)
+    try:
+        value = pa.from_numpy_dtype(np.dtype(dtype)) if isinstance(dtype, str) and np.dtype(dtype).isnative \
+            else None
+    except (TypeError, ValueError, pa.ArrowNotImplementedError):
+        value = None
+    if value is None or not pa.types.is_primitive(value):  # not a dtype, byte-swapped, objects, strings
+        return f"column '{name}' field 'dtype' is {dtype!r} in the manifest, not a native numeric dtype"
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        return f"column '{name}' field 'shape' is {shape!r} in the manifest, not a list of sizes"
+    actual = schema.field(name).type
+    per_row = actual.list_size if pa.types.is_fixed_size_list(actual) else None
+    actual_value = actual.value_type if per_row is not None else actual
+    if actual_value != value:
+        return f"column '{name}' field 'dtype' is {dtype} in the manifest, the file holds {actual_value}"
+    if per_row != (math.prod(shape) if shape else None):
+        held = "one value" if per_row is None else f"{per_row} values"
+        return f"column '{name}' field 'shape' is {shape} in the manifest, the file holds {held} per row"
+    return None
+
+
 def table_columns(table: pa.Table, spec: dict[str, Any], limit: int | None = None,
-                  copy: bool = True) -> dict[str, np.ndarray]:
+                  copy: bool = True, where: str = "a shard table") -> dict[str, np.ndarray]:
     """Numpy arrays of a table's columns, shaped as the manifest's `columns` spec says; `copy=False`
     keeps the single contiguous copy that combining chunks makes (read-only), enough for a reader
-    that only gathers from it."""
+    that only gathers from it. `where` ("shard <file>") is named in any error."""
     out = {}
     for name, col_spec in spec.items():
+        if problem := _column_problem(table.schema, name, col_spec):  # before a reshape fails obscurely
+            raise ShardError(f"{where}: {problem}")
         col = table.column(name)
         if limit is not None:
             col = col.slice(0, limit)
         col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()  # one chunk: no copy
         dtype = np.dtype(col_spec["dtype"])
-        arr = _view(col.flatten() if col_spec["shape"] else col, dtype).reshape(len(col), *col_spec["shape"])
+        arr = _view(col.flatten() if col_spec["shape"] else col, dtype, where, name)
+        arr = arr.reshape(len(col), *col_spec["shape"])
         out[name] = arr.copy() if copy else arr
     return out
 
 
-def _view(arr: pa.Array, dtype: np.dtype) -> np.ndarray:
+def _view(arr: pa.Array, dtype: np.dtype, where: str, name: str) -> np.ndarray:
     """A numpy view of a primitive Arrow array without nulls: its data buffer, no copy (faster
     than `to_numpy`, which takes milliseconds per call on some column types)."""
-    if arr.null_count or arr.type.bit_width != 8 * dtype.itemsize:
-        raise ShardError(f"a shard column of type {arr.type} does not match the manifest's {dtype}")
+    if arr.null_count:
+        raise ShardError(f"{where}: column '{name}' has {arr.null_count} null values (shards hold none)")
+    if arr.type.bit_width != 8 * dtype.itemsize:
+        raise ShardError(f"{where}: column '{name}' field 'dtype' is {dtype} in the manifest, the file holds "
+                         f"{arr.type}")
     return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr), offset=arr.offset * dtype.itemsize)

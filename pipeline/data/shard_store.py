@@ -24,6 +24,7 @@ from pipeline.data.shard_format import (
     MANIFEST,
     SUFFIX,
     ShardError,
+    check_shard,
     default_cache_dir,
     filesystem,
     is_remote,
@@ -135,13 +136,22 @@ class ShardSet:
                 os.unlink(tmp)
         remember(target, e["sha256"], target.stat(), started, self.marker)
 
+    def where(self, index: int) -> str:
+        """How errors name shard `index`: its file in the shard folder (not the cache's copy)."""
+        return f"shard {self.root}/{self.entries[index]['file']}"
+
     def table(self, index: int) -> pa.Table:
-        """One verified shard, memory-mapped (no copy, no decoding when uncompressed)."""
-        return read_shard(self.local_path(index))
+        """One verified shard, memory-mapped (no copy, no decoding when uncompressed), whose row
+        count and column types are the manifest's: sha256 vouches for the file, not for the
+        manifest, and an edited dtype, shape or row count would otherwise be read as garbage,
+        skip rows or fail far from the cause."""
+        table = read_shard(self.local_path(index))
+        check_shard(table, self.entries[index], self.columns, self.where(index))
+        return table
 
     def load(self, index: int) -> dict[str, np.ndarray]:
         """One shard's columns as numpy arrays shaped as the manifest says."""
-        return table_columns(self.table(index), self.columns)
+        return table_columns(self.table(index), self.columns, where=self.where(index))
 
     def advise(self, indices: Iterable[int]) -> None:
         """Ask the kernel to start reading these (local, verified) shards now (read-ahead), so the
@@ -159,7 +169,8 @@ class ShardSet:
                   ) -> dict[str, np.ndarray]:
         """Several shards' rows concatenated, in the order given: one copy out of the mapped files,
         into `spare`'s buffers when they are large enough (the caller no longer uses them)."""
-        views = [table_columns(self.table(int(i)), self.columns, copy=False) for i in indices]
+        views = [table_columns(self.table(int(i)), self.columns, copy=False, where=self.where(int(i)))
+                 for i in indices]
         n = sum(len(v["id"]) for v in views)
         out = {}
         for name in self.columns:
@@ -201,4 +212,4 @@ def read_split(root: str | Path, split: str, max_rows: int | None = None) -> dic
             break
         tables.append(shards.table(i))
         rows += tables[-1].num_rows
-    return table_columns(pa.concat_tables(tables), shards.columns, max_rows)
+    return table_columns(pa.concat_tables(tables), shards.columns, max_rows, where=f"split '{split}' of {root}")
