@@ -5,6 +5,7 @@ job is reported with its log tail and a non-zero exit."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,16 @@ def test_submit_to_a_cluster_that_never_comes_gives_up_in_one_line(tmp_path):
     assert proc.returncode == 2 and "submitted" not in proc.stdout
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"the Ray cluster at {address} did not accept the job in 4 s" in lines[0], proc.stderr
+
+
+def test_submit_address_option_beats_ray_address(monkeypatch):
+    """`--address` names the Jobs API to use: Ray's client would take RAY_ADDRESS over it (a stale
+    or GCS-style one then won), so it is hidden while the client is made, and restored."""
+    from pipeline.runtime import jobs
+    from pipeline.runtime.local_group import free_port
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:7")
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionError, match=re.escape(dead)):
+        jobs.client(dead)
+    assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:7"

@@ -55,3 +55,19 @@ def test_damaged_ray_address_fails_fast_before_any_mlflow_run(sharded_project):
     errors = proc.stderr.strip().splitlines()
     assert len(errors) == 1 and f"the Ray cluster at {address} does not answer" in errors[0], proc.stderr
     assert not (sharded_project / "mlruns.db").exists()  # no MLflow run was opened for a cluster that is not there
+
+
+@pytest.mark.parametrize(("address", "expected"), [
+    ("http://127.0.0.1:8265", "RAY_ADDRESS is http://127.0.0.1:8265: a Jobs API (dashboard) address"),
+    ("garbage", "RAY_ADDRESS is 'garbage': expected host:port"),
+    ("127.0.0.1:6379x", "RAY_ADDRESS is '127.0.0.1:6379x': expected host:port"),
+])
+def test_damaged_ray_address_form_is_named_before_any_mlflow_run(sharded_project, address, expected):
+    """A cluster address of the wrong form (the Jobs API's http address that Ray's job docs have
+    users export, a typo) is one line at once: it waited 30 s and blamed DNS, or opened an MLflow
+    run before Ray refused it."""
+    proc, _ = _train(sharded_project, {"RAY_ADDRESS": address})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 1 and expected in errors[0], proc.stderr
+    assert not (sharded_project / "mlruns.db").exists()

@@ -23,18 +23,26 @@ class ClusterUnavailable(RuntimeError):
 
 
 def check_reachable(address: str, timeout_s: float) -> None:
-    """Fail in one line, within `timeout_s`, when nothing answers at a cluster address
-    (`host:port` of the GCS, or `ray://host:port`): `ray.init` itself retries a closed port
-    for ever, printing a pair of warnings every 30 s. `auto` (the cluster this machine belongs
-    to) is left to Ray."""
+    """Fail in one line, within `timeout_s` and before any run is opened, when a cluster address
+    is malformed or nothing answers there (`host:port` of the GCS, `ray://host:port`, or `auto`:
+    the cluster this machine belongs to): `ray.init` itself retries a closed port for ever,
+    printing a pair of warnings every 30 s, and names a malformed address only after it."""
     import socket
 
     from pipeline.waiting import wait_until_answers
 
+    where = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") == address else "cluster.address"
+    if address.startswith(("http://", "https://")):
+        raise ClusterUnavailable(f"{where} is {address}: a Jobs API (dashboard) address, which `pipeline submit`, "
+                                 "`status` and `logs` take; training connects to the cluster's GCS, host:6379 "
+                                 "(or ray://host:10001)")
+    if address == "auto":
+        address = _running_local_cluster(where)
     target = address.removeprefix("ray://")
     host, sep, port = target.rpartition(":")
-    if address == "auto" or not sep or not port.isdigit():
-        return
+    if not sep or not host or not port.isdigit():
+        raise ClusterUnavailable(f"{where} is {address!r}: expected host:port (e.g. 10.0.0.5:6379), "
+                                 "ray://host:port or auto")
 
     def probe() -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout_s)).close()
@@ -42,6 +50,22 @@ def check_reachable(address: str, timeout_s: float) -> None:
     wait_until_answers(probe, timeout_s, lambda e: ClusterUnavailable(
         f"the Ray cluster at {address} does not answer ({e.strerror or e}; waited {timeout_s:.0f} s, "
         "cluster.connect_timeout_s); is it running, and is RAY_ADDRESS / cluster.address right?"))
+
+
+def _running_local_cluster(where: str) -> str:
+    """The GCS address `auto` stands for (the Ray cluster this machine runs a node of, as Ray
+    looks it up), or one line saying there is none."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # (a Ray without it: ray.init looks it up itself)
+        return "auto"
+    try:
+        found = canonicalize_bootstrap_address("auto")
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise ClusterUnavailable(f"{where} is auto, and no Ray cluster runs on this machine "
+                                 f"({str(e).splitlines()[0]}): start one with `ray start --head`, or name its "
+                                 "address") from None
+    return found or "auto"
 
 
 def connect(cfg: ClusterConfig) -> str:

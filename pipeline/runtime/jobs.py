@@ -54,7 +54,15 @@ def client(address: str | None = None):
 
     token = auth_token()
     headers = {"authorization": f"Bearer {token}"} if token else None
-    return JobSubmissionClient(jobs_address(address), headers=headers)
+    resolved = jobs_address(address)
+    # Ray's client takes RAY_API_SERVER_ADDRESS or RAY_ADDRESS over the address it is given (a
+    # stale or non-http RAY_ADDRESS then beats --address); the address is resolved above, by
+    # `jobs_address`'s rules, so those are hidden while the client is made.
+    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    try:
+        return JobSubmissionClient(resolved, headers=headers)
+    finally:
+        os.environ.update(hidden)
 
 
 def runtime_env(project: Path, spec: Path | None = None, env: dict[str, str] | None = None,
