@@ -94,8 +94,10 @@ def test_offline_plots_setup_falls_back_without_npm(tmp_path):
 
 
 def _template() -> Path:
-    found = re.search(r"^\s*html_template\s*=\s*(\S+)", (ROOT / ".dvc" / "config").read_text(), re.MULTILINE)
-    assert found, ".dvc/config names no plots.html_template"
+    local = ROOT / ".dvc" / "config.local"
+    assert local.is_file(), f"{local} is missing: `make setup` writes it (with the template)"
+    found = re.search(r"^\s*html_template\s*=\s*(\S+)", local.read_text(), re.MULTILINE)
+    assert found, ".dvc/config.local names no plots.html_template"
     return Path(found.group(1))
 
 
@@ -147,7 +149,7 @@ def test_offline_plots_render_in_headless_chromium(tmp_path):
         pytest.skip(f"setup could not bundle vega, the page uses DVC's CDN scripts: {text.splitlines()[0]}")
 
     project = tmp_path / "project"
-    for name in ("dvc.yaml", "params.yaml", ".dvc/config"):
+    for name in ("dvc.yaml", "params.yaml", ".dvc/config", ".dvc/config.local"):
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, project / name)
     copy = (project / ".dvc" / _template()).resolve()
