@@ -3,7 +3,10 @@
 # other node, then `dvc repro` (or the command given) on the head with RAY_ADDRESS pointing at it.
 #
 #   sbatch cluster/slurm.sh                                  # whole pipeline, cluster=remote
-#   sbatch --nodes 4 cluster/slurm.sh python -m stages.train lm cluster.num_workers=16
+#   sbatch --nodes 4 cluster/slurm.sh bash -c \
+#     'python -m pipeline compose cluster=remote cluster.num_workers=16 && python -m stages.train lm'
+#   (a command given runs on params.yaml as it is: compose cluster=remote first, as above, to train
+#   on the allocation's GPUs)
 #   squeue --me; tail -f slurm-<jobid>.out                   # watch it
 #
 # Expects the project installed in the environment named by PIPELINE_VENV (default: ./.venv,
@@ -50,6 +53,10 @@ sleep 10
 ray status
 
 if [ "$#" -gt 0 ]; then
+  if [ "$gpus" -gt 0 ] && python -c 'import sys, yaml; sys.exit(bool(yaml.safe_load(open("params.yaml"))["cluster"]["use_gpu"]))' 2>/dev/null; then
+    echo "note: params.yaml has cluster.use_gpu false, so this runs on CPUs though each node has $gpus GPUs;" \
+         "compose cluster=remote first (see the top of cluster/slurm.sh)" >&2
+  fi
   "$@"
 else
   python -m pipeline compose cluster=remote "cluster.num_workers=$(( ${#nodes[@]} * (gpus > 0 ? gpus : 1) ))"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -29,6 +30,26 @@ def test_launcher_yaml_passes_rays_schema():
     cfg["available_node_types"]["gpu_worker"]["min_workerz"] = 1  # the check is real: a typo fails
     with pytest.raises(Exception, match="min_workerz"):
         validate_config(prepare_config(cfg))
+
+
+@pytest.mark.skipif(not shutil.which("rsync"), reason="rsync is not installed")
+def test_launcher_rsync_keeps_the_library_and_drops_the_artifacts(tmp_path):
+    """`ray up` copies the checkout with rsync and the YAML's rsync_exclude (Ray's own argument
+    builder, real rsync): the top-level data, models and export folders stay behind, the
+    library's packages of the same names (pipeline/data, ...) travel."""
+    from ray.autoscaler._private.command_runner import SSHCommandRunner
+
+    cfg = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for name in ("data", "models", "export", ".venv", "runs"):
+        for folder in (src / name, src / "pipeline" / name):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "f").write_text(name)
+    args = SSHCommandRunner._create_rsync_filter_args(None, {"rsync_exclude": cfg["rsync_exclude"]})
+    subprocess.run(["rsync", "-a", *args, f"{src}/", str(dst)], check=True)
+    for name in ("data", "models", "export", ".venv", "runs"):
+        assert (dst / "pipeline" / name / "f").is_file(), f"pipeline/{name} was not copied"
+        assert not (dst / name).exists(), f"{name}/ was copied"
 
 
 def _pods(doc: dict) -> list[dict]:
@@ -56,6 +77,18 @@ def test_kuberay_manifests(name):
     assert workers["resources"]["limits"]["nvidia.com/gpu"] == "4"
     if doc["kind"] == "RayJob":
         assert "dvc repro" in doc["spec"]["entrypoint"] and doc["spec"]["shutdownAfterJobFinishes"]
+        overrides = re.search(r"pipeline compose ([^&\"]+)", doc["spec"]["entrypoint"]).group(1).split()
+    else:
+        overrides = ["cluster=remote"]  # what the README has users compose for it
+    # Ray Train's workers (cpus_per_worker CPUs and one GPU each) must fit the worker pods as Ray
+    # places them (a worker never spans pods; the head runs none: num-cpus 0)
+    cluster = validate(compose(ROOT / "configs", overrides)).cluster
+    pods = [(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]),
+             int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]))
+            for g in spec["workerGroupSpecs"] for _ in range(g["replicas"])]
+    fit = sum(min(cpus // cluster.cpus_per_worker, gpus) for cpus, gpus in pods)
+    assert fit >= cluster.num_workers, f"{name}: {cluster.num_workers} workers of {cluster.cpus_per_worker} CPUs " \
+        f"and 1 GPU do not fit the worker pods {pods} (room for {fit})"
 
 
 def test_remote_cluster_config_composes():
