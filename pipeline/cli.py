@@ -57,8 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. 'model@tasks.lm.model=gpt_tiny'")
     c.add_argument("--config-dir", default="configs", help="the Hydra config folder (default: configs)")
     c.add_argument("--out", default="params.yaml", help="where to write the composed config (default: params.yaml)")
-    v = sub.add_parser("validate", help="validate params.yaml and print the first problem")
+    v = sub.add_parser("validate", help="validate params.yaml, and that each task can train with it (the train "
+                                        "stage's checks that need no data); print the first problem")
     v.add_argument("--params", default="params.yaml", help="the config file to check (default: params.yaml)")
+    v.add_argument("--task", action="append", default=None,
+                   help="check only this task's training (repeat; default: every task, as `dvc repro` trains)")
     lin = sub.add_parser("lineage", help="where a registered model came from: run, config, data, commit")
     lin.add_argument("ref", help="<model>@<alias> or <model>@<version>, e.g. pipeline-lm@champion")
     lin.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -120,12 +123,26 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_text(args.out, yaml.safe_dump(raw, sort_keys=False))  # DVC stages read it
             print(f"wrote {args.out}")
         else:
-            load_config(args.params)
+            cfg = load_config(args.params)
+            check_tasks(cfg, args.task)
             print(f"{args.params}: ok")
     except _known_errors() as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_tasks(cfg: PipelineConfig, tasks: list[str] | None) -> None:
+    """The train stage's config checks for `tasks` (default: every task), before any stage runs:
+    a layout, batch or precision a task cannot train with is named now, not after prepare and
+    shard (or a cluster's queue)."""
+    from pipeline.flows.train import check_task_config
+
+    for name in tasks or list(cfg.tasks):
+        try:
+            check_task_config(cfg, name)
+        except ValueError as e:
+            raise ValueError(f"[{name}] {e}") from None
 
 
 def _plan_command(args: argparse.Namespace) -> None:
@@ -224,8 +241,10 @@ def _job_command(args: argparse.Namespace) -> None:
         print(jobs.logs(args.job_id, args.address), end="")
         return
     if args.cmd == "submit":
-        load_config(args.params)  # a bad config fails here, before the cluster is asked for anything
+        cfg = load_config(args.params)  # a bad config fails here, before the cluster is asked for anything
         entry = [a for a in args.entrypoint if a != "--"] or ["dvc", "repro"]
+        if entry == ["dvc", "repro"]:  # every task trains: each must be able to, before the cluster works for hours
+            check_tasks(cfg, None)
         env = {}
         for item in args.env:
             key, sep, value = item.partition("=")

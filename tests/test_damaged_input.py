@@ -306,3 +306,36 @@ def test_damaged_shard_tokenizer_is_named_by_every_reader(tmp_path, built_data):
                 reader()
             assert "\n" not in str(e.value)
     assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
+
+
+def test_damaged_training_config_is_named_by_validate(tmp_path, capsys):
+    """`pipeline validate` (and `submit` before `dvc repro`) runs the train stage's checks that
+    need only the config, per task: a batch that does not split over the workers or its
+    accumulation, fp8 on CPUs; it said "ok" and the train stage refused after prepare and shard.
+    `--task` checks only the tasks a run will train."""
+    import yaml
+
+    from pipeline.cli import main
+    from tests.conftest import tiny_raw
+
+    def validate_cli(*extra: str, task: list[str] | None = None) -> tuple[int, str]:
+        params = tmp_path / "params.yaml"
+        params.write_text(yaml.safe_dump(tiny_raw(list(extra))))
+        argv = ["validate", "--params", str(params), *[a for t in task or [] for a in ("--task", t)]]
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr()
+
+    code, out = validate_cli()
+    assert code == 0 and out.out.strip().endswith("params.yaml: ok")
+    code, out = validate_cli("cluster.num_workers=3")
+    assert code == 2 and re.match(r"error: \[(lm|diffusion)\] tasks\.\1\.trainer\.global_batch_size \(\d+\) must split "
+                                  r"evenly", out.err), out.err
+    code, out = validate_cli("tasks.diffusion.trainer.grad_accum_steps=3")
+    assert code == 2 and out.err.startswith("error: [diffusion] tasks.diffusion.trainer.global_batch_size (16)")
+    assert validate_cli("tasks.diffusion.trainer.grad_accum_steps=3", task=["lm"])[0] == 0
+    code, out = validate_cli("precision.dtype=fp8")
+    assert code == 2 and "fp8 needs a GPU with float8 tensor cores" in out.err and len(out.err.splitlines()) == 1

@@ -185,6 +185,19 @@ def check_fp8_device(device: torch.device) -> None:
         raise ValueError(why)
 
 
+def check_fp8_config(cfg: Any, use_gpu: bool) -> None:
+    """What the config alone decides about fp8 (`pipeline validate` asks this much; the driver
+    also checks torchao and the GPU it runs on): a strategy it is wired into, and GPUs to run on
+    unless emulated."""
+    if cfg.precision.dtype != "fp8":
+        return
+    if cfg.strategy.name not in FP8_STRATEGIES:
+        raise ValueError(f"precision.dtype: fp8 runs with strategy ddp or fsdp (got {cfg.strategy.name})")
+    if not use_gpu and not cfg.precision.fp8_emulate:
+        raise ValueError(FP8_DEVICE_ERROR.format(what="this run trains on CPUs (cluster.use_gpu is false)")
+                         + ", or precision.fp8_emulate=true to check its numerics")
+
+
 def check_fp8(cfg: Any, use_gpu: bool) -> None:
     """The driver's check before any Ray resource (`pipeline.distributed.preflight` calls it):
     precision.dtype fp8 needs torchao, a strategy it is wired into (ddp or fsdp, with or without tp and pp), and
@@ -194,11 +207,7 @@ def check_fp8(cfg: Any, use_gpu: bool) -> None:
         return
     import importlib.util
 
-    if cfg.strategy.name not in FP8_STRATEGIES:
-        raise ValueError(f"precision.dtype: fp8 runs with strategy ddp or fsdp (got {cfg.strategy.name})")
-    if not use_gpu and not cfg.precision.fp8_emulate:
-        raise ValueError(FP8_DEVICE_ERROR.format(what="this run trains on CPUs (cluster.use_gpu is false)")
-                         + ", or precision.fp8_emulate=true to check its numerics")
+    check_fp8_config(cfg, use_gpu)
     if importlib.util.find_spec("torchao") is None:
         raise ValueError("precision.dtype: fp8 needs torchao (pip install torchao, or the project's [gpu] extra)")
     if use_gpu and not cfg.precision.fp8_emulate and torch.cuda.is_available() and (why := fp8_unavailable()):

@@ -25,6 +25,7 @@ from pipeline.data.shard_tokenizer import checked_tokenizer
 from pipeline.data.shard_verify import check_split
 from pipeline.distributed import preflight
 from pipeline.distributed.planner import check_fits
+from pipeline.distributed.precision import check_fp8_config
 from pipeline.runtime import connect
 from pipeline.runtime.connect import check_reachable, cluster_address, embedded
 from pipeline.runtime.trainer import fit, recover, storage_root
@@ -130,6 +131,19 @@ def run_identity(cfg: PipelineConfig, task_name: str, manifest_md5: str) -> dict
     return identity
 
 
+def check_task_config(cfg: PipelineConfig, task_name: str) -> None:
+    """What the config alone decides about training one task, beyond each key's own validation:
+    checked per task (a config may hold a chain that cannot use the layout while another trains
+    with it), by the train stage before any resource and by `pipeline validate` before a run."""
+    tcfg = cfg.task(task_name)
+    check_fp8_config(cfg, cfg.cluster.use_gpu)  # fp8: a strategy it is wired into, GPUs (unless emulated)
+    check_task_parallel(cfg, task_name)  # heads, layers and batch against parallel.tp / parallel.pp
+    check_task_elastic(cfg, task_name)  # the batch at every worker count of an elastic range
+    micro_batch_size(tcfg.trainer.global_batch_size,
+                     data_parallel_size(cfg.cluster.num_workers, cfg.parallel.tp, cfg.parallel.pp),
+                     tcfg.trainer.grad_accum_steps)
+
+
 def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir: Path,
                metrics_dir: Path, reports_dir: Path | None = None) -> TrainOutcome:
     tcfg = cfg.task(task_name)
@@ -142,11 +156,7 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
             check_init_weights(Path(weights), f"tasks.{task_name}.{key}")
     preflight(cfg, cfg.cluster.use_gpu)
     check_kernels(cfg)  # Apex kernels asked for where Apex is not installed
-    check_task_parallel(cfg, task_name)  # heads, layers and batch against parallel.tp / parallel.pp
-    check_task_elastic(cfg, task_name)  # the batch at every worker count of an elastic range
-    micro_batch_size(tcfg.trainer.global_batch_size,
-                     data_parallel_size(cfg.cluster.num_workers, cfg.parallel.tp, cfg.parallel.pp),
-                     tcfg.trainer.grad_accum_steps)
+    check_task_config(cfg, task_name)
     check_fits(cfg, task_name, load_manifest(shards_dir))  # with cluster.device_memory: does a rank's peak fit?
     task_for_data(tcfg.data.kind).model_spec(tcfg, load_manifest(shards_dir))  # vocabulary, context, tokenizer
     manifest_md5 = file_md5(shards_dir / MANIFEST)
