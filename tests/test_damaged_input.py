@@ -167,7 +167,12 @@ def test_damaged_compose_override_is_one_line(tmp_path):
                                ("tasks.lm.data.min_chars", "override 'tasks.lm.data.min_chars': missing EQUAL"),
                                ("model=gpt_tiny", "Did you mean to override one of model@tasks.diffusion.model"),
                                ("tasks.lm.data.min_chars=${nope}", "tasks.lm.data.min_chars: Interpolation key 'nope' "
-                                                                   "not found")]:
+                                                                   "not found"),
+                               ("tasks.lm.data.source=~/corpus", "override 'tasks.lm.data.source=~/corpus': cannot "
+                                "read '~' at position 22 (quote a value holding it: "
+                                "\"tasks.lm.data.source='~/corpus'\")"),
+                               ("model@tasks.lm.model=_gpt_base", "model@tasks.lm.model=_gpt_base: '_gpt_base' is a "
+                                "base the 'model' presets share, not one of them (options: dit_small, ")]:
         with pytest.raises(ConfigError) as err:
             compose(ROOT / "configs", [override])
         assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)

@@ -82,6 +82,9 @@ def read_yaml(path: Path, empty_hint: str = "") -> Any:
     if path.is_dir():
         raise ConfigError(f"config file '{path}' is a directory, not a YAML file")
     if not path.is_file():
+        if not path.is_absolute() and not Path("dvc.yaml").is_file():
+            raise ConfigError(f"config file '{path}' not found, and {Path.cwd()} is not the project's root (no "
+                              "dvc.yaml here): run this from the folder holding dvc.yaml and configs/")
         raise ConfigError(f"config file '{path}' not found (run `dvc exp run` or `pipeline compose` to create it)")
     try:
         text = path.read_text(encoding="utf-8")
@@ -175,13 +178,31 @@ def compose(config_dir: Path | str = "configs", overrides: Sequence[str] = ()) -
 
     root = Path(config_dir).resolve()
     if not (root / "config.yaml").is_file():
-        raise ConfigError(f"--config-dir: no config.yaml in '{config_dir}'")
+        where = "" if Path(config_dir).is_absolute() or Path("dvc.yaml").is_file() else \
+            f"; {Path.cwd()} is not the project's root (no dvc.yaml here): run this from the folder holding configs/"
+        raise ConfigError(f"--config-dir: no config.yaml in '{config_dir}'{where}")
+    private = _private_choice(root, overrides)
+    if private is not None:
+        raise ConfigError(private)
     try:
         with initialize_config_dir(config_dir=str(root), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=list(overrides))
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_hydra_message(e, overrides)) from None
+
+
+def _private_choice(root: Path, overrides: Sequence[str]) -> str | None:
+    """An override picking a group's `_`-prefixed file (a base the presets extend, not a preset:
+    Hydra would take it and give a model named `custom`), as one line, or None."""
+    for override in overrides:
+        left, sep, option = override.lstrip("+").partition("=")
+        group = left.split("@")[0]
+        if sep and option.startswith("_") and (root / group / f"{option}.yaml").is_file():
+            options = sorted(p.stem for p in (root / group).glob("*.yaml") if not p.stem.startswith("_"))
+            return f"{override}: '{option}' is a base the '{group}' presets share, not one of them (options: " \
+                   f"{', '.join(options)})"
+    return None
 
 
 def _hydra_message(err: Exception, overrides: Sequence[str]) -> str:
@@ -194,7 +215,19 @@ def _hydra_message(err: Exception, overrides: Sequence[str]) -> str:
         options = [o for o in (err.options or []) if not o.startswith("_")]  # _-prefixed: shared bases
         return f"{culprit}: no config '{name}' in group '{group}' (options: {', '.join(options) or 'none'})"
     if isinstance(err, OverrideParseException):
-        lines = [ln for ln in str(err).splitlines() if ln.strip() and not ln.startswith("See https://")]
+        lines = str(err).splitlines()
+        caret = next((ln for ln in lines if ln.strip() == "^"), None)
+        if caret is not None and lines.index(caret) > 0:
+            # Hydra's lexer: the override, then a caret under the character it could not read
+            at = caret.index("^") - len(lines[lines.index(caret) - 1]) + len(err.override)
+            char = err.override[at] if 0 <= at < len(err.override) else None
+            detail = f"cannot read {char!r} at position {at + 1}" if char else "cannot parse it"
+            if char in ("~", "#", "'", "&", "$", "%", "\\", "(", ")", "{", "}", "[", "]", " ", ",", ":"):
+                key, _, value = err.override.partition("=")
+                quoted = f"'{key}=\"{value}\"'" if "'" in value else f"\"{key}='{value}'\""
+                detail += f" (quote a value holding it: {quoted})"
+            return f"override '{err.override}': {detail}"
+        lines = [ln for ln in lines if ln.strip() and not ln.startswith("See https://")]
         detail = lines[-1] if lines else "cannot parse"
         return f"override '{err.override}': {detail} (expected key=value, +key=value or group=option)"
     text = " ".join(ln.strip() for ln in str(err).splitlines()
