@@ -99,6 +99,13 @@ def test_dvc_repro_end_to_end(tmp_path):
     shown = run_ok([sys.executable, "-m", "pipeline", "reproduce", "pipeline-lm@champion", "--tolerance", "1e-6",
                  "--workdir", str(tmp_path / "again"), "--tracking-uri", f"sqlite:///{project}/mlruns.db"], project)
     assert "reproduced within tolerance" in shown and "val_perplexity" in shown, shown[-3000:]
+    refused = subprocess.run([sys.executable, "-m", "pipeline", "reproduce", "pipeline-lm@champion", "--workdir",
+                              str(tmp_path / "again"), "--tracking-uri", f"sqlite:///{project}/mlruns.db"],
+                             cwd=project, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(project)})
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"error: --workdir {tmp_path / 'again'}: exists and is not an empty folder (the commit is checked out "
+        "there)"], refused.stderr[-3000:]
 
     again = run_ok(["dvc", "repro"], project)
     assert "Data and pipelines are up to date." in again

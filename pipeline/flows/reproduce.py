@@ -55,9 +55,14 @@ def reproduce(ref: str, workdir: Path | None = None, tolerance: float = 1e-3,
     if p["dirty"]:
         print(f"warning: {p['model']} was trained from a dirty work tree; commit {p['commit'][:10]} is only "
               "the nearest recorded code", flush=True)
+    if workdir is not None and workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+        raise ValueError(f"--workdir {workdir}: exists and is not an empty folder (the commit is checked out there)")
     workdir = workdir or Path(tempfile.mkdtemp(prefix="reproduce-")) / "tree"
-    subprocess.run(["git", "worktree", "add", "--detach", str(workdir), p["commit"]], cwd=repo, check=True,
-                   capture_output=True, text=True)
+    added = subprocess.run(["git", "worktree", "add", "--detach", str(workdir), p["commit"]], cwd=repo,
+                           capture_output=True, text=True)
+    if added.returncode:
+        why = (added.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ValueError(f"cannot check out commit {p['commit'][:10]} into {workdir}: git worktree add says: {why}")
     print(f"reproducing {p['model']} (run {p['run_id']}): commit {p['commit'][:10]} in {workdir}", flush=True)
     cmd = [str(Path(sys.executable).parent / "dvc"), "repro", f"evaluate@{p['task']}"]
     env = {**os.environ, "PYTHONPATH": str(workdir)}  # that commit's code, not this workspace's
