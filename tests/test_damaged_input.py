@@ -344,3 +344,19 @@ def test_damaged_training_config_is_named_by_validate(tmp_path, capsys):
     assert validate_cli("tasks.diffusion.trainer.grad_accum_steps=3", task=["lm"])[0] == 0
     code, out = validate_cli("precision.dtype=fp8")
     assert code == 2 and "fp8 needs a GPU with float8 tensor cores" in out.err and len(out.err.splitlines()) == 1
+
+
+def test_damaged_stage_order_names_the_stage_to_run(tmp_path):
+    """The shard stage before prepare (or on a cut-short stats.json) names the file and the stage."""
+    from pipeline.config import validate
+    from pipeline.data.build import shard
+    from tests.conftest import tiny_raw
+
+    data = validate(tiny_raw()).task("lm").data
+    with pytest.raises(FileNotFoundError, match=r"prepared/stats.json is missing: run the prepare stage first"):
+        shard(data, tmp_path / "prepared", tmp_path / "shards")
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "stats.json").write_text('{"documents": 3')
+    with pytest.raises(ValueError, match=r"stats.json is damaged \(not valid JSON: .*\): run the prepare stage again"):
+        shard(data, tmp_path / "prepared", tmp_path / "shards")
+    assert not (tmp_path / "shards").exists()

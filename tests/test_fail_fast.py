@@ -71,3 +71,19 @@ def test_damaged_ray_address_form_is_named_before_any_mlflow_run(sharded_project
     errors = proc.stderr.strip().splitlines()
     assert len(errors) == 1 and expected in errors[0], proc.stderr
     assert not (sharded_project / "mlruns.db").exists()
+
+
+@pytest.mark.parametrize("uri", ["garbage", "file:///tmp/mlruns", "./mlruns"])
+def test_damaged_tracking_uri_form_is_named_in_one_line(monkeypatch, uri):
+    """A folder as the tracking store (MLflow 3 refuses its retired file store at the first call,
+    in a message the stage had to cut) is named with what to use instead, before any run."""
+    from pipeline.config.schema import TrackingConfig
+    from pipeline.tracking.mlflow_runs import TrackingUnavailable, check_reachable
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(TrackingUnavailable, match=r"^MLFLOW_TRACKING_URI is .*: a folder, which this MLflow refuses "
+                                                  r"as a store .*use sqlite:///path/mlruns.db"):
+        check_reachable(TrackingConfig())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user's way to keep it
+    check_reachable(TrackingConfig())

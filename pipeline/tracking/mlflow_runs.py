@@ -54,6 +54,13 @@ def check_reachable(cfg: TrackingConfig, say=print) -> None:
     from pipeline.waiting import wait_until_answers
 
     uri = tracking_uri(cfg)
+    where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
+    scheme = uri.partition("://")[0] if "://" in uri else ""
+    if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+        raise TrackingUnavailable(
+            f"{where} is {uri!r}: a folder, which this MLflow refuses as a store (its file store is retired; "
+            "set MLFLOW_ALLOW_FILE_STORE=true to use it anyway); use sqlite:///path/mlruns.db or a tracking "
+            "server's http://host:5000; nothing was trained")
     if not uri.startswith(("http://", "https://")):
         return
     say(f"checking the MLflow tracking server at {uri} ...", flush=True)
