@@ -28,10 +28,13 @@ SMALL = ["tasks.lm.model.d_model=256", "tasks.lm.model.n_layers=2", "tasks.lm.mo
 def test_planner_parses_sizes_and_names_the_key():
     assert parse_size("80GiB") == 80 * 2**30
     assert parse_size("1.5 GB") == 1_500_000_000
-    assert parse_size(4096) == 4096
+    assert parse_size(2**30) == parse_size("1073741824") == 2**30  # bytes
     for bad in ("80Gx", "-1GiB", "GiB", True):
         with pytest.raises(ValueError):
             parse_size(bad)
+    for unit_left_out in (80, "80", "1.5"):  # not a device of 80 bytes
+        with pytest.raises(ValueError, match=r"with no unit is \d+ bytes, less than 1 MiB: write the unit, e.g. "):
+            parse_size(unit_left_out)
     with pytest.raises(Exception, match=r"cluster.device_memory: expected a size"):
         validate(tiny_raw(["cluster.device_memory=lots"]))
     assert validate(tiny_raw(["cluster.device_memory=8GiB"])).cluster.device_memory == "8GiB"

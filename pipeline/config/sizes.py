@@ -40,6 +40,9 @@ def parse_size(value: int | float | str) -> int:
     size = int(number * _UNITS[unit])
     if size <= 0:
         raise ValueError(f"a memory size must be positive (got {value!r})")
+    if not unit and size < 2**20:  # "80" meant 80 GiB: a device of less than 1 MiB is a unit left out
+        raise ValueError(f"{value!r} with no unit is {size} bytes, less than 1 MiB: write the unit, e.g. "
+                         f"{value}GiB or {value}GB")
     return size
 
 
