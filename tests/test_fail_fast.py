@@ -87,3 +87,14 @@ def test_damaged_tracking_uri_form_is_named_in_one_line(monkeypatch, uri):
         check_reachable(TrackingConfig())
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user's way to keep it
     check_reachable(TrackingConfig())
+
+
+def test_damaged_home_stops_the_local_ray_in_one_line_before_any_mlflow_run(sharded_project):
+    """A local Ray that cannot write its auth token (HOME missing or read-only, as in some batch
+    and container setups) names where and what to set, and no MLflow run is opened first."""
+    proc, _ = _train(sharded_project, {"HOME": "/proc/no-such-home"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.strip().splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "cannot start the local Ray" in errors[0] and "set HOME to a writable folder" \
+        in errors[0], proc.stderr[-3000:]
+    assert not (sharded_project / "mlruns.db").exists()

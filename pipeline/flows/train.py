@@ -178,6 +178,9 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     if address := cluster_address(cfg.cluster):
         check_reachable(address, cfg.cluster.connect_timeout_s)
     mlflow_runs.check_reachable(cfg.tracking, lambda *a, **k: print(f"[{task_name}]", *a, **k))
+    # Ray next: a cluster that refuses us (an address of the wrong form, no `auto` cluster, a
+    # local Ray that cannot write its files) stops the stage before a run or its marker exists.
+    where = connect(cfg.cluster)
     run_dir = f"{storage_root(cfg).rstrip('/')}/{run_name}"  # a local folder or an s3:// prefix
     manifest = load_manifest(shards_dir)
     try:
@@ -191,7 +194,6 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
         raise mlflow_runs.TrackingUnavailable(
             f"[{task_name}] cannot use the tracking store {uri} "
             f"({str(e).splitlines()[0][:200]}); nothing was trained") from e
-    where = connect(cfg.cluster)
     mlflow.MlflowClient().set_tag(run_id, "ray.cluster", where)
     layout = f", tp={cfg.parallel.tp}, pp={cfg.parallel.pp}" if cfg.parallel.tp * cfg.parallel.pp > 1 else ""
     counts = worker_counts(cfg)

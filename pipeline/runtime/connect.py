@@ -86,7 +86,7 @@ def connect(cfg: ClusterConfig) -> str:
         ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
         return f"Ray cluster at {address}"
     need = cfg.num_workers * cfg.cpus_per_worker
-    with _loopback_only() as ports:
+    with _loopback_only() as ports, _named_start_failure():
         # address="local": a fresh instance even when a `ray start` cluster is running on this machine
         # (a bare ray.init() would join that one). The dashboard serves Ray's State API, which Ray
         # Train's placement-group cleaner polls; token authentication stays on (Ray 2.59+).
@@ -101,6 +101,20 @@ def connect(cfg: ClusterConfig) -> str:
     _own_api_address[0] = os.environ["RAY_API_SERVER_ADDRESS"]
     _embedded_gcs[0] = ray.get_runtime_context().gcs_address
     return f"local Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)"
+
+
+@contextlib.contextmanager
+def _named_start_failure() -> Iterator[None]:
+    """A local Ray that cannot write its files (its auth token under ~/.ray, its session under the
+    temp folder) fails with a bare errno naming neither: one line saying where and what to set."""
+    try:
+        yield
+    except OSError as e:
+        home = os.environ.get("HOME", "(unset)")
+        raise ClusterUnavailable(
+            f"cannot start the local Ray ({e.strerror or e}: {e.filename or '?'}): it writes its auth token under "
+            f"~/.ray (HOME is {home}) and its session under {os.environ.get('RAY_TMPDIR', '/tmp/ray')}; set HOME "
+            "to a writable folder (or RAY_AUTH_TOKEN_PATH to a file there)") from None
 
 
 LOOPBACK = "127.0.0.1"
