@@ -10,7 +10,10 @@ TORCH ?= torch==2.13.0
 # The page template `dvc plots show` fills (.dvc/config.local: plots.html_template), with vega inlined.
 PLOTS_TEMPLATE := .cache/plots/offline.html
 
-setup: $(VENV)/.installed $(PLOTS_TEMPLATE) .dvc/config.local
+setup: $(VENV)/.installed $(PLOTS_TEMPLATE)
+	@# this checkout's DVC points at the template (a clone without it keeps DVC's own page); every
+	@# time, as a .dvc/config.local made for another setting would otherwise keep it from being named
+	$(PY) -m dvc config --local plots.html_template ../$(PLOTS_TEMPLATE)
 
 # Horovod is built from source against the installed torch (scripts/build_horovod.sh says why);
 # the wheel is cached in ~/.cache/pipeline-wheels, so only the first build takes minutes.
@@ -30,10 +33,6 @@ horovod:
 # says so and keeps DVC's page (the plots then need internet); setup goes on.
 $(PLOTS_TEMPLATE): scripts/offline_plots.py $(VENV)/.installed
 	$(PY) scripts/offline_plots.py --out $@
-
-# This checkout's DVC points at the template (a clone without it keeps DVC's own page).
-.dvc/config.local: $(PLOTS_TEMPLATE)
-	$(PY) -m dvc config --local plots.html_template ../$(PLOTS_TEMPLATE)
 
 repro: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro

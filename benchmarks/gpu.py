@@ -147,8 +147,7 @@ def run(preset: str, seq: int, precision: str, ac: str, compile_mode: str, micro
     flops_per_token = task.flops_per_item(model, spec)
     params = sum(p.numel() for p in model.parameters())
     torch.manual_seed(0)
-    prec = Precision(precision, device)
-    fp8_layers = prec.prepare(model)
+    prec = Precision(precision, device, cfg.precision.fp8_emulate, cfg.precision.fp8_all_gather)
     settings: dict[str, Any] = {}
     tr = tcfg.trainer
     if "compile" in {f.name for f in dataclasses.fields(StepSettings)}:
@@ -158,6 +157,7 @@ def run(preset: str, seq: int, precision: str, ac: str, compile_mode: str, micro
     strategy = build_strategy(cfg.strategy, prec, device,
                               StepSettings(micro, 1, tr.grad_clip,
                                            (tr.activation_checkpointing, tr.ac_selective, tr.ac_every_k), **settings))
+    fp8_layers = prec.prepare(model, strategy.gathers_weights)  # as the loop does: after the strategy exists
     strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
     rows = torch.randint(0, VOCAB, (micro, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
     batch = {"x": rows[:, :-1], "y": rows[:, 1:]}
@@ -185,7 +185,7 @@ def run(preset: str, seq: int, precision: str, ac: str, compile_mode: str, micro
         profile_step(step, sync)
     optimizer = strategy.optimizer
     tokens_per_s = micro * seq * steps / seconds
-    peak_flops = device_peak(device, precision)
+    peak_flops = device_peak(device, prec.mfu_precision)
     return {"params": params, "tokens_per_s": tokens_per_s, "step_ms": seconds / steps * 1e3,
             "mfu": flops_per_token * tokens_per_s / 1e12 / peak_flops.tflops if peak_flops else None,
             "peak_source": peak_flops.describe() if peak_flops else "unknown", "peak_bytes": peak,

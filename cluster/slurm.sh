@@ -53,7 +53,7 @@ sleep 10
 ray status
 
 if [ "$#" -gt 0 ]; then
-  if [ "$gpus" -gt 0 ] && python -c 'import sys, yaml; sys.exit(bool(yaml.safe_load(open("params.yaml"))["cluster"]["use_gpu"]))' 2>/dev/null; then
+  if [ "$gpus" -gt 0 ] && [[ "$*" != *"pipeline compose"* ]] && python -c 'import sys, yaml; sys.exit(bool(yaml.safe_load(open("params.yaml"))["cluster"]["use_gpu"]))' 2>/dev/null; then
     echo "note: params.yaml has cluster.use_gpu false, so this runs on CPUs though each node has $gpus GPUs;" \
          "compose cluster=remote first (see the top of cluster/slurm.sh)" >&2
   fi

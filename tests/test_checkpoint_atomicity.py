@@ -39,7 +39,8 @@ def test_interrupted_write_leaves_the_previous_checkpoint_loadable(tmp_path):
 def test_rereport_stopped_mid_replace_keeps_a_complete_checkpoint(tmp_path, monkeypatch):
     """A finished run run again reports its last checkpoint again, replacing the folder of the
     same step. Stopped between moving the old copy aside and renaming the new one in, the next
-    start puts the old copy back (it had deleted it first, and then the new copy as stale)."""
+    start resumes from the copy moved aside (it had deleted it first, and then the new copy as
+    stale), and the next report puts it back under its name."""
     from pathlib import Path
 
     root = tmp_path / "run"
@@ -58,14 +59,18 @@ def test_rereport_stopped_mid_replace_keeps_a_complete_checkpoint(tmp_path, monk
         LocalSession(root).report({"step": 6}, again)
     monkeypatch.setattr(Path, "rename", rename)
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000006.old", "checkpoint_00000006.tmp"]
+    with LocalSession(root).latest_checkpoint() as latest:  # (read on every rank as it is: no rename)
+        assert latest == root / "checkpoint_00000006.old" and read_meta(latest)["step"] == 6
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000006.old"]
+    LocalSession(root, keep_last_k=1).report({"step": 9}, _ckpt(tmp_path, 9))
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000009"]  # put back, then kept last 1
+    # stopped after the rename but before the old copy was dropped: the new one is the checkpoint
+    (root / "checkpoint_00000009.old").mkdir()
+    (root / "checkpoint_00000009.old" / META).write_text(json.dumps({"step": 9}))
     with LocalSession(root).latest_checkpoint() as latest:
-        assert latest == root / "checkpoint_00000006" and read_meta(latest)["step"] == 6
-    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000006"]
-    # stopped after the rename but before the old copy was dropped: the new one stays
-    (root / "checkpoint_00000006.old").mkdir()
-    with LocalSession(root).latest_checkpoint() as latest:
-        assert latest == root / "checkpoint_00000006"
-    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000006"]
+        assert latest == root / "checkpoint_00000009"
+    LocalSession(root).report({"step": 12}, _ckpt(tmp_path, 12))
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000009", "checkpoint_00000012"]
 
 
 def test_ray_run_without_its_checkpoint_list_loses_no_complete_checkpoint(tmp_path, capsys):
@@ -82,6 +87,10 @@ def test_ray_run_without_its_checkpoint_list_loses_no_complete_checkpoint(tmp_pa
     assert sorted(p.name for p in run.iterdir()) == [f"checkpoint_2026-12-06_00-00-01.000000{SET_ASIDE}"]
     out = capsys.readouterr().out
     assert f"[lm] {run / SNAPSHOT} (Ray Train's list of checkpoints) is missing: set aside 1 checkpoint" in out
+    # after a full disk on the run's first checkpoint its folders are half-written: deleted, space freed
+    (run / "checkpoint_2026-12-06_00-00-03.000000").mkdir()
+    (run / "checkpoint_2026-12-06_00-00-03.000000" / META).write_text("{}")
+    assert remove_unfinished(run, "lm", set_aside=False) == ["checkpoint_2026-12-06_00-00-03.000000"]
 
 
 def test_keep_last_k(tmp_path):

@@ -87,6 +87,10 @@ def test_damaged_tracking_uri_form_is_named_in_one_line(monkeypatch, uri):
         check_reachable(TrackingConfig())
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user's way to keep it
     check_reachable(TrackingConfig())
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+    for other in ("databricks", "sqlite:///x/mlruns.db"):  # scheme-less or not, not a folder
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+        check_reachable(TrackingConfig())
 
 
 def test_damaged_home_stops_the_local_ray_in_one_line_before_any_mlflow_run(sharded_project):

@@ -179,6 +179,7 @@ def test_fp8_emulated_fsdp2_float8_all_gather_trains_like_ddp(fp8_runs):
     assert fp8_runs["fsdp_fp8"]["impl"]["precision"] == "fp8 (4 Float8Linear layers, emulated, float8 all-gather)"
     assert fp8_runs["fsdp_fp8_bf16_gather"]["impl"]["precision"] == "fp8 (4 Float8Linear layers, emulated)"
     assert _losses(fp8_runs["ddp_bf16"]) != _losses(ddp)  # the float8 casts are in the step
+    assert "CPU bf16 GEMM measured" in ddp["impl"]["mfu_peak"]  # emulated fp8 multiplies in bf16: its peak
 
 
 def test_fp8_emulated_tensor_and_pipeline_parallel_train_like_ddp(fp8_runs):

@@ -191,6 +191,20 @@ def test_run_identity_resumes_across_harmless_changes(override):
         name("tasks.lm.trainer.early_stop_patience=2")
 
 
+def test_run_identity_keys_fp8_settings_only_under_fp8():
+    """The fp8 settings added to `precision` key a run only when it trains in fp8: other runs keep
+    the names they had before the settings existed, so an interrupted run resumes after an upgrade."""
+    from pipeline.flows.train import run_identity
+
+    def precision(*extra: str) -> dict:
+        return run_identity(validate(tiny_raw(list(extra))), "lm", "md5")["precision"]
+
+    assert precision() == {"dtype": "fp32"} and precision("precision.dtype=bf16") == {"dtype": "bf16"}
+    assert precision("precision.dtype=bf16", "precision.fp8_all_gather=false") == {"dtype": "bf16"}
+    fp8 = precision("precision.dtype=fp8", "cluster.use_gpu=true")
+    assert fp8 == {"dtype": "fp8", "fp8_emulate": False, "fp8_all_gather": True}
+
+
 def test_elastic_worker_count_keys_the_same_run_where_a_checkpoint_reshards():
     """The same samples with the same global batch at any worker count: under DDP, FSDP2 and
     Horovod a rerun on other workers resumes the run; DeepSpeed's checkpoint cannot follow, so

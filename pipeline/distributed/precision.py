@@ -32,7 +32,7 @@ class Precision:
     The config admits only known names (`PrecisionConfig.dtype`)."""
 
     def __init__(self, dtype: str, device: torch.device, fp8_emulate: bool = False,
-                 fp8_all_gather: bool = False) -> None:
+                 fp8_all_gather: bool = True) -> None:
         if dtype == "fp8" and not fp8_emulate:
             check_fp8_device(device)
         self.name, self.dtype, self.device = dtype, DTYPES[dtype], device
@@ -50,6 +50,11 @@ class Precision:
             return 0
         self._precompute_scales = self.fp8_all_gather and gathers_weights
         return convert_to_fp8(model, emulate=self.fp8_emulate, all_gather=self._precompute_scales)
+
+    @property
+    def mfu_precision(self) -> str:
+        """The precision whose dense peak MFU is taken against: emulated fp8 multiplies in bf16."""
+        return "bf16" if self.name == "fp8" and self.fp8_emulate else self.name
 
     def describe(self, fp8_layers: int) -> str:
         """One line for the log and MLflow (`impl.precision`)."""
@@ -163,7 +168,8 @@ def _scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optim
 
 # ----------------------------------------------------------------------------- fp8
 FP8_DEVICE_ERROR = ("precision.dtype: fp8 needs a GPU with float8 tensor cores (compute capability 8.9 or "
-                    "newer: Ada, Hopper, Blackwell); {what}. Use bf16")
+                    "newer: Ada, Hopper, Blackwell); {what}. Use bf16, or precision.fp8_emulate=true to check "
+                    "its numerics")
 
 
 def fp8_unavailable(device: torch.device | None = None) -> str | None:
@@ -194,8 +200,7 @@ def check_fp8_config(cfg: Any, use_gpu: bool) -> None:
     if cfg.strategy.name not in FP8_STRATEGIES:
         raise ValueError(f"precision.dtype: fp8 runs with strategy ddp or fsdp (got {cfg.strategy.name})")
     if not use_gpu and not cfg.precision.fp8_emulate:
-        raise ValueError(FP8_DEVICE_ERROR.format(what="this run trains on CPUs (cluster.use_gpu is false)")
-                         + ", or precision.fp8_emulate=true to check its numerics")
+        raise ValueError(FP8_DEVICE_ERROR.format(what="this run trains on CPUs (cluster.use_gpu is false)"))
 
 
 def check_fp8(cfg: Any, use_gpu: bool) -> None:
@@ -238,7 +243,8 @@ def fp8_module_filter(model: nn.Module) -> Callable[[nn.Module, str], bool]:
 
 def convert_to_fp8(model: nn.Module, emulate: bool = False, all_gather: bool = False) -> int:
     """Swap the filtered Linear layers for torchao's Float8Linear (tensorwise dynamic scaling),
-    in place; weights keep their identity, so a meta-device model converts before sharding.
+    in place, on the meta device too (before sharding); the weights keep their tensors (with
+    `all_gather`, each is wrapped in a new Parameter: convert before building the optimizer).
     `emulate`: torchao's emulated GEMM (any device); `all_gather`: the weights become torchao's
     float8-castable tensor, which FSDP2 all-gathers in float8."""
     float8 = torchao_float8()

@@ -118,8 +118,11 @@ def run_identity(cfg: PipelineConfig, task_name: str, manifest_md5: str) -> dict
     if tcfg.optim.schedule != "plateau" and not tcfg.trainer.early_stop_patience:
         trainer.pop("eval_every")
         trainer.pop("eval_batches")
+    precision = cfg.precision.model_dump()
+    if cfg.precision.dtype != "fp8":  # fp8's own settings change nothing else (and runs named before they
+        precision = {"dtype": cfg.precision.dtype}  # existed keep their names, so they still resume)
     identity: dict[str, Any] = {"task": task, "seed": cfg.seed, "data": manifest_md5,
-                                "strategy": cfg.strategy.model_dump(), "precision": cfg.precision.model_dump()}
+                                "strategy": cfg.strategy.model_dump(), "precision": precision}
     if not strategy_reshards(cfg.strategy.name):
         # the other layouts resume at any worker count (same samples, same global batch): one run
         identity["workers"] = cfg.cluster.num_workers

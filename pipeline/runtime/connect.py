@@ -107,14 +107,22 @@ def connect(cfg: ClusterConfig) -> str:
 def _named_start_failure() -> Iterator[None]:
     """A local Ray that cannot write its files (its auth token under ~/.ray, its session under the
     temp folder) fails with a bare errno naming neither: one line saying where and what to set."""
+    import errno
+    import tempfile
+
     try:
         yield
-    except OSError as e:
-        home = os.environ.get("HOME", "(unset)")
+    except (PermissionError, FileNotFoundError, OSError) as e:
+        home = os.environ.get("HOME", "")
+        token = os.environ.get("RAY_AUTH_TOKEN_PATH", "")
+        named = str(e.filename or "")
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS) or not named or not any(
+                root and named.startswith(root) for root in (home, token, os.path.dirname(token))):
+            raise  # another failure (a full disk, a port): Ray's own message says more than a guess
         raise ClusterUnavailable(
-            f"cannot start the local Ray ({e.strerror or e}: {e.filename or '?'}): it writes its auth token under "
-            f"~/.ray (HOME is {home}) and its session under {os.environ.get('RAY_TMPDIR', '/tmp/ray')}; set HOME "
-            "to a writable folder (or RAY_AUTH_TOKEN_PATH to a file there)") from None
+            f"cannot start the local Ray ({e.strerror or e}: {named}): it writes its auth token under ~/.ray "
+            f"(HOME is {home or 'unset'}) and its session under {tempfile.gettempdir()}; set HOME to a writable "
+            "folder (or RAY_AUTH_TOKEN_PATH to a file in one)") from None
 
 
 LOOPBACK = "127.0.0.1"

@@ -55,10 +55,13 @@ def client(address: str | None = None):
     token = auth_token()
     headers = {"authorization": f"Bearer {token}"} if token else None
     resolved = jobs_address(address)
-    # Ray's client takes RAY_API_SERVER_ADDRESS or RAY_ADDRESS over the address it is given (a
-    # stale or non-http RAY_ADDRESS then beats --address); the address is resolved above, by
-    # `jobs_address`'s rules, so those are hidden while the client is made.
-    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    # Ray's client takes RAY_API_SERVER_ADDRESS or RAY_ADDRESS over the address it is given: where
+    # one was chosen (--address, RAY_JOBS_ADDRESS), those are hidden while the client is made, so a
+    # stale RAY_ADDRESS cannot beat it; otherwise Ray resolves them as it always did (a GCS-style
+    # RAY_ADDRESS finds its cluster's dashboard).
+    chosen = address or os.environ.get("RAY_JOBS_ADDRESS")
+    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+              if chosen and k in os.environ}
     try:
         return JobSubmissionClient(resolved, headers=headers)
     finally:

@@ -179,14 +179,15 @@ def _removed_line(task_name: str, run_dir: Path, removed: list[str]) -> None:
               f"({', '.join(sorted(removed))}): a write was cut short", flush=True)
 
 
-def remove_unfinished(run_dir: Path, task_name: str = "") -> list[str]:
+def remove_unfinished(run_dir: Path, task_name: str = "", set_aside: bool = True) -> list[str]:
     """Delete the checkpoint folders of a Ray run that Ray Train never registered: a write a
     crash or a full disk cut short (Ray copies each rank's part straight under the final name).
 
     Without Ray's list at all (its snapshot file missing: the run stopped before its first
     checkpoint was registered, or the file was lost), a folder that holds the loop's `meta.json`
     may be a complete checkpoint: it is set aside (renamed, kept, not resumed from) rather than
-    deleted; folders without it are deleted."""
+    deleted; folders without it are deleted. `set_aside=False` (after a full disk, which the
+    run's first checkpoint hit: its folders are half-written and their space is wanted) deletes."""
     registered = set()
     snapshot = run_dir / SNAPSHOT
     listed = snapshot.is_file()
@@ -198,7 +199,7 @@ def remove_unfinished(run_dir: Path, task_name: str = "") -> list[str]:
     removed, kept = [], []
     for p in sorted(run_dir.glob("checkpoint_*")):
         if p.is_dir() and p.name not in registered and not p.name.endswith(SET_ASIDE):
-            if not listed and (p / "meta.json").is_file():
+            if set_aside and not listed and (p / "meta.json").is_file():
                 kept.append(_set_aside(p))
                 continue
             shutil.rmtree(p, ignore_errors=True)
@@ -388,7 +389,7 @@ def _final(fatal: CheckpointError, cfg: PipelineConfig, run_name: str) -> Checkp
         for name in removed:
             shutil.rmtree(run_dir / name, ignore_errors=True)
     else:
-        removed = remove_unfinished(run_dir)
+        removed = remove_unfinished(run_dir, set_aside=not isinstance(fatal, StorageFull))
     if removed and isinstance(fatal, StorageFull):
         return StorageFull(f"{fatal}; removed the unfinished checkpoint folder(s) {', '.join(sorted(removed))}")
     return fatal

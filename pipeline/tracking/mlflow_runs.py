@@ -47,7 +47,9 @@ def tracking_uri(cfg: TrackingConfig) -> str:
 def check_reachable(cfg: TrackingConfig, say=print) -> None:
     """For a tracking server (http[s]://), say what is being checked and fail in one line when
     its /health does not answer within `tracking.connect_timeout_s`, instead of MLflow's
-    minutes of silent retries. Local stores (SQLite, files) need no check."""
+    minutes of silent retries. A folder as the store (a path, file:), which MLflow 3 refuses at its
+    first call in a message the stage would cut, is named here with what to use instead; SQLite and
+    other stores need no check."""
     import urllib.error
     import urllib.request
 
@@ -55,8 +57,9 @@ def check_reachable(cfg: TrackingConfig, say=print) -> None:
 
     uri = tracking_uri(cfg)
     where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
-    scheme = uri.partition("://")[0] if "://" in uri else ""
-    if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+    # (MLflow takes a scheme-less URI for a folder, bar the Databricks names)
+    folder = uri.startswith("file:") or ("://" not in uri and uri not in ("databricks", "databricks-uc", "uc"))
+    if folder and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
         raise TrackingUnavailable(
             f"{where} is {uri!r}: a folder, which this MLflow refuses as a store (its file store is retired; "
             "set MLFLOW_ALLOW_FILE_STORE=true to use it anyway); use sqlite:///path/mlruns.db or a tracking "

@@ -136,7 +136,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
                       "compile": tr.compile + (" (and the loss)" if tr.compile != "none" and tr.compile_loss else "")}
     if allocator is not None:
         implementation["cuda_allocator"] = allocator
-    peak = device_peak(session.device, precision.name, tr.peak_tflops) if flops_per_item else None
+    peak = device_peak(session.device, precision.mfu_precision, tr.peak_tflops) if flops_per_item else None
     if peak is not None:
         # logged once; tagged on the MLflow run (impl.mfu_peak*) and a metric of it (train/peak_tflops)
         implementation.update(mfu_peak=peak.describe(), mfu_peak_tflops=f"{peak.tflops:.6g}")
@@ -144,7 +144,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
         print(f"[{task_name}] " + "; ".join(f"{k}: {v}" for k, v in implementation.items() if k != "mfu_peak_tflops"),
               flush=True)
         if flops_per_item and peak is None:
-            print(f"[{task_name}] no MFU: the dense peak of {session.device} in {precision.name} is not known "
+            print(f"[{task_name}] no MFU: the dense peak of {session.device} in {precision.mfu_precision} is not known "
                   f"(set tasks.{task_name}.trainer.peak_tflops)", flush=True)
     train_shards = ShardSet(shards_root, "train")
     train_shards.check_sizes()  # a missing, truncated or (local) corrupt shard stops the run before step 1

@@ -43,7 +43,8 @@ class _LiveSteps:
             self._live.close()
 
 
-_STEP_DIR = re.compile(r"checkpoint_\d+$")  # not a staging (.tmp) or set-aside (.damaged) folder
+# a step's folder, or its copy moved aside (.old); not a staging (.tmp) or set-aside (.damaged) one
+_STEP_DIR = re.compile(r"checkpoint_\d+(\.old)?$")
 
 
 class LocalSession(_LiveSteps):
@@ -92,9 +93,10 @@ class LocalSession(_LiveSteps):
             raise
         self._barrier()
         if self.rank == 0:
+            finish_interrupted_replace(self.root)
             # A checkpoint of this step already there (a finished run run again reports its last
             # one again) is moved aside, not deleted, until the new copy is in place: a crash in
-            # between leaves a complete copy under one name or the other (`latest_checkpoint`).
+            # between leaves a complete copy under one name or the other (`_complete` reads both).
             aside = dest.with_name(dest.name + ".old")
             if dest.exists():
                 shutil.rmtree(aside, ignore_errors=True)
@@ -107,15 +109,21 @@ class LocalSession(_LiveSteps):
         self._barrier()
 
     def _complete(self) -> list[Path]:
+        """Complete checkpoint folders, oldest first. A copy `report` moved aside (`.old`) when it
+        stopped before the new copy got the name counts as that step's checkpoint: read as it is
+        (every rank sees the same folders; rank 0 puts it back at its next report)."""
         if not (self.root and self.root.exists()):
             return []
-        return sorted(p for p in self.root.glob("checkpoint_*") if _STEP_DIR.match(p.name)
-                      and (p / "meta.json").is_file())
+        found = {}
+        for p in self.root.glob("checkpoint_*"):
+            m = _STEP_DIR.match(p.name)
+            if m and (p / "meta.json").is_file() and (not m.group(1) or not p.with_name(p.name[:-4]).exists()):
+                found[p.name.removesuffix(".old")] = p
+        return [found[name] for name in sorted(found)]
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
         if self.rank == 0 and self.root is not None and self.root.exists():
-            finish_interrupted_replace(self.root)
             for stale in self.root.glob("checkpoint_*.tmp"):  # a copy a crash interrupted
                 shutil.rmtree(stale, ignore_errors=True)
         found = self._complete()
