@@ -170,21 +170,30 @@ import os, signal, sys
 from pathlib import Path
 from pipeline.config.schema import TextDataConfig
 from pipeline.data import build
+from pipeline.data.shard_writer import SplitWriter
 
 def copy(prepared, out_dir, tokenizer):
     (out_dir / build.TOKENIZER).write_bytes(tokenizer[: len(tokenizer) // 2])
     os.kill(os.getpid(), signal.SIGKILL)
 
-build.copy_tokenizer = copy
+def write(self, batch, _write=SplitWriter.write):
+    _write(self, batch)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if sys.argv[4] == "tokenizer":
+    build.copy_tokenizer = copy
+else:  # the first shard rows written: where the stage spends its time
+    SplitWriter.write = write
 cfg = TextDataConfig.model_validate_json(Path(sys.argv[1]).read_text())
 build.shard(cfg, Path(sys.argv[2]), Path(sys.argv[3]))
 """
 
 
-def test_damaged_shard_stage_sigkilled_in_the_tokenizer_write(built_data, lm_shards, tmp_path):
-    """SIGKILL mid-tokenizer: the old folder is untouched, the only leftover is the writer's
-    hidden temporary (a full copy), and the next atomic write of that folder removes it since its
-    writer is gone."""
+@pytest.mark.parametrize("where", ["tokenizer", "shards"])
+def test_damaged_shard_stage_sigkilled_in_the_tokenizer_write(built_data, lm_shards, tmp_path, where):
+    """SIGKILL mid-tokenizer or mid-shards: the old folder is untouched, the only leftover is the
+    writer's hidden temporary, and the next atomic write of that folder removes it since its
+    writer is gone (one temporary: the shards are written into the stage's own, not a nested one)."""
     cfg, shards = built_data
     out = tmp_path / "data" / "shards"
     out.parent.mkdir()
@@ -193,13 +202,14 @@ def test_damaged_shard_stage_sigkilled_in_the_tokenizer_write(built_data, lm_sha
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(cfg.task("lm").data.model_dump_json())
     proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(cfg_file), str(shards["lm"].parent / "prepared"),
-                             str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(out), where], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
     assert _snapshot(out) == before
     left = [p.name for p in out.parent.iterdir() if p.name != "shards"]
     assert len(left) == 1 and left[0].startswith(".shards.tmp-") and f"-{proc.pid}-" in left[0], left
-    assert (out.parent / left[0] / MANIFEST).is_file()  # the new folder was complete but for the tokenizer
+    if where == "tokenizer":
+        assert (out.parent / left[0] / MANIFEST).is_file()  # the new folder was complete but for the tokenizer
     with pytest.raises(RuntimeError), atomic_dir(out):
         raise RuntimeError("a later writer that fails: the folder stays, the dead writer's copy goes")
     assert [p.name for p in out.parent.iterdir()] == ["shards"]

@@ -22,7 +22,7 @@ from pipeline.config.schema import ImageDataConfig, TextDataConfig
 from pipeline.data import images, sources, text
 from pipeline.data.parallel import ordered_flatmap, ordered_map
 from pipeline.data.shard_format import MANIFEST
-from pipeline.data.shard_writer import write_dataset
+from pipeline.data.shard_writer import write_splits
 from pipeline.data.splits import SPLITS
 
 TOKENIZER, STATS = "tokenizer.json", "stats.json"
@@ -112,9 +112,9 @@ def shard(cfg: TextDataConfig | ImageDataConfig, prepared: Path, out_dir: Path) 
                                     if isinstance(v, int) and not isinstance(v, bool)}})
     # The tokenizer travels with the shards it encoded, inside the same atomic swap: written after
     # it, a crash would leave new shards beside a missing or truncated tokenizer and the old
-    # folder gone. write_dataset fills `tmp` (atomically itself); the tokenizer joins it there.
+    # folder gone.
     with atomic_dir(out_dir) as tmp:
-        write_dataset(tmp, splits, cfg.shard_rows, meta, cfg.shard_compression)
+        write_splits(tmp, splits, cfg.shard_rows, meta, cfg.shard_compression)
         if isinstance(cfg, TextDataConfig):
             copy_tokenizer(prepared, tmp, tokenizer)
     return out_dir / MANIFEST

@@ -85,13 +85,20 @@ def write_dataset(out_dir: Path, splits: dict[str, Iterable[dict[str, np.ndarray
     """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        entries = {}
-        for split, batches in splits.items():
-            writer = SplitWriter(tmp, split, shard_rows, compression)
-            for batch in batches:
-                writer.write(batch)
-            entries[split] = writer.close()
-        manifest = {"format": "arrow-ipc", "compression": compression, "shard_rows": shard_rows, **meta,
-                    "splits": entries}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        write_splits(tmp, splits, shard_rows, meta, compression)
     return out_dir / MANIFEST
+
+
+def write_splits(folder: Path, splits: dict[str, Iterable[dict[str, np.ndarray]]], shard_rows: int,
+                 meta: dict, compression: str = "none") -> None:
+    """`write_dataset`'s body, into a folder the caller makes atomic (with more files beside the
+    shards: one swap, one temporary a killed writer leaves for the next to remove)."""
+    entries = {}
+    for split, batches in splits.items():
+        writer = SplitWriter(folder, split, shard_rows, compression)
+        for batch in batches:
+            writer.write(batch)
+        entries[split] = writer.close()
+    manifest = {"format": "arrow-ipc", "compression": compression, "shard_rows": shard_rows, **meta,
+                "splits": entries}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
