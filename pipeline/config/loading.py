@@ -82,9 +82,8 @@ def read_yaml(path: Path, empty_hint: str = "") -> Any:
     if path.is_dir():
         raise ConfigError(f"config file '{path}' is a directory, not a YAML file")
     if not path.is_file():
-        if not path.is_absolute() and not Path("dvc.yaml").is_file():
-            raise ConfigError(f"config file '{path}' not found, and {Path.cwd()} is not the project's root (no "
-                              "dvc.yaml here): run this from the folder holding dvc.yaml and configs/")
+        if outside := _outside_project(path):
+            raise ConfigError(f"config file '{path}' not found, and {outside}")
         raise ConfigError(f"config file '{path}' not found (run `dvc exp run` or `pipeline compose` to create it)")
     try:
         text = path.read_text(encoding="utf-8")
@@ -178,9 +177,8 @@ def compose(config_dir: Path | str = "configs", overrides: Sequence[str] = ()) -
 
     root = Path(config_dir).resolve()
     if not (root / "config.yaml").is_file():
-        where = "" if Path(config_dir).is_absolute() or Path("dvc.yaml").is_file() else \
-            f"; {Path.cwd()} is not the project's root (no dvc.yaml here): run this from the folder holding configs/"
-        raise ConfigError(f"--config-dir: no config.yaml in '{config_dir}'{where}")
+        outside = _outside_project(Path(config_dir))
+        raise ConfigError(f"--config-dir: no config.yaml in '{config_dir}'" + (f"; {outside}" if outside else ""))
     private = _private_choice(root, overrides)
     if private is not None:
         raise ConfigError(private)
@@ -190,6 +188,15 @@ def compose(config_dir: Path | str = "configs", overrides: Sequence[str] = ()) -
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_hydra_message(e, overrides)) from None
+
+
+def _outside_project(relative_to: Path) -> str:
+    """Why a relative path the project's commands default to is not found, when the command runs
+    outside the project's root (no dvc.yaml here); "" otherwise."""
+    if relative_to.is_absolute() or Path("dvc.yaml").is_file():
+        return ""
+    return f"{Path.cwd()} is not the project's root (no dvc.yaml here): run this from the folder holding dvc.yaml " \
+           "and configs/"
 
 
 def _private_choice(root: Path, overrides: Sequence[str]) -> str | None:

@@ -168,11 +168,10 @@ def table_columns(table: pa.Table, spec: dict[str, Any], limit: int | None = Non
                   copy: bool = True, where: str = "a shard table") -> dict[str, np.ndarray]:
     """Numpy arrays of a table's columns, shaped as the manifest's `columns` spec says; `copy=False`
     keeps the single contiguous copy that combining chunks makes (read-only), enough for a reader
-    that only gathers from it. `where` ("shard <file>") is named in any error."""
+    that only gathers from it. The table was checked against the manifest when it was read
+    (`check_shard`, in `ShardSet.table`); `where` ("shard <file>") is named in any error."""
     out = {}
     for name, col_spec in spec.items():
-        if problem := _column_problem(table.schema, name, col_spec):  # before a reshape fails obscurely
-            raise ShardError(f"{where}: {problem}")
         col = table.column(name)
         if limit is not None:
             col = col.slice(0, limit)

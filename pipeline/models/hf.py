@@ -176,6 +176,20 @@ def write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_bytes:
 
 
 # ----------------------------------------------------------------------------- reading
+def read_weight_map(index: Path) -> dict[str, str]:
+    """A sharded checkpoint's index (`model.safetensors.index.json`): tensor name -> file. One
+    that is not JSON or holds no weight map is `DamagedFile`, naming it."""
+    from pipeline.training.checkpoint import DamagedFile
+
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError(f"weight_map is a {type(weight_map).__name__}")
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise DamagedFile(index, f"not a safetensors index ({type(e).__name__}: {e})") from None
+    return weight_map
+
+
 class HFCheckpoint:
     """A Llama-architecture checkpoint folder (config.json + one safetensors file, or several
     with an index), read one tensor at a time by our parameter names."""
@@ -187,11 +201,7 @@ class HFCheckpoint:
             raise ValueError(f"{key}: {self.folder / HF_CONFIG}: model_type '{self.config.get('model_type')}': "
                              "only Llama checkpoints are read")
         if (self.folder / INDEX).is_file():
-            try:
-                self.files = json.loads((self.folder / INDEX).read_text())["weight_map"]
-            except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{key}: {self.folder / INDEX} is not a safetensors index ({type(e).__name__}: "
-                                 f"{e})") from None
+            self.files = read_weight_map(self.folder / INDEX)
         elif (self.folder / SAFETENSORS).is_file():
             self.files = None
         else:

@@ -112,7 +112,7 @@ def _named_start_failure() -> Iterator[None]:
 
     try:
         yield
-    except (PermissionError, FileNotFoundError, OSError) as e:
+    except OSError as e:
         home = os.environ.get("HOME", "")
         token = os.environ.get("RAY_AUTH_TOKEN_PATH", "")
         named = str(e.filename or "")

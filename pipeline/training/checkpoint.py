@@ -268,16 +268,12 @@ def check_init_weights(path: Path, key: str) -> None:
     if not path.is_dir():
         safetensors_shapes(path)
         return
+    from pipeline.models.hf import INDEX, read_weight_map
+
     verify_model_dir(path)
-    index = path / "model.safetensors.index.json"
-    if not index.is_file():
-        files = [path / WEIGHTS]
-    else:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = [path / name for name in sorted(set(weight_map.values()))]
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise DamagedFile(index, f"not a safetensors index ({type(e).__name__}: {e})") from None
+    index = path / INDEX
+    files = [path / name for name in sorted(set(read_weight_map(index).values()))] if index.is_file() \
+        else [path / WEIGHTS]
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"{key}: {file} is missing" + (f" (listed in {index.name})" if index.is_file()
