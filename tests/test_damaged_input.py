@@ -350,6 +350,7 @@ def test_damaged_stage_order_names_the_stage_to_run(tmp_path):
     """The shard stage before prepare (or on a cut-short stats.json) names the file and the stage."""
     from pipeline.config import validate
     from pipeline.data.build import shard
+    from pipeline.training.checkpoint import DamagedFile
     from tests.conftest import tiny_raw
 
     data = validate(tiny_raw()).task("lm").data
@@ -357,6 +358,6 @@ def test_damaged_stage_order_names_the_stage_to_run(tmp_path):
         shard(data, tmp_path / "prepared", tmp_path / "shards")
     (tmp_path / "prepared").mkdir()
     (tmp_path / "prepared" / "stats.json").write_text('{"documents": 3')
-    with pytest.raises(ValueError, match=r"stats.json is damaged \(not valid JSON: .*\): run the prepare stage again"):
+    with pytest.raises(DamagedFile, match=r"stats.json is damaged \(not valid JSON: .*; run the prepare stage again\)"):
         shard(data, tmp_path / "prepared", tmp_path / "shards")
     assert not (tmp_path / "shards").exists()

@@ -470,3 +470,11 @@ def test_damaged_register_inputs_are_named(tmp_path):
     (metrics_dir / "eval.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"eval.json is missing: run the evaluate stage first"):
         register_export(cfg, "lm", export_dir, metrics_dir, tmp_path / "out")
+    from pipeline.tracking.mlflow_runs import RUN_FILE, read_run_file  # the run the train stage recorded
+
+    (export_dir / RUN_FILE).write_text('{"run_id": "ab')
+    with pytest.raises(DamagedFile, match=rf"^{export_dir / RUN_FILE} is damaged \(not valid JSON: .*run the train"):
+        read_run_file(export_dir)
+    (export_dir / RUN_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"^{export_dir / RUN_FILE} is missing: run the train stage first"):
+        read_run_file(export_dir)

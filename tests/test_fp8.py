@@ -111,9 +111,9 @@ FP8_RUNS = {
 }
 
 
-def _fp8_group(rank: int, world: int, raws: dict, shards: str, root: str) -> dict:
-    """Every run on both ranks, then the float8 run resumed from its step-5 checkpoint; rank 0
-    returns histories, implementation lines and exported weights."""
+def _fp8_group(rank: int, world: int, raws: dict, shards: str, root: str, resume: str = "fsdp_fp8") -> dict:
+    """Every run on every rank, then run `resume` resumed from its step-5 checkpoint (as
+    `<resume>_resumed`); rank 0 returns histories, implementation lines and exported weights."""
     import shutil
     from pathlib import Path
 
@@ -137,10 +137,10 @@ def _fp8_group(rank: int, world: int, raws: dict, shards: str, root: str) -> dic
     for name, raw in raws.items():
         run(name, raw)
     if rank == 0:
-        src = Path(root) / "fsdp_fp8" / "checkpoint_00000005"
-        shutil.copytree(src, Path(root) / "fsdp_fp8_resumed" / src.name)
+        src = Path(root) / resume / "checkpoint_00000005"
+        shutil.copytree(src, Path(root) / f"{resume}_resumed" / src.name)
     dist.barrier()
-    run("fsdp_fp8_resumed", raws["fsdp_fp8"])
+    run(f"{resume}_resumed", raws[resume])
     return out if rank == 0 else {}
 
 
@@ -152,6 +152,18 @@ def fp8_runs(built_data, tmp_path_factory):
     _, shards = built_data
     raws = {name: tiny_raw(FP8_STEPS + extra) for name, extra in FP8_RUNS.items()}
     return run_group(_fp8_group, 2, raws, str(shards["lm"]), str(tmp_path_factory.mktemp("fp8")))[0]
+
+
+@pytest.fixture(scope="module")
+def fp8_mesh_runs(built_data, tmp_path_factory):
+    """FSDP2 over dp=2 around tp=2 on 4 ranks (float8 all-gather on), and the same run resumed."""
+    pytest.importorskip("torchao.float8")
+    from pipeline.runtime.local_group import run_group
+
+    _, shards = built_data
+    raws = {"fsdp_tp2_fp8": tiny_raw([*FP8_STEPS, "strategy.name=fsdp", "parallel.tp=2", *EMULATED])}
+    return run_group(_fp8_group, 4, raws, str(shards["lm"]), str(tmp_path_factory.mktemp("fp8_mesh")),
+                     "fsdp_tp2_fp8")[0]
 
 
 def _losses(run: dict) -> list[float]:
@@ -191,6 +203,20 @@ def test_fp8_emulated_tensor_and_pipeline_parallel_train_like_ddp(fp8_runs):
         assert _worst(ddp, _losses(fp8_runs[name])) < 5e-4, name
         assert fp8_runs[name]["impl"]["precision"] == "fp8 (4 Float8Linear layers, emulated)", name
     assert "tp=2" in fp8_runs["tp2_fp8"]["impl"]["strategy"] and "pp=2" in fp8_runs["pp2_fp8"]["impl"]["strategy"]
+
+
+def test_fp8_emulated_fsdp2_with_tensor_parallel_trains_like_ddp_and_resumes_exactly(fp8_runs, fp8_mesh_runs):
+    """The 2-D float8 layout on 4 ranks (dp=2 x tp=2, FSDP2 all-gathering float8 tp slices) trains
+    like DDP's fp8 on 2 ranks (the same dp degree, so the same batches): per-step losses within
+    5e-4 relative; resumed at step 5 it ends on the uninterrupted run's exact weights (the scales
+    are recomputed from the loaded weights)."""
+    straight, resumed = fp8_mesh_runs["fsdp_tp2_fp8"], fp8_mesh_runs["fsdp_tp2_fp8_resumed"]
+    assert _worst(_losses(fp8_runs["ddp_fp8"]), _losses(straight)) < 5e-4
+    assert straight["impl"]["precision"] == "fp8 (4 Float8Linear layers, emulated, float8 all-gather)"
+    assert "tp=2" in straight["impl"]["strategy"] and "dp=2" in straight["impl"]["strategy"]
+    assert _losses(resumed) == _losses(straight)
+    for k, v in straight["weights"].items():
+        assert torch.equal(v, resumed["weights"][k]), k
 
 
 def _tp_float8_layers(rank: int, world: int) -> dict:
@@ -262,76 +288,98 @@ def test_fp8_emulated_fsdp2_resume_equals_uninterrupted(fp8_runs):
         assert torch.equal(v, resumed["weights"][k]), k
 
 
-def _fsdp_fp8_probe(rank: int, world: int, all_gather: bool) -> dict:
-    """A 2-block GPT (w1 and w3 converted) under FSDP2 on a real gloo group, two forward +
-    backward passes with an optimizer step between. Returns the bytes FSDP2 all-gathered in the
-    first pass (FSDP2's all-gather call wrapped to count its outputs; the call itself runs),
-    the converted weights' elements, and, under float8 all-gather, for each converted layer and
-    pass, whether the float8 weight the layer computed with (bits and scale) is torchao's own
-    cast of the whole fp32 weight: from the all-reduced amax in the first pass, from the scales
-    precomputed after the step in the second."""
+def _fsdp_fp8_probe(rank: int, world: int, tp: int) -> dict:
+    """A 2-block GPT (w1 and w3 converted) under FSDP2 on a real gloo group (with `tp` > 1, on
+    a dp x tp mesh, the converted layers split by torchao's float8 styles), built on the meta
+    device and initialised sharded as in training, then two forward + backward passes with an
+    optimizer step between; once with float8 all-gather, once without. Returns for each: the
+    bytes FSDP2 all-gathered in the first pass on this rank (FSDP2's all-gather call wrapped to
+    count its outputs; the call itself runs), the converted weights' elements, whether their
+    scales were precomputed, and, under float8 all-gather, for each converted layer and pass,
+    whether the float8 weight the layer computed with (bits and scale) is this rank's slice of
+    torchao's cast of the whole fp32 weight (the first pass from the scales precomputed at
+    setup, the second from those precomputed after the step)."""
     import torch.distributed as dist
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
     from torchao.float8.float8_training_tensor import GemmInputRole
 
-    from pipeline.config.schema import FSDPConfig
+    from pipeline.config.schema import FSDPConfig, ParallelConfig
     from pipeline.distributed import StepSettings, build_strategy
 
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(d_model=64, n_layers=2, n_heads=4, mlp_hidden=1536), 256, 32)  # whole, then sharded
-    precision = Precision("fp8", torch.device("cpu"), fp8_emulate=True, fp8_all_gather=all_gather)
-    strategy = build_strategy(FSDPConfig(), precision, torch.device("cpu"), StepSettings(2, 1, 1.0))
-    assert precision.prepare(model, strategy.gathers_weights) == 4
-    layers = {n: m for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"}
-    whole = {n: m.weight.detach().clone() for n, m in layers.items()}
-    strategy.setup(model, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2))
-    checks: list[tuple[str, int, bool, bool]] = []
+    def probe(all_gather: bool) -> dict:
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = GPT(GPTConfig(d_model=64, n_layers=2, n_heads=4, mlp_hidden=1536), 256, 32)
+        precision = Precision("fp8", torch.device("cpu"), fp8_emulate=True, fp8_all_gather=all_gather)
+        strategy = build_strategy(FSDPConfig(), precision, torch.device("cpu"), StepSettings(2, 1, 1.0),
+                                  ParallelConfig(tp=tp))
+        assert precision.prepare(model, strategy.gathers_weights) == 4
+        strategy.setup(model, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2))
+        layers = {n: m for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"}
+        checks: list[tuple[str, int, bool, bool]] = []
 
-    def check(name: str, step: int):
-        def hook(module, _args):
-            w = module.weight
-            if not all_gather:
-                return
-            ref = hp_tensor_to_float8_dynamic(whole[name], module.config.cast_config_weight.target_dtype,
-                                              module.linear_mm_config, gemm_input_role=GemmInputRole.WEIGHT)
-            checks.append((name, step, torch.equal(w._data.view(torch.uint8), ref._data.view(torch.uint8)),
-                           torch.equal(w._scale, ref._scale)))
-        return hook
+        @torch.no_grad()
+        def whole_weight(param) -> torch.Tensor:
+            full = param.full_tensor()
+            return getattr(full, "_tensor", full)  # torchao's float8-castable weight wraps the fp32 tensor
 
-    @torch.no_grad()
-    def whole_weight(param) -> torch.Tensor:
-        local = param.to_local()
-        local = getattr(local, "_tensor", local)  # torchao's float8-castable weight wraps the fp32 shard
-        parts = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(parts, local.contiguous())
-        return torch.cat(parts)
+        def check(name: str, step: int, whole: torch.Tensor):
+            def hook(module, _args):
+                w = module.weight  # what FSDP2 all-gathered: float8 (a DTensor over tp under tensor parallelism)
+                local = w.to_local() if hasattr(w, "to_local") else w
+                ref = hp_tensor_to_float8_dynamic(whole, module.config.cast_config_weight.target_dtype,
+                                                  module.linear_mm_config, gemm_input_role=GemmInputRole.WEIGHT)
+                mine = ref._data
+                if hasattr(w, "to_local"):
+                    shape, offset = compute_local_shape_and_global_offset(whole.shape, w.device_mesh, w.placements)
+                    mine = mine[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+                checks.append((name, step, torch.equal(local._data.view(torch.uint8), mine.view(torch.uint8)),
+                               torch.equal(local._scale, ref._scale)))
+            return hook
 
-    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
-    gathered: list[int] = []
-    for step in (1, 2):
-        if step == 2:
-            whole = {n: whole_weight(m.weight) for n, m in layers.items()}
-        hooks = [m.register_forward_pre_hook(check(n, step)) for n, m in layers.items()]
-        name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
-        original = getattr(dist, name)  # what FSDP2 all-gathers with (torch 2.13: all_gather_single)
+        x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+        gathered: list[int] = []
+        for step in (1, 2):
+            wholes = {n: whole_weight(m.weight) for n, m in layers.items()}
+            hooks = [m.register_forward_pre_hook(check(n, step, wholes[n])) for n, m in layers.items()] \
+                if all_gather else []
+            name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+            original = getattr(dist, name)  # what FSDP2 all-gathers with (torch 2.13: all_gather_single)
 
-        def counting(output, *args, original=original, **kwargs):
-            gathered.append(output.numel() * output.element_size())
-            return original(output, *args, **kwargs)
+            def counting(output, *args, original=original, **kwargs):
+                gathered.append(output.numel() * output.element_size())
+                return original(output, *args, **kwargs)
 
-        setattr(dist, name, counting if step == 1 else original)
-        try:
-            with precision.autocast():
-                loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), x.flatten())
-            loss.backward()
-        finally:
-            setattr(dist, name, original)
-            for h in hooks:
-                h.remove()
-        strategy.clip_and_step(1.0)  # under float8 all-gather: the scales for the next pass
-    converted = sum(w.numel() for w in whole.values())
-    precomputed = [getattr(m.weight._local_tensor, "_precomputed_scale", None) is not None for m in layers.values()]
-    return {"bytes": sum(gathered), "converted": converted, "checks": checks, "precomputed": precomputed}
+            setattr(dist, name, counting if step == 1 else original)
+            try:
+                with precision.autocast():
+                    loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), x.flatten())
+                loss.backward()
+            finally:
+                setattr(dist, name, original)
+                for h in hooks:
+                    h.remove()
+            strategy.clip_and_step(1.0)  # under float8 all-gather: the scales for the next pass
+        converted = sum(m.weight.numel() for m in layers.values())
+        precomputed = [getattr(m.weight._local_tensor, "_precomputed_scale", None) is not None
+                       for m in layers.values()]
+        return {"bytes": sum(gathered), "converted": converted, "checks": checks, "precomputed": precomputed,
+                "precision": precision.describe(4)}
+
+    return {"fp8": probe(True), "bf16": probe(False)}
+
+
+def _check_float8_gather(got: dict, tp: int) -> None:
+    fp8, bf16 = got["fp8"], got["bf16"]
+    assert fp8["converted"] == bf16["converted"] == 4 * 64 * 1536
+    assert fp8["bytes"] > 0
+    # one byte less per gathered element; each rank gathers its tp slice, each block twice
+    assert bf16["bytes"] - fp8["bytes"] == 2 * fp8["converted"] // tp, (bf16["bytes"], fp8["bytes"])
+    assert fp8["precomputed"] == [True] * 4 and bf16["precomputed"] == [False] * 4
+    assert fp8["precision"].endswith("float8 all-gather)") and "all-gather" not in bf16["precision"]
+    assert len(fp8["checks"]) == 8  # 4 layers x 2 passes
+    assert all(bits and scale for _, _, bits, scale in fp8["checks"]), fp8["checks"]
 
 
 def test_fp8_fsdp2_all_gathers_the_converted_weights_in_float8():
@@ -343,11 +391,19 @@ def test_fp8_fsdp2_all_gathers_the_converted_weights_in_float8():
     pytest.importorskip("torchao.float8")
     from pipeline.runtime.local_group import run_group
 
-    fp8, _ = run_group(_fsdp_fp8_probe, 2, True)
-    bf16, _ = run_group(_fsdp_fp8_probe, 2, False)
-    assert fp8["converted"] == bf16["converted"] == 4 * 64 * 1536
-    assert fp8["bytes"] > 0
-    assert bf16["bytes"] - fp8["bytes"] == 2 * fp8["converted"], (bf16["bytes"], fp8["bytes"])
-    assert fp8["precomputed"] == [True] * 4 and bf16["precomputed"] == [False] * 4
-    assert len(fp8["checks"]) == 8  # 4 layers x 2 passes
-    assert all(bits and scale for _, _, bits, scale in fp8["checks"]), fp8["checks"]
+    for got in run_group(_fsdp_fp8_probe, 2, 1):  # every rank
+        _check_float8_gather(got, tp=1)
+
+
+def test_fp8_fsdp2_with_tensor_parallel_all_gathers_float8_cast_with_the_whole_weights_scale():
+    """FSDP2 over dp=2 around tensor parallelism (tp=2, 4 ranks; torchtitan's 2-D float8 layout):
+    each rank all-gathers its tp slice of every converted weight in float8 (exactly 2 x the
+    converted elements / tp fewer bytes), cast with the scale of the whole weight across both
+    mesh dimensions: the scales are precomputed at setup and after each step. (Without the one
+    at setup, the first pass's scales came from each tp slice's own amax, all-reduced over dp
+    alone: different bits on each tp rank.)"""
+    pytest.importorskip("torchao.float8")
+    from pipeline.runtime.local_group import run_group
+
+    for got in run_group(_fsdp_fp8_probe, 4, 2):  # every rank
+        _check_float8_gather(got, tp=2)

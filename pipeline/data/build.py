@@ -77,12 +77,9 @@ def _token_rows(cfg: TextDataConfig, split_file: Path, tokenizer_json: str,
 def shard(cfg: TextDataConfig | ImageDataConfig, prepared: Path, out_dir: Path) -> Path:
     """Write the shards and manifest; returns the manifest path. Text streams: one batch of
     documents and one shard of rows at a time."""
-    if not (prepared / STATS).is_file():
-        raise FileNotFoundError(f"{prepared / STATS} is missing: run the prepare stage first")
-    try:
-        stats = json.loads((prepared / STATS).read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{prepared / STATS} is damaged (not valid JSON: {e}): run the prepare stage again") from None
+    from pipeline.training.checkpoint import read_json
+
+    stats = read_json(prepared / STATS, "prepare")
     tokenizer = b""
     if isinstance(cfg, TextDataConfig):
         # read once: the bytes the rows are encoded with are the bytes hashed and shipped

@@ -51,7 +51,7 @@ class Strategy(ABC):
     # so a run resumes at any worker count; pipeline/config/elastic.py).
     reshard_limit: str | None = None
     # Whether FSDP2 all-gathers the weights before each use (so fp8 weights can travel in float8,
-    # `Precision.prepare`); such a strategy calls `precision.after_step` after each step.
+    # `Precision.prepare`); such a strategy calls `precision.refresh_fp8_scales` whenever its weights change.
     gathers_weights: bool = False
 
     def __init__(self, cfg: Any, precision: Precision, device: torch.device, settings: StepSettings) -> None:

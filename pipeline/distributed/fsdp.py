@@ -57,6 +57,7 @@ class FSDPStrategy(Strategy):
             model.to(self.device)
         self.model = model
         self.optimizer = make_optimizer(model)
+        self.precision.refresh_fp8_scales(model)
 
     def _materialize_sharded(self, model: nn.Module) -> None:
         """Allocate each rank's local shards (`to_empty` swaps tensors in place, so tied
@@ -81,14 +82,16 @@ class FSDPStrategy(Strategy):
         norm = grad_norm_and_clip([p for p in self.model.parameters() if p.grad is not None], max_norm)
         stepped = self.precision.step(self.optimizer, norm)
         self.optimizer.zero_grad(set_to_none=True)
-        self.precision.after_step(self.model)
+        self.precision.refresh_fp8_scales(self.model)
         return norm, stepped
 
     def save(self, directory: Path, extra: dict[str, Any]) -> None:
         dcp_state.save(directory, self.model, self.optimizer, extra)
 
     def load(self, directory: Path, extra: dict[str, Any]) -> dict[str, Any]:
-        return dcp_state.load(directory, self.model, self.optimizer, extra)  # in place, into this rank's shards
+        extra = dcp_state.load(directory, self.model, self.optimizer, extra)  # in place, into this rank's shards
+        self.precision.refresh_fp8_scales(self.model)
+        return extra
 
     def export_state(self) -> dict[str, torch.Tensor]:
         """This rank's shards (DTensors) under the plain module's names, as DCP names them:

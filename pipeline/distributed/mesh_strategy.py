@@ -65,6 +65,13 @@ class MeshStrategy(Strategy):
 
     # ------------------------------------------------------------------ layout
     @property
+    def gathers_weights(self) -> bool:
+        """FSDP2 over more than one dp rank all-gathers each weight before use (its tp shard,
+        under tensor parallelism), so fp8 weights can travel in float8 (torchtitan does this
+        for 2-D dp_shard x tp); `replicate` and a dp degree of 1 gather nothing."""
+        return self.cfg.name == "fsdp" and self.layout.dp > 1
+
+    @property
     def dp_rank(self) -> int:
         return self._dp_rank
 
@@ -99,6 +106,7 @@ class MeshStrategy(Strategy):
         init_by_unit(model, self.device, keep_local_slices, weights=self.init_from)  # the full skeleton, in DDP's order
         self.model = part
         self.optimizer = make_optimizer(part)
+        self.precision.refresh_fp8_scales(part)
         if self.use_pp:
             self._pair_tied(part, ties)
 
@@ -237,6 +245,7 @@ class MeshStrategy(Strategy):
                 g.mul_(coef)
         stepped = guarded_step(self.optimizer, nonfinite_flag(norm))
         self.optimizer.zero_grad(set_to_none=True)
+        self.precision.refresh_fp8_scales(self.model)
         return norm, stepped
 
     # ------------------------------------------------------------------ state (collective)
@@ -244,7 +253,9 @@ class MeshStrategy(Strategy):
         dcp_state.save(directory, self.model, self.optimizer, extra)
 
     def load(self, directory: Path, extra: dict[str, Any]) -> dict[str, Any]:
-        return dcp_state.load(directory, self.model, self.optimizer, extra)
+        extra = dcp_state.load(directory, self.model, self.optimizer, extra)
+        self.precision.refresh_fp8_scales(self.model)
+        return extra
 
     def full_shapes(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[int, ...]]:
         if not self.use_pp:

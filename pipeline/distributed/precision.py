@@ -64,10 +64,12 @@ class Precision:
         how += ", float8 all-gather" if self._precompute_scales else ""
         return f"fp8 ({fp8_layers} Float8Linear layers{how})"
 
-    def after_step(self, model: nn.Module) -> None:
-        """After each optimizer step, under float8 all-gather: every converted weight's scale for
-        the next forward, from one all-reduce of all their amaxes (without it each layer's
-        all-gather would first all-reduce its own amax)."""
+    def refresh_fp8_scales(self, model: nn.Module) -> None:
+        """Under float8 all-gather, whenever the weights change (the strategy's setup, a checkpoint
+        load, each optimizer step): every converted weight's scale for the next forward, from one
+        all-reduce of all their amaxes over the weight's whole mesh. Without it each layer's
+        all-gather reduces its own amax over the dp ranks only, which under tensor parallelism
+        is the amax of this tp rank's slice: every tp rank would cast with its own scale."""
         if self._precompute_scales:
             torchao_float8().precompute_float8_dynamic_scale_for_fsdp(model)
 

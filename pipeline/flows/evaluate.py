@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 
+from pipeline.atomic import atomic_write_text
 from pipeline.config.schema import TaskConfig
 from pipeline.evaluation.device import eval_device
 from pipeline.tracking import mlflow_runs
@@ -17,6 +18,7 @@ def evaluate(tcfg: TaskConfig, model_dir: Path, shards: Path, metrics_dir: Path,
     import torch
 
     device = eval_device(tcfg.eval.device)  # before loading: a bad choice fails at once
+    info = mlflow_runs.read_run_file(model_dir)  # the run the metrics go to: missing or damaged, before any work
     torch.manual_seed(0)
     model, spec = load_model(model_dir)
     model.to(device)
@@ -27,7 +29,7 @@ def evaluate(tcfg: TaskConfig, model_dir: Path, shards: Path, metrics_dir: Path,
         from pipeline.evaluation.lm import evaluate_lm
 
         metrics, sample = evaluate_lm(model, shards, tcfg.eval)
-        (reports_dir / "sample.txt").write_text(sample + "\n")
+        atomic_write_text(reports_dir / "sample.txt", sample + "\n")
         artifacts = [reports_dir / "sample.txt"]
     else:
         from pipeline.evaluation.diffusion import denoise_loss, sample_grid, save_grid, score_with_classifier
@@ -39,8 +41,7 @@ def evaluate(tcfg: TaskConfig, model_dir: Path, shards: Path, metrics_dir: Path,
             metrics.update(score_with_classifier(model, shards, tcfg.eval))
         artifacts = [reports_dir / "samples.png"]
     metrics_dir.mkdir(parents=True, exist_ok=True)
-    (metrics_dir / "eval.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    info = mlflow_runs.read_run_file(model_dir)
+    atomic_write_text(metrics_dir / "eval.json", json.dumps(metrics, indent=2, sort_keys=True))
     mlflow.set_tracking_uri(info["tracking_uri"])
     with mlflow.start_run(run_id=info["run_id"]):
         mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})

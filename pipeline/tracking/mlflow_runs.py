@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -129,14 +128,10 @@ def log_history(run_id: str, history: list[dict[str, float]], prefix: str = "tra
 
 
 def read_run_file(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / RUN_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the train stage records the MLflow run there")
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is damaged (not valid JSON: {e}): it names the MLflow run the train stage "
-                         "recorded; run the train stage again") from None
+    """The MLflow run the train stage recorded beside its model (missing or damaged: one line)."""
+    from pipeline.training.checkpoint import read_json
+
+    return read_json(model_dir / RUN_FILE, "train")
 
 
 def log_datasets(run_id: str, task: str, source: str, raw_sha256: str | None, shards_dir: Path,

@@ -126,10 +126,10 @@ class PrecisionConfig(Strict):
     # the dequantised operands), on any device, CPUs included. For checking an fp8 run's numerics,
     # checkpoints and layouts without float8 hardware; never faster than bf16.
     fp8_emulate: bool = False
-    # fp8 under FSDP2 (strategy fsdp without tp or pp; on that mesh they are gathered in bf16): the
-    # converted layers' weights are all-gathered in float8 (half of bf16's
-    # bytes), their scales computed for all layers in one all-reduce after each optimizer step
-    # (torchtitan's enable_fsdp_float8_all_gather with precompute_float8_dynamic_scale_for_fsdp).
+    # fp8 under FSDP2 (strategy fsdp over more than one dp rank, with or without tp and pp): the
+    # converted layers' weights are all-gathered in float8 (half of bf16's bytes), their scales
+    # computed for all layers in one all-reduce whenever the weights change (torchtitan's
+    # enable_fsdp_float8_all_gather with precompute_float8_dynamic_scale_for_fsdp).
     fp8_all_gather: bool = True
 
     @model_validator(mode="after")
