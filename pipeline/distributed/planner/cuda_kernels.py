@@ -127,3 +127,21 @@ def cuda_kernels(eager: bool) -> Iterator[None]:
     finally:
         for name, fn in originals.items():
             setattr(F, name, fn)
+
+
+@contextlib.contextmanager
+def cuda_autocast_flags(dtype: torch.dtype) -> Iterator[None]:
+    """CUDA's autocast flags set as the trace's CPU autocast stands for them: torchao's
+    Float8Linear reads CUDA's state alone (`torch.is_autocast_enabled()`, then casts its input to
+    CUDA's autocast dtype and saves that copy for backward). Set for the whole forward and
+    backward, since a checkpointed block's recomputation runs under the forward's CUDA autocast
+    state on a GPU. Thread-local flags: no CUDA is needed, and CPU tensors dispatch to the CPU's
+    autocast regardless."""
+    enabled, before = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", enabled)
+        torch.set_autocast_dtype("cuda", before)

@@ -262,12 +262,15 @@ def _state_layout(cfg: PipelineConfig, facts: ModelFacts, workers: int, optim: O
         # A block is gathered for its forward (plus a block-sized all-gather buffer while it is
         # copied out; CUDA also prefetches the next block) and again for its backward, after which
         # its gradients go through an fp32 reduce-scatter buffer and 1/N of them stay, in fp32.
+        # Under fp8 with float8 all-gather (over more than one rank) a block's converted weights
+        # are gathered and kept in one byte each.
         block = facts.largest_block
+        unit = facts.gathered_block_bytes(lp, precision == "fp8" and cfg.precision.fp8_all_gather and N > 1)
         root = facts.root_params * lp
-        ahead = block * lp if target == "cuda" else 0
+        ahead = unit if target == "cuda" else 0
         if s.reshard_after_forward:
             def gathered(phase: np.ndarray) -> np.ndarray:
-                return root + np.where(phase == 1, 2 * block * lp + ahead, np.where(phase == 2, block * lp + ahead, 0))
+                return root + np.where(phase == 1, 2 * unit + ahead, np.where(phase == 2, unit + ahead, 0))
         else:  # blocks stay gathered from their forward to their backward
             gathered = _const(facts.params * lp)
 

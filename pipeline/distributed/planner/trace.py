@@ -27,7 +27,7 @@ from pipeline.config.schema import TaskConfig, TrainerConfig
 from pipeline.distributed.activation import apply_activation_checkpointing
 from pipeline.distributed.compile import compile_targets
 from pipeline.distributed.planner.compiled import fresh_dynamo, planning_backend
-from pipeline.distributed.planner.cuda_kernels import cuda_kernels
+from pipeline.distributed.planner.cuda_kernels import cuda_autocast_flags, cuda_kernels
 from pipeline.distributed.units import repeated_blocks
 
 # DeepSpeed ZeRO-3's default (DeepSpeed 0.19), here because `ModelFacts.small_params` counts by it;
@@ -50,6 +50,16 @@ class ModelFacts:
     # elements of the state dict's entries: a tied weight under each of its names, persistent
     # buffers too (what an EMA of the state dict clones); 0 = `params`
     state_numel: int = 0
+    # per repeated block, elements of the weights precision fp8 converts (torchao's Float8Linear):
+    # FSDP2 all-gathers those in float8 (`precision.fp8_all_gather`); () without fp8
+    fp8_block_params: tuple[int, ...] = ()
+
+    def gathered_block_bytes(self, lp: int, float8: bool) -> int:
+        """Bytes of the largest block gathered whole in dtype size `lp`, its converted weights in
+        one byte each when `float8`."""
+        if not float8 or not self.fp8_block_params:
+            return self.largest_block * lp
+        return max(b * lp - f * (lp - 1) for b, f in zip(self.block_params, self.fp8_block_params, strict=True))
 
     @property
     def largest_block(self) -> int:
@@ -67,7 +77,8 @@ def merge_facts(parts: list[ModelFacts]) -> ModelFacts:
         param_numels=tuple(n for f in parts for n in f.param_numels),
         module_calls=tuple(tuple(int(o) + i for i in call) for f, o in zip(parts, offsets, strict=False)
                            for call in f.module_calls),
-        state_numel=sum(f.state_numel or f.params for f in parts))
+        state_numel=sum(f.state_numel or f.params for f in parts),
+        fp8_block_params=tuple(n for f in parts for n in f.fp8_block_params))
 
 
 def spec_for_planning(tcfg: TaskConfig, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -188,12 +199,15 @@ def traces_compiled(trainer: TrainerConfig) -> bool:
 
 def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dtype: torch.dtype,
               autocast_dtype: torch.dtype | None, target: str, micro_batch: int,
-              tp: int = 1, stage: tuple[int, int] | None = None) -> tuple[ModelFacts, _Trace]:
+              tp: int = 1, stage: tuple[int, int] | None = None, fp8: bool = False) -> tuple[ModelFacts, _Trace]:
     """Build the model under FakeTensorMode and trace one forward + backward at `micro_batch`;
     with `tp` > 1, the model one tensor-parallel rank computes (`tensor_parallel.localize`);
     with `stage` (index, count), that pipeline stage alone (`pipeline_parallel.split_stage`): it
     takes the previous stage's hidden state (a received buffer) and, but for the last, runs
-    backward from a gradient of its output's shape, as a pipeline schedule does."""
+    backward from a gradient of its output's shape, as a pipeline schedule does. `fp8`: the
+    layers precision fp8 converts are torchao's Float8Linear, as the loop converts them (for a
+    CUDA target with float8 GEMMs, `_scaled_mm`, which fake tensors run on any device; for the
+    CPU, torchao's emulation, what runs there)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from pipeline.distributed.pipeline_parallel import split_stage
@@ -224,6 +238,10 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
                  if any(True for _ in m.parameters(recurse=False))]
         if param_dtype != torch.float32:
             _cast_parameters(model, param_dtype)
+        if fp8:
+            from pipeline.distributed.precision import convert_to_fp8
+
+            convert_to_fp8(model, emulate=target == "cpu")
         apply_activation_checkpointing(model, trainer.activation_checkpointing, trainer.ac_selective,
                                        trainer.ac_every_k)
         model.train()
@@ -269,13 +287,15 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
         cuda = cuda_kernels(eager=trainer.compile == "none") if target == "cuda" else contextlib.nullcontext()
         autocast = (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
+        flags = (cuda_autocast_flags(autocast_dtype) if fp8 and target == "cuda" and autocast_dtype is not None
+                 else contextlib.nullcontext())
         first, last = stage is None or stage[0] == 0, stage is None or stage[0] == stage[1] - 1
         recv = [0, 0]  # bytes of the stage's receive buffers: the hidden state in, its output's gradient
         if not first:  # the hidden state received from the previous stage (it needs a gradient)
             batch["x"] = torch.zeros(*batch["x"].shape, model.cfg.d_model, dtype=param_dtype, requires_grad=True)
             tracker.ignore.add(batch["x"].untyped_storage()._cdata)  # a persistent buffer, counted by the plan
             recv[0] = batch["x"].untyped_storage().nbytes()
-        with cuda, tracker:
+        with cuda, flags, tracker:
             with autocast:
                 if stage is None:
                     loss = task.loss(model, batch, None)
@@ -314,6 +334,8 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
             param_numels=numels,
             module_calls=tuple(calls_forward),
             state_numel=sum(t.numel() for t in model.state_dict().values()),
+            fp8_block_params=tuple(sum(m.weight.numel() for m in b.modules() if type(m).__name__ == "Float8Linear")
+                                   for b in blocks) if fp8 else (),
         )
     return facts, trace
 
@@ -366,7 +388,7 @@ LOW = 2  # the smaller of the two traced micro-batches (`activation_profile`)
 
 def activation_profile(tcfg: TaskConfig, spec: dict[str, Any], param_dtype: torch.dtype,
                        autocast_dtype: torch.dtype | None, target: str, tp: int = 1,
-                       stage: tuple[int, int] | None = None) -> ActivationProfile:
+                       stage: tuple[int, int] | None = None, fp8: bool = False) -> ActivationProfile:
     """Trace at micro-batch 2 and 3 and split every operator's live bytes into a fixed part and
     a per-item part (exact while every operator's tensors scale linearly with the batch, as a
     Transformer's and a U-Net's do; tests/test_planner.py checks a third point). Not 1: there
@@ -377,14 +399,15 @@ def activation_profile(tcfg: TaskConfig, spec: dict[str, Any], param_dtype: torc
     key = (json.dumps(spec, sort_keys=True), tcfg.trainer.activation_checkpointing, tcfg.trainer.ac_selective,
            tcfg.trainer.ac_every_k, tcfg.trainer.label_smoothing,
            traces_compiled(tcfg.trainer) and (tcfg.trainer.compile, tcfg.trainer.compile_loss), str(param_dtype),
-           str(autocast_dtype), target, tp, stage)
+           str(autocast_dtype), target, tp, stage, fp8)
     if key in _PROFILE_CACHE:
         return _PROFILE_CACHE[key]
     kind = tcfg.data.kind
 
     def run(trainer: TrainerConfig) -> tuple[ModelFacts, _Trace, _Trace]:
-        facts, low = _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, LOW, tp, stage)
-        return facts, low, _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, LOW + 1, tp, stage)[1]
+        facts, low = _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, LOW, tp, stage, fp8)
+        return facts, low, _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, LOW + 1, tp, stage,
+                                     fp8)[1]
 
     fallback = ""
     try:
