@@ -28,10 +28,7 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
     namespace and pid, so temporaries that a killed writer left for the same `target` (full
     copies) are removed here once that writer is gone."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(target)
-    tmp = _make_temporary_dir(target)
-    try:
+    with scratch_dir(target) as tmp:  # (removed on the way out unless it became `target`)
         yield tmp
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -40,6 +37,19 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def scratch_dir(target: Path | str) -> Iterator[Path]:
+    """A fresh temporary folder beside `target`, named and cleaned as `atomic_dir`'s (one a killed
+    writer left is removed by the next writer here), deleted on the way out: for staging what is
+    copied elsewhere (MLflow's artifact store), not for an artifact that stays."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target)
+    tmp = _make_temporary_dir(target)
+    try:
+        yield tmp
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_text(args.out, yaml.safe_dump(raw, sort_keys=False))  # DVC stages read it
             print(f"wrote {args.out}")
         else:
+            from pipeline.distributed import check_gpu_host
+
             cfg = load_config(args.params)
+            check_gpu_host(cfg)  # as the train stage would run here: use_gpu on a local Ray without CUDA
             check_tasks(cfg, args.task)
             print(f"{args.params}: ok")
     except _known_errors() as e:

@@ -93,7 +93,7 @@ def test_pyfunc_round_trip(built_data, tmp_path, mlflow_store, task):
     logged = Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "artifacts"
     assert [p.name for p in logged.iterdir()] == ["model_dir"]
     assert not list(logged.glob("model_dir/*.onnx*")) and (logged / "model_dir/model.safetensors").is_file()
-    assert not list(d.parent.glob(".pyfunc-*"))
+    assert not list(d.parent.glob(".pyfunc*"))
     out = mlflow.pyfunc.load_model(info.model_uri).predict(example_input(spec))
     if task == "lm":
         assert list(out.columns) == ["completion"] and len(out) == 2

@@ -128,6 +128,7 @@ def trained_lm(tmp_path, tiny_cfg):
     metrics = tmp_path / "metrics" / "lm"
     metrics.mkdir(parents=True)
     (metrics / "eval.json").write_text(json.dumps({"val_loss": 5.25, "val_perplexity": 190.6, "test_loss": 5.3}))
+    (metrics / "eval_run.json").write_text(json.dumps({"run_id": run.info.run_id}))  # the run evaluate scored
     yield uri, run, export, metrics
     mlflow.set_tracking_uri(None)
 

@@ -229,3 +229,24 @@ def test_init_weights_covers_every_parameter_after_meta_construction(kind):
     model.init_weights()
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all(), name
+
+
+def test_generate_stops_at_the_end_of_document_token():
+    """With `eos_id`, generation stops once every row has produced it (a served completion or
+    the evaluation's sample ends with its document instead of gluing on the next one), and
+    `until_eos` cuts a row at its first one; the tokens before it are those generated without."""
+    from pipeline.models.gpt import until_eos
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(d_model=32, n_layers=1, n_heads=2, mlp_hidden=64), 50, 64).eval()
+    prompt = torch.tensor([[5, 9, 11]])
+    full = model.generate(prompt, 30, temperature=1.0, generator=torch.Generator().manual_seed(1))[0, 3:].tolist()
+    eos = full[4]
+    first = full.index(eos)
+    stopped = model.generate(prompt, 30, temperature=1.0, generator=torch.Generator().manual_seed(1), eos_id=eos)
+    assert stopped[0, 3:].tolist() == full[: first + 1]  # the same tokens, ending at the first eos
+    assert until_eos(stopped[0, 3:].tolist(), eos) == full[:first]
+    assert until_eos(full, None) == full and until_eos([1, 2], 7) == [1, 2]
+    both = model.generate(torch.cat([prompt, prompt]), 30, temperature=0, eos_id=eos)  # stops when all rows have
+    greedy = model.generate(prompt, 30, temperature=0)[0, 3:].tolist()
+    assert both.shape[1] - 3 == (greedy.index(eos) + 1 if eos in greedy else 30)

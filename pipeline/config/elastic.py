@@ -68,8 +68,10 @@ def check_task_elastic(cfg: PipelineConfig, name: str) -> None:
     if bad:
         step = math.lcm(*counts) * tr.grad_accum_steps
         fit = -(-tr.global_batch_size // step) * step
+        where = (f"at every worker count from cluster.min_workers to cluster.num_workers "
+                 f"({counts.start}..{counts.stop - 1})" if len(counts) > 1
+                 else f"over cluster.num_workers ({counts.start})")
         raise ValueError(
-            f"tasks.{name}.trainer.global_batch_size ({tr.global_batch_size}) must split evenly at every "
-            f"worker count from cluster.min_workers to cluster.num_workers ({counts.start}..{counts.stop - 1}) "
+            f"tasks.{name}.trainer.global_batch_size ({tr.global_batch_size}) must split evenly {where} "
             f"x grad_accum_steps ({tr.grad_accum_steps}), and does not at {', '.join(map(str, bad))} "
             f"worker(s); for example global_batch_size={fit}")

@@ -168,7 +168,8 @@ def config_digest(obj: Any) -> str:
 def compose(config_dir: Path | str = "configs", overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Compose `configs/` with Hydra the way `dvc exp run` does, as a plain dict. A Hydra or
     OmegaConf problem (an unknown group option or key, an unparsable override, a missing
-    config folder) is a one-line `ConfigError` that names it."""
+    config folder), and a config file that is not UTF-8 or not valid YAML (a syntax error, a key
+    given twice), is a one-line `ConfigError` that names it (the file, with line and column)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -188,6 +189,33 @@ def compose(config_dir: Path | str = "configs", overrides: Sequence[str] = ()) -
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_hydra_message(e, overrides)) from None
+    except yaml.YAMLError as e:  # Hydra lets a group file's or config.yaml's YAML error through as is
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        name = getattr(mark, "name", None) or getattr(e, "name", None)
+        where = name if name and Path(name).is_file() else f"a YAML file under '{config_dir}'"
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:  # Hydra reads each file as UTF-8 text before YAML sees it
+        raise ConfigError(_undecodable_config(root, e)) from None
+
+
+def _undecodable_config(root: Path, err: UnicodeDecodeError) -> str:
+    """One line naming the config file that is not UTF-8, with the byte's offset: the error
+    itself names no file, so take the path Hydra was reading (its frame's `full_path`), else the
+    first `.yaml` under `root` that does not decode."""
+    tb, path = err.__traceback__, None
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("full_path")
+        path = Path(candidate) if isinstance(candidate, str) and Path(candidate).is_file() else path
+        tb = tb.tb_next
+    candidates = [path] if path is not None else sorted(root.rglob("*.yaml"))
+    for candidate in candidates:
+        try:
+            candidate.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            return f"{candidate}: not UTF-8 text (byte {e.start}): is it a YAML file?"
+        except OSError:
+            continue
+    return f"a config file under '{root}' is not UTF-8 text ({err.reason})"
 
 
 def _outside_project(relative_to: Path) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 class DataSourceError(ValueError):
@@ -332,10 +333,7 @@ def read_images(source: str) -> tuple[np.ndarray, np.ndarray, int]:
     if not fs.exists(path):
         raise DataSourceError(f"data.source: '{source}' does not exist")
     if path.endswith(".npz"):
-        with fs.open(path, "rb") as fh, np.load(fh) as z:
-            if "images" not in z or "labels" not in z:
-                raise DataSourceError(f"{source}: an image .npz needs arrays 'images' and 'labels'")
-            images, labels = z["images"], z["labels"].astype(np.int64)
+        images, labels = _read_npz(fs, path, source)
         images = images.astype(np.float32)
         if images.max() > 1.0:
             images = images / (255.0 if images.max() > 16 else 16.0)
@@ -347,26 +345,85 @@ def read_images(source: str) -> tuple[np.ndarray, np.ndarray, int]:
     raise DataSourceError(f"data.source: '{source}' is neither an .npz file nor a folder of class folders")
 
 
+def _read_npz(fs, path: str, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images, int64 labels) of an image .npz, checked here so that a damaged archive or bad
+    values stop prepare with one line naming the file, not a zipfile traceback or silently
+    truncated labels, NaN pixels or a hundred thousand empty classes further on."""
+    import zipfile
+    import zlib
+
+    try:
+        with fs.open(path, "rb") as fh:
+            z = np.load(fh, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise DataSourceError(f"{source}: a single .npy array, not an .npz with arrays 'images' and 'labels'")
+            with z:
+                if "images" not in z or "labels" not in z:
+                    raise DataSourceError(f"{source}: an image .npz needs arrays 'images' and 'labels'")
+                images, labels = z["images"], z["labels"]
+    except DataSourceError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:  # truncated, not a zip, pickled
+        raise DataSourceError(f"{source}: not a readable .npz file ({' '.join(str(e).split()) or type(e).__name__})"
+                              ) from None
+    if images.dtype.kind not in "biuf" or images.ndim not in (3, 4) or images.size == 0:
+        raise DataSourceError(f"{source}: 'images' must be a non-empty N x H x W or N x C x H x W array of numbers "
+                              f"(got shape {images.shape}, dtype {images.dtype})")
+    if images.dtype.kind == "f":
+        finite = np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+        if not finite.all():
+            raise DataSourceError(f"{source}: image {int(np.argmin(finite))} has NaN or infinite pixel values "
+                                  f"({int((~finite).sum())} images do)")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataSourceError(f"{source}: 'labels' must hold one class id per image ({len(images)}; got shape "
+                              f"{labels.shape})")
+    if labels.dtype.kind not in "biuf":
+        raise DataSourceError(f"{source}: 'labels' must be integer class ids (got dtype {labels.dtype})")
+    if labels.dtype.kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DataSourceError(f"{source}: label {labels[i]} of image {i} is not an integer class id")
+    if labels.min() < 0:
+        i = int(np.argmin(labels))
+        raise DataSourceError(f"{source}: label {labels[i]} of image {i} is negative; class ids are 0, 1, 2, ...")
+    if labels.max() >= len(labels):  # (before the cast: a huge float or uint64 label would wrap)
+        raise DataSourceError(f"{source}: largest label {labels.max()} means {int(labels.max()) + 1:,} classes, more "
+                              f"than the {len(labels):,} images; labels must be class ids 0..K-1")
+    return images, labels.astype(np.int64)
+
+
 def _read_class_folders(fs, root: str, source: str) -> tuple[np.ndarray, np.ndarray, int]:
     from PIL import Image
 
     classes = sorted(Path(p).name for p in fs.ls(root, detail=False) if fs.isdir(p))
     if not classes:
         raise DataSourceError(f"{source}: expected one sub-folder per class")
-    images, labels = [], []
+    protocol = f"{source.split('://')[0]}://" if "://" in source else ""
+    images, labels, names = [], [], []
     mode: str | None = None
     for idx, cls in enumerate(classes):
-        for f in sorted(fs.ls(f"{root.rstrip('/')}/{cls}", detail=False)):
-            if Path(f).suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
-                continue
-            with fs.open(f, "rb") as fh, Image.open(fh) as im:
-                if mode is None:  # the first image decides: colour stays colour (C = 3), else grey
-                    mode = "RGB" if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else "L"
-                img = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
+        folder = f"{root.rstrip('/')}/{cls}"
+        files = [f for f in sorted(fs.ls(folder, detail=False)) if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            raise DataSourceError(f"{protocol}{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found under this "
+                                  "class folder")
+        for f in files:
+            try:
+                with fs.open(f, "rb") as fh, Image.open(fh) as im:
+                    if mode is None:  # the first image decides: colour stays colour (C = 3), else grey
+                        mode = "RGB" if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else "L"
+                    img = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
+            except Image.UnidentifiedImageError:  # its message names fsspec's file object, not the file
+                raise DataSourceError(f"{protocol}{f}: not an image PIL can read") from None
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, damaged
+                raise DataSourceError(f"{protocol}{f}: not a readable image ({e})") from None
             images.append(img if mode == "L" else img.transpose(2, 0, 1))
             labels.append(idx)
-    shapes = {i.shape for i in images}
-    if len(shapes) != 1:
-        raise DataSourceError(f"{source}: images differ in size {sorted(shapes)}; resize them first")
+            names.append(f"{protocol}{f}")
+    odd = next((i for i, img in enumerate(images) if img.shape != images[0].shape), None)
+    if odd is not None:
+        raise DataSourceError(f"{names[odd]}: size {images[odd].shape[-2:]} differs from {names[0]}'s "
+                              f"{images[0].shape[-2:]}; images differ in size, resize them first")
     stacked = np.stack(images)
     return (stacked[:, None] if mode == "L" else stacked), np.asarray(labels, dtype=np.int64), len(classes)

@@ -215,12 +215,32 @@ def iter_documents(path: Path, batch_size: int = BATCH) -> Iterator[list[str]]:
         yield batch.column("text").to_pylist()
 
 
+# BPE training slows down badly on one very long word (a line of 200,000 'x' takes 40 s, of a
+# million never ends): the trainer sees runs of non-space characters cut to this length.
+MAX_WORD_CHARS = 256
+_LONG_WORD = re.compile(rf"\S{{{MAX_WORD_CHARS + 1},}}")
+
+
+def _capped_words(doc: str) -> list[str]:
+    """`doc` as the tokenizer trainer sees it: in pieces cut inside every whitespace-free run
+    longer than `MAX_WORD_CHARS`, so no piece holds a longer one (a document without such a
+    run, nearly every one, stays whole). Only training sees the pieces; encoding is unchanged."""
+    pieces, start = [], 0
+    for run in _LONG_WORD.finditer(doc):
+        for cut in range(run.start() + MAX_WORD_CHARS, run.end(), MAX_WORD_CHARS):
+            pieces.append(doc[start:cut])
+            start = cut
+    pieces.append(doc[start:])
+    return pieces
+
+
 def train_tokenizer(train_split: Path, vocab_size: int, path: Path, max_chars: int, total_chars: int) -> int:
     """Byte-level BPE on the training split only (no look at val/test), saved as tokenizer.json.
 
     The trainer's memory grows with the distinct words it sees, so a split larger than
     `max_chars` is sampled: every k-th document, spread over the whole split (SentencePiece's
-    `input_sentence_size` does the same). Returns the number of documents trained on."""
+    `input_sentence_size` does the same). Words longer than `MAX_WORD_CHARS` are cut for
+    training (`_capped_words`). Returns the number of documents trained on."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     stride = max(1, -(-total_chars // max_chars))
@@ -233,7 +253,7 @@ def train_tokenizer(train_split: Path, vocab_size: int, path: Path, max_chars: i
             picked = docs[(-index) % stride::stride]
             index += len(docs)
             used += len(picked)
-            yield picked
+            yield [piece for doc in picked for piece in _capped_words(doc)]
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -76,11 +76,55 @@ def preflight(cfg, use_gpu: bool) -> None:
     check_compiler(cfg, use_gpu)  # trainer.compile: inductor's C++ compiler (CPU) or Triton (GPU)
 
 
+def trains_on_local_ray(cluster) -> bool:
+    """Whether training would run on the embedded local Ray (`pipeline.runtime.connect`): this
+    process is connected to the local Ray it started, or is not connected and no cluster address
+    (RAY_ADDRESS, `cluster.address`) is named."""
+    import ray
+
+    from pipeline.runtime.connect import cluster_address, embedded
+
+    if ray.is_initialized():
+        return embedded()
+    return not cluster_address(cluster)
+
+
+def check_gpu_host(cfg) -> None:
+    """`cluster.use_gpu=true` where training would run on the local Ray of a machine without a
+    CUDA device: Ray would wait for a GPU node for ever (its 'No available node types can fulfill
+    resource request {GPU: 1}', the worker group's startup timing out again and again). One line,
+    on the driver, before any Ray resource or MLflow run."""
+    if not cfg.cluster.use_gpu or torch.cuda.is_available() or not trains_on_local_ray(cfg.cluster):
+        return
+    build = f"torch {torch.__version__}" + (", a CPU-only build" if torch.version.cuda is None
+                                           else f", built for CUDA {torch.version.cuda}, sees none")
+    raise ValueError(f"cluster.use_gpu=true, but this machine has no CUDA device ({build}) and training would run "
+                     "on the local Ray; set cluster.use_gpu=false or point RAY_ADDRESS at a GPU cluster")
+
+
+def gpu_cluster_warning(cfg) -> str | None:
+    """After connecting to an existing cluster with `cluster.use_gpu=true`: a line when the
+    cluster has no GPU at all right now (an autoscaler may still add GPU nodes, so it is not
+    refused), else None."""
+    if not cfg.cluster.use_gpu or trains_on_local_ray(cfg.cluster):
+        return None
+    import ray
+
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+    except Exception:  # (a cluster that cannot say: nothing to warn about)
+        return None
+    if gpus:
+        return None
+    return ("cluster.use_gpu=true, but the Ray cluster has no GPU now: the workers wait until an autoscaler adds "
+            "GPU nodes (none will come on a fixed cluster: stop the run and set cluster.use_gpu=false)")
+
+
 def process_group_backend(cfg, use_gpu: bool) -> str:
     if cfg.backend != "auto":
         return cfg.backend
     return "nccl" if use_gpu else "gloo"
 
 
-__all__ = ["LAYOUT_VARIANTS", "STRATEGIES", "VARIANTS", "StepSettings", "Strategy", "build_strategy", "preflight",
-           "process_group_backend"]
+__all__ = ["LAYOUT_VARIANTS", "STRATEGIES", "VARIANTS", "StepSettings", "Strategy", "build_strategy",
+           "check_gpu_host", "gpu_cluster_warning", "preflight", "process_group_backend", "trains_on_local_ray"]

@@ -10,9 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config.schema import EvalConfig
+from pipeline.data.shard_format import load_manifest
 from pipeline.data.shard_store import read_split
 from pipeline.data.shard_tokenizer import load_tokenizer
+from pipeline.data.text import EOS
 from pipeline.evaluation.device import model_device
+from pipeline.models.gpt import until_eos
 
 
 def perplexity(loss: float) -> float:
@@ -45,5 +48,7 @@ def evaluate_lm(model: torch.nn.Module, shards: Path, cfg: EvalConfig, prompt: s
         metrics[f"{split}_perplexity"] = perplexity(loss)
     tok = load_tokenizer(shards)  # the one the shards were written with, or an error naming the file
     ids = torch.tensor([tok.encode(prompt).ids], device=model_device(model))
-    out = model.generate(ids, 120, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
-    return metrics, tok.decode(out[0].tolist())
+    # the sample ends with its document, not glued to the next one
+    eos = tok.token_to_id(load_manifest(shards).get("eos_token", EOS))
+    out = model.generate(ids, 120, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0), eos_id=eos)
+    return metrics, tok.decode(until_eos(out[0].tolist(), eos))

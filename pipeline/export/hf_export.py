@@ -170,7 +170,7 @@ def export_hf(model: torch.nn.Module, spec: dict[str, Any], shards: Path, out: P
         return written
     rows = read_split(shards, "val", max_rows=CHECK_ROWS)["tokens"]
     figures = check_hf_folder(out, model, rows, shards / "tokenizer.json", written["hf_dtype"])
-    if figures["hf_max_abs_logit_diff"] > ecfg.hf_max_abs_diff:
+    if not figures["hf_max_abs_logit_diff"] <= ecfg.hf_max_abs_diff:  # NaN (damaged weights) fails too
         raise ValueError(f"export: the transformers model's logits differ from ours by "
                          f"{figures['hf_max_abs_logit_diff']:.2e} > export.hf_max_abs_diff {ecfg.hf_max_abs_diff:.0e}")
     if not figures["hf_greedy_tokens_equal"]:

@@ -8,7 +8,9 @@ Inputs and outputs are plain tables so `mlflow models serve` answers JSON:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,15 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
             from tokenizers import Tokenizer
 
             self.tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
+            # a completion ends with its document: our <|endoftext|> (pipeline.data.text.EOS, not imported:
+            # the served model's requirements have no pyarrow), or a Llama tokenizer's </s>
+            self.eos = next((i for t in ("<|endoftext|>", "</s>") if (i := self.tokenizer.token_to_id(t)) is not None),
+                            None)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         import torch
+
+        from pipeline.models.gpt import until_eos
 
         params = params or {}
         if self.spec["task"] == "lm":
@@ -40,8 +48,9 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
                 top_k = int(params.get("top_k", 0)) or None
                 gen = self.model.generate(ids, int(params.get("max_new_tokens", 32)),
                                           temperature=float(params.get("temperature", 0.0)), top_k=top_k,
-                                          generator=torch.Generator().manual_seed(int(params.get("seed", 0))))
-                out.append(self.tokenizer.decode(gen[0, ids.shape[1] :].tolist()))
+                                          generator=torch.Generator().manual_seed(int(params.get("seed", 0))),
+                                          eos_id=self.eos)
+                out.append(self.tokenizer.decode(until_eos(gen[0, ids.shape[1] :].tolist(), self.eos)))
             return pd.DataFrame({"completion": out})
         from pipeline.models.diffusion import GaussianDiffusion
 
@@ -58,6 +67,8 @@ def example_input(spec: dict[str, Any]) -> pd.DataFrame:
         return pd.DataFrame({"prompt": ["The for statement", "A class is"]})
     return pd.DataFrame({"label": [0, 7]})
 
+
+STAGING = "pyfunc"  # its staging folders: `.pyfunc.tmp-<writer>-<random>` beside the exporter's folder
 
 # What the pyfunc never reads: the ONNX graphs, logged beside it under onnx/ and onnx_int8/.
 NOT_IN_PYFUNC = ("model.onnx*", "model.int8.onnx*")
@@ -83,10 +94,19 @@ def pyfunc_artifacts(model_dir: Path, staging: Path) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def pyfunc_staging(parent: Path) -> Iterator[Path]:
+    """A fresh staging folder in `parent` for `pyfunc_artifacts` (`.pyfunc.tmp-<writer>-<random>`,
+    `atomic.scratch_dir`): one left by an export killed while MLflow logged it is removed by the
+    next export here once its writer is gone (a live writer's, another host's, stays)."""
+    from pipeline.atomic import scratch_dir
+
+    with scratch_dir(parent / STAGING) as staging:
+        yield staging
+
+
 def log_pyfunc(model_dir: Path, spec: dict[str, Any]):
     """Log the model into the active run (library code included); returns MLflow's ModelInfo."""
-    import tempfile
-
     import pipeline
 
     example = example_input(spec)
@@ -95,10 +115,10 @@ def log_pyfunc(model_dir: Path, spec: dict[str, Any]):
     output = PipelineModel()
     output.load_context(type("Ctx", (), {"artifacts": {"model_dir": str(model_dir)}})())
     signature = mlflow.models.infer_signature(example, output.predict(None, example, params), params)
-    with tempfile.TemporaryDirectory(prefix=".pyfunc-", dir=model_dir.parent) as staging:
+    with pyfunc_staging(model_dir.parent) as staging:
         return mlflow.pyfunc.log_model(
             name="model", python_model=PipelineModel(),
-            artifacts={"model_dir": str(pyfunc_artifacts(model_dir, Path(staging)))},
+            artifacts={"model_dir": str(pyfunc_artifacts(model_dir, staging))},
             code_paths=[str(Path(pipeline.__file__).parent)], signature=signature, input_example=example,
             pip_requirements=["torch", "safetensors", "tokenizers", "numpy", "pandas", "pydantic", "pyyaml"],
         )

@@ -3,15 +3,48 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import mlflow
 
 from pipeline.atomic import atomic_write_text
 from pipeline.config.schema import TaskConfig
+from pipeline.data.build import file_md5
+from pipeline.data.shard_format import MANIFEST, load_manifest
 from pipeline.evaluation.device import eval_device
 from pipeline.tracking import mlflow_runs
 from pipeline.training.checkpoint import load_model
+
+# Beside eval.json (which stays numbers only, for `dvc metrics show` and the registry): the MLflow
+# run the metrics are of, so the register stage never pairs one model's export with another's metrics.
+EVAL_RUN = "eval_run.json"
+
+
+def check_trained_on(info: Any, model_dir: Path, shards: Path) -> None:
+    """Refuse a model trained on other shards than `shards` (re-prepared with another vocabulary,
+    say): its scores would be garbage and its export would ship the wrong tokenizer. The train
+    stage records the md5 of the shards' manifest in run.json; older runs without it are not checked."""
+    recorded = info.get("data_manifest_md5") if isinstance(info, dict) else None
+    if recorded is None:
+        return
+    if not (shards / MANIFEST).is_file():
+        load_manifest(shards)  # one line naming the missing manifest and the stage that writes it
+    actual = file_md5(shards / MANIFEST)
+    if actual != recorded:
+        raise ValueError(f"{model_dir / mlflow_runs.RUN_FILE}: the model was trained on shards with manifest "
+                         f"{recorded}, these shards ({shards / MANIFEST}) are {actual}: rerun the train stage")
+
+
+def check_finite(metrics: dict[str, float]) -> None:
+    """A NaN or infinite metric means damaged weights or a diverged run: refused before eval.json is
+    written, so nothing downstream (export, register, the champion alias) takes it for a score."""
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        raise ValueError("evaluation gave non-finite " + ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+                         + ": the model's weights are damaged or training diverged; eval.json not written "
+                         "(rerun the train stage)")
 
 
 def evaluate(tcfg: TaskConfig, model_dir: Path, shards: Path, metrics_dir: Path, reports_dir: Path) -> dict[str, float]:
@@ -19,6 +52,7 @@ def evaluate(tcfg: TaskConfig, model_dir: Path, shards: Path, metrics_dir: Path,
 
     device = eval_device(tcfg.eval.device)  # before loading: a bad choice fails at once
     info = mlflow_runs.read_run_file(model_dir)  # the run the metrics go to: missing or damaged, before any work
+    check_trained_on(info, model_dir, shards)
     torch.manual_seed(0)
     model, spec = load_model(model_dir)
     model.to(device)
@@ -40,8 +74,12 @@ def evaluate(tcfg: TaskConfig, model_dir: Path, shards: Path, metrics_dir: Path,
         if tcfg.eval.samples_per_class:
             metrics.update(score_with_classifier(model, shards, tcfg.eval))
         artifacts = [reports_dir / "samples.png"]
+    check_finite(metrics)
     metrics_dir.mkdir(parents=True, exist_ok=True)
+    # the run record goes first and comes back last: a crash between the two leaves no pairing to trust
+    (metrics_dir / EVAL_RUN).unlink(missing_ok=True)
     atomic_write_text(metrics_dir / "eval.json", json.dumps(metrics, indent=2, sort_keys=True))
+    atomic_write_text(metrics_dir / EVAL_RUN, json.dumps({"run_id": info["run_id"]}, indent=2))
     mlflow.set_tracking_uri(info["tracking_uri"])
     with mlflow.start_run(run_id=info["run_id"]):
         mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})

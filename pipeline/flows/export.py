@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ from pipeline.export.hf_export import HF_DIR, export_hf
 from pipeline.export.onnx_export import export_onnx
 from pipeline.export.pyfunc import example_input, log_pyfunc
 from pipeline.export.quantize import accuracy_change, quantize_int8
+from pipeline.flows.evaluate import EVAL_RUN, check_trained_on
 from pipeline.tracking import mlflow_runs
 from pipeline.tracking.registry import Registration, describe_version, register, version_tags
-from pipeline.training.checkpoint import CHECKSUMS, SPEC, WEIGHTS, load_model, read_json
+from pipeline.training.checkpoint import CHECKSUMS, SPEC, WEIGHTS, DamagedFile, load_model, read_json
 
 INFO = "model_info.json"
 INT8 = "model.int8.onnx"
@@ -29,8 +31,9 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
            metrics_dir: Path) -> dict[str, Any]:
     tcfg = cfg.task(task)
     tokenizer = checked_tokenizer(shards)  # what the export ships must be what the shards were written with
-    model, spec = load_model(model_dir)
     run = mlflow_runs.read_run_file(model_dir)
+    check_trained_on(run, model_dir, shards)  # and the shards must be those the model was trained on
+    model, spec = load_model(model_dir)
     mlflow.set_tracking_uri(run["tracking_uri"])
     with atomic_dir(out_dir) as tmp:
         for name in (WEIGHTS, SPEC, mlflow_runs.RUN_FILE):
@@ -44,9 +47,10 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
             hf = export_hf(model, spec, shards, tmp / HF_DIR, tcfg.export)
         if tcfg.export.onnx:
             diff = export_onnx(model, spec, tmp / "model.onnx")
-            if diff > tcfg.export.onnx_max_abs_diff:
+            if not diff <= tcfg.export.onnx_max_abs_diff:  # NaN (damaged weights) fails too
                 raise ValueError(f"ONNX output differs from PyTorch by {diff:.2e} > "
-                                 f"export.onnx_max_abs_diff {tcfg.export.onnx_max_abs_diff:.0e}")
+                                 f"export.onnx_max_abs_diff {tcfg.export.onnx_max_abs_diff:.0e}"
+                                 + ("" if math.isfinite(diff) else " (the outputs are not finite: damaged weights?)"))
         if tcfg.export.quantize_int8:
             quantize_int8(tmp / "model.onnx", tmp / INT8)
             rows = min(tcfg.export.int8_eval_rows, 16)
@@ -82,16 +86,48 @@ def hf_metrics(hf: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in hf.items() if k.startswith("hf_") and isinstance(v, int | float)}
 
 
+def _record_id(record: Any, path: Path, key: str, made_by: str) -> str:
+    """`record[key]`, a non-empty string, or one line naming the file and the key (a record the
+    stage did not write: a list, a missing key, a number)."""
+    value = record.get(key) if isinstance(record, dict) else None
+    if not isinstance(value, str) or not value:
+        raise DamagedFile(path, f"no '{key}' string in it; run the {made_by} stage again")
+    return value
+
+
+def _registry_value(metrics: Any, path: Path, task: str, metric: str) -> float:
+    """The registry metric from eval.json: a finite number, or one line naming the file and key.
+    (A NaN champion would block every later promotion; null or text would be a traceback.)"""
+    if not isinstance(metrics, dict):
+        raise DamagedFile(path, f"not a JSON object of metrics (a {type(metrics).__name__}); "
+                                "run the evaluate stage again")
+    if metric not in metrics:
+        raise KeyError(f"tasks.{task}.registry.metric: '{metric}' is not an evaluation metric "
+                       f"(have: {', '.join(sorted(metrics))})")
+    value = metrics[metric]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{path}: {metric} is {value!r}, not a number; run the evaluate stage again")
+    if not math.isfinite(value):
+        raise ValueError(f"{path}: {metric} is {value}, not a finite number: the model cannot be ranked "
+                         "(damaged weights or a diverged run); nothing registered")
+    return float(value)
+
+
 def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_dir: Path, out: Path) -> Registration:
     tcfg = cfg.task(task)
     info = read_json(export_dir / INFO, "export")
     metrics = read_json(metrics_dir / "eval.json", "evaluate")
-    if tcfg.registry.metric not in metrics:
-        raise KeyError(f"tasks.{task}.registry.metric: '{tcfg.registry.metric}' is not an evaluation metric "
-                       f"(have: {', '.join(sorted(metrics))})")
+    run_id = _record_id(info, export_dir / INFO, "run_id", "export")
+    model_uri = _record_id(info, export_dir / INFO, "model_uri", "export")
+    value = _registry_value(metrics, metrics_dir / "eval.json", task, tcfg.registry.metric)
+    evaluated = _record_id(read_json(metrics_dir / EVAL_RUN, "evaluate"), metrics_dir / EVAL_RUN, "run_id", "evaluate")
+    if evaluated != run_id:
+        raise ValueError(f"{export_dir / INFO} is the export of MLflow run {run_id}, but {metrics_dir / 'eval.json'} "
+                         f"holds the metrics of run {evaluated} ({metrics_dir / EVAL_RUN}): rerun the evaluate "
+                         "stage on this model before registering it")
     run = mlflow_runs.read_run_file(export_dir)
     mlflow.set_tracking_uri(run["tracking_uri"])
-    trained = mlflow.MlflowClient().get_run(info["run_id"])
+    trained = mlflow.MlflowClient().get_run(run_id)
     example = example_input(read_json(export_dir / SPEC, "export")).to_dict("list")
 
     def describe(version: str) -> str:
@@ -99,7 +135,6 @@ def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_di
                                 example=repr(example), hf_architecture=info.get("hf_architecture"))
 
     # the version carries its own lineage only (the run keeps the rest) and says what it is
-    reg = register(info["model_uri"], info["run_id"], tcfg.registry, float(metrics[tcfg.registry.metric]),
-                   version_tags(trained), describe)
+    reg = register(model_uri, run_id, tcfg.registry, value, version_tags(trained), describe)
     atomic_write_text(out, json.dumps(dataclasses.asdict(reg), indent=2))
     return reg

@@ -159,7 +159,7 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     from pipeline.config import config_digest
     from pipeline.data.shard_verify import check_split
     from pipeline.runtime import connect
-    from pipeline.runtime.trainer import storage_root
+    from pipeline.runtime.trainer import storage_root, worker_config
     from pipeline.tracking import mlflow_runs
 
     if num_samples is not None and num_samples < 1:
@@ -183,7 +183,8 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     print(f"[sweep {task}] {sweep.num_samples} trials on {where}; Optuna TPE + ASHA (grace {sweep.grace_period}, "
           f"factor {sweep.reduction_factor}, max {sweep.max_steps} steps); MLflow parent run {parent.info.run_id}",
           flush=True)
-    trainable = tune.with_parameters(_trial, base=base, task=task, sweep=sweep.model_dump(),
+    # the trials run in folders of their own: local init_from paths go to them absolute, as the shards do
+    trainable = tune.with_parameters(_trial, base=worker_config(cfg), task=task, sweep=sweep.model_dump(),
                                      shards=str(shards.resolve()))
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": cfg.cluster.cpus_per_worker}),

@@ -23,12 +23,12 @@ from pipeline.data.shard_format import MANIFEST, filesystem, load_manifest
 from pipeline.data.shard_store import publish
 from pipeline.data.shard_tokenizer import checked_tokenizer
 from pipeline.data.shard_verify import check_split
-from pipeline.distributed import preflight
+from pipeline.distributed import check_gpu_host, gpu_cluster_warning, preflight
 from pipeline.distributed.planner import check_fits
-from pipeline.distributed.precision import check_fp8_config
+from pipeline.distributed.precision import check_fp8_config, check_fp8_layers
 from pipeline.runtime import connect
 from pipeline.runtime.connect import check_reachable, cluster_address, embedded
-from pipeline.runtime.trainer import fit, recover, storage_root
+from pipeline.runtime.trainer import absolute_init_paths, fit, recover, storage_root
 from pipeline.tasks import task_for_data
 from pipeline.tracking import lineage, mlflow_runs, plots
 from pipeline.tracking.live import fill_missing, reachable_from_anywhere
@@ -140,6 +140,7 @@ def check_task_config(cfg: PipelineConfig, task_name: str) -> None:
     with it), by the train stage before any resource and by `pipeline validate` before a run."""
     tcfg = cfg.task(task_name)
     check_fp8_config(cfg, cfg.cluster.use_gpu)  # fp8: a strategy it is wired into, GPUs (unless emulated)
+    check_fp8_layers(cfg, task_name)  # fp8: the model has layers float8 converts (else it would train in bf16)
     check_task_parallel(cfg, task_name)  # heads, layers and batch against parallel.tp / parallel.pp
     check_task_elastic(cfg, task_name)  # the batch at every worker count of an elastic range
     micro_batch_size(tcfg.trainer.global_batch_size,
@@ -149,22 +150,28 @@ def check_task_config(cfg: PipelineConfig, task_name: str) -> None:
 
 def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir: Path,
                metrics_dir: Path, reports_dir: Path | None = None) -> TrainOutcome:
+    # The run is named by the config as written (a relative init_from keys the same run from any
+    # checkout); everything after, the workers included, sees the weights' absolute paths.
+    given, cfg = cfg, absolute_init_paths(cfg)
     tcfg = cfg.task(task_name)
     # Fail before any Ray resource is taken: bad shards, or a batch that cannot be split.
     check_split(shards_dir, "train")  # manifest and sizes; each node's workers hash the shards once
     checked_tokenizer(shards_dir)  # evaluate and export need the shards' own tokenizer: found now, not after training
+    spec = task_for_data(tcfg.data.kind).model_spec(tcfg, load_manifest(shards_dir))  # vocabulary, context, tokenizer
     for key, weights in (("model.init_from", getattr(tcfg.model, "init_from", None)),
                          ("trainer.init_from", tcfg.trainer.init_from)):
-        if weights:  # checksums and safetensors headers: a damaged file is named here, not in each worker
-            check_init_weights(Path(weights), f"tasks.{task_name}.{key}")
+        # checksums, safetensors headers, and each tensor's shape against the model the spec builds:
+        # a damaged or misfitting file is named here, not in each worker
+        if weights:
+            check_init_weights(Path(weights), f"tasks.{task_name}.{key}", spec)
+    check_gpu_host(cfg)  # use_gpu on the local Ray of a machine without CUDA would wait for a GPU for ever
     preflight(cfg, cfg.cluster.use_gpu)
     check_kernels(cfg)  # Apex kernels asked for where Apex is not installed
     check_task_config(cfg, task_name)
     check_fits(cfg, task_name, load_manifest(shards_dir))  # with cluster.device_memory: does a rank's peak fit?
-    task_for_data(tcfg.data.kind).model_spec(tcfg, load_manifest(shards_dir))  # vocabulary, context, tokenizer
     manifest_md5 = file_md5(shards_dir / MANIFEST)
     uri = mlflow_runs.tracking_uri(cfg.tracking)
-    identity = run_identity(cfg, task_name, manifest_md5)
+    identity = run_identity(given, task_name, manifest_md5)
     pretrained = getattr(tcfg.model, "init_from", None) or tcfg.trainer.init_from
     run_name = f"{task_name}-{config_digest(identity)}"
     tags = lineage.run_tags({"task": task_name, "data.manifest_md5": manifest_md5, "ray.run_name": run_name,
@@ -184,6 +191,8 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     # Ray next: a cluster that refuses us (an address of the wrong form, no `auto` cluster, a
     # local Ray that cannot write its files) stops the stage before a run or its marker exists.
     where = connect(cfg.cluster)
+    if warning := gpu_cluster_warning(cfg):  # (an autoscaler may still add GPU nodes: a warning, not a refusal)
+        print(f"[{task_name}] warning: {warning}", flush=True)
     run_dir = f"{storage_root(cfg).rstrip('/')}/{run_name}"  # a local folder or an s3:// prefix
     manifest = load_manifest(shards_dir)
     try:

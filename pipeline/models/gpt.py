@@ -349,9 +349,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 eos_id: int | None = None) -> torch.Tensor:
         """Sample continuations; temperature 0 means greedy. Sampling draws on the generator's
-        device (a CPU generator gives the same tokens wherever the model runs, up to rounding)."""
+        device (a CPU generator gives the same tokens wherever the model runs, up to rounding).
+        With `eos_id`, generation stops once every row has produced it (a row's tokens after its
+        first `eos_id` are whatever came next: cut them with `until_eos`)."""
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device) if eos_id is not None else None
         for _ in range(max_new_tokens):
             logits = self(idx[:, -self.max_seq_len :])[:, -1, :]
             if temperature == 0:
@@ -366,4 +370,13 @@ class GPT(nn.Module):
                     probs = probs.to(generator.device)
                 nxt = torch.multinomial(probs, 1, generator=generator).to(idx.device)
             idx = torch.cat([idx, nxt], dim=1)
+            if done is not None:
+                done |= nxt[:, 0] == eos_id
+                if bool(done.all()):
+                    break
         return idx
+
+
+def until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
+    """`tokens` up to (not including) the first `eos_id`: a completion ends with its document."""
+    return tokens[: tokens.index(eos_id)] if eos_id is not None and eos_id in tokens else tokens

@@ -10,8 +10,13 @@ the checkpoint a resume would load is verified against its checksums, and a dama
 aside (`<name>.damaged`) and dropped from Ray Train's checkpoint list
 (`checkpoint_manager_snapshot.json`), so that Ray hands the workers the newest intact one. A
 failed attempt is retried here, up to `cluster.max_failures` times (Ray Train itself is told
-not to retry: its `FailureConfig` cannot tell errors apart); a damaged file or a full disk is
+not to retry: its `FailureConfig` cannot tell errors apart); a damaged file, a full disk, or a
+worker's config or input check (`recurring_error`: it would fail the same way every time) is
 not retried, it ends the run in one line.
+
+Paths: the workers run in another folder than the stage (Ray's session folder), so every local
+path they are handed is absolute: the shards and the storage folder, and the weights a run starts
+from (`absolute_init_paths`), resolved against the folder the stage runs in.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +57,16 @@ class _QuietKnownErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         last = record.getMessage().rstrip().rsplit("\n", 1)[-1]
-        return not last.startswith(tuple(f"pipeline.training.checkpoint.{c.__name__}"
-                                         for c in (CheckpointError, DamagedFile, StorageFull, StorageNotShared,
-                                                   CannotReshard)))
+        if last.startswith(tuple(f"pipeline.training.checkpoint.{c.__name__}"
+                                 for c in (CheckpointError, DamagedFile, StorageFull, StorageNotShared,
+                                           CannotReshard))):
+            return False
+        # a config or input check (`recurring_error`): the driver reports it in one line, once
+        # (PIPELINE_DEBUG=1 keeps the traceback, as the stages do)
+        return bool(os.environ.get("PIPELINE_DEBUG")) or not last.startswith(_RECURRING_LINES) or "[Errno" in last
+
+
+_RECURRING_LINES = ("ValueError: ", "KeyError: ", "FileNotFoundError: ", "pipeline.config.loading.ConfigError: ")
 
 
 def nodes_line(task: str, ips: list[Any]) -> str:
@@ -105,6 +118,34 @@ def _worker(config: dict[str, Any]) -> None:
             train(validate(config["cfg"]), config["task"], config["shards"], session)
     finally:
         session.close()
+
+
+def absolute_init_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """`cfg` with every task's `model.init_from` and `trainer.init_from` made absolute, resolved
+    against the folder the stage runs in (the project's root), as the shards and the storage folder
+    are: a Ray worker runs in a folder of its own, where a relative path names nothing. URLs
+    (s3://...) and absolute paths are left as they are; the same `cfg` when nothing changes."""
+
+    def absolute(path: str | None) -> str | None:
+        return path if not path or is_url(path) or Path(path).is_absolute() else str(Path(path).resolve())
+
+    tasks = {}
+    for name, tcfg in cfg.tasks.items():
+        update = {}
+        model_path = getattr(tcfg.model, "init_from", None)
+        if absolute(model_path) != model_path:
+            update["model"] = tcfg.model.model_copy(update={"init_from": absolute(model_path)})
+        if absolute(tcfg.trainer.init_from) != tcfg.trainer.init_from:
+            update["trainer"] = tcfg.trainer.model_copy(update={"init_from": absolute(tcfg.trainer.init_from)})
+        tasks[name] = tcfg.model_copy(update=update) if update else tcfg
+    if all(tasks[name] is cfg.tasks[name] for name in tasks):
+        return cfg
+    return cfg.model_copy(update={"tasks": tasks})
+
+
+def worker_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """The config as the workers get it (`validate` runs again there): plain JSON, local paths absolute."""
+    return absolute_init_paths(cfg).model_dump(mode="json")
 
 
 def storage_root(cfg: PipelineConfig) -> str:
@@ -287,10 +328,11 @@ def _fallback_line(task_name: str, found: Recovery, damaged: list[DamagedFile], 
         print(f"[{task_name}] {fallback_line(damaged, found.resumed_step or 0, intact)}{aside}", flush=True)
 
 
-def fatal_error(error: BaseException) -> CheckpointError | None:
-    """The checkpoint error (damaged file, full disk) behind a failed attempt, if any: retrying
-    it would fail the same way. Looks through Ray's wrappers (a worker group's failures, a task
-    error's cause, the user exception Ray Train keeps with its traceback)."""
+def fatal_error(error: BaseException) -> BaseException | None:
+    """The error behind a failed attempt that retrying would only repeat, if any: a checkpoint
+    error (damaged file, full disk), else a worker's config or input check (`recurring_error`).
+    Looks through Ray's wrappers (a worker group's failures, a task error's cause, the user
+    exception Ray Train keeps with its traceback)."""
     todo, seen = [error], set()
     while todo:
         e = todo.pop(0)
@@ -303,7 +345,47 @@ def fatal_error(error: BaseException) -> CheckpointError | None:
         todo += [failures[rank] for rank in sorted(failures)]
         todo += [getattr(e, name, None) for name in ("_base_exc", "cause", "controller_failure")]
         todo += [e.__cause__]
-    return None
+    return recurring_error(error)
+
+
+def _is_recurring(e: BaseException) -> bool:
+    """A config or input check's error, raised by this project's code: bad config, a missing or
+    misshapen input. An OS-level FileNotFoundError (an errno: a file gone with a node, a mount
+    not there yet), Ray's own errors (a dead worker, a lost node) and pyarrow's (the storage Ray
+    Train writes checkpoints through) are not."""
+    if type(e).__module__.split(".")[0] in ("ray", "pyarrow"):
+        return False
+    if isinstance(e, FileNotFoundError):
+        return e.errno is None  # raised with a message by a check, not by the operating system
+    return isinstance(e, ValueError | KeyError)
+
+
+def recurring_error(error: BaseException) -> BaseException | None:
+    """The worker's own exception when a failed attempt would fail identically on every retry:
+    each failed worker of the group raised a config or input check's error (`ConfigError`,
+    `ValueError`, `KeyError`, or a `FileNotFoundError` raised by a check) rather than dying or
+    losing its node. None when any worker failed otherwise (a killed worker, a lost node, a
+    collective cut short), or nothing recurring is found: that attempt is retried as before."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:  # Ray Train's WorkerGroupError: the failed workers' own exceptions, by rank
+        found = [_unwrap(failures[rank]) for rank in sorted(failures)]
+        return found[0] if all(f is not None and _is_recurring(f) for f in found) else None
+    unwrapped = _unwrap(error)
+    return unwrapped if unwrapped is not None and _is_recurring(unwrapped) else None
+
+
+def _unwrap(error: BaseException | None) -> BaseException | None:
+    """The innermost user exception behind Ray's wrappers (Ray Train's exception-with-traceback,
+    a task error's cause, a controller's failure)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        inner = next((x for x in (getattr(error, name, None) for name in ("_base_exc", "cause", "controller_failure"))
+                      if isinstance(x, BaseException)), None)
+        if inner is None:
+            return error
+        error = inner
+    return error
 
 
 def _summary(error: BaseException) -> str:
@@ -318,11 +400,13 @@ def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str, live: d
     """Train on Ray; returns the `ray.train.Result` (or its Horovod equivalent). Horovod brings
     its own launcher (RayExecutor). A failed attempt is retried from the last checkpoint up to
     `cluster.max_failures` times, then its error is raised; a damaged checkpoint file or a full
-    disk raises `CheckpointError` (one line) at once.
+    disk raises `CheckpointError` (one line) at once, and a worker's config or input check
+    (`recurring_error`) raises that worker's own exception at once (the stage prints its message).
 
     `shards` is where every worker reads the shards: an absolute local path (one node or a
     shared file system) or a URL such as s3://... (cached on each node). `live` (run_id,
     tracking_uri) makes rank 0 log the per-step history to that MLflow run while it trains."""
+    cfg = absolute_init_paths(cfg)  # the workers run in another folder
     if cfg.strategy.name == "horovod":
         from pipeline.runtime.horovod import fit_horovod
 
@@ -348,7 +432,7 @@ def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str, live: d
             remove_leftover_placement_groups()
         trainer = trainer_class(
             train_loop_per_worker=_worker,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "task": task_name, "shards": shards,
+            train_loop_config={"cfg": worker_config(cfg), "task": task_name, "shards": shards,
                                "verified": found.verified if found else None, "live": live},
             # a range makes Ray Train start with the workers the cluster has room for (elastic)
             scaling_config=ScalingConfig(num_workers=(counts.start, counts.stop - 1) if len(counts) > 1
@@ -379,10 +463,11 @@ def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str, live: d
     raise AssertionError("unreachable")
 
 
-def _final(fatal: CheckpointError, cfg: PipelineConfig, run_name: str) -> CheckpointError:
-    """The error a run ends with, once the half-written checkpoint folders it left are gone."""
+def _final(fatal: BaseException, cfg: PipelineConfig, run_name: str) -> BaseException:
+    """The error a run ends with, once the half-written checkpoint folders it left are gone (a
+    worker's config or input error: as the worker raised it)."""
     run_dir = run_dir_of(cfg, run_name)
-    if run_dir is None or not run_dir.is_dir():
+    if not isinstance(fatal, CheckpointError) or run_dir is None or not run_dir.is_dir():
         return fatal
     if cfg.strategy.name == "horovod":
         removed = [p.name for p in run_dir.glob("checkpoint_*.tmp")]

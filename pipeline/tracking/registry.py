@@ -4,6 +4,7 @@ only when the configured metric beats the current champion's."""
 from __future__ import annotations
 
 import datetime
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,18 +29,28 @@ class Registration:
 
 
 def is_better(new: float, old: float | None, greater_is_better: bool) -> bool:
-    if old is None:
+    """Whether `new` takes the champion alias from `old`. A non-finite value never wins, and a
+    non-finite (or missing) champion value loses to any finite one: NaN compares false both ways,
+    so a NaN champion would otherwise block every later promotion."""
+    if not math.isfinite(new):
+        return False
+    if old is None or not math.isfinite(old):
         return True
     return new > old if greater_is_better else new < old
 
 
 def champion(client: MlflowClient, name: str) -> tuple[str, float | None] | None:
+    """The champion's version and its recorded metric value (None where the tag is missing or not a
+    number: such a champion gives way to any finite value rather than blocking registration)."""
     try:
         mv = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
-    value = mv.tags.get("metric_value")
-    return str(mv.version), float(value) if value is not None else None
+    try:
+        value = float(mv.tags["metric_value"])
+    except (KeyError, TypeError, ValueError):
+        value = None
+    return str(mv.version), value
 
 
 def register(model_uri: str, run_id: str, cfg: RegistryConfig, metric_value: float,
@@ -48,6 +59,8 @@ def register(model_uri: str, run_id: str, cfg: RegistryConfig, metric_value: flo
     challenger, and promote it to champion if it is better."""
     import mlflow
 
+    if not math.isfinite(metric_value):  # before anything is registered: such a version could never be compared
+        raise ValueError(f"registry metric {cfg.metric} is {metric_value}: not a finite number; nothing registered")
     client = MlflowClient()
     mv = mlflow.register_model(model_uri, cfg.name, tags={**tags, "metric_name": cfg.metric,
                                                           "metric_value": str(metric_value), "run_id": run_id})

@@ -256,29 +256,91 @@ def verify_model_dir(model_dir: Path) -> bool:
     return True
 
 
-def check_init_weights(path: Path, key: str) -> None:
+def check_init_weights(path: Path, key: str, spec: dict[str, Any] | None = None) -> None:
     """The weights a run starts from (`trainer.init_from`, `model.init_from`), checked on the
     driver before any worker or run exists, so damage is one line naming the file instead of a
     safetensors error in every worker, retried: a folder's `checksums.json` (our model and export
     folders) is compared file by file, and every safetensors file it reads (one, or those a
-    Hugging Face index lists) must have a header that covers the file."""
+    Hugging Face index lists) must have a header that covers the file. With the model's `spec`,
+    every parameter the loader will read must be there with the model's shape
+    (`check_init_shapes`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{key}: {path} does not exist")
     if not path.is_dir():
         safetensors_shapes(path)
-        return
-    from pipeline.models.hf import INDEX, read_weight_map
+    else:
+        from pipeline.models.hf import INDEX, read_weight_map
 
-    verify_model_dir(path)
-    index = path / INDEX
-    files = [path / name for name in sorted(set(read_weight_map(index).values()))] if index.is_file() \
-        else [path / WEIGHTS]
-    for file in files:
-        if not file.is_file():
-            raise FileNotFoundError(f"{key}: {file} is missing" + (f" (listed in {index.name})" if index.is_file()
-                                                                    else ""))
-        safetensors_shapes(file)
+        verify_model_dir(path)
+        index = path / INDEX
+        files = [path / name for name in sorted(set(read_weight_map(index).values()))] if index.is_file() \
+            else [path / WEIGHTS]
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"{key}: {file} is missing" + (f" (listed in {index.name})"
+                                                                        if index.is_file() else ""))
+            safetensors_shapes(file)
+    if spec is not None:
+        check_init_shapes(path, key, spec)
+
+
+def check_init_shapes(path: Path, key: str, spec: dict[str, Any]) -> None:
+    """Every parameter of the model `spec` builds (on the meta device: no memory) is found in
+    the weights at `path` with its shape, read from the safetensors headers only, under the names
+    the loader reads (`pipeline.distributed.sharded_init.copy_from_safetensors`: our state-dict
+    names, the older fused layout's tensors, or a Hugging Face Llama folder's names). Otherwise a
+    ValueError naming the file, the tensor and both shapes: the workers would fail identically."""
+    from pipeline.distributed.sharded_init import parameter_names
+    from pipeline.models.hf import INDEX, HFCheckpoint, is_hf_folder
+    from pipeline.models.legacy import fused_source
+    from pipeline.tasks import task_for_spec
+
+    path = Path(path)
+    with torch.device("meta"):
+        model = task_for_spec(spec).build(spec)
+    names = parameter_names(model)
+    need = {names[id(p)]: tuple(p.shape) for p in model.parameters()}
+    headers: dict[Path, dict[str, tuple[int, ...]]] = {}
+
+    def shapes(file: Path) -> dict[str, tuple[int, ...]]:
+        if file not in headers:
+            headers[file] = safetensors_shapes(file)
+        return headers[file]
+
+    if is_hf_folder(path):
+        checkpoint = HFCheckpoint(path, key)
+        try:
+            mapped = checkpoint.names(list(need))
+        except KeyError as e:  # a parameter the Llama layout does not have (learned positions, LayerNorm biases)
+            raise ValueError(f"{key}: {path} is a Llama checkpoint, and the model does not have its layout "
+                             f"({e.args[0]})") from None
+        for ours, theirs in mapped.items():
+            fname = checkpoint._file(theirs)  # the loader's own lookup (one file, or the index's)
+            if fname is None:
+                raise ValueError(f"{key}: {path / INDEX} maps no file to '{theirs}' (the model's '{ours}')")
+            held = shapes(path / fname)
+            if theirs not in held:
+                raise ValueError(f"{key}: {path / fname} has no tensor '{theirs}' (the model's '{ours}')")
+            if held[theirs] != need[ours]:
+                raise ValueError(f"{key}: {path / fname}: '{theirs}' has shape {held[theirs]}, the model's "
+                                 f"'{ours}' needs {need[ours]}")
+        return
+    file = path / WEIGHTS if path.is_dir() else path
+    held = shapes(file)
+    for name, shape in need.items():
+        if name in held:
+            if held[name] != shape:
+                raise ValueError(f"{key}: {file}: '{name}' has shape {held[name]}, the model needs {shape}")
+            continue
+        source = fused_source(name)
+        if source is None or source[0] not in held:
+            raise ValueError(f"{key}: {file} has no tensor '{name}' (it holds {len(held)} others; the model needs "
+                             f"{shape})")
+        fused = held[source[0]]  # saved before q/k/v and SwiGLU were split: the loader takes rows of it
+        if fused[1:] != shape[1:] or fused[0] < shape[0]:
+            raise ValueError(f"{key}: {file}: '{source[0]}' has shape {fused}, which holds no {shape} for the "
+                             f"model's '{name}'")
 
 
 def read_json(path: Path, made_by: str) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config.schema.fields import (
     Fraction,
@@ -103,6 +103,19 @@ class RegistryConfig(Strict):
     name: str
     metric: str
     greater_is_better: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _registrable_name(cls, v: str) -> str:
+        """MLflow's own rule (`mlflow.utils.validation._validate_model_name` and the file store's),
+        checked here so `pipeline validate` names the key, not a traceback at the register stage."""
+        if not v.strip():
+            raise ValueError("must not be empty (the MLflow registered model name)")
+        if bad := sorted({c for c in v if c in "/\\:%"}):
+            raise ValueError(f"MLflow registered model names cannot contain {' or '.join(map(repr, bad))}")
+        if v == "." or v.startswith(".."):
+            raise ValueError("MLflow registered model names cannot be '.' or start with '..'")
+        return v
 
 
 class ExportConfig(Strict):
