@@ -126,8 +126,12 @@ def main(argv: list[str] | None = None) -> None:
             from pipeline.distributed import check_gpu_host
 
             cfg = load_config(args.params)
-            check_gpu_host(cfg)  # as the train stage would run here: use_gpu on a local Ray without CUDA
             check_tasks(cfg, args.task)
+            try:  # the train stage refuses it on this machine; a job submitted to a GPU cluster runs it
+                check_gpu_host(cfg)
+            except ValueError as e:
+                print(f"warning: {e} (the train stage refuses it here; `pipeline submit` to a GPU cluster is fine)",
+                      file=sys.stderr)
             print(f"{args.params}: ok")
     except _known_errors() as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

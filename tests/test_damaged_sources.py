@@ -83,6 +83,13 @@ def test_damaged_npz_integral_float_labels_are_accepted(tmp_path):
     assert y.dtype == np.int64 and y.tolist() == (np.arange(20) % 4).tolist() and n == 4 and x.shape == (20, 1, 8, 8)
 
 
+def test_damaged_npz_a_small_subset_of_many_classes_is_accepted(tmp_path):
+    """Fewer images than classes is fine up to MAX_SPARSE_CLASSES (50 images of CIFAR-100's 100
+    classes); the refusal above is for labels no class table should be sized by."""
+    x, y, n = read_images(str(_npz(tmp_path, labels=np.arange(20) * 5)))  # labels 0..95, 20 images
+    assert n == 96 and y.max() == 95 and len(x) == 20
+
+
 @pytest.mark.parametrize("damage", ["truncated", "not-a-zip", "npy"])
 def test_damaged_npz_file_is_refused_naming_it(tmp_path, damage):
     src = _npz(tmp_path)
@@ -139,6 +146,10 @@ def test_damaged_class_folders_without_images_say_so(tmp_path):
     src2 = _folders(tmp_path / "two", {"a": [6], "b": []})
     with pytest.raises(DataSourceError, match=rf"^{src2}/b: no images"):
         read_images(str(src2))
+    src3 = _folders(tmp_path / "three", {"a": [6], "b": [6]})  # hidden and system folders are no classes
+    for hidden in (".ipynb_checkpoints", "__MACOSX"):
+        (src3 / hidden).mkdir()
+    assert read_images(str(src3))[2] == 2
 
 
 def test_damaged_class_folder_image_of_another_size_is_named(tmp_path):

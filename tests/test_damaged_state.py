@@ -475,6 +475,11 @@ def test_damaged_register_inputs_are_named(tmp_path):
     (export_dir / RUN_FILE).write_text('{"run_id": "ab')
     with pytest.raises(DamagedFile, match=rf"^{export_dir / RUN_FILE} is damaged \(not valid JSON: .*run the train"):
         read_run_file(export_dir)
+    for record in ("[]", '{"run_id": "ab"}'):  # not the record the train stage writes
+        (export_dir / RUN_FILE).write_text(record)
+        with pytest.raises(DamagedFile, match=rf"^{export_dir / RUN_FILE} is damaged \(no '(run_id|tracking_uri)' "
+                                              r"string in it; run the train stage again\)"):
+            read_run_file(export_dir)
     (export_dir / RUN_FILE).unlink()
     with pytest.raises(FileNotFoundError, match=rf"^{export_dir / RUN_FILE} is missing: run the train stage first"):
         read_run_file(export_dir)

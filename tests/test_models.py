@@ -247,6 +247,8 @@ def test_generate_stops_at_the_end_of_document_token():
     assert stopped[0, 3:].tolist() == full[: first + 1]  # the same tokens, ending at the first eos
     assert until_eos(stopped[0, 3:].tolist(), eos) == full[:first]
     assert until_eos(full, None) == full and until_eos([1, 2], 7) == [1, 2]
+    never_first = model.generate(prompt, 30, temperature=0, eos_id=full[0], min_new_tokens=1)
+    assert never_first.shape[1] > 4 and never_first[0, 3].item() != full[0]  # min_new_tokens: not eos first
     both = model.generate(torch.cat([prompt, prompt]), 30, temperature=0, eos_id=eos)  # stops when all rows have
     greedy = model.generate(prompt, 30, temperature=0)[0, 3:].tolist()
     assert both.shape[1] - 3 == (greedy.index(eos) + 1 if eos in greedy else 30)

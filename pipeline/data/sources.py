@@ -19,6 +19,9 @@ import numpy as np
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+# Up to this many classes an .npz may hold fewer images than classes (a small subset of CIFAR-100, say);
+# beyond it, a largest label above the image count is a mistake (a label of 100,000: as many class rows).
+MAX_SPARSE_CLASSES = 1000
 
 
 class DataSourceError(ValueError):
@@ -387,7 +390,7 @@ def _read_npz(fs, path: str, source: str) -> tuple[np.ndarray, np.ndarray]:
     if labels.min() < 0:
         i = int(np.argmin(labels))
         raise DataSourceError(f"{source}: label {labels[i]} of image {i} is negative; class ids are 0, 1, 2, ...")
-    if labels.max() >= len(labels):  # (before the cast: a huge float or uint64 label would wrap)
+    if labels.max() >= max(len(labels), MAX_SPARSE_CLASSES):  # (before the cast: a huge label would wrap)
         raise DataSourceError(f"{source}: largest label {labels.max()} means {int(labels.max()) + 1:,} classes, more "
                               f"than the {len(labels):,} images; labels must be class ids 0..K-1")
     return images, labels.astype(np.int64)
@@ -396,7 +399,8 @@ def _read_npz(fs, path: str, source: str) -> tuple[np.ndarray, np.ndarray]:
 def _read_class_folders(fs, root: str, source: str) -> tuple[np.ndarray, np.ndarray, int]:
     from PIL import Image
 
-    classes = sorted(Path(p).name for p in fs.ls(root, detail=False) if fs.isdir(p))
+    classes = sorted(Path(p).name for p in fs.ls(root, detail=False)  # (not .ipynb_checkpoints, __MACOSX)
+                     if fs.isdir(p) and not Path(p).name.startswith((".", "__")))
     if not classes:
         raise DataSourceError(f"{source}: expected one sub-folder per class")
     protocol = f"{source.split('://')[0]}://" if "://" in source else ""

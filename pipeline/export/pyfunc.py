@@ -49,7 +49,7 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
                 gen = self.model.generate(ids, int(params.get("max_new_tokens", 32)),
                                           temperature=float(params.get("temperature", 0.0)), top_k=top_k,
                                           generator=torch.Generator().manual_seed(int(params.get("seed", 0))),
-                                          eos_id=self.eos)
+                                          eos_id=self.eos, min_new_tokens=int(params.get("min_new_tokens", 1)))
                 out.append(self.tokenizer.decode(until_eos(gen[0, ids.shape[1] :].tolist(), self.eos)))
             return pd.DataFrame({"completion": out})
         from pipeline.models.diffusion import GaussianDiffusion
@@ -110,8 +110,8 @@ def log_pyfunc(model_dir: Path, spec: dict[str, Any]):
     import pipeline
 
     example = example_input(spec)
-    params = ({"max_new_tokens": 32, "temperature": 0.0, "top_k": 0, "seed": 0} if spec["task"] == "lm"
-              else {"steps": 25, "seed": 0})
+    params = ({"max_new_tokens": 32, "min_new_tokens": 1, "temperature": 0.0, "top_k": 0, "seed": 0}
+              if spec["task"] == "lm" else {"steps": 25, "seed": 0})
     output = PipelineModel()
     output.load_context(type("Ctx", (), {"artifacts": {"model_dir": str(model_dir)}})())
     signature = mlflow.models.infer_signature(example, output.predict(None, example, params), params)

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from pipeline.data.shard_tokenizer import checked_tokenizer
 from pipeline.data.shard_verify import check_split
 from pipeline.distributed import check_gpu_host, gpu_cluster_warning, preflight
 from pipeline.distributed.planner import check_fits
-from pipeline.distributed.precision import check_fp8_config, check_fp8_layers
+from pipeline.distributed.precision import check_fp8_config, fp8_layers_warning
 from pipeline.runtime import connect
 from pipeline.runtime.connect import check_reachable, cluster_address, embedded
 from pipeline.runtime.trainer import absolute_init_paths, fit, recover, storage_root
@@ -140,7 +141,8 @@ def check_task_config(cfg: PipelineConfig, task_name: str) -> None:
     with it), by the train stage before any resource and by `pipeline validate` before a run."""
     tcfg = cfg.task(task_name)
     check_fp8_config(cfg, cfg.cluster.use_gpu)  # fp8: a strategy it is wired into, GPUs (unless emulated)
-    check_fp8_layers(cfg, task_name)  # fp8: the model has layers float8 converts (else it would train in bf16)
+    if warning := fp8_layers_warning(cfg, task_name):  # fp8 on a model with no layer float8 converts
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     check_task_parallel(cfg, task_name)  # heads, layers and batch against parallel.tp / parallel.pp
     check_task_elastic(cfg, task_name)  # the batch at every worker count of an elastic range
     micro_batch_size(tcfg.trainer.global_batch_size,

@@ -350,14 +350,17 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 eos_id: int | None = None) -> torch.Tensor:
+                 eos_id: int | None = None, min_new_tokens: int = 0) -> torch.Tensor:
         """Sample continuations; temperature 0 means greedy. Sampling draws on the generator's
         device (a CPU generator gives the same tokens wherever the model runs, up to rounding).
         With `eos_id`, generation stops once every row has produced it (a row's tokens after its
-        first `eos_id` are whatever came next: cut them with `until_eos`)."""
+        first `eos_id` are whatever came next: cut them with `until_eos`), and the first
+        `min_new_tokens` tokens are never it (`transformers`' min_new_tokens)."""
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device) if eos_id is not None else None
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             logits = self(idx[:, -self.max_seq_len :])[:, -1, :]
+            if eos_id is not None and step < min_new_tokens:
+                logits[:, eos_id] = float("-inf")
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:

@@ -66,7 +66,7 @@ class _QuietKnownErrors(logging.Filter):
         return bool(os.environ.get("PIPELINE_DEBUG")) or not last.startswith(_RECURRING_LINES) or "[Errno" in last
 
 
-_RECURRING_LINES = ("ValueError: ", "KeyError: ", "FileNotFoundError: ", "pipeline.config.loading.ConfigError: ")
+_RECURRING_LINES = ("ValueError: ", "KeyError: ", "pipeline.config.loading.ConfigError: ")
 
 
 def nodes_line(task: str, ips: list[Any]) -> str:
@@ -349,23 +349,22 @@ def fatal_error(error: BaseException) -> BaseException | None:
 
 
 def _is_recurring(e: BaseException) -> bool:
-    """A config or input check's error, raised by this project's code: bad config, a missing or
-    misshapen input. An OS-level FileNotFoundError (an errno: a file gone with a node, a mount
-    not there yet), Ray's own errors (a dead worker, a lost node) and pyarrow's (the storage Ray
-    Train writes checkpoints through) are not."""
-    if type(e).__module__.split(".")[0] in ("ray", "pyarrow"):
+    """A config or input check's error: bad config, a misshapen input (ValueError, ConfigError,
+    KeyError). A missing file is not, whoever names it: on a worker it may be a node without the
+    shared mount yet, or a file gone with a node (the driver checks the inputs it can see before
+    any run), and neither are Ray's own errors (a dead worker, a lost node) nor pyarrow's (the
+    storage Ray Train writes checkpoints through)."""
+    if type(e).__module__.split(".")[0] in ("ray", "pyarrow") or isinstance(e, OSError):
         return False
-    if isinstance(e, FileNotFoundError):
-        return e.errno is None  # raised with a message by a check, not by the operating system
     return isinstance(e, ValueError | KeyError)
 
 
 def recurring_error(error: BaseException) -> BaseException | None:
     """The worker's own exception when a failed attempt would fail identically on every retry:
     each failed worker of the group raised a config or input check's error (`ConfigError`,
-    `ValueError`, `KeyError`, or a `FileNotFoundError` raised by a check) rather than dying or
-    losing its node. None when any worker failed otherwise (a killed worker, a lost node, a
-    collective cut short), or nothing recurring is found: that attempt is retried as before."""
+    `ValueError`, `KeyError`) rather than dying, losing its node or missing a file. None when any
+    worker failed otherwise (a killed worker, a lost node, a collective cut short, a missing
+    file), or nothing recurring is found: that attempt is retried as before."""
     failures = getattr(error, "worker_failures", None)
     if failures:  # Ray Train's WorkerGroupError: the failed workers' own exceptions, by rank
         found = [_unwrap(failures[rank]) for rank in sorted(failures)]

@@ -61,8 +61,6 @@ class TaskConfig(Strict):
             raise ValueError(f"model kind '{self.model.kind}' cannot train on {self.data.kind} data")
         if self.export.quantize_int8 and self.data.kind != "text":
             raise ValueError("export.quantize_int8 is for the language model (text data) only")
-        if self.export.hf and "hf" in self.export.model_fields_set and self.data.kind != "text":  # (not the default)
-            raise ValueError("export.hf (a transformers folder) is for the language model (text data) only")
         if getattr(self.model, "init_from", None) and self.trainer.init_from:
             raise ValueError("model.init_from (a Hugging Face checkpoint) and trainer.init_from (weights) both "
                              "name initial weights: set one")

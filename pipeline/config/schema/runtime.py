@@ -126,7 +126,7 @@ class PrecisionConfig(Strict):
     # the dequantised operands), on any device, CPUs included. For checking an fp8 run's numerics,
     # checkpoints and layouts without float8 hardware; never faster than bf16.
     fp8_emulate: bool = False
-    # fp8 under FSDP2 (strategy fsdp over more than one dp rank, with or without tp and pp): the
+    # fp8 under FSDP2 (strategy fsdp; with tp or pp, over more than one dp rank): the
     # converted layers' weights are all-gathered in float8 (half of bf16's bytes), their scales
     # computed for all layers in one all-reduce whenever the weights change (torchtitan's
     # enable_fsdp_float8_all_gather with precompute_float8_dynamic_scale_for_fsdp).

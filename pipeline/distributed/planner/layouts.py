@@ -265,7 +265,9 @@ def _state_layout(cfg: PipelineConfig, facts: ModelFacts, workers: int, optim: O
         # Under fp8 with float8 all-gather (over more than one rank) a block's converted weights
         # are gathered and kept in one byte each.
         block = facts.largest_block
-        unit = facts.gathered_block_bytes(lp, precision == "fp8" and cfg.precision.fp8_all_gather and N > 1)
+        # (FSDPStrategy gathers at any world size; on the tp/pp mesh only over more than one dp rank)
+        float8 = precision == "fp8" and cfg.precision.fp8_all_gather and (N > 1 or not mesh)
+        unit = facts.gathered_block_bytes(lp, float8)
         root = facts.root_params * lp
         ahead = unit if target == "cuda" else 0
         if s.reshard_after_forward:
