@@ -21,7 +21,15 @@ from pipeline.export.quantize import accuracy_change, quantize_int8
 from pipeline.flows.evaluate import EVAL_RUN, check_trained_on
 from pipeline.tracking import mlflow_runs
 from pipeline.tracking.registry import Registration, describe_version, register, version_tags
-from pipeline.training.checkpoint import CHECKSUMS, SPEC, WEIGHTS, DamagedFile, load_model, read_json
+from pipeline.training.checkpoint import (
+    CHECKSUMS,
+    SPEC,
+    WEIGHTS,
+    DamagedFile,
+    load_model,
+    read_json,
+    record_string,
+)
 
 INFO = "model_info.json"
 INT8 = "model.int8.onnx"
@@ -86,15 +94,6 @@ def hf_metrics(hf: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in hf.items() if k.startswith("hf_") and isinstance(v, int | float)}
 
 
-def _record_id(record: Any, path: Path, key: str, made_by: str) -> str:
-    """`record[key]`, a non-empty string, or one line naming the file and the key (a record the
-    stage did not write: a list, a missing key, a number)."""
-    value = record.get(key) if isinstance(record, dict) else None
-    if not isinstance(value, str) or not value:
-        raise DamagedFile(path, f"no '{key}' string in it; run the {made_by} stage again")
-    return value
-
-
 def _registry_value(metrics: Any, path: Path, task: str, metric: str) -> float:
     """The registry metric from eval.json: a finite number, or one line naming the file and key.
     (A NaN champion would block every later promotion; null or text would be a traceback.)"""
@@ -117,10 +116,11 @@ def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_di
     tcfg = cfg.task(task)
     info = read_json(export_dir / INFO, "export")
     metrics = read_json(metrics_dir / "eval.json", "evaluate")
-    run_id = _record_id(info, export_dir / INFO, "run_id", "export")
-    model_uri = _record_id(info, export_dir / INFO, "model_uri", "export")
+    run_id = record_string(info, export_dir / INFO, "run_id", "export")
+    model_uri = record_string(info, export_dir / INFO, "model_uri", "export")
     value = _registry_value(metrics, metrics_dir / "eval.json", task, tcfg.registry.metric)
-    evaluated = _record_id(read_json(metrics_dir / EVAL_RUN, "evaluate"), metrics_dir / EVAL_RUN, "run_id", "evaluate")
+    evaluated_file = metrics_dir / EVAL_RUN
+    evaluated = record_string(read_json(evaluated_file, "evaluate"), evaluated_file, "run_id", "evaluate")
     if evaluated != run_id:
         raise ValueError(f"{export_dir / INFO} is the export of MLflow run {run_id}, but {metrics_dir / 'eval.json'} "
                          f"holds the metrics of run {evaluated} ({metrics_dir / EVAL_RUN}): rerun the evaluate "

@@ -208,7 +208,7 @@ class HFCheckpoint:
             raise ValueError(f"{key}: {self.folder} has neither {SAFETENSORS} nor {INDEX} "
                              "(PyTorch .bin checkpoints: load and save_pretrained them once to convert)")
 
-    def _file(self, hf_name: str) -> str | None:
+    def file_of(self, hf_name: str) -> str | None:
         if self.files is None:
             return SAFETENSORS
         return self.files.get(hf_name)
@@ -228,7 +228,7 @@ class HFCheckpoint:
 
         by_file: dict[str, list[tuple[str, str]]] = {}
         for ours, theirs in self.names(list(targets)).items():
-            fname = self._file(theirs)
+            fname = self.file_of(theirs)
             if fname is None:
                 raise ValueError(f"{self.key}: {self.folder / INDEX} maps no file to '{theirs}' (our '{ours}')")
             by_file.setdefault(fname, []).append((ours, theirs))

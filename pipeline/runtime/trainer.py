@@ -328,6 +328,11 @@ def _fallback_line(task_name: str, found: Recovery, damaged: list[DamagedFile], 
         print(f"[{task_name}] {fallback_line(damaged, found.resumed_step or 0, intact)}{aside}", flush=True)
 
 
+# Where Ray keeps the exception it wraps: Ray Train's exception-with-traceback, a task error's
+# cause, a controller's failure.
+_RAY_WRAPPERS = ("_base_exc", "cause", "controller_failure")
+
+
 def fatal_error(error: BaseException) -> BaseException | None:
     """The error behind a failed attempt that retrying would only repeat, if any: a checkpoint
     error (damaged file, full disk), else a worker's config or input check (`recurring_error`).
@@ -343,7 +348,7 @@ def fatal_error(error: BaseException) -> BaseException | None:
             return e.cause if isinstance(getattr(e, "cause", None), CheckpointError) else e
         failures = getattr(e, "worker_failures", None) or {}
         todo += [failures[rank] for rank in sorted(failures)]
-        todo += [getattr(e, name, None) for name in ("_base_exc", "cause", "controller_failure")]
+        todo += [getattr(e, name, None) for name in _RAY_WRAPPERS]
         todo += [e.__cause__]
     return recurring_error(error)
 
@@ -379,7 +384,7 @@ def _unwrap(error: BaseException | None) -> BaseException | None:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        inner = next((x for x in (getattr(error, name, None) for name in ("_base_exc", "cause", "controller_failure"))
+        inner = next((x for x in (getattr(error, name, None) for name in _RAY_WRAPPERS)
                       if isinstance(x, BaseException)), None)
         if inner is None:
             return error

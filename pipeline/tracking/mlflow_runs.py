@@ -130,13 +130,12 @@ def log_history(run_id: str, history: list[dict[str, float]], prefix: str = "tra
 def read_run_file(model_dir: Path) -> dict[str, Any]:
     """The MLflow run the train stage recorded beside its model (missing or damaged, or without
     the run id and tracking URI every reader uses: one line)."""
-    from pipeline.training.checkpoint import DamagedFile, read_json
+    from pipeline.training.checkpoint import read_json, record_string
 
     path = model_dir / RUN_FILE
     info = read_json(path, "train")
     for key in ("run_id", "tracking_uri"):
-        if not isinstance(info, dict) or not isinstance(info.get(key), str) or not info[key]:
-            raise DamagedFile(path, f"no '{key}' string in it; run the train stage again")
+        record_string(info, path, key, "train")
     return info
 
 

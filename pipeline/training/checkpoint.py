@@ -316,7 +316,7 @@ def check_init_shapes(path: Path, key: str, spec: dict[str, Any]) -> None:
             raise ValueError(f"{key}: {path} is a Llama checkpoint, and the model does not have its layout "
                              f"({e.args[0]})") from None
         for ours, theirs in mapped.items():
-            fname = checkpoint._file(theirs)  # the loader's own lookup (one file, or the index's)
+            fname = checkpoint.file_of(theirs)  # the loader's own lookup (one file, or the index's)
             if fname is None:
                 raise ValueError(f"{key}: {path / INDEX} maps no file to '{theirs}' (the model's '{ours}')")
             held = shapes(path / fname)
@@ -352,6 +352,15 @@ def read_json(path: Path, made_by: str) -> Any:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise DamagedFile(path, f"not valid JSON: {e}; run the {made_by} stage again") from None
+
+
+def record_string(record: Any, path: Path, key: str, made_by: str) -> str:
+    """`record[key]` of a JSON record a stage wrote, a non-empty string, or one line naming the file
+    and the key (a record the stage did not write: a list, a missing key, a number)."""
+    value = record.get(key) if isinstance(record, dict) else None
+    if not isinstance(value, str) or not value:
+        raise DamagedFile(path, f"no '{key}' string in it; run the {made_by} stage again")
+    return value
 
 
 def read_model(model_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
