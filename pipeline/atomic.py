@@ -151,13 +151,18 @@ def json_digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
+def describe_file(path: Path) -> dict[str, Any]:
+    """A file's entry in a checksum record: its size and sha256."""
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
 def describe_files(directory: Path, skip: Callable[[str], bool] = lambda name: False) -> dict[str, dict[str, Any]]:
     """Size and sha256 of every file under `directory` (relative POSIX paths as keys)."""
     out = {}
     for p in sorted(directory.rglob("*")):
         rel = p.relative_to(directory).as_posix()
         if p.is_file() and not skip(rel):
-            out[rel] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+            out[rel] = describe_file(p)
     return out
 
 

@@ -37,7 +37,10 @@ def _known_errors() -> tuple[type[Exception], ...]:
 def stage_main(stage: str, run: Callable[[PipelineConfig, str], None], argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=f"stages.{stage}", description=f"Run the {stage} stage for one task.")
     parser.add_argument("task", help="task name under `tasks:` in params.yaml (lm, diffusion)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tasks.lm.trainer.max_steps=50")
+    # (default=[]: without a default argparse marks a "*" positional required, and its usage error
+    # then lists it: "the following arguments are required: task, overrides")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="optional key=value config overrides, e.g. tasks.lm.trainer.max_steps=50")
     parser.add_argument("--params", default="params.yaml", help="composed config file (default: params.yaml)")
     args = parser.parse_args(argv)
     try:
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pipeline", description="Pipeline utilities.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compose", help="compose configs/ with Hydra into params.yaml (what `dvc exp run` does)")
-    c.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. 'model@tasks.lm.model=gpt_tiny'")
+    c.add_argument("overrides", nargs="*", default=[],
+                   help="optional Hydra overrides, e.g. 'model@tasks.lm.model=gpt_tiny'")
     c.add_argument("--config-dir", default="configs", help="the Hydra config folder (default: configs)")
     c.add_argument("--out", default="params.yaml", help="where to write the composed config (default: params.yaml)")
     v = sub.add_parser("validate", help="validate params.yaml, and that each task can train with it (the train "
@@ -85,8 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     pl = sub.add_parser("plan", help="per-rank memory of a training step (parameters, gradients, optimizer state, "
                                      "activations, buffers) and the largest micro-batch that fits; no GPU, no Ray")
     pl.add_argument("task", help="task under `tasks:` (lm, diffusion)")
-    pl.add_argument("overrides", nargs="*", help="key=value overrides of params.yaml (with --compose: Hydra "
-                                                 "overrides of configs/, e.g. 'model@tasks.lm.model=gpt_7b')")
+    pl.add_argument("overrides", nargs="*", default=[],  # (optional: see stage_main)
+                    help="optional key=value overrides of params.yaml (with --compose: Hydra overrides of "
+                         "configs/, e.g. 'model@tasks.lm.model=gpt_7b')")
     pl.add_argument("--params", default="params.yaml")
     pl.add_argument("--compose", action="store_true", help="compose configs/ with Hydra instead of reading --params")
     pl.add_argument("--workers", type=int, default=None, help="ranks, dp x tp x pp (default: cluster.num_workers)")
@@ -186,10 +191,10 @@ def _registry_command(args: argparse.Namespace) -> None:
     import mlflow
 
     from pipeline.tracking import inspect
-    from pipeline.tracking.mlflow_runs import tracking_uri
+    from pipeline.tracking.mlflow_runs import sqlite_file, tracking_uri
 
     uri = args.tracking_uri or tracking_uri(load_config(args.params).tracking)
-    store = Path(uri.removeprefix("sqlite:///").split("?")[0]) if uri.startswith("sqlite:///") else None
+    store = sqlite_file(uri)
     if store is not None and not store.is_file():  # (MLflow would create an empty store to look in)
         raise FileNotFoundError(f"no tracking store at {uri}: nothing has been registered here yet (run `make repro` "
                                 "or `dvc repro` first, or pass --tracking-uri)")

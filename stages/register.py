@@ -9,8 +9,14 @@ from pipeline.flows.export import register_export
 
 def run(cfg: PipelineConfig, task: str) -> None:
     reg = register_export(cfg, task, Path(f"export/{task}"), Path(f"metrics/{task}"), Path(f"registry/{task}.json"))
-    verdict = "now champion" if reg.promoted else f"champion stays v{reg.previous_champion} ({reg.previous_metric:.4f})"
-    print(f"[{task}] registered {reg.name} v{reg.version} ({cfg.task(task).registry.metric}={reg.metric:.4f}), "
+    if reg.promoted:
+        verdict = "now champion"
+    elif reg.previous_champion == reg.version:
+        verdict = "champion"
+    else:
+        verdict = f"champion stays v{reg.previous_champion} ({reg.previous_metric:.4f})"
+    done = "already registered as" if reg.reused else "registered"
+    print(f"[{task}] {done} {reg.name} v{reg.version} ({cfg.task(task).registry.metric}={reg.metric:.4f}), "
           f"alias challenger; {verdict}")
 
 

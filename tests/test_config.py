@@ -47,6 +47,21 @@ def test_bad_values_name_the_key(override, fragment):
     assert "\n" not in str(err.value)
 
 
+def test_a_check_that_names_its_keys_is_not_prefixed_twice():
+    """A section's check whose message already names its key ("precision.fp8_emulate=true ...")
+    read "precision: precision.fp8_emulate=true ..."; under a deeper path only the parents are
+    added, and a message that names no key keeps its "key: " prefix."""
+    from pipeline.config.loading import _keyed
+
+    with pytest.raises(ConfigError) as err:
+        validate(apply_overrides(tiny_raw(), ["precision.fp8_emulate=true"]))
+    assert str(err.value) == "precision.fp8_emulate=true needs precision.dtype=fp8 (got fp32)"
+    assert _keyed(["tasks", "lm", "trainer"], "trainer.ac_every_k=3 needs x") == "tasks.lm.trainer.ac_every_k=3 needs x"
+    assert _keyed(["tasks", "lm", "trainer"], "tasks.lm.trainer.x=1 needs y") == "tasks.lm.trainer.x=1 needs y"
+    assert _keyed(["tasks", "lm", "model"], "model kind 'gpt' is bad") == "tasks.lm.model: model kind 'gpt' is bad"
+    assert _keyed([], "strategy.name=horovod needs x") == "strategy.name=horovod needs x"
+
+
 def test_horovod_refuses_object_store_storage_at_validation():
     """Horovod's ranks write checkpoint files themselves (no Ray Train upload): an s3:// storage
     path stops at validation in one line naming both keys; DDP takes the same path."""
@@ -87,6 +102,16 @@ def test_stage_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines == ["error [train lm]: tasks.lm.optim.lr: Input should be greater than 0 (got -0.5)"]
+
+
+def test_stage_usage_error_names_only_the_task(capsys):
+    """Overrides are optional: a stage run without its task names the task alone."""
+    from pipeline.cli import stage_main
+
+    with pytest.raises(SystemExit) as e:
+        stage_main("train", lambda cfg, task: None, [])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: the following arguments are required: task")
 
 
 def test_missing_params_file(tmp_path):

@@ -67,8 +67,9 @@ def test_damaged_nan_champion_gives_way_to_a_finite_value(store):
     with mlflow.start_run() as run:
         mlflow.log_text("flavors: {}\n", "model/MLmodel")  # as much of a model as registering looks for
     uri = f"runs:/{run.info.run_id}/model"
-    client.create_registered_model(cfg.name)
-    client.create_model_version(cfg.name, uri, run.info.run_id, tags={"metric_name": cfg.metric, "metric_value": "nan"})
+    client.create_registered_model(cfg.name)  # (another model of the run: the same one would be reused)
+    client.create_model_version(cfg.name, f"runs:/{run.info.run_id}/older", run.info.run_id,
+                                tags={"metric_name": cfg.metric, "metric_value": "nan"})
     client.set_registered_model_alias(cfg.name, CHAMPION, "1")
     with pytest.raises(ValueError, match=r"val_loss is nan: not a finite number; nothing registered"):
         register(uri, run.info.run_id, cfg, float("nan"), {})
@@ -90,7 +91,7 @@ def test_damaged_register_refuses_a_non_finite_registry_metric(tmp_path, value):
 
 # --- 2. NaN weights: evaluate refuses, export's checks fail on NaN ---------------------------------
 
-def test_damaged_evaluate_refuses_non_finite_metrics(tmp_path, monkeypatch):
+def test_damaged_evaluate_refuses_non_finite_metrics(tmp_path, monkeypatch, store):
     """A model with NaN weights scores NaN: evaluate names the metrics, exits through the CLI's one
     line, and leaves the previous eval.json as it was."""
     import pipeline.evaluation.lm as lm_eval
@@ -100,7 +101,9 @@ def test_damaged_evaluate_refuses_non_finite_metrics(tmp_path, monkeypatch):
     model_dir, metrics_dir = tmp_path / "model", tmp_path / "metrics"
     model_dir.mkdir()
     metrics_dir.mkdir()
-    (model_dir / RUN_FILE).write_text(json.dumps({"run_id": "r", "tracking_uri": f"sqlite:///{tmp_path}/m.db"}))
+    with mlflow.start_run() as run:
+        pass
+    (model_dir / RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": store}))
     (metrics_dir / "eval.json").write_text('{"val_loss": 3.0}')
     monkeypatch.setattr(flow, "load_model", lambda d: (torch.nn.Linear(1, 1), {"task": "lm"}))
     nan = float("nan")
@@ -109,7 +112,7 @@ def test_damaged_evaluate_refuses_non_finite_metrics(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"^evaluation gave non-finite val_loss=nan, val_perplexity=nan: "):
         evaluate(validate(tiny_raw()).task("lm"), model_dir, tmp_path / "shards", metrics_dir, tmp_path / "r")
     assert (metrics_dir / "eval.json").read_text() == '{"val_loss": 3.0}' and not (metrics_dir / EVAL_RUN).exists()
-    assert not (tmp_path / "m.db").exists()  # nothing logged to the run either
+    assert mlflow.MlflowClient(store).get_run(run.info.run_id).data.metrics == {}  # nothing logged to the run either
 
 
 def _fake_model_dir(tmp_path: Path, run: dict) -> Path:
@@ -128,12 +131,14 @@ def _fake_shards(tmp_path: Path, vocab: int = 300) -> Path:
     return shards
 
 
-def test_damaged_export_fails_on_a_nan_onnx_difference(tmp_path, monkeypatch):
+def test_damaged_export_fails_on_a_nan_onnx_difference(tmp_path, monkeypatch, store):
     """NaN outputs make the ONNX difference NaN, and `NaN > limit` is False: the check must fail."""
     import pipeline.flows.export as flow
 
     cfg = validate(tiny_raw(["tasks.lm.export.hf=false"]))
-    model_dir = _fake_model_dir(tmp_path, {"run_id": "r", "tracking_uri": f"sqlite:///{tmp_path}/m.db"})
+    with mlflow.start_run() as run:
+        pass
+    model_dir = _fake_model_dir(tmp_path, {"run_id": run.info.run_id, "tracking_uri": store})
     monkeypatch.setattr(flow, "load_model", lambda d: (torch.nn.Linear(1, 1), {"task": "lm"}))
     monkeypatch.setattr(flow, "export_onnx", lambda *a: float("nan"))
     try:
@@ -180,14 +185,16 @@ def test_damaged_register_refuses_metrics_of_another_run(tmp_path):
 
 # --- 4. the model must have been trained on these shards --------------------------------------------
 
-def test_damaged_model_trained_on_other_shards_is_refused_before_any_work(tmp_path):
+def test_damaged_model_trained_on_other_shards_is_refused_before_any_work(tmp_path, store):
     """run.json records the md5 of the shards' manifest the model was trained on; evaluate and export
     compare it with the shards they are given (re-prepared with another vocabulary, say) before
     loading anything. A run.json from before the record is not checked."""
     cfg = validate(tiny_raw())
     shards = _fake_shards(tmp_path, vocab=512)
     trained_on = file_md5(_fake_shards(tmp_path / "old", vocab=300) / MANIFEST)
-    run = {"run_id": "r", "tracking_uri": f"sqlite:///{tmp_path}/m.db", "data_manifest_md5": trained_on}
+    with mlflow.start_run() as started:
+        pass
+    run = {"run_id": started.info.run_id, "tracking_uri": store, "data_manifest_md5": trained_on}
     model_dir = _fake_model_dir(tmp_path, run)
     want = (rf"^{model_dir / RUN_FILE}: the model was trained on shards with manifest {trained_on}, these shards "
             rf"\({shards / MANIFEST}\) are {file_md5(shards / MANIFEST)}: rerun the train stage$")
@@ -195,7 +202,7 @@ def test_damaged_model_trained_on_other_shards_is_refused_before_any_work(tmp_pa
         evaluate(cfg.task("lm"), model_dir, shards, tmp_path / "metrics", tmp_path / "reports")
     with pytest.raises(ValueError, match=want):
         export(cfg, "lm", model_dir, shards, tmp_path / "out", tmp_path / "metrics")
-    assert not any((tmp_path / d).exists() for d in ("metrics", "reports", "out", "m.db"))
+    assert not any((tmp_path / d).exists() for d in ("metrics", "reports", "out"))
     # the same shards pass the check (and fail later, at the fake weights); no record: no check
     for record in (file_md5(shards / MANIFEST), None):
         _fake_model_dir(tmp_path, {**run, "data_manifest_md5": record} if record else
@@ -255,3 +262,60 @@ def test_damaged_registry_name_is_one_line_from_pipeline_validate(tmp_path, caps
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("error: tasks.lm.registry.name: MLflow registered model names cannot contain '/'")
+
+
+# --- 6. the tracking store a model's run is in: gone, damaged, locked, or without the run -----------
+
+def test_damaged_tracking_store_is_one_line_before_any_work(tmp_path, store):
+    """evaluate, export and register continue the run in run.json: a store that is gone (MLflow would
+    make an empty one), not a database, locked by another writer, or without the run is one line
+    naming run.json, the run and the store, before any work; MLflow creates no file."""
+    import shutil
+    import sqlite3
+
+    from pipeline.tracking.mlflow_runs import TrackingUnavailable, continue_run, read_run_file
+
+    with mlflow.start_run() as run:
+        pass
+    run_id = run.info.run_id
+    model_dir = _fake_model_dir(tmp_path, {"run_id": run_id, "tracking_uri": store})
+    assert continue_run(read_run_file(model_dir), model_dir, "evaluate").info.run_id == run_id
+    db = tmp_path / "mlruns.db"
+    where = rf"^{model_dir / RUN_FILE} names run {{run}} in the MLflow store sqlite:///{{db}}, (which|where it is) "
+    retrain = r"`dvc repro --force train@model` records a new run"
+
+    def refused(path: Path, message: str, run: str = run_id) -> None:
+        _fake_model_dir(tmp_path, {"run_id": run, "tracking_uri": f"sqlite:///{path}"})
+        with pytest.raises(TrackingUnavailable, match=where.format(run=run, db=path) + message):
+            continue_run(read_run_file(model_dir), model_dir, "export")
+
+    refused(tmp_path / "gone.db", r"does not exist \(deleted or moved\?\): the export stage adds to that run; "
+                                  rf"restore the file, or {retrain}$")
+    assert not (tmp_path / "gone.db").exists()
+    (tmp_path / "junk.db").write_bytes(b"not a database" * 100)
+    refused(tmp_path / "junk.db", r"cannot be read \(file is not a database\): restore it from a backup")
+    refused(db, rf"does not hold that run \(another store\?\): {retrain}$", run="0" * 32)
+    mlflow.MlflowClient().delete_run(run_id)  # (MLflow still returns a deleted run, which cannot be logged to)
+    refused(db, rf"deleted: restore it \(`mlflow runs restore --run-id {run_id}`\), or {retrain}$")
+    mlflow.MlflowClient().restore_run(run_id)
+    shutil.copy(db, tmp_path / "locked.db")
+    holder = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another writer mid-transaction
+    try:
+        refused(tmp_path / "locked.db", r"cannot be read \(database is locked\): another process holds a write lock")
+    finally:
+        holder.close()
+
+
+def test_damaged_export_folder_without_checksums_is_refused(tmp_path):
+    """Every model and export folder the stages write has checksums.json; without it (deleted, or a
+    folder assembled by hand) nothing can be verified, so loading refuses instead of trusting it."""
+    from pipeline.training.checkpoint import CHECKSUMS, load_model, verify_model_dir, write_model
+
+    write_model(tmp_path / "m", {"w": torch.zeros(2)}, {"task": "lm"})
+    assert verify_model_dir(tmp_path / "m")
+    (tmp_path / "m" / CHECKSUMS).unlink()
+    with pytest.raises(DamagedFile, match=rf"^{tmp_path / 'm' / CHECKSUMS} is damaged \(missing; the folder cannot "
+                                          r"be verified"):
+        load_model(tmp_path / "m")
+    assert verify_model_dir(tmp_path / "m", required=False) is False  # weights a user brings may have none

@@ -203,17 +203,18 @@ def _lm_model_dir(built_data, tmp_path) -> Path:
 def test_damaged_model_file_is_named_by_load_model(built_data, tmp_path, damage):
     d = _lm_model_dir(built_data, tmp_path)
     load_model(d)
-    if damage.endswith("no-checksums"):  # a folder written before checksums were recorded
+    if damage.endswith("no-checksums"):  # deleted: nothing to verify against, so nothing is trusted
         (d / CHECKSUMS).unlink()
     (_truncate if damage.startswith("truncated") else _flip)(d / WEIGHTS)
     with pytest.raises(DamagedFile) as err:
         load_model(d)
     message = str(err.value)
-    assert "\n" not in message and message.startswith(f"{d / WEIGHTS} is damaged")
+    named = d / (CHECKSUMS if damage.endswith("no-checksums") else WEIGHTS)
+    assert "\n" not in message and message.startswith(f"{named} is damaged")
     if damage == "flipped":
         assert "sha256 differs" in message
     if damage.endswith("no-checksums"):
-        assert "not a readable safetensors file" in message
+        assert "missing; the folder cannot be verified" in message
 
 
 def test_damaged_weights_give_an_infinite_perplexity_not_a_crash(built_data):

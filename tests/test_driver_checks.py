@@ -159,6 +159,15 @@ def test_init_weights_of_a_fused_layout_pass_the_shape_check(tmp_path):
             fused[name] = t
     save_file(fused, str(tmp_path / "fused.safetensors"))
     check_init_weights(tmp_path / "fused.safetensors", "tasks.lm.trainer.init_from", spec)
+    # more rows than q, k and v take (another model's heads): the rows cut by position would be wrong ones
+    qkv = next(n for n in fused if n.endswith(".attn.qkv.weight"))
+    fused[qkv] = torch.cat([fused[qkv], fused[qkv][:4]])
+    save_file(fused, str(tmp_path / "fused.safetensors"))
+    rows = fused[qkv].shape[0]
+    with pytest.raises(ValueError, match=rf"^tasks.lm.trainer.init_from: .*fused.safetensors: '{qkv}' has {rows} "
+                                         rf"rows, the model's '.*wq.weight', '.*wk.weight', '.*wv.weight' take "
+                                         rf"{rows - 4} \(another model's fused layout\)$"):
+        check_init_weights(tmp_path / "fused.safetensors", "tasks.lm.trainer.init_from", spec)
 
 
 def test_init_hf_checkpoint_shapes_are_checked_by_its_own_names(tmp_path):

@@ -40,6 +40,14 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert (project / f"reports/{task}/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (project / "export/lm/model.onnx").stat().st_size > 0
     assert (project / "export/lm/model.safetensors").is_file()
+    # run.json names the workspace's store relative to it (a copied workspace uses its own); the export's
+    # record covers every file it holds; the served LM stops at the manifest's end-of-document token
+    assert json.loads((project / "models/lm/run.json").read_text())["tracking_uri"] == "sqlite:///mlruns.db"
+    for task in ("lm", "diffusion"):
+        held = {p.relative_to(project / f"export/{task}").as_posix() for p in (project / f"export/{task}").rglob("*")
+                if p.is_file() and p.name != "checksums.json"}
+        assert set(json.loads((project / f"export/{task}/checksums.json").read_text())["files"]) == held
+    assert json.loads((project / "export/lm/generation.json").read_text()) == {"eos_token": "<|endoftext|>"}
 
     head = run_ok(["git", "rev-parse", "HEAD"], project).strip()
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlruns.db")
@@ -109,6 +117,8 @@ def test_dvc_repro_end_to_end(tmp_path):
 
     again = run_ok(["dvc", "repro"], project)
     assert "Data and pipelines are up to date." in again
+    forced = run_ok(["dvc", "repro", "--force", "--single-item", "register@lm"], project)  # idempotent
+    assert "[lm] already registered as pipeline-lm v1 " in forced and "; champion\n" in forced, forced[-2000:]
 
     shown = run_ok(["dvc", "metrics", "show"], project)
     assert "val_perplexity" in shown and "test_denoise_loss" in shown

@@ -137,16 +137,17 @@ def test_tracking_server_down_during_training_loses_nothing(prepared_lm, tmp_pat
         assert all(v == pytest.approx(float(next(r["loss"] for r in computed if int(r["step"]) == s)))
                    for s, v in live_steps.items())
         _registry_through_server(project, uri, tmp_path / "artifacts", first_run_id)
-        mlflow.set_tracking_uri(None)
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+        mlflow.set_tracking_uri(None)  # (set_tracking_uri also sets the environment: not for the next test)
 
 
 def _registry_through_server(project: Path, uri: str, artifacts: Path, run_id: str) -> None:
-    """evaluate, export and register (twice) against a real tracking server: the second version
-    has the same metric, so it becomes challenger and the champion stays; the champion loads and
-    predicts through the server, its files live in the server's artifact store, and lineage reads it."""
+    """evaluate, export and register (twice) against a real tracking server: the logged model's files
+    are listed in the server's artifact store before a version exists; the second register finds the
+    version it made (no copy); the champion loads and predicts through the server, its files live in
+    the server's artifact store, and lineage reads it."""
     import mlflow
     import pandas as pd
     from mlflow.tracking import MlflowClient
@@ -155,10 +156,11 @@ def _registry_through_server(project: Path, uri: str, artifacts: Path, run_id: s
         out = run_ok([sys.executable, "-m", f"stages.{stage}", "lm", f"tracking.uri={uri}"], project)
     assert "now champion" in out
     out = run_ok([sys.executable, "-m", "stages.register", "lm", f"tracking.uri={uri}"], project)
-    assert "registered pipeline-lm v2" in out and "champion stays v1" in out
+    assert "already registered as pipeline-lm v1" in out and "alias challenger; champion\n" in out
+    assert [str(v.version) for v in MlflowClient().search_model_versions("name='pipeline-lm'")] == ["1"]
     client = MlflowClient()
     assert client.get_model_version_by_alias("pipeline-lm", "champion").version in (1, "1")
-    assert client.get_model_version_by_alias("pipeline-lm", "challenger").version in (2, "2")
+    assert client.get_model_version_by_alias("pipeline-lm", "challenger").version in (1, "1")
     champion = client.get_model_version_by_alias("pipeline-lm", "champion")
     assert champion.run_id == run_id and champion.tags["metric_name"] == "val_loss"
     assert "val_loss" in champion.description  # the version says what it scored

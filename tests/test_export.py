@@ -16,7 +16,7 @@ from pipeline.export.pyfunc import example_input, log_pyfunc
 from pipeline.tasks import task_for_spec
 from pipeline.tracking import mlflow_runs
 from pipeline.tracking.registry import CHALLENGER, CHAMPION, register
-from pipeline.training.checkpoint import write_model
+from pipeline.training.checkpoint import CHECKSUMS, model_checksums, verify_model_dir, write_checksums, write_model
 
 
 @pytest.fixture
@@ -88,11 +88,16 @@ def test_pyfunc_round_trip(built_data, tmp_path, mlflow_store, task):
     d, spec = _model_dir(tmp_path, built_data, task)
     d = d.rename(d.parent / ".lm.tmp-abc123")
     (d / "model.onnx").write_bytes(b"graph")
+    write_checksums(d)  # as the export stage records its folder before logging
     with mlflow.start_run():
         info = log_pyfunc(d, spec)
     logged = Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "artifacts"
     assert [p.name for p in logged.iterdir()] == ["model_dir"]
     assert not list(logged.glob("model_dir/*.onnx*")) and (logged / "model_dir/model.safetensors").is_file()
+    # its own record: every file it holds, and not the ONNX graph it was left without (it would fail to load)
+    held = {p.relative_to(logged / "model_dir").as_posix() for p in (logged / "model_dir").rglob("*") if p.is_file()}
+    assert set(model_checksums(logged / "model_dir")) == held - {CHECKSUMS} and "model.onnx" in model_checksums(d)
+    assert verify_model_dir(logged / "model_dir")
     assert not list(d.parent.glob(".pyfunc*"))
     out = mlflow.pyfunc.load_model(info.model_uri).predict(example_input(spec))
     if task == "lm":
@@ -128,3 +133,19 @@ def test_unet_exports_to_onnx(tmp_path):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     assert export_onnx(model.eval(), spec, tmp_path / "unet.onnx") < 1e-4
+
+
+def test_served_model_ends_at_the_manifests_end_of_document_token(built_data, tmp_path):
+    """The served LM stops at the end-of-document token the shards were written with, which the
+    export stage records in generation.json (a Llama-3 tokenizer's is neither of the names the
+    pyfunc knew); an export from before the record finds ours by name."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from pipeline.export.pyfunc import GENERATION, end_of_document
+
+    tokenizer = Tokenizer.from_file(str(built_data[1]["lm"] / "tokenizer.json"))
+    assert end_of_document(tmp_path, tokenizer) == tokenizer.token_to_id("<|endoftext|>") is not None
+    (tmp_path / GENERATION).write_text(json.dumps({"eos_token": tokenizer.id_to_token(5)}))
+    assert end_of_document(tmp_path, tokenizer) == 5

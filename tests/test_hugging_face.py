@@ -303,3 +303,33 @@ def test_hugging_face_check_fails_on_a_folder_that_computes_otherwise(built_data
     rows = read_split(shards["lm"], "val", max_rows=4)["tokens"]
     figures = check_hf_folder(tmp_path / "hf", model, rows, shards["lm"] / "tokenizer.json", "float32")
     assert figures["hf_max_abs_logit_diff"] > cfg.task("lm").export.hf_max_abs_diff
+
+
+# ----------------------------------------------------------------------------- import noise
+def test_hugging_face_import_leaves_torchao_import_warnings_out_of_the_output(monkeypatch):
+    """`transformers` imports torchao whenever a model loads (the export's check does): on a CPU
+    torch that logged a "Failed to load .../torchao/_C*.so" line per CUDA kernel library, and
+    torch's pytree a deprecation per torchao Enum, into every export's output. Those records
+    are dropped; another torchao warning is not, nor (on a CUDA build) a kernel library that
+    fails to load."""
+    import logging
+    import subprocess
+    import sys
+
+    from pipeline.quiet import _TorchaoKernelLibraries
+    from tests.conftest import ROOT
+
+    pytest.importorskip("torchao")
+    code = ("import logging, sys; import pipeline.export.hf_export; from transformers import LlamaForCausalLM; "
+            "assert 'torchao' in sys.modules; logging.getLogger('torchao').warning('another torchao warning')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert "Failed to load" not in out.stderr and "is an Enum subclass" not in out.stderr, out.stderr[-1500:]
+    assert "another torchao warning" in out.stderr
+
+    failed = logging.LogRecord("torchao", logging.WARNING, __file__, 1,
+                               "Failed to load /x/site-packages/torchao/_C_mxfp8.abi3.so: cannot open", None, None)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert _TorchaoKernelLibraries().filter(failed)  # a CUDA build: a real problem, still reported
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert not _TorchaoKernelLibraries().filter(failed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -81,6 +82,34 @@ def test_tracking_uri_resolution(monkeypatch, tmp_path):
     assert tracking_uri(TrackingConfig()) == "http://mlflow:5000"
 
 
+def test_run_file_names_a_store_inside_the_project_relative_to_it(monkeypatch, tmp_path):
+    """run.json records a SQLite store inside the workspace relative to it, so a copied workspace
+    (its mlruns.db with it) continues its runs in its own store, not the original's; a store
+    elsewhere stays absolute (shared on purpose), a server as it is."""
+    from pipeline.tracking.mlflow_runs import RUN_FILE, portable_store, read_run_file, resolve_store, sqlite_file
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    monkeypatch.setenv("DVC_ROOT", str(original))
+    assert portable_store(f"sqlite:///{original}/mlruns.db") == "sqlite:///mlruns.db"
+    assert portable_store(f"sqlite:///{original}/db/m.db?timeout=5") == "sqlite:///db/m.db?timeout=5"
+    assert portable_store(f"sqlite:///{tmp_path}/shared.db") == f"sqlite:///{tmp_path}/shared.db"
+    assert portable_store("sqlite:///mlruns.db") == "sqlite:///mlruns.db"
+    assert portable_store("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    (copy / "models").mkdir(parents=True)
+    (copy / "models" / RUN_FILE).write_text(json.dumps({"run_id": "r", "tracking_uri": "sqlite:///mlruns.db"}))
+    monkeypatch.setenv("DVC_ROOT", str(copy))
+    assert read_run_file(copy / "models")["tracking_uri"] == f"sqlite:///{copy}/mlruns.db"
+    # a path with a space, as SQLAlchemy reads the URI (escaped), and one reached through a link
+    spaced = tmp_path / "my project"
+    (spaced / "db").mkdir(parents=True)
+    monkeypatch.setenv("DVC_ROOT", str(spaced))
+    assert sqlite_file(f"sqlite:///{tmp_path}/my%20project/db/m.db") == spaced / "db" / "m.db"
+    assert portable_store(f"sqlite:///{tmp_path}/my%20project/db/m.db") == "sqlite:///db/m.db"
+    assert resolve_store("sqlite:///db/m.db") == f"sqlite:///{tmp_path}/my%20project/db/m.db"
+    (tmp_path / "link").symlink_to(spaced)
+    assert portable_store(f"sqlite:///{tmp_path}/link/db/m.db") == "sqlite:///db/m.db"
+
+
 def test_secrets_are_never_params():
     from pipeline.tracking.mlflow_runs import safe_params
 
@@ -99,8 +128,10 @@ def trained_lm(tmp_path, tiny_cfg):
     """What the train, evaluate and export stages leave for `register lm`: a run tagged as the train
     stage tags it (every dvc.lock hash, both tasks' stages; packages, Ray, kernels), its dataset
     inputs, an artifact standing in for the MLflow model, and export/lm + metrics/lm on disk."""
+    from pipeline.export.pyfunc import pyfunc_artifacts, pyfunc_staging
     from pipeline.flows.export import INFO
     from pipeline.tracking import mlflow_runs
+    from pipeline.training.checkpoint import write_checksums
 
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     mlflow.set_tracking_uri(uri)
@@ -117,14 +148,18 @@ def trained_lm(tmp_path, tiny_cfg):
                          "ray.cluster": "local", "env.torch": "2.13.0", "impl.optimizer": "foreach", **dvc})
         mlflow.log_params({"data.source": "builtin:python-docs", "model.preset": "gpt_tiny", "trainer.max_steps": 6})
         mlflow.log_metrics({"train/steps": 6, "eval/val_loss": 5.25})
-        model = mlflow.pyfunc.log_model(name="model", python_model=_Echo(), pip_requirements=[])
+        export = tmp_path / "export" / "lm"
+        export.mkdir(parents=True)
+        (export / mlflow_runs.RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
+        (export / "model_spec.json").write_text(json.dumps({"task": "lm"}))
+        write_checksums(export)  # as the export stage does, and its model folder with them, as log_pyfunc does
+        with pyfunc_staging(tmp_path) as staging:
+            model = mlflow.pyfunc.log_model(name="model", python_model=_Echo(), pip_requirements=[],
+                                            artifacts={"model_dir": str(pyfunc_artifacts(export, staging))})
     mlflow_runs.log_datasets(run.info.run_id, "lm", "builtin:python-docs", "r" * 64, tmp_path, "man5", dvc)
-    export = tmp_path / "export" / "lm"
-    export.mkdir(parents=True)
-    (export / mlflow_runs.RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
-    (export / "model_spec.json").write_text(json.dumps({"task": "lm"}))
     (export / INFO).write_text(json.dumps({"model_uri": model.model_uri,
                                            "run_id": run.info.run_id, "hf_architecture": "LlamaForCausalLM"}))
+    write_checksums(export, add=(INFO,))
     metrics = tmp_path / "metrics" / "lm"
     metrics.mkdir(parents=True)
     (metrics / "eval.json").write_text(json.dumps({"val_loss": 5.25, "val_perplexity": 190.6, "test_loss": 5.3}))
@@ -150,7 +185,8 @@ def test_registry_description_says_what_was_trained_and_how_to_load_it(trained_l
         "task": "lm", "git.commit": "a" * 40, "git.dirty": "false", "config.digest": "cfg123",
         "data.manifest_md5": "man5", "data.raw_sha256": "r" * 64,
         "dvc.prepare:lm.data/lm/prepared": "p1.dir", "dvc.shard:lm.data/lm/shards": "s1.dir",
-        "metric_name": "val_loss", "metric_value": "5.25", "run_id": run.info.run_id}
+        "metric_name": "val_loss", "metric_value": "5.25", "run_id": run.info.run_id,
+        "model_uri": json.loads((export / "model_info.json").read_text())["model_uri"]}
     assert not any("diffusion" in k for k in mv.tags)  # not the other task's stages
     text = mv.description
     first = text.splitlines()[0]
@@ -185,3 +221,64 @@ def test_registry_description_says_what_was_trained_and_how_to_load_it(trained_l
                             "dvc.train:lm.pipeline": "c2.dir", "dvc.train:lm.models/lm": "m0.dir"}
     assert {i["name"] for i in info["inputs"]} == {"lm-raw", "lm-prepare", "lm-shard"}
     assert info["run"]["name"] == run.info.run_name and info["registered_metric"] == {"val_loss": "5.25"}
+
+
+def test_register_twice_reuses_the_version_and_sets_the_aliases_again(trained_lm, tiny_cfg, tmp_path, capsys,
+                                                                      monkeypatch):
+    """A rerun of the register stage on the same export and evaluation (`dvc repro --force`, a retried
+    job) finds the version it registered and sets the aliases again: no copy of the model. The same
+    model scored anew (another evaluation config) is a new version carrying its own score."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.flows.export import register_export
+    from stages.register import run as register_stage
+
+    _, _, export, metrics = trained_lm
+    first = register_export(tiny_cfg, "lm", export, metrics, tmp_path / "registry" / "lm.json")
+    client = MlflowClient()
+    client.update_model_version("pipeline-lm", "1", description="")  # as if the first run stopped before it
+    again = register_export(tiny_cfg, "lm", export, metrics, tmp_path / "registry" / "lm.json")
+    assert (first.version, first.reused, first.promoted) == ("1", False, True)
+    assert (again.version, again.reused, again.promoted, again.previous_champion) == ("1", True, False, "1")
+    assert [str(v.version) for v in client.search_model_versions("name='pipeline-lm'")] == ["1"]
+    assert client.get_model_version("pipeline-lm", "1").description.startswith("lm · gpt_tiny")  # mended
+    assert json.loads((tmp_path / "registry" / "lm.json").read_text())["reused"] is True
+    monkeypatch.chdir(tmp_path)  # the stage reads export/lm and metrics/lm where the fixture wrote them
+    register_stage(tiny_cfg, "lm")
+    assert "already registered as pipeline-lm v1 (val_loss=5.2500), alias challenger; champion\n" in \
+        capsys.readouterr().out
+    (metrics / "eval.json").write_text(json.dumps({"val_loss": 5.0, "val_perplexity": 148.4, "test_loss": 5.1}))
+    scored = register_export(tiny_cfg, "lm", export, metrics, tmp_path / "registry" / "lm.json")
+    assert (scored.version, scored.reused, scored.promoted, scored.previous_champion) == ("2", False, True, "1")
+    assert client.get_model_version("pipeline-lm", "2").tags["metric_value"] == "5.0"
+    assert "| **val_loss** (registry metric, lower is better) | **5** |" in \
+        client.get_model_version("pipeline-lm", "2").description
+
+
+@pytest.mark.parametrize("damage", ["model_dir/model_spec.json deleted", "model_dir/run.json truncated",
+                                    "MLmodel deleted"])
+def test_register_refuses_a_logged_model_whose_artifacts_are_damaged(trained_lm, tiny_cfg, tmp_path, damage):
+    """The logged model's files are listed in the artifact store (not downloaded) and compared with the
+    export's record before a version exists: a deleted or truncated artifact is one line naming it."""
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    from pipeline.flows.export import INFO, register_export
+    from pipeline.tracking.registry import MissingArtifacts
+
+    _, _, export, metrics = trained_lm
+    model_uri = json.loads((export / INFO).read_text())["model_uri"]
+    root = Path(local_file_uri_to_path(MlflowClient().get_logged_model(model_uri.split("/")[-1]).artifact_location))
+    name, how = damage.split()
+    target = root / name if name == "MLmodel" else root / "artifacts" / name  # (MLflow 3's layout of a logged model)
+    assert target.is_file(), sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+    if how == "deleted":
+        target.unlink()
+        want = rf"has no {'MLmodel' if name == 'MLmodel' else 'artifacts/' + name} in its artifact store"
+    else:
+        target.write_bytes(target.read_bytes()[:5])
+        want = rf"has artifacts/{name} of 5 bytes in its artifact store, the export wrote [\d,]+"
+    with pytest.raises(MissingArtifacts, match=rf"^the logged model {model_uri} {want}.*rerun the export stage "
+                                               r"\(`dvc repro --force export@lm`\); nothing registered$"):
+        register_export(tiny_cfg, "lm", export, metrics, tmp_path / "registry" / "lm.json")
+    assert MlflowClient().search_registered_models() == [] and not (tmp_path / "registry").exists()

@@ -197,3 +197,24 @@ def test_deepspeed_fp16_on_a_cpu_without_fp16_is_refused_before_training():
         with pytest.raises(ValueError, match=r"precision.dtype: DeepSpeed's fp16 on CPU needs"):
             preflight(cfg, use_gpu=False)
     preflight(cfg, use_gpu=True)  # on GPUs it is DeepSpeed's normal fp16
+
+
+def test_training_setup_line_names_the_selective_checkpointing(built_data, tmp_path, capsys):
+    """The one line a run prints at start said `activation_checkpointing: selective` without
+    which blocks or modules are recomputed (trainer.ac_selective, and k for every_k)."""
+    from pipeline.distributed.activation import describe_activation_checkpointing as describe
+    from pipeline.training.loop import train
+    from pipeline.training.session import LocalSession
+
+    assert describe("selective", "attention", 2) == "selective (attention)"
+    assert describe("selective", "op", 2) == "selective (op)"
+    assert describe("selective", "every_k", 3) == "selective (every_k, k=3)"
+    assert describe("full", "attention", 2) == "full" and describe("none", "op", 2) == "none"  # (not applied)
+
+    _, shards = built_data
+    k = "tasks.lm.trainer"
+    cfg = validate(tiny_raw([f"{k}.max_steps=1", f"{k}.ckpt_every=1", f"{k}.activation_checkpointing=selective",
+                             f"{k}.ac_selective=attention"]))
+    train(cfg, "lm", shards["lm"], LocalSession(tmp_path))
+    setup = next(line for line in capsys.readouterr().out.splitlines() if "activation_checkpointing: " in line)
+    assert "; activation_checkpointing: selective (attention); compile: " in setup, setup

@@ -305,6 +305,26 @@ def test_planner_cli_prints_the_breakdown_and_names_a_bad_flag(tmp_path):
         "error: --device-memory: expected a size such as 80GiB, 512MiB or a number of bytes (got '80Gx')"]
 
 
+def test_planner_cli_overrides_are_optional(monkeypatch, capsys):
+    """`plan <task>` needs no overrides; its usage error said "required: task, overrides" (an
+    argparse "*" positional without a default counts as required)."""
+    from pipeline import cli
+
+    seen: list = []
+    monkeypatch.setattr(cli, "_plan_command", seen.append)
+    cli.main(["plan", "lm"])
+    cli.main(["plan", "lm", "--workers", "8", "parallel.tp=2"])
+    assert [args.overrides for args in seen] == [[], ["parallel.tp=2"]]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plan"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: the following arguments are required: task")
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "--help"])
+    out = capsys.readouterr().out
+    assert "task [overrides ...]" in out and "optional key=value overrides" in out
+
+
 def test_planner_refuses_what_cannot_fit_and_names_the_fix():
     """The train stage's check: one line, starting with the key, naming a micro-batch or a strategy."""
     from pipeline.distributed.planner import check_fits, plan
@@ -386,6 +406,31 @@ def test_planner_cuda_norms_allocate_what_cudas_kernels_do():
     if has_fused_rms_norm():
         assert cuda == x.numel() * 4 + weight + 4 * 16 * 4  # input, weight, rstd per row
     assert cpu >= cuda + x.numel() * 4  # the composite keeps at least one more fp32 activation
+
+
+@pytest.mark.parametrize("emulate", [True, False])
+def test_planner_traces_fp8_emulation_on_a_cuda_target_when_training_runs_it(monkeypatch, emulate):
+    """With precision.fp8_emulate a GPU run multiplies in torchao's emulation (no `_scaled_mm`),
+    so a CUDA target's plan traces that too; it traced float8 GEMMs whatever the flag said.
+    Without the flag a CUDA target keeps the float8 GEMMs."""
+    pytest.importorskip("torchao.float8")
+    from pipeline.distributed import precision
+    from pipeline.distributed.planner import plan, trace
+
+    converted: list[torch.nn.Module] = []
+    convert = precision.convert_to_fp8
+
+    def recording(model: torch.nn.Module, emulate: bool = False, all_gather: bool = False) -> int:
+        converted.append(model)
+        return convert(model, emulate=emulate, all_gather=all_gather)
+
+    monkeypatch.setattr(precision, "convert_to_fp8", recording)
+    monkeypatch.setattr(trace, "_PROFILE_CACHE", {})
+    fp8 = ["precision.dtype=fp8"] + (["precision.fp8_emulate=true"] if emulate else [])
+    cfg = validate(tiny_raw([*fp8, "tasks.lm.model.mlp_hidden=1536"]))  # w1, w3: out_features > 1024
+    assert plan(cfg, "lm", workers=1, target="cuda", suggest=False).total > 0
+    layers = [m for model in converted for m in model.modules() if type(m).__name__ == "Float8Linear"]
+    assert layers and {m.config.emulate for m in layers} == {emulate}
 
 
 def test_planner_matches_the_h200s_eager_and_compiled_1b_peaks():

@@ -30,18 +30,31 @@ class ConfigError(ValueError):
 _UNION_TAGS = ("text", "images", "gpt", "dit", "unet", "ddp", "fsdp", "deepspeed", "horovod")
 
 
+def _keyed(loc: list[str], msg: str) -> str:
+    """`msg` under its dotted key. A section's check that already names its keys from the
+    section down ("precision.fp8_emulate=true needs ...") or in full is not prefixed again
+    ("precision: precision.fp8_emulate..."); under a deeper path it gets only the parents."""
+    key = ".".join(loc)
+    if not key:
+        return msg  # whole-config checks name their keys
+    for start in range(len(loc)):
+        named = ".".join(loc[start:])
+        if msg.startswith((f"{named}.", f"{named}=")):
+            return ".".join([*loc[:start], msg])
+    return f"{key}: {msg}"
+
+
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         # Drop pydantic's discriminated-union tags ("text", "gpt") from the dotted path.
         loc = [str(p) for p in e["loc"] if p not in _UNION_TAGS]
-        key = ".".join(loc)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         got = e.get("input")
         shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{key}: {msg}{shown}" if key else msg)  # whole-config checks name their keys
+        lines.append(_keyed(loc, msg) + shown)
     return "; ".join(lines)
 
 

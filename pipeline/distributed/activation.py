@@ -51,6 +51,14 @@ def op_policy_context() -> Any:
     return create_selective_checkpoint_contexts(partial(_policy, defaultdict(int)))
 
 
+def describe_activation_checkpointing(mode: str, selective: str = "every_k", every_k: int = 2) -> str:
+    """The setting as the training setup line shows it: `selective` alone does not say what is
+    recomputed, so which kind (and k) follows it; `ac_selective` means nothing under none or full."""
+    if mode != "selective":
+        return mode
+    return f"selective ({f'every_k, k={every_k}' if selective == 'every_k' else selective})"
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str, selective: str = "every_k",
                                    every_k: int = 2) -> int:
     """Wrap in place; returns how many modules were wrapped. `mode`, `selective` and `every_k`

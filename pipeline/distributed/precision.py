@@ -11,12 +11,13 @@ the host, once per step (`guarded_step`; under fp16, torch's GradScaler does the
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+from pipeline.quiet import quiet_torchao_import
 
 # precision.dtype -> the autocast dtype. fp8 computes the converted Linear layers' GEMMs in
 # float8 (torchao) and everything else under bf16 autocast.
@@ -278,24 +279,11 @@ def convert_to_fp8(model: nn.Module, emulate: bool = False, all_gather: bool = F
 
 
 def torchao_float8() -> Any:
-    """`torchao.float8`, imported quietly. torchao registers an Enum with torch's pytree, which
-    newer torch answers with a deprecation warning on every import (torchao's business, not the
-    user's); and on a CPU-only torch build its import warns that each of its CUDA kernel libraries
-    failed to load, kernels that cannot run there anyway. Both are dropped; on a CUDA build a
-    kernel library that fails to load is still reported."""
-    import logging
+    """`torchao.float8`, imported quietly: its harmless import warnings (CUDA kernel libraries
+    that cannot load on a CPU-only build, torch's pytree deprecation of its Enums) are dropped by
+    the filters of `pipeline.quiet`; on a CUDA build a kernel library that fails to load is still
+    reported."""
+    quiet_torchao_import()  # (installed by `import pipeline` already; here so this never depends on it)
+    import torchao.float8
 
-    if "torchao.float8" in sys.modules:
-        return sys.modules["torchao.float8"]
-    quiet = [logging.getLogger("torch.utils._pytree")]
-    if torch.version.cuda is None:
-        quiet.append(logging.getLogger("torchao"))
-    levels = [logger.level for logger in quiet]
-    for logger in quiet:
-        logger.setLevel(logging.ERROR)
-    try:
-        import torchao.float8
-    finally:
-        for logger, level in zip(quiet, levels, strict=True):
-            logger.setLevel(level)
     return torchao.float8

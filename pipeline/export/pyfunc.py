@@ -21,19 +21,21 @@ import pandas as pd
 
 class PipelineModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
+        self.load(Path(context.artifacts["model_dir"]))
+
+    def load(self, model_dir: Path, verify: bool = True) -> None:
+        """The model, spec and tokenizer from `model_dir`, checked against its checksums unless its
+        writer has just recorded them (`verify=False`)."""
         from pipeline.training.checkpoint import load_model
 
-        self.dir = Path(context.artifacts["model_dir"])
-        self.model, self.spec = load_model(self.dir)
+        self.dir = model_dir
+        self.model, self.spec = load_model(self.dir, verify)
         self.tokenizer = None
         if self.spec["task"] == "lm":
             from tokenizers import Tokenizer
 
             self.tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
-            # a completion ends with its document: our <|endoftext|> (pipeline.data.text.EOS, not imported:
-            # the served model's requirements have no pyarrow), or a Llama tokenizer's </s>
-            self.eos = next((i for t in ("<|endoftext|>", "</s>") if (i := self.tokenizer.token_to_id(t)) is not None),
-                            None)
+            self.eos = end_of_document(self.dir, self.tokenizer)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         import torch
@@ -62,6 +64,22 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         return images.flatten(1).numpy().astype(np.float32)
 
 
+GENERATION = "generation.json"  # in the export folder: {"eos_token": ...}, from the shards' manifest
+
+
+def end_of_document(model_dir: Path, tokenizer: Any) -> int | None:
+    """The token id a completion ends at: the end-of-document token the shards were written with
+    (`generation.json`, which the export stage writes from the manifest, so a Llama-3 tokenizer's
+    `<|end_of_text|>` stops as evaluation's sample does); for an export written before it, our
+    `<|endoftext|>` or a Llama tokenizer's `</s>` by name."""
+    import json
+
+    names = ["<|endoftext|>", "</s>"]
+    if (model_dir / GENERATION).is_file():
+        names = [json.loads((model_dir / GENERATION).read_text())["eos_token"]]
+    return next((i for t in names if (i := tokenizer.token_to_id(t)) is not None), None)
+
+
 def example_input(spec: dict[str, Any]) -> pd.DataFrame:
     if spec["task"] == "lm":
         return pd.DataFrame({"prompt": ["The for statement", "A class is"]})
@@ -74,12 +92,25 @@ STAGING = "pyfunc"  # its staging folders: `.pyfunc.tmp-<writer>-<random>` besid
 NOT_IN_PYFUNC = ("model.onnx*", "model.int8.onnx*")
 
 
+def pyfunc_files(record: dict[str, Any]) -> dict[str, Any]:
+    """The entries of an export folder's checksum record that the MLflow model's `model_dir` holds."""
+    from fnmatch import fnmatch
+
+    return {rel: e for rel, e in record.items()
+            if not any(fnmatch(rel.rsplit("/", 1)[-1], pattern) for pattern in NOT_IN_PYFUNC)}
+
+
 def pyfunc_artifacts(model_dir: Path, staging: Path) -> Path:
     """The folder MLflow copies into the model as its `model_dir` artifact. MLflow names the
     artifact after the folder, and the exporter's folder is an atomic temporary one
     (`.lm.tmp-xxxx`), so the files are linked (copied where links fail) into `staging/model_dir`
-    first, leaving out the ONNX files that the run already carries under onnx/."""
+    first, leaving out the ONNX files that the run already carries under onnx/. Its
+    `checksums.json` is the export folder's, less those files: the served model verifies what it
+    loads, and the register stage checks the logged files against it."""
     import shutil
+
+    from pipeline.atomic import atomic_write_text, checksum_record
+    from pipeline.training.checkpoint import CHECKSUMS, model_checksums
 
     target = staging / "model_dir"
     skip = shutil.ignore_patterns(*NOT_IN_PYFUNC)
@@ -91,6 +122,8 @@ def pyfunc_artifacts(model_dir: Path, staging: Path) -> Path:
             shutil.copy2(src, dst)
 
     shutil.copytree(model_dir, target, ignore=skip, copy_function=link)
+    # (a new file in place of the link: the export folder's own record stays whole)
+    atomic_write_text(target / CHECKSUMS, checksum_record(pyfunc_files(model_checksums(model_dir))))
     return target
 
 
@@ -113,7 +146,7 @@ def log_pyfunc(model_dir: Path, spec: dict[str, Any]):
     params = ({"max_new_tokens": 32, "min_new_tokens": 1, "temperature": 0.0, "top_k": 0, "seed": 0}
               if spec["task"] == "lm" else {"steps": 25, "seed": 0})
     output = PipelineModel()
-    output.load_context(type("Ctx", (), {"artifacts": {"model_dir": str(model_dir)}})())
+    output.load(model_dir, verify=False)  # (the export stage has just recorded the folder)
     signature = mlflow.models.infer_signature(example, output.predict(None, example, params), params)
     with pyfunc_staging(model_dir.parent) as staging:
         return mlflow.pyfunc.log_model(

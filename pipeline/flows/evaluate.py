@@ -51,8 +51,9 @@ def evaluate(tcfg: TaskConfig, model_dir: Path, shards: Path, metrics_dir: Path,
     import torch
 
     device = eval_device(tcfg.eval.device)  # before loading: a bad choice fails at once
-    info = mlflow_runs.read_run_file(model_dir)  # the run the metrics go to: missing or damaged, before any work
+    info = mlflow_runs.read_run_file(model_dir)
     check_trained_on(info, model_dir, shards)
+    mlflow_runs.continue_run(info, model_dir, "evaluate")  # the run the metrics go to, found before any work
     torch.manual_seed(0)
     model, spec = load_model(model_dir)
     model.to(device)
@@ -80,7 +81,7 @@ def evaluate(tcfg: TaskConfig, model_dir: Path, shards: Path, metrics_dir: Path,
     (metrics_dir / EVAL_RUN).unlink(missing_ok=True)
     atomic_write_text(metrics_dir / "eval.json", json.dumps(metrics, indent=2, sort_keys=True))
     atomic_write_text(metrics_dir / EVAL_RUN, json.dumps({"run_id": info["run_id"]}, indent=2))
-    mlflow.set_tracking_uri(info["tracking_uri"])
+    mlflow.set_tracking_uri(info["tracking_uri"])  # (again: evaluation may have imported code that reset it)
     with mlflow.start_run(run_id=info["run_id"]):
         mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
         mlflow.set_tag("eval.device", device.type)

@@ -13,22 +13,26 @@ import mlflow
 
 from pipeline.atomic import atomic_dir, atomic_write_text
 from pipeline.config.schema import EvalConfig, PipelineConfig
+from pipeline.data.shard_format import load_manifest
 from pipeline.data.shard_tokenizer import checked_tokenizer
+from pipeline.data.text import EOS
 from pipeline.export.hf_export import HF_DIR, export_hf
 from pipeline.export.onnx_export import export_onnx
-from pipeline.export.pyfunc import example_input, log_pyfunc
+from pipeline.export.pyfunc import GENERATION, example_input, log_pyfunc, pyfunc_files
 from pipeline.export.quantize import accuracy_change, quantize_int8
 from pipeline.flows.evaluate import EVAL_RUN, check_trained_on
 from pipeline.tracking import mlflow_runs
-from pipeline.tracking.registry import Registration, describe_version, register, version_tags
+from pipeline.tracking.registry import Registration, check_logged_model, describe_version, register, version_tags
 from pipeline.training.checkpoint import (
-    CHECKSUMS,
     SPEC,
     WEIGHTS,
     DamagedFile,
     load_model,
+    model_checksums,
     read_json,
     record_string,
+    verify_model_dir,
+    write_checksums,
 )
 
 INFO = "model_info.json"
@@ -41,15 +45,14 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
     tokenizer = checked_tokenizer(shards)  # what the export ships must be what the shards were written with
     run = mlflow_runs.read_run_file(model_dir)
     check_trained_on(run, model_dir, shards)  # and the shards must be those the model was trained on
+    mlflow_runs.continue_run(run, model_dir, "export")  # the run it logs into, found before any work
     model, spec = load_model(model_dir)
-    mlflow.set_tracking_uri(run["tracking_uri"])
     with atomic_dir(out_dir) as tmp:
         for name in (WEIGHTS, SPEC, mlflow_runs.RUN_FILE):
             shutil.copy2(model_dir / name, tmp / name)
-        if (model_dir / CHECKSUMS).is_file():  # covers those three: the exported and registered model are checked too
-            shutil.copy2(model_dir / CHECKSUMS, tmp / CHECKSUMS)
         if tokenizer is not None:
             shutil.copy2(tokenizer, tmp / tokenizer.name)
+            (tmp / GENERATION).write_text(json.dumps({"eos_token": load_manifest(shards).get("eos_token", EOS)}))
         diff, int8, hf = None, {}, {}
         if spec["task"] == "lm" and tcfg.export.hf:  # before the MLflow model, which then carries hf/ too
             hf = export_hf(model, spec, shards, tmp / HF_DIR, tcfg.export)
@@ -64,6 +67,7 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
             rows = min(tcfg.export.int8_eval_rows, 16)
             int8 = accuracy_change(tmp / "model.onnx", tmp / INT8, shards,
                                    EvalConfig(batch_size=rows, max_batches=-(-tcfg.export.int8_eval_rows // rows)))
+        write_checksums(tmp)  # every file so far (the MLflow model's folder carries its share of the record)
         with mlflow.start_run(run_id=run["run_id"]):
             info = log_pyfunc(tmp, spec)
             if diff is not None:
@@ -83,6 +87,7 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
         result = {"model_uri": info.model_uri, "run_id": run["run_id"], "onnx_max_abs_diff": diff,
                   "pyfunc_rows": len(prediction), **int8, **hf}
         (tmp / INFO).write_text(json.dumps(result, indent=2))
+        write_checksums(tmp, add=(INFO,))  # the register stage verifies the whole folder
     metrics_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(metrics_dir / "export.json",
                       json.dumps({"onnx_max_abs_diff": diff, **int8, **hf_metrics(hf)}, indent=2))
@@ -125,9 +130,15 @@ def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_di
         raise ValueError(f"{export_dir / INFO} is the export of MLflow run {run_id}, but {metrics_dir / 'eval.json'} "
                          f"holds the metrics of run {evaluated} ({metrics_dir / EVAL_RUN}): rerun the evaluate "
                          "stage on this model before registering it")
+    verify_model_dir(export_dir)  # every file as the export stage wrote it
     run = mlflow_runs.read_run_file(export_dir)
-    mlflow.set_tracking_uri(run["tracking_uri"])
-    trained = mlflow.MlflowClient().get_run(run_id)
+    trained = mlflow_runs.continue_run(run, export_dir, "register")
+    if run["run_id"] != run_id:
+        raise ValueError(f"{export_dir / INFO} names MLflow run {run_id}, {export_dir / mlflow_runs.RUN_FILE} run "
+                         f"{run['run_id']}: the folder mixes two exports; rerun the export stage")
+    # the logged model's files are in the artifact store (those of the folder the pyfunc carries)
+    check_logged_model(model_uri, {k: v for k, v in pyfunc_files(model_checksums(export_dir)).items() if k != INFO},
+                       task)
     example = example_input(read_json(export_dir / SPEC, "export")).to_dict("list")
 
     def describe(version: str) -> str:

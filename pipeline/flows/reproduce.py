@@ -65,7 +65,10 @@ def reproduce(ref: str, workdir: Path | None = None, tolerance: float = 1e-3,
         raise ValueError(f"cannot check out commit {p['commit'][:10]} into {workdir}: git worktree add says: {why}")
     print(f"reproducing {p['model']} (run {p['run_id']}): commit {p['commit'][:10]} in {workdir}", flush=True)
     cmd = [str(Path(sys.executable).parent / "dvc"), "repro", f"evaluate@{p['task']}"]
-    env = {**os.environ, "PYTHONPATH": str(workdir)}  # that commit's code, not this workspace's
+    # that commit's code, not this workspace's; its own store (mlflow.set_tracking_uri exports
+    # MLFLOW_TRACKING_URI, which the stages would follow into this workspace's store)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    env["PYTHONPATH"] = str(workdir)
     subprocess.run(cmd, cwd=workdir, check=True, env=env)
     got = json.loads((workdir / "metrics" / p["task"] / "eval.json").read_text())
     rows = [Comparison(k, v, float(got[k]) if isinstance(got.get(k), (int, float)) else None)

@@ -237,7 +237,7 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
             raise RuntimeError(f"[{task_name}] the last checkpoint is not the final one (step {meta['step']})")
         history = meta["history"]
         spec = task_for_data(tcfg.data.kind).model_spec(tcfg, manifest)
-        info = {"run_id": run_id, "ray_run": run_name, "tracking_uri": uri,
+        info = {"run_id": run_id, "ray_run": run_name, "tracking_uri": mlflow_runs.portable_store(uri),
                 "data_manifest_md5": manifest_md5, "git_commit": tags["git.commit"]}
         summary = {"final_loss": history[-1]["loss"], "steps": meta["step"], "skipped_steps": meta["skipped_steps"],
                    "train_seconds": round(seconds, 1),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from pipeline.config.schema import TrackingConfig
@@ -21,7 +22,8 @@ _SECRET = re.compile(r"(token|secret|password|passwd|api_key|access_key)", re.IG
 
 
 class TrackingUnavailable(RuntimeError):
-    """The tracking server could not be reached; what was done is kept and the message says how to resume."""
+    """The tracking store cannot be used (a server that does not answer; a store that is gone,
+    damaged or locked, or lacks the run): what was done is kept and the message says what to do."""
 
 
 def project_root() -> Path:
@@ -36,11 +38,47 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     (and as RAY_ADDRESS wins over `cluster.address`): a job on a cluster is pointed at the team's
     server without editing params.yaml. A relative SQLite path is made absolute against the
     project root."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and not uri.endswith(":memory:"):
-        uri = prefix + str(project_root() / uri[len(prefix):])
-    return uri
+    return resolve_store(os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri)
+
+
+_SQLITE = "sqlite:///"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The file of a SQLite store's URI (relative as written, or absolute; percent-escapes decoded
+    as SQLAlchemy decodes them), None for any other store."""
+    from urllib.parse import unquote
+
+    if not uri.startswith(_SQLITE) or uri.endswith(":memory:"):
+        return None
+    return Path(unquote(uri[len(_SQLITE):].partition("?")[0]))
+
+
+def _with_file(uri: str, file: Path | str) -> str:
+    """A SQLite URI with its file replaced (escaped where a URI needs it; its `?...` options kept)."""
+    from urllib.parse import quote
+
+    _, sep, options = uri[len(_SQLITE):].partition("?")
+    return f"{_SQLITE}{quote(str(file), safe='/')}{sep}{options}"
+
+
+def resolve_store(uri: str) -> str:
+    """A relative SQLite path made absolute against the project root; other URIs as they are."""
+    file = sqlite_file(uri)
+    return _with_file(uri, project_root() / file) if file is not None and not file.is_absolute() else uri
+
+
+def portable_store(uri: str) -> str:
+    """What `run.json` records: a SQLite store inside the project as a path relative to it, so a
+    copied workspace (its `mlruns.db` copied with it) evaluates, exports and registers into its own
+    store rather than the original's; any other store as it is."""
+    file = sqlite_file(uri)
+    if file is None or not file.is_absolute():
+        return uri
+    try:  # (the folder as the project root is: with links resolved)
+        return _with_file(uri, (file.parent.resolve() / file.name).relative_to(project_root()).as_posix())
+    except ValueError:  # a store outside the project is shared on purpose
+        return uri
 
 
 def check_reachable(cfg: TrackingConfig, say=print) -> None:
@@ -129,14 +167,51 @@ def log_history(run_id: str, history: list[dict[str, float]], prefix: str = "tra
 
 def read_run_file(model_dir: Path) -> dict[str, Any]:
     """The MLflow run the train stage recorded beside its model (missing or damaged, or without
-    the run id and tracking URI every reader uses: one line)."""
+    the run id and tracking URI every reader uses: one line). A relative SQLite store in it is
+    resolved against the project root (`portable_store`)."""
     from pipeline.training.checkpoint import read_json, record_string
 
     path = model_dir / RUN_FILE
     info = read_json(path, "train")
     for key in ("run_id", "tracking_uri"):
         record_string(info, path, key, "train")
-    return info
+    return {**info, "tracking_uri": resolve_store(info["tracking_uri"])}
+
+
+def continue_run(info: dict[str, Any], model_dir: Path, stage: str) -> Run:
+    """The run `run.json` beside a model records (`info`, as `read_run_file` read it), found in its
+    store before the `stage` does any work, with MLflow pointed at that store. A store that is gone
+    (MLflow would create an empty one and fail at its first call), damaged, locked, or without the
+    run (or with it deleted) is one line saying which and what to do, instead of an SQLAlchemy
+    traceback after the work is done."""
+    import sqlalchemy.exc
+
+    uri, run_id = info["tracking_uri"], info["run_id"]
+    where = f"{model_dir / RUN_FILE} names run {run_id} in the MLflow store {uri}"
+    # `dvc repro` alone would restore this run.json from DVC's run cache: only --force trains anew
+    retrain = f"`dvc repro --force train@{model_dir.name}` records a new run"
+    file = sqlite_file(uri)
+    if file is not None and not file.is_file():
+        raise TrackingUnavailable(f"{where}, which does not exist (deleted or moved?): the {stage} stage adds to "
+                                  f"that run; restore the file, or {retrain}")
+    locked = "another process holds a write lock on it (a stage or a UI writing?); rerun when it is done"
+    mlflow.set_tracking_uri(uri)
+    try:
+        run = MlflowClient().get_run(run_id)
+    except sqlalchemy.exc.DBAPIError as e:  # not a database, malformed, locked
+        first = str(e.orig if e.orig is not None else e).splitlines()[0]
+        hint = locked if "locked" in first else f"restore it from a backup, or {retrain} in a new store"
+        raise TrackingUnavailable(f"{where}, which cannot be read ({first}): {hint}") from e
+    except mlflow.exceptions.MlflowException as e:
+        first = str(e).splitlines()[0][:200]
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":  # (a store already open reports a lock this way)
+            raise TrackingUnavailable(f"{where}, which fails ({first})" + (f": {locked}" if "locked" in first
+                                                                            else "")) from e
+        raise TrackingUnavailable(f"{where}, which does not hold that run (another store?): {retrain}") from e
+    if run.info.lifecycle_stage == "deleted":
+        raise TrackingUnavailable(f"{where}, where it is deleted: restore it (`mlflow runs restore --run-id "
+                                  f"{run_id}`), or {retrain}")
+    return run
 
 
 def log_datasets(run_id: str, task: str, source: str, raw_sha256: str | None, shards_dir: Path,

@@ -14,6 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config.schema import RegistryConfig
+from pipeline.training.checkpoint import CheckpointError
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 
@@ -26,6 +27,64 @@ class Registration:
     promoted: bool
     previous_champion: str | None
     previous_metric: float | None
+    reused: bool = False  # the model was registered already (a rerun): its version, no new one
+
+
+class MissingArtifacts(CheckpointError):
+    """A logged model whose files in the artifact store are not those the export wrote."""
+
+
+def check_logged_model(model_uri: str, files: dict[str, dict[str, Any]], task: str,
+                       folder: str = "artifacts/model_dir") -> None:
+    """Before a version points at it: the logged model's files, as the artifact store lists them
+    (nothing is downloaded), are all there, with the sizes the export recorded where the store
+    reports sizes (`files`, relative to its `folder`), beside MLflow's own `MLmodel` and pickled
+    model. A deleted or truncated artifact (a cleaned bucket, a partial copy) is one line naming it
+    and nothing is registered, instead of a champion that fails when it is served. (Contents are
+    checked when the model loads: its folder's `checksums.json`.)"""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(model_uri)
+    root = [a.path for a in repo.list_artifacts("")]
+    if not root:
+        raise MissingArtifacts(f"the logged model {model_uri} lists no files at all in its artifact store (deleted, "
+                               "or a store this machine cannot see, e.g. a server's local folder): nothing registered")
+    # (a `runs:/<run>/<path>` repository names what it lists `<path>/...`)
+    nested = [p for p in root if p.endswith("/MLmodel")]
+    prefix = nested[0].removesuffix("MLmodel") if "MLmodel" not in root and nested else ""
+    listed: dict[str, int | None] = {}
+    again = f"rerun the export stage (`dvc repro --force export@{task}`); nothing registered"
+
+    def walk(path: str, deep: bool) -> None:
+        for a in repo.list_artifacts(path):
+            name = a.path.removeprefix(prefix)
+            if not a.is_dir:
+                listed[name] = a.file_size
+            elif deep:
+                walk(name, deep)
+
+    walk("", deep=False)
+    walk(folder, deep=True)
+    expected = {name: None for name in ("MLmodel", "python_model.pkl", f"{folder}/checksums.json")}
+    expected.update({f"{folder}/{rel}": e["size"] for rel, e in files.items()})
+    for path, size in sorted(expected.items()):
+        if path not in listed:
+            raise MissingArtifacts(f"the logged model {model_uri} has no {path} in its artifact store (deleted, or "
+                                   f"never fully copied): {again}")
+        if size is not None and listed[path] is not None and listed[path] != size:
+            raise MissingArtifacts(f"the logged model {model_uri} has {path} of {listed[path]:,} bytes in its "
+                                   f"artifact store, the export wrote {size:,}: {again}")
+
+
+def registered_version(client: MlflowClient, name: str, model_uri: str, run_id: str, metric_value: float) -> str | None:
+    """The newest version of `name` registered from `model_uri` with this metric value: a rerun of
+    the register stage on the same export and evaluation (`dvc repro --force`, a retried job) finds
+    it rather than adding a copy. The same model scored anew (another evaluation config, as a DVC
+    experiment grid makes) is a new version that carries its own score."""
+    versions = client.search_model_versions(f"run_id='{run_id}'")  # (hex: no quoting; the name is compared here)
+    same = [int(v.version) for v in versions if v.name == name and model_uri in (v.tags.get("model_uri"), v.source)
+            and v.tags.get("metric_value") == str(metric_value)]
+    return str(max(same)) if same else None
 
 
 def is_better(new: float, old: float | None, greater_is_better: bool) -> bool:
@@ -56,25 +115,32 @@ def champion(client: MlflowClient, name: str) -> tuple[str, float | None] | None
 def register(model_uri: str, run_id: str, cfg: RegistryConfig, metric_value: float,
              tags: dict[str, str], describe: Callable[[str], str] | None = None) -> Registration:
     """Register `model_uri` (with `describe(version)` as the version's description), alias it
-    challenger, and promote it to champion if it is better."""
+    challenger, and promote it to champion if it is better. Idempotent: the same model with the
+    same score registered already keeps its version (`registered_version`), and only the aliases
+    are set again."""
     import mlflow
 
     if not math.isfinite(metric_value):  # before anything is registered: such a version could never be compared
         raise ValueError(f"registry metric {cfg.metric} is {metric_value}: not a finite number; nothing registered")
     client = MlflowClient()
-    mv = mlflow.register_model(model_uri, cfg.name, tags={**tags, "metric_name": cfg.metric,
-                                                          "metric_value": str(metric_value), "run_id": run_id})
-    if describe is not None:
-        client.update_model_version(cfg.name, mv.version, description=describe(str(mv.version)))
+    version = registered_version(client, cfg.name, model_uri, run_id, metric_value)
+    reused = version is not None
+    if version is None:
+        tags = {**tags, "metric_name": cfg.metric, "metric_value": str(metric_value), "run_id": run_id,
+                "model_uri": model_uri}
+        version = str(mlflow.register_model(model_uri, cfg.name, tags=tags).version)
+    # (a rerun also mends a version whose first registration stopped before its description)
+    if describe is not None and not (reused and client.get_model_version(cfg.name, version).description):
+        client.update_model_version(cfg.name, version, description=describe(version))
     if not client.get_registered_model(cfg.name).description:
         client.update_registered_model(cfg.name, description=model_description(cfg))
-    client.set_registered_model_alias(cfg.name, CHALLENGER, mv.version)
+    client.set_registered_model_alias(cfg.name, CHALLENGER, version)
     current = champion(client, cfg.name)
     prev_version, prev_value = current if current else (None, None)
-    promoted = is_better(metric_value, prev_value, cfg.greater_is_better)
+    promoted = prev_version != version and is_better(metric_value, prev_value, cfg.greater_is_better)
     if promoted:
-        client.set_registered_model_alias(cfg.name, CHAMPION, mv.version)
-    return Registration(cfg.name, str(mv.version), metric_value, promoted, prev_version, prev_value)
+        client.set_registered_model_alias(cfg.name, CHAMPION, version)
+    return Registration(cfg.name, version, metric_value, promoted, prev_version, prev_value, reused)
 
 
 # --- what a person reads in the registry: a version's own lineage (tags) and a description ---
@@ -194,6 +260,7 @@ def describe_version(name: str, version: str, run: Run, metrics: dict[str, float
 def model_description(cfg: RegistryConfig) -> str:
     """The registered model's own description, set once."""
     better = "highest" if cfg.greater_is_better else "lowest"
-    return (f"Versions registered by this project's `register` stage (`dvc repro`). `@challenger` is the newest; "
-            f"`@champion` the one with the {better} `{cfg.metric}` so far (`python -m pipeline promote` moves it "
-            "by hand). Each version's description says what it was trained on, its metrics, and how to load it.")
+    return (f"Versions registered by this project's `register` stage (`dvc repro`). `@challenger` is the one "
+            f"registered last; `@champion` the one with the {better} `{cfg.metric}` so far (`python -m pipeline "
+            "promote` moves it by hand). Each version's description says what it was trained on, its metrics, "
+            "and how to load it.")

@@ -20,6 +20,7 @@ import errno
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from pipeline.atomic import (
     atomic_write_text,
     check_file,
     checksum_record,
+    describe_file,
     describe_files,
     json_digest,
     read_checksum_record,
@@ -235,25 +237,52 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise DamagedFile(path, f"not a readable safetensors file: {str(e).splitlines()[0]}") from e
 
 
-def write_checksums(directory: Path) -> None:
-    """Record size and sha256 of every file in a model folder (`checksums.json`)."""
-    files = describe_files(directory, skip=lambda name: name == CHECKSUMS)
+def write_checksums(directory: Path, add: tuple[str, ...] = ()) -> None:
+    """Record size and sha256 of every file in a model folder (`checksums.json`). With `add`, only
+    those files are described, into the folder's existing record (the others were hashed already)."""
+    if add:
+        files = model_checksums(directory)
+        files.update({name: describe_file(directory / name) for name in add})
+    else:
+        files = describe_files(directory, skip=lambda name: name == CHECKSUMS)
     atomic_write_text(directory / CHECKSUMS, checksum_record(files))
 
 
-def verify_model_dir(model_dir: Path) -> bool:
-    """Raise `DamagedFile` for the first file of a model folder that does not match
-    `checksums.json`. False if the folder has no checksums (written before they were recorded)."""
+def model_checksums(model_dir: Path) -> dict[str, dict[str, Any]]:
+    """The files a model folder's `checksums.json` lists (size, sha256), or `DamagedFile`: every
+    model and export folder this project writes has one, so a missing one is damage too."""
     record = read_checksum_record(model_dir / CHECKSUMS)
-    if record == "missing":
-        return False
     if isinstance(record, str):
-        raise DamagedFile(model_dir / CHECKSUMS, record)
+        raise DamagedFile(model_dir / CHECKSUMS, record + ("; the folder cannot be verified (every model "
+                                                           "folder the stages write has one)" if record == "missing"
+                                                           else ""))
+    return record
+
+
+def verify_model_dir(model_dir: Path, required: bool = True,
+                     hashed: Callable[[str], bool] = lambda name: True) -> bool:
+    """Raise `DamagedFile` for the first file of a model folder that does not match
+    `checksums.json`: every listed file's size, then the sha256 of those `hashed` selects (all
+    unless a reader says which it reads). A folder without a record is damaged if `required`
+    (the stages' own folders); otherwise (weights a user brings: a `transformers` folder) False:
+    nothing to compare with."""
+    if not required and not (model_dir / CHECKSUMS).exists():
+        return False
+    record = model_checksums(model_dir)
     for size_only in (True, False):
         for name in sorted(record):
+            if not size_only and not hashed(name):
+                continue
             if why := check_file(model_dir / name, [record[name]], size_only):
                 raise DamagedFile(model_dir / name, why)
     return True
+
+
+def read_by_loaders(name: str) -> bool:
+    """The files of a model or export folder that loading it reads (`load_model`, the served
+    pyfunc): those at its top, bar the ONNX graphs. The `transformers` copy (`hf/`) and the ONNX
+    files are only size-checked there (each is hashed where it is checked in full: at register)."""
+    return "/" not in name and not name.startswith(("model.onnx", "model.int8.onnx"))
 
 
 def check_init_weights(path: Path, key: str, spec: dict[str, Any] | None = None) -> None:
@@ -272,7 +301,7 @@ def check_init_weights(path: Path, key: str, spec: dict[str, Any] | None = None)
     else:
         from pipeline.models.hf import INDEX, read_weight_map
 
-        verify_model_dir(path)
+        verify_model_dir(path, required=False)  # a transformers folder has none
         index = path / INDEX
         files = [path / name for name in sorted(set(read_weight_map(index).values()))] if index.is_file() \
             else [path / WEIGHTS]
@@ -328,6 +357,7 @@ def check_init_shapes(path: Path, key: str, spec: dict[str, Any]) -> None:
         return
     file = path / WEIGHTS if path.is_dir() else path
     held = shapes(file)
+    cut: dict[str, list[str]] = {}  # fused tensor -> the split parameters cut out of it
     for name, shape in need.items():
         if name in held:
             if held[name] != shape:
@@ -341,6 +371,12 @@ def check_init_shapes(path: Path, key: str, spec: dict[str, Any]) -> None:
         if fused[1:] != shape[1:] or fused[0] < shape[0]:
             raise ValueError(f"{key}: {file}: '{source[0]}' has shape {fused}, which holds no {shape} for the "
                              f"model's '{name}'")
+        cut.setdefault(source[0], []).append(name)
+    for fused_name, parts in cut.items():  # the rows are taken by position: the parts must fill it exactly
+        rows = sum(need[part][0] for part in parts)
+        if held[fused_name][0] != rows:
+            raise ValueError(f"{key}: {file}: '{fused_name}' has {held[fused_name][0]} rows, the model's "
+                             f"{', '.join(repr(p) for p in parts)} take {rows} (another model's fused layout)")
 
 
 def read_json(path: Path, made_by: str) -> Any:
@@ -363,14 +399,17 @@ def record_string(record: Any, path: Path, key: str, made_by: str) -> str:
     return value
 
 
-def read_model(model_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_model(model_dir: Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A model folder's weights and spec, its files checked against `checksums.json` first
+    (`verify=False`: a folder its writer has just recorded)."""
     for name in (WEIGHTS, SPEC):
         if not (model_dir / name).is_file():
             raise CheckpointError(f"{model_dir / name} is missing: run the train stage first")
-    verify_model_dir(model_dir)
+    if verify:
+        verify_model_dir(model_dir, hashed=read_by_loaders)
     try:
         weights = load_file(str(model_dir / WEIGHTS))
-    except (SafetensorError, OSError) as e:  # no checksums to compare with: the format check is all there is
+    except (SafetensorError, OSError) as e:  # (damaged after the check, or not verified)
         raise DamagedFile(model_dir / WEIGHTS, f"not a readable safetensors file: {str(e).splitlines()[0]}") from e
     try:
         spec = json.loads((model_dir / SPEC).read_text())
@@ -379,7 +418,7 @@ def read_model(model_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return weights, spec
 
 
-def load_model(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_model(model_dir: Path, verify: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild a trained model (eval mode) from its directory.
 
     The model is built on the meta device and the file's tensors become its parameters
@@ -391,7 +430,7 @@ def load_model(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     from pipeline.distributed.pipeline_parallel import retie, tie_groups
     from pipeline.tasks import task_for_spec
 
-    weights, spec = read_model(model_dir)
+    weights, spec = read_model(model_dir, verify)
     if spec.get("model", {}).get("norm_impl") == "apex":  # same weights; inference needs no apex
         spec = {**spec, "model": {**spec["model"], "norm_impl": "torch"}}
     with torch.device("meta"):

@@ -24,6 +24,7 @@ from pipeline.data.reader import GlobalOrderReader
 from pipeline.data.shard_format import load_manifest
 from pipeline.data.shard_store import ShardSet, read_split
 from pipeline.distributed import StepSettings, Strategy, build_strategy
+from pipeline.distributed.activation import describe_activation_checkpointing
 from pipeline.distributed.mesh import Layout
 from pipeline.distributed.precision import Precision
 from pipeline.models.hf import is_hf_folder
@@ -132,7 +133,8 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
     implementation = {"strategy": strategy.describe(), "optimizer": describe_optimizer(strategy.optimizer),
                       "precision": precision.describe(fp8_layers),
-                      "activation_checkpointing": tr.activation_checkpointing,
+                      "activation_checkpointing": describe_activation_checkpointing(
+                          tr.activation_checkpointing, tr.ac_selective, tr.ac_every_k),
                       "compile": tr.compile + (" (and the loss)" if tr.compile != "none" and tr.compile_loss else "")}
     if allocator is not None:
         implementation["cuda_allocator"] = allocator

@@ -194,15 +194,16 @@ def _evaluator(cfg: PipelineConfig, task_name: str, workers: int, target: str,
     ema = tcfg.trainer.ema_decay > 0  # the loop keeps an fp32 average of the weights
     dtypes = (_trace_dtype(cfg), _autocast_dtype(cfg.precision.dtype))
     fp8 = cfg.precision.dtype == "fp8"  # the converted layers traced as Float8Linear
+    emulate = cfg.precision.fp8_emulate  # ... running torchao's emulation, as training does then
     if pp == 1:
-        profile = activation_profile(tcfg, spec, *dtypes, target, tp, fp8=fp8)
+        profile = activation_profile(tcfg, spec, *dtypes, target, tp, fp8=fp8, fp8_emulate=emulate)
         return _Evaluator(_layout(cfg, profile.facts, dp, tcfg.optim, target, ema), profile, reserve), spec
     ranks = []
     schedule, n = cfg.parallel.pp_schedule, tcfg.trainer.grad_accum_steps
     for rank in range(pp):
         stages = rank_stages(rank, pp, schedule)
-        profiles = [activation_profile(tcfg, spec, *dtypes, target, tp, (s, pp * len(stages)), fp8=fp8)
-                    for s in stages]
+        profiles = [activation_profile(tcfg, spec, *dtypes, target, tp, (s, pp * len(stages)), fp8=fp8,
+                                       fp8_emulate=emulate) for s in stages]
         if len(stages) == 1:
             held = profiles[0].in_flight(in_flight(schedule, rank, pp, n)).receive_buffers(n)
         else:  # traced on the later local stage (the first backward's), the others' forwards held beside it

@@ -199,15 +199,17 @@ def traces_compiled(trainer: TrainerConfig) -> bool:
 
 def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dtype: torch.dtype,
               autocast_dtype: torch.dtype | None, target: str, micro_batch: int,
-              tp: int = 1, stage: tuple[int, int] | None = None, fp8: bool = False) -> tuple[ModelFacts, _Trace]:
+              tp: int = 1, stage: tuple[int, int] | None = None, fp8: bool = False,
+              fp8_emulate: bool = False) -> tuple[ModelFacts, _Trace]:
     """Build the model under FakeTensorMode and trace one forward + backward at `micro_batch`;
     with `tp` > 1, the model one tensor-parallel rank computes (`tensor_parallel.localize`);
     with `stage` (index, count), that pipeline stage alone (`pipeline_parallel.split_stage`): it
     takes the previous stage's hidden state (a received buffer) and, but for the last, runs
     backward from a gradient of its output's shape, as a pipeline schedule does. `fp8`: the
     layers precision fp8 converts are torchao's Float8Linear, as the loop converts them (for a
-    CUDA target with float8 GEMMs, `_scaled_mm`, which fake tensors run on any device; for the
-    CPU, torchao's emulation, what runs there)."""
+    CUDA target with float8 GEMMs, `_scaled_mm`, which fake tensors run on any device; with
+    `fp8_emulate` (precision.fp8_emulate) or for the CPU, torchao's emulation, what runs there:
+    no `_scaled_mm`, each GEMM on the dequantised operands)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from pipeline.distributed.pipeline_parallel import split_stage
@@ -241,7 +243,7 @@ def _run_fake(kind: str, spec: dict[str, Any], trainer: TrainerConfig, param_dty
         if fp8:
             from pipeline.distributed.precision import convert_to_fp8
 
-            convert_to_fp8(model, emulate=target == "cpu")
+            convert_to_fp8(model, emulate=fp8_emulate or target == "cpu")
         apply_activation_checkpointing(model, trainer.activation_checkpointing, trainer.ac_selective,
                                        trainer.ac_every_k)
         model.train()
@@ -388,7 +390,8 @@ LOW = 2  # the smaller of the two traced micro-batches (`activation_profile`)
 
 def activation_profile(tcfg: TaskConfig, spec: dict[str, Any], param_dtype: torch.dtype,
                        autocast_dtype: torch.dtype | None, target: str, tp: int = 1,
-                       stage: tuple[int, int] | None = None, fp8: bool = False) -> ActivationProfile:
+                       stage: tuple[int, int] | None = None, fp8: bool = False,
+                       fp8_emulate: bool = False) -> ActivationProfile:
     """Trace at micro-batch 2 and 3 and split every operator's live bytes into a fixed part and
     a per-item part (exact while every operator's tensors scale linearly with the batch, as a
     Transformer's and a U-Net's do; tests/test_planner.py checks a third point). Not 1: there
@@ -399,15 +402,16 @@ def activation_profile(tcfg: TaskConfig, spec: dict[str, Any], param_dtype: torc
     key = (json.dumps(spec, sort_keys=True), tcfg.trainer.activation_checkpointing, tcfg.trainer.ac_selective,
            tcfg.trainer.ac_every_k, tcfg.trainer.label_smoothing,
            traces_compiled(tcfg.trainer) and (tcfg.trainer.compile, tcfg.trainer.compile_loss), str(param_dtype),
-           str(autocast_dtype), target, tp, stage, fp8)
+           str(autocast_dtype), target, tp, stage, fp8, fp8 and (fp8_emulate or target == "cpu"))
     if key in _PROFILE_CACHE:
         return _PROFILE_CACHE[key]
     kind = tcfg.data.kind
 
     def run(trainer: TrainerConfig) -> tuple[ModelFacts, _Trace, _Trace]:
-        facts, low = _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, LOW, tp, stage, fp8)
+        facts, low = _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, LOW, tp, stage, fp8,
+                               fp8_emulate)
         return facts, low, _run_fake(kind, spec, trainer, param_dtype, autocast_dtype, target, LOW + 1, tp, stage,
-                                     fp8)[1]
+                                     fp8, fp8_emulate)[1]
 
     fallback = ""
     try:
