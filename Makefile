@@ -4,8 +4,14 @@
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+# The interpreter .venv is made with (PYTHON=python3.12 names another); it must meet pyproject's
+# requires-python, read from there.
+PYTHON ?= python3
+MIN_PYTHON := $(or $(shell sed -n 's/^requires-python *= *">= *\([0-9.]*\)".*/\1/p' pyproject.toml),3.10)
+# exits 0 when the python it runs under is at least MIN_PYTHON
+PY_NEW_ENOUGH := -c 'import sys; sys.exit(sys.version_info[:2] < tuple(map(int, "$(MIN_PYTHON)".split("."))))'
 
-.PHONY: setup horovod repro test test-gpu lint bench bench-gpu clean-runs
+.PHONY: setup horovod repro test test-gpu lint bench bench-gpu clean-runs clean-store
 
 # The page template `dvc plots show` fills (.dvc/config.local: plots.html_template), with vega inlined.
 PLOTS_TEMPLATE := .cache/plots/offline.html
@@ -17,8 +23,16 @@ setup: $(VENV)/.installed $(PLOTS_TEMPLATE)
 
 # Horovod is built from source against the installed torch (scripts/build_horovod.sh says why);
 # the wheel is cached in ~/.cache/pipeline-wheels, so only the first build takes minutes.
+# A python3 older than requires-python stops here in one line (pip would fail later on torch with
+# ResolutionImpossible); a .venv left by an older (or removed) interpreter is recreated, not reused.
 $(VENV)/.installed: pyproject.toml scripts/build_horovod.sh
-	python3 -m venv $(VENV)
+	@$(PYTHON) $(PY_NEW_ENOUGH) 2>/dev/null || { echo "make setup needs Python >= $(MIN_PYTHON) (pyproject's \
+	requires-python); $(PYTHON) is $$($(PYTHON) --version 2>/dev/null || echo "not found"): install a newer Python and \
+	name it, e.g. make setup PYTHON=python3.12"; exit 1; }
+	@if [ -e $(VENV) ] && ! $(PY) $(PY_NEW_ENOUGH) 2>/dev/null; then \
+	  echo "$(VENV) was made by $$($(PY) --version 2>/dev/null || echo "an interpreter that is gone"), not Python >= \
+	$(MIN_PYTHON): recreating it"; $(PYTHON) -m venv --clear $(VENV); fi
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -72,5 +86,17 @@ bench: setup
 	$(PY) benchmarks/data.py
 	PYTHONPATH=. $(PY) benchmarks/model_parallel.py
 
+# Ray Train's run folders (checkpoints) only: the MLflow store (mlruns.db, mlartifacts) holds the
+# registered models that registry/<task>.json and models/ point at, so it is not touched here.
 clean-runs:
-	rm -rf runs mlruns.db mlartifacts
+	rm -rf runs
+
+# The MLflow store (runs, logged models, the registry and its champion aliases) and registry/, the
+# register stage's outputs that name it, so DVC sees them missing; nothing else is kept that names
+# the store, so `dvc repro --force` rebuilds it. Asks for CONFIRM=1: registered versions are lost.
+clean-store:
+	@if [ "$(CONFIRM)" != 1 ]; then echo "clean-store deletes mlruns.db, mlartifacts/ and registry/ (every \
+	MLflow run and registered model version, for good): run make clean-store CONFIRM=1"; exit 1; fi
+	rm -rf mlruns.db mlartifacts registry
+	@echo "removed the MLflow store and registry/: rebuild both with dvc repro --force (re-runs every stage; \
+	a run whose Ray checkpoints are still under runs/ resumes instead of training again)"

@@ -193,11 +193,16 @@ def _registry_command(args: argparse.Namespace) -> None:
     from pipeline.tracking import inspect
     from pipeline.tracking.mlflow_runs import sqlite_file, tracking_uri
 
-    uri = args.tracking_uri or tracking_uri(load_config(args.params).tracking)
+    if args.cmd == "promote":  # (before the store is asked anything)
+        inspect.check_alias(args.alias)
+    tracking = None if args.tracking_uri else load_config(args.params).tracking
+    uri = args.tracking_uri or tracking_uri(tracking)
     store = sqlite_file(uri)
     if store is not None and not store.is_file():  # (MLflow would create an empty store to look in)
         raise FileNotFoundError(f"no tracking store at {uri}: nothing has been registered here yet (run `make repro` "
                                 "or `dvc repro` first, or pass --tracking-uri)")
+    # a server that does not answer: one line in seconds, not MLflow's minutes of retries
+    inspect.check_store(uri, tracking.connect_timeout_s if tracking else None)
     mlflow.set_tracking_uri(uri)
     if args.cmd == "promote":
         print(inspect.promote(args.ref, args.alias))

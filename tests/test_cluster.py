@@ -160,3 +160,185 @@ def test_submit_address_option_beats_ray_address(monkeypatch):
     with pytest.raises(ConnectionError, match=re.escape(dead)):
         jobs.client(dead)
     assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:7"
+
+
+# --- job commands: an ordinary mistake is one line naming the job and the address (exit 2) ---
+
+_NO_JOB = "Request failed with status code 404: Job nope does not exist."
+# What Ray 2.60's head answers to a second submission with the same id (a 500 carrying the job
+# agent's traceback; "already exists" only on its last lines).
+_DUPLICATE = ("Request failed with status code 500: Traceback (most recent call last):\n  File \"job_head.py\", "
+              "line 419, in submit_job\nRuntimeError: Request failed with status code 400: Traceback (most recent "
+              "call last):\n  File \"job_manager.py\", line 553, in submit_job\n    raise ValueError(\nValueError: "
+              "Job with submission_id dup already exists. Please use a different submission_id.\n.\n.")
+_FAILED_MESSAGE = ("Job entrypoint command failed with exit code 3, last available logs (truncated to 20,000 chars):\n"
+                   "Running entrypoint for job bad: python -c ...\nthe-log-body\n")
+
+
+class _FakeJobs:
+    """Answers like Ray's JobSubmissionClient, without a cluster."""
+
+    def __init__(self, submit_errors=(), info=None, log=""):
+        self.submit_errors, self.info, self.log, self.submitted = list(submit_errors), info, log, []
+
+    def _known(self, job_id):
+        if self.info is None or job_id == "nope":
+            raise RuntimeError(_NO_JOB)
+
+    def get_job_info(self, job_id):
+        self._known(job_id)
+        return self.info
+
+    def get_job_logs(self, job_id):
+        self._known(job_id)
+        return self.log
+
+    def stop_job(self, job_id):
+        self._known(job_id)
+        return True
+
+    async def tail_job_logs(self, job_id):
+        yield self.log
+
+    def submit_job(self, **kwargs):
+        self.submitted.append(kwargs["submission_id"])
+        if self.submit_errors:
+            raise self.submit_errors.pop(0)
+        return kwargs["submission_id"]
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str, str]:
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    out = capsys.readouterr()
+    return done.value.code, out.out, out.err
+
+
+def test_job_commands_refuse_an_address_that_is_not_http_before_connecting(monkeypatch, capsys):
+    """`stop abc --address 127.0.0.1:1` (or a GCS-style RAY_ADDRESS) made Ray look a dashboard up
+    over gRPC: 43 s, then a 32-line "Timed out while waiting for GCS" traceback."""
+    import time
+
+    from pipeline.runtime import jobs
+
+    monkeypatch.delenv("RAY_JOBS_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    start = time.monotonic()
+    code, out, err = _cli(["stop", "abc", "--address", "127.0.0.1:1"], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "job 'abc'" in err and "--address is '127.0.0.1:1'" in err and "http://127.0.0.1:1" in err
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    code, out, err = _cli(["status", "abc"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "RAY_ADDRESS is '127.0.0.1:1'" in err and "RAY_JOBS_ADDRESS=http://127.0.0.1:1" in err
+    assert time.monotonic() - start < 10
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(ValueError, match=re.escape("set RAY_JOBS_ADDRESS=http://head:8265")):
+        jobs.logs("abc")
+    monkeypatch.setenv("RAY_JOBS_ADDRESS", "head:6379")
+    with pytest.raises(ValueError, match=re.escape("RAY_JOBS_ADDRESS is 'head:6379'") + ".*http://head:8265"):
+        jobs.client()
+    with pytest.raises(ValueError, match=re.escape("--address is 'auto'") + ".*http://127.0.0.1:8265"):
+        jobs.submit("true", "auto", wait_s=0)
+
+
+def test_unknown_job_id_is_one_line_naming_job_and_address(monkeypatch, capsys):
+    """`status/logs/stop nope` printed Ray's 21-line RuntimeError (404: Job nope does not exist)."""
+    from pipeline.runtime import jobs
+
+    monkeypatch.setattr(jobs, "client", lambda *a, **k: _FakeJobs())
+    address = "http://127.0.0.1:8265"
+    for args in (["status", "nope"], ["logs", "nope"], ["stop", "nope"], ["logs", "nope", "--follow"]):
+        code, out, err = _cli([*args, "--address", address], capsys)
+        assert code == 2 and out == "" and err == f"error: no job 'nope' at {address}\n", (args, err)
+
+
+def test_submit_with_an_existing_id_is_one_line(monkeypatch):
+    from pipeline.runtime import jobs
+
+    fake = _FakeJobs([RuntimeError(_DUPLICATE)])
+    monkeypatch.setattr(jobs, "client", lambda *a, **k: fake)
+    with pytest.raises(ValueError) as e:
+        jobs.submit("true", "http://127.0.0.1:8265", submission_id="dup", wait_s=5)
+    assert str(e.value) == ("a job 'dup' already exists at http://127.0.0.1:8265: pick another --id (or none: "
+                            "one is generated)")
+    # a retry whose earlier try got through after all is that same job, not an error
+    fake = _FakeJobs([RuntimeError("Failed to connect to Ray"), RuntimeError(_DUPLICATE)])
+    monkeypatch.setattr(jobs, "client", lambda *a, **k: fake)
+    monkeypatch.setattr(jobs.time, "sleep", lambda s: None)
+    assert jobs.submit("true", "http://127.0.0.1:8265", submission_id="dup", wait_s=60) == "dup"
+    assert fake.submitted == ["dup", "dup"]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("env_vars: [unclosed\n", "not valid YAML"),
+    ("- working_dir: .\n", "a runtime_env is a mapping (working_dir, env_vars, pip, excludes, ...), not a list"),
+    ("env_vars: {A: 1}\n", "env_vars.A is 1 (int): Ray takes strings only"),
+    ("env_vars: [A=1]\n", "env_vars must be a mapping of NAME: value, not a list"),
+    ("working_dir: 3\n", "working_dir must be a path"),
+    ("excludes: /data\n", "excludes must be a list of patterns"),
+])
+def test_a_bad_runtime_env_file_is_one_line_naming_file_and_key(tmp_path, text, expected):
+    """A --runtime-env file with bad YAML, a list, or a non-string env var gave a 14- to 53-line
+    AttributeError/TypeError traceback."""
+    from pipeline.config import ConfigError
+    from pipeline.runtime import jobs
+
+    (tmp_path / "env.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        jobs.runtime_env(tmp_path, Path("env.yaml"))
+    assert str(e.value).startswith(str(tmp_path / "env.yaml")) and expected in str(e.value), str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_runtime_env_files_that_were_fine_still_are(tmp_path):
+    from pipeline.runtime import jobs
+
+    (tmp_path / "empty.yaml").write_text("# nothing here\n")
+    assert jobs.runtime_env(tmp_path, Path("empty.yaml"), {"A": "1"}) == {
+        "working_dir": str(tmp_path.resolve()), "env_vars": {"A": "1"}}
+    root = Path(__file__).resolve().parents[1]
+    spec = jobs.runtime_env(root, None, {"B": "2"}, [])
+    assert spec["env_vars"] == {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "B": "2"}
+    assert "/.venv" in spec["excludes"] and "pip" not in spec
+
+
+def test_a_failed_job_prints_the_first_line_of_rays_message_and_its_log_tail_once(monkeypatch, capsys):
+    """Ray's message for a failed job carries up to 20,000 characters of its log: the log was
+    printed three times (streamed, in the message, in the tail), and `status` printed all of it."""
+    from types import SimpleNamespace
+
+    from pipeline.runtime import jobs
+
+    info = SimpleNamespace(status="FAILED", message=_FAILED_MESSAGE, start_time=1000, end_time=4000)
+    monkeypatch.setattr(jobs, "client", lambda *a, **k: _FakeJobs(info=info, log="the-log-body\n"))
+    monkeypatch.setattr(jobs.follow, "__defaults__", (None, sys.stdout, 0.01))  # (stdout: capsys's)
+    address = "http://127.0.0.1:8265"
+    code, out, err = _cli(["logs", "bad", "--follow", "--address", address], capsys)
+    assert code == 1 and (out + err).count("the-log-body") == 2, out + err  # streamed, then the tail once
+    assert err.startswith("error: job bad FAILED: Job entrypoint command failed with exit code 3\n--- last lines")
+    from pipeline.cli import main
+
+    main(["status", "bad", "--address", address])
+    assert capsys.readouterr().out == "bad: FAILED after 3 s (Job entrypoint command failed with exit code 3)\n"
+
+
+def test_job_mistakes_against_a_real_head(ray_head, capsys):
+    """The messages above are Ray's own: an unknown id, a reused id, a failed job's status."""
+    import time
+
+    from pipeline.runtime import jobs
+
+    code, _, err = _cli(["stop", "nope", "--address", ray_head], capsys)
+    assert code == 2 and err == f"error: no job 'nope' at {ray_head}\n"
+    job_id = f"fails-{os.getpid()}"
+    jobs.submit("python -c \"import sys; print('boom-line'); sys.exit(3)\"", ray_head, submission_id=job_id)
+    with pytest.raises(ValueError, match=f"a job '{job_id}' already exists at {re.escape(ray_head)}"):
+        jobs.submit("true", ray_head, submission_id=job_id, wait_s=5)
+    deadline = time.monotonic() + 120
+    while (state := jobs.status(job_id, ray_head)).status not in jobs.TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert state.status == "FAILED" and state.message == "Job entrypoint command failed with exit code 3", state

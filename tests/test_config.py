@@ -131,3 +131,47 @@ def test_every_strategy_group_composes_and_states_every_field(group):
     cfg = validate(raw)
     assert cfg.strategy.name == group
     assert raw["strategy"] == cfg.strategy.model_dump(mode="json")
+
+
+@pytest.mark.parametrize("override", ["tasks.lm.optim.lr=true", "tasks.lm.trainer.max_steps=true",
+                                      "cluster.num_workers=true", "seed=false", "tasks.lm.model.n_kv_heads=true",
+                                      "tasks.lm.optim.gamma=false"])
+def test_a_boolean_where_a_number_belongs_is_refused(override):
+    """pydantic's lax mode turned `lr=true` (DVC's `-S` values reach Hydra as Python booleans)
+    into 1.0 and `seed=false` into 0, silently; now one line names the key."""
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as err:
+        validate(apply_overrides(tiny_raw(), [override]))
+    assert str(err.value) == f"{key}: expected a number, not a boolean (got {value.title()})"
+    with pytest.raises(ConfigError, match=rf"^{key}: expected a number, not a boolean"):  # as Hydra composes it
+        validate(compose(ROOT / "configs", [override]))
+
+
+def test_every_number_field_refuses_a_boolean_and_keeps_its_numbers():
+    """Generally, not per field: every number field of every config model (lists of numbers
+    included) refuses true and false, boolean fields still take them, and numbers still pass."""
+    from pydantic import ValidationError
+
+    import pipeline.config.schema as schema
+    from pipeline.config.schema.fields import _number_fields
+
+    models = [m for m in vars(schema).values() if isinstance(m, type) and issubclass(m, schema.Strict)]
+    checked = 0
+    for model in models:
+        numbers, lists = _number_fields(model)
+        for name in numbers:
+            with pytest.raises(ValidationError) as err:
+                model.model_validate({name: True})
+            assert [(e["loc"], e["type"]) for e in err.value.errors()] == [((name,), "bool_for_number")]
+            checked += 1
+        for name in lists:
+            with pytest.raises(ValidationError) as err:
+                model.model_validate({name: [2, False]})
+            assert [(e["loc"], e["type"]) for e in err.value.errors()] == [((name, 1), "bool_for_number")]
+    assert checked > 80 and "lr" in _number_fields(schema.OptimConfig)[0]
+    assert "channel_mults" in _number_fields(schema.UNetConfig)[1]
+    assert "nesterov" not in _number_fields(schema.OptimConfig)[0]
+    legit = ["tasks.lm.optim.lr=1", "tasks.lm.optim.name=sgd", "tasks.lm.optim.nesterov=true", "seed=0",
+             "cluster.device_memory=8GiB"]
+    cfg = validate(apply_overrides(tiny_raw(), legit))
+    assert (cfg.tasks["lm"].optim.lr, cfg.tasks["lm"].optim.nesterov, cfg.seed) == (1.0, True, 0)

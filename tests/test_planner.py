@@ -346,6 +346,53 @@ def test_planner_refuses_what_cannot_fit_and_names_the_fix():
         check_fits(tight, "lm")
 
 
+def test_planner_check_fits_plans_every_elastic_worker_count():
+    """An elastic run keeps the global batch at fewer workers, so a rank's micro-batch grows
+    (8 at 1 worker, 4 at 2): memory that fits at cluster.num_workers but not at min_workers is
+    refused, naming the worker count, with an accumulation that splits at every count."""
+    from pipeline.distributed.planner import check_fits, plan
+
+    at = {w: plan(validate(tiny_raw(SMALL)), "lm", workers=w, suggest=False) for w in (1, 2)}
+    assert (at[1].micro_batch, at[2].micro_batch) == (8, 4) and at[1].total > at[2].total
+    between = f"cluster.device_memory={at[1].total - 1}"
+    assert check_fits(validate(tiny_raw([*SMALL, between])), "lm").workers == 2  # not elastic: 2 workers fit
+    elastic = validate(tiny_raw([*SMALL, between, "cluster.min_workers=1"]))
+    with pytest.raises(ValueError) as err:
+        check_fits(elastic, "lm")
+    msg = str(err.value)
+    assert msg.startswith("cluster.device_memory: tasks.lm needs ") and "\n" not in msg
+    assert "at micro-batch 8 on 1 worker (elastic: cluster.min_workers..cluster.num_workers = 1..2; ddp" in msg
+    assert "set tasks.lm.trainer.grad_accum_steps=2 (micro-batch 4)" in msg and "plan lm --workers 1 shows" in msg
+    fits = validate(tiny_raw([*SMALL, f"cluster.device_memory={at[1].total}", "cluster.min_workers=1"]))
+    assert check_fits(fits, "lm").workers == 2  # every count fits: the plan at num_workers, as before
+    # global batch 12 over 2..3 workers: grad_accum_steps=3 gives micro-batch 2 at 2 workers but does not
+    # split at 3 (check_task_elastic would refuse it), so it is not suggested
+    wide = [*SMALL, "tasks.lm.trainer.global_batch_size=12", "cluster.num_workers=3", "cluster.min_workers=2"]
+    two = plan(validate(tiny_raw(wide)), "lm", workers=2, micro_batch=2, suggest=False).total
+    with pytest.raises(ValueError, match=r"on 2 workers .* 2 does: lower tasks.lm.trainer.global_batch_size"):
+        check_fits(validate(tiny_raw([*wide, f"cluster.device_memory={two}"])), "lm")
+
+
+def test_planner_suggestion_starts_from_the_configured_accumulation():
+    """`pipeline plan --micro-batch 100000` on a device where the configured micro-batch fits
+    said "set grad_accum_steps=2" (one step more than configured, a smaller micro-batch than
+    needed); it says the configured one fits, and names an accumulation only where it does not."""
+    from pipeline.distributed.planner import plan
+
+    cfg = validate(tiny_raw(SMALL))  # global batch 8 on 2 workers: micro-batch 4
+    at4 = plan(cfg, "lm", workers=2, suggest=False).total
+    p = plan(cfg, "lm", workers=2, device_memory=at4, micro_batch=100000)
+    assert p.largest_micro_batch >= 4
+    assert p.suggestion == (f"micro-batch 100000 does not fit, {p.largest_micro_batch} does: the configured "
+                            "micro-batch 4 fits")
+    accum2 = validate(tiny_raw([*SMALL, "tasks.lm.trainer.grad_accum_steps=2"]))  # micro-batch 2
+    at2 = plan(accum2, "lm", workers=2, suggest=False).total
+    p = plan(accum2, "lm", workers=2, device_memory=at2, micro_batch=100000)
+    assert p.suggestion.endswith("the configured micro-batch 2 fits"), p.suggestion
+    p = plan(cfg, "lm", workers=2, device_memory=at4 - 1)  # the configured 4 does not fit
+    assert p.suggestion.endswith("set tasks.lm.trainer.grad_accum_steps=2 (micro-batch 2)"), p.suggestion
+
+
 def test_planner_suggests_checkpointing_by_op_before_full():
     """Where micro-batch 1 fits only with less activation memory, the suggestion is the cheapest
     recomputation that fits: checkpointing by operator before full checkpointing."""

@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.config import ConfigError, validate
 from pipeline.config.loading import apply_overrides
-from pipeline.flows.sweep import SweepConfig, check_space, dvc_command, load_sweep
+from pipeline.flows.sweep import SweepConfig, check_space, dvc_command, load_sweep, trial_config, tune_storage
 from tests.conftest import ROOT, tiny_raw
 
 SPACE = {"metric": "val_loss", "num_samples": 3, "max_steps": 12, "eval_every": 3, "grace_period": 3,
@@ -48,6 +48,96 @@ def test_bad_dimension_is_refused(tmp_path):
     path.write_text(yaml.safe_dump({**SPACE, "space": {"tasks.lm.optim.lr": {"loguniform": [0.0, 1e-3]}}}))
     with pytest.raises(ConfigError, match="loguniform needs low > 0"):
         load_sweep(path)
+
+
+@pytest.mark.parametrize(("storage", "expected"), [
+    ("s3://bucket", "s3://bucket/tune"),  # (was s3://tune: another bucket)
+    ("s3://bucket/prefix/", "s3://bucket/prefix/tune"),
+    ("gs://b", "gs://b/tune"),
+])
+def test_tune_storage_stays_under_the_configured_root(storage, expected):
+    assert tune_storage(validate(tiny_raw([f"cluster.storage_path={storage}"]))) == expected
+
+
+def test_tune_storage_of_a_local_path_stays_where_it_was(tmp_path):
+    # beside the Ray Train runs, as before, so a local sweep interrupted before this change still resumes
+    assert tune_storage(validate(tiny_raw([f"cluster.storage_path={tmp_path / 'runs' / 'ray'}"]))) == \
+        str(tmp_path / "runs" / "tune")
+
+
+@pytest.mark.parametrize("layout", [["cluster.num_workers=2", "cluster.min_workers=1"],
+                                    ["cluster.num_workers=2", "parallel.tp=2"],
+                                    ["cluster.num_workers=4", "cluster.min_workers=2"]])
+def test_trials_run_on_one_worker_whatever_the_layout(layout):
+    """An elastic range or a tp/pp mesh in params.yaml is valid for training; a trial runs on one
+    worker, so the space is checked (and trials configured) as one worker needs."""
+    base = tiny_raw(layout)
+    validate(base)
+    sweep = SweepConfig.model_validate(SPACE)
+    check_space(base, "lm", sweep)
+    cfg = validate(trial_config(base, "lm", sweep, {"tasks.lm.optim.lr": 1e-3}))
+    assert (cfg.cluster.num_workers, cfg.cluster.min_workers, cfg.parallel.tp, cfg.parallel.pp) == (1, None, 1, 1)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "loguniform"])
+def test_range_on_an_integer_key_is_refused_up_front(kind):
+    sweep = SweepConfig.model_validate({**SPACE, "space": {"tasks.lm.optim.warmup_steps": {kind: [1, 5]}}})
+    with pytest.raises(ConfigError) as err:
+        check_space(tiny_raw(), "lm", sweep)
+    assert str(err.value).startswith(f"space.tasks.lm.optim.warmup_steps: {kind} draws fractional values but "
+                                     "tasks.lm.optim.warmup_steps is an integer")
+    assert "\n" not in str(err.value)
+    check_space(tiny_raw(), "lm", SweepConfig.model_validate(  # a float key keeps its ranges
+        {**SPACE, "space": {"tasks.lm.optim.lr": {kind: [1e-4, 1e-3]}}}))
+
+
+def test_invalid_choice_combination_is_named_up_front():
+    """72 divides by 2 heads and 64 by 16, so each value passes alone; 72 with 16 heads does not."""
+    space = {"tasks.lm.model.d_model": {"choice": [64, 72]}, "tasks.lm.model.n_heads": {"choice": [2, 16]}}
+    with pytest.raises(ConfigError) as err:
+        check_space(tiny_raw(), "lm", SweepConfig.model_validate({**SPACE, "space": space}))
+    assert str(err.value).startswith("space: the combination tasks.lm.model.d_model=72, tasks.lm.model.n_heads=16: ")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("space", "fragment"), [
+    ({}, "space: is empty; give at least one key to search"),
+    ({"tasks.lm.optim.lr": {"loguniform": 0.001}}, "space.tasks.lm.optim.lr.loguniform: "),
+    ({"tasks.lm.optim.lr": {"choise": [1e-3]}}, "space.tasks.lm.optim.lr.choise: unknown key"),
+])
+def test_sweep_file_problems_are_one_line(tmp_path, space, fragment):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**SPACE, "space": space}))
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and fragment in msg, msg
+    assert "\n" not in msg and "errors.pydantic.dev" not in msg, msg
+
+
+def test_unreachable_tracking_server_stops_the_sweep_before_ray(tmp_path, monkeypatch, built_data):
+    import socket
+    import time
+
+    import ray
+
+    from pipeline.flows.sweep import run_sweep
+    from pipeline.tracking.mlflow_runs import TrackingUnavailable
+
+    _, shards = built_data
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_raw(["tracking.connect_timeout_s=2"])))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    was_up = ray.is_initialized()
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=f"127.0.0.1:{port}"):
+        run_sweep(params, "lm", tmp_path / "space.yaml", shards["lm"], 2, 0)
+    assert time.monotonic() - start < 60
+    assert ray.is_initialized() == was_up  # Ray was not started for a sweep that could not record anything
 
 
 def test_dvc_command_composes_into_a_valid_config():
@@ -96,3 +186,117 @@ def test_tune_sweep_every_trial_an_mlflow_run(tmp_path):
         assert parent.data.tags["best_command"] == command
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def _sweep_project(tmp_path, space: dict):
+    from tests.e2e_project import run_ok, tiny_project
+
+    project = tiny_project(tmp_path / "project")
+    run_ok([sys.executable, "-m", "stages.prepare", "lm"], project)
+    run_ok([sys.executable, "-m", "stages.shard", "lm"], project)
+    (project / "space.yaml").write_text(yaml.safe_dump(space))
+    env = {**os.environ, "PYTHONPATH": str(project), "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return project, env
+
+
+def _runs(project):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlruns.db")
+    try:
+        client = MlflowClient()
+        exp = client.get_experiment_by_name("pipeline")
+        if exp is None:  # (not created yet)
+            return [], {}
+        parents = client.search_runs([exp.experiment_id], "attributes.run_name LIKE 'sweep-lm-%'")
+        trials = {p.info.run_id: client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{p.info.run_id}'")
+                  for p in parents}
+        return parents, trials
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+# each value valid alone (72 over the base's 2 heads, 16 heads of the base's 64); 72 with 16 heads is
+# not. The seed makes the product of the choices larger than the combinations checked up front, so
+# the bad ones fail in their trials
+HEADS_SPACE = {**SPACE, "max_steps": 6, "eval_every": 3, "grace_period": 3,
+               "space": {"tasks.lm.model.d_model": {"choice": [72]}, "tasks.lm.model.n_heads": {"choice": [2, 16]},
+                         "seed": {"choice": list(range(33))}}}
+
+
+@pytest.mark.e2e
+def test_failed_trials_are_reported_and_all_failed_is_one_line(tmp_path):
+    project, env = _sweep_project(tmp_path, HEADS_SPACE)
+    some = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "lm", "--space", "space.yaml", "--seed", "1",
+                           "--trials", "4"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    out = some.stdout + some.stderr
+    assert some.returncode == 0, out[-5000:]
+    (line,) = [ln for ln in some.stdout.splitlines() if "trials failed; the first: " in ln]
+    failed = int(line.split("] ")[1].split(" of 4")[0])
+    assert 0 < failed < 4 and "ConfigError" in line and "n_heads" in line, out[-5000:]
+    summary = next(ln for ln in some.stdout.splitlines() if "stopped early by ASHA" in ln)
+    stopped = int(summary.split("trials, ")[1].split(" stopped")[0])
+    assert stopped <= 4 - failed  # failed trials are not counted as stopped by ASHA
+
+    all_bad = {**HEADS_SPACE, "space": {"tasks.lm.model.d_model": {"choice": [72]},
+                                        "tasks.lm.model.n_heads": {"choice": [16]},
+                                        "seed": {"choice": list(range(65))}}}
+    (project / "space.yaml").write_text(yaml.safe_dump(all_bad))
+    none = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "lm", "--space", "space.yaml", "--seed", "0",
+                           "--trials", "2"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    lines = none.stderr.strip().splitlines()
+    assert none.returncode == 2, (none.stdout + none.stderr)[-5000:]
+    assert lines[-1].startswith("error: every trial failed (2 of 2); the first: ConfigError: "), none.stderr[-5000:]
+    # (Ray's own log of each trial's error stays above it; no traceback of the sweep itself)
+    assert "n_heads" in lines[-1] and "RuntimeError" not in none.stderr, none.stderr[-5000:]
+    parents, _ = _runs(project)
+    status = {p.data.params.get("num_samples"): p.info.status for p in parents}
+    assert status == {"4": "FINISHED", "2": "FAILED"}, status
+
+
+@pytest.mark.e2e
+def test_interrupted_sweep_records_no_best_and_resumes(tmp_path):
+    """Ctrl-C while trials run: exit 130 and one line saying how many finished and how to resume;
+    no best on the parent run, which ends KILLED, as do the unfinished trial runs. The same command
+    again resumes (same parent run) and finishes the sweep."""
+    import signal
+    import time
+
+    space = {**SPACE, "num_samples": 2, "max_steps": 300, "eval_every": 3, "grace_period": 300,
+             "space": {"tasks.lm.optim.lr": {"loguniform": [3e-4, 3e-3]}}}
+    project, env = _sweep_project(tmp_path, space)
+    cmd = [sys.executable, "-m", "pipeline", "sweep", "lm", "--space", "space.yaml", "--seed", "0"]
+    log = (project / "sweep.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if " | val " in (project / "sweep.log").read_text():  # (the log: reading the store races its creation)
+                break  # a trial is running and has reported
+            time.sleep(2)
+        assert proc.poll() is None, (project / "sweep.log").read_text()[-5000:]
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    out = (project / "sweep.log").read_text()
+    assert rc == 130, out[-5000:]
+    (line,) = [ln for ln in out.splitlines() if "] interrupted: " in ln]
+    assert "of 2 trials finished, no best recorded" in line and "run the same command again to resume" in line
+    assert "best val_loss" not in out and "train it through the pipeline" not in out
+    (parent,), trials = _runs(project)
+    assert parent.info.status == "KILLED" and "best_val_loss" not in parent.data.metrics
+    assert "best_command" not in parent.data.tags
+    assert trials[parent.info.run_id] and all(t.info.status != "RUNNING" for t in trials[parent.info.run_id])
+
+    again = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
+    assert "resuming 2 trials" in again.stdout
+    (resumed,), trials = _runs(project)  # no second parent run
+    assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
+    assert "best_val_loss" in resumed.data.metrics

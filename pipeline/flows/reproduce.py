@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.inspect import resolve
+from pipeline.tracking.inspect import resolve, run_of
 
 
 @dataclass
@@ -39,7 +40,7 @@ def plan(ref: str) -> dict:
     """What reproducing `ref` means: the commit, the task, and the metrics to compare."""
     client = MlflowClient()
     mv = resolve(client, ref)
-    run = client.get_run(mv.run_id)
+    run = run_of(client, mv, ref)
     tags = run.data.tags
     commit, task = tags.get("git.commit", "unknown"), tags.get("task")
     if commit == "unknown" or not task:
@@ -57,24 +58,65 @@ def reproduce(ref: str, workdir: Path | None = None, tolerance: float = 1e-3,
               "the nearest recorded code", flush=True)
     if workdir is not None and workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
         raise ValueError(f"--workdir {workdir}: exists and is not an empty folder (the commit is checked out there)")
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="reproduce-")) / "tree"
+    tasks = _tasks_at(p["commit"], repo)
+    if tasks is not None and p["task"] not in tasks:
+        raise ValueError(f"'{ref}': its run's task {p['task']!r} is not a task of commit {p['commit'][:10]} "
+                         f"(its params.yaml has {', '.join(sorted(tasks)) or 'none'}); it cannot be reproduced")
+    temp = None if workdir is not None else Path(tempfile.mkdtemp(prefix="reproduce-"))
+    workdir = workdir or temp / "tree"
     added = subprocess.run(["git", "worktree", "add", "--detach", str(workdir), p["commit"]], cwd=repo,
                            capture_output=True, text=True)
     if added.returncode:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
         why = (added.stderr.strip().splitlines() or ["no message"])[-1]
         raise ValueError(f"cannot check out commit {p['commit'][:10]} into {workdir}: git worktree add says: {why}")
     print(f"reproducing {p['model']} (run {p['run_id']}): commit {p['commit'][:10]} in {workdir}", flush=True)
-    cmd = [str(Path(sys.executable).parent / "dvc"), "repro", f"evaluate@{p['task']}"]
+    stage = f"evaluate@{p['task']}"
+    cmd = [str(Path(sys.executable).parent / "dvc"), "repro", stage]
     # that commit's code, not this workspace's; its own store (mlflow.set_tracking_uri exports
     # MLFLOW_TRACKING_URI, which the stages would follow into this workspace's store)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     env["PYTHONPATH"] = str(workdir)
-    subprocess.run(cmd, cwd=workdir, check=True, env=env)
-    got = json.loads((workdir / "metrics" / p["task"] / "eval.json").read_text())
+    # the stages' `python` is this interpreter's (its venv), activated or not
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), *filter(None, [os.environ.get("PATH")])])
+    try:
+        try:
+            subprocess.run(cmd, cwd=workdir, check=True, env=env)
+        except subprocess.CalledProcessError as e:
+            kept = (f"the worktree stays at {workdir} to look into; remove it with `git worktree remove --force "
+                    f"{workdir}`") if temp is None else "its worktree was removed"
+            raise ValueError(f"reproducing {p['model']}: `dvc repro {stage}` failed (exit {e.returncode}) in "
+                             f"{workdir}; the failing stage's output is above; {kept}") from None
+        got = json.loads((workdir / "metrics" / p["task"] / "eval.json").read_text())
+    finally:
+        if temp is not None:
+            _remove_worktree(workdir, temp, repo)
     rows = [Comparison(k, v, float(got[k]) if isinstance(got.get(k), (int, float)) else None)
             for k, v in sorted(p["metrics"].items())]
     ok = bool(rows) and all(r.rel_diff is not None and r.rel_diff <= tolerance for r in rows)
     return rows, ok
+
+
+def _tasks_at(commit: str, repo: Path) -> set[str] | None:
+    """The tasks in `commit`'s params.yaml; None when it cannot be read (git worktree add then says why)."""
+    import yaml
+
+    shown = subprocess.run(["git", "show", f"{commit}:params.yaml"], cwd=repo, capture_output=True, text=True)
+    if shown.returncode:
+        return None
+    try:
+        return set((yaml.safe_load(shown.stdout) or {}).get("tasks") or {})
+    except (yaml.YAMLError, AttributeError):
+        return None
+
+
+def _remove_worktree(workdir: Path, temp: Path, repo: Path) -> None:
+    """A temporary worktree goes when reproduce ends: git forgets it, its folder is deleted."""
+    removed = subprocess.run(["git", "worktree", "remove", "--force", str(workdir)], cwd=repo, capture_output=True)
+    shutil.rmtree(temp, ignore_errors=True)
+    if removed.returncode:  # (its folder is gone now: git forgets it)
+        subprocess.run(["git", "worktree", "prune"], cwd=repo, capture_output=True)
 
 
 def format_comparison(rows: list[Comparison], tolerance: float) -> str:

@@ -13,17 +13,26 @@ Grid sweeps need no code: `dvc exp run --queue -S 'tasks.lm.optim.lr=1e-3,3e-3'`
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+import math
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import PositiveInt, model_validator
+from pydantic import PositiveInt, ValidationError, model_validator
 
 from pipeline.config import ConfigError, validate
-from pipeline.config.loading import apply_overrides, read_yaml
+from pipeline.config.loading import _format_validation_error, apply_overrides, read_yaml
 from pipeline.config.schema import Strict
+from pipeline.config.storage import is_url
+
+# up to this many combinations of the `choice` dimensions, every combination is validated up front
+MAX_CHECKED_COMBINATIONS = 64
+# what a trial needs to run on one worker whatever params.yaml says (elastic range, tp/pp mesh)
+ONE_WORKER = {"cluster.num_workers": 1, "cluster.min_workers": None, "parallel.tp": 1, "parallel.pp": 1}
 
 
 class Dimension(Strict):
@@ -76,6 +85,9 @@ class SweepConfig(Strict):
             raise ValueError("metric: trials report val_loss (the loop's validation loss)")
         if self.grace_period > self.max_steps or self.eval_every > self.max_steps:
             raise ValueError("grace_period and eval_every must not exceed max_steps")
+        if not self.space:
+            raise ValueError("space: is empty; give at least one key to search, e.g. "
+                             "tasks.lm.optim.lr: {loguniform: [0.0003, 0.003]}")
         return self
 
 
@@ -83,10 +95,14 @@ def load_sweep(path: Path) -> SweepConfig:
     if not path.is_file():
         raise FileNotFoundError(f"sweep file {path} not found (see configs/sweep/)")
     raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping (metric, num_samples, ..., space)")
     try:
         return SweepConfig.model_validate(raw)
+    except ValidationError as e:  # one line, as params.yaml's errors are
+        raise ConfigError(f"{path}: {_format_validation_error(e)}") from None
     except ValueError as e:
-        raise ConfigError(f"{path}: {e}") from e
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def trial_config(base: dict[str, Any], task: str, sweep: SweepConfig, point: dict[str, Any]) -> dict[str, Any]:
@@ -94,7 +110,7 @@ def trial_config(base: dict[str, Any], task: str, sweep: SweepConfig, point: dic
     raw = copy.deepcopy(base)
     fixed = {f"tasks.{task}.trainer.max_steps": sweep.max_steps, f"tasks.{task}.trainer.eval_every": sweep.eval_every,
              f"tasks.{task}.trainer.ckpt_every": sweep.max_steps, f"tasks.{task}.trainer.early_stop_patience": 0,
-             "cluster.num_workers": 1}
+             **ONE_WORKER}
     return apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in {**fixed, **point}.items()])
 
 
@@ -107,9 +123,44 @@ def check_space(base: dict[str, Any], task: str, sweep: SweepConfig) -> None:
             raise ConfigError(f"space.{key}: not a key of task '{task}'")
         for value in dim.corners():
             try:
-                validate(trial_config(base, task, sweep, {key: value}))
+                cfg = validate(trial_config(base, task, sweep, {key: value}))
             except ConfigError as e:
                 raise ConfigError(f"space.{key}={value}: {e}") from e
+            if dim.choice is None and _is_int(_lookup(cfg.model_dump(), key)):
+                kind = "uniform" if dim.uniform else "loguniform"
+                raise ConfigError(f"space.{key}: {kind} draws fractional values but {key} is an integer; "
+                                  f"list the values instead, e.g. choice: [{int(value)}, ...]")
+    choices = {k: d.choice for k, d in sweep.space.items() if d.choice is not None}
+    if len(choices) > 1 and math.prod(len(v) for v in choices.values()) <= MAX_CHECKED_COMBINATIONS:
+        for combo in itertools.product(*choices.values()):
+            point = dict(zip(choices, combo, strict=True))
+            try:
+                validate(trial_config(base, task, sweep, point))
+            except ConfigError as e:
+                named = ", ".join(f"{k}={v}" for k, v in point.items())
+                raise ConfigError(f"space: the combination {named}: {e}") from e
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def tune_storage(cfg: Any) -> str:
+    """Where Tune keeps a sweep's experiment state: under `cluster.storage_path` for a URL
+    (s3://bucket -> s3://bucket/tune; the old rule gave s3://tune, another bucket), and for a
+    local path beside it as before (runs/ray -> runs/tune), so existing local sweeps still resume."""
+    from pipeline.runtime.trainer import storage_root
+
+    root = storage_root(cfg).rstrip("/")
+    return f"{root}/tune" if is_url(root) else str(Path(root).parent / "tune")
 
 
 def dvc_command(point: dict[str, Any]) -> str:
@@ -143,23 +194,57 @@ class SweepResult:
     best_point: dict[str, Any]
     best_metric: float
     trials: int
-    stopped_early: int
+    stopped_early: int  # stopped by ASHA at a rung (finished, short of max_steps); failed trials not counted
     parent_run_id: str
     command: str
+    failed: int = 0
+    first_error: str | None = None
+
+
+def _error_line(err: BaseException | None) -> str:
+    """A trial's error in one line: the exception raised in the trial (not Ray's wrapper and
+    its traceback), `Type: first line of the message`."""
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip()
+    if text.startswith("Traceback") or "\nTraceback" in text:  # a wrapper's text: its last line is the error
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        return lines[-1].strip() if lines else type(cause).__name__
+    first = text.splitlines()[0] if text else ""
+    return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+
+
+def _parent_to_resume(client: Any, exp_id: str, name: str) -> str | None:
+    """The parent run of an earlier, unfinished try of this very sweep (same name: same base
+    config, space and seed), None if there is none."""
+    runs = client.search_runs([exp_id], f"attributes.run_name = '{name}' AND tags.sweep = '{name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _end_unfinished_trials(client: Any, exp_id: str, parent_id: str) -> int:
+    """Trial runs left RUNNING under the parent (interrupted: Tune never ended them) -> KILLED."""
+    runs = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}' AND attributes.status = 'RUNNING'")
+    for r in runs:
+        client.set_terminated(r.info.run_id, status="KILLED")
+    return len(runs)
 
 
 def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_samples: int | None = None,
               seed: int | None = None) -> SweepResult:
+    """Run (or resume) a sweep. An interrupted sweep (Ctrl-C) records no best, ends its unfinished
+    trial runs and the parent run as KILLED, says how to resume and exits 130; running the same
+    command again resumes it from Tune's saved state, under the same parent run."""
     import mlflow
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.experiment import Trial
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from pipeline.config import config_digest
     from pipeline.data.shard_verify import check_split
     from pipeline.runtime import connect
-    from pipeline.runtime.trainer import storage_root, worker_config
+    from pipeline.runtime.trainer import worker_config
     from pipeline.tracking import mlflow_runs
 
     if num_samples is not None and num_samples < 1:
@@ -173,41 +258,87 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     check_space(base, task, sweep)
     check_split(shards, "train")  # manifest and sizes; the trials' workers hash, once per node
     check_split(shards, "val")
+    # a tracking server that does not answer: one line now, not minutes of MLflow retries after Ray started
+    mlflow_runs.check_reachable(cfg.tracking, lambda *a, **k: print(f"[sweep {task}]", *a, **k))
     exp_id = mlflow_runs.setup(cfg.tracking)
+    client = mlflow.MlflowClient()
     name = f"sweep-{task}-{config_digest({'base': base, 'sweep': sweep.model_dump(), 'seed': seed})}"
-    with mlflow.start_run(run_name=name, tags={"sweep": name, "task": task}) as parent:
+    path = f"{tune_storage(cfg)}/{name}"
+    resume_id = _parent_to_resume(client, exp_id, name) if tune.Tuner.can_restore(path) else None
+    if resume_id is not None:
+        parent = mlflow.start_run(run_id=resume_id)
+    else:
+        parent = mlflow.start_run(run_name=name, tags={"sweep": name, "task": task})
         mlflow.log_params(mlflow_runs.safe_params({"sweep_file": str(sweep_file), "num_samples": sweep.num_samples,
                                                    "max_steps": sweep.max_steps,
                                                    "scheduler": "ASHA", "search": "Optuna TPE"}))
-    where = connect(cfg.cluster)
-    print(f"[sweep {task}] {sweep.num_samples} trials on {where}; Optuna TPE + ASHA (grace {sweep.grace_period}, "
-          f"factor {sweep.reduction_factor}, max {sweep.max_steps} steps); MLflow parent run {parent.info.run_id}",
-          flush=True)
-    # the trials run in folders of their own: local init_from paths go to them absolute, as the shards do
-    trainable = tune.with_parameters(_trial, base=worker_config(cfg), task=task, sweep=sweep.model_dump(),
-                                     shards=str(shards.resolve()))
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": cfg.cluster.cpus_per_worker}),
-        param_space={k: d.tune() for k, d in sweep.space.items()},
-        tune_config=tune.TuneConfig(
-            metric="val_loss", mode="min", num_samples=sweep.num_samples,
-            search_alg=OptunaSearch(seed=seed if seed is not None else cfg.seed),
-            scheduler=ASHAScheduler(time_attr="step", max_t=sweep.max_steps, grace_period=sweep.grace_period,
-                                    reduction_factor=sweep.reduction_factor)),
-        run_config=tune.RunConfig(
-            name=name, storage_path=storage_root(cfg).rstrip("/").rsplit("/", 1)[0] + "/tune", verbose=1,
-            callbacks=[MLflowLoggerCallback(tracking_uri=mlflow_runs.tracking_uri(cfg.tracking),
-                                            experiment_name=mlflow.get_experiment(exp_id).name, save_artifact=False,
-                                            tags={"mlflow.parentRunId": parent.info.run_id, "sweep": name})]),
-    )
-    results = tuner.fit()
-    errors = [r.error for r in results if r.error]
-    if len(errors) == len(results):
-        raise RuntimeError(f"every trial failed; the first: {errors[0]}")
-    best = results.get_best_result(metric="val_loss", mode="min", scope="last")
-    point = {k: best.config[k] for k in sweep.space}
-    stopped = sum(1 for r in results if r.metrics and r.metrics.get("step", 0) < sweep.max_steps)
-    command = dvc_command(point)
-    mlflow.MlflowClient().log_metric(parent.info.run_id, "best_val_loss", best.metrics["val_loss"])
-    mlflow.MlflowClient().set_tag(parent.info.run_id, "best_command", command)
-    return SweepResult(point, best.metrics["val_loss"], len(results), stopped, parent.info.run_id, command)
+    parent_id = parent.info.run_id
+    status = "FAILED"
+    try:
+        where = connect(cfg.cluster)
+        print(f"[sweep {task}] {'resuming ' if resume_id else ''}{sweep.num_samples} trials on {where}, one worker "
+              f"each; Optuna TPE + ASHA (grace {sweep.grace_period}, factor {sweep.reduction_factor}, max "
+              f"{sweep.max_steps} steps); MLflow parent run {parent_id}", flush=True)
+        # the trials run in folders of their own: local init_from paths go to them absolute, as the shards do
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, base=worker_config(cfg), task=task, sweep=sweep.model_dump(),
+                                 shards=str(shards.resolve())),
+            {"cpu": cfg.cluster.cpus_per_worker})
+        if resume_id is not None:
+            tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={k: d.tune() for k, d in sweep.space.items()},
+                tune_config=tune.TuneConfig(
+                    metric="val_loss", mode="min", num_samples=sweep.num_samples,
+                    search_alg=OptunaSearch(seed=seed if seed is not None else cfg.seed),
+                    scheduler=ASHAScheduler(time_attr="step", max_t=sweep.max_steps, grace_period=sweep.grace_period,
+                                            reduction_factor=sweep.reduction_factor)),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=tune_storage(cfg), verbose=1,
+                    callbacks=[MLflowLoggerCallback(
+                        tracking_uri=mlflow_runs.tracking_uri(cfg.tracking),
+                        experiment_name=mlflow.get_experiment(exp_id).name, save_artifact=False,
+                        tags={"mlflow.parentRunId": parent_id, "sweep": name})]),
+            )
+        try:
+            results = tuner.fit()
+            trials = list(results._experiment_analysis.trials)  # (ResultGrid keeps them in this order)
+        except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune's own handler was in place
+            results, trials = [], []
+        # after a Ctrl-C Tune returns with the running trials stopped (TERMINATED, but without the
+        # `done` that a trial's end or ASHA's stop decision marks its last result with)
+        finished = [t for t in trials if t.status == Trial.ERROR
+                    or (t.status == Trial.TERMINATED and (t.last_result or {}).get("done"))]
+        if len(finished) < sweep.num_samples:
+            status = "KILLED"
+            killed = _end_unfinished_trials(client, exp_id, parent_id)
+            print(f"[sweep {task}] interrupted: {len(finished)} of {sweep.num_samples} trials finished, no best "
+                  f"recorded ({killed} unfinished trial runs ended as KILLED); run the same command again to "
+                  f"resume from {path}", file=sys.stderr, flush=True)
+            raise SystemExit(130)
+        failed = [(t, r) for t, r in zip(trials, results, strict=True) if t.status == Trial.ERROR]
+        first_error = _error_line(failed[0][1].error) if failed else None
+        done = [t for t in finished if t.status == Trial.TERMINATED and "val_loss" in (t.last_result or {})]
+        if not done:
+            raise ConfigError(f"every trial failed ({len(failed)} of {len(trials)}); the first: {first_error}")
+        if failed:
+            mlflow.set_tag("failed_trials", f"{len(failed)}; the first: {first_error}"[:5000])
+            print(f"[sweep {task}] {len(failed)} of {len(trials)} trials failed; the first: {first_error}",
+                  flush=True)
+        best = min(done, key=lambda t: t.last_result["val_loss"])
+        point = {k: best.config[k] for k in sweep.space}
+        stopped = sum(1 for t in done if t.last_result.get("step", sweep.max_steps) < sweep.max_steps)
+        command = dvc_command(point)
+        best_loss = float(best.last_result["val_loss"])
+        mlflow.log_metric("best_val_loss", best_loss)
+        mlflow.set_tag("best_command", command)
+        status = "FINISHED"
+        return SweepResult(point, best_loss, len(trials), stopped, parent_id, command, len(failed), first_error)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        _end_unfinished_trials(client, exp_id, parent_id)
+        raise
+    finally:
+        mlflow.end_run(status=status)

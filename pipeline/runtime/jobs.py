@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.config import ConfigError
 from pipeline.runtime.connect import ClusterUnavailable  # (the job server did not accept the job in time)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -28,6 +30,13 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 class JobFailed(RuntimeError):
     """A submitted job ended FAILED or STOPPED; the message carries its log tail."""
+
+
+class JobNotFound(KeyError):
+    """The Jobs API has no job by that id (a KeyError: the CLI reports it in one line)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def jobs_address(address: str | None = None) -> str:
@@ -46,10 +55,49 @@ def auth_token() -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def client(address: str | None = None):
+GCS_PORTS = ("6379", "10001")  # a GCS (host:6379) or Ray Client (ray://host:10001) port, not the dashboard's
+DASHBOARD_PORT = "8265"
+
+
+def _suggested(address: str) -> str:
+    """The Jobs API address a non-http one was probably meant to be: the same host, on the
+    dashboard's port unless the port given is neither a GCS nor a Ray Client port."""
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if address == "auto" or not sep or not host:
+        host, port = (target if address != "auto" and target else "127.0.0.1"), DASHBOARD_PORT
+    if not port.isdigit() or port in GCS_PORTS:
+        port = DASHBOARD_PORT
+    return f"http://{host}:{port}"
+
+
+def check_address(address: str | None = None, job_id: str | None = None) -> None:
+    """Refuse, before any connection, a Jobs API address that is not http(s)://. Ray's client
+    takes any other address for a GCS (or Ray Client) one and looks the dashboard up there: a
+    typo then costs 40-odd seconds and a gRPC traceback ("Timed out while waiting for GCS")."""
+    job = f"job '{job_id}': " if job_id else ""
+    if address or os.environ.get("RAY_JOBS_ADDRESS"):
+        where = "--address" if address else "RAY_JOBS_ADDRESS"
+        value = address or os.environ["RAY_JOBS_ADDRESS"]
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"{job}{where} is {value!r}, not a Jobs API address: the Jobs API is the Ray "
+                             f"dashboard's HTTP port, e.g. {_suggested(value)} (host:6379 and ray://host:10001 "
+                             "are the addresses training connects to)")
+        return
+    value = os.environ.get("RAY_ADDRESS", "")
+    if value and not value.startswith(("http://", "https://")) \
+            and not os.environ.get("RAY_API_SERVER_ADDRESS", "").startswith(("http://", "https://")):
+        raise ValueError(f"{job}RAY_ADDRESS is {value!r}, the cluster address training connects to; job commands "
+                         "use the Jobs API, the Ray dashboard's HTTP port: set RAY_JOBS_ADDRESS="
+                         f"{_suggested(value)} (it takes precedence) or pass --address {_suggested(value)}")
+
+
+def client(address: str | None = None, job_id: str | None = None):
     """A Jobs API client. Ray 2.59+ clusters require token authentication, but Ray's client
     only sends the token when RAY_AUTH_MODE=token is set on this side too; the header is sent
-    here whenever a token is found, so `submit` works against both kinds of cluster."""
+    here whenever a token is found, so `submit` works against both kinds of cluster. An
+    address that is not http(s):// is refused first (`check_address`)."""
+    check_address(address, job_id)
     from ray.job_submission import JobSubmissionClient
 
     token = auth_token()
@@ -57,8 +105,8 @@ def client(address: str | None = None):
     resolved = jobs_address(address)
     # Ray's client takes RAY_API_SERVER_ADDRESS or RAY_ADDRESS over the address it is given: where
     # one was chosen (--address, RAY_JOBS_ADDRESS), those are hidden while the client is made, so a
-    # stale RAY_ADDRESS cannot beat it; otherwise Ray resolves them as it always did (a GCS-style
-    # RAY_ADDRESS finds its cluster's dashboard).
+    # stale RAY_ADDRESS cannot beat it; otherwise Ray resolves them as it always did (an http(s)
+    # one: check_address refused the rest).
     chosen = address or os.environ.get("RAY_JOBS_ADDRESS")
     hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
               if chosen and k in os.environ}
@@ -76,7 +124,7 @@ def runtime_env(project: Path, spec: Path | None = None, env: dict[str, str] | N
     path = project / (spec or DEFAULT_RUNTIME_ENV)
     if spec is not None and not path.is_file():
         raise FileNotFoundError(f"runtime env file {path} not found")
-    data: dict[str, Any] = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    data = _read_runtime_env(path) if path.is_file() else {}
     working_dir = Path(data.get("working_dir", "."))
     data["working_dir"] = str(working_dir if working_dir.is_absolute() else (project / working_dir).resolve())
     data["env_vars"] = {**data.get("env_vars", {}), **(env or {})}
@@ -84,6 +132,44 @@ def runtime_env(project: Path, spec: Path | None = None, env: dict[str, str] | N
         data["pip"] = pip
     if not data.get("pip"):
         data.pop("pip", None)
+    return data
+
+
+def _read_runtime_env(path: Path) -> dict[str, Any]:
+    """The runtime_env file as a mapping (empty or comments only: {}), its keys this module and
+    Ray read checked, each problem one line naming the file and the key (ConfigError)."""
+    from pipeline.config.loading import read_yaml
+
+    try:
+        data = read_yaml(path)
+    except ConfigError:
+        try:
+            empty = yaml.safe_load(path.read_text(encoding="utf-8")) is None
+        except (yaml.YAMLError, UnicodeDecodeError):
+            empty = False
+        if not empty:
+            raise
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a runtime_env is a mapping (working_dir, env_vars, pip, excludes, ...), "
+                          f"not a {type(data).__name__}")
+    if "working_dir" in data and not isinstance(data["working_dir"], str):
+        raise ConfigError(f"{path}: working_dir must be a path (a string), got {data['working_dir']!r}")
+    env_vars = data.get("env_vars")
+    if env_vars is None:
+        data.pop("env_vars", None)
+    elif not isinstance(env_vars, dict):
+        raise ConfigError(f"{path}: env_vars must be a mapping of NAME: value, not a {type(env_vars).__name__}")
+    else:
+        for key, value in env_vars.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{path}: env_vars key {key!r} is not a string; quote it")
+            if not isinstance(value, str):
+                raise ConfigError(f"{path}: env_vars.{key} is {value!r} ({type(value).__name__}): Ray takes strings "
+                                  f"only; quote it, e.g. {key}: \"{value}\"")
+    if "excludes" in data and not (isinstance(data["excludes"], list)
+                                   and all(isinstance(x, str) for x in data["excludes"])):
+        raise ConfigError(f"{path}: excludes must be a list of patterns (strings), got {data['excludes']!r}")
     return data
 
 
@@ -114,8 +200,12 @@ def submit(entrypoint: str, address: str | None = None, env_spec: dict[str, Any]
                                               submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus)
         except (ConnectionError, RuntimeError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if tries > 1 and "already exists" in reason:  # an earlier try got through after all
-                return submission_id
+            # (Ray's 500 carries the job agent's traceback: "already exists" is on its last lines)
+            if "already exists" in str(e) and "submission_id" in str(e):
+                if tries > 1:  # an earlier try got through after all
+                    return submission_id
+                raise ValueError(f"a job '{submission_id}' already exists at {jobs_address(address)}: pick another "
+                                 "--id (or none: one is generated)") from None
             if not any(s in reason for s in _STARTING):
                 raise
             if time.monotonic() + delay > deadline:
@@ -134,29 +224,49 @@ class JobState:
     seconds: float | None
 
 
-def _state(c, job_id: str) -> JobState:
-    info = c.get_job_info(job_id)
+def _first_line(message: str) -> str:
+    """Ray's message for a failed job is one line followed by up to 20,000 characters of its log
+    ("..., last available logs (truncated to 20,000 chars):"): the line, without that tail."""
+    line = message.strip().splitlines()[0] if message.strip() else ""
+    return re.sub(r",?\s*last available logs\b.*$", "", line).rstrip(" :")
+
+
+def _known(job_id: str, address: str | None, call):
+    """`call()`, with the Jobs API's 404 for an unknown job id as one line (JobNotFound)."""
+    try:
+        return call()
+    except RuntimeError as e:
+        if "status code 404" in (str(e).splitlines() or [""])[0]:
+            raise JobNotFound(f"no job '{job_id}' at {jobs_address(address)}") from None
+        raise
+
+
+def _state(c, job_id: str, address: str | None = None) -> JobState:
+    info = _known(job_id, address, lambda: c.get_job_info(job_id))
     seconds = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
     return JobState(job_id, str(info.status.value if hasattr(info.status, "value") else info.status),
-                    info.message or "", seconds)
+                    _first_line(info.message or ""), seconds)
 
 
 def status(job_id: str, address: str | None = None) -> JobState:
-    return _state(client(address), job_id)
+    return _state(client(address, job_id), job_id, address)
 
 
 def logs(job_id: str, address: str | None = None) -> str:
-    return client(address).get_job_logs(job_id)
+    c = client(address, job_id)
+    return _known(job_id, address, lambda: c.get_job_logs(job_id))
 
 
 def stop(job_id: str, address: str | None = None) -> bool:
-    return client(address).stop_job(job_id)
+    c = client(address, job_id)
+    return _known(job_id, address, lambda: c.stop_job(job_id))
 
 
 def follow(job_id: str, address: str | None = None, out=sys.stdout, poll_s: float = 1.0) -> JobState:
     """Stream the job's log to `out` until it ends; raise JobFailed (with the log tail) unless
     it succeeded."""
-    c = client(address)  # one client: each new one costs a version handshake with the head
+    c = client(address, job_id)  # one client: each new one costs a version handshake with the head
+    _state(c, job_id, address)  # an unknown id: one line (JobNotFound), before any log stream
 
     async def tail() -> None:
         async for chunk in c.tail_job_logs(job_id):
@@ -167,7 +277,7 @@ def follow(job_id: str, address: str | None = None, out=sys.stdout, poll_s: floa
         asyncio.run(tail())
     except Exception as e:  # the log stream can drop (e.g. head restarting); the status below decides
         print(f"note: log stream ended early ({type(e).__name__}: {e}); polling the status", file=sys.stderr)
-    while (state := _state(c, job_id)).status not in TERMINAL:
+    while (state := _state(c, job_id, address)).status not in TERMINAL:
         time.sleep(poll_s)
     if state.status != "SUCCEEDED":
         tail_lines = "\n".join(c.get_job_logs(job_id).splitlines()[-40:])

@@ -1,11 +1,14 @@
-"""The config models' common ground: unknown keys refused, values frozen, and the constrained
-number types every section uses."""
+"""The config models' common ground: unknown keys refused, values frozen, booleans refused where
+a number belongs, and the constrained number types every section uses."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import types
+from functools import cache
+from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -14,5 +17,56 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
+def _options(annotation: Any) -> list[Any]:
+    """The types a value of `annotation` may be: through Annotated, Optional and unions."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _options(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [t for arg in get_args(annotation) for t in _options(arg)]
+    return [annotation]
+
+
+def _numeric(options: list[Any]) -> bool:
+    """A number is among the options and a boolean is not."""
+    return bool not in options and any(t in (int, float) for t in options)
+
+
+@cache
+def _number_fields(model: type[BaseModel]) -> tuple[frozenset[str], frozenset[str]]:
+    """The fields of `model` that hold a number, and those that hold a list of numbers."""
+    numbers, lists = set(), set()
+    for name, info in model.model_fields.items():
+        options = _options(info.annotation)
+        if _numeric(options):
+            numbers.add(name)
+        items = [t for o in options if get_origin(o) in (list, tuple, set, frozenset)
+                 for arg in get_args(o) if arg is not Ellipsis for t in _options(arg)]
+        if _numeric(items):
+            lists.add(name)
+    return frozenset(numbers), frozenset(lists)
+
+
+def _not_a_bool(loc: tuple[str | int, ...], value: bool) -> InitErrorDetails:
+    return InitErrorDetails(type=PydanticCustomError("bool_for_number", "expected a number, not a boolean"),
+                            loc=loc, input=value)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        """`lr: true` (or DVC's `-S key=true`, a Python bool from Hydra) is refused where a number
+        belongs, naming the key, instead of becoming 1.0 (pydantic's lax mode takes a boolean for
+        a number). Every model's every number field, lists of numbers included."""
+        if not isinstance(data, dict):
+            return data
+        numbers, lists = _number_fields(cls)
+        bad = [_not_a_bool((k,), v) for k, v in data.items() if k in numbers and isinstance(v, bool)]
+        bad += [_not_a_bool((k, i), x) for k, v in data.items() if k in lists and isinstance(v, list | tuple)
+                for i, x in enumerate(v) if isinstance(x, bool)]
+        if bad:
+            raise ValidationError.from_exception_data(cls.__name__, bad)
+        return data

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.config.elastic import worker_counts
 from pipeline.config.schema import PipelineConfig, TaskConfig
 from pipeline.config.sizes import format_size, parse_size
 from pipeline.distributed.pipeline_parallel import rank_stages
@@ -321,9 +322,16 @@ def _suggest(cfg: PipelineConfig, task_name: str, workers: int, target: str, mem
     if best >= 1:
         if p.micro_batch is None or p.micro_batch <= best:
             return f"fits: largest micro-batch {best}"
-        g = tcfg.trainer.global_batch_size
-        for accum in range(tcfg.trainer.grad_accum_steps + 1, g + 1):
-            if g % (dp * accum) == 0 and g // (dp * accum) <= best:
+        g, configured = tcfg.trainer.global_batch_size, tcfg.trainer.grad_accum_steps
+        # an accumulation that splits the global batch at every worker count a run may train on
+        # (the elastic range, when `workers` is in it), from the configured one up: a micro-batch
+        # asked for (`plan --micro-batch`) may not fit where the configured one does
+        dps = {_data_parallel(cfg, w) for w in worker_counts(cfg)} if workers in worker_counts(cfg) else set()
+        for accum in range(configured, g + 1):
+            if all(g % (d * accum) == 0 for d in dps | {dp}) and g // (dp * accum) <= best:
+                if accum == configured:
+                    return (f"micro-batch {p.micro_batch} does not fit, {best} does: the configured micro-batch "
+                            f"{g // (dp * accum)} fits")
                 return (f"micro-batch {p.micro_batch} does not fit, {best} does: set {key}.grad_accum_steps={accum} "
                         f"(micro-batch {g // (dp * accum)})")
         return f"micro-batch {p.micro_batch} does not fit, {best} does: lower {key}.global_batch_size"
@@ -364,14 +372,29 @@ def _suggest(cfg: PipelineConfig, task_name: str, workers: int, target: str, mem
 
 def check_fits(cfg: PipelineConfig, task_name: str, manifest: dict[str, Any] | None = None) -> MemoryPlan | None:
     """The train stage's check, before any Ray resource: when `cluster.device_memory` is set,
-    raise ValueError (one line, starting with the key) if the configured micro-batch cannot fit."""
+    raise ValueError (one line, starting with the key) if the configured micro-batch cannot fit
+    at some worker count a run may train on. An elastic run (`cluster.min_workers`) keeps the
+    global batch at fewer workers, so each rank's micro-batch (and a sharded strategy's shard)
+    grows: every count of the range is planned (the traces are cached: only the layout
+    arithmetic repeats), and the error names the count. Returns the plan at `num_workers`."""
     if cfg.cluster.device_memory is None:
         return None
-    p = plan(cfg, task_name, manifest=manifest)
-    assert p.device_memory is not None
-    if p.total <= p.device_memory:
-        return p
+    counts = worker_counts(cfg)
+    plans = [plan(cfg, task_name, workers=w, manifest=manifest, suggest=False) for w in counts]
+    assert all(p.device_memory is not None for p in plans)
+    too_big = [p for p in plans if p.total > p.device_memory]  # type: ignore[operator]
+    if not too_big:
+        return plans[-1]
+    p = max(too_big, key=lambda q: q.total)  # the worst count (the first of equals: the fewest workers)
+    memory = p.device_memory
+    assert memory is not None
+    p.suggestion = _suggest(cfg, task_name, p.workers, p.target, memory, p, manifest)
+    where, breakdown = f"({p.strategy}, {p.workers} workers, {p.precision})", f"python -m pipeline plan {task_name}"
+    if len(counts) > 1:
+        where = (f"on {p.workers} worker{'s' if p.workers > 1 else ''} (elastic: cluster.min_workers..cluster."
+                 f"num_workers = {counts.start}..{counts.stop - 1}; {p.strategy}, {p.precision})")
+        breakdown += f" --workers {p.workers}"
     raise ValueError(
         f"cluster.device_memory: tasks.{task_name} needs {format_size(p.total)} per rank at micro-batch "
-        f"{p.micro_batch} ({p.strategy}, {p.workers} workers, {p.precision}) but a device has "
-        f"{format_size(p.device_memory)}; {p.suggestion} (python -m pipeline plan {task_name} shows the breakdown)")
+        f"{p.micro_batch} {where} but a device has {format_size(memory)}; {p.suggestion} ({breakdown} shows "
+        "the breakdown)")
