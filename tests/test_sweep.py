@@ -153,14 +153,7 @@ def test_tune_sweep_every_trial_an_mlflow_run(tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from tests.e2e_project import run_ok, tiny_project
-
-    project = tiny_project(tmp_path / "project")
-    run_ok([sys.executable, "-m", "stages.prepare", "lm"], project)
-    run_ok([sys.executable, "-m", "stages.shard", "lm"], project)
-    (project / "space.yaml").write_text(yaml.safe_dump(SPACE))
-    env = {**os.environ, "PYTHONPATH": str(project), "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
+    project, env = _sweep_project(tmp_path, SPACE)
     proc = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "lm", "--space", "space.yaml", "--seed", "0",
                            "--trials", "4"],
                           cwd=project, env=env, capture_output=True, text=True, timeout=900)

@@ -1,0 +1,237 @@
+"""`pipeline lineage` against the workspace as it is on disk, and `pipeline reproduce`, in a real
+git + DVC project with a real SQLite store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline.cli import main
+from pipeline.tracking.lineage import git_state
+
+_DVC_YAML = """\
+stages:
+  shard:
+    foreach: [lm]
+    do:
+      cmd: python stages/shard.py ${item}
+      params:
+        - tasks.${item}.data
+      outs:
+        - data/${item}/shards
+  train:
+    foreach: [lm]
+    do:
+      cmd: python stages/train.py ${item}
+      deps:
+        - pipeline
+        - data/${item}/shards
+      params:
+        - seed
+        - tasks.${item}.optim
+      outs:
+        - models/${item}
+  evaluate:
+    foreach: [lm]
+    do:
+      cmd: python stages/evaluate.py ${item}
+      deps:
+        - stages/evaluate.py
+        - models/${item}
+      metrics:
+        - metrics/${item}/eval.json:
+            cache: false
+"""
+
+
+
+_STAGES = {
+    "shard": "import pathlib, sys\np = pathlib.Path('data', sys.argv[1])\np.mkdir(parents=True, exist_ok=True)\n"
+             "(p / 'shards').write_text('s')\n",
+    "train": "import pathlib, sys\np = pathlib.Path('models', sys.argv[1])\np.mkdir(parents=True, exist_ok=True)\n"
+             "(p / 'w').write_text(pathlib.Path('pipeline/code.py').read_text())\n",
+    "evaluate": "import json, pathlib, sys\nimport ruamel.yaml  # in the venv only\n"
+                "p = pathlib.Path('metrics', sys.argv[1])\np.mkdir(parents=True, exist_ok=True)\n"
+                "(p / 'eval.json').write_text(json.dumps({'val_loss': 2.0}))\n",
+}
+
+
+
+def _git(project: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=project,
+                          capture_output=True, text=True, check=True).stdout
+
+
+
+@pytest.fixture
+def dvc_project(tmp_path, monkeypatch):
+    """A small git + DVC project (shard, train and evaluate stages for task lm; `python` in the stages
+    must be the venv's: evaluate imports ruamel), run and committed, and version m/1 registered from
+    it with the tags the train stage writes (its dvc.lock hashes as they were before train ran)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.lineage import dvc_lock_hashes
+
+    project = tmp_path / "project"
+    (project / "pipeline").mkdir(parents=True)
+    (project / "pipeline" / "code.py").write_text("x = 1\n")
+    (project / "stages").mkdir()
+    for name, code in _STAGES.items():
+        (project / "stages" / f"{name}.py").write_text(code)
+    (project / "params.yaml").write_text("seed: 1\ntasks:\n  lm:\n    optim: {lr: 0.1}\n    data: {n: 3}\n")
+    (project / "dvc.yaml").write_text(_DVC_YAML)
+    (project / ".gitignore").write_text("/metrics/\n")  # (not committed: a worktree of the commit evaluates)
+    _git(project, "init", "-q")
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=project, check=True)
+    env = {**__import__("os").environ, "PATH": f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}"}
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", "-q"], cwd=project, check=True, env=env,
+                   capture_output=True)
+    _git(project, "add", "-A")
+    _git(project, "commit", "-qm", "trained")
+    uri = f"sqlite:///{tmp_path}/store/mlruns.db"
+    (tmp_path / "store").mkdir()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("reproduce-test")
+    client = MlflowClient()
+    client.create_registered_model("m")
+    with mlflow.start_run() as run:
+        mlflow.set_tags({"task": "lm", "git.commit": git_state(project)["git.commit"], "git.dirty": "false",
+                         **dvc_lock_hashes(project / "dvc.lock"), "dvc.train:lm.models/lm": "previous.dir"})
+        mlflow.log_metric("eval/val_loss", 2.0)
+    client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id)
+    client.set_registered_model_alias("m", "champion", "1")
+    monkeypatch.chdir(project)
+    yield project, uri, run.info.run_id
+    mlflow.set_tracking_uri(None)
+
+
+
+def test_lineage_compares_the_workspace_on_disk(dvc_project, capsys):
+    """"matches" is decided from the files as they are (`dvc status` of the task's chain and git's
+    uncommitted changes), not from dvc.lock alone; what differs is named."""
+    project, uri, _ = dvc_project
+    main(["lineage", "m@champion", "--tracking-uri", uri])
+    assert "  workspace  matches this workspace\n" in capsys.readouterr().out
+    # what `dvc repro` itself rewrites (dvc.lock, the .gitignore files of its outputs) is no difference
+    (project / "dvc.lock").write_text((project / "dvc.lock").read_text() + "# rewritten\n")
+    (project / ".gitignore").write_text("/metrics/\n/other\n")
+    main(["lineage", "m@champion", "--tracking-uri", uri])
+    assert "  workspace  matches this workspace\n" in capsys.readouterr().out
+    (project / "params.yaml").write_text("seed: 1\ntasks:\n  lm:\n    optim: {lr: 0.5}\n    data: {n: 3}\n")
+    (project / "pipeline" / "code.py").write_text("x = 2\n")
+    import shutil
+
+    shutil.rmtree(project / "models" / "lm")
+    main(["lineage", "m@champion", "--tracking-uri", uri, "--json"])
+    ws = json.loads(capsys.readouterr().out)["workspace"]
+    assert ws["matches"] is False and ws["same_commit"] and ws["dirty_now"] == "true"
+    assert {"params tasks.lm.optim modified", "pipeline modified", "models/lm deleted"} <= set(ws["dvc_status"])
+    assert ws["dirty_files"] == ["params.yaml", "pipeline/code.py"]
+    main(["lineage", "m@champion", "--tracking-uri", uri])
+    shown = capsys.readouterr().out
+    assert "  workspace  differs from this workspace: uncommitted changes to 2 tracked files (params.yaml, " \
+           "pipeline/code.py); " in shown and "params tasks.lm.optim modified" in shown
+    assert "models/lm deleted" in shown and "matches this workspace" not in shown
+
+
+
+def test_a_deleted_run_is_noted_and_a_collected_one_is_one_line(dvc_project, capsys, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    _, uri, run_id = dvc_project
+    MlflowClient().delete_run(run_id)
+    main(["lineage", "m@1", "--tracking-uri", uri])
+    assert f"  run        {run_id} (" in (out := capsys.readouterr().out) and " (run deleted);" in out
+    _get_store()._hard_delete_run(run_id)  # what `mlflow gc` does
+    for cmd in ("lineage", "reproduce"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "m@1", "--tracking-uri", uri])
+        assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+            f"error: 'm@1' (m v1): its run {run_id} was deleted from the store {uri} (`mlflow gc`); its lineage "
+            "is gone with it"]
+
+
+
+def _venv_off_path(monkeypatch):
+    import os
+
+    venv = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv))
+
+
+
+def _worktrees(project: Path) -> list[str]:
+    return [line for line in _git(project, "worktree", "list", "--porcelain").splitlines()
+            if line.startswith("worktree ")]
+
+
+
+def test_reproduce_runs_stages_with_this_python_and_leaves_nothing_behind(dvc_project, tmp_path, monkeypatch):
+    """Without the venv on PATH (`.venv/bin/python -m pipeline reproduce`), the stages' `python` is
+    still this interpreter; the temporary worktree is gone afterwards."""
+    import tempfile
+
+    from pipeline.flows.reproduce import reproduce
+
+    project, _, _ = dvc_project
+    _venv_off_path(monkeypatch)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    rows, ok = reproduce("m@1", repo=project)
+    assert ok and [(r.metric, r.reproduced) for r in rows] == [("val_loss", 2.0)]
+    assert list((tmp_path / "tmp").iterdir()) == [] and len(_worktrees(project)) == 1
+
+
+
+def test_reproduce_failure_is_one_line_and_cleans_up(dvc_project, tmp_path, capsys, monkeypatch):
+    """A stage that fails: one line naming the worktree and where its output is; the temporary
+    worktree removed; one the user named (--workdir) kept, with how to remove it."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    project, uri, _ = dvc_project
+    (project / "stages" / "evaluate.py").write_text("raise SystemExit(3)\n")
+    _git(project, "commit", "-qam", "evaluate fails")
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        mlflow.set_tags({"task": "lm", "git.commit": git_state(project)["git.commit"], "git.dirty": "false"})
+        mlflow.log_metric("eval/val_loss", 2.0)
+    client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "m@2", "--tracking-uri", uri])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: reproducing m v2: `dvc repro evaluate@lm` failed "
+                                                    "(exit "), err
+    assert err[-1].endswith("; the failing stage's output is above; its worktree was removed")
+    assert list((tmp_path / "tmp").iterdir()) == [] and len(_worktrees(project)) == 1
+    kept = tmp_path / "kept"
+    with pytest.raises(SystemExit):
+        main(["reproduce", "m@2", "--tracking-uri", uri, "--workdir", str(kept)])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"the worktree stays at {kept} to look into; remove it with `git worktree remove --force {kept}`")
+    assert (kept / "dvc.yaml").is_file() and len(_worktrees(project)) == 2
+
+
+
+def test_reproduce_of_an_unknown_task_is_one_line(dvc_project, capsys):
+    from mlflow.tracking import MlflowClient
+
+    project, uri, _ = dvc_project
+    with mlflow.start_run() as run:
+        mlflow.set_tags({"task": "nope", "git.commit": git_state(project)["git.commit"], "git.dirty": "false"})
+    MlflowClient().create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id)
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "m@2", "--tracking-uri", uri])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"error: 'm@2': its run's task 'nope' is not a task of commit {git_state(project)['git.commit'][:10]} "
+        "(its params.yaml has lm); it cannot be reproduced"]
+    assert len(_worktrees(project)) == 1
