@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     for p in (lin, pro, rep):
         p.add_argument("--params", default="params.yaml", help="where the tracking URI comes from")
         p.add_argument("--tracking-uri", default=None, help="overrides the config's tracking.uri")
+        p.add_argument("--connect-timeout", type=float, default=None,
+                       help="seconds to wait for a tracking server (default: the config's tracking.connect_timeout_s)")
     _job_parsers(sub)
     sw = sub.add_parser("sweep", help="hyperparameter search with Ray Tune (Optuna + ASHA), every trial an MLflow run")
     sw.add_argument("task", help="task under `tasks:` (lm, diffusion); its shards must exist (dvc repro shard@<task>)")
@@ -159,9 +161,10 @@ def check_tasks(cfg: PipelineConfig, tasks: list[str] | None) -> None:
 
 def _plan_command(args: argparse.Namespace) -> None:
     """`pipeline plan`: the memory planner on the composed config (no GPU, no Ray)."""
+    from pipeline.config.elastic import worker_counts
     from pipeline.config.sizes import parse_size
     from pipeline.data.shard_format import MANIFEST, load_manifest
-    from pipeline.distributed.planner import format_plan, plan
+    from pipeline.distributed.planner import format_elastic, format_plan, plan
 
     if args.device_memory is not None:
         try:
@@ -181,7 +184,15 @@ def _plan_command(args: argparse.Namespace) -> None:
     p = plan(cfg, args.task, workers=args.workers, device_memory=args.device_memory, target=args.target,
              micro_batch=args.micro_batch, manifest=manifest)
     print(format_plan(p))
-    if p.fits is False:  # a script can tell: the planned micro-batch does not fit the device memory given
+    fits = p.fits is not False
+    counts = worker_counts(cfg)
+    if args.workers is None and args.micro_batch is None and len(counts) > 1:
+        # an elastic run may train on fewer workers (the train stage checks them all): show each count
+        others = [plan(cfg, args.task, workers=w, device_memory=args.device_memory, target=args.target,
+                       manifest=manifest, suggest=False) for w in counts]
+        print(format_elastic(others, cfg.cluster.num_workers))
+        fits = fits and all(q.fits is not False for q in others)
+    if not fits:  # a script can tell: the planned micro-batch does not fit the device memory given
         sys.exit(1)
 
 
@@ -195,14 +206,17 @@ def _registry_command(args: argparse.Namespace) -> None:
 
     if args.cmd == "promote":  # (before the store is asked anything)
         inspect.check_alias(args.alias)
+    if args.connect_timeout is not None and args.connect_timeout <= 0:
+        raise ValueError(f"--connect-timeout: must be positive (got {args.connect_timeout})")
     tracking = None if args.tracking_uri else load_config(args.params).tracking
     uri = args.tracking_uri or tracking_uri(tracking)
+    timeout = args.connect_timeout or (tracking.connect_timeout_s if tracking else None)
     store = sqlite_file(uri)
     if store is not None and not store.is_file():  # (MLflow would create an empty store to look in)
         raise FileNotFoundError(f"no tracking store at {uri}: nothing has been registered here yet (run `make repro` "
                                 "or `dvc repro` first, or pass --tracking-uri)")
     # a server that does not answer: one line in seconds, not MLflow's minutes of retries
-    inspect.check_store(uri, tracking.connect_timeout_s if tracking else None)
+    inspect.check_store(uri, timeout, "--connect-timeout" if args.connect_timeout else "tracking.connect_timeout_s")
     mlflow.set_tracking_uri(uri)
     if args.cmd == "promote":
         print(inspect.promote(args.ref, args.alias))

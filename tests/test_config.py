@@ -147,18 +147,50 @@ def test_a_boolean_where_a_number_belongs_is_refused(override):
         validate(compose(ROOT / "configs", [override]))
 
 
+@pytest.mark.parametrize("override", ["tasks.lm.optim.nesterov=1", "tasks.lm.export.onnx=0",
+                                      "tasks.lm.trainer.compile_loss='false'", "cluster.use_gpu=2"])
+def test_a_number_or_word_where_a_boolean_belongs_is_refused(override):
+    """pydantic's lax mode took `nesterov=1` as true and `onnx=0` or the string "off" as false:
+    a typo silently flipped a switch. Now one line names the key and the value."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}: expected true or false, not "):
+        validate(apply_overrides(tiny_raw(), [override]))
+    with pytest.raises(ConfigError, match=rf"^{key}: expected true or false, not "):  # as Hydra composes it
+        validate(compose(ROOT / "configs", [override]))
+
+
+def test_every_boolean_field_refuses_anything_but_a_boolean():
+    """Every boolean field of every config model takes true and false and refuses 1, 0 and words."""
+    from pydantic import ValidationError
+
+    import pipeline.config.schema as schema
+    from pipeline.config.schema.fields import _typed_fields
+
+    models = [m for m in vars(schema).values() if isinstance(m, type) and issubclass(m, schema.Strict)]
+    checked = 0
+    for model in models:
+        for name in _typed_fields(model)[2]:
+            for value in (1, 0, "true", "off"):
+                with pytest.raises(ValidationError) as err:
+                    model.model_validate({name: value})
+                assert [(e["loc"], e["type"]) for e in err.value.errors()] == [((name,), "number_for_bool")]
+            checked += 1
+    assert checked > 12 and {"nesterov", "compile_loss"} <= _typed_fields(schema.TrainerConfig)[2] | \
+        _typed_fields(schema.OptimConfig)[2]
+
+
 def test_every_number_field_refuses_a_boolean_and_keeps_its_numbers():
     """Generally, not per field: every number field of every config model (lists of numbers
     included) refuses true and false, boolean fields still take them, and numbers still pass."""
     from pydantic import ValidationError
 
     import pipeline.config.schema as schema
-    from pipeline.config.schema.fields import _number_fields
+    from pipeline.config.schema.fields import _typed_fields
 
     models = [m for m in vars(schema).values() if isinstance(m, type) and issubclass(m, schema.Strict)]
     checked = 0
     for model in models:
-        numbers, lists = _number_fields(model)
+        numbers, lists, _ = _typed_fields(model)
         for name in numbers:
             with pytest.raises(ValidationError) as err:
                 model.model_validate({name: True})
@@ -168,9 +200,9 @@ def test_every_number_field_refuses_a_boolean_and_keeps_its_numbers():
             with pytest.raises(ValidationError) as err:
                 model.model_validate({name: [2, False]})
             assert [(e["loc"], e["type"]) for e in err.value.errors()] == [((name, 1), "bool_for_number")]
-    assert checked > 80 and "lr" in _number_fields(schema.OptimConfig)[0]
-    assert "channel_mults" in _number_fields(schema.UNetConfig)[1]
-    assert "nesterov" not in _number_fields(schema.OptimConfig)[0]
+    assert checked > 80 and "lr" in _typed_fields(schema.OptimConfig)[0]
+    assert "channel_mults" in _typed_fields(schema.UNetConfig)[1]
+    assert "nesterov" not in _typed_fields(schema.OptimConfig)[0]
     legit = ["tasks.lm.optim.lr=1", "tasks.lm.optim.name=sgd", "tasks.lm.optim.nesterov=true", "seed=0",
              "cluster.device_memory=8GiB"]
     cfg = validate(apply_overrides(tiny_raw(), legit))

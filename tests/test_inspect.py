@@ -154,6 +154,24 @@ def test_a_tracking_server_that_does_not_answer_is_one_line(argv, tmp_path, caps
     assert err[-1].endswith("waited 1 s, tracking.connect_timeout_s)") and "no such" not in err[-1]
 
 
+def test_a_tracking_uri_given_on_the_command_line_waits_connect_timeout(capsys, monkeypatch):
+    """With --tracking-uri no config is read, so the wait was always the 20 s default; the flag
+    --connect-timeout sets it and the line names it."""
+    import time
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        main(["lineage", "m@1", "--tracking-uri", "http://127.0.0.1:1", "--connect-timeout", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and time.monotonic() - start < 10
+    assert err[-1].startswith("error: the MLflow tracking server at http://127.0.0.1:1 does not answer (")
+    assert err[-1].endswith("waited 1 s, --connect-timeout)")
+    with pytest.raises(SystemExit) as e:
+        main(["lineage", "m@1", "--tracking-uri", "http://127.0.0.1:1", "--connect-timeout", "0"])
+    assert capsys.readouterr().err.strip() == "error: --connect-timeout: must be positive (got 0.0)"
+
+
 
 def test_a_failing_store_is_named_not_blamed_on_the_version(registered):
     import sqlite3

@@ -117,6 +117,30 @@ def test_planner_check_fits_plans_every_elastic_worker_count():
         check_fits(validate(tiny_raw([*wide, f"cluster.device_memory={two}"])), "lm")
 
 
+def test_planner_cli_shows_every_elastic_worker_count(tmp_path, capsys):
+    """`pipeline plan` on an elastic config planned only cluster.num_workers, so it said "fits"
+    where the train stage (which plans every count) then refused: it now lists each count and
+    exits 1 when any does not fit."""
+    import yaml
+
+    from pipeline import cli
+    from pipeline.distributed.planner import plan
+
+    at1 = plan(validate(tiny_raw(SMALL)), "lm", workers=1, suggest=False).total
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_raw([*SMALL, "cluster.min_workers=1", f"cluster.device_memory={at1 - 1}"])))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plan", "lm", "--params", str(params)])
+    assert e.value.code == 1
+    out = capsys.readouterr().out
+    assert "memory plan: lm" in out and "2 workers" in out and "micro-batch 4 fits" in out  # num_workers fits
+    rows = out.split("elastic (cluster.min_workers..cluster.num_workers = 1..2), per rank:\n")[1].splitlines()
+    assert rows[0].split()[:4] == ["1", "worker", "micro-batch", "8"] and rows[0].endswith("does NOT fit")
+    assert rows[1].split()[:4] == ["2", "workers", "micro-batch", "4"] and rows[1].endswith("  fits")
+    cli.main(["plan", "lm", "--params", str(params), "--workers", "2"])  # one count asked for: that one only
+    assert "elastic" not in capsys.readouterr().out
+
+
 def test_planner_suggestion_starts_from_the_configured_accumulation():
     """`pipeline plan --micro-batch 100000` on a device where the configured micro-batch fits
     said "set grad_accum_steps=2" (one step more than configured, a smaller micro-batch than

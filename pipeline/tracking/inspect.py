@@ -17,10 +17,11 @@ from pipeline.tracking.lineage import dvc_lock_hashes, git_state
 from pipeline.tracking.mlflow_runs import TrackingUnavailable
 
 
-def check_store(uri: str, connect_timeout_s: float | None = None) -> None:
+def check_store(uri: str, connect_timeout_s: float | None = None, key: str = "tracking.connect_timeout_s") -> None:
     """Before any MLflow call: a tracking server that does not answer within `connect_timeout_s`
-    (default: tracking.connect_timeout_s's default) is one line naming it, not MLflow's minutes of
-    silent retries ending in a message that blames the version. Other stores need no check."""
+    (default: tracking.connect_timeout_s's default) is one line naming it and the setting `key`
+    that gave the wait, not MLflow's minutes of silent retries ending in a message that blames the
+    version. Other stores need no check."""
     from pipeline.config.schema import TrackingConfig
     from pipeline.tracking.mlflow_runs import check_reachable
 
@@ -31,7 +32,8 @@ def check_store(uri: str, connect_timeout_s: float | None = None) -> None:
     try:
         check_reachable(cfg, say=lambda *a, **k: print(*a, **{**k, "file": sys.stderr}))
     except TrackingUnavailable as e:
-        raise TrackingUnavailable(str(e).removesuffix("; nothing was trained")) from None
+        msg = str(e).removesuffix("; nothing was trained")
+        raise TrackingUnavailable(msg.replace(" s, tracking.connect_timeout_s)", f" s, {key})")) from None
     finally:
         if saved is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)

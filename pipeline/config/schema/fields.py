@@ -1,5 +1,6 @@
 """The config models' common ground: unknown keys refused, values frozen, booleans refused where
-a number belongs, and the constrained number types every section uses."""
+a number belongs (and anything but a boolean where one belongs), and the constrained number types every
+section uses."""
 
 from __future__ import annotations
 
@@ -32,24 +33,37 @@ def _numeric(options: list[Any]) -> bool:
     return bool not in options and any(t in (int, float) for t in options)
 
 
+def _boolean(options: list[Any]) -> bool:
+    """Only a boolean (or nothing) is among the options."""
+    return bool in options and all(t in (bool, type(None)) for t in options)
+
+
 @cache
-def _number_fields(model: type[BaseModel]) -> tuple[frozenset[str], frozenset[str]]:
-    """The fields of `model` that hold a number, and those that hold a list of numbers."""
-    numbers, lists = set(), set()
+def _typed_fields(model: type[BaseModel]) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """The fields of `model` that hold a number, those that hold a list of numbers, and those that
+    hold a boolean."""
+    numbers, lists, booleans = set(), set(), set()
     for name, info in model.model_fields.items():
         options = _options(info.annotation)
         if _numeric(options):
             numbers.add(name)
+        if _boolean(options):
+            booleans.add(name)
         items = [t for o in options if get_origin(o) in (list, tuple, set, frozenset)
                  for arg in get_args(o) if arg is not Ellipsis for t in _options(arg)]
         if _numeric(items):
             lists.add(name)
-    return frozenset(numbers), frozenset(lists)
+    return frozenset(numbers), frozenset(lists), frozenset(booleans)
 
 
 def _not_a_bool(loc: tuple[str | int, ...], value: bool) -> InitErrorDetails:
     return InitErrorDetails(type=PydanticCustomError("bool_for_number", "expected a number, not a boolean"),
                             loc=loc, input=value)
+
+
+def _not_a_number_for_bool(loc: tuple[str | int, ...], value: Any) -> InitErrorDetails:
+    return InitErrorDetails(type=PydanticCustomError("number_for_bool", "expected true or false, not {value!r}",
+                                                     {"value": value}), loc=loc, input=value)
 
 
 class Strict(BaseModel):
@@ -60,13 +74,17 @@ class Strict(BaseModel):
     def _no_bool_for_numbers(cls, data: Any) -> Any:
         """`lr: true` (or DVC's `-S key=true`, a Python bool from Hydra) is refused where a number
         belongs, naming the key, instead of becoming 1.0 (pydantic's lax mode takes a boolean for
-        a number). Every model's every number field, lists of numbers included."""
+        a number). Every model's every number field, lists of numbers included. The other way round
+        too: `nesterov=1` or `onnx: "no"` where a boolean belongs is refused (lax mode takes 1, 0 and
+        strings such as "off"), since a typo there silently flips a switch."""
         if not isinstance(data, dict):
             return data
-        numbers, lists = _number_fields(cls)
+        numbers, lists, booleans = _typed_fields(cls)
         bad = [_not_a_bool((k,), v) for k, v in data.items() if k in numbers and isinstance(v, bool)]
         bad += [_not_a_bool((k, i), x) for k, v in data.items() if k in lists and isinstance(v, list | tuple)
                 for i, x in enumerate(v) if isinstance(x, bool)]
+        bad += [_not_a_number_for_bool((k,), v) for k, v in data.items()
+                if k in booleans and v is not None and not isinstance(v, bool)]
         if bad:
             raise ValidationError.from_exception_data(cls.__name__, bad)
         return data

@@ -51,3 +51,15 @@ def format_plan(p: MemoryPlan) -> str:
             lines.append(p.suggestion)
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
+
+
+def format_elastic(plans: list[MemoryPlan], configured: int) -> str:
+    """An elastic run's other worker counts, one line each: the global batch is kept, so at fewer
+    workers each rank's micro-batch (and a sharded strategy's shard) grows. `configured` is
+    `cluster.num_workers`, the count the full plan above describes."""
+    lines = [f"elastic (cluster.min_workers..cluster.num_workers = {plans[0].workers}..{configured}), per rank:"]
+    for p in plans:
+        verdict = "" if p.fits is None else ("  fits" if p.fits else "  does NOT fit")
+        lines.append(f"  {p.workers:>3} worker{'s' if p.workers > 1 else ' '}  micro-batch {p.micro_batch:<5} "
+                     f"{format_size(p.total):>12}{verdict}")
+    return "\n".join(lines)
