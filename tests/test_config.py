@@ -207,3 +207,36 @@ def test_every_number_field_refuses_a_boolean_and_keeps_its_numbers():
              "cluster.device_memory=8GiB"]
     cfg = validate(apply_overrides(tiny_raw(), legit))
     assert (cfg.tasks["lm"].optim.lr, cfg.tasks["lm"].optim.nesterov, cfg.seed) == (1.0, True, 0)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["tasks.diffusion.model.diffusion.schedule=linear", "tasks.diffusion.model.diffusion.timesteps=20"],
+     "tasks.diffusion.model.diffusion: timesteps: the linear schedule needs more than 20"),
+    (["tasks.diffusion.model.diffusion.cond_drop_prob=0.0", "tasks.diffusion.model.diffusion.guidance_scale=3.0"],
+     "tasks.diffusion.model.diffusion: guidance_scale: classifier-free guidance mixes in the unconditional"),
+    (["tasks.diffusion.model.d_model=33", "tasks.diffusion.model.n_heads=3"],
+     r"tasks.diffusion.model.*: d_model \(33\) must be even"),
+    (["tasks.diffusion.data.image_size=10", "tasks.diffusion.model.patch_size=4"],
+     "tasks.diffusion: data.image_size 10 is not divisible by model.patch_size 4"),
+    (["model@tasks.diffusion.model=unet_tiny", "tasks.diffusion.model.base_channels=4"],
+     r"base_channels \(4\) must be a multiple of 8"),
+    (["model@tasks.diffusion.model=unet_tiny", "tasks.diffusion.model.channel_mults=[1,2,2,2,2]"],
+     r"tasks.diffusion: data.image_size 8 is not divisible by 2\^4 \(the U-Net halves it"),
+])
+def test_diffusion_configs_that_cannot_train_are_refused_before_any_worker(overrides, message):
+    """Each of these validated and then failed in the workers (a matmul shape, GroupNorm's groups,
+    the patch grid) or trained on nothing (a linear schedule whose last beta reaches 1 makes every
+    step non-finite; guidance without label dropout mixes in an untrained unconditional branch)."""
+    with pytest.raises(ConfigError, match=message) as err:
+        validate(compose(ROOT / "configs", ["model@tasks.diffusion.model=dit_tiny", *overrides]))
+    assert "\n" not in str(err.value)
+
+
+def test_diffusion_configs_at_the_edges_still_validate():
+    ok = [["tasks.diffusion.model.diffusion.schedule=linear", "tasks.diffusion.model.diffusion.timesteps=21"],
+          ["tasks.diffusion.model.diffusion.cond_drop_prob=0.0", "tasks.diffusion.model.diffusion.guidance_scale=0"],
+          ["tasks.diffusion.data.image_size=12", "tasks.diffusion.model.patch_size=4"],
+          ["model@tasks.diffusion.model=unet_tiny", "tasks.diffusion.model.base_channels=16",
+           "tasks.diffusion.model.channel_mults=[1,2,2,2]"]]
+    for overrides in ok:
+        validate(compose(ROOT / "configs", ["model@tasks.diffusion.model=dit_tiny", *overrides]))

@@ -70,7 +70,11 @@ def _nan_images() -> np.ndarray:
     ({"images": np.zeros((0, 8, 8)), "labels": np.zeros(0, dtype=np.int64)}, "'images' must be a non-empty"),
     ({"labels": np.arange(19) % 4}, "'labels' must hold one class id per image"),
     ({"labels": np.array(["cat"] * 20)}, "'labels' must be integer class ids"),
-], ids=["nan-pixels", "float-labels", "negative-label", "huge-label", "empty", "label-count", "string-labels"])
+    ({"images": np.zeros((20, 8, 8, 3))}, r"'images' is N x C x H x W with C = 1 \(grey\), 3 \(RGB\) or 4 \(RGBA\) "
+                                          r"channels; got shape \(20, 8, 8, 3\) \(channels last\? transpose it"),
+    ({"images": np.zeros((20, 5, 8, 8))}, r"'images' is N x C x H x W .*got shape \(20, 5, 8, 8\)$"),
+], ids=["nan-pixels", "float-labels", "negative-label", "huge-label", "empty", "label-count", "string-labels",
+        "channels-last", "five-channels"])
 def test_damaged_npz_values_are_refused_naming_the_file(tmp_path, arrays, expected):
     src = _npz(tmp_path, **arrays)
     with pytest.raises(DataSourceError, match=rf"^{src}: {expected}") as err:

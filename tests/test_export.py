@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -104,6 +105,42 @@ def test_pyfunc_round_trip(built_data, tmp_path, mlflow_store, task):
         assert list(out.columns) == ["completion"] and len(out) == 2
     else:
         assert out.shape == (2, 64) and abs(out).max() <= 1.0 + 1e-5
+
+
+def test_served_diffusion_model_samples_as_evaluation_scored_and_names_bad_requests(built_data, tmp_path):
+    """The served model sampled with 25 steps whatever the config, while evaluation (and the
+    registry's metric) scored model.diffusion.sample_steps: its defaults are now the evaluated
+    sampler, which sample_grid's images equal; labels outside the classes, an empty request and
+    a step count beyond the timesteps are one line each."""
+    import pandas as pd
+
+    from pipeline.config.schema import EvalConfig
+    from pipeline.evaluation.diffusion import sample_grid
+    from pipeline.export.pyfunc import PipelineModel
+
+    d, _ = _model_dir(tmp_path, built_data, "diffusion")
+    served = PipelineModel()
+    served.load(d)
+    with torch.no_grad():  # off adaLN-Zero's zero output, so the step count shows in the samples
+        for p in served.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert served.model.cfg.diffusion.sample_steps not in (25, None)
+    labels, images = sample_grid(served.model, EvalConfig(sample_rows=2, sample_cols=2), seed=0)
+    got = served.predict(None, pd.DataFrame({"label": labels}), {"seed": 0})
+    assert np.array_equal(got, images.flatten(1).numpy())
+    fewer = served.predict(None, pd.DataFrame({"label": labels}), {"seed": 0, "steps": 2})
+    assert not np.allclose(fewer, got)
+    classes, timesteps = served.model.num_classes, served.model.cfg.diffusion.timesteps
+    for frame, params, message in [
+        (pd.DataFrame({"label": [0, classes]}), {}, rf"^label: class ids are integers 0\.\.{classes - 1}"),
+        (pd.DataFrame({"label": [-1]}), {}, "^label: class ids are integers"),
+        (pd.DataFrame({"label": [0.5]}), {}, "^label: class ids are integers"),
+        (pd.DataFrame({"label": pd.Series([], dtype="int64")}), {}, "^label: the request has no rows"),
+        (pd.DataFrame({"label": [0]}), {"steps": timesteps + 1}, rf"^steps: between 1 and the model's {timesteps}"),
+        (pd.DataFrame({"label": [0]}), {"eta": 2.0}, r"^eta is in \[0, 1\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            served.predict(None, frame, params)
 
 
 def test_champion_moves_only_when_better(built_data, tmp_path, mlflow_store):

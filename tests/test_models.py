@@ -83,7 +83,8 @@ def test_dit_shapes_and_deterministic_ddim():
 def test_diffusion_loss_weights_examples():
     """Unit weights give the plain loss; weighting one example scales its share of the loss."""
     torch.manual_seed(0)
-    cfg = DiTConfig(d_model=32, depth=2, n_heads=2, diffusion=DiffusionProcessConfig(cond_drop_prob=0.0))
+    process = DiffusionProcessConfig(cond_drop_prob=0.0, guidance_scale=0.0)
+    cfg = DiTConfig(d_model=32, depth=2, n_heads=2, diffusion=process)
     model = DiT(cfg, (1, 8, 8), num_classes=10)
     p = GaussianDiffusion(cfg.diffusion)
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
@@ -169,21 +170,21 @@ def test_attention_matches_explicit_softmax():
 def test_ddim_with_every_step_and_eta_1_is_ddpm_ancestral_sampling():
     """DDIM(eta=1) over all T steps must equal DDPM's posterior sampling, step for step."""
     torch.manual_seed(0)
-    cfg = DiffusionProcessConfig(timesteps=20, schedule="linear", sample_eta=1.0, guidance_scale=0.0)
+    cfg = DiffusionProcessConfig(timesteps=25, schedule="linear", sample_eta=1.0, guidance_scale=0.0)
     model = DiT(DiTConfig(d_model=32, depth=1, n_heads=2, diffusion=cfg), (1, 4, 4), num_classes=3).eval()
     with torch.no_grad():  # adaLN-Zero starts as identity; perturb so the denoiser does something
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     labels = torch.tensor([0, 2])
     p = GaussianDiffusion(cfg)
-    got = p.sample(model, labels, (1, 4, 4), 3, steps=20, generator=torch.Generator().manual_seed(5))
+    got = p.sample(model, labels, (1, 4, 4), 3, steps=25, generator=torch.Generator().manual_seed(5))
 
-    betas = torch.linspace(1e-4 * 50, 0.02 * 50, 20, dtype=torch.float64).float()
+    betas = torch.linspace(1e-4 * 40, 0.02 * 40, 25, dtype=torch.float64).float()
     ab = torch.cumprod(1 - betas, 0)
     g = torch.Generator().manual_seed(5)
     x = torch.randn((2, 1, 4, 4), generator=g)
     with torch.no_grad():
-        for t in range(19, -1, -1):
+        for t in range(24, -1, -1):
             eps = model(x, torch.full((2,), t), labels)
             x0 = ((x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()).clamp(-1, 1)
             ab_prev = ab[t - 1] if t > 0 else torch.tensor(1.0)

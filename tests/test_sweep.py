@@ -91,6 +91,25 @@ def test_range_on_an_integer_key_is_refused_up_front(kind):
         {**SPACE, "space": {"tasks.lm.optim.lr": {kind: [1e-4, 1e-3]}}}))
 
 
+def test_randint_draws_integers_with_both_ends_included():
+    """randint is the integer range: accepted on an integer key, both ends validated up front,
+    both ends drawn (Tune's own randint excludes its high end), fractional bounds refused."""
+    from ray import tune
+
+    dim = {"randint": [2, 4]}
+    sweep = SweepConfig.model_validate({**SPACE, "space": {"tasks.lm.optim.warmup_steps": dim}})
+    check_space(tiny_raw(), "lm", sweep)
+    domain = sweep.space["tasks.lm.optim.warmup_steps"].tune()
+    assert isinstance(domain, tune.search.sample.Integer)
+    assert {domain.sample() for _ in range(300)} == {2, 3, 4}
+    bad = SweepConfig.model_validate({**SPACE, "space": {"tasks.lm.model.d_model": {"randint": [64, 66]}}})
+    with pytest.raises(ConfigError, match=r"^space.tasks.lm.model.d_model=66: "):  # 66 over 2 heads x rotary
+        check_space(tiny_raw(), "lm", bad)
+    for bounds in ([1.5, 4], [4, 2], [True, 3]):
+        with pytest.raises(ValueError):
+            SweepConfig.model_validate({**SPACE, "space": {"tasks.lm.optim.warmup_steps": {"randint": bounds}}})
+
+
 def test_invalid_choice_combination_is_named_up_front():
     """72 divides by 2 heads and 64 by 16, so each value passes alone; 72 with 16 heads does not."""
     space = {"tasks.lm.model.d_model": {"choice": [64, 72]}, "tasks.lm.model.n_heads": {"choice": [2, 16]}}
@@ -293,3 +312,14 @@ def test_interrupted_sweep_records_no_best_and_resumes(tmp_path):
     (resumed,), trials = _runs(project)  # no second parent run
     assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
     assert "best_val_loss" in resumed.data.metrics
+    command = again.stdout.split("train it through the pipeline:\n")[1].splitlines()[0]
+
+    third = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=900)  # finished
+    assert third.returncode == 0, (third.stdout + third.stderr)[-5000:]
+    assert f"this sweep finished before (MLflow parent run {parent.info.run_id}): reporting its result" in third.stdout
+    assert third.stdout.split("train it through the pipeline:\n")[1].splitlines()[0] == command
+    (same,), after = _runs(project)  # nothing trained again: no new parent, no new trial runs
+    assert same.info.run_id == parent.info.run_id and same.info.status == "FINISHED"
+    assert sorted(t.info.run_id for t in after[same.info.run_id]) == sorted(t.info.run_id for t in trials[
+        parent.info.run_id])
+    assert same.data.metrics["best_val_loss"] == resumed.data.metrics["best_val_loss"]

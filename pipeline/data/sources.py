@@ -372,6 +372,10 @@ def _read_npz(fs, path: str, source: str) -> tuple[np.ndarray, np.ndarray]:
     if images.dtype.kind not in "biuf" or images.ndim not in (3, 4) or images.size == 0:
         raise DataSourceError(f"{source}: 'images' must be a non-empty N x H x W or N x C x H x W array of numbers "
                               f"(got shape {images.shape}, dtype {images.dtype})")
+    if images.ndim == 4 and images.shape[1] not in (1, 3, 4):  # (the sample grid and PNGs know these)
+        hint = " (channels last? transpose it to N x C x H x W)" if images.shape[-1] in (1, 3, 4) else ""
+        raise DataSourceError(f"{source}: 'images' is N x C x H x W with C = 1 (grey), 3 (RGB) or 4 (RGBA) channels; "
+                              f"got shape {images.shape}{hint}")
     if images.dtype.kind == "f":
         finite = np.isfinite(images.reshape(len(images), -1)).all(axis=1)
         if not finite.all():

@@ -3,7 +3,8 @@
 Inputs and outputs are plain tables so `mlflow models serve` answers JSON:
 - language model: column `prompt` (text) -> column `completion` (params: max_new_tokens, temperature
   (0 = greedy), top_k (0 = off), seed);
-- diffusion: column `label` (class id) -> one row of C*H*W pixel values in [-1, 1] per label.
+- diffusion: column `label` (class id) -> one row of C*H*W pixel values in [-1, 1] per label
+  (params: steps, eta, guidance, seed; defaults: the sampler evaluation scored).
 """
 
 from __future__ import annotations
@@ -56,12 +57,32 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
             return pd.DataFrame({"completion": out})
         from pipeline.models.diffusion import GaussianDiffusion
 
-        labels = torch.tensor(model_input["label"].to_numpy(), dtype=torch.long)
+        sampler = sampler_defaults(self.model.cfg.diffusion)
+        steps, eta, guidance = (int(params.get("steps", sampler["steps"])), float(params.get("eta", sampler["eta"])),
+                                float(params.get("guidance", sampler["guidance"])))
+        timesteps, classes = self.model.cfg.diffusion.timesteps, self.model.num_classes
+        labels = model_input["label"].to_numpy()
+        # a bad request is one line naming it (an IndexError from the embedding, or the label
+        # num_classes silently sampling unconditionally, otherwise)
+        if len(labels) == 0:
+            raise ValueError("label: the request has no rows (one class id per image wanted)")
+        if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= classes:
+            raise ValueError(f"label: class ids are integers 0..{classes - 1} (got {labels.tolist()[:10]})")
+        if not 1 <= steps <= timesteps:
+            raise ValueError(f"steps: between 1 and the model's {timesteps} diffusion timesteps (got {steps})")
+        if not 0 <= eta <= 1 or guidance < 0:
+            raise ValueError(f"eta is in [0, 1] and guidance at least 0 (got eta {eta}, guidance {guidance})")
         process = GaussianDiffusion(self.model.cfg.diffusion)
-        images = process.sample(self.model, labels, tuple(self.model.image_shape), self.model.num_classes,
-                                steps=int(params.get("steps", 25)),
+        images = process.sample(self.model, torch.from_numpy(labels.astype(np.int64)), tuple(self.model.image_shape),
+                                classes, steps=steps, eta=eta, guidance=guidance,
                                 generator=torch.Generator().manual_seed(int(params.get("seed", 0))))
         return images.flatten(1).numpy().astype(np.float32)
+
+
+def sampler_defaults(cfg: Any) -> dict[str, Any]:
+    """The served model's sampler when a request names none: the one evaluation scored (its
+    samples and metrics), so `models:/...@champion` serves what was measured."""
+    return {"steps": cfg.sample_steps, "eta": cfg.sample_eta, "guidance": cfg.guidance_scale}
 
 
 GENERATION = "generation.json"  # in the export folder: {"eos_token": ...}, from the shards' manifest
@@ -143,10 +164,10 @@ def log_pyfunc(model_dir: Path, spec: dict[str, Any]):
     import pipeline
 
     example = example_input(spec)
-    params = ({"max_new_tokens": 32, "min_new_tokens": 1, "temperature": 0.0, "top_k": 0, "seed": 0}
-              if spec["task"] == "lm" else {"steps": 25, "seed": 0})
     output = PipelineModel()
     output.load(model_dir, verify=False)  # (the export stage has just recorded the folder)
+    params = ({"max_new_tokens": 32, "min_new_tokens": 1, "temperature": 0.0, "top_k": 0, "seed": 0}
+              if spec["task"] == "lm" else {**sampler_defaults(output.model.cfg.diffusion), "seed": 0})
     signature = mlflow.models.infer_signature(example, output.predict(None, example, params), params)
     with pyfunc_staging(model_dir.parent) as staging:
         return mlflow.pyfunc.log_model(

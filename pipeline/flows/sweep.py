@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import PositiveInt, ValidationError, model_validator
+from pydantic import PositiveInt, StrictInt, ValidationError, model_validator
 
 from pipeline.config import ConfigError, validate
 from pipeline.config.loading import _format_validation_error, apply_overrides, read_yaml
@@ -36,18 +36,20 @@ ONE_WORKER = {"cluster.num_workers": 1, "cluster.min_workers": None, "parallel.t
 
 
 class Dimension(Strict):
-    """One searched key: exactly one of loguniform, uniform (bounds) or choice (values)."""
+    """One searched key: exactly one of loguniform, uniform (bounds), randint (integer bounds, both
+    included) or choice (values)."""
 
     loguniform: tuple[float, float] | None = None
     uniform: tuple[float, float] | None = None
+    randint: tuple[StrictInt, StrictInt] | None = None
     choice: list[Any] | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> Dimension:
-        kinds = [k for k in ("loguniform", "uniform", "choice") if getattr(self, k) is not None]
+        kinds = [k for k in ("loguniform", "uniform", "randint", "choice") if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise ValueError("give exactly one of loguniform, uniform, choice")
-        bounds = self.loguniform or self.uniform
+            raise ValueError("give exactly one of loguniform, uniform, randint, choice")
+        bounds = self.loguniform or self.uniform or self.randint
         if bounds and not bounds[0] < bounds[1]:
             raise ValueError(f"low {bounds[0]} must be below high {bounds[1]}")
         if self.loguniform and self.loguniform[0] <= 0:
@@ -58,13 +60,15 @@ class Dimension(Strict):
 
     def corners(self) -> list[Any]:
         """Values that together exercise the whole range, for validating the space up front."""
-        return list(self.choice) if self.choice is not None else list(self.loguniform or self.uniform)
+        return list(self.choice) if self.choice is not None else list(self.loguniform or self.uniform or self.randint)
 
     def tune(self):
         from ray import tune
 
         if self.choice is not None:
             return tune.choice(self.choice)
+        if self.randint is not None:
+            return tune.randint(self.randint[0], self.randint[1] + 1)  # (Tune's high is excluded)
         return tune.loguniform(*self.loguniform) if self.loguniform else tune.uniform(*self.uniform)
 
 
@@ -126,10 +130,10 @@ def check_space(base: dict[str, Any], task: str, sweep: SweepConfig) -> None:
                 cfg = validate(trial_config(base, task, sweep, {key: value}))
             except ConfigError as e:
                 raise ConfigError(f"space.{key}={value}: {e}") from e
-            if dim.choice is None and _is_int(_lookup(cfg.model_dump(), key)):
+            if dim.choice is None and dim.randint is None and _is_int(_lookup(cfg.model_dump(), key)):
                 kind = "uniform" if dim.uniform else "loguniform"
                 raise ConfigError(f"space.{key}: {kind} draws fractional values but {key} is an integer; "
-                                  f"list the values instead, e.g. choice: [{int(value)}, ...]")
+                                  f"use randint: [low, high] or list the values, e.g. choice: [{int(value)}, ...]")
     choices = {k: d.choice for k, d in sweep.space.items() if d.choice is not None}
     if len(choices) > 1 and math.prod(len(v) for v in choices.values()) <= MAX_CHECKED_COMBINATIONS:
         for combo in itertools.product(*choices.values()):
@@ -213,12 +217,12 @@ def _error_line(err: BaseException | None) -> str:
     return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
 
 
-def _parent_to_resume(client: Any, exp_id: str, name: str) -> str | None:
-    """The parent run of an earlier, unfinished try of this very sweep (same name: same base
-    config, space and seed), None if there is none."""
+def _parent_to_resume(client: Any, exp_id: str, name: str) -> Any | None:
+    """The parent run of an earlier try of this very sweep (same name: same base config, space
+    and seed), None if there is none."""
     runs = client.search_runs([exp_id], f"attributes.run_name = '{name}' AND tags.sweep = '{name}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
+    return runs[0] if runs else None
 
 
 def _end_unfinished_trials(client: Any, exp_id: str, parent_id: str) -> int:
@@ -237,7 +241,6 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     import mlflow
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
-    from ray.tune.experiment import Trial
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
@@ -264,7 +267,8 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     client = mlflow.MlflowClient()
     name = f"sweep-{task}-{config_digest({'base': base, 'sweep': sweep.model_dump(), 'seed': seed})}"
     path = f"{tune_storage(cfg)}/{name}"
-    resume_id = _parent_to_resume(client, exp_id, name) if tune.Tuner.can_restore(path) else None
+    earlier = _parent_to_resume(client, exp_id, name) if tune.Tuner.can_restore(path) else None
+    resume_id = earlier.info.run_id if earlier is not None else None
     if resume_id is not None:
         parent = mlflow.start_run(run_id=resume_id)
     else:
@@ -276,6 +280,9 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     status = "FAILED"
     try:
         where = connect(cfg.cluster)
+        if earlier is not None and earlier.info.status == "FINISHED":  # Tune runs nothing again: its stored results
+            print(f"[sweep {task}] this sweep finished before (MLflow parent run {resume_id}): reporting its result "
+                  f"from {path}; change --seed, --trials or the space for a new one", flush=True)
         print(f"[sweep {task}] {'resuming ' if resume_id else ''}{sweep.num_samples} trials on {where}, one worker "
               f"each; Optuna TPE + ASHA (grace {sweep.grace_period}, factor {sweep.reduction_factor}, max "
               f"{sweep.max_steps} steps); MLflow parent run {parent_id}", flush=True)
@@ -303,14 +310,13 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
                         tags={"mlflow.parentRunId": parent_id, "sweep": name})]),
             )
         try:
-            results = tuner.fit()
-            trials = list(results._experiment_analysis.trials)  # (ResultGrid keeps them in this order)
+            results = list(tuner.fit())  # one Result per trial: its last metrics, config and error
         except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune's own handler was in place
-            results, trials = [], []
-        # after a Ctrl-C Tune returns with the running trials stopped (TERMINATED, but without the
+            results = []
+        # after a Ctrl-C Tune returns with the running trials stopped (no error, but without the
         # `done` that a trial's end or ASHA's stop decision marks its last result with)
-        finished = [t for t in trials if t.status == Trial.ERROR
-                    or (t.status == Trial.TERMINATED and (t.last_result or {}).get("done"))]
+        failed = [r for r in results if r.error is not None]
+        finished = failed + [r for r in results if r.error is None and (r.metrics or {}).get("done")]
         if len(finished) < sweep.num_samples:
             status = "KILLED"
             killed = _end_unfinished_trials(client, exp_id, parent_id)
@@ -318,24 +324,23 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
                   f"recorded ({killed} unfinished trial runs ended as KILLED); run the same command again to "
                   f"resume from {path}", file=sys.stderr, flush=True)
             raise SystemExit(130)
-        failed = [(t, r) for t, r in zip(trials, results, strict=True) if t.status == Trial.ERROR]
-        first_error = _error_line(failed[0][1].error) if failed else None
-        done = [t for t in finished if t.status == Trial.TERMINATED and "val_loss" in (t.last_result or {})]
+        first_error = _error_line(failed[0].error) if failed else None
+        done = [r for r in finished if r.error is None and "val_loss" in r.metrics]
         if not done:
-            raise ConfigError(f"every trial failed ({len(failed)} of {len(trials)}); the first: {first_error}")
+            raise ConfigError(f"every trial failed ({len(failed)} of {len(results)}); the first: {first_error}")
         if failed:
             mlflow.set_tag("failed_trials", f"{len(failed)}; the first: {first_error}"[:5000])
-            print(f"[sweep {task}] {len(failed)} of {len(trials)} trials failed; the first: {first_error}",
+            print(f"[sweep {task}] {len(failed)} of {len(results)} trials failed; the first: {first_error}",
                   flush=True)
-        best = min(done, key=lambda t: t.last_result["val_loss"])
+        best = min(done, key=lambda r: r.metrics["val_loss"])
         point = {k: best.config[k] for k in sweep.space}
-        stopped = sum(1 for t in done if t.last_result.get("step", sweep.max_steps) < sweep.max_steps)
+        stopped = sum(1 for r in done if r.metrics.get("step", sweep.max_steps) < sweep.max_steps)
         command = dvc_command(point)
-        best_loss = float(best.last_result["val_loss"])
+        best_loss = float(best.metrics["val_loss"])
         mlflow.log_metric("best_val_loss", best_loss)
         mlflow.set_tag("best_command", command)
         status = "FINISHED"
-        return SweepResult(point, best_loss, len(trials), stopped, parent_id, command, len(failed), first_error)
+        return SweepResult(point, best_loss, len(results), stopped, parent_id, command, len(failed), first_error)
     except KeyboardInterrupt:
         status = "KILLED"
         _end_unfinished_trials(client, exp_id, parent_id)

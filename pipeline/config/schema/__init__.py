@@ -59,6 +59,14 @@ class TaskConfig(Strict):
         pairs = {"text": ("gpt",), "images": ("dit", "unet")}
         if self.model.kind not in pairs[self.data.kind]:
             raise ValueError(f"model kind '{self.model.kind}' cannot train on {self.data.kind} data")
+        if self.data.kind == "images":  # (every image source is resized to data.image_size)
+            size = self.data.image_size
+            if self.model.kind == "dit" and size % self.model.patch_size:
+                raise ValueError(f"data.image_size {size} is not divisible by model.patch_size "
+                                 f"{self.model.patch_size}")
+            if self.model.kind == "unet" and size % 2 ** (len(self.model.channel_mults) - 1):
+                raise ValueError(f"data.image_size {size} is not divisible by 2^{len(self.model.channel_mults) - 1} "
+                                 f"(the U-Net halves it at each of model.channel_mults' levels after the first)")
         if self.export.quantize_int8 and self.data.kind != "text":
             raise ValueError("export.quantize_int8 is for the language model (text data) only")
         if getattr(self.model, "init_from", None) and self.trainer.init_from:

@@ -77,6 +77,19 @@ class DiffusionProcessConfig(Strict):
     guidance_scale: NonNegFloat = 1.0
     cond_drop_prob: Fraction = 0.1
 
+    @model_validator(mode="after")
+    def _trainable(self) -> DiffusionProcessConfig:
+        if self.schedule == "linear" and 0.02 * 1000 / self.timesteps >= 1:
+            # (DDPM's betas 1e-4..0.02, scaled by 1000/timesteps to keep the same noise level at the end)
+            raise ValueError(f"timesteps: the linear schedule needs more than 20 (its largest beta, "
+                             f"0.02 x 1000/{self.timesteps}, is not below 1: every image is pure noise and the "
+                             "loss is not finite); raise timesteps or use schedule: cosine")
+        if self.guidance_scale > 0 and self.cond_drop_prob == 0:
+            raise ValueError("guidance_scale: classifier-free guidance mixes in the unconditional prediction, which "
+                             "only cond_drop_prob > 0 trains (the null class never sees a gradient at 0); set "
+                             "cond_drop_prob (0.1 is usual) or guidance_scale: 0")
+        return self
+
 
 class DiTConfig(Strict):
     """Diffusion Transformer with adaLN-Zero conditioning on timestep and class."""
@@ -94,6 +107,8 @@ class DiTConfig(Strict):
     def _heads_divide(self) -> DiTConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.d_model % 2:  # the sinusoidal timestep embedding has d_model // 2 frequencies, sin and cos
+            raise ValueError(f"d_model ({self.d_model}) must be even (the timestep embedding's sin/cos halves)")
         return self
 
 
@@ -110,7 +125,7 @@ class UNetConfig(Strict):
 
     @model_validator(mode="after")
     def _groups_divide(self) -> UNetConfig:
-        if self.base_channels % min(8, self.base_channels):
+        if self.base_channels % 8:  # every level's width then divides into GroupNorm's 8 groups
             raise ValueError(f"base_channels ({self.base_channels}) must be a multiple of 8 (group norm)")
         if not self.channel_mults:
             raise ValueError("channel_mults needs at least one level")
