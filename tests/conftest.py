@@ -23,7 +23,7 @@ TINY = [
     "tasks.diffusion.trainer.log_every=2", "tasks.diffusion.trainer.ckpt_every=3",
     "tasks.diffusion.optim.warmup_steps=2", "tasks.diffusion.eval.max_batches=1",
     "tasks.diffusion.eval.batch_size=16", "tasks.diffusion.eval.sample_cols=2",
-    "tasks.diffusion.model.diffusion.sample_steps=4",
+    "tasks.diffusion.eval.sample_steps=4",
 ]
 TINY_GROUPS = ["model@tasks.lm.model=gpt_tiny", "model@tasks.diffusion.model=dit_tiny"]
 

@@ -212,8 +212,11 @@ def test_every_number_field_refuses_a_boolean_and_keeps_its_numbers():
 @pytest.mark.parametrize(("overrides", "message"), [
     (["tasks.diffusion.model.diffusion.schedule=linear", "tasks.diffusion.model.diffusion.timesteps=20"],
      "tasks.diffusion.model.diffusion: timesteps: the linear schedule needs more than 20"),
-    (["tasks.diffusion.model.diffusion.cond_drop_prob=0.0", "tasks.diffusion.model.diffusion.guidance_scale=3.0"],
-     "tasks.diffusion.model.diffusion: guidance_scale: classifier-free guidance mixes in the unconditional"),
+    (["tasks.diffusion.model.diffusion.cond_drop_prob=0.0", "tasks.diffusion.eval.guidance_scale=3.0"],
+     "tasks.diffusion: eval.guidance_scale: classifier-free guidance mixes in the unconditional"),
+    (["+tasks.diffusion.model.diffusion.sample_steps=10"],
+     "tasks.diffusion.model.diffusion: sample_steps: the sampler's settings moved to the task's eval section "
+     r"\(eval.sample_steps\)"),
     (["tasks.diffusion.model.d_model=33", "tasks.diffusion.model.n_heads=3"],
      r"tasks.diffusion.model.*: d_model \(33\) must be even"),
     (["tasks.diffusion.data.image_size=10", "tasks.diffusion.model.patch_size=4"],
@@ -234,7 +237,7 @@ def test_diffusion_configs_that_cannot_train_are_refused_before_any_worker(overr
 
 def test_diffusion_configs_at_the_edges_still_validate():
     ok = [["tasks.diffusion.model.diffusion.schedule=linear", "tasks.diffusion.model.diffusion.timesteps=21"],
-          ["tasks.diffusion.model.diffusion.cond_drop_prob=0.0", "tasks.diffusion.model.diffusion.guidance_scale=0"],
+          ["tasks.diffusion.model.diffusion.cond_drop_prob=0.0", "tasks.diffusion.eval.guidance_scale=0"],
           ["tasks.diffusion.data.image_size=12", "tasks.diffusion.model.patch_size=4"],
           ["model@tasks.diffusion.model=unet_tiny", "tasks.diffusion.model.base_channels=16",
            "tasks.diffusion.model.channel_mults=[1,2,2,2]"]]

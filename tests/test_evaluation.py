@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.config.schema import DiffusionProcessConfig, DiTConfig, EvalConfig
+from pipeline.config.schema import DiTConfig, EvalConfig
 from pipeline.evaluation.classifier import frechet_distance
 from pipeline.evaluation.diffusion import score_with_classifier
 from pipeline.models.dit import DiT
@@ -22,9 +22,9 @@ def test_frechet_distance_of_shifted_gaussians():
 def test_classifier_scores_untrained_samples_as_chance(built_data):
     _, shards = built_data
     torch.manual_seed(0)
-    model = DiT(DiTConfig(d_model=32, depth=1, n_heads=2, diffusion=DiffusionProcessConfig(sample_steps=4)),
-                (1, 8, 8), num_classes=10).eval()
-    m = score_with_classifier(model, shards["diffusion"], EvalConfig(samples_per_class=10, classifier_steps=300))
+    model = DiT(DiTConfig(d_model=32, depth=1, n_heads=2), (1, 8, 8), num_classes=10).eval()
+    m = score_with_classifier(model, shards["diffusion"], EvalConfig(samples_per_class=10, classifier_steps=300,
+                                                                    sample_steps=4))
     assert m["classifier_real_accuracy"] > 0.85  # the judge itself recognises real held-out digits
     assert m["sample_accuracy"] < 0.4  # an untrained denoiser makes noise, not the digits asked for
     assert m["sample_frechet_distance"] > 1.0
@@ -58,11 +58,10 @@ def test_a_cpu_generator_drives_a_model_on_another_device():
     from pipeline.models.diffusion import GaussianDiffusion
 
     with torch.device("meta"):
-        dit = DiT(DiTConfig(d_model=32, depth=1, n_heads=2, diffusion=DiffusionProcessConfig(sample_steps=3)),
-                  (1, 8, 8), num_classes=10).eval()
+        dit = DiT(DiTConfig(d_model=32, depth=1, n_heads=2), (1, 8, 8), num_classes=10).eval()
     process = GaussianDiffusion(dit.cfg.diffusion)
     gen = torch.Generator().manual_seed(4)
-    images = process.sample(dit, torch.arange(3), (1, 8, 8), 10, eta=1.0, generator=gen)
+    images = process.sample(dit, torch.arange(3), (1, 8, 8), 10, steps=3, guidance=1.0, eta=1.0, generator=gen)
     assert images.device.type == "meta" and images.shape == (3, 1, 8, 8)
     x = torch.empty(5, 1, 8, 8, device="meta")
     loss = process.loss(dit, x, torch.zeros(5, dtype=torch.long, device="meta"), 10, gen)

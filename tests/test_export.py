@@ -109,34 +109,43 @@ def test_pyfunc_round_trip(built_data, tmp_path, mlflow_store, task):
 
 def test_served_diffusion_model_samples_as_evaluation_scored_and_names_bad_requests(built_data, tmp_path):
     """The served model sampled with 25 steps whatever the config, while evaluation (and the
-    registry's metric) scored model.diffusion.sample_steps: its defaults are now the evaluated
-    sampler, which sample_grid's images equal; labels outside the classes, an empty request and
-    a step count beyond the timesteps are one line each."""
+    registry's metric) scored the configured sampler: its defaults are now the evaluated sampler
+    (the export folder's sampler.json, from the task's eval section), whose sample_grid images it
+    equals; a folder written before sampler.json serves the sampler its spec held. Labels outside
+    the classes, an empty request and a step count beyond the timesteps are one line each."""
+    import json
+
     import pandas as pd
 
     from pipeline.config.schema import EvalConfig
     from pipeline.evaluation.diffusion import sample_grid
-    from pipeline.export.pyfunc import PipelineModel
+    from pipeline.export.pyfunc import SAMPLER, PipelineModel, sampler_defaults, sampler_settings
 
-    d, _ = _model_dir(tmp_path, built_data, "diffusion")
+    d, spec = _model_dir(tmp_path, built_data, "diffusion")
+    evaluated = EvalConfig(sample_rows=2, sample_cols=2, sample_steps=7, sample_eta=0.5, guidance_scale=2.0)
+    (d / SAMPLER).write_text(json.dumps(sampler_settings(evaluated)))  # as the export stage writes it
+    write_checksums(d)
     served = PipelineModel()
     served.load(d)
-    with torch.no_grad():  # off adaLN-Zero's zero output, so the step count shows in the samples
+    with torch.no_grad():  # off adaLN-Zero's zero output, so the sampler shows in the samples
         for p in served.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    assert served.model.cfg.diffusion.sample_steps not in (25, None)
-    labels, images = sample_grid(served.model, EvalConfig(sample_rows=2, sample_cols=2), seed=0)
+    labels, images = sample_grid(served.model, evaluated, seed=0)
     got = served.predict(None, pd.DataFrame({"label": labels}), {"seed": 0})
     assert np.array_equal(got, images.flatten(1).numpy())
-    fewer = served.predict(None, pd.DataFrame({"label": labels}), {"seed": 0, "steps": 2})
-    assert not np.allclose(fewer, got)
+    for changed in ({"steps": 25}, {"eta": 0.0}, {"guidance": 0.0}):
+        assert not np.allclose(served.predict(None, pd.DataFrame({"label": labels}), {"seed": 0, **changed}), got)
+    (d / SAMPLER).unlink()  # an export from before: the sampler its spec held, else eval's defaults
+    old = {**spec, "model": {**spec["model"], "diffusion": {**spec["model"]["diffusion"], "sample_steps": 9}}}
+    assert sampler_defaults(d, old) == {"steps": 9, "eta": 1.0, "guidance": 1.0}
+    assert sampler_defaults(d, spec) == sampler_settings(EvalConfig())
     classes, timesteps = served.model.num_classes, served.model.cfg.diffusion.timesteps
     for frame, params, message in [
         (pd.DataFrame({"label": [0, classes]}), {}, rf"^label: class ids are integers 0\.\.{classes - 1}"),
         (pd.DataFrame({"label": [-1]}), {}, "^label: class ids are integers"),
         (pd.DataFrame({"label": [0.5]}), {}, "^label: class ids are integers"),
         (pd.DataFrame({"label": pd.Series([], dtype="int64")}), {}, "^label: the request has no rows"),
-        (pd.DataFrame({"label": [0]}), {"steps": timesteps + 1}, rf"^steps: between 1 and the model's {timesteps}"),
+        (pd.DataFrame({"label": [0]}), {"steps": 0}, rf"^steps: at least 1, at most the model's {timesteps}"),
         (pd.DataFrame({"label": [0]}), {"eta": 2.0}, r"^eta is in \[0, 1\]"),
     ]:
         with pytest.raises(ValueError, match=message):

@@ -70,21 +70,25 @@ def test_forward_noising_matches_closed_form():
 
 def test_dit_shapes_and_deterministic_ddim():
     torch.manual_seed(0)
-    cfg = DiTConfig(d_model=32, depth=2, n_heads=2, diffusion=DiffusionProcessConfig(sample_steps=5))
+    cfg = DiTConfig(d_model=32, depth=2, n_heads=2)
     model = DiT(cfg, (1, 8, 8), num_classes=10).eval()
     x = torch.randn(4, 1, 8, 8)
     assert model(x, torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 10])).shape == x.shape
     p = GaussianDiffusion(cfg.diffusion)
-    a = p.sample(model, torch.tensor([1, 2]), (1, 8, 8), 10, generator=torch.Generator().manual_seed(1))
-    b = p.sample(model, torch.tensor([1, 2]), (1, 8, 8), 10, generator=torch.Generator().manual_seed(1))
+    a = p.sample(model, torch.tensor([1, 2]), (1, 8, 8), 10, 5, 1.0, 0.0, generator=torch.Generator().manual_seed(1))
+    b = p.sample(model, torch.tensor([1, 2]), (1, 8, 8), 10, 5, 1.0, 0.0, generator=torch.Generator().manual_seed(1))
     assert a.shape == (2, 1, 8, 8) and torch.equal(a, b)
+    # more steps than the 1000 timesteps would repeat timesteps (no-op model calls): capped
+    small = GaussianDiffusion(DiffusionProcessConfig(timesteps=30))
+    capped = small.sample(model, torch.tensor([1]), (1, 8, 8), 10, 500, 1.0, 1.0, torch.Generator().manual_seed(2))
+    assert torch.equal(capped, small.sample(model, torch.tensor([1]), (1, 8, 8), 10, 30, 1.0, 1.0,
+                                            torch.Generator().manual_seed(2)))
 
 
 def test_diffusion_loss_weights_examples():
     """Unit weights give the plain loss; weighting one example scales its share of the loss."""
     torch.manual_seed(0)
-    process = DiffusionProcessConfig(cond_drop_prob=0.0, guidance_scale=0.0)
-    cfg = DiTConfig(d_model=32, depth=2, n_heads=2, diffusion=process)
+    cfg = DiTConfig(d_model=32, depth=2, n_heads=2, diffusion=DiffusionProcessConfig(cond_drop_prob=0.0))
     model = DiT(cfg, (1, 8, 8), num_classes=10)
     p = GaussianDiffusion(cfg.diffusion)
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
@@ -170,14 +174,15 @@ def test_attention_matches_explicit_softmax():
 def test_ddim_with_every_step_and_eta_1_is_ddpm_ancestral_sampling():
     """DDIM(eta=1) over all T steps must equal DDPM's posterior sampling, step for step."""
     torch.manual_seed(0)
-    cfg = DiffusionProcessConfig(timesteps=25, schedule="linear", sample_eta=1.0, guidance_scale=0.0)
+    cfg = DiffusionProcessConfig(timesteps=25, schedule="linear")
     model = DiT(DiTConfig(d_model=32, depth=1, n_heads=2, diffusion=cfg), (1, 4, 4), num_classes=3).eval()
     with torch.no_grad():  # adaLN-Zero starts as identity; perturb so the denoiser does something
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     labels = torch.tensor([0, 2])
     p = GaussianDiffusion(cfg)
-    got = p.sample(model, labels, (1, 4, 4), 3, steps=25, generator=torch.Generator().manual_seed(5))
+    got = p.sample(model, labels, (1, 4, 4), 3, steps=25, guidance=0.0, eta=1.0,
+                   generator=torch.Generator().manual_seed(5))
 
     betas = torch.linspace(1e-4 * 40, 0.02 * 40, 25, dtype=torch.float64).float()
     ab = torch.cumprod(1 - betas, 0)

@@ -217,6 +217,8 @@ def test_sharded_init_from_names_a_missing_or_misshapen_tensor(tmp_path):
 
 
 # ----------------------------------------------------------------------------- EMA
+ZERO2_BF16 = [*VARIANTS["zero2"], "precision.dtype=bf16"]
+EMA_VARIANTS = {"zero2_bf16": ZERO2_BF16}  # beyond pipeline.distributed.VARIANTS
 EMA_COMMON = ["tasks.lm.trainer.max_steps=20", "tasks.lm.trainer.ckpt_every=10", "tasks.lm.trainer.log_every=5",
               "tasks.lm.trainer.keep_last_k=5", "tasks.lm.trainer.ema_decay=0.9"]
 
@@ -261,7 +263,8 @@ def ema_runs(built_data, tmp_path_factory):
     def get(name: str) -> dict:
         if name not in cache:
             root = str(tmp_path_factory.mktemp(f"ema-{name}"))
-            cache[name] = run_group(_ema_rank, 2, tiny_raw(EMA_COMMON + VARIANTS[name]), str(shards["lm"]), root)[0]
+            overrides = EMA_COMMON + (VARIANTS[name] if name in VARIANTS else EMA_VARIANTS[name])
+            cache[name] = run_group(_ema_rank, 2, tiny_raw(overrides), str(shards["lm"]), root)[0]
         return cache[name]
 
     return get
@@ -292,10 +295,11 @@ def test_sharded_ema_equals_ddp(ema_runs, name):
     assert moved > 1e-4, "the exported weights are the raw weights, not an average"
 
 
-@pytest.mark.parametrize("name", ["ddp", *SHARDED])
+@pytest.mark.parametrize("name", ["ddp", *SHARDED, "zero2_bf16"])
 def test_sharded_ema_resume_is_bit_exact(ema_runs, name):
     """Each rank's EMA shard is saved with the checkpoint and restored: a run resumed from step
-    10 exports exactly the EMA of an uninterrupted one."""
+    10 exports exactly the EMA of an uninterrupted one. `zero2_bf16`: ZeRO-2 in bf16, whose EMA
+    is each rank's fragment of the fp32 master (`DeepSpeedStrategy.ema_source`)."""
     result = ema_runs(name)
     for k, v in result["straight"].items():
         assert torch.equal(v, result["resumed"][k]), f"{name}: EMA {k} differs after resume"
@@ -312,3 +316,54 @@ def test_sharded_ema_is_local_to_each_rank():
     ema.update(part, step=100)
     assert ema.state_dict()["w"].shape == (5,)
     torch.testing.assert_close(ema.state_dict()["w"], torch.full((5,), 0.5))
+
+
+# ----------------------------------------------------------------------------- EMA of the fp32 master
+def _master_rank(rank: int, world: int, plain: dict, averaged: dict, shards: str, root: str) -> dict:
+    """A run without EMA (its export: DeepSpeed's fp32 master weights) and one with an EMA that
+    keeps only the last weights (ema_decay 1e-6); rank 0 returns both exports and every rank's
+    saved EMA state (`extra_rank_*.pt`)."""
+    from safetensors.torch import load_file
+
+    from pipeline.config import validate
+    from pipeline.training.loop import train
+    from pipeline.training.session import LocalSession
+
+    out: dict = {}
+    for name, raw in (("plain", plain), ("ema", averaged)):
+        session = LocalSession(Path(root) / name, rank=rank, world=world)
+        train(validate(raw), "lm", Path(shards), session)
+        with session.latest_checkpoint() as ckpt:
+            if rank == 0:
+                out[name] = load_file(str(ckpt / "model.safetensors"))
+                if name == "ema":
+                    out["extra"] = [torch.load(f, weights_only=True)["ema"]
+                                    for f in sorted((ckpt / "deepspeed").glob("extra_rank_*.pt"))]
+    return out
+
+
+def test_zero2_bf16_ema_averages_the_fp32_master(built_data, tmp_path):
+    """ZeRO-2 in bf16 on 2 ranks: with ema_decay 1e-6 (the EMA is the last weights, to 1e-6 of
+    a step) the exported EMA equals the export without EMA, DeepSpeed's fp32 master weights,
+    within fp32 rounding. It averaged the bf16 module weights before (their rounding: 9.8e-4
+    here, and every update below one bf16 ulp lost). Each rank's EMA holds only its fragment of
+    the master (no gather per step): the fragments of a parameter add up to it."""
+    from pipeline.runtime.local_group import run_group
+
+    _, shards = built_data
+    plain = tiny_raw([*ZERO2_BF16, "tasks.lm.trainer.ema_decay=0.0"])
+    averaged = tiny_raw([*ZERO2_BF16, "tasks.lm.trainer.ema_decay=0.000001"])
+    got = run_group(_master_rank, 2, plain, averaged, str(shards["lm"]), str(tmp_path))[0]
+    master, ema = got["plain"], got["ema"]
+    assert ema.keys() == master.keys()
+    assert any(not torch.equal(v.bfloat16().float(), v) for v in master.values()), "the export is not the fp32 master"
+    diff = max((ema[k] - v).abs().max().item() for k, v in master.items())
+    assert diff < 1e-6, f"the EMA is {diff:.2e} from the fp32 master weights it should average"
+
+    parts = got["extra"]
+    assert len(parts) == 2 and all(p.keys() == master.keys() for p in parts)
+    for k, v in master.items():
+        sizes = [p[k].numel() for p in parts]
+        assert sum(sizes) == v.numel() or sizes == [v.numel()] * 2, f"{k}: EMA pieces of {sizes} elements"
+    whole = sum(v.numel() for v in master.values())
+    assert all(sum(t.numel() for t in p.values()) < 0.75 * whole for p in parts), "the EMA is not sharded"

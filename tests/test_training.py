@@ -15,7 +15,7 @@ from pipeline.training.checkpoint import CheckpointError, load_training_state
 from pipeline.training.loop import NonFiniteError, train
 from pipeline.training.optim import lr_at
 from pipeline.training.session import LocalSession
-from tests.conftest import tiny_raw
+from tests.conftest import ROOT, tiny_raw
 
 
 def _weights(ckpt_dir):
@@ -157,7 +157,7 @@ def test_batch_must_split_evenly(built_data, tmp_path):
 def test_unet_denoiser_trains_through_the_loop(built_data, tmp_path):
     from pipeline.config import compose
     from pipeline.config.loading import apply_overrides
-    from tests.conftest import ROOT, TINY
+    from tests.conftest import TINY
 
     _, shards = built_data
     raw = apply_overrides(compose(ROOT / "configs", ["model@tasks.diffusion.model=unet_tiny"]), [
@@ -189,6 +189,28 @@ def test_run_identity_resumes_across_harmless_changes(override):
     # validation counts where the loop acts on it
     assert name("tasks.lm.trainer.early_stop_patience=2", "tasks.lm.trainer.eval_every=3") != \
         name("tasks.lm.trainer.early_stop_patience=2")
+
+
+@pytest.mark.parametrize("override", ["tasks.diffusion.eval.sample_steps=50", "tasks.diffusion.eval.sample_eta=0.0",
+                                      "tasks.diffusion.eval.guidance_scale=3.0"])
+def test_run_identity_of_a_diffusion_run_ignores_its_sampler(override):
+    """The sampler (steps, eta, guidance) lived in the model's config, so trying another
+    guidance scale trained a new run from scratch; it is now the eval section's and keys nothing,
+    and DVC's train stage does not depend on it (the export stage does: sampler.json)."""
+    import yaml
+
+    from pipeline.config import config_digest
+    from pipeline.flows.train import run_identity
+
+    def name(*extra: str) -> str:
+        return config_digest(run_identity(validate(tiny_raw(list(extra))), "diffusion", "md5"))
+
+    assert name(override) == name()
+    assert name("tasks.diffusion.model.diffusion.cond_drop_prob=0.2") != name()
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    key = override.split("=")[0].replace("tasks.diffusion.", "tasks.${item}.")
+    assert not any(key.startswith(p) for p in stages["train"]["do"]["params"] if isinstance(p, str))
+    assert key in stages["export"]["do"]["params"]
 
 
 def test_run_identity_keys_fp8_settings_only_under_fp8():

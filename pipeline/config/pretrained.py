@@ -3,11 +3,12 @@
 The folder's `config.json` decides the architecture (the GPT's own fields for it are then
 ignored), so the model that trains is the one the weights were made for. Only what the GPT
 computes exactly is accepted: Llama (RoPE, RMSNorm, SwiGLU, no biases, optional GQA and tied
-embeddings). Anything else is named here, at config validation, before prepare tokenizes a
-document or any Ray resource is taken.
+embeddings; attention over the whole context, unquantized weights). Anything else is named
+here, at config validation, before prepare tokenizes a document or any Ray resource is taken.
 
-This reads JSON only (no torch, no `transformers`): the weights themselves are read by
-`pipeline.models.hf`, one tensor at a time, by whichever strategy trains.
+This reads JSON only (config.json, and tokenizer.json for its vocabulary size; no torch, no
+`transformers`): the weights themselves are read by `pipeline.models.hf`, one tensor at a
+time, by whichever strategy trains.
 """
 
 from __future__ import annotations
@@ -61,17 +62,49 @@ def _number(hf: dict[str, Any], key: str, where: str, default: float) -> float:
     return float(value)
 
 
-def rope_theta(hf: dict[str, Any], where: str) -> tuple[float, str]:
-    """(theta, rope type) from either layout: transformers 5's `rope_parameters`, or 4's
-    `rope_theta` + `rope_scaling`."""
+def rope_theta(hf: dict[str, Any], where: str) -> tuple[float, str, str]:
+    """(theta, rope type, the key the type was read from) from either layout: transformers 5's
+    `rope_parameters`, or 4's `rope_theta` + `rope_scaling`. The key is returned so that a
+    refusal names what the file actually holds (a v4 file has no `rope_parameters`)."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if not isinstance(value, dict):
             raise ValueError(f"{where}: {key} is {json.dumps(value)}: expected an object")
     theta = _number({"rope_theta": params.get("rope_theta", hf.get("rope_theta"))}, "rope_theta", where, 10000.0)
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    return theta, kind
+    for key, section, field in (("rope_parameters.rope_type", params, "rope_type"),
+                                ("rope_scaling.rope_type", scaling, "rope_type"),
+                                ("rope_scaling.type", scaling, "type")):
+        if section.get(field):
+            return theta, section[field], key
+    return theta, "default", "rope_parameters.rope_type"
+
+
+def tokenizer_vocab_size(folder: Path) -> int | None:
+    """How many embedding rows the folder's `tokenizer.json` needs (its largest token id + 1,
+    added tokens included), read as JSON; None when there is no tokenizer.json or its layout is
+    not one this knows (prepare and the train stage's preflight then judge it). Checked here so
+    that a config.json `vocab_size` too small for its own tokenizer is named at validation, as
+    that file's key, rather than later as `model.vocab_size`, a value the user never set."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        tok = json.loads(path.read_text())
+        vocab = tok["model"]["vocab"]
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))  # (Unigram: a list)
+        ids += [t["id"] for t in tok.get("added_tokens") or []]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        return None  # (not ours to judge here: prepare names a tokenizer it cannot read)
+    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+    return max(ids) + 1 if ids else None
+
+
+def _quant_method(hf: dict[str, Any]) -> str:
+    """"quant_method 'fp8'; " for a refusal's message, or nothing when the config does not say."""
+    config = hf.get("quantization_config")
+    method = config.get("quant_method") if isinstance(config, dict) else None
+    return f"quant_method '{method}'; " if method else ""
 
 
 def gpt_fields_from_llama(hf: dict[str, Any], where: str) -> dict[str, Any]:
@@ -84,7 +117,7 @@ def gpt_fields_from_llama(hf: dict[str, Any], where: str) -> dict[str, Any]:
                          "(model_type 'llama') can be loaded into the GPT")
     d_model, n_heads = _positive_int(hf, "hidden_size", where), _positive_int(hf, "num_attention_heads", where)
     n_kv = _positive_int(hf, "num_key_value_heads", where, default=n_heads)
-    theta, rope_type = rope_theta(hf, where)
+    theta, rope_type, rope_key = rope_theta(hf, where)
     refusals = {
         "head_dim": (hf.get("head_dim") not in (None, d_model // n_heads),
                      f"{hf.get('head_dim')} differs from hidden_size / num_attention_heads ({d_model // n_heads})"),
@@ -92,7 +125,13 @@ def gpt_fields_from_llama(hf: dict[str, Any], where: str) -> dict[str, Any]:
                        f"'{hf.get('hidden_act')}' (the GPT's SwiGLU uses silu)"),
         "attention_bias": (bool(hf.get("attention_bias")), "true (the GPT's projections have no biases)"),
         "mlp_bias": (bool(hf.get("mlp_bias")), "true (the GPT's MLP has no biases)"),
-        "rope_parameters.rope_type": (rope_type != "default", f"'{rope_type}' (only unscaled RoPE is implemented)"),
+        rope_key: (rope_type != "default", f"'{rope_type}' (only unscaled RoPE is implemented)"),
+        # transformers 5 applies these in attention (and generate's cache): the GPT attends to the whole context
+        **{key: (hf.get(key) is not None, f"{json.dumps(hf.get(key))} (the GPT attends to the whole context)")
+           for key in ("sliding_window", "attention_chunk_size")},
+        # float8/int weights with scales beside them: read as plain floats they would be garbage
+        "quantization_config": (hf.get("quantization_config") is not None, f"set ({_quant_method(hf)}quantized "
+                                "checkpoints cannot be fine-tuned: dequantize first)"),
     }
     for key, (bad, why) in refusals.items():
         if bad:
@@ -118,8 +157,13 @@ def resolve_pretrained(raw_model: dict[str, Any], where: str) -> dict[str, Any]:
         return raw_model
     key = f"{where}.init_from"
     hf = read_hf_config(folder, key)
+    where = f"{key}: {Path(folder) / HF_CONFIG}"
     try:
-        fields = gpt_fields_from_llama(hf, f"{key}: {Path(folder) / HF_CONFIG}")
+        fields = gpt_fields_from_llama(hf, where)
     except KeyError as e:
         raise ValueError(f"{key}: {Path(folder) / HF_CONFIG} has no {e.args[0]}") from None
+    needed = tokenizer_vocab_size(Path(folder))
+    if needed is not None and fields["vocab_size"] < needed:
+        raise ValueError(f"{where}: vocab_size is {fields['vocab_size']}, smaller than the vocabulary of its "
+                         f"tokenizer.json ({needed} tokens): the embedding has no row for its last tokens")
     return {**raw_model, **fields}

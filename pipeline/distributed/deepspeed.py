@@ -41,6 +41,7 @@ class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
     reshard_limit = CANNOT_RESHARD["deepspeed"]
     _parts: dict[str, nn.Parameter] | None = None  # ZeRO-3's partitioned parameters by state-dict name
+    _masters: dict[str, nn.Parameter] | None = None  # ZeRO 0-2, bf16/fp16: parameters with an fp32 master apart
 
     def ds_config(self, num_params: int) -> dict[str, Any]:
         c, s, dtype = self.cfg, self.settings, self.precision.name
@@ -134,7 +135,7 @@ class DeepSpeedStrategy(Strategy):
             norm = float(norm)
         return norm, bool(self.engine.was_step_applied())
 
-    # ---------------------------------------------------------------- EMA over ZeRO-3 partitions
+    # ---------------------------------------------------------------- EMA and export: the fp32 masters
     def _partitioned(self) -> dict[str, nn.Parameter]:
         """State-dict names of ZeRO-3's partitioned parameters (tied weights appear under each name);
         found once, since the EMA asks every step and the parameter objects never change."""
@@ -143,37 +144,112 @@ class DeepSpeedStrategy(Strategy):
                 k: v for k, v in self.engine.module.state_dict(keep_vars=True).items() if hasattr(v, "ds_id")}
         return self._parts
 
-    def ema_source(self) -> dict[str, torch.Tensor]:
-        """Under ZeRO-3 each rank's fp32 master partition of every parameter (1-d, padded to the
-        same length on every rank): the EMA is then as sharded as the optimizer state. ZeRO 0-2
-        keep whole parameters: their state dict, as under DDP."""
-        parts = self._partitioned()
-        if not parts:
-            return super().ema_source()
-        from deepspeed.utils import safe_get_local_fp32_param
+    def _mastered(self) -> dict[str, nn.Parameter]:
+        """ZeRO 0-2 in bf16/fp16: the parameters (by state-dict name) whose fp32 master copy
+        DeepSpeed's optimizer keeps apart from the bf16/fp16 module weights: those it links to a
+        fragment of its fp32 partition (ZeRO-1/2 and its BF16 optimizer: `_hp_mapping`, set on
+        every rank, None where the rank holds none of the parameter) or, under ZeRO-0, those in
+        the fp32 copy its FP16 optimizers hold whole on every rank. Empty in fp32 (the
+        module weights are the master) and under ZeRO-3 (`_partitioned`). Found once."""
+        if self._masters is None:
+            whole = self._whole_masters()
+            self._masters = {} if self.cfg.zero_stage == 3 or self.precision.name == "fp32" else {
+                k: v for k, v in self.engine.module.state_dict(keep_vars=True).items()
+                if isinstance(v, nn.Parameter) and (hasattr(v, "_hp_mapping") or id(v) in whole)}
+        return self._masters
 
-        return {k: safe_get_local_fp32_param(p) for k, p in parts.items()}
+    def _whole_masters(self) -> dict[int, torch.Tensor]:
+        """ZeRO-0 in bf16/fp16 (DeepSpeed's FP16 optimizers, whole on every rank): each trained
+        parameter's fp32 master, by `id`: the fp32 copy of it the unfused optimizer steps (ours,
+        a torch optimizer), or its view of the flat fp32 copy the fused one steps (parameters laid
+        end to end, as `_flatten_dense_tensors` lays them). The optimizer's tensors, no copy."""
+        from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+        opt = self.engine.optimizer
+        masters: dict[int, torch.Tensor] = {}
+        if self.cfg.zero_stage == 0 and isinstance(opt, FP16_UnfusedOptimizer):
+            for fp32, params in zip(opt.fp32_groups, opt.fp16_groups, strict=True):
+                masters.update((id(p), m) for p, m in zip(params, fp32, strict=True))
+        elif self.cfg.zero_stage == 0 and isinstance(opt, FP16_Optimizer):
+            for flat, params in zip(opt.fp32_groups_flat, opt.fp16_groups, strict=True):
+                start = 0
+                for p in params:
+                    masters[id(p)] = flat.narrow(0, start, p.numel()).view_as(p)
+                    start += p.numel()
+        return masters
+
+    def _local_masters(self) -> dict[str, torch.Tensor]:
+        """This rank's fp32 master weights under the state dict's names (`_mastered` non-empty):
+        under ZeRO-1/2 the fragment of each parameter its optimizer partition holds (1-d, the
+        flat parameter's elements from `_hp_mapping.lp_fragment_address.start` on; empty where
+        it holds none), under ZeRO-0 the whole fp32 master; buffers and frozen parameters as the
+        module holds them. Views of the optimizer's state, no copy, no communication."""
+        masters, whole = self._mastered(), self._whole_masters()
+        out: dict[str, torch.Tensor] = {}
+        for k, v in self.engine.module.state_dict(keep_vars=True).items():
+            if k not in masters:
+                out[k] = v.detach()
+            elif id(v) in whole:
+                out[k] = whole[id(v)]
+            elif v._hp_mapping is not None:
+                out[k] = v._hp_mapping.get_hp_fragment()
+            else:
+                out[k] = torch.empty(0, dtype=torch.float32, device=self.device)
+        return out
+
+    def ema_source(self) -> dict[str, torch.Tensor]:
+        """The fp32 master weights wherever DeepSpeed keeps them apart from the module's (not its
+        bf16/fp16 copies, whose rounding would swallow every update below one ulp), each rank's
+        own part only, so the EMA is as sharded as the optimizer state and its update needs no
+        communication. Under ZeRO-3 each rank's fp32 master partition of every parameter (1-d,
+        padded to the same length on every rank); under ZeRO-1/2 in bf16/fp16 each rank's
+        fragment of it (`_local_masters`); under ZeRO-0 in bf16/fp16 the whole fp32 master. In
+        fp32, ZeRO 0-2 train the module's weights themselves: their state dict, as under DDP."""
+        parts = self._partitioned()
+        if parts:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            return {k: safe_get_local_fp32_param(p) for k, p in parts.items()}
+        if self._mastered():
+            return self._local_masters()
+        return super().ema_source()
 
     def full_shapes(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[int, ...]]:
         """Whole shapes: ZeRO-3 keeps each parameter's in `ds_shape` (the tensor itself is a
-        partition, or empty outside a gather)."""
-        parts = self._partitioned()
+        partition, or empty outside a gather); a ZeRO-1/2 master fragment has its parameter's."""
+        parts, masters = self._partitioned(), self._mastered()
         if state is None:
             state = self.engine.module.state_dict(keep_vars=True)
-        return {k: tuple(parts[k].ds_shape) if k in parts else tuple(v.shape) for k, v in state.items()}
+        return {k: tuple(parts[k].ds_shape) if k in parts else tuple(masters[k].shape) if k in masters
+                else tuple(v.shape) for k, v in state.items()}
 
     def full_tensors(self, state: dict[str, torch.Tensor] | None = None
                      ) -> Iterator[tuple[str, torch.Tensor | None]]:
-        """The model's weights: DeepSpeed's fp32 master copy where it keeps one (ZeRO 1-3, bf16,
+        """The model's weights: DeepSpeed's fp32 master copy where it keeps one (ZeRO 0-3, bf16,
         fp16), gathered from every rank's partition for each parameter in turn (a collective
-        under ZeRO 1-3). Under ZeRO-3 each rank sends its fp32 partition to rank 0
-        (`gather_rows`), as for an EMA state (`ema_source`'s ZeRO-3 partitions): DeepSpeed's
-        own full-parameter gather is an all-gather, the whole tensor on every rank."""
+        under ZeRO 1-3); or an EMA state in `ema_source`'s layout, gathered the same way. Under
+        ZeRO-3 each rank sends its fp32 partition to rank 0 (`gather_rows`), as for an EMA state
+        (`ema_source`'s ZeRO-3 partitions): DeepSpeed's own full-parameter gather is an
+        all-gather, the whole tensor on every rank. Under ZeRO-1/2 in bf16/fp16 each rank places
+        its fragment in a zeroed whole tensor and these are summed on rank 0 (`_whole_master`),
+        the weights from the optimizer's fragments as an EMA state from its own."""
         import torch.distributed as dist
 
         first = not dist.is_initialized() or dist.get_rank() == 0
-        parts = self._partitioned()
-        if state is None and not parts:  # ZeRO 0-2: whole parameters, DeepSpeed's gather of the fp32 master
+        parts, masters = self._partitioned(), self._mastered()
+        if state is None and masters:  # ZeRO 0-2, bf16/fp16: the fp32 master, this rank's part of it
+            state = self._local_masters()
+        if masters:
+            whole = self._whole_masters()
+            for k, v in state.items():
+                p = masters.get(k)
+                if p is None or id(p) in whole:  # whole on every rank
+                    yield k, v.detach().float().cpu() if first else None
+                else:
+                    yield k, self._whole_master(v, p, first)
+            return
+        if state is None and not parts:  # ZeRO 0-2 in fp32: whole parameters (the master itself)
             from deepspeed.utils import safe_get_full_fp32_param
 
             for k, v in self.engine.module.state_dict(keep_vars=True).items():
@@ -190,6 +266,24 @@ class DeepSpeedStrategy(Strategy):
                 yield k, v.detach().float().cpu() if first else None
                 continue
             yield k, self._whole_parameter(parts[k], first) if weights else self._whole(v, parts[k])
+
+    def _whole_master(self, fragment: torch.Tensor, p: nn.Parameter, first: bool) -> torch.Tensor | None:
+        """The ZeRO-1/2 parameter `p` whole on rank 0 (None elsewhere), in fp32, from every rank's
+        `fragment` of it (`_local_masters`' layout: its elements from the `_hp_mapping` offset on,
+        empty where the rank holds none): each rank writes its fragment into a zeroed whole
+        tensor, and a sum to rank 0 (`reduce`) joins them exactly (each element comes from one
+        rank, the others add zeros). What DeepSpeed's `safe_get_full_fp32_param` does, with a
+        reduce where it all-reduces. One whole tensor per rank at a time. Collective."""
+        import torch.distributed as dist
+
+        whole = torch.zeros(p.numel(), dtype=torch.float32, device=self.device)
+        mapping = p._hp_mapping
+        if mapping is not None:
+            at = mapping.lp_fragment_address
+            whole.narrow(0, at.start, at.numel).copy_(fragment.detach().reshape(-1))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.reduce(whole, dst=0)
+        return whole.view(p.shape).cpu() if first else None
 
     def _whole_parameter(self, p: nn.Parameter, first: bool) -> torch.Tensor | None:
         """One ZeRO-3 parameter whole on rank 0 (None elsewhere), in fp32: its fp32 master partition

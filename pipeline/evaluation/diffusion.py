@@ -36,8 +36,8 @@ def sample_grid(model: torch.nn.Module, cfg: EvalConfig, seed: int = 0) -> tuple
     rows = min(cfg.sample_rows, model.num_classes)
     labels = torch.arange(rows).repeat_interleave(cfg.sample_cols)
     process = GaussianDiffusion(model.cfg.diffusion)
-    images = process.sample(model, labels, tuple(model.image_shape), model.num_classes,
-                            generator=torch.Generator().manual_seed(seed))
+    images = process.sample(model, labels, tuple(model.image_shape), model.num_classes, cfg.sample_steps,
+                            cfg.guidance_scale, cfg.sample_eta, generator=torch.Generator().manual_seed(seed))
     return labels.numpy(), images.cpu()
 
 
@@ -69,6 +69,7 @@ def score_with_classifier(model: torch.nn.Module, shards: Path, cfg: EvalConfig,
     real_labels = np.concatenate([h["label"] for h in held])
     asked = torch.arange(model.num_classes).repeat_interleave(cfg.samples_per_class)
     process = GaussianDiffusion(model.cfg.diffusion)
-    samples = process.sample(model, asked, tuple(model.image_shape), model.num_classes,
-                             generator=torch.Generator().manual_seed(seed)).cpu()  # the classifier runs on the CPU
+    samples = process.sample(model, asked, tuple(model.image_shape), model.num_classes, cfg.sample_steps,
+                             cfg.guidance_scale, cfg.sample_eta, generator=torch.Generator().manual_seed(seed))
+    samples = samples.cpu()  # the classifier runs on the CPU
     return score_samples(clf, samples, asked.numpy(), real, real_labels)

@@ -57,7 +57,7 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
             return pd.DataFrame({"completion": out})
         from pipeline.models.diffusion import GaussianDiffusion
 
-        sampler = sampler_defaults(self.model.cfg.diffusion)
+        sampler = sampler_defaults(self.dir, self.spec)
         steps, eta, guidance = (int(params.get("steps", sampler["steps"])), float(params.get("eta", sampler["eta"])),
                                 float(params.get("guidance", sampler["guidance"])))
         timesteps, classes = self.model.cfg.diffusion.timesteps, self.model.num_classes
@@ -68,8 +68,9 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
             raise ValueError("label: the request has no rows (one class id per image wanted)")
         if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= classes:
             raise ValueError(f"label: class ids are integers 0..{classes - 1} (got {labels.tolist()[:10]})")
-        if not 1 <= steps <= timesteps:
-            raise ValueError(f"steps: between 1 and the model's {timesteps} diffusion timesteps (got {steps})")
+        if steps < 1:  # (more than the model's timesteps are capped at them)
+            raise ValueError(f"steps: at least 1, at most the model's {timesteps} diffusion timesteps used "
+                             f"(got {steps})")
         if not 0 <= eta <= 1 or guidance < 0:
             raise ValueError(f"eta is in [0, 1] and guidance at least 0 (got eta {eta}, guidance {guidance})")
         process = GaussianDiffusion(self.model.cfg.diffusion)
@@ -79,13 +80,29 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         return images.flatten(1).numpy().astype(np.float32)
 
 
-def sampler_defaults(cfg: Any) -> dict[str, Any]:
-    """The served model's sampler when a request names none: the one evaluation scored (its
-    samples and metrics), so `models:/...@champion` serves what was measured."""
+GENERATION = "generation.json"  # in the export folder: {"eos_token": ...}, from the shards' manifest
+SAMPLER = "sampler.json"  # in a diffusion export folder: {"steps", "eta", "guidance"}, from the task's eval section
+
+
+def sampler_settings(cfg: Any) -> dict[str, Any]:
+    """What `sampler.json` holds, from the task's `eval` section (an EvalConfig)."""
     return {"steps": cfg.sample_steps, "eta": cfg.sample_eta, "guidance": cfg.guidance_scale}
 
 
-GENERATION = "generation.json"  # in the export folder: {"eos_token": ...}, from the shards' manifest
+def sampler_defaults(model_dir: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """The served model's sampler when a request names none: the one evaluation scored (the
+    export stage records the task's eval settings in `sampler.json`), so `models:/...@champion`
+    serves what was measured. A folder written before that: the sampler its spec held, else the
+    eval section's defaults."""
+    import json
+
+    from pipeline.config.schema import EvalConfig
+    from pipeline.config.schema.models import without_sampler
+
+    if (model_dir / SAMPLER).is_file():
+        return json.loads((model_dir / SAMPLER).read_text())
+    legacy = without_sampler(spec["model"])[1]
+    return sampler_settings(EvalConfig.model_validate(legacy))
 
 
 def end_of_document(model_dir: Path, tokenizer: Any) -> int | None:
@@ -167,7 +184,7 @@ def log_pyfunc(model_dir: Path, spec: dict[str, Any]):
     output = PipelineModel()
     output.load(model_dir, verify=False)  # (the export stage has just recorded the folder)
     params = ({"max_new_tokens": 32, "min_new_tokens": 1, "temperature": 0.0, "top_k": 0, "seed": 0}
-              if spec["task"] == "lm" else {**sampler_defaults(output.model.cfg.diffusion), "seed": 0})
+              if spec["task"] == "lm" else {**sampler_defaults(model_dir, spec), "seed": 0})
     signature = mlflow.models.infer_signature(example, output.predict(None, example, params), params)
     with pyfunc_staging(model_dir.parent) as staging:
         return mlflow.pyfunc.log_model(

@@ -18,7 +18,7 @@ from pipeline.data.shard_tokenizer import checked_tokenizer
 from pipeline.data.text import EOS
 from pipeline.export.hf_export import HF_DIR, export_hf
 from pipeline.export.onnx_export import export_onnx
-from pipeline.export.pyfunc import GENERATION, example_input, log_pyfunc, pyfunc_files
+from pipeline.export.pyfunc import GENERATION, SAMPLER, example_input, log_pyfunc, pyfunc_files, sampler_settings
 from pipeline.export.quantize import accuracy_change, quantize_int8
 from pipeline.flows.evaluate import EVAL_RUN, check_trained_on
 from pipeline.tracking import mlflow_runs
@@ -53,6 +53,8 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
         if tokenizer is not None:
             shutil.copy2(tokenizer, tmp / tokenizer.name)
             (tmp / GENERATION).write_text(json.dumps({"eos_token": load_manifest(shards).get("eos_token", EOS)}))
+        if spec["task"] == "diffusion":  # the sampler the evaluate stage scored: the served model's default
+            (tmp / SAMPLER).write_text(json.dumps(sampler_settings(tcfg.eval)))
         diff, int8, hf = None, {}, {}
         if spec["task"] == "lm" and tcfg.export.hf:  # before the MLflow model, which then carries hf/ too
             hf = export_hf(model, spec, shards, tmp / HF_DIR, tcfg.export)

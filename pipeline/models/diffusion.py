@@ -78,14 +78,14 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, model: nn.Module, labels: torch.Tensor, shape: tuple[int, ...], num_classes: int,
-               steps: int | None = None, guidance: float | None = None, eta: float | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDIM sampling (eta=0 deterministic, eta=1 ancestral; default from config) with classifier-free
-        guidance, on the model's device. Noise is drawn on the generator's device (the CPU when there
-        is none), so a CPU generator gives the same samples wherever the model runs, up to rounding."""
-        steps = steps or self.cfg.sample_steps
-        w = self.cfg.guidance_scale if guidance is None else guidance
-        eta = self.cfg.sample_eta if eta is None else eta
+               steps: int, guidance: float, eta: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """DDIM sampling over `steps` of the timesteps (eta=0 deterministic, eta=1 ancestral) with
+        classifier-free guidance weight `guidance` (0: conditional only), on the model's device; the
+        settings are the task's `eval` section's. Noise is drawn on the generator's device (the CPU
+        when there is none), so a CPU generator gives the same samples wherever the model runs, up
+        to rounding. More steps than timesteps would repeat timesteps (each repeat a no-op model
+        call): they are capped at the timesteps."""
+        w, steps = guidance, min(steps, self.cfg.timesteps)
         ts = torch.linspace(self.cfg.timesteps - 1, 0, steps).round().long().tolist()
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")

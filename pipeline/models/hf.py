@@ -35,6 +35,12 @@ from pipeline.config.schema import GPTConfig
 from pipeline.models.gpt import norm_eps
 
 SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
+# safetensors dtypes a weight may be read from: a cast to the model's dtype keeps their values. float8 and
+# integer tensors are quantized (their scales are other tensors): cast, they would load as garbage.
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+# config.json keys a Llama folder may carry that change what transformers computes, and that the GPT
+# refuses at validation (pipeline.config.pretrained): an exported folder must never carry them set.
+_NOT_EXPORTED = ("sliding_window", "attention_chunk_size", "quantization_config")
 
 _LLAMA_BLOCK = {"norm1.weight": "input_layernorm.weight", "attn.wq.weight": "self_attn.q_proj.weight",
                 "attn.wk.weight": "self_attn.k_proj.weight", "attn.wv.weight": "self_attn.v_proj.weight",
@@ -108,8 +114,13 @@ def hf_config(cfg: GPTConfig, arch: str, vocab_size: int, max_seq_len: int, toke
     checkpoint starts from that checkpoint's config (so its other fields, token ids and context
     length survive the round trip); `tokens` (bos/eos/pad ids) fill what it does not set."""
     base = dict(source or {})
+    for key in _NOT_EXPORTED:  # (a null one is harmless, and kept: the unchanged round trip stays byte for byte)
+        if base.get(key) is not None or key == "quantization_config":
+            base.pop(key, None)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         base.setdefault(key, tokens.get(key))
+    if base.get("eos_token_id") is None:  # (a source's explicit null: the tokenizer's eos is the one to stop at)
+        base["eos_token_id"] = tokens.get("eos_token_id")
     base["dtype"] = dtype
     n_kv = cfg.n_kv_heads or cfg.n_heads
     if arch == "llama":
@@ -135,6 +146,56 @@ def hf_config(cfg: GPTConfig, arch: str, vocab_size: int, max_seq_len: int, toke
         "tie_word_embeddings": cfg.tie_weights,
     })
     return base
+
+
+def from_hf_views(hf_state: dict[str, torch.Tensor], model_type: str, shapes: dict[str, tuple[int, ...]],
+                  where: Path) -> dict[str, torch.Tensor]:
+    """`to_hf_state` backwards, without copying: each of our parameters (name -> shape in
+    `shapes`) as a view of a transformers model's tensor, in our layout (GPT-2's Conv1D weights
+    transposed, its `c_attn` cut into q/k/v). The export's check runs our model on these, so it
+    needs no second copy of our model to hold the folder's rounded weights."""
+    if model_type == "llama":
+        found = {ours: hf_state.get(llama_name(ours)) for ours in shapes}
+    elif model_type == "gpt2":
+        found = _gpt2_views(hf_state, shapes)
+    else:
+        raise ValueError(f"export: {where}: model_type '{model_type}' is not one the export writes")
+    for ours, shape in shapes.items():
+        got = found.get(ours)
+        if got is None or tuple(got.shape) != shape:
+            held = "nothing" if got is None else f"shape {tuple(got.shape)}"
+            raise ValueError(f"export: {where}: transformers holds {held} for our '{ours}' {shape}")
+    return found
+
+
+_GPT2_ROOT = {"embed.weight": "transformer.wte.weight", "pos.weight": "transformer.wpe.weight",
+              "norm.weight": "transformer.ln_f.weight", "norm.bias": "transformer.ln_f.bias",
+              "head.weight": "lm_head.weight"}
+# our block parameter -> (GPT-2's, transposed: a Conv1D weight)
+_GPT2_BLOCK = {"attn.wo.weight": ("attn.c_proj.weight", True), "mlp.w1.weight": ("mlp.c_fc.weight", True),
+               "mlp.w2.weight": ("mlp.c_proj.weight", True), "norm1.weight": ("ln_1.weight", False),
+               "norm1.bias": ("ln_1.bias", False), "norm2.weight": ("ln_2.weight", False),
+               "norm2.bias": ("ln_2.bias", False)}
+
+
+def _gpt2_views(hf_state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """`from_hf_views` for GPT-2 (what it does not hold is left out: the caller names it)."""
+    out = {k: hf_state[v] for k, v in _GPT2_ROOT.items() if k in shapes and v in hf_state}
+    for ours in shapes:
+        m = _BLOCK.match(ours)
+        if not m:
+            continue
+        hf = f"transformer.h.{m[1]}."
+        if m[2] in _GPT2_BLOCK and hf + _GPT2_BLOCK[m[2]][0] in hf_state:
+            name, conv = _GPT2_BLOCK[m[2]]
+            out[ours] = hf_state[hf + name].t() if conv else hf_state[hf + name]
+        elif m[2] == "attn.wq.weight" and f"{hf}attn.c_attn.weight" in hf_state:  # q, k, v: rows of one c_attn
+            fused, at = hf_state[f"{hf}attn.c_attn.weight"].t(), 0
+            for x in "qkv":
+                rows = shapes.get(f"blocks.{m[1]}.attn.w{x}.weight", (0,))[0]
+                out[f"blocks.{m[1]}.attn.w{x}.weight"] = fused[at:at + rows]
+                at += rows
+    return out
 
 
 # ----------------------------------------------------------------------------- writing
@@ -205,8 +266,7 @@ class HFCheckpoint:
         elif (self.folder / SAFETENSORS).is_file():
             self.files = None
         else:
-            raise ValueError(f"{key}: {self.folder} has neither {SAFETENSORS} nor {INDEX} "
-                             "(PyTorch .bin checkpoints: load and save_pretrained them once to convert)")
+            raise ValueError(no_safetensors(self.folder, key))
 
     def file_of(self, hf_name: str) -> str | None:
         if self.files is None:
@@ -222,8 +282,9 @@ class HFCheckpoint:
     @torch.no_grad()
     def copy_into(self, targets: dict[str, torch.Tensor]) -> None:
         """Fill `targets` (our name -> whole tensor) from the checkpoint, opening each file once
-        and reading only the tensors asked for (cast to the target's dtype). A missing tensor
-        or a shape that differs is an error naming the file and both names."""
+        and reading only the tensors asked for (cast to the target's dtype). A missing tensor, a
+        shape that differs or a quantized (float8, integer) tensor is an error naming the file
+        and both names."""
         from safetensors import safe_open
 
         by_file: dict[str, list[tuple[str, str]]] = {}
@@ -238,6 +299,7 @@ class HFCheckpoint:
                 for ours, theirs in pairs:
                     if theirs not in keys:
                         raise ValueError(f"{self.key}: {self.folder / fname} has no tensor '{theirs}' (our '{ours}')")
+                    check_float(f.get_slice(theirs).get_dtype(), self.folder / fname, theirs, ours, self.key)
                     tensor = f.get_tensor(theirs)
                     if tuple(tensor.shape) != tuple(targets[ours].shape):
                         need = tuple(targets[ours].shape)
@@ -253,6 +315,25 @@ class HFCheckpoint:
             with safe_open(str(self.folder / fname), framework="pt") as f:
                 for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     yield k, f.get_tensor(k)
+
+
+def no_safetensors(folder: Path, key: str) -> str:
+    """The one-line error for a Hugging Face folder without safetensors weights (shared by the
+    driver's check and the reader, so both give the conversion hint, naming any .bin files)."""
+    bins = sorted(p.name for p in folder.glob("*.bin"))
+    held = f" (it holds {', '.join(bins[:3])}{', ...' if len(bins) > 3 else ''})" if bins else ""
+    return (f"{key}: {folder} has neither {SAFETENSORS} nor {INDEX}{held}: PyTorch .bin checkpoints are not "
+            "read; load and save_pretrained them once to convert")
+
+
+def check_float(dtype: str, file: Path, theirs: str, ours: str, key: str) -> None:
+    """Refuse a tensor stored as anything but a plain float (`dtype` as the safetensors header
+    writes it, e.g. F8_E4M3, I8): a quantized weight's values mean nothing without its scales,
+    and casting it to the model's dtype would load garbage silently."""
+    if dtype not in FLOAT_DTYPES:
+        mine = "" if ours == theirs else f" (the model's '{ours}')"
+        raise ValueError(f"{key}: {file}: '{theirs}'{mine} is stored as {dtype}, not as a float: quantized "
+                         "checkpoints cannot be fine-tuned: dequantize first")
 
 
 def is_hf_folder(path: str | Path) -> bool:

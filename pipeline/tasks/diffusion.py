@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.config.schema import DiffusionProcessConfig, DiTConfig, TaskConfig, UNetConfig
+from pipeline.config.schema.models import without_sampler
 from pipeline.models.diffusion import GaussianDiffusion
 from pipeline.models.dit import DiT
 from pipeline.models.unet import UNet
@@ -36,7 +37,7 @@ class Denoising(Task):
     def build(self, spec: dict[str, Any]) -> nn.Module:
         shape, classes = tuple(spec["image_shape"]), spec["num_classes"]
         model_cls, model_cfg = (UNet, UNetConfig) if spec["model"]["kind"] == "unet" else (DiT, DiTConfig)
-        cfg = model_cfg.model_validate(spec["model"])
+        cfg = model_cfg.model_validate(without_sampler(spec["model"])[0])  # (an older spec held the sampler)
         self._process_cfg, self._num_classes, self._process = cfg.diffusion, classes, None
         return model_cls(cfg, shape, classes)
 

@@ -299,10 +299,13 @@ def check_init_weights(path: Path, key: str, spec: dict[str, Any] | None = None)
     if not path.is_dir():
         safetensors_shapes(path)
     else:
-        from pipeline.models.hf import INDEX, read_weight_map
+        from pipeline.models.hf import INDEX, is_hf_folder, no_safetensors, read_weight_map
 
         verify_model_dir(path, required=False)  # a transformers folder has none
         index = path / INDEX
+        if not index.is_file() and not (path / WEIGHTS).is_file() and is_hf_folder(path):
+            # (a transformers folder of .bin files: say how to convert it, not just "model.safetensors is missing")
+            raise FileNotFoundError(no_safetensors(path, key))
         files = [path / name for name in sorted(set(read_weight_map(index).values()))] if index.is_file() \
             else [path / WEIGHTS]
         for file in files:
@@ -318,10 +321,12 @@ def check_init_shapes(path: Path, key: str, spec: dict[str, Any]) -> None:
     """Every parameter of the model `spec` builds (on the meta device: no memory) is found in
     the weights at `path` with its shape, read from the safetensors headers only, under the names
     the loader reads (`pipeline.distributed.sharded_init.copy_from_safetensors`: our state-dict
-    names, the older fused layout's tensors, or a Hugging Face Llama folder's names). Otherwise a
-    ValueError naming the file, the tensor and both shapes: the workers would fail identically."""
+    names, the older fused layout's tensors, or a Hugging Face Llama folder's names), stored as a
+    plain float (a float8 or integer tensor is quantized: cast, it would load as garbage). Otherwise
+    a ValueError naming the file, the tensor and both shapes (or its dtype): the workers would fail
+    identically."""
     from pipeline.distributed.sharded_init import parameter_names
-    from pipeline.models.hf import INDEX, HFCheckpoint, is_hf_folder
+    from pipeline.models.hf import INDEX, HFCheckpoint, check_float, is_hf_folder
     from pipeline.models.legacy import fused_source
     from pipeline.tasks import task_for_spec
 
@@ -331,11 +336,18 @@ def check_init_shapes(path: Path, key: str, spec: dict[str, Any]) -> None:
     names = parameter_names(model)
     need = {names[id(p)]: tuple(p.shape) for p in model.parameters()}
     headers: dict[Path, dict[str, tuple[int, ...]]] = {}
+    dtypes: dict[Path, dict[str, str]] = {}
 
     def shapes(file: Path) -> dict[str, tuple[int, ...]]:
         if file not in headers:
             headers[file] = safetensors_shapes(file)
         return headers[file]
+
+    def check_dtype(file: Path, name: str, ours: str) -> None:
+        if file not in dtypes:
+            with safe_open(str(file), "pt") as f:  # (the header only; shapes() has read it as safetensors)
+                dtypes[file] = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (not a dict)
+        check_float(dtypes[file][name], file, name, ours, key)
 
     if is_hf_folder(path):
         checkpoint = HFCheckpoint(path, key)
@@ -354,6 +366,7 @@ def check_init_shapes(path: Path, key: str, spec: dict[str, Any]) -> None:
             if held[theirs] != need[ours]:
                 raise ValueError(f"{key}: {path / fname}: '{theirs}' has shape {held[theirs]}, the model's "
                                  f"'{ours}' needs {need[ours]}")
+            check_dtype(path / fname, theirs, ours)
         return
     file = path / WEIGHTS if path.is_dir() else path
     held = shapes(file)
@@ -362,6 +375,7 @@ def check_init_shapes(path: Path, key: str, spec: dict[str, Any]) -> None:
         if name in held:
             if held[name] != shape:
                 raise ValueError(f"{key}: {file}: '{name}' has shape {held[name]}, the model needs {shape}")
+            check_dtype(file, name, name)
             continue
         source = fused_source(name)
         if source is None or source[0] not in held:

@@ -329,7 +329,7 @@ def _same_after_three_steps(a, oa, b, ob, x) -> None:
 def test_evaluation_on_cuda_equals_cpu(built_data):
     """`eval.device=auto` takes the GPU: held-out losses and DDIM samples (noise from the same CPU
     generators) equal the CPU's up to rounding, and the text sample is drawn from the same stream."""
-    from pipeline.config.schema import DiffusionProcessConfig, DiTConfig, EvalConfig, GPTConfig
+    from pipeline.config.schema import DiTConfig, EvalConfig, GPTConfig
     from pipeline.evaluation.device import eval_device
     from pipeline.evaluation.diffusion import denoise_loss, sample_grid
     from pipeline.evaluation.lm import split_loss
@@ -338,11 +338,10 @@ def test_evaluation_on_cuda_equals_cpu(built_data):
 
     _, shards = built_data
     assert eval_device("auto") == CUDA
-    cfg = EvalConfig(max_batches=2, batch_size=8, sample_rows=2, sample_cols=2)
+    cfg = EvalConfig(max_batches=2, batch_size=8, sample_rows=2, sample_cols=2, sample_steps=4)
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(d_model=64, n_layers=2, n_heads=2), 300, 32).eval()
-    dit = DiT(DiTConfig(d_model=32, depth=1, n_heads=2, diffusion=DiffusionProcessConfig(sample_steps=4)),
-              (1, 8, 8), num_classes=10).eval()
+    dit = DiT(DiTConfig(d_model=32, depth=1, n_heads=2), (1, 8, 8), num_classes=10).eval()
 
     def metrics(device: torch.device) -> dict:
         gpt.to(device), dit.to(device)

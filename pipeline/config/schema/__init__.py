@@ -60,6 +60,12 @@ class TaskConfig(Strict):
         if self.model.kind not in pairs[self.data.kind]:
             raise ValueError(f"model kind '{self.model.kind}' cannot train on {self.data.kind} data")
         if self.data.kind == "images":  # (every image source is resized to data.image_size)
+            process = self.model.diffusion
+            if self.eval.guidance_scale > 0 and process.cond_drop_prob == 0:
+                raise ValueError("eval.guidance_scale: classifier-free guidance mixes in the unconditional "
+                                 "prediction, which only model.diffusion.cond_drop_prob > 0 trains (the null class "
+                                 "never sees a gradient at 0); set cond_drop_prob (0.1 is usual) or "
+                                 "eval.guidance_scale: 0")
             size = self.data.image_size
             if self.model.kind == "dit" and size % self.model.patch_size:
                 raise ValueError(f"data.image_size {size} is not divisible by model.patch_size "

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from pipeline.config.schema.fields import (
     Fraction,
-    NonNegFloat,
     PositiveFloat,
     PositiveInt,
     Strict,
@@ -66,16 +65,28 @@ class GPTConfig(Strict):
         return self
 
 
+# The sampler's settings, which an older spec (a model folder written before they moved to the
+# task's `eval` section) still holds: `without_sampler` takes them out of such a spec.
+SAMPLER_KEYS = ("sample_steps", "sample_eta", "guidance_scale")
+
+
 class DiffusionProcessConfig(Strict):
-    """The DDPM forward process and the sampler used for evaluation."""
+    """The DDPM forward process the model is trained with. The sampler (steps, eta, guidance) is
+    the task's `eval` section's: it does not change the trained weights."""
 
     timesteps: PositiveInt = 1000
     schedule: Literal["linear", "cosine"] = "cosine"
     prediction: Literal["eps", "v"] = "eps"
-    sample_steps: PositiveInt = 100
-    sample_eta: Fraction = 1.0  # 0 = deterministic DDIM, 1 = ancestral (DDPM-like) noise per step
-    guidance_scale: NonNegFloat = 1.0
-    cond_drop_prob: Fraction = 0.1
+    cond_drop_prob: Fraction = 0.1  # label dropout while training: what classifier-free guidance needs
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sampler_moved(cls, data: Any) -> Any:
+        moved = [k for k in SAMPLER_KEYS if isinstance(data, dict) and k in data]
+        if moved:
+            raise ValueError(f"{moved[0]}: the sampler's settings moved to the task's eval section "
+                             f"(eval.{moved[0]}): they are chosen after training and do not retrain the model")
+        return data
 
     @model_validator(mode="after")
     def _trainable(self) -> DiffusionProcessConfig:
@@ -84,11 +95,15 @@ class DiffusionProcessConfig(Strict):
             raise ValueError(f"timesteps: the linear schedule needs more than 20 (its largest beta, "
                              f"0.02 x 1000/{self.timesteps}, is not below 1: every image is pure noise and the "
                              "loss is not finite); raise timesteps or use schedule: cosine")
-        if self.guidance_scale > 0 and self.cond_drop_prob == 0:
-            raise ValueError("guidance_scale: classifier-free guidance mixes in the unconditional prediction, which "
-                             "only cond_drop_prob > 0 trains (the null class never sees a gradient at 0); set "
-                             "cond_drop_prob (0.1 is usual) or guidance_scale: 0")
         return self
+
+
+def without_sampler(model: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A saved spec's model section without the sampler keys an older spec held under
+    `diffusion`, and those keys (the sampler that model was evaluated with)."""
+    process = dict(model.get("diffusion") or {})
+    legacy = {k: process.pop(k) for k in SAMPLER_KEYS if k in process}
+    return ({**model, "diffusion": process} if legacy else model), legacy
 
 
 class DiTConfig(Strict):

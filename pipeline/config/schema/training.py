@@ -152,3 +152,8 @@ class EvalConfig(Strict):
     sample_cols: PositiveInt = 8
     samples_per_class: NonNegInt = 30  # diffusion: samples scored by the digit classifier (0 = skip)
     classifier_steps: PositiveInt = 400  # diffusion: training steps of that classifier
+    # diffusion: the sampler evaluation scores and the exported model serves by default. Chosen
+    # after training (a run is not retrained to try another), so kept out of the model's config.
+    sample_steps: PositiveInt = 100  # DDIM steps (capped at the model's diffusion.timesteps)
+    sample_eta: Fraction = 1.0  # 0 = deterministic DDIM, 1 = ancestral (DDPM-like) noise per step
+    guidance_scale: NonNegFloat = 1.0  # classifier-free guidance weight (0 = conditional only)

@@ -187,8 +187,9 @@ def _layout(cfg: PipelineConfig, facts: ModelFacts, workers: int, optim: OptimCo
     """Per-rank bytes of one strategy (`_state_layout`), with the EMA's copy of the weights when
     `ema` (trainer.ema_decay > 0). The loop averages `strategy.ema_source()` into fp32 clones on
     its device, one per state-dict entry (a tied weight twice): the whole state dict under DDP,
-    Horovod and ZeRO-0/1/2 (whose lp module state dict is cloned to fp32), this rank's shards
-    under FSDP2 (DTensors) and its fp32 master partition under ZeRO-3. With ZeRO-3's optimizer
+    Horovod, ZeRO-0 and fp32 ZeRO-1/2, this rank's shards under FSDP2 (DTensors) and its fp32
+    master partition under ZeRO-3 and bf16/fp16 ZeRO-1/2 (the optimizer's own partition: in host
+    memory when the optimizer is offloaded there). With ZeRO-3's optimizer
     offloaded that partition is in host memory, but DeepSpeed hands it over as a copy on the
     device (`safe_get_local_fp32_param`), so the EMA is on the device, and each update makes
     the copies of every partition again: a second copy at the step. Measured with the DiT on 2
@@ -199,9 +200,13 @@ def _layout(cfg: PipelineConfig, facts: ModelFacts, workers: int, optim: OptimCo
         return layout
     s, N = cfg.strategy, workers
     entries = facts.state_numel or facts.params
-    sharded = isinstance(s, FSDPConfig) or (isinstance(s, DeepSpeedConfig) and s.zero_stage == 3)
+    master_part = isinstance(s, DeepSpeedConfig) and s.zero_stage in (1, 2) and cfg.precision.dtype in ("bf16", "fp16")
+    sharded = isinstance(s, FSDPConfig) or (isinstance(s, DeepSpeedConfig) and s.zero_stage == 3) or master_part
     copy = (math.ceil(entries / N) if sharded else entries) * 4
-    layout.static.ema += copy
+    if master_part and s.offload_optimizer:  # (the partition it averages lives in host memory)
+        layout.host.ema += copy
+    else:
+        layout.static.ema += copy
     if isinstance(s, DeepSpeedConfig) and s.zero_stage == 3 and s.offload_optimizer:
         layout.step.ema += copy
     return layout

@@ -1,0 +1,157 @@
+"""Hugging Face checkpoints the GPT cannot fine-tune exactly are refused in one line naming the
+file and the key (or tensor) that decides it, with real `transformers` folders built here:
+
+- attention that does not see the whole context (`sliding_window`, `attention_chunk_size`) and
+  quantized checkpoints (`quantization_config`) at config validation;
+- float8 or integer weights by the driver's check and by the reader itself (a folder that does
+  not say it is quantized);
+- a config.json `vocab_size` smaller than its own tokenizer, a transformers-4 `rope_scaling`
+  and a `.bin`-only folder, each named as the file has it;
+- and the exported config.json never carries those keys set.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, validate
+from tests.conftest import make_tiny_llama, tiny_raw
+
+KEY = "tasks.lm.model.init_from"
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, text_corpus) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("hf_refusals") / "llama", text_corpus)
+
+
+def _copy(llama: Path, tmp_path: Path, **change) -> Path:
+    """A copy of the checkpoint with config.json keys changed (None: removed)."""
+    folder = tmp_path / "llama"
+    shutil.copytree(llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(change)
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return folder
+
+
+def _validate(folder: Path, text_corpus: Path):
+    return validate(tiny_raw([f"tasks.lm.data.source={text_corpus}", f"{KEY}={folder}"]))
+
+
+def _spec(folder: Path, text_corpus: Path) -> dict:
+    model = _validate(folder, text_corpus).task("lm").model
+    return {"task": "lm", "model": model.model_dump(mode="json"), "vocab_size": model.vocab_size, "max_seq_len": 32}
+
+
+# ----------------------------------------------------------------------------- config validation
+@pytest.mark.parametrize("key", ["sliding_window", "attention_chunk_size"])
+def test_llama_with_windowed_or_chunked_attention_is_refused_naming_the_key(tmp_path, llama, text_corpus, key):
+    """transformers 5 applies either in attention (greedy generation then differs from the GPT's,
+    which attends to the whole context): refused at validation, not after training."""
+    folder = _copy(llama, tmp_path, **{key: 4})
+    with pytest.raises(ConfigError, match=rf"^{KEY}: .*llama/config.json: {key} is 4 \(the GPT attends to the "
+                                          r"whole context\)$"):
+        _validate(folder, text_corpus)
+
+
+def test_llama_with_null_sliding_window_is_accepted(tmp_path, llama, text_corpus):
+    """Null is how many Llama configs spell "no window": nothing to refuse."""
+    folder = tmp_path / "llama"
+    shutil.copytree(llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "sliding_window": None, "attention_chunk_size": None}))
+    assert _validate(folder, text_corpus).task("lm").model.n_layers == 2
+
+
+def test_quantized_llama_config_is_refused_at_validation(tmp_path, llama, text_corpus):
+    folder = _copy(llama, tmp_path, quantization_config={"quant_method": "fp8", "weight_block_size": [16, 16]})
+    with pytest.raises(ConfigError, match=r"config.json: quantization_config is set \(quant_method 'fp8'; quantized "
+                                          r"checkpoints cannot be fine-tuned: dequantize first\)$"):
+        _validate(folder, text_corpus)
+
+
+def test_config_vocab_size_smaller_than_its_tokenizer_is_named_as_the_config_key(tmp_path, llama, text_corpus):
+    """Not as `model.vocab_size`, a key the user never set: the checkpoint's config.json is wrong."""
+    folder = _copy(llama, tmp_path, vocab_size=250)
+    with pytest.raises(ConfigError, match=r"llama/config.json: vocab_size is 250, smaller than the vocabulary of its "
+                                          r"tokenizer.json \(300 tokens\)"):
+        _validate(folder, text_corpus)
+
+
+@pytest.mark.parametrize(("scaling", "named"), [
+    ({"type": "linear", "factor": 2.0}, "rope_scaling.type is 'linear'"),
+    ({"rope_type": "dynamic", "factor": 2.0}, "rope_scaling.rope_type is 'dynamic'"),
+])
+def test_transformers_4_rope_scaling_is_named_as_the_key_the_file_has(tmp_path, llama, text_corpus, scaling, named):
+    """A transformers-4 config has `rope_theta` + `rope_scaling` and no `rope_parameters`."""
+    folder = _copy(llama, tmp_path, rope_parameters=None, rope_theta=50000.0, rope_scaling=scaling)
+    with pytest.raises(ConfigError, match=rf"config.json: {named} \(only unscaled RoPE is implemented\)$"):
+        _validate(folder, text_corpus)
+
+
+# ----------------------------------------------------------------------------- the weights
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_quantized_weights_are_refused_by_the_driver_check_and_the_reader(tmp_path, llama, text_corpus, dtype):
+    """A folder whose config does not say it is quantized, but whose q_proj weights are float8
+    (or int8): cast to fp32 they would load as garbage (their scales ignored)."""
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.distributed.sharded_init import parameter_names
+    from pipeline.models.gpt import GPT
+    from pipeline.models.hf import HFCheckpoint
+    from pipeline.training.checkpoint import check_init_weights
+
+    folder = _copy(llama, tmp_path)
+    spec = _spec(folder, text_corpus)
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].clamp(-1, 1).to(dtype)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    stored = {torch.float8_e4m3fn: "F8_E4M3", torch.int8: "I8"}[dtype]
+    refused = rf": .*llama/model.safetensors: '{name}' \(the model's 'blocks.1.attn.wq.weight'\) is stored as " \
+              rf"{stored}, not as a float: quantized checkpoints cannot be fine-tuned: dequantize first$"
+    with pytest.raises(ValueError, match=f"^{KEY}{refused}"):
+        check_init_weights(folder, KEY, spec)
+    cfg = _validate(folder, text_corpus).task("lm").model
+    model = GPT(cfg, cfg.vocab_size, 32)
+    names = parameter_names(model)
+    with pytest.raises(ValueError, match=f"^model.init_from{refused}"), torch.no_grad():
+        HFCheckpoint(folder).copy_into({names[id(p)]: p for p in model.parameters()})
+
+
+def test_bin_only_folder_gets_the_conversion_hint_from_the_driver_check(tmp_path, llama, text_corpus):
+    """The driver's check runs first: it gives the reader's hint (convert once with
+    save_pretrained), not "model.safetensors is missing"."""
+    from transformers import LlamaForCausalLM
+
+    from pipeline.training.checkpoint import check_init_weights
+
+    folder = _copy(llama, tmp_path)
+    spec = _spec(folder, text_corpus)
+    torch.save(LlamaForCausalLM.from_pretrained(folder).state_dict(), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"^{KEY}: .*llama has neither model.safetensors nor "
+                                                r"model.safetensors.index.json \(it holds pytorch_model.bin\): PyTorch "
+                                                r".bin checkpoints are not read; load and save_pretrained them once"):
+        check_init_weights(folder, KEY, spec)
+
+
+# ----------------------------------------------------------------------------- the export
+def test_exported_config_never_carries_quantization_or_a_window(llama, text_corpus):
+    """A source config's quantization_config and a set window are not written back (the exported
+    weights are plain floats, and the GPT attended to the whole context); a null window is kept,
+    so an unchanged checkpoint still round-trips byte for byte."""
+    from pipeline.models.hf import hf_config
+
+    model = _validate(llama, text_corpus).task("lm").model
+    source = {**json.loads((llama / "config.json").read_text()), "sliding_window": 4096, "attention_chunk_size": None,
+              "quantization_config": {"quant_method": "fp8"}}
+    fields = hf_config(model, "llama", 305, 32, {"eos_token_id": 2}, "float32", source)
+    assert "quantization_config" not in fields and "sliding_window" not in fields
+    assert "attention_chunk_size" in fields and fields["attention_chunk_size"] is None
