@@ -43,7 +43,7 @@ from pipeline.training.ema import EMA
 from pipeline.training.mfu import device_peak, mfu
 from pipeline.training.optim import ValidationTracker, build_optimizer, describe_optimizer, lr_at
 from pipeline.training.validation import validation_loss
-from pipeline.training.window import StepWindow
+from pipeline.training.window import StepWindow, WindowValues
 
 
 class Session(Protocol):
@@ -178,6 +178,8 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     window = StepWindow(session.device, tr.max_nonfinite_in_a_row)
     window_items, window_start, reported_final, data_wait = 0, time.perf_counter(), False, 0.0
     run_start, first_step = window_start, state.step  # for the ETA: this start's pace so far
+    # validation's seconds, in this window (taken out of its throughput and MFU) and this start (for the ETA)
+    val_seconds, val_total, val_count = 0.0, 0.0, 0
     while state.step < tr.max_steps and not state.stopped_early:
         lr = lr_at(state.step, tcfg.optim, tr.max_steps, tracker.plateau_scale)
         for group in strategy.optimizer.param_groups:
@@ -197,8 +199,14 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
 
         val_loss = None
         if val is not None and state.step % tr.eval_every == 0:
-            val_loss = strategy.all_mean([validation_loss(
-                task, strategy, val, tr.global_batch_size, tr.eval_batches, session.device, cfg.seed)])[0]
+            # timed from when the training queued so far has finished (validation reads its losses
+            # back anyway, so this wait adds no stall), to its read back: only validation's own time
+            val_start = _settled(session.device)
+            local_val = validation_loss(task, strategy, val, tr.global_batch_size, tr.eval_batches, session.device,
+                                        cfg.seed)
+            spent = time.perf_counter() - val_start
+            val_seconds, val_total, val_count = val_seconds + spent, val_total + spent, val_count + 1
+            val_loss = strategy.all_mean([local_val])[0]
             state.stopped_early = tracker.observe(val_loss, tcfg.optim, tr.early_stop_patience)
         final = state.step == tr.max_steps or state.stopped_early
         do_ckpt = final or state.step % tr.ckpt_every == 0
@@ -213,7 +221,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
                 f"(last loss {seen.limit_loss}, grad norm {_inf_if_nan(seen.limit_norm)}) at step "
                 f"{seen.limit_step}; lower optim.lr or use another precision. Checkpoints up to the last good "
                 "step are kept.")
-        elapsed = time.perf_counter() - window_start
+        elapsed = time.perf_counter() - window_start - val_seconds  # training's time: throughput, MFU, data wait
         loss_mean, items_total, wait_mean = strategy.all_mean([seen.loss_mean, float(window_items), data_wait])
         items_total *= dp_size  # every rank of a data-parallel replica counted the same items
         entry = {"step": state.step, "loss": loss_mean, "lr": lr, "grad_norm": seen.last_norm,
@@ -239,21 +247,53 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
         if session.rank == 0:
             extra = f" | val {val_loss:.4f}" if val_loss is not None else ""
             util = f" | MFU {entry['mfu']:.1%}" if "mfu" in entry else ""
-            eta = (time.perf_counter() - run_start) / (state.step - first_step) * (tr.max_steps - state.step)
-            print(f"[{task_name}] step {state.step}/{tr.max_steps} | loss {loss_mean:.4f}{extra} | lr {lr:.2e} | "
-                  f"grad {seen.last_norm:.2f} | {entry[f'{task.item_name}_per_s']:,.0f} {task.item_name}/s{util} | "
+            later_vals = tr.max_steps // tr.eval_every - state.step // tr.eval_every if val is not None else 0
+            eta = _eta(time.perf_counter() - run_start, val_total, val_count, state.step - first_step,
+                       tr.max_steps - state.step, later_vals)
+            grad = f"{seen.last_norm:.2f}" if math.isfinite(seen.last_norm) else "n/a"
+            print(f"[{task_name}] step {state.step}/{tr.max_steps} | loss {_loss_text(loss_mean, seen)}{extra} | "
+                  f"lr {lr:.2e} | grad {grad} | {entry[f'{task.item_name}_per_s']:,.0f} {task.item_name}/s{util} | "
                   f"eta {_duration(eta)}", flush=True)
             if state.stopped_early:
                 print(f"[{task_name}] early stop: no better validation loss than {tracker.best:.4f} in "
                       f"{tracker.evals_since_best} validations", flush=True)
         _report(session, strategy, ema, reader, state, tracker, entry, do_ckpt, final, implementation, parameters)
-        window_items, window_start, data_wait = 0, time.perf_counter(), 0.0
+        window_items, window_start, data_wait, val_seconds = 0, time.perf_counter(), 0.0, 0.0
         reported_final = final
     if not reported_final:  # resumed a finished run: hand its final checkpoint over again
         _report(session, strategy, ema, reader, state, tracker, state.history[-1], True, True, implementation,
                 parameters)
     reader.close()
     return state
+
+
+def _settled(device: torch.device) -> float:
+    """`time.perf_counter()` once the work queued on `device` has run: on a GPU the host runs
+    ahead of the device, so a clock read without waiting would charge the training still queued
+    to whatever is timed next. Only called where the loop reads the device back anyway."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _eta(wall: float, val_total: float, val_count: int, steps_done: int, steps_left: int, vals_left: int) -> float:
+    """Seconds to the end at this start's pace: training (with its checkpoints and reports) per
+    step, and validation per validation still to come. Validations are counted apart because
+    they come every `eval_every` steps: spread over the steps, one just run would inflate the pace
+    until the next is due, and none run yet would leave all of them out."""
+    per_step = (wall - val_total) / steps_done
+    per_val = val_total / val_count if val_count else 0.0  # none run yet: nothing to go by
+    return per_step * steps_left + per_val * vals_left
+
+
+def _loss_text(loss: float, seen: WindowValues) -> str:
+    """The console's loss: a window without a finite loss says why rather than print a number
+    (0.0 once, which made a diverging run look perfect)."""
+    if math.isfinite(loss):
+        return f"{loss:.4f}"
+    if not seen.good_steps:
+        return f"n/a (all {seen.skipped} steps skipped)"
+    return "n/a (no finite loss on some rank)"  # this rank had good steps, another had none
 
 
 def _duration(seconds: float) -> str:

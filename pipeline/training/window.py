@@ -8,14 +8,19 @@ a checkpoint or a validation): one read of a few numbers instead of several per 
 
 What it keeps is exactly what the loop logged when it read every step: the sum and count of
 the losses of the steps that stepped with a finite loss (summed in float64, in step order,
-as Python floats were), the last such step's gradient norm (carried over windows), the steps
-skipped, and the run of non-finite steps in a row, with the step, loss and norm at which the
-run first reached `trainer.max_nonfinite_in_a_row`. Skipped steps change no weights, so
-learning that limit at the next report instead of at once loses nothing but those steps' time.
+as Python floats were), the last such step's gradient norm, the steps skipped, and the run of
+non-finite steps in a row, with the step, loss and norm at which the run first reached
+`trainer.max_nonfinite_in_a_row`. Skipped steps change no weights, so learning that limit at
+the next report instead of at once loses nothing but those steps' time.
+
+A window in which every step was skipped has no loss and no gradient norm: it reads NaN for
+both, never 0.0 (a zero loss made a diverging run look perfect in the console, the history,
+MLflow and train.json; NaN is dropped from the plots and shows as NaN everywhere else).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +30,9 @@ import torch
 class WindowValues:
     """One read of the window (host values)."""
 
-    loss_mean: float  # over the window's good steps (0.0 when none)
+    loss_mean: float  # over the window's good steps (NaN when none: there is no loss to show)
     good_steps: int
-    last_norm: float  # of the last good step so far (previous windows too)
+    last_norm: float  # of the window's last good step (NaN when none: an older one would look current)
     skipped: int  # in this window
     in_a_row: int  # non-finite steps in a row up to now
     limit_step: int  # the step at which the run reached the limit (0: not reached)
@@ -64,13 +69,15 @@ class StepWindow:
         ])
 
     def read(self) -> WindowValues:
-        """The one read back of the window; then start the next window (the last good norm,
-        the run in a row and the limit carry over)."""
+        """The one read back of the window; then start the next window (the run in a row and
+        the limit carry over: they count across windows). With no good step in the window its
+        loss and norm are NaN, so that nobody mistakes an all-skipped window for a perfect one."""
         v = self._t.tolist()
-        self._t = torch.stack([self._t.new_zeros(()), self._t.new_zeros(()), *self._t[2:3],
-                               self._t.new_zeros(()), *self._t[4:]])
+        zero = self._t.new_zeros(())
+        self._t = torch.stack([zero, zero, zero, zero, *self._t[4:]])
         good = int(v[1])
-        return WindowValues(v[0] / max(1, good), good, v[2], int(v[3]), int(v[4]), int(v[5]), v[6], v[7])
+        loss, norm = (v[0] / good, v[2]) if good else (math.nan, math.nan)
+        return WindowValues(loss, good, norm, int(v[3]), int(v[4]), int(v[5]), v[6], v[7])
 
 
 def _scalar(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
