@@ -18,7 +18,8 @@ from pipeline.config import ConfigError, PipelineConfig, compose, load_config, v
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean bad input (config, data, files), reported as one line.
+    """Errors that mean bad input (config, data, files) or a diverged run (non-finite losses: a
+    setting to change, not a bug), reported as one line.
 
     Set PIPELINE_DEBUG=1 to get the traceback instead, e.g. when a ValueError may be a bug.
     """
@@ -29,9 +30,11 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from pipeline.runtime.connect import ClusterUnavailable
     from pipeline.tracking.mlflow_runs import TrackingUnavailable
     from pipeline.training.checkpoint import CheckpointError
+    from pipeline.training.loop import NonFiniteError  # (a diverged run: its message says what to change)
 
     return (ConfigError, FileNotFoundError, KeyError, ValueError, ShardError, DataSourceError, CheckpointError,
-            TrackingUnavailable, ClusterUnavailable, ConnectionError)  # (an address nothing answers at)
+            TrackingUnavailable, ClusterUnavailable, ConnectionError,  # (an address nothing answers at)
+            NonFiniteError)
 
 
 def stage_main(stage: str, run: Callable[[PipelineConfig, str], None], argv: list[str] | None = None) -> None:

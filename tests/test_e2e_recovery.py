@@ -173,3 +173,73 @@ def _registry_through_server(project: Path, uri: str, artifacts: Path, run_id: s
                    project)
     assert run_id in shown and "input      lm-raw:" in shown
 
+
+
+def _stage_env(project: Path) -> dict[str, str]:
+    """The environment `run_ok` gives a stage, for a stage expected to fail."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(project),
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "2"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _only_run(project: Path):
+    """The MLflow run (in the project's SQLite store) of the one Ray run under runs/ray."""
+    from mlflow.tracking import MlflowClient
+
+    run_dirs = [d for d in (project / "runs/ray").iterdir() if (d / "mlflow_run_id").is_file()]
+    assert len(run_dirs) == 1, run_dirs
+    run_id = (run_dirs[0] / "mlflow_run_id").read_text().strip()
+    return MlflowClient(f"sqlite:///{project / 'mlruns.db'}").get_run(run_id)
+
+
+def test_failed_horovod_training_ends_its_run_failed_in_one_line(prepared_lm, tmp_path):
+    """A Horovod training that fails (here: it diverges, and stops on non-finite losses) ended its
+    MLflow run FINISHED, the error raised only after the run was closed, as an 85-line traceback.
+    Now the run ends FAILED, the stage says why in one line, and the run carries what was known
+    before training (model.parameters), though no checkpoint was written."""
+    project = _copy(prepared_lm, tmp_path / "project")
+    args = [sys.executable, "-m", "stages.train", "lm", "strategy.name=horovod", "strategy.backend=gloo",
+            "cluster.max_failures=0", "tasks.lm.optim.lr=1e5", "tasks.lm.trainer.grad_clip=0",
+            "tasks.lm.optim.warmup_steps=0", "tasks.lm.trainer.max_nonfinite_in_a_row=2",
+            "tasks.lm.trainer.log_every=1"]
+    proc = subprocess.run(args, cwd=project, env=_stage_env(project), capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error [train lm]")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert "non-finite loss" in errors[0], errors[0]
+    run = _only_run(project)
+    assert run.info.status == "FAILED"
+    assert int(run.data.tags["model.parameters"]) > 0
+
+
+def test_ctrl_c_during_training_ends_the_run_killed(prepared_lm, tmp_path):
+    """Ctrl-C (SIGINT to the stage's whole process group, as a terminal sends it) while it trains:
+    the MLflow run ends KILLED, MLflow's convention for a run its user stopped (it was FAILED, and
+    the stage said nothing), one line says that rerunning resumes, and the checkpoints stay."""
+    import signal
+    import time
+
+    project = _copy(prepared_lm, tmp_path / "project")
+    args = [sys.executable, "-m", "stages.train", "lm", "tasks.lm.trainer.max_steps=100000",
+            "tasks.lm.trainer.ckpt_every=4", "tasks.lm.trainer.log_every=4"]
+    proc = subprocess.Popen(args, cwd=project, env=_stage_env(project), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not list((project / "runs/ray").glob("*/checkpoint_manager_snapshot.json")):
+            assert proc.poll() is None and time.time() < deadline, "training ended before it could be interrupted"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)  # (not minutes: the run's end is bounded)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0, out[-3000:]
+    interrupted = [line for line in out.splitlines() if "interrupted" in line]
+    assert len(interrupted) == 1 and "KILLED" in interrupted[0] and "resume" in interrupted[0], out[-3000:]
+    run = _only_run(project)
+    assert run.info.status == "KILLED"
+    assert list(next((project / "runs/ray").iterdir()).glob("checkpoint_*"))

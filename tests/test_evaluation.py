@@ -67,3 +67,40 @@ def test_a_cpu_generator_drives_a_model_on_another_device():
     loss = process.loss(dit, x, torch.zeros(5, dtype=torch.long, device="meta"), 10, gen)
     assert loss.device.type == "meta" and loss.shape == ()
     assert gen.initial_seed() == 4 and not torch.equal(gen.get_state(), torch.Generator().manual_seed(4).get_state())
+
+
+def test_diffusion_evaluation_prints_what_it_does_and_its_progress(built_data, capsys, monkeypatch):
+    """Each step of the diffusion evaluation (about a minute on a CPU, which was silent) says what
+    it is doing, its progress with an ETA inside its loop, and how long it took."""
+    import pipeline.evaluation.diffusion as diffusion
+
+    monkeypatch.setattr(diffusion, "PROGRESS_EVERY_S", 0.0)  # a progress line at every step
+    _, shards = built_data
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(d_model=32, depth=1, n_heads=2), (1, 8, 8), num_classes=10).eval()
+    cfg = EvalConfig(max_batches=3, batch_size=4, sample_rows=2, sample_cols=3, samples_per_class=2,
+                     classifier_steps=3, sample_steps=4)
+    diffusion.denoise_loss(model, shards["diffusion"], "val", cfg)
+    diffusion.sample_grid(model, cfg)
+    diffusion.score_with_classifier(model, shards["diffusion"], cfg)
+    lines = capsys.readouterr().out.splitlines()
+    steps = [
+        ("val denoise loss over 3 batches of 4", 3, "batches"),
+        ("sampling the grid (2x3): 6 images, 4 denoising steps", 4, "steps"),
+        ("training the digit classifier that scores the samples: 3 steps", 3, "steps"),
+        ("sampling 2 per class to score: 20 images, 4 denoising steps", 4, "steps"),
+    ]
+    expected = []
+    for what, total, unit in steps:
+        expected += [f"[diffusion] {what} ..."]
+        expected += [f"[diffusion] {what}: {i}/{total} {unit}, ETA" for i in range(1, total)]
+        expected += [f"[diffusion] {what}: done in"]
+    assert len(lines) == len(expected), "\n".join(lines)
+    for line, want in zip(lines, expected, strict=True):
+        if want.endswith(", ETA"):
+            assert line.startswith(want[:-len(", ETA")] + ", ") and " s, eta " in line, line
+        else:
+            assert line.startswith(want), (line, want)
+    from torch.optim.optimizer import _global_optimizer_post_hooks
+
+    assert not model._forward_hooks and not _global_optimizer_post_hooks  # the counting hooks are gone again

@@ -102,3 +102,20 @@ def test_damaged_home_stops_the_local_ray_in_one_line_before_any_mlflow_run(shar
     assert len(errors) == 1 and "cannot start the local Ray" in errors[0] and "set HOME to a writable folder" \
         in errors[0], proc.stderr[-3000:]
     assert not (sharded_project / "mlruns.db").exists()
+
+
+def test_non_finite_stop_is_not_retried_and_ends_in_one_line(sharded_project):
+    """Non-finite losses in a row stop the loop (`NonFiniteError`); resume is exact, so every retry
+    would replay the same steps into the same divergence: one attempt, one line, exit 2 (it was
+    retried `cluster.max_failures` times and ended in Ray's 80-line traceback, exit 1)."""
+    proc, _ = _train(sharded_project, {}, "tasks.lm.optim.lr=1e5", "tasks.lm.trainer.grad_clip=0",
+                     "tasks.lm.optim.warmup_steps=0", "tasks.lm.trainer.max_nonfinite_in_a_row=2",
+                     "tasks.lm.trainer.log_every=1", "tasks.lm.trainer.ckpt_every=2", "cluster.max_failures=2",
+                     "cluster.storage_path=runs/nonfinite")
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert "training attempt" not in proc.stdout and proc.stdout.count("worker(s) on") == 1, proc.stdout[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error [train lm]: [lm] 2 steps in a row had a non-finite loss"), \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "WorkerGroupError" not in proc.stderr, proc.stderr[-3000:]
+    assert not (sharded_project / "models/lm").exists()

@@ -125,3 +125,186 @@ def test_live_metrics_buffer_is_bounded_and_the_fill_completes_it(tmp_path, monk
 def test_live_metrics_go_live_only_where_workers_reach_the_store():
     assert reachable_from_anywhere("http://10.0.0.5:5000") and reachable_from_anywhere("postgresql://db/mlflow")
     assert not reachable_from_anywhere("sqlite:////tmp/m.db") and not reachable_from_anywhere("/tmp/mlruns")
+
+
+def test_the_live_recovery_line_counts_what_it_caught_up(tmp_path, monkeypatch):
+    """The "back" line says how many values the outage held back (not the run's total), and the
+    "unreachable" line names the cause (a refused connection), not a URL cut before it."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = mlflow_server(tmp_path, port)
+    lines: list[str] = []
+    try:
+        client = MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("caught-up")).info.run_id
+        live = LiveMetrics(run_id, uri, interval_s=0.2, max_pause_s=1.0, say=lambda *a, **k: lines.append(" ".join(a)))
+        for step in range(1, 6):
+            live.log(_entry(step))
+        _wait_for(lambda: len(client.get_metric_history(run_id, "train/loss")) == 5)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        for step in range(6, 16):  # 10 steps of 4 values each, held back by the outage
+            live.log(_entry(step))
+        _wait_for(lambda: any("unreachable" in line for line in lines))
+        down = next(line for line in lines if "unreachable" in line)
+        assert "Connection refused" in down and "\n" not in down, down
+        server = mlflow_server(tmp_path, port)
+        _wait_for(lambda: any("back" in line for line in lines))
+        live.close()
+        back = next(line for line in lines if "back" in line)
+        assert "caught up: 40 values sent" in back, back
+        assert [s for s, _ in _history(client, run_id, "train/loss")] == list(range(1, 16))
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def test_system_sampler_survives_a_server_outage(tmp_path, monkeypatch):
+    """MLflow's own monitor stops for good at its first failed request; the sampler keeps
+    sampling through an outage (one short line), and once the server is back its samples arrive
+    with the steps going on where they stopped: no gap, no step twice."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.live import SystemSampler
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = mlflow_server(tmp_path, port)
+    lines: list[str] = []
+    key = "system/node-test/cpu_utilization_percentage"
+    try:
+        client = MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("system")).info.run_id
+        sampler = SystemSampler(run_id, uri, "node-test", sampling_interval=0.3,
+                                say=lambda *a, **k: lines.append(" ".join(a))).start()
+        _wait_for(lambda: len(client.get_metric_history(run_id, key)) >= 2)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        _wait_for(lambda: any("unreachable" in line for line in lines))
+        time.sleep(1.0)  # samples taken while the server is down
+        server = mlflow_server(tmp_path, port)
+        before = len(client.get_metric_history(run_id, key))
+        _wait_for(lambda: len(client.get_metric_history(run_id, key)) >= before + 3)  # sampling went on
+        assert sampler.finish(timeout_s=10)
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(len(steps)))
+        assert len([line for line in lines if "unreachable" in line]) == 1, lines
+        assert all("\n" not in line and "Connection refused" in line for line in lines if "unreachable" in line)
+        assert any("back" in line for line in lines), lines
+
+        resumed = SystemSampler(run_id, uri, "node-test", sampling_interval=0.3, say=lambda *a, **k: None).start()
+        _wait_for(lambda: len(client.get_metric_history(run_id, key)) >= len(steps) + 1)
+        assert resumed.finish(timeout_s=10)
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == list(range(len(steps)))  # a second sampler of the run goes on after the first's steps
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def test_driver_run_ends_in_seconds_when_the_server_hangs(tmp_path, monkeypatch):
+    """A tracking server that stops answering (SIGSTOP: connections accepted, never answered) after
+    the fit: with MLflow's defaults the driver sat minutes in `end_run` and the fill, silent. Now
+    each request is bounded, one line says what is awaited, and the failure names its cause."""
+    import threading
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.mlflow_runs import bounded_requests, system_metrics
+
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.delenv(name, raising=False)  # MLflow's defaults, as a user has them
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = mlflow_server(tmp_path, port)
+    lines: list[str] = []
+    outcome: dict[str, object] = {}
+    try:
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("hang")).info.run_id
+
+        def driver() -> None:
+            with system_metrics(run_id, say=lambda *a, **k: lines.append(" ".join(a))):
+                _wait_for(lambda: "system/cpu_utilization_percentage" in client.get_run(run_id).data.metrics)
+                os.killpg(server.pid, signal.SIGSTOP)  # "training" is over; the server hangs
+            outcome["ended"] = time.time()
+            try:
+                with bounded_requests():
+                    fill_missing(run_id, [_entry(1)])
+            except Exception as e:
+                outcome["error"] = e
+            outcome["filled"] = time.time()
+
+        thread = threading.Thread(target=driver, daemon=True)
+        start = time.time()
+        thread.start()
+        thread.join(180)  # MLflow's defaults: 120 s a request, 7 retries (many minutes)
+        assert not thread.is_alive(), f"the driver still waits on a hung server: {lines}"
+        assert outcome["ended"] - start < 90 and outcome["filled"] - outcome["ended"] < 60  # seconds, not minutes
+        assert any(line.startswith(f"waiting for the tracking server at {uri} (ending run {run_id} as FINISHED")
+                   for line in lines), lines
+        assert any(f"could not mark MLflow run {run_id} FINISHED" in line and "Read timed out" in line
+                   for line in lines), lines
+        from pipeline.tracking.live import outage_cause
+
+        assert "Read timed out" in outage_cause(outcome["error"])
+    finally:
+        os.killpg(server.pid, signal.SIGCONT)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        mlflow.set_tracking_uri(None)
+
+
+def test_ctrl_c_ends_the_run_killed_with_one_line(tmp_path, capsys):
+    """KeyboardInterrupt in the body: MLflow's convention for a run stopped by its user is KILLED
+    (not FAILED), and one line says that rerunning resumes."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.mlflow_runs import system_metrics
+
+    store = f"sqlite:///{tmp_path}/m.db"
+    mlflow.set_tracking_uri(store)
+    try:
+        client = MlflowClient(store)
+        run_id = client.create_run(client.create_experiment("ctrl-c")).info.run_id
+        with pytest.raises(KeyboardInterrupt), system_metrics(run_id):
+            raise KeyboardInterrupt
+        assert client.get_run(run_id).info.status == "KILLED"
+        out = [line for line in capsys.readouterr().out.splitlines() if "interrupted" in line]
+        assert len(out) == 1 and "KILLED" in out[0] and "resume" in out[0], out
+        with pytest.raises(RuntimeError), system_metrics(run_id):
+            raise RuntimeError("a failed fit")
+        assert client.get_run(run_id).info.status == "FAILED"
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_fill_missing_keeps_each_entrys_own_time(tmp_path, monkeypatch):
+    """Back-filled values land where their step happened on MLflow's wall-time axis when the
+    history records a time ("time", seconds since the epoch), and that time is no metric itself;
+    entries without one get the time of the fill."""
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path}/m.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    client = MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("times")).info.run_id
+    t0 = 1_700_000_000.0
+    before = time.time()
+    assert fill_missing(run_id, [{**_entry(s), "time": t0 + 60 * s} for s in (1, 2, 3)] + [_entry(4)]) == 16
+    logged = {m.step: m.timestamp for m in client.get_metric_history(run_id, "train/loss")}
+    assert [logged[s] for s in (1, 2, 3)] == [int((t0 + 60 * s) * 1000) for s in (1, 2, 3)]
+    assert logged[4] >= int(before * 1000)
+    assert "train/time" not in client.get_run(run_id).data.metrics

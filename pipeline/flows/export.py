@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
+import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,38 @@ from pipeline.training.checkpoint import (
 
 INFO = "model_info.json"
 INT8 = "model.int8.onnx"
+
+# mlflow.pyfunc.log_model's warning for every python_model given as an object: ours is the
+# project's own class, shipped with its code (code_paths), so there is nothing to act on
+_CLOUDPICKLE_NOTICE = "Passing a Python object as `python_model` causes it to be serialized using CloudPickle"
+_PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+class _CloudPickleNotice(logging.Filter):
+    """Drops `_CLOUDPICKLE_NOTICE` only; every other record of the logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_CLOUDPICKLE_NOTICE)
+
+
+@contextlib.contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """Around the MLflow calls of the export: without `_CLOUDPICKLE_NOTICE`, and without MLflow's
+    "Downloading artifacts" bar where stderr is no terminal (DVC's log: there a tqdm bar is one
+    line of carriage returns). Warnings and errors of any other kind are still printed."""
+    logger, notice = logging.getLogger("mlflow.pyfunc"), _CloudPickleNotice()
+    logger.addFilter(notice)
+    before = os.environ.get(_PROGRESS_BAR_ENV)
+    if not sys.stderr.isatty():
+        os.environ[_PROGRESS_BAR_ENV] = "false"
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+        if before is None:
+            os.environ.pop(_PROGRESS_BAR_ENV, None)
+        else:
+            os.environ[_PROGRESS_BAR_ENV] = before
 
 
 def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_dir: Path,
@@ -70,7 +107,7 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
             int8 = accuracy_change(tmp / "model.onnx", tmp / INT8, shards,
                                    EvalConfig(batch_size=rows, max_batches=-(-tcfg.export.int8_eval_rows // rows)))
         write_checksums(tmp)  # every file so far (the MLflow model's folder carries its share of the record)
-        with mlflow.start_run(run_id=run["run_id"]):
+        with _quiet_mlflow(), mlflow.start_run(run_id=run["run_id"]):
             info = log_pyfunc(tmp, spec)
             if diff is not None:
                 # the graph and its external weights file (model.onnx.data) belong together
@@ -85,7 +122,8 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
                 mlflow.set_tag("export.hf_architecture", hf["hf_architecture"] or f"none: {hf['hf_skipped']}")
                 mlflow.log_metrics({f"export/{k}": v for k, v in hf_metrics(hf).items()})
         # Round trip: the logged model must load and predict before anything is registered.
-        prediction = mlflow.pyfunc.load_model(info.model_uri).predict(example_input(spec))
+        with _quiet_mlflow():
+            prediction = mlflow.pyfunc.load_model(info.model_uri).predict(example_input(spec))
         result = {"model_uri": info.model_uri, "run_id": run["run_id"], "onnx_max_abs_diff": diff,
                   "pyfunc_rows": len(prediction), **int8, **hf}
         (tmp / INFO).write_text(json.dumps(result, indent=2))

@@ -15,6 +15,7 @@ from typing import Any
 
 import mlflow
 
+from pipeline.atomic import atomic_write_text
 from pipeline.config import config_digest, flatten
 from pipeline.config.elastic import check_task_elastic, strategy_reshards, worker_counts
 from pipeline.config.parallel import check_task_parallel, data_parallel_size
@@ -29,11 +30,18 @@ from pipeline.distributed.planner import check_fits
 from pipeline.distributed.precision import check_fp8_config, fp8_layers_warning
 from pipeline.runtime import connect
 from pipeline.runtime.connect import check_reachable, cluster_address, embedded
-from pipeline.runtime.trainer import absolute_init_paths, fit, recover, storage_root
+from pipeline.runtime.trainer import Recovery, absolute_init_paths, fit, recover, run_dir_of, storage_root
 from pipeline.tasks import task_for_data
 from pipeline.tracking import lineage, mlflow_runs, plots
-from pipeline.tracking.live import fill_missing, reachable_from_anywhere
-from pipeline.training.checkpoint import WEIGHTS, check_init_weights, read_meta, safetensors_shapes, write_model
+from pipeline.tracking.live import fill_missing, outage_cause, reachable_from_anywhere
+from pipeline.training.checkpoint import (
+    WEIGHTS,
+    CheckpointError,
+    check_init_weights,
+    read_meta,
+    safetensors_shapes,
+    write_model,
+)
 from pipeline.training.loop import micro_batch_size
 from pipeline.training.optim import check_kernels
 
@@ -48,6 +56,27 @@ class TrainOutcome:
 
 
 RUN_ID_FILE = "mlflow_run_id"  # beside a Ray run's checkpoints: the MLflow run it logs to
+
+
+class TrainingFailed(CheckpointError):
+    """Training stopped with an error after its retries; its checkpoints are kept and a rerun
+    resumes from the last one. A `CheckpointError`, so that the stage reports it in one line (what
+    is left of the run is its checkpoints), not a launcher's traceback of 85 lines."""
+
+
+def _innermost(error: BaseException, task_name: str) -> str:
+    """The exception a worker raised, behind the launcher's wrappers (Ray's task errors keep it as
+    `cause`, Ray Train as `_base_exc`), as `Type: first line` without the task's own prefix."""
+    seen: set[int] = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = next((x for x in (getattr(error, "cause", None), getattr(error, "_base_exc", None), error.__cause__)
+                      if isinstance(x, BaseException)), None)
+        if inner is None:
+            break
+        error = inner
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {(lines[0] if lines else '').removeprefix(f'[{task_name}] ')}"
 
 
 def _history_csv(history: list[dict[str, float]]) -> str:
@@ -84,10 +113,10 @@ def _mlflow_run(cfg: PipelineConfig, task_name: str, run_dir: str, tags: dict[st
     return run.info.run_id
 
 
-def _parameter_count(spec: dict[str, Any], weights: Path) -> int:
+def _parameter_count(spec: dict[str, Any], weights: Path | None) -> int | None:
     """Trainable parameters of the model (tied weights once), counted on a copy built on the meta
     device (no memory); the stored tensors' sizes (from the safetensors header) if that cannot
-    be built."""
+    be built (None without weights to read)."""
     import torch
 
     from pipeline.tasks import task_for_spec
@@ -96,7 +125,25 @@ def _parameter_count(spec: dict[str, Any], weights: Path) -> int:
         with torch.device("meta"):
             return sum(p.numel() for p in task_for_spec(spec).build(spec).parameters())
     except Exception:  # a count for a description is never worth failing the stage
-        return sum(math.prod(shape) for shape in safetensors_shapes(weights).values())
+        return sum(math.prod(shape) for shape in safetensors_shapes(weights).values()) if weights else None
+
+
+def _known_before_fit(cfg: PipelineConfig, run_name: str, recovered: Recovery | None,
+                      spec: dict[str, Any]) -> dict[str, str]:
+    """Tags the driver knows before training: the model's parameter count (from its spec), and
+    where a run resumes from a local checkpoint, what ran before (`impl.*`: backend, kernels, as
+    the workers decided them). Set at the start, so a run that fails still carries them."""
+    tags = {}
+    if (parameters := _parameter_count(spec, None)) is not None:
+        tags["model.parameters"] = str(parameters)
+    run_dir = run_dir_of(cfg, run_name)
+    if recovered and recovered.verified and run_dir is not None:
+        try:
+            implementation = read_meta(run_dir / recovered.verified).get("implementation", {})
+        except (CheckpointError, OSError, ValueError):  # (`recover` checked it; a description only)
+            implementation = {}
+        tags.update({f"impl.{k}": str(v) for k, v in implementation.items()})
+    return tags
 
 
 # Settings that never change the trained weights: a rerun with other values resumes the same run.
@@ -198,25 +245,32 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     run_dir = f"{storage_root(cfg).rstrip('/')}/{run_name}"  # a local folder or an s3:// prefix
     manifest = load_manifest(shards_dir)
     try:
-        run_id = _mlflow_run(cfg, task_name, run_dir, tags)
-        mlflow_runs.log_datasets(run_id, task_name, manifest.get("source", tcfg.data.source),
-                                 manifest.get("raw_sha256"), shards_dir, manifest_md5, tags)
-        # what prepare read, repaired, re-decoded, refused and dropped (params: a rerun logs the same values)
-        mlflow.log_params({f"prepared.{k}": v for k, v in manifest.get("prepare_counts", {}).items()},
-                          run_id=run_id)
+        with mlflow_runs.bounded_requests():  # a hung server: one line in seconds, not minutes of retries
+            run_id = _mlflow_run(cfg, task_name, run_dir, tags)
+            mlflow_runs.log_datasets(run_id, task_name, manifest.get("source", tcfg.data.source),
+                                     manifest.get("raw_sha256"), shards_dir, manifest_md5, tags)
+            # what prepare read, repaired, re-decoded, refused and dropped (params: a rerun logs the same values)
+            mlflow.log_params({f"prepared.{k}": v for k, v in manifest.get("prepare_counts", {}).items()},
+                              run_id=run_id)
+            mlflow.MlflowClient().set_tag(run_id, "ray.cluster", where)
     except mlflow.exceptions.MlflowException as e:
         raise mlflow_runs.TrackingUnavailable(
-            f"[{task_name}] cannot use the tracking store {uri} "
-            f"({str(e).splitlines()[0][:200]}); nothing was trained") from e
-    mlflow.MlflowClient().set_tag(run_id, "ray.cluster", where)
+            f"cannot use the tracking store {uri} ({outage_cause(e)}); nothing was trained") from e
     layout = f", tp={cfg.parallel.tp}, pp={cfg.parallel.pp}" if cfg.parallel.tp * cfg.parallel.pp > 1 else ""
     counts = worker_counts(cfg)
     workers = f"{counts.start}..{counts.stop - 1} workers (elastic)" if len(counts) > 1 else f"{counts.start} workers"
     print(f"[{task_name}] training on {where}: {workers}, strategy {cfg.strategy.name}"
           f"{layout}, {cfg.precision.dtype}; run {run_name}; MLflow run {run_id}", flush=True)
     recovered = recover(cfg, task_name, run_name)  # damaged checkpoints set aside, unfinished ones removed
-    for key, value in (recovered.tags() if recovered else {}).items():
-        mlflow.MlflowClient().set_tag(run_id, key, value)
+    try:
+        with mlflow_runs.bounded_requests():
+            from mlflow.entities import RunTag
+
+            known = {**(recovered.tags() if recovered else {}), **_known_before_fit(cfg, run_name, recovered, spec)}
+            mlflow.MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in known.items()])
+    except mlflow.exceptions.MlflowException as e:
+        raise mlflow_runs.TrackingUnavailable(
+            f"cannot use the tracking store {uri} ({outage_cause(e)}); nothing was trained") from e
     start = time.perf_counter()
     shards = str(shards_dir.resolve())
     if cfg.cluster.shards_uri:  # workers on other nodes read (and cache) a published copy
@@ -226,11 +280,17 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     live = {"run_id": run_id, "tracking_uri": uri} if embedded() or reachable_from_anywhere(uri) else None
     print(f"[{task_name}] live metrics: {'MLflow run ' + run_id + ' at ' + uri if live else 'after the fit'} "
           f"(tracking store {'reachable from the workers' if live else 'on this machine only'})", flush=True)
-    with mlflow_runs.system_metrics(run_id):
+
+    def say(*args: Any, **kwargs: Any) -> None:  # the stage's lines name their task
+        print(f"[{task_name}]", *args, **kwargs)
+
+    with mlflow_runs.system_metrics(run_id, say):
         result = fit(cfg, task_name, shards, run_name, live)
-    seconds = time.perf_counter() - start
-    if result.error:
-        raise RuntimeError(f"[{task_name}] training failed: {result.error}") from result.error
+        seconds = time.perf_counter() - start  # the training, not the wait for the tracking server after it
+        if result.error:  # (Horovod's launcher returns it): raised here, so the MLflow run ends FAILED
+            raise TrainingFailed(
+                f"training failed ({_innermost(result.error, task_name)}); the checkpoints under {run_dir} are "
+                f"kept and a rerun resumes from the last one (MLflow run {run_id} ends FAILED)") from result.error
     with result.checkpoint.as_directory() as d:  # open until the weights are copied into the model folder
         meta = read_meta(Path(d))  # the driver needs weights and history, not the optimizer state
         if not meta.get("final"):
@@ -254,29 +314,33 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
         # (server down, or no live logging) is logged here from the final checkpoint, which holds every
         # step. MLflow's HTTP client retries with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES); if the server
         # stays down, the stage fails with one line and nothing is lost: the Ray run and its final
-        # checkpoint stay, and a rerun resumes the finished run and logs it, with no retraining.
+        # checkpoint stay, and a rerun resumes the finished run and logs it, with no retraining. Each
+        # request is bounded (`bounded_requests`), and a server that hangs is named in one line.
         try:
-            filled = fill_missing(run_id, history)  # what live logging could not send, never a step twice
-            if live and filled:
-                print(f"[{task_name}] {filled} metric values logged after the fit (the live logger could not "
-                      "send them)", flush=True)
-            # (a checkpoint from before the count has none in its meta)
-            parameters = meta.get("parameters") or _parameter_count(spec, Path(d) / WEIGHTS)
-            mlflow.MlflowClient().set_tag(run_id, "model.parameters", str(parameters))
-            if loss_plot is not None:
-                mlflow.MlflowClient().log_artifact(run_id, str(loss_plot), "training")
-            for key, value in meta.get("implementation", {}).items():  # what actually ran: backend, kernels
-                mlflow.MlflowClient().set_tag(run_id, f"impl.{key}", value)
-            # the run's totals at its last step (throughput and MFU are in the history already); a rerun adds none twice
-            fill_missing(run_id, [{"step": meta["step"], **{k: v for k, v in summary.items() if k not in history[-1]}}])
+            with mlflow_runs.bounded_requests(), mlflow_runs.waiting(f"logging the history to run {run_id}", say):
+                filled = fill_missing(run_id, history)  # what live logging could not send, never a step twice
+                if live and filled:
+                    print(f"[{task_name}] {filled} metric values logged after the fit (the live logger could not "
+                          "send them)", flush=True)
+                # (a checkpoint from before the count has none in its meta)
+                parameters = meta.get("parameters") or _parameter_count(spec, Path(d) / WEIGHTS)
+                mlflow.MlflowClient().set_tag(run_id, "model.parameters", str(parameters))
+                if loss_plot is not None:
+                    mlflow.MlflowClient().log_artifact(run_id, str(loss_plot), "training")
+                for key, value in meta.get("implementation", {}).items():  # what actually ran: backend, kernels
+                    mlflow.MlflowClient().set_tag(run_id, f"impl.{key}", value)
+                # the run's totals at its last step (throughput and MFU are in the history already); a rerun
+                # adds none twice
+                totals = {k: v for k, v in summary.items() if k not in history[-1]}
+                fill_missing(run_id, [{"step": meta["step"], **totals}])
         except mlflow.exceptions.MlflowException as e:
             raise mlflow_runs.TrackingUnavailable(
-                f"[{task_name}] training finished, but logging run {run_id} to {uri} failed "
-                f"({str(e).splitlines()[0][:200]}). The final checkpoint is kept under {run_dir}; rerun the "
+                f"training finished, but logging run {run_id} to {uri} failed "
+                f"({outage_cause(e)}). The final checkpoint is kept under {run_dir}; rerun the "
                 "stage when the tracking server is back: it resumes the finished run and logs it without "
                 "retraining") from e
         write_model(model_dir, Path(d) / WEIGHTS, spec, {mlflow_runs.RUN_FILE: json.dumps(info, indent=2)})
-    metrics_dir.mkdir(parents=True, exist_ok=True)
-    (metrics_dir / "train.json").write_text(json.dumps(summary, indent=2))
-    (metrics_dir / "train_history.csv").write_text(_history_csv(history))
+    # atomic: DVC, `dvc metrics` and a reader never see half a file (a crash mid-write, a full disk)
+    atomic_write_text(metrics_dir / "train.json", json.dumps(summary, indent=2))
+    atomic_write_text(metrics_dir / "train_history.csv", _history_csv(history))
     return TrainOutcome(run_id, run_name, history[-1]["loss"], meta["step"], seconds)

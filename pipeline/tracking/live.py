@@ -14,13 +14,17 @@ pairs the run does not have yet. A resumed or rerun fit skips steps the run alre
 step's metric is ever logged twice.
 
 System metrics (CPU, memory, network, GPU) are sampled per training node by `node_monitor`, in
-each node's local rank 0, under `system/<node>/...`.
+each node's local rank 0, under `system/<node>/...`, and on the driver under `system/...`
+(`SystemSampler`, used by `mlflow_runs.system_metrics`). MLflow's own monitor stops for good at its
+first failed request; `SystemSampler` keeps sampling through an outage and sends what it kept
+when the server answers again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -31,12 +35,43 @@ PREFIX = "train/"
 BATCH = 900  # MLflow's log_batch accepts up to 1000 metrics
 
 
+TIME_KEY = "time"  # a history entry's wall-clock time (seconds since the epoch), where the loop records one
+
+
 def _metrics(entry: dict[str, Any], timestamp_ms: int, prefix: str = PREFIX) -> list[Any]:
+    """The entry's numbers as MLflow metrics at its step. Timestamped with the entry's own
+    wall-clock time where it has one (so a fill after the fit lands where the step happened on
+    MLflow's wall-time axis), else with `timestamp_ms`."""
     from mlflow.entities import Metric
 
     step = int(entry["step"])
+    when = entry.get(TIME_KEY)
+    if isinstance(when, (int, float)) and when > 0:
+        timestamp_ms = int(when * 1000)
     return [Metric(f"{prefix}{k}", float(v), timestamp_ms, step) for k, v in entry.items()
-            if k != "step" and isinstance(v, (int, float))]
+            if k not in ("step", TIME_KEY) and isinstance(v, (int, float))]
+
+
+_POOL = re.compile(r"^\w*HTTP\w*\((host=[^)]*)?\):\s*")  # urllib3's "HTTPConnectionPool(host=.., port=..): "
+
+
+def outage_cause(error: BaseException) -> str:
+    """Why a request to the tracking server failed, in a few words: the innermost cause MLflow and
+    requests wrap ("Failed to establish a new connection: [Errno 111] Connection refused", "Read
+    timed out. (read timeout=10)"), not the outer message, whose URL and query string push the
+    cause past any length a one-line message can show."""
+    chain, e = [], error
+    while e is not None and len(chain) < 20 and all(e is not c for c in chain):
+        chain.append(e)
+        reason = getattr(e, "reason", None)  # urllib3's MaxRetryError keeps its cause here
+        e = reason if isinstance(reason, BaseException) else (e.__cause__ or e.__context__)
+    urllib3 = [c for c in chain if type(c).__module__.startswith("urllib3") and type(c).__name__ != "MaxRetryError"]
+    for c in (urllib3[-1:] or chain[::-1]):
+        lines = str(c).strip().splitlines()
+        if lines and len(lines[0]) > 12:  # ("timed out" alone says less than urllib3's own line)
+            return _POOL.sub("", lines[0])[:300]
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
 
 
 class LiveMetrics:
@@ -48,8 +83,7 @@ class LiveMetrics:
 
         # This process talks to MLflow only from this thread: fail fast and retry here, with our
         # own pause, instead of MLflow's minutes of HTTP retries.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        bound_requests_here()
         self.run_id, self.capacity, self.interval_s, self.max_pause_s = run_id, capacity, interval_s, max_pause_s
         self._client = MlflowClient(tracking_uri)
         self._say = say
@@ -58,13 +92,15 @@ class LiveMetrics:
         self._stop = threading.Event()
         self._known_steps: set[int] | None = None  # steps of `train/loss` the run held at the start
         self.sent = self.dropped = 0
-        self._down_since: float | None = None
+        self._down_since: float | None = None  # the first failed attempt of an outage
+        self._last_failure = 0.0  # the last failed attempt (the server came back after it)
+        self._sent_before_outage = 0
         self._thread = threading.Thread(target=self._run, name="live-metrics", daemon=True)
         self._thread.start()
 
     def log(self, entry: dict[str, Any]) -> None:
         """Queue one history entry (called on the training thread; never blocks on the network)."""
-        metrics = _metrics(entry, int(time.time() * 1000))
+        metrics = _metrics(entry, int(time.time() * 1000))  # (the entry's own time, if it has one)
         with self._lock:
             self._buffer.extend(metrics)
             while len(self._buffer) > self.capacity:  # the oldest go; the driver writes them after the fit
@@ -104,14 +140,18 @@ class LiveMetrics:
             try:
                 self._step()
                 if self._down_since is not None:
-                    self._say(f"tracking server back after {time.time() - self._down_since:.0f} s; "
-                              f"live metrics caught up ({self.sent} sent)", flush=True)
+                    # down for at least the span of the failed attempts, at most until now (the pause between
+                    # attempts hides when exactly it came back); what was sent since the outage began
+                    down, upper = self._last_failure - self._down_since, time.time() - self._down_since
+                    self._say(f"live metrics: tracking server back (unreachable for {down:.0f}-{upper:.0f} s); "
+                              f"caught up: {self.sent - self._sent_before_outage} values sent", flush=True)
                     self._down_since = None
                 pause = self.interval_s
             except Exception as e:  # the server is down or refusing: keep buffering, try again later
+                self._last_failure = time.time()
                 if self._down_since is None:
-                    self._down_since = time.time()
-                    self._say(f"live metrics: tracking server unreachable ({str(e).splitlines()[0][:120]}); "
+                    self._down_since, self._sent_before_outage = self._last_failure, self.sent
+                    self._say(f"live metrics: tracking server unreachable ({outage_cause(e)}); "
                               "training goes on, metrics are buffered", flush=True)
                 pause = min(self.max_pause_s, pause * 2)
             if stopping:
@@ -138,7 +178,7 @@ def fill_missing(run_id: str, history: Iterable[dict[str, Any]], prefix: str = P
 
     client = MlflowClient()
     history = list(history)
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000)  # for entries without their own time (`_metrics`)
     wanted = [m for entry in history for m in _metrics(entry, now, prefix)]
     held: dict[str, set[int]] = {}
     for key in {m.key for m in wanted}:
@@ -149,26 +189,117 @@ def fill_missing(run_id: str, history: Iterable[dict[str, Any]], prefix: str = P
     return len(missing)
 
 
-@contextlib.contextmanager
-def node_monitor(run_id: str, tracking_uri: str, node: str) -> Iterator[None]:
-    """Sample this node's CPU, memory, disk, network (and GPUs) into the run as
-    `system/<node>/...` while the body runs. Best effort: a tracking server that is down costs
-    samples, never the training."""
-    try:
+def bound_requests_here() -> None:
+    """Make this process's MLflow requests fail fast (one try, 10 s), unless the environment says
+    otherwise: for a worker process, whose only MLflow traffic is the live logger's and the system
+    sampler's threads, which retry with their own pause instead of MLflow's minutes per request."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+class SystemSampler:
+    """This node's CPU, memory, disk, network (and GPU) metrics, sampled by MLflow's own monitors
+    into `system/[<node>/]...` of one run, by a thread that outlives an outage.
+
+    MLflow's `SystemMetricsMonitor.monitor` returns for good at its first failed request (and logs a
+    multi-line warning), so one blip of the tracking server ended a run's system metrics. Here a
+    failed send keeps the samples (the newest `capacity`), says so in one line, and is tried again
+    each interval; steps continue from the run's last `system/` step, read once the server answers.
+    """
+
+    def __init__(self, run_id: str, tracking_uri: str, node_id: str | None = None, *, sampling_interval: float = 10,
+                 capacity: int = 2_000, say: Any = print) -> None:
         import logging
 
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per worker
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per process
+        # MLflow's monitor for its samplers and settings (MLFLOW_SYSTEM_METRICS_* win); its thread is never
+        # started, and resume_logging=False: the run's last step is read by our thread, never here
+        self._monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval, samples_before_logging=1,
+                                             resume_logging=False, node_id=node_id, tracking_uri=tracking_uri)
+        self.run_id, self.tracking_uri, self._say = run_id, tracking_uri, say
+        self.interval_s = float(self._monitor.sampling_interval)
+        self._prefix = "system/" + (f"{self._monitor.node_id}/" if self._monitor.node_id else "")
+        self._pending: deque[tuple[int, dict[str, float]]] = deque(maxlen=capacity)
+        self._next_step: int | None = None
+        self._stop = threading.Event()
+        self.sent = 0
+        self.down = False
+        self._thread = threading.Thread(target=self._run, name="system-metrics", daemon=True)
 
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=5, samples_before_logging=1, resume_logging=True,
-                                       node_id=node, tracking_uri=tracking_uri)
-        monitor.start()
+    def start(self) -> SystemSampler:
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        for m in self._monitor.monitors:
+            m.collect_metrics()
+        values: dict[str, float] = {}
+        for m in self._monitor.monitors:
+            values.update(m.aggregate_metrics())
+            m.clear_metrics()
+        self._pending.append((int(time.time() * 1000), values))
+
+    def _send(self, client: Any) -> None:
+        from mlflow.entities import Metric
+
+        if self._next_step is None:  # continue after the run's last system step (a resumed run)
+            held = [m.step for m in client.get_run(self.run_id).data._metric_objs if m.key.startswith(self._prefix)]
+            self._next_step = max(held) + 1 if held else 0
+        while self._pending:
+            when, values = self._pending[0]
+            client.log_batch(self.run_id, metrics=[Metric(self._prefix + k, float(v), when, self._next_step)
+                                                   for k, v in values.items()])
+            self._pending.popleft()
+            self._next_step += 1
+            self.sent += 1
+
+    def _attempt(self, client: Any) -> None:
+        try:
+            self._send(client)
+            if self.down:
+                self._say(f"system metrics ({self._prefix}): tracking server back, samples sent", flush=True)
+                self.down = False
+        except Exception as e:  # down, hung or refusing: keep the samples, try again next interval
+            if not self.down:
+                self._say(f"system metrics ({self._prefix}): tracking server unreachable ({outage_cause(e)}); "
+                          "sampling goes on", flush=True)
+                self.down = True
+
+    def _run(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._sample()
+            except Exception:  # a sampler of MLflow's failing (a GPU gone) costs this sample only
+                continue
+            self._attempt(client)
+        self._attempt(client)  # one last send of what is kept (bounded by the HTTP timeout)
+
+    def finish(self, timeout_s: float = 5.0) -> bool:
+        """Stop sampling; wait up to `timeout_s` for the last send. False when it is still waiting
+        on the server (the thread is a daemon: it never keeps the process alive)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+
+@contextlib.contextmanager
+def node_monitor(run_id: str, tracking_uri: str, node: str) -> Iterator[None]:
+    """Sample this node's CPU, memory, disk, network (and GPUs) into the run as
+    `system/<node>/...` while the body runs. Best effort: a tracking server that is down costs
+    samples, never the training, and the sampling goes on after it (`SystemSampler`)."""
+    bound_requests_here()  # a node without rank 0 has no live logger to set this
+    try:
+        sampler = SystemSampler(run_id, tracking_uri, node, sampling_interval=5).start()
     except Exception:
         yield
         return
     try:
         yield
     finally:
-        with contextlib.suppress(Exception):
-            monitor.finish()
+        sampler.finish()

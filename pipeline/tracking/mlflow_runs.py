@@ -255,21 +255,89 @@ def log_datasets(run_id: str, task: str, source: str, raw_sha256: str | None, sh
     return [e[0].name for e in entries]
 
 
+# The driver's own requests to a tracking server, unless MLFLOW_HTTP_REQUEST_* say otherwise: MLflow's
+# defaults (120 s a request, 7 retries with backoff) kept a stage silent for minutes on a hung server.
+REQUEST_TIMEOUT_S, REQUEST_RETRIES = 10, 1
+_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S),
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(REQUEST_RETRIES), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
 @contextlib.contextmanager
-def system_metrics(run_id: str) -> Iterator[None]:
+def bounded_requests() -> Iterator[None]:
+    """MLflow's HTTP requests in the body give up after `REQUEST_TIMEOUT_S` and `REQUEST_RETRIES`
+    (MLflow reads these variables at each request); values the environment already sets win. The
+    driver's calls around the fit, where a hung server would otherwise hold a finished training
+    for many minutes before the one-line error."""
+    added = {k: v for k, v in _BOUNDS.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def request_bound() -> str:
+    """How long one MLflow request may take here, in words (for the lines that say what is awaited)."""
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    return f"{os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '120')} s a request, {retries} retr" + \
+        ("y" if retries == "1" else "ies")
+
+
+@contextlib.contextmanager
+def waiting(what: str, say=print, after_s: float = 3.0) -> Iterator[None]:
+    """Say in one line what the body waits for, if it takes longer than `after_s` (a tracking
+    server that hangs); nothing when it answers at once."""
+    import threading
+
+    uri = mlflow.get_tracking_uri()
+    timer = threading.Timer(after_s, lambda: say(f"waiting for the tracking server at {uri} ({what}; "
+                                                 f"{request_bound()})", flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, say=print) -> Iterator[None]:
     """Keep the run active while the body runs, sampling CPU, memory, disk and network (and GPU
     where present) of this node as `system/*` metrics. Best effort: an unreachable server costs
-    the samples, never the training."""
-    try:
-        mlflow.start_run(run_id=run_id, log_system_metrics=True)
-    except mlflow.exceptions.MlflowException as e:
-        print(f"note: no system metrics for run {run_id} ({str(e).splitlines()[0][:120]})", flush=True)
-        yield
-        return
-    status = "FAILED"
-    try:
-        yield
-        status = "FINISHED"
-    finally:
-        with contextlib.suppress(mlflow.exceptions.MlflowException):  # server gone: the logging after the fit says so
-            mlflow.end_run(status=status)
+    the samples, never the training. The run ends FINISHED, FAILED on an error, KILLED on Ctrl-C
+    or an exit asked for (MLflow's convention for a run its user stopped). Each request is
+    bounded (`bounded_requests`): a hung server delays the end by seconds, and the sampler
+    (`live.SystemSampler`) is not waited for beyond a few."""
+    from pipeline.tracking.live import SystemSampler, outage_cause
+
+    with bounded_requests():
+        try:
+            with waiting(f"reopening run {run_id}", say):
+                mlflow.start_run(run_id=run_id, log_system_metrics=False)  # (our sampler outlives an outage)
+        except mlflow.exceptions.MlflowException as e:
+            say(f"note: no system metrics for run {run_id} ({outage_cause(e)})", flush=True)
+            yield
+            return
+        try:
+            sampler = SystemSampler(run_id, mlflow.get_tracking_uri(), say=say).start()
+        except Exception as e:  # no sampler on this platform: the run goes on without system metrics
+            say(f"note: no system metrics for run {run_id} ({type(e).__name__}: {e})", flush=True)
+            sampler = None
+        status = "FAILED"
+        try:
+            yield
+            status = "FINISHED"
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train's own SIGINT handler turns it into SystemExit
+            status = "KILLED"
+            say(f"interrupted: MLflow run {run_id} ends KILLED; rerun the stage to resume from its last "
+                "checkpoint", flush=True)
+            raise
+        finally:
+            with waiting(f"ending run {run_id} as {status}", say):
+                if sampler is not None:
+                    sampler.finish(timeout_s=5.0)
+                try:
+                    mlflow.end_run(status=status)
+                except mlflow.exceptions.MlflowException as e:  # the logging after the fit says what to do
+                    say(f"note: could not mark MLflow run {run_id} {status} ({outage_cause(e)})", flush=True)
