@@ -27,6 +27,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
         return ()
     from pipeline.data.shard_format import ShardError
     from pipeline.data.sources import DataSourceError
+    from pipeline.flows.train import TrainingFailed
     from pipeline.runtime.connect import ClusterUnavailable
     from pipeline.tracking.mlflow_runs import TrackingUnavailable
     from pipeline.training.checkpoint import CheckpointError
@@ -34,7 +35,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
 
     return (ConfigError, FileNotFoundError, KeyError, ValueError, ShardError, DataSourceError, CheckpointError,
             TrackingUnavailable, ClusterUnavailable, ConnectionError,  # (an address nothing answers at)
-            NonFiniteError)
+            NonFiniteError, TrainingFailed)
 
 
 def stage_main(stage: str, run: Callable[[PipelineConfig, str], None], argv: list[str] | None = None) -> None:
@@ -219,7 +220,9 @@ def _registry_command(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"no tracking store at {uri}: nothing has been registered here yet (run `make repro` "
                                 "or `dvc repro` first, or pass --tracking-uri)")
     # a server that does not answer: one line in seconds, not MLflow's minutes of retries
-    inspect.check_store(uri, timeout, "--connect-timeout" if args.connect_timeout else "tracking.connect_timeout_s")
+    # (with --tracking-uri no config is read: the flag is what sets the wait)
+    inspect.check_store(uri, timeout, "--connect-timeout" if args.tracking_uri or args.connect_timeout
+                        else "tracking.connect_timeout_s")
     mlflow.set_tracking_uri(uri)
     if args.cmd == "promote":
         print(inspect.promote(args.ref, args.alias))

@@ -288,12 +288,12 @@ def test_hugging_face_export_of_a_trained_gpt_loads_in_transformers(built_data, 
     assert tok.eos_token == "<|endoftext|>" and theirs.config.eos_token_id == tok.eos_token_id
 
 
-def test_hugging_face_check_fails_on_a_folder_that_computes_otherwise(built_data, tmp_path):
-    """The check can fail: a folder whose config.json no longer matches the weights' model
-    (another norm epsilon) is caught by the logits bound."""
+def _folder_with_config(built_data, tmp_path, **changed):
+    """The tiny lm model written as a transformers folder whose config.json then gets `changed`:
+    (model, config before the change, the check's rows)."""
     from pipeline.data.shard_format import load_manifest
     from pipeline.data.shard_store import read_split
-    from pipeline.export.hf_export import check_hf_folder, write_hf_folder
+    from pipeline.export.hf_export import write_hf_folder
     from pipeline.tasks import task_named
 
     cfg, shards = built_data
@@ -302,8 +302,18 @@ def test_hugging_face_check_fails_on_a_folder_that_computes_otherwise(built_data
     model = task.build(spec).eval()
     write_hf_folder(model, spec, shards["lm"], tmp_path / "hf", cfg.task("lm").export)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.5}))
-    rows = read_split(shards["lm"], "val", max_rows=4)["tokens"]
+    new = {k: v(config) if callable(v) else v for k, v in changed.items()}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **new}))
+    return model, {**config, **new}, read_split(shards["lm"], "val", max_rows=4)["tokens"]
+
+
+def test_hugging_face_check_fails_on_a_folder_that_computes_otherwise(built_data, tmp_path):
+    """The check can fail: a folder whose config.json no longer matches the weights' model
+    (another norm epsilon) is caught by the logits bound."""
+    from pipeline.export.hf_export import check_hf_folder
+
+    cfg, shards = built_data
+    model, _, rows = _folder_with_config(built_data, tmp_path, rms_norm_eps=0.5)
     figures = check_hf_folder(tmp_path / "hf", model, rows, shards["lm"] / "tokenizer.json", "float32")
     assert figures["hf_max_abs_logit_diff"] > cfg.task("lm").export.hf_max_abs_diff
 
@@ -335,27 +345,34 @@ def test_hugging_face_export_of_a_sharded_checkpoint_keeps_its_tensors_and_confi
         assert (tmp_path / "hf" / name).read_bytes() == (sharded / name).read_bytes(), name
 
 
+def _prepared_and_exported(source, text_corpus, tmp_path) -> dict:
+    """Prepare and shard the corpus with `source`'s tokenizer (the manifest's eos must be its
+    `</s>`), then export the model loaded from `source`, untrained, to tmp_path/hf."""
+    from pipeline.data.build import prepare, shard
+    from pipeline.data.shard_format import load_manifest
+    from pipeline.export.hf_export import export_hf
+    from pipeline.tasks import task_named
+
+    cfg = _cfg(source, text_corpus)
+    prepare(cfg.task("lm").data, cfg.seed, tmp_path / "prepared", tokenizer_from=source)
+    shard(cfg.task("lm").data, tmp_path / "prepared", tmp_path / "shards")
+    assert load_manifest(tmp_path / "shards")["eos_token"] == "</s>"
+    task = task_named("lm")
+    spec = task.model_spec(cfg.task("lm"), load_manifest(tmp_path / "shards"))
+    return export_hf(_load(task.build(spec), source), spec, tmp_path / "shards", tmp_path / "hf",
+                     cfg.task("lm").export)
+
+
 def test_hugging_face_export_of_a_checkpoint_without_tokenizer_config_keeps_its_eos(tmp_path, llama, text_corpus):
     """A checkpoint whose tokenizer has no tokenizer_config.json (prepare took its eos from
     config.json) is exported with its own eos and bos, not wrapped as our BPE with a new
     `<|endoftext|>` beyond its vocabulary: tokenizer, config.json and the data agree on id 2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.data.build import prepare, shard
-    from pipeline.data.shard_format import load_manifest
-    from pipeline.export.hf_export import export_hf
-    from pipeline.tasks import task_named
-
     bare = tmp_path / "bare"
     shutil.copytree(llama, bare)
     (bare / "tokenizer_config.json").unlink()
-    cfg = _cfg(bare, text_corpus)
-    prepare(cfg.task("lm").data, cfg.seed, tmp_path / "prepared", tokenizer_from=bare)
-    shard(cfg.task("lm").data, tmp_path / "prepared", tmp_path / "shards")
-    assert load_manifest(tmp_path / "shards")["eos_token"] == "</s>"
-    task = task_named("lm")
-    spec = task.model_spec(cfg.task("lm"), load_manifest(tmp_path / "shards"))
-    out = export_hf(_load(task.build(spec), bare), spec, tmp_path / "shards", tmp_path / "hf", cfg.task("lm").export)
+    out = _prepared_and_exported(bare, text_corpus, tmp_path)
     assert out["hf_tokenizer_equal"] == 1.0
     tok, hf = AutoTokenizer.from_pretrained(tmp_path / "hf"), AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert (tok.eos_token, tok.eos_token_id, tok.bos_token, tok.bos_token_id) == ("</s>", 2, "<s>", 1)
@@ -364,21 +381,29 @@ def test_hugging_face_export_of_a_checkpoint_without_tokenizer_config_keeps_its_
         assert hf(tok("The for statement" + tok.eos_token, return_tensors="pt").input_ids).logits.isfinite().all()
 
 
-def test_hugging_face_check_refuses_a_tokenizer_whose_eos_is_not_config_eos(built_data, tmp_path):
-    from pipeline.data.shard_format import load_manifest
-    from pipeline.data.shard_store import read_split
-    from pipeline.export.hf_export import check_hf_folder, write_hf_folder
-    from pipeline.tasks import task_named
+def test_hugging_face_export_keeps_a_source_eos_beside_the_tokenizers(tmp_path, llama, text_corpus):
+    """A chat checkpoint's tokenizer may end documents with another token than config.json's
+    eos_token_id (Llama-3-Instruct's `<|eot_id|>` beside `<|end_of_text|>`): prepare packs with
+    the tokenizer's, and the export lists both as eos (transformers stops at either) instead of
+    refusing the folder after training."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg, shards = built_data
-    task = task_named("lm")
-    spec = task.model_spec(cfg.task("lm"), load_manifest(shards["lm"]))
-    model = task.build(spec).eval()
-    write_hf_folder(model, spec, shards["lm"], tmp_path / "hf", cfg.task("lm").export)
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    other = config["eos_token_id"] + 7  # (a token of the vocabulary, not the separator)
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "eos_token_id": other}))
-    rows = read_split(shards["lm"], "val", max_rows=4)["tokens"]
+    chat = tmp_path / "chat"
+    shutil.copytree(llama, chat)
+    config = json.loads((chat / "config.json").read_text())
+    (chat / "config.json").write_text(json.dumps({**config, "eos_token_id": 1}))  # not the tokenizer's </s> (2)
+    _prepared_and_exported(chat, text_corpus, tmp_path)
+    tok, hf = AutoTokenizer.from_pretrained(tmp_path / "hf"), AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert tok.eos_token_id == 2 and hf.config.eos_token_id == [1, 2]
+
+
+def test_hugging_face_check_refuses_a_tokenizer_whose_eos_is_not_config_eos(built_data, tmp_path):
+    from pipeline.export.hf_export import check_hf_folder
+
+    shards = built_data[1]
+    # (a token of the vocabulary, not the separator)
+    model, config, rows = _folder_with_config(built_data, tmp_path, eos_token_id=lambda c: c["eos_token_id"] + 7)
+    other = config["eos_token_id"]
     with pytest.raises(ValueError, match=rf"^export: .*hf: the tokenizer's eos_token '<\|endoftext\|>' \(id \d+\) is "
                                          rf"not config.json's eos_token_id {other}$"):
         check_hf_folder(tmp_path / "hf", model, rows, shards["lm"] / "tokenizer.json", "float32")

@@ -223,7 +223,7 @@ EMA_COMMON = ["tasks.lm.trainer.max_steps=20", "tasks.lm.trainer.ckpt_every=10",
               "tasks.lm.trainer.keep_last_k=5", "tasks.lm.trainer.ema_decay=0.9"]
 
 
-def _ema_rank(rank: int, world: int, raw: dict, shards: str, root: str) -> dict:
+def _ema_rank(rank: int, world: int, raw: dict, shards: str, root: str, legacy: bool = False) -> dict:
     from safetensors.torch import load_file
 
     from pipeline.config import validate
@@ -245,11 +245,31 @@ def _ema_rank(rank: int, world: int, raw: dict, shards: str, root: str) -> dict:
                 from pipeline.distributed.deepspeed import consolidate_checkpoint
 
                 out["raw"] = consolidate_checkpoint(ckpt)
+    src = Path(root) / "straight" / "checkpoint_00000010"
     if rank == 0:
-        src = Path(root) / "straight" / "checkpoint_00000010"
         shutil.copytree(src, Path(root) / "resumed" / src.name)
     torch.distributed.barrier()
     out["resumed"] = run("resumed")
+    if legacy:  # the step-10 checkpoint as the older pipeline wrote it: every rank's EMA whole
+        if rank == 0:
+            shutil.copytree(src, Path(root) / "legacy" / src.name)
+            files = sorted((Path(root) / "legacy" / src.name / "deepspeed").glob("extra_rank_*.pt"))
+            extras = [torch.load(f, weights_only=True) for f in files]
+            shapes = {k: v.shape for k, v in out["straight"].items()}
+            # ZeRO-1/2 partition each flat group in rank order: a parameter's fragments, joined in
+            # rank order, are the whole parameter
+            whole = {k: torch.cat([e["ema"][k].reshape(-1) for e in extras]).view(shapes[k])
+                     for k in extras[0]["ema"] if k in shapes and extras[0]["ema"][k].shape != shapes[k]}
+            assert whole, "no EMA entry is a fragment: nothing to convert"
+            for f, extra in zip(files, extras, strict=True):
+                extra["ema"] = {k: whole.get(k, v) for k, v in extra["ema"].items()}
+                torch.save(extra, f)
+            from pipeline.training.checkpoint import seal_checkpoint
+
+            for r in range(world):  # (the rewritten files' records, as the older pipeline sealed them)
+                seal_checkpoint(Path(root) / "legacy" / src.name, r, world)
+        torch.distributed.barrier()
+        out["legacy"] = run("legacy")
     return out
 
 
@@ -264,7 +284,8 @@ def ema_runs(built_data, tmp_path_factory):
         if name not in cache:
             root = str(tmp_path_factory.mktemp(f"ema-{name}"))
             overrides = EMA_COMMON + (VARIANTS[name] if name in VARIANTS else EMA_VARIANTS[name])
-            cache[name] = run_group(_ema_rank, 2, tiny_raw(overrides), str(shards["lm"]), root)[0]
+            cache[name] = run_group(_ema_rank, 2, tiny_raw(overrides), str(shards["lm"]), root,
+                                    name == "zero2_bf16")[0]
         return cache[name]
 
     return get
@@ -303,6 +324,9 @@ def test_sharded_ema_resume_is_bit_exact(ema_runs, name):
     result = ema_runs(name)
     for k, v in result["straight"].items():
         assert torch.equal(v, result["resumed"][k]), f"{name}: EMA {k} differs after resume"
+    if name == "zero2_bf16":  # a checkpoint whose EMA the older pipeline saved whole resumes too, exactly
+        for k, v in result["straight"].items():
+            assert torch.equal(v, result["legacy"][k]), f"{name}: EMA {k} differs after resuming a whole-EMA checkpoint"
 
 
 def test_sharded_ema_is_local_to_each_rank():

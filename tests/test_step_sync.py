@@ -33,7 +33,7 @@ from pipeline.training.session import LocalSession
 from tests.conftest import tiny_raw
 
 REFERENCE = Path(__file__).parent / "reference" / "step_histories.json"
-TIMING = ("_per_s", "data_wait_frac", "model_tflops", "mfu")  # wall-clock figures: not comparable
+TIMING = ("_per_s", "data_wait_frac", "model_tflops", "mfu", "time")  # wall-clock figures: not comparable
 
 # name: (task, overrides); reports at steps 3 and 6 only (log_every = ckpt_every = 3)
 SCENARIOS = {

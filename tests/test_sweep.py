@@ -252,6 +252,16 @@ def test_failed_trials_are_reported_and_all_failed_is_one_line(tmp_path):
     summary = next(ln for ln in some.stdout.splitlines() if "stopped early by ASHA" in ln)
     stopped = int(summary.split("trials, ")[1].split(" stopped")[0])
     assert stopped <= 4 - failed  # failed trials are not counted as stopped by ASHA
+    # the same command again: a finished sweep trains nothing again, its failed trials included
+    (parent,), trials = _runs(project)
+    again = subprocess.run(some.args, cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
+    assert "this sweep finished before" in again.stdout and "resuming" not in again.stdout, again.stdout[-3000:]
+    assert [ln for ln in again.stdout.splitlines() if "trials failed; the first: " in ln] == [line]
+    (same,), after = _runs(project)
+    assert same.info.run_id == parent.info.run_id
+    assert sorted(t.info.run_id for t in after[parent.info.run_id]) == sorted(t.info.run_id for t in trials[
+        parent.info.run_id])
 
     all_bad = {**HEADS_SPACE, "space": {"tasks.lm.model.d_model": {"choice": [72]},
                                         "tasks.lm.model.n_heads": {"choice": [16]},

@@ -200,6 +200,7 @@ def test_run_identity_of_a_diffusion_run_ignores_its_sampler(override):
     import yaml
 
     from pipeline.config import config_digest
+    from pipeline.config.loading import load_config
     from pipeline.flows.train import run_identity
 
     def name(*extra: str) -> str:
@@ -207,6 +208,11 @@ def test_run_identity_of_a_diffusion_run_ignores_its_sampler(override):
 
     assert name(override) == name()
     assert name("tasks.diffusion.model.diffusion.cond_drop_prob=0.2") != name()
+    # the repository's diffusion config keeps the run name it had while the sampler was in the model
+    # (computed with the code of fa4f0e1 on its params.yaml): its runs resume after the upgrade
+    params = load_config(ROOT / "params.yaml")
+    assert config_digest(run_identity(params, "diffusion", "md5")) == "cb89c8751900", \
+        "params.yaml's diffusion task changed since fa4f0e1? Then this upgrade pin has served: drop it"
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     key = override.split("=")[0].replace("tasks.diffusion.", "tasks.${item}.")
     assert not any(key.startswith(p) for p in stages["train"]["do"]["params"] if isinstance(p, str))

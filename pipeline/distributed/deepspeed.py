@@ -331,7 +331,26 @@ class DeepSpeedStrategy(Strategy):
         if not file.exists():
             raise RuntimeError(f"{file} is missing: this checkpoint was written by another number of ranks "
                                "or an older version of the pipeline")
-        return torch.load(file, map_location=self.device, weights_only=True)
+        extra = torch.load(file, map_location=self.device, weights_only=True)
+        if extra.get("ema") and self._mastered():
+            extra["ema"] = self._ema_pieces(extra["ema"])
+        return extra
+
+    def _ema_pieces(self, ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An EMA state saved before bf16/fp16 ZeRO-1/2 averaged the fp32 master (whole tensors,
+        as `ema_source` then handed out the module's state dict) cut to this rank's fragments
+        (`_local_masters`' layout), so a run checkpointed by the older pipeline resumes. A state in
+        that layout already passes through (a fragment has the whole shape only when it is the
+        whole 1-d parameter, which the cut leaves as it is)."""
+        whole = self._whole_masters()
+        out = dict(ema)
+        for k, p in self._mastered().items():
+            v = ema.get(k)
+            if v is None or id(p) in whole or tuple(v.shape) != tuple(p.shape):
+                continue
+            at = p._hp_mapping.lp_fragment_address if p._hp_mapping is not None else None
+            out[k] = v.reshape(-1).narrow(0, at.start, at.numel).clone() if at is not None else v.new_empty(0)
+        return out
 
 
 @contextlib.contextmanager

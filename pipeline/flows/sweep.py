@@ -186,7 +186,7 @@ def _trial(point: dict[str, Any], *, base: dict[str, Any], task: str, sweep: dic
     class TuneSession(LocalSession):
         def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
             if "val_loss" in metrics:
-                tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "time"})
 
     torch.set_num_threads(1)
     cfg = validate(trial_config(base, task, SweepConfig.model_validate(sweep), point))
@@ -280,19 +280,22 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     status = "FAILED"
     try:
         where = connect(cfg.cluster)
-        if earlier is not None and earlier.info.status == "FINISHED":  # Tune runs nothing again: its stored results
+        finished = earlier is not None and earlier.info.status == "FINISHED"
+        if finished:  # Tune runs nothing again (its failed trials included): its stored results
             print(f"[sweep {task}] this sweep finished before (MLflow parent run {resume_id}): reporting its result "
                   f"from {path}; change --seed, --trials or the space for a new one", flush=True)
-        print(f"[sweep {task}] {'resuming ' if resume_id else ''}{sweep.num_samples} trials on {where}, one worker "
-              f"each; Optuna TPE + ASHA (grace {sweep.grace_period}, factor {sweep.reduction_factor}, max "
-              f"{sweep.max_steps} steps); MLflow parent run {parent_id}", flush=True)
+        else:
+            print(f"[sweep {task}] {'resuming ' if resume_id else ''}{sweep.num_samples} trials on {where}, one "
+                  f"worker each; Optuna TPE + ASHA (grace {sweep.grace_period}, factor {sweep.reduction_factor}, max "
+                  f"{sweep.max_steps} steps); MLflow parent run {parent_id}", flush=True)
         # the trials run in folders of their own: local init_from paths go to them absolute, as the shards do
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=worker_config(cfg), task=task, sweep=sweep.model_dump(),
                                  shards=str(shards.resolve())),
             {"cpu": cfg.cluster.cpus_per_worker})
         if resume_id is not None:
-            tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+            # an unfinished sweep retries its failed trials; a finished one reruns nothing
+            tuner = tune.Tuner.restore(path, trainable, resume_errored=not finished)
         else:
             tuner = tune.Tuner(
                 trainable,

@@ -58,10 +58,10 @@ class TrainOutcome:
 RUN_ID_FILE = "mlflow_run_id"  # beside a Ray run's checkpoints: the MLflow run it logs to
 
 
-class TrainingFailed(CheckpointError):
+class TrainingFailed(RuntimeError):
     """Training stopped with an error after its retries; its checkpoints are kept and a rerun
-    resumes from the last one. A `CheckpointError`, so that the stage reports it in one line (what
-    is left of the run is its checkpoints), not a launcher's traceback of 85 lines."""
+    resumes from the last one. The CLI reports it in one line (`pipeline.cli._known_errors`), not
+    a launcher's traceback of 85 lines."""
 
 
 def _innermost(error: BaseException, task_name: str) -> str:
@@ -146,6 +146,9 @@ def _known_before_fit(cfg: PipelineConfig, run_name: str, recovered: Recovery | 
     return tags
 
 
+# The sampler's defaults when it was part of model.diffusion (and so of every diffusion run's name).
+NAMED_WITH_SAMPLER = {"sample_steps": 100, "sample_eta": 1.0, "guidance_scale": 1.0}
+
 # Settings that never change the trained weights: a rerun with other values resumes the same run.
 HARMLESS_TRAINER_KEYS = ("log_every", "ckpt_every", "keep_last_k", "prefetch_batches", "max_nonfinite_in_a_row",
                          "peak_tflops")
@@ -160,6 +163,10 @@ def run_identity(cfg: PipelineConfig, task_name: str, manifest_md5: str) -> dict
     loss (a plateau schedule, early stopping)."""
     tcfg = cfg.task(task_name)
     task = tcfg.model_dump(mode="json", exclude={"eval", "export", "registry"})
+    if "diffusion" in task["model"]:
+        # the sampler moved from model.diffusion to eval (it keys nothing); runs named while it was
+        # there, at its defaults, keep their names, so they resume after the upgrade
+        task["model"]["diffusion"] = {**task["model"]["diffusion"], **NAMED_WITH_SAMPLER}
     trainer = task["trainer"]
     for key in HARMLESS_TRAINER_KEYS:
         trainer.pop(key)

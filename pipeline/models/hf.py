@@ -121,6 +121,13 @@ def hf_config(cfg: GPTConfig, arch: str, vocab_size: int, max_seq_len: int, toke
         base.setdefault(key, tokens.get(key))
     if base.get("eos_token_id") is None:  # (a source's explicit null: the tokenizer's eos is the one to stop at)
         base["eos_token_id"] = tokens.get("eos_token_id")
+    eos, ours = base["eos_token_id"], tokens.get("eos_token_id")
+    listed = eos if isinstance(eos, list) else [eos]
+    if ours is not None and ours not in listed:
+        # the shards' separator (the tokenizer's eos) is not the source's eos (a chat model's
+        # `<|eot_id|>` beside `eos_token_id: <|end_of_text|>`): both stop generation, as transformers
+        # reads a list there
+        base["eos_token_id"] = [*listed, ours]
     base["dtype"] = dtype
     n_kv = cfg.n_kv_heads or cfg.n_heads
     if arch == "llama":

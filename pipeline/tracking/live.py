@@ -35,7 +35,7 @@ PREFIX = "train/"
 BATCH = 900  # MLflow's log_batch accepts up to 1000 metrics
 
 
-TIME_KEY = "time"  # a history entry's wall-clock time (seconds since the epoch), where the loop records one
+TIME_KEY = "time"  # a history entry's wall-clock time (seconds since the epoch; entries of older runs have none)
 
 
 def _metrics(entry: dict[str, Any], timestamp_ms: int, prefix: str = PREFIX) -> list[Any]:
@@ -245,7 +245,9 @@ class SystemSampler:
         from mlflow.entities import Metric
 
         if self._next_step is None:  # continue after the run's last system step (a resumed run)
-            held = [m.step for m in client.get_run(self.run_id).data._metric_objs if m.key.startswith(self._prefix)]
+            # (the driver's own `system/<metric>`, not the nodes' `system/node-<id>/<metric>`)
+            held = [m.step for m in client.get_run(self.run_id).data._metric_objs if m.key.startswith(self._prefix)
+                    and "/" not in m.key[len(self._prefix):]]
             self._next_step = max(held) + 1 if held else 0
         while self._pending:
             when, values = self._pending[0]
@@ -271,10 +273,15 @@ class SystemSampler:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.tracking_uri)
+        failed = False
         while not self._stop.wait(self.interval_s):
             try:
                 self._sample()
-            except Exception:  # a sampler of MLflow's failing (a GPU gone) costs this sample only
+            except Exception as e:  # a sampler of MLflow's failing (a GPU gone) costs this sample only
+                if not failed:  # (said once: an MLflow whose monitors changed would fail every time)
+                    self._say(f"system metrics ({self._prefix}): sampling failed ({type(e).__name__}: "
+                              f"{outage_cause(e)}); trying again each interval", flush=True)
+                failed = True
                 continue
             self._attempt(client)
         self._attempt(client)  # one last send of what is kept (bounded by the HTTP timeout)

@@ -154,17 +154,6 @@ def safe_params(params: dict[str, Any]) -> dict[str, str]:
     return {k: str(v)[:6000] for k, v in params.items() if not _SECRET.search(k)}
 
 
-def log_history(run_id: str, history: list[dict[str, float]], prefix: str = "train/") -> None:
-    """Per-step metrics from the training history, batched."""
-    from mlflow.entities import Metric
-
-    metrics = [Metric(f"{prefix}{k}", float(v), 0, int(h["step"]))
-               for h in history for k, v in h.items() if k != "step"]
-    client = MlflowClient()
-    for i in range(0, len(metrics), 900):
-        client.log_batch(run_id, metrics=metrics[i : i + 900])
-
-
 def read_run_file(model_dir: Path) -> dict[str, Any]:
     """The MLflow run the train stage recorded beside its model (missing or damaged, or without
     the run id and tracking URI every reader uses: one line). A relative SQLite store in it is

@@ -5,7 +5,8 @@ dominated by the random initialisation.
 
 The average is kept over whatever the strategy hands out as its local weights
 (`Strategy.ema_source`): the whole state dict under DDP, each rank's DTensor shards under FSDP2,
-each rank's fp32 master partitions under ZeRO-3. So a sharded run keeps a sharded EMA, updated
+each rank's fp32 master partitions under ZeRO-3, and in bf16/fp16 each rank's fragment of the fp32
+master under ZeRO-1/2 (the whole fp32 master under ZeRO-0). So a sharded run keeps a sharded EMA, updated
 without any communication; only export gathers it, one tensor at a time (`Strategy.full_tensors`).
 """
 

@@ -227,7 +227,8 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
         entry = {"step": state.step, "loss": loss_mean, "lr": lr, "grad_norm": seen.last_norm,
                  f"{task.item_name}_per_s": items_total / elapsed, "epoch": reader.epoch,
                  "skipped_steps": state.skipped_steps, "data_wait_frac": wait_mean / elapsed,
-                 "workers": session.world}  # changes when an elastic run resumes on another count
+                 "workers": session.world,  # changes when an elastic run resumes on another count
+                 "time": time.time()}  # wall clock: the MLflow timestamp of a value logged after the fit
         if val_loss is not None:
             entry["val_loss"] = val_loss
         if flops_per_item:

@@ -70,6 +70,10 @@ class TaskConfig(Strict):
             if self.model.kind == "dit" and size % self.model.patch_size:
                 raise ValueError(f"data.image_size {size} is not divisible by model.patch_size "
                                  f"{self.model.patch_size}")
+            if self.model.kind == "unet" and self.model.base_channels % 8:
+                # every level's width (and the up path's concatenations) then divides into GroupNorm's 8 groups
+                raise ValueError(f"model.base_channels ({self.model.base_channels}) must be a multiple of 8 "
+                                 "(group norm)")
             if self.model.kind == "unet" and size % 2 ** (len(self.model.channel_mults) - 1):
                 raise ValueError(f"data.image_size {size} is not divisible by 2^{len(self.model.channel_mults) - 1} "
                                  f"(the U-Net halves it at each of model.channel_mults' levels after the first)")

@@ -62,8 +62,8 @@ def _not_a_bool(loc: tuple[str | int, ...], value: bool) -> InitErrorDetails:
 
 
 def _not_a_number_for_bool(loc: tuple[str | int, ...], value: Any) -> InitErrorDetails:
-    return InitErrorDetails(type=PydanticCustomError("number_for_bool", "expected true or false, not {value!r}",
-                                                     {"value": value}), loc=loc, input=value)
+    return InitErrorDetails(type=PydanticCustomError("number_for_bool", "expected true or false"), loc=loc,
+                            input=value)
 
 
 class Strict(BaseModel):

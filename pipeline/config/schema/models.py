@@ -140,7 +140,9 @@ class UNetConfig(Strict):
 
     @model_validator(mode="after")
     def _groups_divide(self) -> UNetConfig:
-        if self.base_channels % 8:  # every level's width then divides into GroupNorm's 8 groups
+        # (a config must give a multiple of 8, TaskConfig checks; a saved spec of a smaller single-level
+        # U-Net, which trained, still loads)
+        if self.base_channels % min(8, self.base_channels):
             raise ValueError(f"base_channels ({self.base_channels}) must be a multiple of 8 (group norm)")
         if not self.channel_mults:
             raise ValueError("channel_mults needs at least one level")
