@@ -76,7 +76,7 @@ def test_rereport_stopped_mid_replace_keeps_a_complete_checkpoint(tmp_path, monk
 def test_ray_run_without_its_checkpoint_list_loses_no_complete_checkpoint(tmp_path, capsys):
     """Ray Train's snapshot file missing: a folder holding the loop's meta.json is set aside (kept,
     not resumed from) instead of deleted; one without it is a write cut short and goes."""
-    from pipeline.runtime.trainer import SET_ASIDE, SNAPSHOT, remove_unfinished
+    from pipeline.runtime.recovery import SET_ASIDE, SNAPSHOT, remove_unfinished
 
     run = tmp_path / "run"
     run.mkdir()

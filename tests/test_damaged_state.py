@@ -141,7 +141,7 @@ def test_damaged_checkpoint_is_set_aside_by_the_driver(tmp_path, capsys, layout)
     (Ray) dropped from the controller's list, whose latest entry becomes the newest intact one;
     unfinished folders (never registered, or staging) are removed; one line says it all."""
     from pipeline.config import validate
-    from pipeline.runtime.trainer import SNAPSHOT, recover
+    from pipeline.runtime.recovery import SNAPSHOT, recover
     from tests.conftest import tiny_raw
 
     strategy = ["strategy.name=horovod", "strategy.backend=gloo"] if layout == "horovod" else []
@@ -373,7 +373,7 @@ def _ray_rerun(project: Path) -> None:
 
     from pipeline.config import validate
     from pipeline.flows.train import train_task
-    from pipeline.runtime.trainer import SNAPSHOT
+    from pipeline.runtime.recovery import SNAPSHOT
     from tests.conftest import tiny_raw
 
     os.chdir(project)

@@ -292,7 +292,7 @@ def test_the_worker_log_filter_keeps_tracebacks_of_other_errors(monkeypatch):
     reported by the driver in one line instead (unless PIPELINE_DEBUG), anything else is kept."""
     import logging
 
-    from pipeline.runtime.trainer import _QuietKnownErrors
+    from pipeline.runtime.failures import _QuietKnownErrors
 
     def kept(last_line: str) -> bool:
         record = logging.LogRecord("ray", logging.ERROR, "", 0, f"Error in training function:\nTraceback\n"

@@ -184,7 +184,7 @@ MAX_STEPS = 60
 
 def _registered(run_dir: Path) -> tuple[int, int]:
     """(step, workers) of the newest checkpoint Ray Train's controller has registered."""
-    from pipeline.runtime.trainer import registered_metrics
+    from pipeline.runtime.recovery import registered_metrics
 
     metrics = registered_metrics(run_dir)
     return int(metrics.get("step", 0)), int(metrics.get("workers", 0))

@@ -60,7 +60,8 @@ def _run(shards: Path, out: Path) -> None:
 
     from pipeline.config import validate
     from pipeline.runtime.connect import WORKER_ENV
-    from pipeline.runtime.trainer import fit, registered_step
+    from pipeline.runtime.recovery import registered_step
+    from pipeline.runtime.trainer import fit
     from pipeline.training.checkpoint import WEIGHTS, read_meta
     from tests.conftest import tiny_raw
 

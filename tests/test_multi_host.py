@@ -266,7 +266,7 @@ def test_multi_host_worker_host_killed_mid_run_resumes_from_s3_with_the_same_wei
     import torch
     from safetensors.torch import load
 
-    from pipeline.runtime.trainer import SNAPSHOT
+    from pipeline.runtime.recovery import SNAPSHOT
 
     project, code, _ = ddp_chain
     assert code == 0

@@ -161,7 +161,7 @@ def tune_storage(cfg: Any) -> str:
     """Where Tune keeps a sweep's experiment state: under `cluster.storage_path` for a URL
     (s3://bucket -> s3://bucket/tune; the old rule gave s3://tune, another bucket), and for a
     local path beside it as before (runs/ray -> runs/tune), so existing local sweeps still resume."""
-    from pipeline.runtime.trainer import storage_root
+    from pipeline.runtime.recovery import storage_root
 
     root = storage_root(cfg).rstrip("/")
     return f"{root}/tune" if is_url(root) else str(Path(root).parent / "tune")

@@ -30,7 +30,8 @@ from pipeline.distributed.planner import check_fits
 from pipeline.distributed.precision import check_fp8_config, fp8_layers_warning
 from pipeline.runtime import connect
 from pipeline.runtime.connect import check_reachable, cluster_address, embedded
-from pipeline.runtime.trainer import Recovery, absolute_init_paths, fit, recover, run_dir_of, storage_root
+from pipeline.runtime.recovery import Recovery, recover, run_dir_of, storage_root
+from pipeline.runtime.trainer import absolute_init_paths, fit
 from pipeline.tasks import task_for_data
 from pipeline.tracking import lineage, mlflow_runs, plots
 from pipeline.tracking.live import fill_missing, outage_cause, reachable_from_anywhere

@@ -132,7 +132,7 @@ def _attempts(config: dict[str, Any], cl: ClusterConfig, task_name: str, run_dir
             run_horovod(_worker, [config], cl.num_workers, cl.cpus_per_worker, cl.use_gpu)
             break
         except Exception as e:
-            from pipeline.runtime.trainer import fatal_error
+            from pipeline.runtime.failures import fatal_error
 
             if attempt == cl.max_failures or fatal_error(e) is not None:  # a damaged file, a full disk: no retry
                 return HorovodResult(None, e)

@@ -153,7 +153,7 @@ class RaySession(_LiveSteps):
     """Inside `TorchTrainer`: ranks from the train context, checkpoints through `ray.train.report`.
 
     `verified`: the name of the checkpoint the driver has already checked against its checksums
-    (`pipeline.runtime.trainer.recover`); any other one Ray hands over (remote storage) is checked
+    (`pipeline.runtime.recovery.recover`); any other one Ray hands over (remote storage) is checked
     here, and a damaged one stops the run with `DamagedFile`."""
 
     def __init__(self, verified: str | None = None, live: StepSink | None = None) -> None:
