@@ -87,14 +87,15 @@ def node_loss_recovery(shards: Path, out: Path, steps: int, every: int) -> dict[
 
     from pipeline.config import compose, validate
     from pipeline.config.loading import apply_overrides
-    from pipeline.runtime.connect import WORKER_ENV
-    from pipeline.runtime.trainer import fit, registered_step
+    from pipeline.runtime.connect import worker_runtime_env
+    from pipeline.runtime.recovery import registered_step
+    from pipeline.runtime.trainer import fit
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
                                                             "dashboard_host": "127.0.0.1"})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV})
+    ray.init(address=cluster.address, runtime_env=worker_runtime_env())
     raw = compose(ROOT / "configs", [TINY[0]])
     cfg = validate(apply_overrides(raw, [*TINY[1:], f"tasks.lm.trainer.max_steps={steps}",
                                          f"tasks.lm.trainer.ckpt_every={every}", f"tasks.lm.trainer.log_every={every}",

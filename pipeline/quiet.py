@@ -55,3 +55,37 @@ def quiet_torchao_import() -> None:
         logger = logging.getLogger(name)
         if flt not in logger.filters:
             logger.addFilter(flt)
+
+
+# ray/train/v2/_internal/callbacks/backend_setup.py: when a worker is gone, Ray Train's controller
+# logs its failed backend shutdown with the whole traceback of the dead actor's RPC (about 23 lines);
+# the driver already says which worker died and that it restarts (pipeline/runtime/failures.py).
+_BACKEND_SHUTDOWN = "Graceful shutdown of backend failed"
+_WORKER_GONE = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "ActorUnschedulableError")
+
+
+class _WorkerGoneShutdown(logging.Filter):
+    """On Ray Train's backend-setup logger: the failed shutdown of a group whose worker is gone.
+    Any other shutdown failure (a worker's own error in its shutdown hook) stays logged whole."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(_BACKEND_SHUTDOWN) or not record.exc_info:
+            return True
+        return type(record.exc_info[1]).__name__ not in _WORKER_GONE
+
+
+RAY_WORKER_SETUP = "pipeline.quiet.quiet_ray_worker"  # runtime_env's worker_process_setup_hook
+
+
+def quiet_ray_worker() -> None:
+    """Run in every process of a Ray job this project starts (`RAY_WORKER_SETUP`, set by
+    pipeline/runtime/connect.py), Ray Train's controller included, where the record above is
+    logged. PIPELINE_DEBUG=1 keeps everything. Imports nothing beyond `logging`: every worker
+    process of the job runs it at start."""
+    import os
+
+    if os.environ.get("PIPELINE_DEBUG"):
+        return
+    logger = logging.getLogger("ray.train.v2._internal.callbacks.backend_setup")
+    if not any(isinstance(f, _WorkerGoneShutdown) for f in logger.filters):
+        logger.addFilter(_WorkerGoneShutdown())

@@ -309,6 +309,40 @@ def test_the_worker_log_filter_keeps_tracebacks_of_other_errors(monkeypatch):
     assert kept("ValueError: something")
 
 
+def test_the_controllers_shutdown_traceback_of_a_dead_worker_is_dropped(monkeypatch):
+    """Ray Train's controller logs its failed backend shutdown, with the dead actor's 23-line RPC
+    traceback, whenever a worker is gone; the driver's retry line names that worker. The hook every
+    process of the job runs (`worker_runtime_env`) drops that record, and only that one."""
+    import logging
+
+    from ray.exceptions import ActorUnavailableError
+
+    from pipeline.quiet import RAY_WORKER_SETUP, quiet_ray_worker
+    from pipeline.runtime.connect import worker_runtime_env
+
+    def record(msg: str, error: BaseException | None) -> logging.LogRecord:
+        info = (type(error), error, None) if error else None
+        return logging.LogRecord("ray.train.v2._internal.callbacks.backend_setup", logging.WARNING, "", 0, msg,
+                                 None, info)
+
+    assert worker_runtime_env({"X": "1"})["worker_process_setup_hook"] == RAY_WORKER_SETUP
+    assert worker_runtime_env({"X": "1"})["env_vars"]["X"] == "1"
+    logger = logging.getLogger("ray.train.v2._internal.callbacks.backend_setup")
+    monkeypatch.setattr(logger, "filters", [])
+    monkeypatch.delenv("PIPELINE_DEBUG", raising=False)
+    quiet_ray_worker()
+    quiet_ray_worker()  # idempotent
+    assert len(logger.filters) == 1
+    shutdown = "Graceful shutdown of backend failed. This is expected if one of the workers has crashed."
+    assert not logger.filter(record(shutdown, ActorUnavailableError("rpc", None)))
+    assert logger.filter(record(shutdown, RuntimeError("a worker's own shutdown hook failed")))
+    assert logger.filter(record("another warning", ActorUnavailableError("rpc", None)))
+    monkeypatch.setattr(logger, "filters", [])
+    monkeypatch.setenv("PIPELINE_DEBUG", "1")
+    quiet_ray_worker()
+    assert not logger.filters
+
+
 # ----------------------------------------------------------------------------- 3. use_gpu without CUDA
 GPU_LINE = (r"^cluster.use_gpu=true, but this machine has no CUDA device \(torch .*\) and training would run on the "
             r"local Ray; set cluster.use_gpu=false or point RAY_ADDRESS at a GPU cluster$")

@@ -46,6 +46,8 @@ def test_node_killed_mid_training_resumes_exactly(built_data, tmp_path):
     assert failed and ("died" in failed[0] or "became unreachable" in failed[0]) \
         and "RuntimeError" not in failed[0], proc.stdout[-3000:]
     assert "gloo/transport" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    # nor Ray Train's controller's traceback of its failed shutdown of the group (pipeline/quiet.py)
+    assert "Graceful shutdown of backend failed" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     assert report["steps"] == [120, 120]
     assert report["equal"], f"weights differ from the uninterrupted run: max |diff| {report['max_diff']}"
 
@@ -59,7 +61,7 @@ def _run(shards: Path, out: Path) -> None:
     from safetensors.torch import load_file
 
     from pipeline.config import validate
-    from pipeline.runtime.connect import WORKER_ENV
+    from pipeline.runtime.connect import WORKER_ENV, worker_runtime_env
     from pipeline.runtime.recovery import registered_step
     from pipeline.runtime.trainer import fit
     from pipeline.training.checkpoint import WEIGHTS, read_meta
@@ -73,7 +75,7 @@ def _run(shards: Path, out: Path) -> None:
                                                             "dashboard_port": free_port()})  # not a fixed 8265
     nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]  # 2 for training, 1 to restart on
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV})
+    ray.init(address=cluster.address, runtime_env=worker_runtime_env())
     cfg = validate(tiny_raw(["tasks.lm.trainer.max_steps=120", "tasks.lm.trainer.ckpt_every=10",
                              "tasks.lm.trainer.log_every=10", f"cluster.storage_path={out / 'runs'}",
                              "cluster.max_failures=2"]))

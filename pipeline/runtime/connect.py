@@ -14,6 +14,15 @@ from pipeline.config.schema import ClusterConfig
 WORKER_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
+def worker_runtime_env(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The runtime_env of the Ray jobs this project starts: `WORKER_ENV` (plus `env`) and the setup
+    hook that keeps Ray's noise about a dead worker out of the log (pipeline/quiet.py), run in
+    every worker process of the job, Ray Train's controller included."""
+    from pipeline.quiet import RAY_WORKER_SETUP
+
+    return {"env_vars": {**WORKER_ENV, **(env or {})}, "worker_process_setup_hook": RAY_WORKER_SETUP}
+
+
 def cluster_address(cfg: ClusterConfig) -> str | None:
     return os.environ.get("RAY_ADDRESS") or cfg.address
 
@@ -83,7 +92,7 @@ def connect(cfg: ClusterConfig) -> str:
         # Inside a submitted job the job's runtime_env (working_dir, env vars) is already set; Ray
         # refuses a second one naming the same env vars unless told to combine them.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+        ray.init(address=address, runtime_env=worker_runtime_env(), log_to_driver=True)
         return f"Ray cluster at {address}"
     need = cfg.num_workers * cfg.cpus_per_worker
     with _loopback_only() as ports, _named_start_failure():
@@ -93,7 +102,7 @@ def connect(cfg: ClusterConfig) -> str:
         ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=True,
                  dashboard_host=LOOPBACK, dashboard_port=ports["dashboard"], _node_ip_address=LOOPBACK,
                  _metrics_export_port=ports["metrics_export"],
-                 runtime_env={"env_vars": {**WORKER_ENV, **_own_address_env(ports), **ONE_NODE_ENV}},
+                 runtime_env=worker_runtime_env({**_own_address_env(ports), **ONE_NODE_ENV}),
                  log_to_driver=True, configure_logging=False, _system_config=NO_PRESTART)
     # This process's own State API calls go to its own Ray too (the variable is replaced by the
     # next local Ray, and dropped when a cluster is joined).
