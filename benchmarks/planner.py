@@ -199,6 +199,9 @@ class MeasuringSession:
     def log_step(self, entry: dict[str, Any]) -> None:
         pass  # no tracking in a memory measurement
 
+    def tag_run(self, tags: dict[str, str]) -> None:
+        pass
+
 
 def warmup_jobs(jobs: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
     """One step of a tiny GPT per distinct strategy among `jobs`, run first and not measured: the

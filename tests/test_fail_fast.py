@@ -119,3 +119,10 @@ def test_non_finite_stop_is_not_retried_and_ends_in_one_line(sharded_project):
         proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "WorkerGroupError" not in proc.stderr, proc.stderr[-3000:]
     assert not (sharded_project / "models/lm").exists()
+    # the failed run, which never reached a checkpoint, still says what ran (tagged live by rank 0)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{sharded_project / 'mlruns.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FAILED"], runs
+    assert runs[0].data.tags.get("impl.strategy", "").startswith("ddp"), runs[0].data.tags

@@ -64,12 +64,14 @@ def test_live_metrics_survive_a_server_outage_without_duplicates(tmp_path, monke
         start = time.perf_counter()
         for step in range(6, 16):  # the server is down: logging still returns at once
             live.log(_entry(step))
+        live.tag({"impl.strategy": "ddp"})  # (the loop's implementation tags, as training starts)
         assert time.perf_counter() - start < 0.5
         _wait_for(lambda: any("unreachable" in line for line in lines))
 
         server = mlflow_server(tmp_path, port)  # same store, back after a while
         _wait_for(lambda: len(client.get_metric_history(run_id, "train/loss")) == 15)
         live.close()
+        assert client.get_run(run_id).data.tags["impl.strategy"] == "ddp"  # held through the outage, then sent
         # the lines name the cause (a refused connection, not a URL cut before it) and what the
         # outage held back (10 steps of 4 values), not the run's total
         down = next(line for line in lines if "unreachable" in line)

@@ -88,6 +88,7 @@ class LiveMetrics:
         self._client = MlflowClient(tracking_uri)
         self._say = say
         self._buffer: deque[Any] = deque()
+        self._tags: dict[str, str] = {}  # waiting to be sent (a few: the implementation's)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._known_steps: set[int] | None = None  # steps of `train/loss` the run held at the start
@@ -106,6 +107,23 @@ class LiveMetrics:
             while len(self._buffer) > self.capacity:  # the oldest go; the driver writes them after the fit
                 self._buffer.popleft()
                 self.dropped += 1
+
+    def tag(self, tags: dict[str, str]) -> None:
+        """Queue run tags (sent by the thread before the next metrics; never blocks)."""
+        with self._lock:
+            self._tags.update(tags)
+
+    def _send_tags(self) -> None:
+        from mlflow.entities import RunTag
+
+        with self._lock:
+            tags = dict(self._tags)
+        if tags:
+            self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            with self._lock:  # what was sent, unless queued again meanwhile with another value
+                for k, v in tags.items():
+                    if self._tags.get(k) == v:
+                        del self._tags[k]
 
     def _read_known_steps(self) -> None:
         self._known_steps = {m.step for m in self._client.get_metric_history(self.run_id, f"{PREFIX}loss")}
@@ -128,6 +146,7 @@ class LiveMetrics:
         return True
 
     def _step(self) -> None:
+        self._send_tags()
         if self._known_steps is None:
             self._read_known_steps()
         while self._send_some():

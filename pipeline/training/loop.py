@@ -54,6 +54,7 @@ class Session(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
     def latest_checkpoint(self): ...
     def log_step(self, entry: dict[str, Any]) -> None: ...
+    def tag_run(self, tags: dict[str, str]) -> None: ...
 
 
 class NonFiniteError(RuntimeError):
@@ -145,6 +146,8 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     if session.rank == 0:
         print(f"[{task_name}] " + "; ".join(f"{k}: {v}" for k, v in implementation.items() if k != "mfu_peak_tflops"),
               flush=True)
+        # on the MLflow run now (off this thread), so a run that fails before its first checkpoint says what ran
+        session.tag_run({f"impl.{k}": str(v) for k, v in implementation.items()})
         if flops_per_item and peak is None:
             print(f"[{task_name}] no MFU: the dense peak of {session.device} in {precision.mfu_precision} is not known "
                   f"(set tasks.{task_name}.trainer.peak_tflops)", flush=True)

@@ -24,6 +24,7 @@ class StepSink(Protocol):
     to rank 0's session; pipeline/tracking/live.py)."""
 
     def log(self, entry: dict[str, Any]) -> None: ...
+    def tag(self, tags: dict[str, str]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -36,6 +37,12 @@ class _LiveSteps:
         """One history entry, to the MLflow run while training runs (where a live sink was given)."""
         if self._live is not None:
             self._live.log(entry)
+
+    def tag_run(self, tags: dict[str, str]) -> None:
+        """Tags of the MLflow run (what the workers decided: backend, kernels), set as training
+        starts where a live sink was given; the driver sets them again from the last checkpoint."""
+        if self._live is not None:
+            self._live.tag(tags)
 
     def close(self) -> None:
         """Send what the live sink still holds (bounded wait) and stop it."""
