@@ -309,6 +309,22 @@ def test_the_worker_log_filter_keeps_tracebacks_of_other_errors(monkeypatch):
     assert kept("ValueError: something")
 
 
+def test_a_train_split_smaller_than_one_global_batch_is_named_on_the_driver(built_data):
+    """The reader refuses a split of fewer rows than one global batch, but only inside a worker,
+    after Ray and the MLflow run started; the driver's shard check names it first, with the key."""
+    from pipeline.data.shard_format import ShardError, load_manifest
+    from pipeline.data.shard_verify import check_split
+
+    shards = built_data[1]["lm"]
+    rows = sum(e["rows"] for e in load_manifest(shards)["splits"]["train"]["shards"])
+    key = "tasks.lm.trainer.global_batch_size"
+    check_split(shards, "train", batch=(rows, key))  # exactly one batch: enough
+    with pytest.raises(ShardError) as e:
+        check_split(shards, "train", batch=(rows + 1, key))
+    assert str(e.value) == (f"{shards}: split 'train' has {rows} rows, fewer than one global batch "
+                            f"({key}={rows + 1}): lower it, or add data")
+
+
 def test_the_controllers_shutdown_traceback_of_a_dead_worker_is_dropped(monkeypatch):
     """Ray Train's controller logs its failed backend shutdown, with the dead actor's 23-line RPC
     traceback, whenever a worker is gone; the driver's retry line names that worker. The hook every

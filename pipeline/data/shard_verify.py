@@ -206,11 +206,19 @@ def check_sizes(root: str | Path, entries: list[dict[str, Any]]) -> None:
                              f"{e['bytes']} (truncated?)")
 
 
-def check_split(root: str | Path, split: str, manifest: dict[str, Any] | None = None) -> None:
+def check_split(root: str | Path, split: str, manifest: dict[str, Any] | None = None, *,
+                batch: tuple[int, str] | None = None) -> None:
     """The driver's check before it takes resources: the manifest is valid and every shard of
-    `split` is there with its size. No content is read (workers hash, once per node)."""
+    `split` is there with its size. No content is read (workers hash, once per node). With
+    `batch` (a global batch size and the key that sets it), the split holds at least one batch:
+    the reader refuses less, but only inside a worker, after Ray and the MLflow run started."""
     manifest = manifest or load_manifest(root)
-    check_sizes(root, split_entries(root, manifest, split))
+    entries = split_entries(root, manifest, split)
+    check_sizes(root, entries)
+    rows = sum(e["rows"] for e in entries)
+    if batch is not None and rows < batch[0]:
+        raise ShardError(f"{str(root).rstrip('/')}: split '{split}' has {rows} rows, fewer than one global batch "
+                         f"({batch[1]}={batch[0]}): lower it, or add data")
 
 
 def verify_split(root: str | Path, split: str, manifest: dict[str, Any] | None = None,

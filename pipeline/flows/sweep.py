@@ -259,7 +259,8 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     if num_samples is not None:
         sweep = sweep.model_copy(update={"num_samples": num_samples})
     check_space(base, task, sweep)
-    check_split(shards, "train")  # manifest and sizes; the trials' workers hash, once per node
+    batch = (cfg.task(task).trainer.global_batch_size, f"tasks.{task}.trainer.global_batch_size")
+    check_split(shards, "train", batch=batch)  # manifest, sizes, the base config's batch; workers hash
     check_split(shards, "val")
     # a tracking server that does not answer: one line now, not minutes of MLflow retries after Ray started
     mlflow_runs.check_reachable(cfg.tracking, lambda *a, **k: print(f"[sweep {task}]", *a, **k))

@@ -212,7 +212,8 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     given, cfg = cfg, absolute_init_paths(cfg)
     tcfg = cfg.task(task_name)
     # Fail before any Ray resource is taken: bad shards, or a batch that cannot be split.
-    check_split(shards_dir, "train")  # manifest and sizes; each node's workers hash the shards once
+    batch = (tcfg.trainer.global_batch_size, f"tasks.{task_name}.trainer.global_batch_size")
+    check_split(shards_dir, "train", batch=batch)  # manifest, sizes, a batch; each node's workers hash the shards
     checked_tokenizer(shards_dir)  # evaluate and export need the shards' own tokenizer: found now, not after training
     spec = task_for_data(tcfg.data.kind).model_spec(tcfg, load_manifest(shards_dir))  # vocabulary, context, tokenizer
     for key, weights in (("model.init_from", getattr(tcfg.model, "init_from", None)),

@@ -155,7 +155,8 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     train_shards.check_sizes()  # a missing, truncated or (local) corrupt shard stops the run before step 1
     reader = GlobalOrderReader(train_shards, tr.global_batch_size, dp_rank, dp_size, seed=cfg.seed,
                                window=tr.shuffle_window, prefetch=tr.prefetch_batches)
-    val = read_split(shards_root, "val") if tr.eval_every else None
+    # only the rows validation reads (it indexes the first eval_batches global batches, wrapping around)
+    val = read_split(shards_root, "val", tr.eval_batches * tr.global_batch_size) if tr.eval_every else None
     ema = EMA(strategy.ema_source(), tr.ema_decay) if tr.ema_decay > 0 else None
     state, tracker = LoopState(), ValidationTracker()
     with session.latest_checkpoint() as ckpt:
