@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from pipeline.atomic import atomic_dir, file_sha256
 from pipeline.config.schema import ImageDataConfig, TextDataConfig
@@ -24,6 +23,7 @@ from pipeline.data.parallel import ordered_flatmap, ordered_map
 from pipeline.data.shard_format import MANIFEST
 from pipeline.data.shard_writer import write_splits
 from pipeline.data.splits import SPLITS
+from pipeline.progress import counting, progress
 
 TOKENIZER, STATS = "tokenizer.json", "stats.json"
 
@@ -36,7 +36,7 @@ def prepare(cfg: TextDataConfig | ImageDataConfig, seed: int, out_dir: Path,
     with atomic_dir(out_dir) as tmp:
         if isinstance(cfg, TextDataConfig):
             units = sources.text_units(cfg.source)
-            jobs = progress(((u, cfg, seed) for u in units), "prepare", len(units), "files")
+            jobs = progress(((u, cfg, seed) for u in units), "[prepare]", "reading and cleaning", len(units), "files")
             stats = text.merge(ordered_flatmap(text.clean_unit, jobs, cfg.ray), tmp)
             if tokenizer_from is not None:
                 stats.update(text.copy_hf_tokenizer(Path(tokenizer_from), tmp))
@@ -64,10 +64,10 @@ def prepare(cfg: TextDataConfig | ImageDataConfig, seed: int, out_dir: Path,
 def _token_rows(cfg: TextDataConfig, split_file: Path, tokenizer_json: str,
                 eos: str) -> Iterator[dict[str, np.ndarray]]:
     total = pq.ParquetFile(split_file).metadata.num_rows
-    with tqdm(total=total, desc=f"shard {split_file.stem}", unit="docs", disable=None, leave=False) as bar:
+    with counting("[shard]", f"tokenizing {split_file.stem}", total, "docs") as bar:
         def batches() -> Iterator[tuple[list[str], str, str]]:
             for docs in text.iter_documents(split_file):
-                bar.update(len(docs))
+                bar.step(len(docs))
                 yield docs, tokenizer_json, eos
 
         for block in text.pack_sequences(ordered_map(text.encode, batches(), cfg.ray), cfg.seq_len):
@@ -124,11 +124,6 @@ def copy_tokenizer(prepared: Path, out_dir: Path, tokenizer: bytes) -> None:
     for name in text.HF_TOKENIZER_FILES:
         if name != TOKENIZER and (prepared / name).is_file():
             (out_dir / name).write_bytes((prepared / name).read_bytes())
-
-
-def progress(items: Iterable, desc: str, total: int, unit: str) -> Iterator:
-    """A progress bar on a terminal, nothing in logs (tqdm decides)."""
-    return iter(tqdm(items, desc=desc, total=total, unit=unit, disable=None, leave=False))
 
 
 def file_md5(path: Path) -> str:

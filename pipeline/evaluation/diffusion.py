@@ -9,7 +9,6 @@ log is no terminal, and a bar there is one line of carriage returns.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,32 +20,14 @@ from pipeline.config.schema import EvalConfig
 from pipeline.data.shard_store import read_split
 from pipeline.evaluation.device import model_device
 from pipeline.models.diffusion import GaussianDiffusion
+from pipeline.progress import Progress
 
 PROGRESS_EVERY_S = 5.0  # at most one progress line this often inside a loop (a test sets 0: every step)
 
 
-class Progress:
-    """Lines for one evaluation step: `[diffusion] <what>` at the start, then at most every
-    `PROGRESS_EVERY_S` seconds `<done>/<total> <unit>` with the time so far and an ETA, then
-    how long it took."""
-
-    def __init__(self, what: str, total: int, unit: str) -> None:
-        self.what, self.total, self.unit, self.done = what, total, unit, 0
-        self.start = self.last = time.perf_counter()
-        print(f"[diffusion] {what} ...", flush=True)
-
-    def step(self, n: int = 1) -> None:
-        """`n` more of `total` done; prints a line when the last one is `PROGRESS_EVERY_S` old."""
-        self.done += n
-        now = time.perf_counter()
-        if self.done < self.total and now - self.last >= PROGRESS_EVERY_S:
-            self.last, elapsed = now, now - self.start
-            eta = elapsed / self.done * (self.total - self.done)
-            print(f"[diffusion] {self.what}: {self.done}/{self.total} {self.unit}, {elapsed:.0f} s, "
-                  f"eta {eta:.0f} s", flush=True)
-
-    def finish(self, result: str = "") -> None:
-        print(f"[diffusion] {self.what}: done in {time.perf_counter() - self.start:.1f} s{result}", flush=True)
+def _progress(what: str, total: int, unit: str) -> Progress:
+    """Lines of one evaluation step (`PROGRESS_EVERY_S` read at each step's start)."""
+    return Progress("[diffusion]", what, total, unit, every_s=PROGRESS_EVERY_S)
 
 
 @contextlib.contextmanager
@@ -77,7 +58,7 @@ def _sample(process: GaussianDiffusion, model: torch.nn.Module, labels: torch.Te
             seed: int, what: str) -> torch.Tensor:
     """`process.sample` with `cfg`'s settings and a seeded CPU generator, reporting its progress."""
     steps = min(cfg.sample_steps, process.cfg.timesteps)  # (the sampler caps them so too)
-    progress = Progress(f"{what}: {len(labels)} images, {steps} denoising steps", steps, "steps")
+    progress = _progress(f"{what}: {len(labels)} images, {steps} denoising steps", steps, "steps")
     with _steps_of_model(model, progress):
         images = process.sample(model, labels, tuple(model.image_shape), model.num_classes, cfg.sample_steps,
                                 cfg.guidance_scale, cfg.sample_eta, generator=torch.Generator().manual_seed(seed))
@@ -96,7 +77,7 @@ def denoise_loss(model: torch.nn.Module, shards: Path, split: str, cfg: EvalConf
     device = model_device(model)
     total = 0.0
     batches = -(-len(x_all) // cfg.batch_size)
-    progress = Progress(f"{split} denoise loss over {batches} batches of {cfg.batch_size}", batches, "batches")
+    progress = _progress(f"{split} denoise loss over {batches} batches of {cfg.batch_size}", batches, "batches")
     for i in range(0, len(x_all), cfg.batch_size):
         x, y = x_all[i : i + cfg.batch_size].to(device), y_all[i : i + cfg.batch_size].to(device)
         total += process.loss(model, x, y, model.num_classes, gen).item() * len(x)
@@ -137,7 +118,7 @@ def score_with_classifier(model: torch.nn.Module, shards: Path, cfg: EvalConfig,
     from pipeline.evaluation.classifier import score_samples, train_classifier
 
     train = read_split(shards, "train")
-    progress = Progress(f"training the digit classifier that scores the samples: {cfg.classifier_steps} steps",
+    progress = _progress(f"training the digit classifier that scores the samples: {cfg.classifier_steps} steps",
                         cfg.classifier_steps, "steps")
     with _steps_of_optimizer(progress):
         clf = train_classifier(train["image"], train["label"], model.num_classes, cfg.classifier_steps, seed)

@@ -28,6 +28,7 @@ from pipeline.distributed.activation import describe_activation_checkpointing
 from pipeline.distributed.mesh import Layout
 from pipeline.distributed.precision import Precision
 from pipeline.models.hf import is_hf_folder
+from pipeline.progress import duration
 from pipeline.runtime.cuda_allocator import configure_cuda_allocator
 from pipeline.tasks import task_for_data
 from pipeline.training.checkpoint import (
@@ -258,7 +259,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
             grad = f"{seen.last_norm:.2f}" if math.isfinite(seen.last_norm) else "n/a"
             print(f"[{task_name}] step {state.step}/{tr.max_steps} | loss {_loss_text(loss_mean, seen)}{extra} | "
                   f"lr {lr:.2e} | grad {grad} | {entry[f'{task.item_name}_per_s']:,.0f} {task.item_name}/s{util} | "
-                  f"eta {_duration(eta)}", flush=True)
+                  f"eta {duration(eta)}", flush=True)
             if state.stopped_early:
                 print(f"[{task_name}] early stop: no better validation loss than {tracker.best:.4f} in "
                       f"{tracker.evals_since_best} validations", flush=True)
@@ -299,14 +300,6 @@ def _loss_text(loss: float, seen: WindowValues) -> str:
     if not seen.good_steps:
         return f"n/a (all {seen.skipped} steps skipped)"
     return "n/a (no finite loss on some rank)"  # this rank had good steps, another had none
-
-
-def _duration(seconds: float) -> str:
-    """1h02m, 3m05s, 42s: how long the rest of the run should take at this start's pace."""
-    seconds = max(0, round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _inf_if_nan(norm: float) -> float:
