@@ -6,13 +6,16 @@ whichever way they were computed (a test pins this). Work travels through Ray's 
 not a shared file system, so tasks may run on any node of a cluster. At most `window` tasks
 are in flight; finished results the driver has not reached yet wait in the object store,
 which spills to disk under pressure, so memory stays bounded.
+
+A task that raises surfaces here as the task's own exception (see `_raise_cause`), so a data
+error reads the same one line whether it was computed in-process or as a Ray task.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
 
@@ -25,6 +28,31 @@ def _window(window: int | None) -> int:
     return window or max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
 
 
+def _raise_cause(err: BaseException) -> NoReturn:
+    """Raise the exception a Ray task raised, not Ray's wrapper of it.
+
+    `ray.get` raises a `RayTaskError` that also subclasses the task's exception type, so the
+    CLI's known-error handling catches it, but its text is Ray's whole remote traceback (with ANSI
+    colour codes) instead of the one line in-process prepare prints, e.g. `a.jsonl:2: invalid
+    JSON`. The original (`.cause`, unwrapped through nested task errors) is raised instead, chained
+    `from` Ray's error: an unknown error's traceback still shows the remote frames, while a known
+    one prints as the same line as in-process. A cause Ray could not carry (an unpicklable
+    exception, replaced by a `RayError` whose text holds the traceback) is raised as that."""
+    cause = err
+    while isinstance(cause, _ray_task_error()) and isinstance(getattr(cause, "cause", None), BaseException):
+        cause = cause.cause
+    if cause is err:
+        raise err
+    raise cause from err
+
+
+def _ray_task_error() -> type[BaseException]:
+    """Ray's task-error class (imported late: Ray is optional unless `data.ray` is set)."""
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError
+
+
 def ordered_map(fn: Callable[[Any], T], items: Iterable[Any], use_ray: bool, window: int | None = None) -> Iterator[T]:
     """`map(fn, items)`, with each call a Ray task when `use_ray`."""
     if not use_ray:
@@ -35,12 +63,15 @@ def ordered_map(fn: Callable[[Any], T], items: Iterable[Any], use_ray: bool, win
     remote = ray.remote(fn)
     pending: deque = deque()
     size = _window(window)
-    for item in items:
-        pending.append(remote.remote(item))
-        if len(pending) >= size:
+    try:
+        for item in items:
+            pending.append(remote.remote(item))
+            if len(pending) >= size:
+                yield ray.get(pending.popleft())
+        while pending:
             yield ray.get(pending.popleft())
-    while pending:
-        yield ray.get(pending.popleft())
+    except ray.exceptions.RayTaskError as e:
+        _raise_cause(e)
 
 
 def ordered_flatmap(fn: Callable[[Any], Iterator[T]], items: Iterable[Any], use_ray: bool,
@@ -57,13 +88,16 @@ def ordered_flatmap(fn: Callable[[Any], Iterator[T]], items: Iterable[Any], use_
     pending: deque = deque()
     todo = iter(items)
     size = _window(window)
-    for item in todo:
-        pending.append(remote.remote(item))
-        if len(pending) >= size:
-            break
-    while pending:
-        for ref in pending.popleft():
-            yield ray.get(ref)
+    try:
         for item in todo:
             pending.append(remote.remote(item))
-            break
+            if len(pending) >= size:
+                break
+        while pending:
+            for ref in pending.popleft():  # (a generator task's exception comes with its next ref)
+                yield ray.get(ref)
+            for item in todo:
+                pending.append(remote.remote(item))
+                break
+    except ray.exceptions.RayTaskError as e:
+        _raise_cause(e)
