@@ -33,7 +33,9 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from pipeline.training.checkpoint import CheckpointError
     from pipeline.training.loop import NonFiniteError  # (a diverged run: its message says what to change)
 
-    return (ConfigError, FileNotFoundError, KeyError, ValueError, ShardError, DataSourceError, CheckpointError,
+    # (PermissionError's text names the file: "[Errno 13] Permission denied: 'data/raw/a.txt'")
+    return (ConfigError, FileNotFoundError, PermissionError, KeyError, ValueError, ShardError, DataSourceError,
+            CheckpointError,
             TrackingUnavailable, ClusterUnavailable, ConnectionError,  # (an address nothing answers at)
             NonFiniteError, TrainingFailed)
 

@@ -123,7 +123,7 @@ def test_damaged_declared_encoding_is_strict_and_named(tmp_path):
 def test_damaged_all_duplicates_says_which_rule_dropped_them(tmp_path):
     """300 copies of one paragraph that lands in val or test: the error says 299 were duplicates."""
     para = next(p for i in range(100) if assign_split(content_hash((
-        p := f"One paragraph, copied over and over again, number {i}.").encode()), SplitConfig(), 1) != "train")
+        p := f"One paragraph, copied over and over again, number {i}.").encode()), SplitConfig()) != "train")
     (tmp_path / "copies.txt").write_text("\n\n".join([para] * 300 + ["tiny"]))
     with pytest.raises(ValueError) as err:
         prepare(_cfg(tmp_path / "copies.txt"), 1, tmp_path / "out")

@@ -219,3 +219,139 @@ def test_damaged_one_character_million_char_line_prepares(tmp_path):
     assert any(len(d) == 1_000_000 for d in train), "the long line is not in the train split: pick another seed"
     assert stats["tokenizer_documents"] == len(train) and (tmp_path / "out" / "tokenizer.json").is_file()
     assert os.path.getsize(tmp_path / "out" / "tokenizer.json") > 0
+
+
+# ----------------------------------------------------------------------------- text: folders, values, lines, access
+def test_damaged_text_folder_links_are_followed_and_junk_skipped(tmp_path):
+    """A linked sub-folder of data is read (fsspec's `find` skipped it silently), a link back up
+    the tree ends, and hidden or system folders and files are no data (as for image classes)."""
+    from pipeline.data.sources import text_units
+
+    store, src = tmp_path / "store", tmp_path / "src"
+    (store / "books").mkdir(parents=True)
+    (store / "books" / "b.txt").write_text("a book")
+    for junk in (".ipynb_checkpoints", "__MACOSX", ".git"):
+        (src / junk).mkdir(parents=True)
+        (src / junk / "x.txt").write_text("junk")
+    (src / "a.txt").write_text("a document")
+    (src / "._a.txt").write_text("macOS metadata")
+    (src / "books").symlink_to(store / "books")
+    (store / "books" / "loop").symlink_to(store)  # store/books/loop/books/... would never end
+    units = [Path(u).relative_to(src).as_posix() for u in text_units(str(src))]
+    assert units == ["a.txt", "books/b.txt"]
+    (tmp_path / "alias").symlink_to(src)  # the source itself a link
+    assert [Path(u).name for u in text_units(str(tmp_path / "alias"))] == ["a.txt", "b.txt"]
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ('{"text": {"nested": "object"}}', r"b\.jsonl:2: 'text' is an object, not text"),
+    ('{"text": ["a", "list"]}', r"b\.jsonl:2: 'text' is a list, not text"),
+    ('{"text": 42}', r"b\.jsonl:2: 'text' is a number, not text"),
+    ('"a bare string that mentions text"', r"b\.jsonl:2: a string, not a JSON object with a field 'text'"),
+], ids=["object", "list", "number", "bare-string"])
+def test_damaged_jsonl_values_that_are_not_text_are_refused(tmp_path, line, expected):
+    from pipeline.data.sources import Decoding, read_text_unit
+
+    src = tmp_path / "b.jsonl"
+    src.write_text('{"text": "first document"}\n' + line + '\n{"text": null}\n')
+    with pytest.raises(DataSourceError, match=rf"^{tmp_path}/{expected}") as err:
+        list(read_text_unit(str(src)))
+    assert "\n" not in str(err.value)
+    src.write_text('{"text": "first document"}\n{"text": null}\n{"text": "second"}\n')
+    decoding = Decoding()
+    assert list(read_text_unit(str(src), decoding=decoding)) == ["first document", "second"]  # not "None"
+    assert decoding.null_values == 1
+    docs = "\n".join(f'{{"text": "document number {i} of a small corpus, long enough to keep"}}' for i in range(60))
+    src.write_text(docs + '\n{"text": null}\n')
+    stats = prepare(TextDataConfig(source=str(src), vocab_size=300, min_chars=10), 0, tmp_path / "out")
+    assert stats["skipped_null_values"] == 1  # counted in data.json, beside the other skips
+
+
+def test_damaged_parquet_binary_column_is_decoded_or_named(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.data.sources import Decoding, read_text_unit
+
+    src = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"text": pa.array([b"caf\xc3\xa9 first", None, b"second\nline"], pa.binary())}), src)
+    decoding = Decoding()
+    assert list(read_text_unit(str(src), decoding=decoding)) == ["café first", "second\nline"]  # not "b'caf\\xc3..'"
+    assert decoding.null_values == 1
+    pq.write_table(pa.table({"text": pa.array([b"fine", b"caf\xe9"], pa.binary())}), src)
+    with pytest.raises(DataSourceError, match=rf"^{src}: row 1: 'text' holds bytes that are not UTF-8 text \(byte 3"):
+        list(read_text_unit(str(src)))
+    pq.write_table(pa.table({"text": [1, 2]}), src)
+    with pytest.raises(DataSourceError, match=rf"^{src}: row 0: 'text' is a number, not text"):
+        list(read_text_unit(str(src)))
+
+
+def test_damaged_one_enormous_line_is_cut_and_streamed(tmp_path, monkeypatch):
+    """One line is never held whole: it comes as documents of at most MAX_PARAGRAPH_CHARS, cut
+    at a space when there is one near the limit (a 55 MB line took 5.7 GB in prepare)."""
+    import io
+
+    from pipeline.data import sources
+
+    monkeypatch.setattr(sources, "MAX_PARAGRAPH_CHARS", 1000)
+    monkeypatch.setattr(sources, "CUT_WINDOW", 100)
+    words = " ".join(f"word{i % 97}" for i in range(3000))
+    (tmp_path / "long.txt").write_text("before\n\n" + words + "\n" + "x" * 2500 + "\n\nafter\n")
+    docs = list(sources.read_text_unit(str(tmp_path / "long.txt")))
+    assert docs[0] == "before" and docs[-1] == "after" and max(map(len, docs)) <= 1000
+    assert "".join(docs[1:-1]) == words + "x" * 2500  # nothing lost, no newline added at a cut
+    assert len(docs) > 20 and all(d.endswith(" ") for d in docs[1:-5])  # cut at spaces: no word split
+    assert [len(d) for d in docs[-4:-1]] == [1000, 1000, 500]  # no space near the limit: cut at it
+
+    big = io.BytesIO(("word " * (3 * sources.SNIFF_BYTES // 5)).encode())  # one 3 MiB line
+    first = next(sources.decode_lines(big, "big.txt", max_line=1000))
+    assert len(first) <= 1000 and big.tell() <= sources.SNIFF_BYTES
+
+
+def test_damaged_unreadable_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """A file without read permission (faked: the tests run as root) stops prepare with one line
+    naming it, not a 14-frame traceback; any PermissionError a stage meets is one line too."""
+    import fsspec.implementations.local as local
+
+    from pipeline.cli import stage_main
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("a readable document of some length")
+    (tmp_path / "src" / "b_secret.txt").write_text("a secret")
+    opener = local.LocalFileSystem._open
+
+    def deny(self, path, *args, **kwargs):
+        if path.endswith("b_secret.txt"):
+            raise PermissionError(13, "Permission denied", path)
+        return opener(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(local.LocalFileSystem, "_open", deny)
+    cfg = TextDataConfig(source=str(tmp_path / "src"), vocab_size=300, min_chars=5)
+    with pytest.raises(DataSourceError, match=rf"^{tmp_path}/src/b_secret\.txt: cannot read this file \(Permission "
+                                              r"denied\)$"):
+        prepare(cfg, 0, tmp_path / "out")
+
+    def denied(*_args):
+        raise PermissionError(13, "Permission denied", "data/lm/prepared")
+
+    monkeypatch.setattr("pipeline.cli.load_config", denied)
+    with pytest.raises(SystemExit) as exit_:
+        stage_main("prepare", denied, ["lm"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error [prepare lm]: [Errno 13] Permission denied: 'data/lm/prepared'\n"
+
+
+def test_damaged_utf8_repair_warns_and_refuses_runs_of_another_encoding(capsys):
+    """Past the first MiB, a stray cp1252 byte is repaired with a warning naming the file; runs
+    of them (cp1251 Russian after an ASCII first MiB) are refused, not turned into mojibake."""
+    import io
+
+    from pipeline.data.sources import Decoding, decode_lines
+
+    head = ("a" * 79 + "\n").encode() * 13108  # a little over 1 MiB of ASCII
+    decoding = Decoding()
+    lines = list(decode_lines(io.BytesIO(head + b"caf\xe9 au lait\n"), "mixed.txt", "auto", decoding))
+    assert lines[-1] == "café au lait" and decoding.repaired_bytes == 1
+    assert "warning: mixed.txt: 1 bytes that are not UTF-8 were read as cp1252" in capsys.readouterr().err
+    with pytest.raises(DataSourceError, match=r"^ru\.txt: not UTF-8 from about byte 104864\d: 9 bytes there are not "
+                                              r"UTF-8 and most come in runs"):
+        list(decode_lines(io.BytesIO(head + "Привет мир\n".encode("cp1251")), "ru.txt"))

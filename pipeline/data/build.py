@@ -49,13 +49,13 @@ def prepare(cfg: TextDataConfig | ImageDataConfig, seed: int, out_dir: Path,
         else:
             raw = hashlib.sha256()  # of the raw examples as read, in order: the "raw data" of lineage
             raw_x, raw_y, n_classes = sources.read_images(cfg.source)
-            raw.update(np.ascontiguousarray(raw_x).tobytes())
-            raw.update(np.ascontiguousarray(raw_y).tobytes())
+            raw.update(np.ascontiguousarray(raw_x).data)  # the array's own bytes, not a copy of them
+            raw.update(np.ascontiguousarray(raw_y).data)
             splits_img, stats = images.prepare_images(raw_x, raw_y, cfg, seed)
             stats["num_classes"] = n_classes
             stats["raw_sha256"] = raw.hexdigest()
             for name, (x, y) in splits_img.items():
-                np.savez(tmp / f"{name}.npz", images=x.astype(np.float32), labels=y)
+                np.savez(tmp / f"{name}.npz", images=x.astype(np.float32, copy=False), labels=y)
         stats["source"] = cfg.source
         (tmp / STATS).write_text(json.dumps(stats, indent=2, sort_keys=True))
     return stats
@@ -96,7 +96,7 @@ def shard(cfg: TextDataConfig | ImageDataConfig, prepared: Path, out_dir: Path) 
         splits, image_shape = {}, None
         for s in SPLITS:
             with np.load(prepared / f"{s}.npz") as z:
-                x, y = z["images"].astype(np.float32), z["labels"]
+                x, y = z["images"].astype(np.float32, copy=False), z["labels"]
             cols = {"image": x, "label": y}
             if s == "train" and cfg.balance == "weights":  # the loss weighs each example by its class
                 cols["weight"] = images.class_weights(y, stats["num_classes"])

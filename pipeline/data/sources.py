@@ -10,7 +10,9 @@ from __future__ import annotations
 import codecs
 import io
 import json
+import os
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,25 +34,42 @@ class RefusedFile(DataSourceError):
     """A text file that is not text (binary, or no encoding fits): prepare skips and counts it."""
 
 
-MAX_PARAGRAPH_CHARS = 1 << 20  # a file with no blank lines still streams: cut very long blocks
+# A file with no blank lines, or one enormous line, still streams: text files are cut into
+# documents of at most this many characters (`decode_lines` cuts inside a line too).
+MAX_PARAGRAPH_CHARS = 1 << 20
+CUT_WINDOW = 4096  # a cut inside a line goes at the last whitespace within this many characters of the limit
 
 
 def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
-    """Blank-line separated blocks, read line by line so a file of any size streams."""
+    """Blank-line separated blocks, read line by line so a file of any size streams. A block is
+    closed before a line that would take it past MAX_PARAGRAPH_CHARS (the pieces of a cut line
+    are at most that long), so no document grows without bound and no cut adds a newline."""
     block: list[str] = []
     size = 0
     for line in lines:
         line = line.rstrip("\r\n")
+        if block and (not line.strip() or size + len(line) > MAX_PARAGRAPH_CHARS):
+            yield "\n".join(block)
+            block, size = [], 0
         if line.strip():
             block.append(line)
             size += len(line)
-            if size < MAX_PARAGRAPH_CHARS:
-                continue
-        if block:
-            yield "\n".join(block)
-            block, size = [], 0
     if block:
         yield "\n".join(block)
+
+
+def _cut(line: str, limit: int) -> tuple[list[str], str]:
+    """(pieces of at most `limit` characters, the rest: at most `limit`) of one long line,
+    each piece ending at its last whitespace within CUT_WINDOW characters of the limit, or
+    exactly at the limit when a stretch has none (one enormous word)."""
+    pieces = []
+    while len(line) > limit:
+        lo = max(1, limit - CUT_WINDOW)
+        cut = max(line.rfind(" ", lo, limit), line.rfind("\t", lo, limit)) + 1
+        cut = cut if cut > lo else limit
+        pieces.append(line[:cut])
+        line = line[cut:]
+    return pieces, line
 
 
 def _python_docs() -> Iterator[str]:
@@ -109,29 +128,73 @@ def text_units(source: str) -> list[str]:
     if "://" not in source and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
         return [source]
     protocol = f"{source.split('://')[0]}://" if "://" in source else ""
-    used = [f"{protocol}{f}" for f in sorted(fs.find(path)) if f.endswith((*TEXT_SUFFIXES, ".jsonl", ".parquet"))]
+    found = _local_files(local) if not protocol else [f for f in fs.find(path) if not _junk(f[len(path):])]
+    used = [f"{protocol}{f}" for f in sorted(found) if f.endswith((*TEXT_SUFFIXES, ".jsonl", ".parquet"))]
     if not used:
         raise DataSourceError(f"data.source: no .txt/.md/.rst/.jsonl/.parquet files under '{source}'")
     return used
 
 
+def _junk(relative: str) -> bool:
+    """A path (below the source) inside a hidden or system folder (.git, .ipynb_checkpoints,
+    __MACOSX), or a hidden file (macOS's ._name copies): never data, as for image classes."""
+    parts = [p for p in relative.split("/") if p]
+    return any(p.startswith((".", "__")) for p in parts[:-1]) or bool(parts and parts[-1].startswith("."))
+
+
+def _local_files(root: Path) -> list[str]:
+    """Every file below a local folder, following links to folders (fsspec's `find` does not:
+    a linked folder of data would be skipped without a word), each real folder read once so a
+    link back up the tree ends instead of looping. Hidden and system entries are skipped
+    (`_junk`). Paths are as found through the links, like `find`'s."""
+    seen: set[str] = set()
+    out: list[str] = []
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:  # a folder without read permission
+            raise DataSourceError(f"{folder}: cannot list this folder ({e.strerror or type(e).__name__})") from None
+        for e in entries:
+            if e.name.startswith(".") or (e.name.startswith("__") and e.is_dir()):
+                continue
+            if e.is_dir():  # (follows links)
+                stack.append(e.path)
+            elif e.is_file():
+                out.append(e.path)
+    return out
+
+
 def read_text_unit(unit: str, text_field: str = "text", encoding: str = "auto",
                    decoding: Decoding | None = None) -> Iterator[str]:
     """Documents of one unit from `text_units`. `decoding`, when given, is filled in with how a
-    text or JSONL file was decoded (`decode_lines`); `RefusedFile` comes before any document."""
+    text or JSONL file was decoded (`decode_lines`) and how many null text values were skipped;
+    `RefusedFile` comes before any document. A file that cannot be opened (no permission) is a
+    `DataSourceError` naming it."""
     if unit == "builtin:python-docs":
         yield from _python_docs()
         return
+    decoding = decoding if decoding is not None else Decoding()
     fs, path = _filesystem(unit)
     if fs.isdir(path):
-        yield from _hf_saved(Path(path), text_field)
-    elif path.endswith(".parquet"):
-        with fs.open(path, "rb") as fh:
-            yield from _parquet(fh, unit, text_field)
-    else:
-        with fs.open(path, "rb") as fh:
-            lines = decode_lines(fh, unit, encoding, decoding if decoding is not None else Decoding())
-            yield from _jsonl(lines, unit, text_field) if path.endswith(".jsonl") else _paragraphs(lines)
+        yield from _hf_saved(Path(path), text_field, decoding)
+        return
+    try:
+        fh = fs.open(path, "rb")
+    except OSError as e:  # PermissionError, or a file removed since text_units listed it
+        raise DataSourceError(f"{unit}: cannot read this file ({e.strerror or type(e).__name__})") from None
+    with fh:
+        if path.endswith(".parquet"):
+            yield from _parquet(fh, unit, text_field, decoding)
+        elif path.endswith(".jsonl"):  # (a record is parsed whole: its line is not cut)
+            yield from _jsonl(decode_lines(fh, unit, encoding, decoding), unit, text_field, decoding)
+        else:
+            yield from _paragraphs(decode_lines(fh, unit, encoding, decoding, max_line=MAX_PARAGRAPH_CHARS))
 
 
 def _filesystem(source: str):
@@ -164,9 +227,11 @@ class Decoding:
     status: str = "utf-8"
     encoding: str = "utf-8"
     repaired_bytes: int = 0
+    null_values: int = 0  # JSONL / Parquet / Arrow records whose text value is null: skipped
 
 
-def decode_lines(fh, where: str, encoding: str = "auto", decoding: Decoding | None = None) -> Iterator[str]:
+def decode_lines(fh, where: str, encoding: str = "auto", decoding: Decoding | None = None,
+                 max_line: int | None = None) -> Iterator[str]:
     """The lines of a binary file, decoded strictly (never a silent U+FFFD) chunk by chunk, with
     newlines translated as text mode does ("\\r\\n" and "\\r" become "\\n").
 
@@ -177,7 +242,15 @@ def decode_lines(fh, where: str, encoding: str = "auto", decoding: Decoding | No
     pages cp1252, unless another is more coherent). NUL bytes (outside UTF-16/32) or no plausible
     encoding: `RefusedFile`, naming the file. Any other `encoding` is a Python codec every file
     is decoded with, strictly. A byte that does not decode further on is a `DataSourceError`
-    naming the file and the offset."""
+    naming the file and the offset.
+
+    Repair is for a few stray bytes: a file it touches gets a warning on stderr naming it and the
+    count, and a stretch where stray bytes come in runs (most follow another: text in another
+    encoding, Cyrillic or CJK, after a UTF-8 start) is a `DataSourceError` naming the file and
+    offset, not cp1252 mojibake.
+
+    `max_line`, when given, bounds what is held: a longer line comes as pieces of at most that
+    many characters (`_cut`), so one enormous line streams like many."""
     decoding = decoding if decoding is not None else Decoding()
     head = fh.read(SNIFF_BYTES)
     codec, repair = _choose_encoding(head, where, encoding, decoding)
@@ -197,22 +270,54 @@ def decode_lines(fh, where: str, encoding: str = "auto", decoding: Decoding | No
                                       "set data.encoding to the file's encoding") from None
             decoder.setstate(state)  # this chunk again, its stray bytes escaped, then each read as cp1252
             inner.errors = "surrogateescape"
-            text = _ESCAPED.sub(lambda m: _repaired(m, decoding), decoder.decode(block, final=final))
+            text = decoder.decode(block, final=final)
             inner.errors = "strict"
+            _check_strays(text, where, start + e.start)
+            text = _ESCAPED.sub(lambda m: _repaired(m, decoding), text)
         offset += len(block)
         if "\n" in text:
             lines = text.split("\n")
             pending.append(lines[0])
             lines[0] = "".join(pending)
             pending = [lines.pop()]
-            yield from lines
+            for line in lines:
+                if max_line is not None and len(line) > max_line:
+                    pieces, line = _cut(line, max_line)
+                    yield from pieces
+                yield line
         elif text:
             pending.append(text)
+        if max_line is not None and sum(map(len, pending)) > max_line:
+            pieces, rest = _cut("".join(pending), max_line)
+            yield from pieces
+            pending = [rest]
         if final:
             break
         block = fh.read(_CHUNK)
     if rest := "".join(pending):
         yield rest
+    if decoding.repaired_bytes:
+        print(f"warning: {where}: {decoding.repaired_bytes} bytes that are not UTF-8 were read as cp1252 (stray "
+              "bytes in UTF-8 text); set data.encoding if the file is in another encoding", file=sys.stderr, flush=True)
+
+
+STRAY_RUN_MIN = 4  # stray bytes that follow another stray byte, in one chunk, before a run means another encoding
+
+
+def _check_strays(text: str, where: str, first: int) -> None:
+    """Refuse to repair a chunk whose stray bytes come in runs: cp1252 strays in UTF-8 text are
+    single characters between ASCII ones (a smart quote, an é), while text in another 8-bit or
+    multi-byte encoding (cp1251 Russian, Shift-JIS) is runs of them; read as cp1252 it would be
+    mojibake ("Ïðèâåò") with nothing but a counter to show for it."""
+    strays = _ESCAPED.findall(text)
+    following = len(_STRAY_RUN.findall(text))
+    if following >= STRAY_RUN_MIN and following * 2 > len(strays):
+        raise DataSourceError(f"{where}: not UTF-8 from about byte {first}: {len(strays)} bytes there are not UTF-8 "
+                              "and most come in runs (text in another encoding, not a few stray cp1252 bytes); "
+                              "convert the file to UTF-8, or set data.encoding if all of it is in one encoding")
+
+
+_STRAY_RUN = re.compile("(?<=[\udc80-\udcff])[\udc80-\udcff]")
 
 
 def _repaired(match: re.Match, decoding: Decoding) -> str:
@@ -266,7 +371,28 @@ def _detect(head: bytes) -> str | None:
     return best.encoding
 
 
-def _jsonl(fh, where: str, field: str) -> Iterator[str]:
+def _text_value(value: object, where: str, field: str, decoding: Decoding) -> str | None:
+    """The document in one record's text field: a string as is, bytes decoded as UTF-8 (a binary
+    column, as Spark writes without a UTF8 annotation), None for a null (skipped, counted in
+    `decoding.null_values`). Anything else (a number, an object, a list) would become its Python
+    repr as training text: a `DataSourceError` naming the file, the record and the key."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        decoding.null_values += 1
+        return None
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataSourceError(f"{where}: '{field}' holds bytes that are not UTF-8 text (byte {e.start}: "
+                                  f"{e.reason})") from None
+    kind = {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number"}.get(
+        type(value), f"a {type(value).__name__}")
+    raise DataSourceError(f"{where}: '{field}' is {kind}, not text (data.text_field names a field of strings)")
+
+
+def _jsonl(fh, where: str, field: str, decoding: Decoding) -> Iterator[str]:
     for lineno, line in enumerate(fh, 1):
         if not line.strip():
             continue
@@ -274,21 +400,32 @@ def _jsonl(fh, where: str, field: str) -> Iterator[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataSourceError(f"{where}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            kind = {str: "a string", list: "an array", bool: "a boolean", int: "a number", float: "a number"}.get(
+                type(record), "null")
+            raise DataSourceError(f"{where}:{lineno}: {kind}, not a JSON object with a field '{field}' "
+                                  "(data.text_field)")
         if field not in record:
             raise DataSourceError(f"{where}:{lineno}: no field '{field}' (data.text_field)")
-        yield str(record[field])
+        text = _text_value(record[field], f"{where}:{lineno}", field, decoding)
+        if text is not None:
+            yield text
 
 
-def _column_batches(batches: Iterator, names: list[str], where: str | Path, field: str) -> Iterator[str]:
+def _column_batches(batches: Iterator, names: list[str], where: str | Path, field: str,
+                    decoding: Decoding) -> Iterator[str]:
     if field not in names:
         raise DataSourceError(f"{where}: no column '{field}' (data.text_field; columns: {', '.join(names)})")
+    row = 0
     for batch in batches:
         for value in batch.column(field).to_pylist():
-            if value is not None:
-                yield str(value)
+            text = _text_value(value, f"{where}: row {row}", field, decoding)
+            row += 1
+            if text is not None:
+                yield text
 
 
-def _parquet(fh, where: str, field: str) -> Iterator[str]:
+def _parquet(fh, where: str, field: str, decoding: Decoding) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -298,10 +435,10 @@ def _parquet(fh, where: str, field: str) -> Iterator[str]:
         raise DataSourceError(f"{where}: not a readable Parquet file ({e})") from None
     names = f.schema_arrow.names
     yield from _column_batches(f.iter_batches(batch_size=1024, columns=[field] if field in names else None),
-                               names, where, field)
+                               names, where, field, decoding)
 
 
-def _hf_saved(root: Path, field: str) -> Iterator[str]:
+def _hf_saved(root: Path, field: str, decoding: Decoding) -> Iterator[str]:
     """A `datasets` data set written by `save_to_disk`: Arrow IPC stream files listed in
     state.json. Read with pyarrow directly (no `datasets` import needed); for a DatasetDict
     every split is read, in the order its dataset_dict.json lists them."""
@@ -309,7 +446,7 @@ def _hf_saved(root: Path, field: str) -> Iterator[str]:
 
     if (root / "dataset_dict.json").is_file():
         for split in json.loads((root / "dataset_dict.json").read_text())["splits"]:
-            yield from _hf_saved(root / split, field)
+            yield from _hf_saved(root / split, field, decoding)
         return
     state = json.loads((root / "state.json").read_text())
     for entry in state["_data_files"]:
@@ -317,7 +454,7 @@ def _hf_saved(root: Path, field: str) -> Iterator[str]:
         try:
             with pa.memory_map(str(arrow)) as source:
                 reader = pa.ipc.open_stream(source)
-                yield from _column_batches(iter(reader), reader.schema.names, arrow, field)
+                yield from _column_batches(iter(reader), reader.schema.names, arrow, field, decoding)
         except pa.ArrowInvalid as e:
             raise DataSourceError(f"{arrow}: not a readable Arrow file ({e})") from None
 
@@ -337,15 +474,38 @@ def read_images(source: str) -> tuple[np.ndarray, np.ndarray, int]:
         raise DataSourceError(f"data.source: '{source}' does not exist")
     if path.endswith(".npz"):
         images, labels = _read_npz(fs, path, source)
-        images = images.astype(np.float32)
-        if images.max() > 1.0:
-            images = images / (255.0 if images.max() > 16 else 16.0)
+        images = _unit_range(images, source)
         if images.ndim == 3:
             images = images[:, None]
         return images, labels, int(labels.max()) + 1
     if fs.isdir(path):
         return _read_class_folders(fs, path, source)
     raise DataSourceError(f"data.source: '{source}' is neither an .npz file nor a folder of class folders")
+
+
+def _unit_range(images: np.ndarray, source: str) -> np.ndarray:
+    """float32 images in [0, 1], scaled by the array's dtype, never guessed from its values (a
+    dark uint8 set or a [-1, 1] float set would be scaled wrongly, and a clip would hide it):
+    uint8 / 255, uint16 / 65535, bool as 0 / 1; floats in [0, 1] as they are, floats in [-1, 1]
+    with a negative value mapped from [-1, 1]. Anything else (floats outside [-1, 1], other
+    integer types) is a `DataSourceError` naming the file, the dtype and the range. Scaled in
+    place (`images` is the array just loaded): at most one float32 copy of the data."""
+    lo, hi = images.min().item(), images.max().item()
+    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(np.bool_): 1.0}.get(images.dtype)
+    if scale is not None:
+        out = images.astype(np.float32)
+        if scale != 1.0:
+            np.divide(out, scale, out=out)
+        return out
+    if images.dtype.kind == "f" and lo >= -1.0 and hi <= 1.0:
+        out = images.astype(np.float32, copy=False)
+        if lo < 0.0:  # [-1, 1] (already normalised for a diffusion model): back to [0, 1]
+            np.add(out, 1.0, out=out)
+            np.divide(out, 2.0, out=out)
+        return out
+    rule = ("images are read by dtype: uint8 (0..255), uint16 (0..65535), or floats in [0, 1] (or [-1, 1] when "
+            "any value is negative)")
+    raise DataSourceError(f"{source}: 'images' are {images.dtype} from {lo:g} to {hi:g}; {rule}")
 
 
 def _read_npz(fs, path: str, source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -400,7 +560,43 @@ def _read_npz(fs, path: str, source: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int64)
 
 
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _pixels(im, name: str) -> tuple[np.ndarray, bool]:
+    """(H x W grey or H x W x 3 colour float32 pixels in [0, 1], whether transparency was
+    composited) of one PIL image. Values are scaled by the mode's range, so a 16-bit PNG
+    (I;16) keeps its tones instead of clipping to white; transparent pixels (RGBA, LA, a
+    palette with transparency) are composited on black, not shown in the colour they hide."""
+    if im.mode == "P" or im.mode == "PA":
+        im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+    elif im.mode == "1":
+        im = im.convert("L")
+    elif im.mode == "F":  # (32-bit float: no range to scale by)
+        raise DataSourceError(f"{name}: a 32-bit float image (mode F) has no fixed range; save it as 8 or 16-bit")
+    elif im.mode not in _GREY_MODES and im.mode not in ("RGB", "RGBA"):  # CMYK, YCbCr, LAB, ...
+        try:
+            im = im.convert("RGB")
+        except ValueError:
+            raise DataSourceError(f"{name}: image mode {im.mode} is not supported; save it as grey or RGB") from None
+    if im.mode.startswith("I"):
+        a = np.asarray(im)
+        if a.min() < 0 or a.max() > 65535:
+            raise DataSourceError(f"{name}: {im.mode} pixel values from {a.min()} to {a.max()}, outside 16 bits")
+        return a.astype(np.float32) / np.float32(65535.0), False
+    if im.mode not in ("LA", "RGBA"):
+        return np.asarray(im, dtype=np.float32) / np.float32(255.0), False
+    a = np.asarray(im, dtype=np.float32) / np.float32(255.0)
+    colour, alpha = a[..., :-1], a[..., -1:]
+    if alpha.min() == 1.0:  # opaque: the alpha channel says nothing
+        return (colour[..., 0] if im.mode != "RGBA" else colour), False
+    out = colour * alpha
+    return (out[..., 0] if im.mode != "RGBA" else out), True
+
+
 def _read_class_folders(fs, root: str, source: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Images in one sub-folder per class. All must be grey or all colour: a mix is refused,
+    naming one of each (converting one to the other silently dropped colour or invented it)."""
     from PIL import Image
 
     classes = sorted(Path(p).name for p in fs.ls(root, detail=False)  # (not .ipynb_checkpoints, __MACOSX)
@@ -409,7 +605,8 @@ def _read_class_folders(fs, root: str, source: str) -> tuple[np.ndarray, np.ndar
         raise DataSourceError(f"{source}: expected one sub-folder per class")
     protocol = f"{source.split('://')[0]}://" if "://" in source else ""
     images, labels, names = [], [], []
-    mode: str | None = None
+    first: dict[bool, tuple[str, str]] = {}  # colour? -> (first such file, its mode)
+    composited: list[str] = []
     for idx, cls in enumerate(classes):
         folder = f"{root.rstrip('/')}/{cls}"
         files = [f for f in sorted(fs.ls(folder, detail=False)) if Path(f).suffix.lower() in IMAGE_SUFFIXES]
@@ -419,19 +616,30 @@ def _read_class_folders(fs, root: str, source: str) -> tuple[np.ndarray, np.ndar
         for f in files:
             try:
                 with fs.open(f, "rb") as fh, Image.open(fh) as im:
-                    if mode is None:  # the first image decides: colour stays colour (C = 3), else grey
-                        mode = "RGB" if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else "L"
-                    img = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
+                    mode = im.mode
+                    img, alpha = _pixels(im, f"{protocol}{f}")
+            except DataSourceError:
+                raise
             except Image.UnidentifiedImageError:  # its message names fsspec's file object, not the file
                 raise DataSourceError(f"{protocol}{f}: not an image PIL can read") from None
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, damaged
                 raise DataSourceError(f"{protocol}{f}: not a readable image ({e})") from None
-            images.append(img if mode == "L" else img.transpose(2, 0, 1))
+            colour = img.ndim == 3
+            first.setdefault(colour, (f"{protocol}{f}", mode))
+            if len(first) == 2:
+                (c_name, c_mode), (g_name, g_mode) = first[True], first[False]
+                raise DataSourceError(f"{c_name}: a colour image ({c_mode}), but {g_name} is greyscale ({g_mode}); the "
+                                      "class folders must be all colour or all grey: convert them to one first")
+            if alpha:
+                composited.append(f"{protocol}{f}")
+            images.append(img.transpose(2, 0, 1) if colour else img[None])
             labels.append(idx)
             names.append(f"{protocol}{f}")
     odd = next((i for i, img in enumerate(images) if img.shape != images[0].shape), None)
     if odd is not None:
         raise DataSourceError(f"{names[odd]}: size {images[odd].shape[-2:]} differs from {names[0]}'s "
                               f"{images[0].shape[-2:]}; images differ in size, resize them first")
-    stacked = np.stack(images)
-    return (stacked[:, None] if mode == "L" else stacked), np.asarray(labels, dtype=np.int64), len(classes)
+    if composited:
+        print(f"note: {source}: {len(composited)} images with transparent pixels were composited on black (the "
+              f"first: {composited[0]})", file=sys.stderr, flush=True)
+    return np.stack(images), np.asarray(labels, dtype=np.int64), len(classes)

@@ -1,12 +1,14 @@
-"""Stable split assignment and exact de-duplication.
+"""Stable split assignment, exact de-duplication, and the check that every split got examples.
 
-An example's split is a function of its content hash alone, so adding data never moves an
-old example from train to test.
+An example's split is a function of its content hash and `data.split.seed` alone, so adding
+data never moves an old example from train to test, and changing the top-level `seed` (to
+train again with another initialisation) scores the run on the same test set.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 from pipeline.config.schema import SplitConfig
 
@@ -17,14 +19,30 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def assign_split(digest: str, split: SplitConfig, seed: int) -> str:
-    """Map a content hash to a split with the configured fractions."""
-    u = int(hashlib.sha256(f"{seed}:{digest}".encode()).hexdigest()[:15], 16) / 16**15
+def assign_split(digest: str, split: SplitConfig) -> str:
+    """Map a content hash to a split with the configured fractions, keyed by `split.seed`: its
+    own key, not the top-level `seed`, because runs that differ only in their training seed
+    must be scored on the same test set."""
+    u = int(hashlib.sha256(f"{split.seed}:{digest}".encode()).hexdigest()[:15], 16) / 16**15
     if u < split.train:
         return "train"
     if u < split.train + split.val:
         return "val"
     return "test"
+
+
+def check_splits(counts: Mapping[str, int], key: str, what: str = "examples") -> None:
+    """Refuse a prepared data set with an empty split, in one line naming the config key
+    (e.g. `tasks.lm.data.split`) and the count per split.
+
+    Prepare is where this is known and explained: an empty val or test split otherwise passes
+    prepare and shard and fails later, in training's validation or in evaluation, with a hint
+    about shards that does not say why. `counts` maps each of `SPLITS` to its examples."""
+    empty = [s for s in SPLITS if not counts.get(s)]
+    if empty:
+        have = ", ".join(f"{counts.get(s, 0)} {s}" for s in SPLITS)
+        raise ValueError(f"{key}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
+                         f"({have} {what}): use more data or larger fractions for {' and '.join(empty)}")
 
 
 class Deduper:

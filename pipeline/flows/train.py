@@ -168,6 +168,8 @@ def run_identity(cfg: PipelineConfig, task_name: str, manifest_md5: str) -> dict
         # the sampler moved from model.diffusion to eval (it keys nothing); runs named while it was
         # there, at its defaults, keep their names, so they resume after the upgrade
         task["model"]["diffusion"] = {**task["model"]["diffusion"], **NAMED_WITH_SAMPLER}
+    # the split seed keys the data, which the manifest's md5 keys already (runs named before it existed resume)
+    task["data"]["split"].pop("seed", None)
     trainer = task["trainer"]
     for key in HARMLESS_TRAINER_KEYS:
         trainer.pop(key)

@@ -21,6 +21,10 @@ class SplitConfig(Strict):
     train: Fraction = 0.8
     val: Fraction = 0.1
     test: Fraction = 0.1
+    # Keys the split assignment, apart from the top-level `seed`: runs that differ only in their
+    # training seed are scored on the same test set. 1337 (the top-level default) keeps the splits
+    # that configs made before this key existed.
+    seed: NonNegInt = 1337
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
@@ -43,8 +47,9 @@ class TextDataConfig(Strict):
     # and skips binary files (all counted in the data statistics); a codec name (cp1252) is used strictly.
     encoding: str = "auto"
     min_chars: NonNegInt = 20
-    # Exact repeats are always dropped; "drop" also drops near-duplicates (MinHash LSH over word
-    # 5-grams, about 0.7 Jaccard and up). It keeps 16 keys per kept document in memory (~1 KB each).
+    # Exact repeats are always dropped. Near-duplicates (MinHash LSH over word 5-grams, about 0.7
+    # Jaccard and up, chained) always share one split, so none is held out from its own copy in
+    # train; "drop" also keeps only one of each cluster (the one with the smallest content hash).
     near_duplicates: Literal["keep", "drop"] = "keep"
     split: SplitConfig = SplitConfig()
     vocab_size: Annotated[int, Field(ge=260)] = 2048
