@@ -290,6 +290,43 @@ def test_tensor_parallel_and_pipeline_parallel_refusals_name_the_chain(tiny_cfg)
         check_task_parallel(cfg, "diffusion")
 
 
+@pytest.mark.parametrize("overrides", [
+    ["parallel.tp=2", "tasks.lm.trainer.global_batch_size=3"],  # dp 1: any batch
+    ["parallel.pp=2", "parallel.pp_schedule=gpipe", "tasks.lm.trainer.grad_accum_steps=2",
+     "tasks.lm.trainer.global_batch_size=2"],
+    ["parallel.tp=2", "cluster.num_workers=4", "tasks.lm.trainer.global_batch_size=6"],  # dp 2
+], ids=["tp2", "pp2", "tp2-dp2"])
+def test_tensor_parallel_and_pipeline_parallel_batch_splits_over_the_replicas_not_the_workers(overrides):
+    """The batch splits over the data-parallel replicas (workers / (tp x pp)): the worker-count
+    check of elastic ranges refused these (3 over 2 workers) though the layout trains them."""
+    from pipeline.config import validate
+    from pipeline.config.elastic import check_task_elastic
+    from pipeline.config.parallel import check_task_parallel
+
+    cfg = validate(tiny_raw(overrides))
+    check_task_parallel(cfg, "lm")
+    check_task_elastic(cfg, "lm")
+
+
+@pytest.mark.parametrize(("n", "fits", "nearest"), [(7, False, (6, 8)), (9, False, (8, 10)), (3, True, None),
+                                                    (8, True, None)])
+def test_interleaved_micro_batch_count_refusal_names_counts_that_fit(n, fits, nearest):
+    """torch's interleaved 1F1B runs n // pp rounds of equal size: the refusal names the nearest
+    counts that fit (it said "a multiple of 3 (or at most 2)" for 7, then refused 9 as "a multiple of 4")."""
+    from pipeline.config import validate
+    from pipeline.config.parallel import check_task_parallel
+
+    cfg = validate(tiny_raw(["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "tasks.lm.model.n_layers=4",
+                             f"tasks.lm.trainer.grad_accum_steps={n}", f"tasks.lm.trainer.global_batch_size={2 * n}"]))
+    if fits:
+        check_task_parallel(cfg, "lm")
+        return
+    with pytest.raises(ValueError) as e:
+        check_task_parallel(cfg, "lm")
+    assert str(e.value).endswith(f"{n} // parallel.pp (2) = {n // 2} rounds of equal size, which {n} does not split "
+                                 f"into: use {nearest[0]} or {nearest[1]}"), str(e.value)
+
+
 def _world_one_rank(rank: int, world: int) -> dict:
     from benchmarks.gpu_model_parallel import CASES, run_case
 

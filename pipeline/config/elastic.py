@@ -62,6 +62,10 @@ def check_elastic(cfg: PipelineConfig) -> None:
 def check_task_elastic(cfg: PipelineConfig, name: str) -> None:
     """One task's batch against the worker range (the train stage asks before taking any
     resource; another chain of the same config may train at a fixed count)."""
+    if cfg.parallel.tp * cfg.parallel.pp > 1:
+        # the batch splits over the data-parallel replicas (workers / (tp x pp)), not the workers:
+        # the layout's own check asks that (check_task_parallel), and such a run is never elastic
+        return
     counts = worker_counts(cfg)
     tr = cfg.task(name).trainer
     bad = [w for w in counts if tr.global_batch_size % (w * tr.grad_accum_steps)]

@@ -24,6 +24,12 @@ _OWN_PARTITIONING = {
 INTERLEAVED_STAGES_PER_RANK = 2
 
 
+def _interleaved_fits(n: int, pp: int) -> bool:
+    """Whether torch's interleaved 1F1B schedule takes `n` micro-batches on `pp` ranks: it runs
+    max(1, n // pp) rounds, which must split them evenly."""
+    return n % max(1, n // pp) == 0
+
+
 def stages_per_rank(schedule: str) -> int:
     return INTERLEAVED_STAGES_PER_RANK if schedule == "interleaved_1f1b" else 1
 
@@ -93,10 +99,12 @@ def check_task_parallel(cfg: PipelineConfig, name: str) -> None:
             raise ValueError(f"{where}.model.n_layers ({m.n_layers}) must be divisible by parallel.pp ({pp}){per}: "
                              "every pipeline stage holds the same number of blocks")
         n = tr.grad_accum_steps
-        if par.pp_schedule == "interleaved_1f1b" and n % max(1, n // pp):
+        if par.pp_schedule == "interleaved_1f1b" and not _interleaved_fits(n, pp):
+            lower = next(k for k in range(n - 1, 0, -1) if _interleaved_fits(k, pp))
+            upper = next(k for k in range(n + 1, 2 * n + 2) if _interleaved_fits(k, pp))
             raise ValueError(f"{where}.trainer.grad_accum_steps ({n}) is the pipeline's micro-batch count; "
-                             f"interleaved_1f1b runs them in rounds of parallel.pp ({pp}), so it must be a "
-                             f"multiple of {max(1, n // pp)} (or at most {pp})")
+                             f"interleaved_1f1b runs them in {n} // parallel.pp ({pp}) = {n // pp} rounds of equal "
+                             f"size, which {n} does not split into: use {lower} or {upper}")
         if tr.grad_accum_steps < pp and par.pp_schedule == "1f1b":
             raise ValueError(f"{where}.trainer.grad_accum_steps ({tr.grad_accum_steps}) is the pipeline's "
                              f"micro-batch count; parallel.pp_schedule=1f1b needs at least parallel.pp ({pp}) "
