@@ -308,6 +308,16 @@ def test_tensor_parallel_and_pipeline_parallel_batch_splits_over_the_replicas_no
     check_task_elastic(cfg, "lm")
 
 
+def test_tensor_parallel_attention_dropout_is_warned_of():
+    from pipeline.config import validate
+    from pipeline.config.parallel import tp_dropout_warning
+
+    assert tp_dropout_warning(validate(tiny_raw(["parallel.tp=2"])), "lm") is None  # the presets' dropout 0
+    assert tp_dropout_warning(validate(tiny_raw(["tasks.lm.model.dropout=0.1"])), "lm") is None  # no tp
+    warning = tp_dropout_warning(validate(tiny_raw(["parallel.tp=2", "tasks.lm.model.dropout=0.1"])), "lm")
+    assert warning.startswith("tasks.lm.model.dropout=0.1 with parallel.tp=2: the tp ranks draw the same")
+
+
 @pytest.mark.parametrize(("n", "fits", "nearest"), [(7, False, (6, 8)), (9, False, (8, 10)), (3, True, None),
                                                     (8, True, None)])
 def test_interleaved_micro_batch_count_refusal_names_counts_that_fit(n, fits, nearest):
