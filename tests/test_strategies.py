@@ -208,3 +208,54 @@ def test_zero_checkpoint_consolidates_offline_to_the_exported_weights(runs, name
     for k, v in offline.items():
         assert torch.equal(v, exported[k]), f"{name}: {k}"
     assert set(exported) - set(offline) <= {"head.weight"}  # zero_to_fp32 keeps one name for tied weights
+
+
+def _nan_at_step_3(rank: int, world: int, raws: dict, shards: str, root: str) -> dict:
+    """Each config in turn, 5 steps, the third step's loss made NaN: its history and skip count."""
+    from pipeline.config import validate
+    from pipeline.tasks.lm import LanguageModeling
+    from pipeline.training.loop import train
+    from pipeline.training.session import LocalSession
+
+    original, out = LanguageModeling.loss, {}
+    for name, raw in raws.items():
+        calls = [0]
+
+        def loss(self, model, batch, generator=None, calls=calls):
+            value = original(self, model, batch, generator)
+            if model.training:
+                calls[0] += 1
+                if calls[0] == 3:
+                    value = value * float("nan")
+            return value
+
+        LanguageModeling.loss = loss
+        try:
+            state = train(validate(raw), "lm", Path(shards), LocalSession(Path(root) / name, rank=rank, world=world))
+        finally:
+            LanguageModeling.loss = original
+        out[name] = {"grad_norm": [h["grad_norm"] for h in state.history], "loss": [h["loss"] for h in state.history],
+                     "skipped": state.skipped_steps}
+    return out
+
+
+def test_a_non_finite_step_is_skipped_under_deepspeed_as_under_ddp(built_data, tmp_path):
+    """A NaN loss at step 3 skips that step and training goes on, with the same gradient norms as
+    DDP's. ZeRO-0 in fp32 (the engine drives a plain torch optimizer, with no overflow check of
+    its own) applied the NaN step and poisoned every later one, and logged its norm as 0.0."""
+    import math
+
+    from pipeline.runtime.local_group import run_group
+
+    short = ["tasks.lm.trainer.max_steps=5", "tasks.lm.trainer.log_every=1", "tasks.lm.trainer.ckpt_every=5",
+             "tasks.lm.trainer.grad_clip=1.0"]
+    raws = {name: tiny_raw(short + STRATEGIES[name]) for name in ("ddp", "zero0", "zero2")}
+    got = run_group(_nan_at_step_3, 1, raws, str(built_data[1]["lm"]), str(tmp_path), timeout_s=600)[0]
+    reference = got["ddp"]
+    assert reference["skipped"] == 1 and math.isnan(reference["grad_norm"][2])
+    for name in ("zero0", "zero2"):
+        run = got[name]
+        assert run["skipped"] == 1, (name, run)
+        assert math.isnan(run["loss"][2]) and all(math.isfinite(v) for v in run["loss"][3:]), (name, run)
+        for step in (0, 1, 3, 4):
+            assert run["grad_norm"][step] == pytest.approx(reference["grad_norm"][step], rel=1e-4), (name, step, run)

@@ -126,7 +126,16 @@ class DeepSpeedStrategy(Strategy):
     def clip_and_step(self, max_norm: float) -> tuple[torch.Tensor | float, bool]:
         """DeepSpeed's engine clips, unscales, checks for overflow and steps, and decides the
         skip itself, on the host (`was_step_applied` is a Python bool): the one backend whose
-        step keeps a host decision. Its norm is passed on as it comes (a tensor stays unread)."""
+        step keeps a host decision. Its norm is passed on as it comes (a tensor stays unread).
+
+        Except ZeRO-0 in fp32: there the engine drives the plain torch optimizer with no overflow
+        check and no norm (a NaN gradient was applied, poisoning every later step, and the norm
+        logged as 0.0). Its gradients, already averaged over the ranks, are measured here; on a
+        non-finite step the engine steps with the optimizer's own step made a no-op, so no weight
+        and no optimizer state moves while DeepSpeed's counters advance and its gradients are
+        zeroed as usual."""
+        if self.cfg.zero_stage == 0 and self.precision.name == "fp32":
+            return self._guarded_plain_step()
         self.engine.step()  # clips (config gradient_clipping), unscales, steps, zeroes gradients
         norm = self.engine.get_global_grad_norm()
         if norm is None:
@@ -134,6 +143,21 @@ class DeepSpeedStrategy(Strategy):
         elif not isinstance(norm, torch.Tensor):
             norm = float(norm)
         return norm, bool(self.engine.was_step_applied())
+
+    def _guarded_plain_step(self) -> tuple[torch.Tensor, bool]:
+        """ZeRO-0 fp32's step with the skip the other backends make (`clip_and_step`)."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        finite = bool(torch.isfinite(norm))
+        optimizer = self.engine.optimizer
+        if not finite:
+            optimizer.step = lambda *args, **kwargs: None  # (an instance attribute over the class's step)
+        try:
+            self.engine.step()  # clips (config gradient_clipping), steps, zeroes gradients
+        finally:
+            if not finite:
+                del optimizer.step
+        return norm, finite
 
     # ---------------------------------------------------------------- EMA and export: the fp32 masters
     def _partitioned(self) -> dict[str, nn.Parameter]:
