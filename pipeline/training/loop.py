@@ -181,6 +181,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     # the losses, norms and skips of the steps since the last report, summed on the device and
     # read once per report: a step never waits for the device (pipeline/training/window.py)
     window = StepWindow(session.device, tr.max_nonfinite_in_a_row)
+    dropout = getattr(tcfg.model, "dropout", 0.0) > 0
     window_items, window_start, reported_final, data_wait = 0, time.perf_counter(), False, 0.0
     run_start, first_step = window_start, state.step  # for the ETA: this start's pace so far
     # validation's seconds, in this window (taken out of its throughput and MFU) and this start (for the ETA)
@@ -190,6 +191,11 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
         for group in strategy.optimizer.param_groups:
             group["lr"] = lr
         gen = torch.Generator(device=session.device).manual_seed(hash((cfg.seed, state.step, dp_rank)) % (2**62))
+        if dropout:
+            # dropout draws from the global RNG: seeded per step and data-parallel rank, so a resumed run
+            # draws the masks the uninterrupted one did and each replica its own (a tensor- or pipeline-
+            # parallel rank its replica's: replicated activations stay equal across the tp ranks)
+            torch.manual_seed(hash((cfg.seed, state.step, dp_rank, 1)) % (2**62))
         fetch_start = time.perf_counter()
         micros = _split(reader.next_local_batch(), tr.grad_accum_steps)
         data_wait += time.perf_counter() - fetch_start  # time the step stood still for data
