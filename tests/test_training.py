@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 
@@ -269,3 +270,24 @@ def test_cuda_allocator_settings_apply_once_and_the_users_win(monkeypatch):
     monkeypatch.setenv(ENV, "max_split_size_mb:128")
     assert configure_cuda_allocator("expandable_segments:True", applied.append) == "max_split_size_mb:128"
     assert applied == ["expandable_segments:True"] and os.environ[ENV] == "max_split_size_mb:128"
+
+
+def test_validation_runs_in_the_training_micro_batches(built_data, tmp_path, monkeypatch):
+    """Validation forwards the micro-batch the step was sized for, not a rank's whole share of a
+    global batch (grad_accum_steps times its activations, which the memory planner does not plan)."""
+    from pipeline.tasks.lm import LanguageModeling
+
+    rows: dict[bool, set[int]] = {True: set(), False: set()}
+    original = LanguageModeling.loss
+
+    def loss(self, model, batch, generator=None):
+        rows[model.training].add(len(next(iter(batch.values()))))
+        return original(self, model, batch, generator)
+
+    monkeypatch.setattr(LanguageModeling, "loss", loss)
+    cfg = validate(tiny_raw(["tasks.lm.trainer.max_steps=2", "tasks.lm.trainer.global_batch_size=16",
+                             "tasks.lm.trainer.grad_accum_steps=4", "tasks.lm.trainer.eval_every=1",
+                             "tasks.lm.trainer.eval_batches=2"]))
+    state = train(cfg, "lm", built_data[1]["lm"], LocalSession(tmp_path))
+    assert rows == {True: {4}, False: {4}}, rows
+    assert all(math.isfinite(h["val_loss"]) for h in state.history)

@@ -147,9 +147,17 @@ class Strategy(ABC):
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, torch.Tensor], task: Any, generator: torch.Generator | None) -> torch.Tensor:
         """The loss of one batch without gradients (validation), a 0-dim tensor left on the
-        device; the caller sets eval mode and reads the losses once per validation."""
+        device; the caller sets eval mode and reads the losses once per validation. The batch
+        (this rank's share of a global batch) runs in the training step's micro-batches and their
+        losses are averaged as the step averages them: in one forward it would hold
+        grad_accum_steps times the activations the micro-batch was sized for, which the memory
+        planner does not plan."""
+        n = self.settings.grad_accum_steps
+        rows = next(iter(batch.values())).shape[0]
         with self.precision.autocast():
-            return task.loss(self.model, batch, generator).detach()
+            losses = [task.loss(self.model, {k: v[i * rows // n:(i + 1) * rows // n] for k, v in batch.items()},
+                                generator).detach() for i in range(n)]
+        return losses[0] if n == 1 else torch.stack(losses).mean()
 
     def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager[None]:
         """Skip gradient synchronisation on all but the last micro-batch of an accumulation."""

@@ -203,10 +203,27 @@ def check_task_config(cfg: PipelineConfig, task_name: str) -> None:
     check_task_parallel(cfg, task_name)  # heads, layers and batch against parallel.tp / parallel.pp
     if warning := tp_dropout_warning(cfg, task_name):  # attention dropout masks repeated over the tp ranks
         print(f"warning: {warning}", file=sys.stderr, flush=True)
+    for warning in schedule_warnings(cfg, task_name):  # settings a run this short never reaches
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     check_task_elastic(cfg, task_name)  # the batch at every worker count of an elastic range
     micro_batch_size(tcfg.trainer.global_batch_size,
                      data_parallel_size(cfg.cluster.num_workers, cfg.parallel.tp, cfg.parallel.pp),
                      tcfg.trainer.grad_accum_steps)
+
+
+def schedule_warnings(cfg: PipelineConfig, task_name: str) -> list[str]:
+    """Settings a run of `max_steps` never reaches, each said in one line: a warmup as long as
+    the run (the learning rate never gets to optim.lr, the decay never starts). (A validation
+    interval longer than the run is refused at validation where the plateau schedule or early
+    stopping would act on it.)"""
+    tcfg = cfg.task(task_name)
+    tr, optim, key = tcfg.trainer, tcfg.optim, f"tasks.{task_name}"
+    out = []
+    if optim.warmup_steps >= tr.max_steps:
+        after = "" if optim.schedule in ("constant", "plateau") else f", and the {optim.schedule} schedule never starts"
+        out.append(f"{key}.optim.warmup_steps ({optim.warmup_steps}) >= trainer.max_steps ({tr.max_steps}): the "
+                   f"learning rate reaches {tr.max_steps / optim.warmup_steps:.0%} of optim.lr at the last step{after}")
+    return out
 
 
 def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir: Path,
