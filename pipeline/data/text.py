@@ -82,12 +82,22 @@ def clean_text(doc: str) -> str:
 
 def clean_document(doc: str) -> tuple[str, int]:
     """`clean_text` and the number of lone surrogates it dropped (counted in the statistics)."""
+    doc, surrogates = clean_characters(doc)
+    return "\n".join(line.rstrip() for line in doc.split("\n")).strip("\n"), surrogates
+
+
+def clean_characters(doc: str) -> tuple[str, int]:
+    """The character-level part of `clean_document`: Unicode NFC, control characters as line
+    breaks or spaces, no lone surrogates; and how many surrogates it dropped. Nothing else
+    changes, blanks and blank lines included. The served language model applies this to prompts,
+    so a prompt reaches the model as the text it was trained on does (a CRLF, a decomposed accent
+    or a vertical tab would otherwise be tokens training never saw), without the stripping of
+    trailing blanks and newlines that would change what a prompt asks to be continued."""
     surrogates = 0
     if _TO_CLEAN.search(doc):  # one scan; most documents have nothing to replace
         doc, surrogates = _SURROGATES.subn("", doc)
         doc = _CONTROLS.sub(" ", _LINE_BREAKS.sub("\n", doc))
-    doc = unicodedata.normalize("NFC", doc)
-    return "\n".join(line.rstrip() for line in doc.split("\n")).strip("\n"), surrogates
+    return unicodedata.normalize("NFC", doc), surrogates
 
 
 def clean_unit(job: tuple[str, TextDataConfig, int]) -> Iterator[pa.RecordBatch | dict[str, Any]]:

@@ -1,8 +1,9 @@
 """The MLflow model: a pyfunc that rebuilds the trained model from safetensors + spec.
 
 Inputs and outputs are plain tables so `mlflow models serve` answers JSON:
-- language model: column `prompt` (text) -> column `completion` (params: max_new_tokens, temperature
-  (0 = greedy), top_k (0 = off), seed);
+- language model: column `prompt` (text; a cell holding a list of texts is one prompt per text, as
+  MLflow hands `{"prompt": ["a", "b"]}`) -> column `completion` (params: max_new_tokens (1..MAX_NEW_TOKENS),
+  min_new_tokens, temperature (0 = greedy), top_k (0 = off), seed); at most MAX_ROWS prompts a request;
 - diffusion: column `label` (class id) -> one row of C*H*W pixel values in [-1, 1] per label
   (params: steps, eta, guidance, seed; defaults: the sampler evaluation scored).
 """
@@ -10,6 +11,7 @@ Inputs and outputs are plain tables so `mlflow models serve` answers JSON:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,11 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+
+# A request's bounds: generation is a loop of forward passes the server cannot abandon, so a request
+# for 80,000 tokens (or thousands of prompts) would keep a worker busy long after the client gave up.
+MAX_NEW_TOKENS = 4096  # tokens per completion
+MAX_ROWS = 256  # prompts per request (send more as several requests)
 
 
 class PipelineModel(mlflow.pyfunc.PythonModel):
@@ -36,6 +43,9 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
             from tokenizers import Tokenizer
 
             self.tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
+            # as the shard stage encodes documents (`pipeline.data.text._tokenizer`): a literal
+            # `<|endoftext|>` in a prompt is text, not the end of the document it continues
+            self.tokenizer.encode_special_tokens = True
             self.eos = end_of_document(self.dir, self.tokenizer)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
@@ -45,14 +55,15 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
 
         params = params or {}
         if self.spec["task"] == "lm":
+            sampling = lm_params(params)
+            prompts = self.prompt_ids(model_input)  # every prompt checked before any is generated
             out = []
-            for prompt in model_input["prompt"].astype(str):
-                ids = torch.tensor([self.tokenizer.encode(prompt).ids or [0]])
-                top_k = int(params.get("top_k", 0)) or None
-                gen = self.model.generate(ids, int(params.get("max_new_tokens", 32)),
-                                          temperature=float(params.get("temperature", 0.0)), top_k=top_k,
-                                          generator=torch.Generator().manual_seed(int(params.get("seed", 0))),
-                                          eos_id=self.eos, min_new_tokens=int(params.get("min_new_tokens", 1)))
+            for ids in prompts:
+                ids = torch.tensor([ids])
+                gen = self.model.generate(ids, sampling["max_new_tokens"], temperature=sampling["temperature"],
+                                          top_k=sampling["top_k"] or None,
+                                          generator=torch.Generator().manual_seed(sampling["seed"]),
+                                          eos_id=self.eos, min_new_tokens=sampling["min_new_tokens"])
                 out.append(self.tokenizer.decode(until_eos(gen[0, ids.shape[1] :].tolist(), self.eos)))
             return pd.DataFrame({"completion": out})
         from pipeline.models.diffusion import GaussianDiffusion
@@ -78,6 +89,76 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
                                 classes, steps=steps, eta=eta, guidance=guidance,
                                 generator=torch.Generator().manual_seed(int(params.get("seed", 0))))
         return images.flatten(1).numpy().astype(np.float32)
+
+
+    def prompt_ids(self, model_input: pd.DataFrame) -> list[list[int]]:
+        """The token ids of each prompt, as training saw text: its characters cleaned as the
+        prepare stage cleans documents (`clean_characters`: NFC, control characters, surrogates),
+        encoded with special tokens as text. An empty prompt starts from the end-of-document token,
+        as every training document after the first does (token id 0 is just the first merge)."""
+        from pipeline.data.text import clean_characters
+
+        out = []
+        for where, prompt in request_prompts(model_input):
+            ids = self.tokenizer.encode(clean_characters(prompt)[0]).ids
+            if not ids:
+                if self.eos is None:
+                    raise ValueError(f"prompt: {where} is empty, and this model's tokenizer has no end-of-document "
+                                     "token to start a document from")
+                ids = [self.eos]
+            out.append(ids)
+        return out
+
+
+def request_prompts(model_input: pd.DataFrame) -> list[tuple[str, str]]:
+    """(where, text) of each prompt of a request, in order. `mlflow.pyfunc`'s `predict({"prompt":
+    ["a", "b"]})` hands one row whose cell is the list: each of its texts is a prompt (else the
+    prompt would be the list's repr). A null or any other non-text cell is one line naming its row
+    (a TypeError deep in the tokenizer, or the text "None", otherwise)."""
+    if "prompt" not in model_input.columns:
+        raise ValueError(f"prompt: the request has no `prompt` column (got columns {list(model_input.columns)})")
+    out = []
+    for row, cell in enumerate(model_input["prompt"].tolist()):
+        listed = isinstance(cell, list | tuple | np.ndarray)
+        for item, text in enumerate(list(cell) if listed else [cell]):
+            where = f"row {row}, item {item}" if listed else f"row {row}"
+            if isinstance(text, str):
+                out.append((where, text))
+            elif text is None or (pd.api.types.is_scalar(text) and pd.isna(text)):
+                raise ValueError(f"prompt: {where} is null (one text per row wanted)")
+            else:
+                raise ValueError(f"prompt: {where} is a {type(text).__name__} ({str(text)[:40]!r}), not text")
+    if len(out) > MAX_ROWS:
+        raise ValueError(f"prompt: {len(out)} prompts, at most {MAX_ROWS} a request (send them as several requests)")
+    return out
+
+
+def lm_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The language model's sampling parameters with their defaults, each checked: a bad one is
+    one line naming it (a negative or NaN temperature or top_k crashed in torch, a negative token
+    count silently returned '', and nothing bounded the tokens one request may cost)."""
+
+    def number(name: str, default: float, integer: bool) -> Any:
+        value = params.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+            raise ValueError(f"{name}: {'an integer' if integer else 'a number'} (got {value!r})")
+        if integer and not float(value).is_integer():
+            raise ValueError(f"{name}: an integer (got {value!r})")
+        return int(value) if integer else float(value)
+
+    out = {"max_new_tokens": number("max_new_tokens", 32, True), "min_new_tokens": number("min_new_tokens", 1, True),
+           "temperature": number("temperature", 0.0, False), "top_k": number("top_k", 0, True),
+           "seed": number("seed", 0, True)}
+    for name, least in (("max_new_tokens", 1), ("min_new_tokens", 0)):
+        if not least <= out[name] <= MAX_NEW_TOKENS:
+            raise ValueError(f"{name}: at least {least}, at most MAX_NEW_TOKENS {MAX_NEW_TOKENS} (got {out[name]})")
+    if not (math.isfinite(out["temperature"]) and out["temperature"] >= 0):
+        raise ValueError(f"temperature: a finite number, at least 0 (0 = greedy) (got {out['temperature']})")
+    if out["top_k"] < 0:
+        raise ValueError(f"top_k: at least 0 (0 = off) (got {out['top_k']})")
+    if not -(1 << 63) <= out["seed"] < 1 << 64:
+        raise ValueError(f"seed: a 64-bit integer (got {out['seed']})")
+    return out
 
 
 GENERATION = "generation.json"  # in the export folder: {"eos_token": ...}, from the shards' manifest

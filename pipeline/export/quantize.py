@@ -20,6 +20,7 @@ import torch
 from pipeline.config.schema import EvalConfig
 from pipeline.data.shard_store import read_split
 from pipeline.evaluation.lm import perplexity, split_loss
+from pipeline.export.onnx_export import check_context
 
 # protobuf cannot hold more than 2 GiB in one file; bigger graphs keep their weights beside it
 _EXTERNAL_DATA_BYTES = 1 << 30
@@ -54,6 +55,7 @@ class OnnxLM(torch.nn.Module):
         self.input = self.session.get_inputs()[0].name
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        check_context(self.session, tokens)  # a longer sequence: one line naming the context
         return torch.from_numpy(self.session.run(None, {self.input: tokens.numpy()})[0])
 
 

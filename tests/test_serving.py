@@ -1,0 +1,169 @@
+"""The served language model reads a request as training read text, and refuses a bad one in one
+line: prompts encoded and cleaned as the shard and prepare stages do, list cells from MLflow's
+dict input expanded, sampling parameters and request size bounded; the ONNX graph records its
+context; the int8 check scores the rows asked for. One tiny untrained export for the module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.data.text import EOS, _tokenizer, clean_characters, clean_document
+from pipeline.export.pyfunc import GENERATION, MAX_NEW_TOKENS, MAX_ROWS, PipelineModel
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory) -> Path:
+    """A tiny GPT export folder: a byte-level BPE tokenizer trained as the prepare stage trains
+    one, but with the end-of-document token at id 1, as in Hugging Face tokenizers (so id 0 is
+    not it); random weights, generation.json, checksums."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from pipeline.config import validate
+    from pipeline.tasks import task_named
+    from pipeline.training.checkpoint import write_checksums, write_model
+    from tests.conftest import tiny_raw
+
+    d = tmp_path_factory.mktemp("serving") / "lm"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([topics[n] for n in sorted(topics)[:12]], trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    t = task_named("lm")
+    spec = t.model_spec(validate(tiny_raw()).task("lm"), {"vocab_size": tok.get_vocab_size(), "seq_len": 32})
+    torch.manual_seed(0)
+    model = t.build(spec)
+    write_model(d, {k: v.clone() for k, v in model.state_dict().items()}, spec)
+    tok.save(str(d / "tokenizer.json"))
+    (d / GENERATION).write_text(json.dumps({"eos_token": EOS}))
+    write_checksums(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def served(lm_dir) -> PipelineModel:
+    m = PipelineModel()
+    m.load(lm_dir)
+    return m
+
+
+def complete(m: PipelineModel, prompts: list, **params) -> list[str]:
+    return m.predict(None, pd.DataFrame({"prompt": prompts}), {"max_new_tokens": 6, **params})["completion"].tolist()
+
+
+def test_prompts_are_encoded_and_cleaned_as_training_text(served, lm_dir):
+    """A literal <|endoftext|> is text, as the shard stage encodes it (not the end-of-document
+    id); CRLF, a decomposed accent and a vertical tab reach the model as the prepare stage
+    cleans them, trailing blanks kept; an empty prompt starts from the end-of-document token."""
+    trained = _tokenizer((lm_dir / "tokenizer.json").read_text())
+    literal = "Use the <|endoftext|> marker"
+    assert served.prompt_ids(pd.DataFrame({"prompt": [literal]})) == [trained.encode(literal).ids]
+    assert served.eos not in trained.encode(literal).ids
+    for raw, clean in [("def f():\r\n    return 1\r\n", "def f():\n    return 1\n"), ("Cafe\u0301 ", "Caf\u00e9 "),
+                       ("tab\x0bhere", "tab\nhere"), ("half \ud83d emoji", "half  emoji")]:
+        assert clean_characters(raw)[0] == clean
+        cell = pd.Series([raw], dtype=object)  # (an Arrow string column cannot hold the surrogate)
+        assert served.prompt_ids(pd.DataFrame({"prompt": cell})) == [trained.encode(clean).ids]
+    assert clean_document(" a \r\nb \r\n\r\n") == (" a\nb", 0)  # the document cleaning is unchanged
+    assert served.prompt_ids(pd.DataFrame({"prompt": [""]})) == [[served.eos]] and served.eos != 0
+
+
+def test_list_cells_are_one_prompt_each_through_mlflow(served, lm_dir, tmp_path_factory, monkeypatch):
+    """`mlflow.pyfunc.load_model(uri).predict({"prompt": ["a", "b"]})` gives one completion per
+    prompt, in order, the same as a two-row frame (it gave one, for the prompt "['a', 'b']")."""
+    import mlflow
+
+    from pipeline.config.schema import TrackingConfig
+    from pipeline.export.pyfunc import log_pyfunc
+    from pipeline.tracking import mlflow_runs
+
+    root = tmp_path_factory.mktemp("mlflow")
+    monkeypatch.chdir(root)
+    mlflow_runs.setup(TrackingConfig(uri=f"sqlite:///{root}/mlruns.db", artifact_dir=str(root / "art")))
+    try:
+        with mlflow.start_run():
+            info = log_pyfunc(lm_dir, served.spec)
+        model = mlflow.pyfunc.load_model(info.model_uri)
+        prompts = ["The for statement", "A class is", "x"]
+        frame = model.predict(pd.DataFrame({"prompt": prompts}), params={"max_new_tokens": 5})
+        listed = model.predict({"prompt": prompts}, params={"max_new_tokens": 5})
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert listed["completion"].tolist() == frame["completion"].tolist() == complete(served, prompts, max_new_tokens=5)
+    assert len(listed) == 3
+
+
+@pytest.mark.parametrize(("prompts", "params", "message"), [
+    (["a"], {"temperature": -1.0}, r"^temperature: a finite number, at least 0 .*\(got -1\.0\)$"),
+    (["a"], {"temperature": float("nan")}, r"^temperature: .*\(got nan\)$"),
+    (["a"], {"temperature": float("inf")}, r"^temperature: .*\(got inf\)$"),
+    (["a"], {"top_k": -1}, r"^top_k: at least 0 \(0 = off\) \(got -1\)$"),
+    (["a"], {"max_new_tokens": -5}, r"^max_new_tokens: at least 1, at most MAX_NEW_TOKENS 4096 \(got -5\)$"),
+    (["a"], {"max_new_tokens": 80_000}, r"^max_new_tokens: at least 1, at most MAX_NEW_TOKENS 4096 \(got 80000\)$"),
+    (["a"], {"min_new_tokens": -1}, r"^min_new_tokens: at least 0"),
+    (["a"], {"max_new_tokens": 2.5}, r"^max_new_tokens: an integer \(got 2\.5\)$"),
+    (["a"], {"seed": "x"}, r"^seed: an integer \(got 'x'\)$"),
+    (["a", None], {}, r"^prompt: row 1 is null \(one text per row wanted\)$"),
+    (["a", float("nan")], {}, r"^prompt: row 1 is null"),
+    ([3], {}, r"^prompt: row 0 is a int \('3'\), not text$"),
+    ([["a", None]], {}, r"^prompt: row 0, item 1 is null"),
+    (["a"] * (MAX_ROWS + 1), {}, rf"^prompt: {MAX_ROWS + 1} prompts, at most {MAX_ROWS} a request"),
+])
+def test_bad_requests_are_one_line(served, prompts, params, message):
+    frame = pd.DataFrame({"prompt": pd.Series(prompts, dtype=object)})
+    with pytest.raises(ValueError, match=message) as e:
+        served.predict(None, frame, params)
+    assert "\n" not in str(e.value)
+
+
+def test_good_edges_still_generate(served):
+    """The bounds themselves are requests: greedy and sampled, top_k 0, a list cell among plain
+    rows, and the same prompt gives the same completion alone or among others."""
+    assert MAX_NEW_TOKENS == 4096
+    alone = complete(served, ["The for statement"], temperature=0.7, top_k=0, seed=3, min_new_tokens=0)
+    mixed = served.predict(None, pd.DataFrame({"prompt": pd.Series([["x", "The for statement"], "y"], dtype=object)}),
+                           {"max_new_tokens": 6, "temperature": 0.7, "seed": 3, "min_new_tokens": 0})
+    assert len(mixed) == 3 and mixed["completion"][1] == alone[0]
+    assert complete(served, ["a"] * 2, max_new_tokens=1) == complete(served, ["a"], max_new_tokens=1) * 2
+
+
+def test_onnx_graph_records_its_context_and_names_a_longer_sequence(served, lm_dir, tmp_path):
+    """The graph's metadata_props hold max_seq_len, vocab_size and the end-of-document id (from
+    the export folder's tokenizer), the int8 graph keeps them, and a sequence longer than the
+    context is one line naming it, not onnxruntime's broadcast error."""
+    import shutil
+
+    import onnxruntime as ort
+
+    from pipeline.export.onnx_export import check_context, export_onnx
+    from pipeline.export.quantize import quantize_int8
+
+    for name in ("tokenizer.json", GENERATION):
+        shutil.copy2(lm_dir / name, tmp_path / name)
+    assert export_onnx(served.model.eval(), served.spec, tmp_path / "model.onnx") < 1e-4
+    quantize_int8(tmp_path / "model.onnx", tmp_path / "model.int8.onnx")
+    want = {"max_seq_len": "32", "vocab_size": str(served.spec["vocab_size"]), "eos_token_id": str(served.eos)}
+    for graph in ("model.onnx", "model.int8.onnx"):
+        session = ort.InferenceSession(str(tmp_path / graph), providers=["CPUExecutionProvider"])
+        assert want.items() <= session.get_modelmeta().custom_metadata_map.items()
+        check_context(session, np.zeros((1, 32), dtype=np.int64))
+        with pytest.raises(ValueError, match=r"^tokens: a sequence of 33 tokens is longer than the model's context "
+                                             r"\(max_seq_len 32\)"):
+            check_context(session, np.zeros((1, 33), dtype=np.int64))
+
+
+@pytest.mark.parametrize("rows", [1, 16, 17, 20, 100, 256])
+def test_int8_check_scores_exactly_the_rows_asked_for(rows):
+    from pipeline.flows.export import int8_eval_rows
+
+    cfg = int8_eval_rows(rows)
+    assert cfg.batch_size * cfg.max_batches == rows and cfg.batch_size <= 16
