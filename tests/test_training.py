@@ -193,7 +193,7 @@ def test_run_identity_resumes_across_harmless_changes(override):
         assert name(override, weighty) != name(override), weighty
     # validation counts where the loop acts on it
     assert name("tasks.lm.trainer.early_stop_patience=2", "tasks.lm.trainer.eval_every=3") != \
-        name("tasks.lm.trainer.early_stop_patience=2")
+        name("tasks.lm.trainer.early_stop_patience=2", "tasks.lm.trainer.eval_every=2")
 
 
 @pytest.mark.parametrize("override", ["tasks.diffusion.eval.sample_steps=50", "tasks.diffusion.eval.sample_eta=0.0",

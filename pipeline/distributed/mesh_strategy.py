@@ -62,6 +62,7 @@ class MeshStrategy(Strategy):
         self.parts: list[nn.Module] = []  # what the schedule runs: this rank's stages
         self._tie_pairs: list[tuple[nn.Parameter, Any]] = []  # (tied parameter, group of first+last stage)
         self._norm_skip: set[int] = set()  # tied copies counted on another stage
+        self._ties: list[list[str]] = []  # the full model's tied names (a stage may hold only the last one)
 
     # ------------------------------------------------------------------ layout
     @property
@@ -99,7 +100,7 @@ class MeshStrategy(Strategy):
         if self.precision.scaler is not None:
             raise ValueError("precision.dtype=fp16 cannot combine with parallel.tp/pp (use bf16)")
         self.mesh = build_mesh(self.layout, self.device)
-        ties = tie_groups(model)
+        ties = self._ties = tie_groups(model)
         part = self.parallelize(model)
         to_empty_keeping_ties(part, self.device)
         retie(model, ties)
@@ -253,7 +254,9 @@ class MeshStrategy(Strategy):
         dcp_state.save(directory, self.model, self.optimizer, extra)
 
     def load(self, directory: Path, extra: dict[str, Any]) -> dict[str, Any]:
-        extra = dcp_state.load(directory, self.model, self.optimizer, extra)
+        # the last stage knows a tied head only as `head.weight`; other layouts save its
+        # optimizer state under `embed.weight` (dcp_state.tied_aliases)
+        extra = dcp_state.load(directory, self.model, self.optimizer, extra, ties=self._ties)
         self.precision.refresh_fp8_scales(self.model)
         return extra
 

@@ -2,7 +2,9 @@
 
 Every rank holds identical weights and optimizer state, so rank 0 alone writes `state.pt`
 (tensors and plain values only) and every rank reads it back with `weights_only=True`. A
-checkpoint another layout wrote (FSDP2, tensor or pipeline parallel: DCP) loads too.
+checkpoint another layout wrote (FSDP2, tensor or pipeline parallel: DCP) loads too, and
+`state.pt` loads under those layouts (`dcp_state.load`: each rank keeps its shard or stage),
+for which it names the parameter at each optimizer position (`param_names`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class ReplicatedStrategy(Strategy):
         if self._rank() == 0:
             directory.mkdir(parents=True, exist_ok=True)
             torch.save({"model": self._plain.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "param_names": dcp_state.replicated_param_names(self._plain, self.optimizer),
                         "scaler": self.precision.state_dict(), "extra": extra}, directory / STATE)
 
     def load(self, directory: Path, extra: dict[str, Any]) -> dict[str, Any]:

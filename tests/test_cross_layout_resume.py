@@ -1,0 +1,121 @@
+"""Resuming a checkpoint under another parallel layout, proven by equivalence: a run that trains
+2 steps under one layout and its last 2 under another ends with the weights and losses of the
+uninterrupted run that wrote the checkpoint (2 gloo ranks, the tiny GPT with its tied
+embedding and head; float tolerance where the layouts' arithmetic differs).
+
+- tensor parallel -> pipeline parallel: the last stage holds the tied weight only as
+  `head.weight`, while the writer keyed its optimizer state by `embed.weight`.
+- DDP (`state.pt`, the optimizer keyed by position) -> pipeline parallel and FSDP2: every rank
+  reads the whole file and keeps its stage or shard.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.distributed import LAYOUT_VARIANTS, VARIANTS
+from tests.conftest import tiny_raw
+
+STEPS = ["tasks.lm.trainer.max_steps=4", "tasks.lm.trainer.ckpt_every=2", "tasks.lm.trainer.log_every=1",
+         "tasks.lm.trainer.keep_last_k=5", "tasks.lm.trainer.eval_every=0", "tasks.lm.trainer.prefetch_batches=0",
+         "tasks.lm.trainer.grad_accum_steps=2"]  # a pipeline's micro-batches; the same for every layout
+LAYOUTS = {"ddp": VARIANTS["ddp"], "fsdp": VARIANTS["fsdp"], "tp2": LAYOUT_VARIANTS["tp2"],
+           "pp2": LAYOUT_VARIANTS["pp2"]}
+MIDWAY = "checkpoint_00000002"
+
+
+def _train_rank(rank: int, world: int, raw: dict, shards: str, root: str, seed: str | None) -> dict:
+    """Train into `root` (first copying the checkpoint `seed` there, to resume from it); return
+    the loss history and rank 0's exported weights."""
+    from safetensors.torch import load_file
+
+    from pipeline.config import validate
+    from pipeline.training.loop import train
+    from pipeline.training.session import LocalSession
+
+    if seed is not None:
+        if rank == 0:
+            shutil.copytree(seed, Path(root) / Path(seed).name)
+        torch.distributed.barrier()
+    session = LocalSession(Path(root), rank=rank, world=world)
+    try:
+        state = train(validate(raw), "lm", Path(shards), session)
+    except Exception as e:  # the refusal test reads the message
+        return {"error": f"{type(e).__name__}: {e}"}
+    with session.latest_checkpoint() as ckpt:
+        weights = load_file(str(ckpt / "model.safetensors")) if rank == 0 else {}
+    return {"history": state.history, "weights": weights}
+
+
+@pytest.fixture(scope="module")
+def train(built_data, tmp_path_factory):
+    """`train(layout, seed=None)`: rank 0's result and the run's folder (each run once per module)."""
+    from pipeline.runtime.local_group import run_group
+
+    _, shards = built_data
+    cache: dict[tuple[str, str | None], dict] = {}
+
+    def run(layout: str, seed: Path | None = None) -> dict:
+        key = (layout, str(seed) if seed else None)
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"resume-{layout}")
+            result = run_group(_train_rank, 2, tiny_raw(STEPS + LAYOUTS[layout]), str(shards["lm"]), str(root),
+                               key[1])[0]
+            cache[key] = {**result, "root": root}
+        return cache[key]
+
+    return run
+
+
+def _assert_equals_uninterrupted(ref: dict, got: dict, tag: str, atol: float) -> None:
+    """Same losses at every step (those before the resume come from the checkpoint) and the
+    same final weights, within float tolerance across layouts."""
+    assert "error" not in got, f"{tag}: {got.get('error')}"
+    a, b = [h["loss"] for h in ref["history"]], [h["loss"] for h in got["history"]]
+    assert len(a) == len(b) == 4
+    for step, (x, y) in enumerate(zip(a, b, strict=True), 1):
+        assert abs(x - y) <= 1e-5 * abs(x), f"{tag}: step {step} loss {y!r} vs uninterrupted {x!r}"
+    assert got["weights"].keys() == ref["weights"].keys()
+    for k, v in ref["weights"].items():
+        torch.testing.assert_close(got["weights"][k], v, rtol=1e-4, atol=atol, msg=f"{tag}: {k}")
+
+
+def test_tensor_parallel_checkpoint_resumes_under_pipeline_parallel_with_tied_weights(train):
+    """TP=2 saved the tied weight's optimizer state as `embed.weight`; PP=2's last stage,
+    holding no embedding, reads it for `head.weight`, and the run ends as the TP=2 run that
+    wrote the checkpoint and went on does."""
+    written = train("tp2")
+    got = train("pp2", written["root"] / MIDWAY)
+    _assert_equals_uninterrupted(written, got, "tp2 -> pp2", atol=1e-5)
+
+
+@pytest.mark.parametrize("read", ["pp2", "fsdp"])
+def test_ddp_checkpoint_resumes_under_pipeline_parallel_and_fsdp(train, read):
+    """DDP's `state.pt` (whole tensors, optimizer state by position) resumes under PP=2 (each
+    stage keeps its blocks; the last its tied head) and FSDP2 (each rank its shards), ending
+    with the uninterrupted DDP run's weights."""
+    ref = train("ddp")
+    got = train(read, ref["root"] / MIDWAY)
+    _assert_equals_uninterrupted(ref, got, f"ddp -> {read}", atol=1e-6)
+
+
+def test_ddp_checkpoint_without_parameter_names_is_refused_under_pipeline_parallel_in_one_line(train, tmp_path):
+    """A `state.pt` written before it named its parameters cannot say which optimizer position
+    a pipeline stage's parameter is: the resume stops with one line naming what resumes it."""
+    from pipeline.atomic import checksum_record, describe_file, read_checksum_record
+
+    seed = tmp_path / MIDWAY
+    shutil.copytree(train("ddp")["root"] / MIDWAY, seed)
+    state = torch.load(seed / "state.pt", weights_only=True)
+    del state["param_names"]
+    torch.save(state, seed / "state.pt")
+    record = read_checksum_record(seed / "files-rank0.json")  # state.pt changed: record it anew
+    record["state.pt"] = describe_file(seed / "state.pt")
+    (seed / "files-rank0.json").write_text(checksum_record(record, rank=0))
+    got = train("pp2", seed)
+    assert got.get("error", "").startswith("CannotReshard: "), got.get("error")
+    assert "parallel.pp=1" in got["error"] and "\n" not in got["error"]
