@@ -48,6 +48,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+class KVCache:
+    """Each layer's keys and values of the tokens seen so far (nanochat's engine keeps the same),
+    so that generation computes one new position per step instead of the whole window again.
+
+    A layer's buffer is allocated on its first insert, at the length the model can attend to,
+    with that layer's local head count and dtype (a tensor-parallel rank's, an autocast one's).
+    `pos` is how many positions are cached; `GPT.forward_cached` advances it after the last layer.
+    """
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        self.max_len, self.pos = max_len, 0
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, D) at `pos` and return the layer's keys and values up to them."""
+        if self.k[layer] is None:
+            b, h, _, d = k.shape
+            self.k[layer] = k.new_empty(b, h, self.max_len, d)
+            self.v[layer] = v.new_empty(b, h, self.max_len, d)
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
 class Attention(nn.Module):
     """Causal self-attention with separate q/k/v projections (`wq`, `wk`, `wv`) and output `wo`.
 
@@ -79,6 +105,27 @@ class Attention(nn.Module):
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=q.shape[1] != k.shape[1],
         )
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+    def forward_cached(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                       cache: KVCache, layer: int) -> torch.Tensor:
+        """`forward` for generation: x holds positions `cache.pos` onwards, which attend to the
+        cached ones and to each other causally. Inference only (no dropout); `forward`, the one
+        training and export run, stays as it is."""
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        start = cache.pos
+        if rope is not None:
+            cos, sin = rope[0][start : start + t], rope[1][start : start + t]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        ks, vs = cache.insert(layer, k, v)
+        if start == 0:  # a prefill: the plain causal attention, on the new keys themselves
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        else:  # query i (position start + i) sees keys up to start + i: sdpa's is_causal aligns top-left
+            mask = None if t == 1 else torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -192,6 +239,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), rope))
         return x + self.drop(self.mlp(self.norm2(x)))
+
+    def forward_cached(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                       cache: KVCache, layer: int) -> torch.Tensor:
+        """`forward` with cached attention (inference: no dropout)."""
+        x = x + self.attn.forward_cached(self.norm1(x), rope, cache, layer)
+        return x + self.mlp(self.norm2(x))
 
 
 # Names of the fused layout (before q/k/v and the MLP's input projections were split), with
@@ -333,6 +386,22 @@ class GPT(nn.Module):
             x = self.head(x)
         return x
 
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, T, vocab) of tokens `idx` (B, T) at positions `cache.pos` onwards, whose
+        keys and values join the cache. Inference only, on a whole model (not a pipeline stage):
+        `generate` uses it to prefill a prompt once and then feed one token per step."""
+        start, t = cache.pos, idx.shape[1]
+        if start + t > self.max_seq_len:
+            raise ValueError(f"{start} cached + {t} new tokens exceed the model's context of {self.max_seq_len}")
+        x = self.embed(idx)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(start, start + t, device=idx.device))
+        rope = None if self.pos is not None else (self.rope_cos, self.rope_sin)
+        for layer, block in enumerate(self.blocks):
+            x = block.forward_cached(x, rope, cache, layer)
+        cache.pos += t
+        return self.head(self.norm(x))
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
@@ -355,10 +424,21 @@ class GPT(nn.Module):
         device (a CPU generator gives the same tokens wherever the model runs, up to rounding).
         With `eos_id`, generation stops once every row has produced it (a row's tokens after its
         first `eos_id` are whatever came next: cut them with `until_eos`), and the first
-        `min_new_tokens` tokens are never it (`transformers`' min_new_tokens)."""
+        `min_new_tokens` tokens are never it (`transformers`' min_new_tokens).
+
+        In eval mode a KV cache makes each step one position's work: the prompt is prefilled
+        once, then only the newest token is fed. Once the sequence outgrows the context, the
+        window slides (its oldest token drops out and every position shifts), which leaves
+        nothing cached valid, so each step then runs the whole window, as without a cache: the
+        tokens are those of the uncached loop either way. In training mode (dropout) every step
+        runs the plain forward."""
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device) if eos_id is not None else None
+        cache = None if self.training else KVCache(len(self.blocks), self.max_seq_len)
         for step in range(max_new_tokens):
-            logits = self(idx[:, -self.max_seq_len :])[:, -1, :]
+            if cache is None or idx.shape[1] > self.max_seq_len:
+                logits = self(idx[:, -self.max_seq_len :])[:, -1, :]
+            else:  # the cache holds every token but the newest (none, before the prefill)
+                logits = self.forward_cached(idx[:, cache.pos :], cache)[:, -1, :]
             if eos_id is not None and step < min_new_tokens:
                 logits[:, eos_id] = float("-inf")
             if temperature == 0:
