@@ -64,7 +64,11 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     except BaseException:
         os.rename(old, target)  # (a failed swap keeps the previous artifact where it was)
         raise
-    _remove(old)
+    # renamed to a temporary's name before it is deleted: a kill mid-delete leaves a partial copy
+    # the next writer's sweep removes, never an `.old-` one `restore_interrupted_swap` would put back
+    trash = _sibling(target, "tmp")
+    os.rename(old, trash)
+    _remove(trash)
 
 
 def restore_interrupted_swap(target: Path | str) -> bool:

@@ -15,7 +15,7 @@ def run(cfg: PipelineConfig, task: str) -> None:
         print(f"[{task}] prepare on {connect(cfg.cluster)}")
     pretrained = getattr(cfg.task(task).model, "init_from", None)  # a Hugging Face checkpoint brings its tokenizer
     stats = prepare(cfg.task(task).data, cfg.seed, Path(f"data/{task}/prepared"),
-                    tokenizer_from=Path(pretrained) if pretrained else None)
+                    tokenizer_from=Path(pretrained) if pretrained else None, task=task)
     # atomic (it makes its folder): DVC and readers never see half a file after a crash or a full disk
     atomic_write_text(f"metrics/{task}/data.json", json.dumps(stats, indent=2, sort_keys=True))
     print(f"[{task}] prepared: " + ", ".join(f"{k}={v}" for k, v in stats.items() if isinstance(v, int)))

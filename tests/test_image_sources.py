@@ -67,9 +67,9 @@ def test_same_pixels_under_other_labels_share_a_split():
 
 def test_empty_split_is_refused_at_prepare_with_the_counts():
     x = np.random.default_rng(0).random((3, 1, 6, 6), dtype=np.float32)
-    with pytest.raises(DataSourceError, match=r"^tasks\.diffusion\.data\.split: the (val|test|val and test) splits? "
-                                              r"(is|are) empty \(\d train, \d val, \d test images of 3 read, 0 exact "
-                                              r"duplicates dropped\): use more images or larger fractions for") as err:
+    with pytest.raises(ValueError, match=r"^tasks\.diffusion\.data\.split: the (val|test|val and test) splits? "
+                                         r"(is|are) empty \(\d train, \d val, \d test images of 3 read, 0 exact "
+                                         r"duplicates dropped\): use more data or larger fractions for") as err:
         prepare_images(x, np.arange(3), ImageDataConfig(augment=NO_AUG), 0)
     assert "\n" not in str(err.value)
     cfg = ImageDataConfig(augment=NO_AUG, split=SplitConfig(train=0.4, val=0.3, test=0.3))

@@ -306,6 +306,10 @@ def test_tensor_parallel_and_pipeline_parallel_batch_splits_over_the_replicas_no
     cfg = validate(tiny_raw(overrides))
     check_task_parallel(cfg, "lm")
     check_task_elastic(cfg, "lm")
+    # without the layout the same batch over the same workers is refused (3 over 2; 6 over 4; 2 over 2 x 2)
+    plain = [o for o in overrides if not o.startswith("parallel.")]
+    with pytest.raises(ValueError, match=r"global_batch_size \(\d\) must split evenly"):
+        check_task_elastic(validate(tiny_raw(plain)), "lm")
 
 
 def test_tensor_parallel_attention_dropout_is_warned_of():

@@ -29,15 +29,16 @@ TOKENIZER, STATS = "tokenizer.json", "stats.json"
 
 
 def prepare(cfg: TextDataConfig | ImageDataConfig, seed: int, out_dir: Path,
-            tokenizer_from: Path | None = None) -> dict[str, Any]:
+            tokenizer_from: Path | None = None, task: str | None = None) -> dict[str, Any]:
     """Write the prepared splits to `out_dir` (atomically) and return the statistics. Text
     gets a BPE tokenizer trained on its training split, or `tokenizer_from`'s (a Hugging Face
-    checkpoint folder's, when the model starts from one)."""
+    checkpoint folder's, when the model starts from one). `task` names the config key an empty
+    split is refused under (`tasks.<task>.data.split`)."""
     with atomic_dir(out_dir) as tmp:
         if isinstance(cfg, TextDataConfig):
             units = sources.text_units(cfg.source)
             jobs = progress(((u, cfg, seed) for u in units), "[prepare]", "reading and cleaning", len(units), "files")
-            stats = text.merge(ordered_flatmap(text.clean_unit, jobs, cfg.ray), tmp)
+            stats = text.merge(ordered_flatmap(text.clean_unit, jobs, cfg.ray), tmp, **split_key(task))
             if tokenizer_from is not None:
                 stats.update(text.copy_hf_tokenizer(Path(tokenizer_from), tmp))
             else:
@@ -51,7 +52,7 @@ def prepare(cfg: TextDataConfig | ImageDataConfig, seed: int, out_dir: Path,
             raw_x, raw_y, n_classes = sources.read_images(cfg.source)
             raw.update(np.ascontiguousarray(raw_x).data)  # the array's own bytes, not a copy of them
             raw.update(np.ascontiguousarray(raw_y).data)
-            splits_img, stats = images.prepare_images(raw_x, raw_y, cfg, seed)
+            splits_img, stats = images.prepare_images(raw_x, raw_y, cfg, seed, **split_key(task))
             stats["num_classes"] = n_classes
             stats["raw_sha256"] = raw.hexdigest()
             for name, (x, y) in splits_img.items():
@@ -124,6 +125,11 @@ def copy_tokenizer(prepared: Path, out_dir: Path, tokenizer: bytes) -> None:
     for name in text.HF_TOKENIZER_FILES:
         if name != TOKENIZER and (prepared / name).is_file():
             (out_dir / name).write_bytes((prepared / name).read_bytes())
+
+
+def split_key(task: str | None) -> dict[str, str]:
+    """The `split_key` argument naming `tasks.<task>.data.split`, where the task is known."""
+    return {"split_key": f"tasks.{task}.data.split"} if task else {}
 
 
 def file_md5(path: Path) -> str:

@@ -6,8 +6,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.config.schema import AugmentConfig, ImageDataConfig, SplitConfig
-from pipeline.data.sources import DataSourceError
-from pipeline.data.splits import SPLITS, assign_split, content_hash
+from pipeline.data.splits import SPLITS, assign_split, check_splits, content_hash
 
 
 def resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -99,7 +98,8 @@ def prepare_images(
     if images.min() < 0.0 or images.max() > 1.0:  # (read_images gives [0, 1]; only a caller's own array copies)
         images = np.clip(images, 0.0, 1.0)
     index, duplicates, other_label = split_index(images, labels, cfg.split)
-    _refuse_empty_splits(index, len(images), duplicates, split_key)
+    check_splits({s: len(index[s]) for s in SPLITS}, split_key,
+                 f"images of {len(images)} read, {duplicates} exact duplicates dropped")
     n_classes = int(labels.max()) + 1
     before = np.bincount(labels[index["train"]], minlength=n_classes)
     if cfg.balance == "oversample":
@@ -127,19 +127,6 @@ def prepare_images(
         np.multiply(x, 2.0, out=x)
         np.subtract(x, 1.0, out=x)
     return out, stats
-
-
-def _refuse_empty_splits(index: dict[str, list[int]], n: int, duplicates: int, key: str) -> None:
-    """A split with no image fails shard or evaluation much later, with a message that does not
-    say why: say so here, in one line with the counts and the setting to change (worded as the
-    text side's `splits.check_splits`)."""
-    empty = [s for s in SPLITS if not index[s]]
-    if empty:
-        have = ", ".join(f"{len(index[s])} {s}" for s in SPLITS)
-        raise DataSourceError(
-            f"{key}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty ({have} images of "
-            f"{n} read, {duplicates} exact duplicates dropped): use more images or larger fractions for "
-            f"{' and '.join(empty)}")
 
 
 def oversample(index: list[int], labels: np.ndarray, seed: int) -> list[int]:

@@ -23,7 +23,6 @@ import functools
 import hashlib
 import re
 import sys
-import unicodedata
 import zlib
 from array import array
 from collections.abc import Iterable, Iterator
@@ -38,6 +37,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config.schema import TextDataConfig
 from pipeline.data import sources
+from pipeline.data.cleaning import clean_characters
 from pipeline.data.splits import SPLITS, assign_split, check_splits, content_hash
 
 EOS = "<|endoftext|>"
@@ -56,22 +56,7 @@ TEXT_SCHEMA = pa.schema([("text", pa.string())])
 CANDIDATE_SCHEMA = pa.schema([("text", pa.string()), *((f"b{b}", pa.uint64()) for b in range(_BANDS))])
 CANDIDATES = "_candidates.parquet"
 BATCH = 8192  # documents per record batch (and Parquet row group) while streaming
-
-# What cleaning changes, and only that. Lone surrogates (a scraper's half emoji, kept by
-# json.loads) cannot be encoded at all: dropped and counted. Control characters (Unicode Cc)
-# other than newline and tab become a line break where they break lines (CR, CRLF, VT, FF, the
-# file/group/record separators, NEL) and a space otherwise, so the words around them stay
-# apart. Everything else stays: format characters (ZWJ in emoji and Indic scripts, ZWNJ in
-# Persian, bidi marks, soft hyphens, flag tags), private-use characters (icon fonts, private
-# CJK) and code points this Python's Unicode database does not know yet (newer emoji), so the
-# output does not depend on the Python version. Blanks stay as written, indentation and runs
-# inside a line alike: code, tables and aligned text mean something by them, byte-level BPE
-# encodes them, and near-duplicate detection (word shingles) already sees through spacing.
-_SURROGATES = re.compile(r"[\ud800-\udfff]")
-_LINE_BREAKS = re.compile(r"\r\n?|[\x0b\x0c\x1c-\x1e\x85]")
-_CONTROLS = re.compile(r"[\x00-\x08\x0e-\x1b\x1f\x7f-\x84\x86-\x9f]")
-_TO_CLEAN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")  # any of the three above
-
+BATCH_CHARS = 32 << 20  # ... or fewer, once they hold this many characters (documents of up to 1 MiB each)
 
 def clean_text(doc: str) -> str:
     """Unicode NFC, control characters as line breaks or spaces, no lone surrogates, no trailing
@@ -84,20 +69,6 @@ def clean_document(doc: str) -> tuple[str, int]:
     """`clean_text` and the number of lone surrogates it dropped (counted in the statistics)."""
     doc, surrogates = clean_characters(doc)
     return "\n".join(line.rstrip() for line in doc.split("\n")).strip("\n"), surrogates
-
-
-def clean_characters(doc: str) -> tuple[str, int]:
-    """The character-level part of `clean_document`: Unicode NFC, control characters as line
-    breaks or spaces, no lone surrogates; and how many surrogates it dropped. Nothing else
-    changes, blanks and blank lines included. The served language model applies this to prompts,
-    so a prompt reaches the model as the text it was trained on does (a CRLF, a decomposed accent
-    or a vertical tab would otherwise be tokens training never saw), without the stripping of
-    trailing blanks and newlines that would change what a prompt asks to be continued."""
-    surrogates = 0
-    if _TO_CLEAN.search(doc):  # one scan; most documents have nothing to replace
-        doc, surrogates = _SURROGATES.subn("", doc)
-        doc = _CONTROLS.sub(" ", _LINE_BREAKS.sub("\n", doc))
-    return unicodedata.normalize("NFC", doc), surrogates
 
 
 def clean_unit(job: tuple[str, TextDataConfig, int]) -> Iterator[pa.RecordBatch | dict[str, Any]]:
@@ -115,6 +86,7 @@ def clean_unit(job: tuple[str, TextDataConfig, int]) -> Iterator[pa.RecordBatch 
     decoding = sources.Decoding()
     split_ids = {s: i for i, s in enumerate(SPLITS)}
     rows: dict[str, Any] = {"hash": [], "split": [], "text": []}
+    chars = 0  # in `rows`: a batch is bounded in characters too, so a file of long documents streams
 
     def batch() -> pa.RecordBatch:
         keys = minhash_keys(rows["text"])
@@ -139,8 +111,10 @@ def clean_unit(job: tuple[str, TextDataConfig, int]) -> Iterator[pa.RecordBatch 
             rows["hash"].append(int(digest[:16], 16))
             rows["split"].append(split_ids[assign_split(digest, cfg.split)])
             rows["text"].append(text)
-            if len(rows["text"]) >= BATCH:
+            chars += len(text)
+            if len(rows["text"]) >= BATCH or chars >= BATCH_CHARS:
                 yield batch()
+                chars = 0
     except sources.RefusedFile as e:  # raised before the file's first document
         yield {**counts, "raw_sha256": raw.hexdigest(), "unit": unit, "refused": str(e),
                "near_duplicates": cfg.near_duplicates}
@@ -269,6 +243,8 @@ def merge(stream: Iterable[pa.RecordBatch | dict[str, Any]], out_dir: Path,
         chosen = order[first]  # indexed by cluster label (labels are 0 .. clusters - 1)
         sizes = np.bincount(labels)
         stats["near_duplicate_clusters"] = int((sizes > 1).sum())
+        # (clusters are chains of band collisions: a very large one, all in one split, shows here)
+        stats["largest_near_duplicate_cluster"] = int(sizes.max()) if len(sizes) else 0
         split = np.frombuffer(splits, dtype=np.int8)[chosen][labels]
         keep = np.ones(len(h), dtype=bool)
         if drop:

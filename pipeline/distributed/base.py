@@ -43,6 +43,13 @@ class StepSettings:
     compile: str = "none"
 
 
+
+def contiguous_parts(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    """`batch` cut into `n` consecutive parts of equal rows (the caller's rows divide by `n`):
+    validation's micro-batches, and a pipeline schedule's."""
+    rows = next(iter(batch.values())).shape[0]
+    return [{k: v[i * rows // n:(i + 1) * rows // n] for k, v in batch.items()} for i in range(n)]
+
 class Strategy(ABC):
     """Wrap a model and optimizer; run backward and step; save, load and consolidate state."""
 
@@ -152,12 +159,10 @@ class Strategy(ABC):
         losses are averaged as the step averages them: in one forward it would hold
         grad_accum_steps times the activations the micro-batch was sized for, which the memory
         planner does not plan."""
-        n = self.settings.grad_accum_steps
-        rows = next(iter(batch.values())).shape[0]
+        parts = contiguous_parts(batch, self.settings.grad_accum_steps)
         with self.precision.autocast():
-            losses = [task.loss(self.model, {k: v[i * rows // n:(i + 1) * rows // n] for k, v in batch.items()},
-                                generator).detach() for i in range(n)]
-        return losses[0] if n == 1 else torch.stack(losses).mean()
+            losses = [task.loss(self.model, part, generator).detach() for part in parts]
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager[None]:
         """Skip gradient synchronisation on all but the last micro-batch of an accumulation."""

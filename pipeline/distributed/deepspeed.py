@@ -150,13 +150,17 @@ class DeepSpeedStrategy(Strategy):
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         finite = bool(torch.isfinite(norm))
         optimizer = self.engine.optimizer
+        own = optimizer.__dict__.get("step")  # an instance's own step (a wrapper's), put back after
         if not finite:
             optimizer.step = lambda *args, **kwargs: None  # (an instance attribute over the class's step)
         try:
             self.engine.step()  # clips (config gradient_clipping), steps, zeroes gradients
         finally:
             if not finite:
-                del optimizer.step
+                if own is None:
+                    del optimizer.step
+                else:
+                    optimizer.step = own
         return norm, finite
 
     # ---------------------------------------------------------------- EMA and export: the fp32 masters

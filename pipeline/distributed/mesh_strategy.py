@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.distributed import dcp_state
-from pipeline.distributed.base import OptimizerFactory, Strategy
+from pipeline.distributed.base import OptimizerFactory, Strategy, contiguous_parts
 from pipeline.distributed.fsdp import gradient_sync, keep_local_slices
 from pipeline.distributed.mesh import Layout, build_mesh
 from pipeline.distributed.pipeline_parallel import (
@@ -189,8 +189,7 @@ class MeshStrategy(Strategy):
         if not self.use_pp:
             return super().eval_loss(batch, task, generator)
         n = self.settings.grad_accum_steps
-        rows = next(iter(batch.values())).shape[0]
-        micros = [{k: v[i * rows // n:(i + 1) * rows // n] for k, v in batch.items()} for i in range(n)]
+        micros = contiguous_parts(batch, n)
         losses: list[torch.Tensor] = []
         self._run_pipeline(micros, task, losses, train=False)
         return self._pipeline_loss(losses, n)

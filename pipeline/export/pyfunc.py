@@ -96,7 +96,7 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         prepare stage cleans documents (`clean_characters`: NFC, control characters, surrogates),
         encoded with special tokens as text. An empty prompt starts from the end-of-document token,
         as every training document after the first does (token id 0 is just the first merge)."""
-        from pipeline.data.text import clean_characters
+        from pipeline.data.cleaning import clean_characters
 
         out = []
         for where, prompt in request_prompts(model_input):

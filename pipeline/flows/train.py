@@ -212,10 +212,11 @@ def check_task_config(cfg: PipelineConfig, task_name: str) -> None:
 
 
 def schedule_warnings(cfg: PipelineConfig, task_name: str) -> list[str]:
-    """Settings a run of `max_steps` never reaches, each said in one line: a warmup as long as
-    the run (the learning rate never gets to optim.lr, the decay never starts). (A validation
-    interval longer than the run is refused at validation where the plateau schedule or early
-    stopping would act on it.)"""
+    """Settings that do nothing in a run of this config, each said in one line by the train
+    stage (warnings, not validation errors: every stage validates the whole config, and a config
+    that trained before must still evaluate and export): a warmup as long as the run (the learning
+    rate never gets to optim.lr, the decay never starts), the plateau schedule or early stopping
+    with a validation interval no step reaches, label smoothing on the diffusion loss."""
     tcfg = cfg.task(task_name)
     tr, optim, key = tcfg.trainer, tcfg.optim, f"tasks.{task_name}"
     out = []
@@ -223,6 +224,15 @@ def schedule_warnings(cfg: PipelineConfig, task_name: str) -> list[str]:
         after = "" if optim.schedule in ("constant", "plateau") else f", and the {optim.schedule} schedule never starts"
         out.append(f"{key}.optim.warmup_steps ({optim.warmup_steps}) >= trainer.max_steps ({tr.max_steps}): the "
                    f"learning rate reaches {tr.max_steps / optim.warmup_steps:.0%} of optim.lr at the last step{after}")
+    users = [what for what, on in (("optim.schedule 'plateau'", optim.schedule == "plateau"),
+                                    ("trainer.early_stop_patience", tr.early_stop_patience > 0)) if on]
+    if users and tr.eval_every > tr.max_steps:
+        out.append(f"{key}: {' and '.join(users)} act{'s' if len(users) == 1 else ''} on the validation loss, which "
+                   f"trainer.eval_every ({tr.eval_every}) never computes within trainer.max_steps ({tr.max_steps}): "
+                   "lower eval_every")
+    if tcfg.data.kind == "images" and tr.label_smoothing > 0:
+        out.append(f"{key}.trainer.label_smoothing smooths the language model's cross-entropy; the diffusion loss "
+                   "(noise regression) has nothing to smooth: it does nothing here")
     return out
 
 

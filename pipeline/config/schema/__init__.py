@@ -56,16 +56,6 @@ class TaskConfig(Strict):
     def _model_fits_data(self) -> TaskConfig:
         if self.optim.schedule == "plateau" and not self.trainer.eval_every:
             raise ValueError("optim.schedule 'plateau' needs trainer.eval_every > 0")
-        tr = self.trainer
-        users = [what for what, on in (("optim.schedule 'plateau'", self.optim.schedule == "plateau"),
-                                        ("trainer.early_stop_patience", tr.early_stop_patience > 0)) if on]
-        if users and tr.eval_every > tr.max_steps:
-            raise ValueError(f"{' and '.join(users)} act{'s' if len(users) == 1 else ''} on the validation loss, which "
-                             f"trainer.eval_every ({tr.eval_every}) never computes within trainer.max_steps "
-                             f"({tr.max_steps}): lower eval_every")
-        if self.data.kind == "images" and tr.label_smoothing > 0:
-            raise ValueError("trainer.label_smoothing smooths the language model's cross-entropy; the diffusion "
-                             "loss (noise regression) has nothing to smooth: set it to 0")
         pairs = {"text": ("gpt",), "images": ("dit", "unet")}
         if self.model.kind not in pairs[self.data.kind]:
             raise ValueError(f"model kind '{self.model.kind}' cannot train on {self.data.kind} data")
