@@ -167,7 +167,8 @@ def _registry_through_server(project: Path, uri: str, artifacts: Path, run_id: s
     assert "eval/val_perplexity" in client.get_run(run_id).data.metrics
     model = mlflow.pyfunc.load_model("models:/pipeline-lm@champion")
     completion = model.predict(pd.DataFrame({"prompt": ["The for statement"]}), params={"max_new_tokens": 4})
-    assert completion["completion"][0].strip()
+    # some text (a tiny model trained on indented docs may well continue with blanks: cleaning keeps indentation)
+    assert len(completion) == 1 and completion["completion"][0], completion
     assert list(artifacts.rglob("model.int8.onnx")) and list(artifacts.rglob("MLmodel"))  # proxied to the server
     shown = run_ok([sys.executable, "-m", "pipeline", "lineage", "pipeline-lm@champion", "--tracking-uri", uri],
                    project)
