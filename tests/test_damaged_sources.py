@@ -19,7 +19,8 @@ from pipeline.atomic import _writer_tag
 from pipeline.config import ConfigError, compose
 from pipeline.config.schema import ImageDataConfig, TextDataConfig
 from pipeline.data.build import prepare
-from pipeline.data.sources import DataSourceError, read_images
+from pipeline.data.image_sources import read_images
+from pipeline.data.sources import DataSourceError
 from pipeline.data.text import MAX_WORD_CHARS, _capped_words
 from pipeline.export.pyfunc import pyfunc_staging
 

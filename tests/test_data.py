@@ -10,9 +10,10 @@ import pytest
 
 from pipeline.config.schema import AugmentConfig, ImageDataConfig, SplitConfig, TextDataConfig
 from pipeline.data.build import prepare
+from pipeline.data.image_sources import read_images
 from pipeline.data.images import augment, prepare_images
 from pipeline.data.shard_store import read_split
-from pipeline.data.sources import DataSourceError, read_images, read_text_documents
+from pipeline.data.sources import DataSourceError, read_text_documents
 from pipeline.data.splits import assign_split, content_hash
 from pipeline.data.text import clean_text
 

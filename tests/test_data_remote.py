@@ -11,10 +11,11 @@ import pytest
 
 from pipeline.atomic import file_sha256
 from pipeline.data.build import prepare
+from pipeline.data.image_sources import read_images
 from pipeline.data.reader import GlobalOrderReader
 from pipeline.data.shard_format import ShardError, load_manifest
 from pipeline.data.shard_store import ShardSet, read_split
-from pipeline.data.sources import DataSourceError, read_images, read_text_documents
+from pipeline.data.sources import DataSourceError, read_text_documents
 
 
 @pytest.fixture

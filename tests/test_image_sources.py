@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from pipeline.config.schema import AugmentConfig, ImageDataConfig, SplitConfig
+from pipeline.data.image_sources import read_images
 from pipeline.data.images import prepare_images
-from pipeline.data.sources import DataSourceError, read_images
+from pipeline.data.sources import DataSourceError
 
 NO_AUG = AugmentConfig(copies=0)
 

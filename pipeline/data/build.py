@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_dir, file_sha256
 from pipeline.config.schema import ImageDataConfig, TextDataConfig
-from pipeline.data import images, sources, text
+from pipeline.data import image_sources, images, sources, text
 from pipeline.data.parallel import ordered_flatmap, ordered_map
 from pipeline.data.shard_format import MANIFEST
 from pipeline.data.shard_writer import write_splits
@@ -49,7 +49,7 @@ def prepare(cfg: TextDataConfig | ImageDataConfig, seed: int, out_dir: Path,
             stats["source_units"] = len(units)
         else:
             raw = hashlib.sha256()  # of the raw examples as read, in order: the "raw data" of lineage
-            raw_x, raw_y, n_classes = sources.read_images(cfg.source)
+            raw_x, raw_y, n_classes = image_sources.read_images(cfg.source)
             raw.update(np.ascontiguousarray(raw_x).data)  # the array's own bytes, not a copy of them
             raw.update(np.ascontiguousarray(raw_y).data)
             splits_img, stats = images.prepare_images(raw_x, raw_y, cfg, seed, **split_key(task))
