@@ -198,12 +198,12 @@ def check_task_config(cfg: PipelineConfig, task_name: str) -> None:
     with it), by the train stage before any resource and by `pipeline validate` before a run."""
     tcfg = cfg.task(task_name)
     check_fp8_config(cfg, cfg.cluster.use_gpu)  # fp8: a strategy it is wired into, GPUs (unless emulated)
-    if warning := fp8_layers_warning(cfg, task_name):  # fp8 on a model with no layer float8 converts
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
     check_task_parallel(cfg, task_name)  # heads, layers and batch against parallel.tp / parallel.pp
-    if warning := tp_dropout_warning(cfg, task_name):  # attention dropout masks repeated over the tp ranks
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
-    for warning in schedule_warnings(cfg, task_name):  # settings a run this short never reaches
+    # fp8 on a model with no layer float8 converts; attention dropout masks repeated over the tp ranks;
+    # settings a run of this config never reaches
+    warnings = [fp8_layers_warning(cfg, task_name), tp_dropout_warning(cfg, task_name),
+                *schedule_warnings(cfg, task_name)]
+    for warning in filter(None, warnings):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     check_task_elastic(cfg, task_name)  # the batch at every worker count of an elastic range
     micro_batch_size(tcfg.trainer.global_batch_size,
