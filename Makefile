@@ -11,7 +11,7 @@ MIN_PYTHON := $(or $(shell sed -n 's/^requires-python *= *">= *\([0-9.]*\)".*/\1
 # exits 0 when the python it runs under is at least MIN_PYTHON
 PY_NEW_ENOUGH := -c 'import sys; sys.exit(sys.version_info[:2] < tuple(map(int, "$(MIN_PYTHON)".split("."))))'
 
-.PHONY: setup horovod repro test test-gpu lint bench bench-gpu clean-runs clean-store
+.PHONY: setup horovod repro test test-timings test-gpu lint bench bench-gpu clean-runs clean-store
 
 # The page template `dvc plots show` fills (.dvc/config.local: plots.html_template), with vega inlined.
 PLOTS_TEMPLATE := .cache/plots/offline.html
@@ -60,11 +60,20 @@ repro: setup
 
 # Two test processes (pytest-xdist): a Ray or DVC test waits on process starts and polls for a good
 # part of its time, which the other process fills. A module's tests stay together (its fixtures are
-# built once). TEST_WORKERS=0 runs them one after another in one process, TEST_WORKERS=auto one per core.
+# built once), longest module first (tests/conftest.py; xdist's own reordering is off). TEST_WORKERS=0
+# runs them one after another in one process, TEST_WORKERS=auto one per core.
 TEST_WORKERS ?= 2
+PYTEST_SPREAD = -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 test: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m "not gpu" --durations=25 \
-		-n $(TEST_WORKERS) --dist loadscope
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m "not gpu" --durations=25 $(PYTEST_SPREAD)
+
+# The whole suite with a JUnit report, then tests/module_seconds.json from it: the module times
+# `make test` orders its modules by. Rerun it when a module's time changes by minutes.
+test-timings: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m "not gpu" $(PYTEST_SPREAD) \
+		--junitxml=.test-timings.xml
+	$(PY) scripts/module_seconds.py .test-timings.xml > tests/module_seconds.json.tmp
+	mv tests/module_seconds.json.tmp tests/module_seconds.json
 
 # On a CUDA machine (set up with TORCH=torch): the gpu-marked tests, torchao for fp8 installed first.
 test-gpu: setup

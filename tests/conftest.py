@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,23 @@ TINY = [
     "tasks.diffusion.eval.sample_steps=4",
 ]
 TINY_GROUPS = ["model@tasks.lm.model=gpt_tiny", "model@tasks.diffusion.model=dit_tiny"]
+
+
+MODULE_SECONDS = ROOT / "tests" / "module_seconds.json"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest modules first. `make test` hands whole modules to its two workers (xdist's
+    loadscope, so a module's fixtures are built once) in collection order; xdist's own order, by
+    test count, leaves the few-test, many-minute end-to-end modules for last, where one worker
+    runs them alone while the other idles. Longest first (the seconds last measured, in
+    tests/module_seconds.json: `make test-timings` rewrites it; a module not listed counts as
+    short) lets the short modules fill in at the end. A stable sort: tests keep their order
+    within a module."""
+    if not MODULE_SECONDS.is_file():
+        return
+    seconds = json.loads(MODULE_SECONDS.read_text())["modules"]
+    items.sort(key=lambda item: -float(seconds.get(item.nodeid.split("::")[0], 0.0)))
 
 
 def tiny_raw(extra: list[str] | None = None) -> dict:
