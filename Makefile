@@ -63,15 +63,15 @@ repro: setup
 # built once), longest module first (tests/conftest.py; xdist's own reordering is off). TEST_WORKERS=0
 # runs them one after another in one process, TEST_WORKERS=auto one per core.
 TEST_WORKERS ?= 2
-PYTEST_SPREAD = -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+PYTEST_SUITE = PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m "not gpu" \
+	-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 test: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m "not gpu" --durations=25 $(PYTEST_SPREAD)
+	$(PYTEST_SUITE) --durations=25
 
 # The whole suite with a JUnit report, then tests/module_seconds.json from it: the module times
 # `make test` orders its modules by. Rerun it when a module's time changes by minutes.
 test-timings: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m "not gpu" $(PYTEST_SPREAD) \
-		--junitxml=.test-timings.xml
+	$(PYTEST_SUITE) --junitxml=.test-timings.xml
 	$(PY) scripts/module_seconds.py .test-timings.xml > tests/module_seconds.json.tmp
 	mv tests/module_seconds.json.tmp tests/module_seconds.json
 
