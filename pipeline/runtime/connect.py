@@ -97,9 +97,14 @@ def connect(cfg: ClusterConfig) -> str:
     need = cfg.num_workers * cfg.cpus_per_worker
     with _loopback_only() as ports, _named_start_failure():
         # address="local": a fresh instance even when a `ray start` cluster is running on this machine
-        # (a bare ray.init() would join that one). The dashboard serves Ray's State API, which Ray
-        # Train's placement-group cleaner polls; token authentication stays on (Ray 2.59+).
-        ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=True,
+        # (a bare ray.init() would join that one). The dashboard (its process and nine module
+        # processes: about 2 s and 3 CPU-s of every start on 2 cores) serves Ray's State API, which
+        # only Ray Train's placement-group cleaner reads here, and the lean trainer has no cleaner:
+        # it starts only where that trainer does not apply. Token authentication stays on (Ray 2.59+).
+        from pipeline.runtime.embedded_trainer import lean_trainer_applies
+
+        ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
+                 include_dashboard=not lean_trainer_applies(),
                  dashboard_host=LOOPBACK, dashboard_port=ports["dashboard"], _node_ip_address=LOOPBACK,
                  _metrics_export_port=ports["metrics_export"],
                  runtime_env=worker_runtime_env({**_own_address_env(ports), **ONE_NODE_ENV}),

@@ -38,13 +38,17 @@ _NOT_ON_ONE_NODE = () if FixedScalingPolicy is None else \
     (PlacementGroupCleanerCallback, ControllerMetricsCallback, WorkerMetricsCallback)
 
 
+def lean_trainer_applies() -> bool:
+    """Whether this Ray release has the hooks `EmbeddedTorchTrainer` overrides (else the embedded
+    Ray runs Ray Train's own TorchTrainer, whose placement-group cleaner needs the dashboard)."""
+    hooks = ("_create_default_callbacks", "_initialize_and_run_controller")
+    return FixedScalingPolicy is not None and all(hasattr(TorchTrainer, name) for name in hooks)
+
+
 def embedded_trainer_class() -> type:
     """`EmbeddedTorchTrainer`, or TorchTrainer itself when this Ray release does not have the
     hooks it overrides."""
-    hooks = ("_create_default_callbacks", "_initialize_and_run_controller")
-    if FixedScalingPolicy is None or not all(hasattr(TorchTrainer, name) for name in hooks):
-        return TorchTrainer
-    return EmbeddedTorchTrainer
+    return EmbeddedTorchTrainer if lean_trainer_applies() else TorchTrainer
 
 
 if FixedScalingPolicy is not None:
