@@ -4,6 +4,8 @@ tensor and pipeline parallelism, and fine-tuning a Hugging Face Llama under FSDP
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import sys
@@ -59,12 +61,15 @@ def test_dvc_exp_run_with_horovod(lm_project):
     mlflow.set_tracking_uri(None)
 
 
-@pytest.mark.parametrize("overrides", [["parallel.tp=2"], ["parallel.pp=2", "tasks.lm.trainer.grad_accum_steps=2"]],
-                         ids=["tensor_parallel", "pipeline_parallel"])
+@pytest.mark.parametrize("overrides", [
+    ["parallel.tp=2", "tasks.lm.trainer.eval_every=2", "tasks.lm.trainer.export_weights=best"],
+    ["parallel.pp=2", "tasks.lm.trainer.grad_accum_steps=2"]], ids=["tensor_parallel", "pipeline_parallel"])
 def test_dvc_exp_run_lm_chain_with_model_parallel(lm_project, overrides):
     """`dvc exp run -S parallel.tp=2` / `-S parallel.pp=2` up to `register@lm`: Ray Train runs
     the layout on its 2 workers, and evaluate, ONNX export, the registry and lineage work on
-    the consolidated weights unchanged."""
+    the consolidated weights unchanged. The tp run hands on its best validation's weights
+    (`trainer.export_weights=best`: every rank joins the gathers of the kept weights, and Ray
+    Train persists the checkpoints that carry them)."""
     import mlflow
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
@@ -74,6 +79,14 @@ def test_dvc_exp_run_lm_chain_with_model_parallel(lm_project, overrides):
     key = overrides[0].removeprefix("parallel.")
     assert "[lm] trained 6 steps" in out and key in out, out[-3000:]
     assert yaml.safe_load((lm_project / "params.yaml").read_text())["parallel"][key.split("=")[0]] == 2
+    if "tasks.lm.trainer.export_weights=best" in overrides:
+        rows = [r for r in csv.DictReader(io.StringIO((lm_project / "metrics/lm/train_history.csv").read_text()))
+                if r.get("val_loss")]
+        best = min(rows, key=lambda r: float(r["val_loss"]))["step"]  # the first of equals, as the loop keeps
+        assert [r["step"] for r in rows] == ["2", "4", "6"] and f"[lm] hands on the weights of step {best} " in out
+        summary = json.loads((lm_project / "metrics/lm/train.json").read_text())
+        run = json.loads((lm_project / "models/lm/run.json").read_text())
+        assert summary.get("weights_step", 6) == run.get("weights_step", 6) == int(best)
     metrics = json.loads((lm_project / "metrics/lm/eval.json").read_text())
     assert 1 < metrics["val_perplexity"] < 400
     exported = load_file(str(lm_project / "export/lm/model.safetensors"))

@@ -38,9 +38,13 @@ def _history(steps: int = 60) -> list[dict[str, float]]:
     return rows
 
 
+def _near_mask(pixels: np.ndarray, colour: tuple[int, int, int], tol: int = 40) -> np.ndarray:
+    """Which pixels of an RGB array are within `tol` of `colour` in every channel."""
+    return (np.abs(pixels.astype(int) - colour) <= tol).all(axis=-1)
+
+
 def _near(pixels: np.ndarray, colour: tuple[int, int, int], tol: int = 40) -> int:
-    """How many pixels of an RGB array are within `tol` of `colour` in every channel."""
-    return int((np.abs(pixels.astype(int) - colour) <= tol).all(axis=-1).sum())
+    return int(_near_mask(pixels, colour, tol).sum())
 
 
 def _ink(pixels: np.ndarray) -> int:
@@ -76,6 +80,26 @@ def test_loss_plot_is_a_png_with_both_curves_and_the_lr(tmp_path):
     assert _near(pixels, C0) > 300 and _near(pixels, C1) > 50 and _near(pixels, C2) > 200  # train, val, lr
     with pytest.raises(ValueError, match="no finite loss"):
         write_loss_plot([{"step": 1, "loss": float("nan")}], tmp_path / "x.png")
+
+
+def test_loss_plot_marks_the_step_whose_weights_go_on(tmp_path):
+    """`trainer.export_weights: best`: a dashed line in C3 (red) at the handed-on step, in the
+    loss panel; none when the last step's weights go on."""
+    from PIL import Image
+
+    C3 = (0xD6, 0x27, 0x28)
+    images = {}
+    for name, step in (("plain", None), ("marked", 40)):
+        with Image.open(write_loss_plot(_history(), tmp_path / f"{name}.png", "lm", step)) as img:
+            images[name] = np.asarray(img.convert("RGB"))
+    assert _near(images["plain"], C3) < 20
+    red = _near(images["marked"], C3)
+    assert red > 150  # the line (and its legend entry)
+    columns = np.nonzero(_near_mask(images["marked"], C3).sum(axis=0) > 100)[0]
+    assert len(columns) >= 1  # one tall vertical line ...
+    train_x = np.nonzero(_near_mask(images["marked"], C0).any(axis=0))[0]
+    at = (columns.mean() - train_x.min()) / (train_x.max() - train_x.min())  # ... at step 40 of 2..120
+    assert abs(at - (40 - 2) / (120 - 2)) < 0.03
 
 
 FALLBACK_MARK = "offline-plots: fallback"  # scripts/offline_plots.py's first line when npm could not help

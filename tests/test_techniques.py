@@ -4,6 +4,8 @@ label smoothing, initialisation schemes, v-prediction."""
 from __future__ import annotations
 
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from pipeline.config import validate
 from pipeline.config.schema import DiffusionProcessConfig, GPTConfig, OptimConfig
 from pipeline.models.diffusion import GaussianDiffusion
 from pipeline.models.gpt import GPT
+from pipeline.training.best_weights import BEST
 from pipeline.training.checkpoint import load_training_state
 from pipeline.training.loop import train
 from pipeline.training.optim import ValidationTracker, build_optimizer, lr_at
@@ -84,6 +87,120 @@ def test_early_stopping_stops_and_stays_stopped(built_data, tmp_path):
     assert meta["final"] and meta["stopped_early"]
     again = train(cfg, "lm", shards["lm"], LocalSession(tmp_path))  # a rerun does not train on
     assert again.step == 4
+
+
+# A learning rate that first helps, then overshoots: validation improves, then worsens.
+BEST_RUN = ["tasks.lm.optim.name=sgd", "tasks.lm.optim.momentum=0", "tasks.lm.optim.lr=0.8",
+            "tasks.lm.optim.schedule=constant", "tasks.lm.optim.warmup_steps=0", "tasks.lm.trainer.grad_clip=0",
+            "tasks.lm.trainer.max_steps=12", "tasks.lm.trainer.eval_every=2", "tasks.lm.trainer.eval_batches=1",
+            "tasks.lm.trainer.ckpt_every=2", "tasks.lm.trainer.export_weights=best"]
+
+
+def _checkpoints(root):
+    return {int(p.name.split("_")[1]): p for p in root.glob("checkpoint_*") if p.name[11:].isdigit()}
+
+
+def test_export_weights_best_hands_on_the_best_validations_weights(built_data, tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.training.checkpoint import WEIGHTS
+
+    _, shards = built_data
+    cfg = validate(tiny_raw(BEST_RUN))
+    state = train(cfg, "lm", shards["lm"], LocalSession(tmp_path))
+    vals = {h["step"]: h["val_loss"] for h in state.history if "val_loss" in h}
+    best_step = min(vals, key=vals.get)
+    assert best_step not in (2, 12), vals  # the run improves, then worsens: the test means something
+    ckpts = _checkpoints(tmp_path)
+    model_at_best, meta_at_best = load_training_state(ckpts[best_step])
+    exported = load_file(ckpts[12] / WEIGHTS)
+    assert set(exported) == set(model_at_best["model"])
+    for name, tensor in exported.items():  # the best step's weights, not the last step's
+        assert torch.equal(tensor, model_at_best["model"][name].float()), name
+    last, meta = load_training_state(ckpts[12])
+    assert any(not torch.equal(exported[k], last["model"][k].float()) for k in exported)
+    assert meta["weights_step"] == best_step and meta["best_weights_step"] == best_step
+    assert meta["tracker"]["best"] == vals[best_step] and meta_at_best["best_weights_step"] == best_step
+    before, written = (ckpts[12] / WEIGHTS).read_bytes(), (ckpts[12] / "meta.json").stat().st_mtime_ns
+    assert train(cfg, "lm", shards["lm"], LocalSession(tmp_path)).step == 12  # a rerun of the finished run ...
+    assert (_checkpoints(tmp_path)[12] / "meta.json").stat().st_mtime_ns > written  # (written again)
+    assert (_checkpoints(tmp_path)[12] / WEIGHTS).read_bytes() == before  # ... hands on the same weights
+    assert load_training_state(_checkpoints(tmp_path)[12])[1]["weights_step"] == best_step
+
+
+def test_export_weights_best_survives_a_resume(built_data, tmp_path):
+    """Stopped after the best validation (its weights no longer the model's), the resumed run
+    still hands them on: every checkpoint carries them."""
+    from pipeline.training.checkpoint import WEIGHTS
+
+    _, shards = built_data
+    cfg = validate(tiny_raw(BEST_RUN))
+    whole = tmp_path / "whole"
+    train(cfg, "lm", shards["lm"], LocalSession(whole))
+    meta = load_training_state(_checkpoints(whole)[12])[1]
+    best_step = meta["weights_step"]
+    cut = tmp_path / "cut"
+    for step, path in _checkpoints(whole).items():  # as if the run had died right after step best + 2
+        if step <= best_step + 2:
+            shutil.copytree(path, cut / path.name)
+    assert (_checkpoints(cut)[best_step + 2] / BEST).is_file()
+    resumed = train(cfg, "lm", shards["lm"], LocalSession(cut))
+    assert resumed.step == 12
+    assert (_checkpoints(cut)[12] / WEIGHTS).read_bytes() == (_checkpoints(whole)[12] / WEIGHTS).read_bytes()
+    again = load_training_state(_checkpoints(cut)[12])[1]
+    losses = [[(h["step"], h["loss"], h.get("val_loss")) for h in m["history"]] for m in (again, meta)]
+    assert again["weights_step"] == best_step and losses[0] == losses[1]
+
+
+def _best_rank(rank: int, world: int, raw: dict, shards: str, root: str, seed: str | None) -> dict:
+    """Train into `root` (resuming from a copy of the checkpoint `seed`); rank 0 returns the run's
+    handed-on weights and the step they are from."""
+    from safetensors.torch import load_file
+
+    from pipeline.training.checkpoint import WEIGHTS, read_meta
+
+    if seed is not None and rank == 0:
+        shutil.copytree(seed, Path(root) / Path(seed).name)
+    if world > 1:
+        torch.distributed.barrier()
+    session = LocalSession(Path(root), rank=rank, world=world)
+    train(validate(raw), "lm", Path(shards), session)
+    with session.latest_checkpoint() as ckpt:
+        return {"weights": load_file(str(ckpt / WEIGHTS)), "meta": read_meta(ckpt)} if rank == 0 else {}
+
+
+def test_export_weights_best_on_sharded_ranks(built_data, tmp_path):
+    """FSDP2 on 2 gloo ranks, where every rank joins the gathers of the kept weights: the run
+    hands on exactly what a run stopped at its best step hands on, and so does the run resumed
+    on 1 rank from a checkpoint taken after its best (the kept file crosses the resize)."""
+    from pipeline.runtime.local_group import run_group
+
+    _, shards = built_data
+    fsdp = ["strategy.name=fsdp"]
+    whole = run_group(_best_rank, 2, tiny_raw(BEST_RUN + fsdp), str(shards["lm"]), str(tmp_path / "whole"), None)[0]
+    best_step = whole["meta"]["weights_step"]
+    assert best_step not in (2, 12), whole["meta"]["tracker"]
+    short = run_group(_best_rank, 2, tiny_raw(BEST_RUN + fsdp + [f"tasks.lm.trainer.max_steps={best_step}",
+                                                                "tasks.lm.trainer.export_weights=last"]),
+                      str(shards["lm"]), str(tmp_path / "short"), None)[0]
+    after = _checkpoints(tmp_path / "whole")[best_step + 2]
+    resized = run_group(_best_rank, 1, tiny_raw(BEST_RUN + fsdp), str(shards["lm"]), str(tmp_path / "resized"),
+                        str(after))[0]
+    assert short["meta"]["weights_step"] == best_step == resized["meta"]["weights_step"]
+    workers = {h["step"]: h["workers"] for h in resized["meta"]["history"]}
+    assert workers[best_step + 2] == 2 and workers[12] == 1  # it did resume the 2-rank run, on 1
+    for name, tensor in whole["weights"].items():
+        assert torch.equal(tensor, short["weights"][name]) and torch.equal(tensor, resized["weights"][name]), name
+
+
+def test_export_weights_best_needs_a_validation_before_the_end():
+    from pipeline.config import ConfigError
+    from pipeline.config.loading import apply_overrides
+
+    for extra in (["tasks.lm.trainer.eval_every=0"],
+                  ["tasks.lm.trainer.eval_every=50", "tasks.lm.trainer.max_steps=20"]):
+        with pytest.raises(ConfigError, match="export_weights=best needs a validation before the end"):
+            validate(apply_overrides(tiny_raw(), ["tasks.lm.trainer.export_weights=best", *extra]))
 
 
 def test_label_smoothing_applies_to_training_only(built_data):

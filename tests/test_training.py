@@ -194,6 +194,9 @@ def test_run_identity_resumes_across_harmless_changes(override):
     # validation counts where the loop acts on it
     assert name("tasks.lm.trainer.early_stop_patience=2", "tasks.lm.trainer.eval_every=3") != \
         name("tasks.lm.trainer.early_stop_patience=2", "tasks.lm.trainer.eval_every=2")
+    best = "tasks.lm.trainer.export_weights=best"  # another step's weights go on
+    assert name(best, "tasks.lm.trainer.eval_every=3") not in (name("tasks.lm.trainer.eval_every=3"),
+                                                               name(best, "tasks.lm.trainer.eval_every=2"))
 
 
 @pytest.mark.parametrize("override", ["tasks.diffusion.eval.sample_steps=50", "tasks.diffusion.eval.sample_eta=0.0",

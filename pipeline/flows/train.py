@@ -161,7 +161,7 @@ def run_identity(cfg: PipelineConfig, task_name: str, manifest_md5: str) -> dict
     often to log and checkpoint, how many checkpoints to keep and how far to prefetch may
     change between a crash and its rerun (lowering `keep_last_k` after a full disk must not
     throw the progress away). Validation keys only count when the loop acts on the validation
-    loss (a plateau schedule, early stopping)."""
+    loss (a plateau schedule, early stopping, handing on the best validation's weights)."""
     tcfg = cfg.task(task_name)
     task = tcfg.model_dump(mode="json", exclude={"eval", "export", "registry"})
     if "diffusion" in task["model"]:
@@ -173,7 +173,9 @@ def run_identity(cfg: PipelineConfig, task_name: str, manifest_md5: str) -> dict
     trainer = task["trainer"]
     for key in HARMLESS_TRAINER_KEYS:
         trainer.pop(key)
-    if tcfg.optim.schedule != "plateau" and not tcfg.trainer.early_stop_patience:
+    if trainer["export_weights"] == "last":  # (runs named before the key existed keep their names)
+        trainer.pop("export_weights")
+    if tcfg.optim.schedule != "plateau" and not tcfg.trainer.early_stop_patience and "export_weights" not in trainer:
         trainer.pop("eval_every")
         trainer.pop("eval_batches")
     precision = cfg.precision.model_dump()
@@ -344,12 +346,18 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
                    **{k: v for k, v in history[-1].items() if k.endswith("_per_s") or k == "mfu"}}
         if "mfu_peak_tflops" in meta.get("implementation", {}):  # the peak MFU was measured against
             summary["peak_tflops"] = float(meta["implementation"]["mfu_peak_tflops"])
+        # the step whose weights go on: the last, or the best validation's (trainer.export_weights)
+        weights_step = meta.get("weights_step", meta["step"])
+        if weights_step != meta["step"]:
+            summary.update(weights_step=weights_step, weights_val_loss=meta["tracker"]["best"])
+            info["weights_step"] = weights_step  # in the model folder: lineage names the step
         if compiled := [h["compile_s"] for h in history if "compile_s" in h]:  # trainer.compile: the last start's
             summary["compile_s"] = compiled[-1]
         # reports/<task>/loss.png: train and validation loss, the learning rate beneath (DVC plots it too)
         loss_plot = plots.write_loss_plot(
             history, reports_dir / "loss.png", f"{task_name}: {mlflow_runs.model_label(tcfg.model)}, "
-            f"{cfg.strategy.name}, {meta['step']} steps") if reports_dir is not None else None
+            f"{cfg.strategy.name}, {meta['step']} steps",
+            weights_step if weights_step != meta["step"] else None) if reports_dir is not None else None
         # Rank 0 logged the history while it trained (pipeline/tracking/live.py); what it could not send
         # (server down, or no live logging) is logged here from the final checkpoint, which holds every
         # step. MLflow's HTTP client retries with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES); if the server

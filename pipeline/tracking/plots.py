@@ -27,9 +27,11 @@ def _series(history: Sequence[dict[str, Any]], key: str) -> tuple[list[float], l
     return steps, values
 
 
-def loss_png(history: Sequence[dict[str, Any]], title: str = "training loss") -> bytes:
-    """Train and validation loss against step, the learning rate in a panel beneath (PNG bytes).
-    matplotlib's Agg canvas is used directly: no pyplot, no global backend, no display needed."""
+def loss_png(history: Sequence[dict[str, Any]], title: str = "training loss", weights_step: int | None = None) -> bytes:
+    """Train and validation loss against step, the learning rate in a panel beneath (PNG bytes);
+    a dashed line at `weights_step` when the run hands on another step's weights than its last
+    (`trainer.export_weights: best`). matplotlib's Agg canvas is used directly: no pyplot, no
+    global backend, no display needed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -43,6 +45,9 @@ def loss_png(history: Sequence[dict[str, Any]], title: str = "training loss") ->
     loss_ax.plot(*train, color="C0", marker=marker, markersize=3, label="train loss")
     if val[0]:
         loss_ax.plot(*val, color="C1", marker="o", markersize=4, label="validation loss")
+    if weights_step is not None:
+        loss_ax.axvline(weights_step, color="C3", linestyle="--", linewidth=1,
+                        label=f"weights handed on (step {weights_step})")
     loss_ax.set_ylabel("loss")
     loss_ax.set_title(title)
     loss_ax.grid(alpha=0.3)
@@ -58,8 +63,9 @@ def loss_png(history: Sequence[dict[str, Any]], title: str = "training loss") ->
     return buf.getvalue()
 
 
-def write_loss_plot(history: Sequence[dict[str, Any]], path: Path | str, title: str = "training loss") -> Path:
+def write_loss_plot(history: Sequence[dict[str, Any]], path: Path | str, title: str = "training loss",
+                    weights_step: int | None = None) -> Path:
     """`loss_png` written atomically to `path` (a reader never sees half an image)."""
     path = Path(path)
-    atomic_write_bytes(path, loss_png(history, title))
+    atomic_write_bytes(path, loss_png(history, title, weights_step))
     return path

@@ -31,6 +31,7 @@ from pipeline.models.hf import is_hf_folder
 from pipeline.progress import duration
 from pipeline.runtime.cuda_allocator import configure_cuda_allocator
 from pipeline.tasks import task_for_data
+from pipeline.training.best_weights import BestWeights
 from pipeline.training.checkpoint import (
     CannotReshard,
     dir_bytes,
@@ -160,6 +161,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     val = read_split(shards_root, "val", tr.eval_batches * tr.global_batch_size) if tr.eval_every else None
     ema = EMA(strategy.ema_source(), tr.ema_decay) if tr.ema_decay > 0 else None
     state, tracker = LoopState(), ValidationTracker()
+    best = BestWeights(session.rank) if tr.export_weights == "best" else None
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None:
             meta = read_meta(ckpt)
@@ -169,6 +171,8 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
                 ema.load_state_dict(extra["ema"])
             reader.load_state_dict(meta["reader"])
             tracker = ValidationTracker(**meta.get("tracker", {}))
+            if best is not None:
+                best.restore(ckpt, meta)
             state = LoopState(meta["step"], meta["skipped_steps"], 0, meta.get("stopped_early", False),
                               meta["history"])
             if session.rank == 0:
@@ -212,13 +216,16 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
         if val is not None and state.step % tr.eval_every == 0:
             # timed from when the training queued so far has finished (validation reads its losses
             # back anyway, so this wait adds no stall), to its read back: only validation's own time
+            # (with the keeping of the best weights, when it improved)
             val_start = _settled(session.device)
             local_val = validation_loss(task, strategy, val, tr.global_batch_size, tr.eval_batches, session.device,
                                         cfg.seed)
+            val_loss = strategy.all_mean([local_val])[0]
+            state.stopped_early = tracker.observe(val_loss, tcfg.optim, tr.early_stop_patience, state.step)
+            if best is not None and tracker.best_step == state.step:  # improved: keep these weights
+                best.keep(strategy, ema, state.step)
             spent = time.perf_counter() - val_start
             val_seconds, val_total, val_count = val_seconds + spent, val_total + spent, val_count + 1
-            val_loss = strategy.all_mean([local_val])[0]
-            state.stopped_early = tracker.observe(val_loss, tcfg.optim, tr.early_stop_patience)
         final = state.step == tr.max_steps or state.stopped_early
         do_ckpt = final or state.step % tr.ckpt_every == 0
         if not (do_ckpt or val_loss is not None or state.step % tr.log_every == 0):
@@ -269,12 +276,17 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
             if state.stopped_early:
                 print(f"[{task_name}] early stop: no better validation loss than {tracker.best:.4f} in "
                       f"{tracker.evals_since_best} validations", flush=True)
-        _report(session, strategy, ema, reader, state, tracker, entry, do_ckpt, final, implementation, parameters)
+            if final and best is not None:
+                print(f"[{task_name}] hands on the weights of step {best.step} (validation loss "
+                      f"{tracker.best:.4f}, the lowest)" if best.step is not None else
+                      f"[{task_name}] no validation loss was finite: hands on the weights of the last step", flush=True)
+        _report(session, strategy, ema, reader, state, tracker, entry, do_ckpt, final, implementation, parameters,
+                best)
         window_items, window_start, data_wait, val_seconds = 0, time.perf_counter(), 0.0, 0.0
         reported_final = final
     if not reported_final:  # resumed a finished run: hand its final checkpoint over again
         _report(session, strategy, ema, reader, state, tracker, state.history[-1], True, True, implementation,
-                parameters)
+                parameters, best)
     reader.close()
     return state
 
@@ -318,12 +330,13 @@ _last_part: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 def _report(session: Session, strategy: Strategy, ema: EMA | None, reader: GlobalOrderReader, state: LoopState,
             tracker: ValidationTracker, entry: dict[str, float], checkpoint: bool, final: bool,
-            implementation: dict[str, str], parameters: int) -> None:
+            implementation: dict[str, str], parameters: int, best: BestWeights | None) -> None:
     """Report metrics; with a checkpoint every `ckpt_every` steps and at the end.
 
     Every rank saves its part of the strategy state into its own directory (the session merges
     them) and records its files' checksums there; rank 0 then writes the marker `meta.json`.
-    The final checkpoint also holds the consolidated export weights: the EMA when enabled. A
+    The final checkpoint also holds the consolidated export weights: the EMA when enabled, those
+    of the best validation under `export_weights: best` (which every checkpoint carries). A
     write that fails for want of space (in the local directory or where the session stores
     checkpoints) stops the run with `StorageFull`, naming the place and the bytes needed.
     """
@@ -335,7 +348,10 @@ def _report(session: Session, strategy: Strategy, ema: EMA | None, reader: Globa
         local = Path(d)
         try:
             strategy.save(local, extra)
-            if final:  # streamed: one whole tensor at a time, written by rank 0
+            kept = best is not None and best.step is not None  # the same on every rank
+            if session.rank == 0 and kept:
+                best.add_to(local, final)
+            if final and not kept:  # streamed: one whole tensor at a time, written by rank 0
                 write_weights(local if session.rank == 0 else None, strategy,
                               ema.weights() if ema is not None else None)
             meta = None
@@ -343,7 +359,9 @@ def _report(session: Session, strategy: Strategy, ema: EMA | None, reader: Globa
                 meta = {"step": state.step, "skipped_steps": state.skipped_steps, "reader": reader.state_dict(),
                         "history": state.history, "final": final, "stopped_early": state.stopped_early,
                         "tracker": tracker.state_dict(), "implementation": implementation,
-                        "parameters": parameters}
+                        "parameters": parameters, "best_weights_step": best.step if kept else None}
+                if final:  # the step whose weights the run hands on
+                    meta["weights_step"] = best.step if kept else state.step
             part = seal_checkpoint(local, session.rank, session.world, meta)
         except Exception as e:
             written, before = dir_bytes(local), _last_part.get(session, 0)

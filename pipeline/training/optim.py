@@ -111,11 +111,13 @@ class ValidationTracker:
     evals_since_best: int = 0
     plateau_scale: float = 1.0
     bad_for_plateau: int = 0
+    best_step: int = 0  # the step of `best` (0: no validation yet)
 
-    def observe(self, loss: float, cfg: OptimConfig, early_stop_patience: int) -> bool:
-        """Record a validation loss; returns True when training should stop early."""
+    def observe(self, loss: float, cfg: OptimConfig, early_stop_patience: int, step: int = 0) -> bool:
+        """Record the validation loss after `step` steps; returns True when training should stop
+        early. A tie is not an improvement: the earlier weights stay the best."""
         if loss < self.best:
-            self.best, self.evals_since_best, self.bad_for_plateau = loss, 0, 0
+            self.best, self.evals_since_best, self.bad_for_plateau, self.best_step = loss, 0, 0, step
             return False
         self.evals_since_best += 1
         self.bad_for_plateau += 1

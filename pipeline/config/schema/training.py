@@ -67,6 +67,10 @@ class TrainerConfig(Strict):
     eval_every: NonNegInt = 0  # validation loss every N steps (0 = never); needed by plateau and early stopping
     eval_batches: PositiveInt = 4  # global batches of the val split per validation
     early_stop_patience: NonNegInt = 0  # stop after N validations without improvement (0 = off)
+    # The weights the run hands on (models/<task>, then export): those of its last step, or of the
+    # step with the lowest validation loss so far (kept by rank 0 and carried in every checkpoint).
+    # With ema_decay, the EMA weights at that step; the validation loss is the trained weights'.
+    export_weights: Literal["last", "best"] = "last"
     shuffle_window: NonNegInt = 16  # shards whose rows are shuffled together (0 = all: exact global shuffle)
     prefetch_batches: NonNegInt = 2  # batches the reader decodes ahead in a background thread (0 = none)
     # Recompute activations in backward instead of keeping them: none, full (every block), or
@@ -94,6 +98,9 @@ class TrainerConfig(Strict):
     def _eval_for_early_stop(self) -> TrainerConfig:
         if self.early_stop_patience and not self.eval_every:
             raise ValueError("early_stop_patience needs eval_every > 0")
+        if self.export_weights == "best" and not 0 < self.eval_every <= self.max_steps:
+            raise ValueError(f"export_weights=best needs a validation before the end: eval_every "
+                             f"({self.eval_every}) must be between 1 and max_steps ({self.max_steps})")
         return self
 
 
