@@ -118,3 +118,71 @@ def test_training_mode_generation_never_touches_the_cache(monkeypatch):
     monkeypatch.setattr(GPT, "forward_cached", lambda *a: pytest.fail("cache used in training mode"))
     out = model.generate(torch.zeros(1, 2, dtype=torch.long), 4, temperature=0)
     assert out.shape == (1, 6)
+
+
+# ------------------------------------------------------------------ several prompts in one batch
+def _ragged(seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 1, 9, 3, 12)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_batched_generation_gives_each_prompt_what_it_gets_alone(variant):
+    """Prompts of five lengths left-padded into one batch: each row's greedy tokens are those of
+    `generate` on its prompt alone, and so are its logits at every step (up to rounding)."""
+    model = _gpt(**VARIANTS[variant])
+    prompts = _ragged()
+    got = model.generate_batch(prompts, 10, temperature=0)
+    for p, tokens in zip(prompts, got, strict=True):
+        alone = model.generate(torch.tensor([p]), 10, temperature=0)[0, len(p) :].tolist()
+        assert tokens == alone, (len(p), tokens, alone)
+    # the logits themselves, through the padded cache: the same as each row's own forward
+    from pipeline.models.gpt import KVCache
+
+    longest = max(map(len, prompts))
+    pad = torch.tensor([longest - len(p) for p in prompts])
+    idx = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    cache = KVCache(len(model.blocks), CONTEXT, pad)
+    with torch.no_grad():
+        logits = model.forward_cached(idx, cache)
+        assert all(bool(t[:, :, :longest].isfinite().all()) for t in cache.k + cache.v)  # the filler's too
+        for row, p in enumerate(prompts):
+            alone = model(torch.tensor([p]))[0]
+            torch.testing.assert_close(logits[row, longest - len(p) :], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_sampling_draws_each_row_from_its_own_generator():
+    """Row i samples from generators[i] exactly as `generate` of its prompt alone with that
+    generator does; the other rows' draws do not move its stream."""
+    model = _gpt(seed=1, n_kv_heads=2)
+    prompts = _ragged(3)
+    got = model.generate_batch(prompts, 20, temperature=0.9, top_k=20,
+                               generators=[torch.Generator().manual_seed(s) for s in range(len(prompts))])
+    for s, (p, tokens) in enumerate(zip(prompts, got, strict=True)):
+        alone = model.generate(torch.tensor([p]), 20, temperature=0.9, top_k=20,
+                               generator=torch.Generator().manual_seed(s))[0, len(p) :].tolist()
+        assert tokens == alone, s
+
+
+def test_batched_generation_stops_at_eos_and_sends_overlong_prompts_alone(monkeypatch):
+    """With `eos_id` each row's tokens up to its first end are its own generation's, and the batch
+    stops once every row has ended; a prompt whose continuation would slide past the context goes
+    through `generate` alone; the rest are one batch: one cached forward per step, not per row."""
+    from pipeline.models.gpt import until_eos
+
+    model = _gpt(seed=2)
+    prompts = [*_ragged(5), list(range(CONTEXT - 4))]  # the last: 20 tokens + 8 new > 24
+    eos = model.generate(torch.tensor([prompts[0]]), 3, temperature=0)[0, -1].item()  # row 0 ends at step 3
+    calls = []
+    cached = GPT.forward_cached
+    monkeypatch.setattr(GPT, "forward_cached", lambda self, idx, cache: calls.append(idx.shape) or
+                        cached(self, idx, cache))
+    got = model.generate_batch(prompts, 8, temperature=0, eos_id=eos, min_new_tokens=0)
+    monkeypatch.setattr(GPT, "forward_cached", cached)
+    for p, tokens in zip(prompts, got, strict=True):
+        alone = model.generate(torch.tensor([p]), 8, temperature=0, eos_id=eos)[0, len(p) :].tolist()
+        assert until_eos(tokens, eos) == until_eos(alone, eos)
+    assert eos in got[0][:3]  # row 0 did end
+    batched = [s for s in calls if s[0] == len(prompts) - 1]
+    assert batched and batched[0] == (5, 12) and all(s == (5, 1) for s in batched[1:]) and len(batched) <= 8
+    assert len(calls) - len(batched) >= 1  # the overlong prompt: its own prefill (then the sliding window)

@@ -42,9 +42,11 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (x1, x2) of x (B, H, T, D) by position-dependent angles."""
+    """Rotate channel pairs (x1, x2) of x (B, H, T, D) by position-dependent angles: the tables'
+    first T rows (T, D/2), or per row (B, 1, T, D/2) as they are."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[: x.shape[-2]], sin[: x.shape[-2]]
+    if cos.dim() == 2:
+        cos, sin = cos[: x.shape[-2]], sin[: x.shape[-2]]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
@@ -55,12 +57,34 @@ class KVCache:
     A layer's buffer is allocated on its first insert, at the length the model can attend to,
     with that layer's local head count and dtype (a tensor-parallel rank's, an autocast one's).
     `pos` is how many positions are cached; `GPT.forward_cached` advances it after the last layer.
+
+    Rows of different lengths share one cache left-padded (`pad`: each row's count of leading
+    filler tokens): a row's token at slot j sits at position j - pad, its queries never see the
+    filler, and a filler query sees only itself (no query row is wholly masked: sdpa kernels
+    differ on what such a row gives, NaN in some).
     """
 
-    def __init__(self, n_layers: int, max_len: int) -> None:
+    def __init__(self, n_layers: int, max_len: int, pad: torch.Tensor | None = None) -> None:
         self.max_len, self.pos = max_len, 0
+        self.pad = pad if pad is not None and bool(pad.any()) else None  # (B,) long, or None: no filler
         self.k: list[torch.Tensor | None] = [None] * n_layers
         self.v: list[torch.Tensor | None] = [None] * n_layers
+
+    def positions(self, t: int, device: torch.device) -> torch.Tensor:
+        """Each row's positions of the next `t` slots: (B, t) with filler, else (t,)."""
+        slots = torch.arange(self.pos, self.pos + t, device=device)
+        return slots if self.pad is None else (slots - self.pad[:, None]).clamp(min=0)
+
+    def mask(self, t: int, device: torch.device) -> torch.Tensor | None:
+        """Which cached slots each of the next `t` queries sees: (B, 1, t, pos + t) with filler;
+        without it, None for one query (it sees every slot) and the causal band otherwise."""
+        start = self.pos
+        if self.pad is None:
+            return None if t == 1 else torch.ones(t, start + t, dtype=torch.bool, device=device).tril(start)
+        q = torch.arange(start, start + t, device=device)[:, None]
+        k = torch.arange(start + t, device=device)[None, :]
+        real = k >= self.pad[:, None, None]  # (B, 1, pos + t): not filler
+        return ((real & (k <= q)) | (k == q))[:, None]
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, T, D) at `pos` and return the layer's keys and values up to them."""
@@ -116,15 +140,17 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        start = cache.pos
         if rope is not None:
-            cos, sin = rope[0][start : start + t], rope[1][start : start + t]
+            pos = cache.positions(t, x.device)  # (t,), or (B, t) for left-padded rows
+            cos, sin = rope[0][pos], rope[1][pos]
+            if pos.dim() == 2:
+                cos, sin = cos[:, None], sin[:, None]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = cache.mask(t, x.device)
         ks, vs = cache.insert(layer, k, v)
-        if start == 0:  # a prefill: the plain causal attention, on the new keys themselves
+        if cache.pos == 0 and cache.pad is None:  # a prefill: the plain causal attention on the new keys
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-        else:  # query i (position start + i) sees keys up to start + i: sdpa's is_causal aligns top-left
-            mask = None if t == 1 else torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
+        else:  # query i (position pos + i) sees keys up to pos + i: sdpa's is_causal aligns top-left
             y = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -395,7 +421,7 @@ class GPT(nn.Module):
             raise ValueError(f"{start} cached + {t} new tokens exceed the model's context of {self.max_seq_len}")
         x = self.embed(idx)
         if self.pos is not None:
-            x = x + self.pos(torch.arange(start, start + t, device=idx.device))
+            x = x + self.pos(cache.positions(t, idx.device))
         rope = None if self.pos is not None else (self.rope_cos, self.rope_sin)
         for layer, block in enumerate(self.blocks):
             x = block.forward_cached(x, rope, cache, layer)
@@ -441,23 +467,72 @@ class GPT(nn.Module):
                 logits = self.forward_cached(idx[:, cache.pos :], cache)[:, -1, :]
             if eos_id is not None and step < min_new_tokens:
                 logits[:, eos_id] = float("-inf")
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                if generator is not None:
-                    probs = probs.to(generator.device)
-                nxt = torch.multinomial(probs, 1, generator=generator).to(idx.device)
+            nxt = _sample(logits, temperature, top_k, generator).to(idx.device)
             idx = torch.cat([idx, nxt], dim=1)
             if done is not None:
                 done |= nxt[:, 0] == eos_id
                 if bool(done.all()):
                     break
         return idx
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+                       top_k: int | None = None, generators: list[torch.Generator | None] | None = None,
+                       eos_id: int | None = None, min_new_tokens: int = 0) -> list[list[int]]:
+        """`generate` for several prompts of any lengths in one batch: each row's new tokens are
+        those `generate` gives its prompt alone (row i sampling from `generators[i]`), up to the
+        rounding of batched arithmetic. The prompts are left-padded into one KV cache
+        (`KVCache.pad`), so each step is one position's work for every row. Rows that ended (at
+        `eos_id`: cut with `until_eos`) ride along until all have. A prompt whose continuation
+        would outgrow the context (the window slides, which has no batched form) goes alone
+        through `generate`, as do all in training mode."""
+        device = next(self.parameters()).device
+        gens = list(generators) if generators is not None else [None] * len(prompts)
+        out: list[list[int]] = [[] for _ in prompts]
+        rows = [i for i, p in enumerate(prompts) if not self.training and len(p) + max_new_tokens <= self.max_seq_len]
+        for i in sorted(set(range(len(prompts))) - set(rows)):
+            ids = torch.tensor([prompts[i]], device=device)
+            out[i] = self.generate(ids, max_new_tokens, temperature, top_k, gens[i], eos_id,
+                                   min_new_tokens)[0, len(prompts[i]) :].tolist()
+        if not rows:
+            return out
+        longest = max(len(prompts[i]) for i in rows)
+        pad = torch.tensor([longest - len(prompts[i]) for i in rows], device=device)
+        idx = torch.tensor([[0] * (longest - len(prompts[i])) + list(prompts[i]) for i in rows], device=device)
+        cache, done, new = KVCache(len(self.blocks), self.max_seq_len, pad), None, []
+        for step in range(max_new_tokens):
+            logits = self.forward_cached(idx, cache)[:, -1, :]
+            if eos_id is not None and step < min_new_tokens:
+                logits[:, eos_id] = float("-inf")
+            if temperature == 0:
+                idx = logits.argmax(-1, keepdim=True)
+            else:  # each row its own draw, from its own generator: as if it were alone
+                idx = torch.cat([_sample(logits[r : r + 1], temperature, top_k, gens[i]).to(device)
+                                 for r, i in enumerate(rows)])
+            new.append(idx)
+            if eos_id is not None:
+                done = (idx[:, 0] == eos_id) if done is None else done | (idx[:, 0] == eos_id)
+                if bool(done.all()):
+                    break
+        for r, tokens in zip(rows, torch.cat(new, dim=1).tolist(), strict=True):
+            out[r] = tokens
+        return out
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of each row of `logits` (B, vocab): argmax at temperature 0, else a draw
+    from the tempered, top-k-truncated distribution on the generator's device."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if generator is not None:
+        probs = probs.to(generator.device)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 def until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
