@@ -167,3 +167,25 @@ def test_int8_check_scores_exactly_the_rows_asked_for(rows):
 
     cfg = int8_eval_rows(rows)
     assert cfg.batch_size * cfg.max_batches == rows and cfg.batch_size <= 16
+
+
+def test_a_request_of_many_prompts_is_batched_and_each_completion_is_its_own(served, monkeypatch):
+    """More prompts than one batch holds, of many lengths (one empty): generated
+    PROMPTS_PER_BATCH at a time, each batch one cached forward per token, and each completion the
+    one its prompt gets alone, greedy and sampled (every prompt its own generator, seeded alike)."""
+    from pipeline.export import pyfunc
+    from pipeline.models.gpt import GPT
+
+    monkeypatch.setattr(pyfunc, "PROMPTS_PER_BATCH", 4)
+    words = "The for statement iterates over the items of any sequence in the order that they appear".split()
+    prompts = [" ".join(words[: n % 9]) for n in range(10)]  # 10 prompts: batches of 4, 4, 2
+    rows = []
+    cached = GPT.forward_cached
+    monkeypatch.setattr(GPT, "forward_cached", lambda self, idx, cache: rows.append(idx.shape[0]) or
+                        cached(self, idx, cache))
+    for params in ({}, {"temperature": 0.8, "top_k": 20, "seed": 5}):
+        rows.clear()
+        together = complete(served, prompts, min_new_tokens=6, **params)
+        assert rows[0] == 4 and set(rows) <= {4, 2} and rows.count(2) * 3 == len(rows)  # 4, 4, 2 rows a step
+        alone = [complete(served, [p], min_new_tokens=6, **params)[0] for p in prompts]
+        assert together == alone and len(set(together)) > 1, params

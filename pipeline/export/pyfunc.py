@@ -3,7 +3,8 @@
 Inputs and outputs are plain tables so `mlflow models serve` answers JSON:
 - language model: column `prompt` (text; a cell holding a list of texts is one prompt per text, as
   MLflow hands `{"prompt": ["a", "b"]}`) -> column `completion` (params: max_new_tokens (1..MAX_NEW_TOKENS),
-  min_new_tokens, temperature (0 = greedy), top_k (0 = off), seed); at most MAX_ROWS prompts a request;
+  min_new_tokens, temperature (0 = greedy), top_k (0 = off), seed); at most MAX_ROWS prompts a request,
+  generated PROMPTS_PER_BATCH at a time in one batch, each completion the one its prompt gets alone;
 - diffusion: column `label` (class id) -> one row of C*H*W pixel values in [-1, 1] per label
   (params: steps, eta, guidance, seed; defaults: the sampler evaluation scored).
 """
@@ -58,13 +59,15 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
             sampling = lm_params(params)
             prompts = self.prompt_ids(model_input)  # every prompt checked before any is generated
             out = []
-            for ids in prompts:
-                ids = torch.tensor([ids])
-                gen = self.model.generate(ids, sampling["max_new_tokens"], temperature=sampling["temperature"],
-                                          top_k=sampling["top_k"] or None,
-                                          generator=torch.Generator().manual_seed(sampling["seed"]),
-                                          eos_id=self.eos, min_new_tokens=sampling["min_new_tokens"])
-                out.append(self.tokenizer.decode(until_eos(gen[0, ids.shape[1] :].tolist(), self.eos)))
+            for first in range(0, len(prompts), PROMPTS_PER_BATCH):  # each batch one forward per token
+                chunk = prompts[first : first + PROMPTS_PER_BATCH]
+                # every prompt samples from its own generator seeded alike: its completion is the
+                # one it gets alone, whatever else the request holds
+                tokens = self.model.generate_batch(
+                    chunk, sampling["max_new_tokens"], temperature=sampling["temperature"],
+                    top_k=sampling["top_k"] or None, eos_id=self.eos, min_new_tokens=sampling["min_new_tokens"],
+                    generators=[torch.Generator().manual_seed(sampling["seed"]) for _ in chunk])
+                out += [self.tokenizer.decode(until_eos(t, self.eos)) for t in tokens]
             return pd.DataFrame({"completion": out})
         from pipeline.models.diffusion import GaussianDiffusion
 
@@ -161,6 +164,7 @@ def lm_params(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+PROMPTS_PER_BATCH = 16  # prompts generated together (left-padded into one KV cache): bounds a request's memory
 GENERATION = "generation.json"  # in the export folder: {"eos_token": ...}, from the shards' manifest
 SAMPLER = "sampler.json"  # in a diffusion export folder: {"steps", "eta", "guidance"}, from the task's eval section
 
