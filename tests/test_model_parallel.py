@@ -312,14 +312,70 @@ def test_tensor_parallel_and_pipeline_parallel_batch_splits_over_the_replicas_no
         check_task_elastic(validate(tiny_raw(plain)), "lm")
 
 
-def test_tensor_parallel_attention_dropout_is_warned_of():
-    from pipeline.config import validate
-    from pipeline.config.parallel import tp_dropout_warning
+def _dropout_rank(rank: int, world: int, dropout: float) -> dict:
+    """One GPT block split over 2 tp ranks whose local heads are the same weights (heads h and
+    h + 2 of 4 made equal before the split), run in training mode: the attention output of each
+    rank's heads (what `wo` takes), the logits, a draw from the global stream after, and the
+    gradients of a step with and without activation checkpointing (whose recompute must draw the
+    masks the forward drew)."""
+    from torch.distributed.device_mesh import init_device_mesh
 
-    assert tp_dropout_warning(validate(tiny_raw(["parallel.tp=2"])), "lm") is None  # the presets' dropout 0
-    assert tp_dropout_warning(validate(tiny_raw(["tasks.lm.model.dropout=0.1"])), "lm") is None  # no tp
-    warning = tp_dropout_warning(validate(tiny_raw(["parallel.tp=2", "tasks.lm.model.dropout=0.1"])), "lm")
-    assert warning.startswith("tasks.lm.model.dropout=0.1 with parallel.tp=2: the tp ranks draw the same")
+    from pipeline.config.schema import GPTConfig
+    from pipeline.distributed.activation import apply_activation_checkpointing
+    from pipeline.distributed.tensor_parallel import apply_tensor_parallel, tp_plan
+    from pipeline.models.gpt import GPT
+
+    mesh = init_device_mesh("cpu", (world,))
+    out: dict = {}
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(d_model=32, n_layers=1, n_heads=4, dropout=dropout), 50, 16)
+        with torch.no_grad():
+            for name in ("wq", "wk", "wv"):
+                w = getattr(model.blocks[0].attn, name).weight
+                w[w.shape[0] // 2 :] = w[: w.shape[0] // 2]
+        apply_tensor_parallel(model, tp_plan(model), mesh)
+        seen = []
+        model.blocks[0].attn.wo.register_forward_pre_hook(
+            lambda m, args, seen=seen: seen.append(args[0].to_local() if hasattr(args[0], "to_local") else args[0]))
+        if checkpointed:
+            apply_activation_checkpointing(model, "full")
+        model.train()
+        torch.manual_seed(1)  # as the loop seeds it: alike on the tp ranks of a replica
+        logits = model(torch.randint(0, 50, (2, 16)))
+        after = torch.rand(4)
+        logits.square().mean().backward()
+        grads = {n.replace("_checkpoint_wrapped_module.", ""):
+                 (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).clone()
+                 for n, p in model.named_parameters()}
+        if not checkpointed:
+            out = {"heads": seen[0].detach(), "logits": logits.detach(), "after": after, "grads": grads}
+        else:
+            out["checkpointed_grads"] = grads
+    return out
+
+
+def test_tensor_parallel_attention_dropout_draws_its_own_masks_per_tp_rank():
+    """Attention dropout under tp: each tp rank's local heads get masks of their own (Megatron-
+    LM's per-tp-rank RNG stream), so heads h and h + n_heads/tp no longer share one; the global
+    stream after the attention is the same on both ranks (the residual dropout on the replicated
+    activations draws alike), and so are the logits; activation checkpointing's recompute draws
+    the forward's masks (the same gradients). Without dropout the same-weight heads give
+    the same output: the control that shows the setup would see shared masks."""
+    from pipeline.runtime.local_group import run_group
+
+    for dropout in (0.0, 0.5):
+        r0, r1 = run_group(_dropout_rank, 2, dropout)
+        assert torch.equal(r0["after"], r1["after"]) and torch.equal(r0["logits"], r1["logits"])
+        for r in (r0, r1):  # the recompute drew the forward's masks: the same gradients
+            assert r["checkpointed_grads"].keys() == r["grads"].keys()
+            for name, grad in r["grads"].items():
+                torch.testing.assert_close(r["checkpointed_grads"][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+        same = torch.equal(r0["heads"], r1["heads"])
+        assert same if dropout == 0 else not same, dropout
+        if dropout:  # about half the attention weights dropped on each rank, not the same half
+            differ = (r0["heads"] != r1["heads"]).float().mean().item()
+            assert differ > 0.2, differ
 
 
 @pytest.mark.parametrize(("n", "fits", "nearest"), [(7, False, (6, 8)), (9, False, (8, 10)), (3, True, None),

@@ -177,8 +177,8 @@ def test_a_request_of_many_prompts_is_batched_and_each_completion_is_its_own(ser
     from pipeline.models.gpt import GPT
 
     monkeypatch.setattr(pyfunc, "PROMPTS_PER_BATCH", 4)
-    words = "The for statement iterates over the items of any sequence in the order that they appear".split()
-    prompts = [" ".join(words[: n % 9]) for n in range(10)]  # 10 prompts: batches of 4, 4, 2
+    text = "The for statement iterates over the items of any sequence in the order that they appear"
+    prompts = [" ".join(text.split(" ")[: n % 9]) for n in range(10)]  # 10 prompts: batches of 4, 4, 2
     rows = []
     cached = GPT.forward_cached
     monkeypatch.setattr(GPT, "forward_cached", lambda self, idx, cache: rows.append(idx.shape[0]) or

@@ -24,19 +24,6 @@ _OWN_PARTITIONING = {
 INTERLEAVED_STAGES_PER_RANK = 2
 
 
-def tp_dropout_warning(cfg: PipelineConfig, name: str) -> str | None:
-    """Attention dropout under tensor parallelism draws the same mask on every tp rank (each holds
-    n_heads / tp heads and the same RNG state), so heads h and h + n_heads / tp share a mask where
-    DDP draws one per head: correlated noise, not a wrong gradient (replicated weights stay equal).
-    Megatron-LM forks a per-tp-rank RNG stream for this; that is not built here, so it is said."""
-    dropout = getattr(cfg.task(name).model, "dropout", 0.0)
-    if cfg.parallel.tp > 1 and dropout > 0:
-        return (f"tasks.{name}.model.dropout={dropout} with parallel.tp={cfg.parallel.tp}: the tp ranks draw the same "
-                "attention-dropout masks for their local heads (heads h and h + n_heads/tp share one), where DDP "
-                "draws one per head")
-    return None
-
-
 def _interleaved_fits(n: int, pp: int) -> bool:
     """Whether torch's interleaved 1F1B schedule takes `n` micro-batches on `pp` ranks: it runs
     max(1, n // pp) rounds, which must split them evenly."""

@@ -12,6 +12,7 @@ replicated head keeps a tied embedding tied without cross-rank bookkeeping.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from pipeline.distributed.units import repeated_blocks
@@ -64,7 +65,60 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], tp_mesh) -> in
             split += len(present)
     if split == 0:
         raise ValueError(f"parallel.tp: none of {type(model).__name__}.tp_plan's modules exist in its blocks")
+    fork_rng_per_tp_rank(model, plan, tp_mesh.get_local_rank())
     return split
+
+
+class TpRankStream:
+    """Forward hooks that give one module's random draws a stream of this tp rank's own (Megatron-
+    LM's `get_cuda_rng_tracker().fork()`): attention dropout masks the attention weights of the
+    rank's local heads, and with the global stream every tp rank would draw the same mask, so
+    heads h and h + n_heads/tp would share one where DDP draws one per head.
+
+    Before the module runs (in training), a seed is drawn from the global stream, which every tp
+    rank of a replica holds alike (the loop seeds it per step and data-parallel rank), and the
+    generators (CPU and CUDA) are re-seeded with it plus the tp rank; after, they are put back
+    as they were just past that draw. So the tp ranks draw different masks, and what follows
+    (the residual dropout on activations every tp rank holds whole) draws alike on all of them.
+    Activation checkpointing's recompute restores the global stream first, so it redraws the
+    same seed and masks."""
+
+    def __init__(self, tp_rank: int) -> None:
+        self.tp_rank = tp_rank
+        self._saved: list[tuple[torch.Tensor, list[torch.Tensor] | None]] = []
+
+    def before(self, module: nn.Module, args: object) -> None:
+        if not module.training:
+            return
+        seed = int(torch.randint(0, 1 << 62, (1,)).item())  # a CPU draw: no device sync
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self._saved.append((torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None))
+        torch.manual_seed(seed + self.tp_rank)
+
+    def after(self, module: nn.Module, args: object, output: object) -> None:
+        if not module.training or not self._saved:
+            return
+        cpu, cuda = self._saved.pop()
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def fork_rng_per_tp_rank(model: nn.Module, plan: dict[str, str], tp_rank: int) -> int:
+    """`TpRankStream` hooks on the modules of the blocks that draw at random over split heads or
+    features: the parents of the plan's column-wise projections (a block's attention) that have
+    `dropout` > 0. Returns how many were hooked (none for the presets, whose dropout is 0)."""
+    parents = {path.rpartition(".")[0] for path, style in plan.items() if style == "colwise"}
+    hooked = 0
+    for block in repeated_blocks(model):
+        for path in sorted(parents):
+            module = block.get_submodule(path) if path and _has(block, path) else None
+            if module is not None and float(getattr(module, "dropout", 0.0) or 0.0) > 0:
+                stream = TpRankStream(tp_rank)
+                module.register_forward_pre_hook(stream.before)
+                module.register_forward_hook(stream.after)
+                hooked += 1
+    return hooked
 
 
 def localize(model: nn.Module, plan: dict[str, str], tp: int) -> int:
