@@ -47,6 +47,9 @@ def test_dvc_repro_end_to_end(tmp_path):
         held = {p.relative_to(project / f"export/{task}").as_posix() for p in (project / f"export/{task}").rglob("*")
                 if p.is_file() and p.name != "checksums.json"}
         assert set(json.loads((project / f"export/{task}/checksums.json").read_text())["files"]) == held
+        # and of what the logged model ships beside it (checked by the register stage): the pickle, the code
+        shipped = json.loads((project / f"export/{task}/model_info.json").read_text())["shipped_files"]
+        assert {"python_model.pkl", "code/pipeline/models/gpt.py"} <= shipped.keys()
     assert json.loads((project / "export/lm/generation.json").read_text()) == {"eos_token": "<|endoftext|>"}
 
     head = run_ok(["git", "rev-parse", "HEAD"], project).strip()

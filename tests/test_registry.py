@@ -4,6 +4,7 @@ rerun reuses it, and that a logged model with damaged artifacts is never registe
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -23,9 +24,11 @@ def trained_lm(tmp_path, tiny_cfg):
     """What the train, evaluate and export stages leave for `register lm`: a run tagged as the train
     stage tags it (every dvc.lock hash, both tasks' stages; packages, Ray, kernels), its dataset
     inputs, an artifact standing in for the MLflow model, and export/lm + metrics/lm on disk."""
+    import pipeline
     from pipeline.export.pyfunc import pyfunc_artifacts, pyfunc_staging
     from pipeline.flows.export import INFO
     from pipeline.tracking import mlflow_runs
+    from pipeline.tracking.registry import shipped_files
     from pipeline.training.checkpoint import write_checksums
 
     uri = f"sqlite:///{tmp_path}/mlruns.db"
@@ -50,10 +53,12 @@ def trained_lm(tmp_path, tiny_cfg):
         write_checksums(export)  # as the export stage does, and its model folder with them, as log_pyfunc does
         with pyfunc_staging(tmp_path) as staging:
             model = mlflow.pyfunc.log_model(name="model", python_model=_Echo(), pip_requirements=[],
-                                            artifacts={"model_dir": str(pyfunc_artifacts(export, staging))})
+                                            artifacts={"model_dir": str(pyfunc_artifacts(export, staging))},
+                                            code_paths=[str(Path(pipeline.__file__).parent)])
     mlflow_runs.log_datasets(run.info.run_id, "lm", "builtin:python-docs", "r" * 64, tmp_path, "man5", dvc)
-    (export / INFO).write_text(json.dumps({"model_uri": model.model_uri,
-                                           "run_id": run.info.run_id, "hf_architecture": "LlamaForCausalLM"}))
+    (export / INFO).write_text(json.dumps({"model_uri": model.model_uri, "run_id": run.info.run_id,
+                                           "hf_architecture": "LlamaForCausalLM",
+                                           "shipped_files": shipped_files(model.model_uri)}))
     write_checksums(export, add=(INFO,))
     metrics = tmp_path / "metrics" / "lm"
     metrics.mkdir(parents=True)
@@ -154,10 +159,14 @@ def test_register_twice_reuses_the_version_and_sets_the_aliases_again(trained_lm
 
 
 @pytest.mark.parametrize("damage", ["model_dir/model_spec.json deleted", "model_dir/run.json truncated",
-                                    "MLmodel deleted"])
+                                    "MLmodel deleted", "code/pipeline/atomic.py deleted",
+                                    "code/pipeline/models/gpt.py changed", "python_model.pkl changed",
+                                    "code/pipeline/evil.py added"])
 def test_register_refuses_a_logged_model_whose_artifacts_are_damaged(trained_lm, tiny_cfg, tmp_path, damage):
-    """The logged model's files are listed in the artifact store (not downloaded) and compared with the
-    export's record before a version exists: a deleted or truncated artifact is one line naming it."""
+    """The logged model's files are listed in the artifact store and compared with the export's
+    record before a version exists: a deleted or truncated artifact is one line naming it. What
+    runs before the served model can check anything (the pickled class, the code it imports) is
+    read back and hashed too: a byte changed at the same size, or a module added, is named."""
     from mlflow.tracking import MlflowClient
     from mlflow.utils.file_utils import local_file_uri_to_path
 
@@ -168,14 +177,20 @@ def test_register_refuses_a_logged_model_whose_artifacts_are_damaged(trained_lm,
     model_uri = json.loads((export / INFO).read_text())["model_uri"]
     root = Path(local_file_uri_to_path(MlflowClient().get_logged_model(model_uri.split("/")[-1]).artifact_location))
     name, how = damage.split()
-    target = root / name if name == "MLmodel" else root / "artifacts" / name  # (MLflow 3's layout of a logged model)
-    assert target.is_file(), sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+    at_root = name == "MLmodel" or name.startswith(("code/", "python_model"))
+    target = root / name if at_root else root / "artifacts" / name  # (MLflow 3's layout of a logged model)
+    listed = name if at_root else f"artifacts/{name}"
+    assert target.is_file() or how == "added", sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
     if how == "deleted":
         target.unlink()
-        want = rf"has no {'MLmodel' if name == 'MLmodel' else 'artifacts/' + name} in its artifact store"
-    else:
+        want = rf"has no {listed} in its artifact store"
+    elif how == "truncated":
         target.write_bytes(target.read_bytes()[:5])
-        want = rf"has artifacts/{name} of 5 bytes in its artifact store, the export wrote [\d,]+"
+        want = rf"has {listed} of 5 bytes in its artifact store, the export wrote [\d,]+"
+    else:  # the same size, another byte; or a new module
+        data = target.read_bytes() if how == "changed" else b"import os\n"
+        target.write_bytes(data[:-2] + bytes([data[-2] ^ 1]) + data[-1:])
+        want = rf"ships other code than the export recorded: {re.escape(name)} \({how}\)"
     with pytest.raises(MissingArtifacts, match=rf"^the logged model {model_uri} {want}.*rerun the export stage "
                                                r"\(`dvc repro --force export@lm`\); nothing registered$"):
         register_export(tiny_cfg, "lm", export, metrics, tmp_path / "registry" / "lm.json")

@@ -27,7 +27,14 @@ from pipeline.export.pyfunc import GENERATION, SAMPLER, example_input, log_pyfun
 from pipeline.export.quantize import accuracy_change, quantize_int8
 from pipeline.flows.evaluate import EVAL_RUN, check_trained_on
 from pipeline.tracking import mlflow_runs
-from pipeline.tracking.registry import Registration, check_logged_model, describe_version, register, version_tags
+from pipeline.tracking.registry import (
+    Registration,
+    check_logged_model,
+    describe_version,
+    register,
+    shipped_files,
+    version_tags,
+)
 from pipeline.training.checkpoint import (
     SPEC,
     WEIGHTS,
@@ -123,7 +130,8 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
         with _quiet_mlflow():
             prediction = mlflow.pyfunc.load_model(info.model_uri).predict(example_input(spec))
         result = {"model_uri": info.model_uri, "run_id": run["run_id"], "onnx_max_abs_diff": diff,
-                  "pyfunc_rows": len(prediction), **int8, **hf}
+                  "pyfunc_rows": len(prediction), **int8, **hf,
+                  "shipped_files": shipped_files(info.model_uri)}  # the pickle and code, checked at register
         (tmp / INFO).write_text(json.dumps(result, indent=2))
         write_checksums(tmp, add=(INFO,))  # the register stage verifies the whole folder
     metrics_dir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +192,7 @@ def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_di
                          f"{run['run_id']}: the folder mixes two exports; rerun the export stage")
     # the logged model's files are in the artifact store (those of the folder the pyfunc carries)
     check_logged_model(model_uri, {k: v for k, v in pyfunc_files(model_checksums(export_dir)).items() if k != INFO},
-                       task)
+                       task, shipped=info.get("shipped_files"))  # (exports before the record: by listing only)
     example = example_input(read_json(export_dir / SPEC, "export")).to_dict("list")
 
     def describe(version: str) -> str:

@@ -34,14 +34,44 @@ class MissingArtifacts(CheckpointError):
     """A logged model whose files in the artifact store are not those the export wrote."""
 
 
+SHIPPED = ("python_model.pkl", "code")  # what MLflow ships beside the model's files: the pickled class, its code
+
+
+def shipped_files(model_uri: str) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of what a logged model ships beside its weights (`SHIPPED`: the pickled
+    `PipelineModel` and the `pipeline` package it imports), as the artifact store holds them
+    (read back once, at export: about 1 MB). The export records them; the register stage checks
+    the store against the record, so a damaged or swapped pickle or module is named before a
+    version points at it (a served model unpickles its class before any check of its own)."""
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from pipeline.atomic import describe_file, describe_files
+
+    repo = get_artifact_repository(model_uri)
+    out: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="shipped-") as d:
+        for name in SHIPPED:
+            local = Path(repo.download_artifacts(name, dst_path=d))
+            if local.is_file():
+                out[name] = describe_file(local)
+            else:
+                out.update({f"{name}/{rel}": e for rel, e in describe_files(local).items()})
+    return out
+
+
 def check_logged_model(model_uri: str, files: dict[str, dict[str, Any]], task: str,
-                       folder: str = "artifacts/model_dir") -> None:
+                       folder: str = "artifacts/model_dir", shipped: dict[str, dict[str, Any]] | None = None) -> None:
     """Before a version points at it: the logged model's files, as the artifact store lists them
     (nothing is downloaded), are all there, with the sizes the export recorded where the store
     reports sizes (`files`, relative to its `folder`), beside MLflow's own `MLmodel` and pickled
     model. A deleted or truncated artifact (a cleaned bucket, a partial copy) is one line naming it
     and nothing is registered, instead of a champion that fails when it is served. (Contents are
-    checked when the model loads: its folder's `checksums.json`.)"""
+    checked when the model loads: its folder's `checksums.json`.) With `shipped` (what the export
+    recorded of the pickled class and its code, `shipped_files`), those files too, by size as
+    listed, and by content: they run before the model can check anything."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     repo = get_artifact_repository(model_uri)
@@ -65,8 +95,11 @@ def check_logged_model(model_uri: str, files: dict[str, dict[str, Any]], task: s
 
     walk("", deep=False)
     walk(folder, deep=True)
+    if shipped:
+        walk("code", deep=True)
     expected = {name: None for name in ("MLmodel", "python_model.pkl", f"{folder}/checksums.json")}
     expected.update({f"{folder}/{rel}": e["size"] for rel, e in files.items()})
+    expected.update({rel: e["size"] for rel, e in (shipped or {}).items()})
     for path, size in sorted(expected.items()):
         if path not in listed:
             raise MissingArtifacts(f"the logged model {model_uri} has no {path} in its artifact store (deleted, or "
@@ -74,6 +107,13 @@ def check_logged_model(model_uri: str, files: dict[str, dict[str, Any]], task: s
         if size is not None and listed[path] is not None and listed[path] != size:
             raise MissingArtifacts(f"the logged model {model_uri} has {path} of {listed[path]:,} bytes in its "
                                    f"artifact store, the export wrote {size:,}: {again}")
+    if shipped:  # contents: read back (about 1 MB) and hashed
+        now = shipped_files(model_uri)
+        changed = sorted(p for p in shipped.keys() | now.keys() if shipped.get(p) != now.get(p))
+        if changed:
+            what = ", ".join(f"{p} ({'added' if p not in shipped else 'changed'})" for p in changed[:5])
+            raise MissingArtifacts(f"the logged model {model_uri} ships other code than the export recorded: {what}"
+                                   f"{' and more' if len(changed) > 5 else ''}: {again}")
 
 
 def registered_version(client: MlflowClient, name: str, model_uri: str, run_id: str, metric_value: float) -> str | None:
