@@ -61,7 +61,6 @@ def test_int8_onnx_is_quantized_and_scored(built_data, tmp_path):
     on the same validation rows (the model is untrained, so its logits are near-uniform)."""
     import onnx
 
-    from pipeline.config.schema import EvalConfig
     from pipeline.export.quantize import accuracy_change, quantize_int8
 
     shards = built_data[1]
@@ -74,8 +73,7 @@ def test_int8_onnx_is_quantized_and_scored(built_data, tmp_path):
     quantize_int8(tmp_path / "m.onnx", tmp_path / "m.int8.onnx")
     ops = {n.op_type for n in onnx.load(str(tmp_path / "m.int8.onnx")).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
-    report = accuracy_change(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", shards["lm"],
-                             EvalConfig(batch_size=8, max_batches=2))
+    report = accuracy_change(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", shards["lm"], 16, batch=8)
     assert report["int8_size_ratio"] < 0.7
     assert abs(report["int8_val_perplexity_change"]) < 0.05 and report["int8_max_abs_logit_diff"] > 0
     assert report["fp32_val_loss"] > 0 and report["int8_val_loss"] > 0

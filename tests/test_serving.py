@@ -161,12 +161,41 @@ def test_onnx_graph_records_its_context_and_names_a_longer_sequence(served, lm_d
             check_context(session, np.zeros((1, 33), dtype=np.int64))
 
 
-@pytest.mark.parametrize("rows", [1, 16, 17, 20, 100, 256])
-def test_int8_check_scores_exactly_the_rows_asked_for(rows):
-    from pipeline.flows.export import int8_eval_rows
+@pytest.mark.parametrize("rows", [1, 16, 17, 20, 37, 100])
+def test_int8_check_scores_exactly_the_rows_asked_for(rows, built_data, monkeypatch, tmp_path):
+    """The int8 check's `rows` validation rows, in batches of 16 and a last one of what is left:
+    20 rows are 16 + 4 (not 32 rows, nor 20 batches of 1), a prime count is not scored one row
+    at a time. Each graph sees the same rows (here a stand-in for the ONNX sessions)."""
+    from pipeline.data.shard_store import read_split
+    from pipeline.export import quantize
 
-    cfg = int8_eval_rows(rows)
-    assert cfg.batch_size * cfg.max_batches == rows and cfg.batch_size <= 16
+    batches: dict[str, list[torch.Tensor]] = {}
+
+    class Graph(torch.nn.Module):
+        def __init__(self, path):
+            super().__init__()
+            self.name = str(path)
+            batches[self.name] = []
+
+        def forward(self, tokens):
+            batches[self.name].append(tokens)
+            return torch.zeros(*tokens.shape, 300)
+
+    monkeypatch.setattr(quantize, "OnnxLM", Graph)
+    monkeypatch.setattr(quantize, "check_context", lambda *a: None)
+    shards = built_data[1]["lm"]
+    for name, size in (("a.onnx", 4), ("b.onnx", 1)):
+        (tmp_path / name).write_bytes(b"x" * size)
+    report = quantize.accuracy_change(tmp_path / "a.onnx", tmp_path / "b.onnx", shards, rows)
+    assert report["int8_size_ratio"] == 0.25
+    batches = {Path(k).name: v for k, v in batches.items()}
+    available = len(read_split(shards, "val")["tokens"])
+    want = min(rows, available)
+    assert available >= 37  # (so the prime counts are scored in full)
+    for name in ("a.onnx", "b.onnx"):
+        sizes = [len(t) for t in batches[name][:-1]]  # (the last call is the one-row logit probe)
+        assert sum(sizes) == want and all(n == 16 for n in sizes[:-1]) and 0 < sizes[-1] <= 16, (name, sizes)
+    torch.testing.assert_close(torch.cat(batches["a.onnx"][:-1]), torch.cat(batches["b.onnx"][:-1]))
 
 
 def test_a_request_of_many_prompts_is_batched_and_each_completion_is_its_own(served, monkeypatch):

@@ -27,9 +27,12 @@ def perplexity(loss: float) -> float:
 
 
 @torch.no_grad()
-def split_loss(model: torch.nn.Module, shards: Path, split: str, cfg: EvalConfig) -> float:
-    """Mean next-token cross-entropy over the first max_batches * batch_size rows of a split."""
-    tokens = read_split(shards, split, cfg.max_batches * cfg.batch_size)["tokens"].astype(np.int64)
+def split_loss(model: torch.nn.Module, shards: Path, split: str, cfg: EvalConfig, rows: int | None = None) -> float:
+    """Mean next-token cross-entropy over the first `rows` rows of a split (by default
+    max_batches * batch_size; fewer where the split has fewer), in batches of batch_size, the
+    last one what is left."""
+    tokens = read_split(shards, split, cfg.max_batches * cfg.batch_size if rows is None else rows)["tokens"]
+    tokens = tokens.astype(np.int64)
     total, count = 0.0, 0
     device = model_device(model)
     for i in range(0, len(tokens), cfg.batch_size):

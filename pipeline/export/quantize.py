@@ -59,11 +59,13 @@ class OnnxLM(torch.nn.Module):
         return torch.from_numpy(self.session.run(None, {self.input: tokens.numpy()})[0])
 
 
-def accuracy_change(fp32: Path, int8: Path, shards: Path, rows: EvalConfig) -> dict[str, Any]:
-    """Validation loss and perplexity of both graphs on the same rows, their difference, the
-    largest logit difference on one batch, and the file-size ratio."""
+def accuracy_change(fp32: Path, int8: Path, shards: Path, rows: int, batch: int = 16) -> dict[str, Any]:
+    """Validation loss and perplexity of both graphs on the same first `rows` validation rows
+    (fewer where the split has fewer; in batches of `batch`, the last one what is left), their
+    difference, the largest logit difference on one batch, and the file-size ratio."""
     a, b = OnnxLM(fp32), OnnxLM(int8)
-    loss_a, loss_b = split_loss(a, shards, "val", rows), split_loss(b, shards, "val", rows)
+    batches = EvalConfig(batch_size=min(rows, batch), max_batches=-(-rows // min(rows, batch)))
+    loss_a, loss_b = (split_loss(m, shards, "val", batches, rows=rows) for m in (a, b))
     probe = torch.from_numpy(read_split(shards, "val", 1)["tokens"][:, :-1].astype(np.int64))
     logit_diff = float(np.abs(a(probe).numpy() - b(probe).numpy()).max())
 

@@ -17,7 +17,7 @@ from typing import Any
 import mlflow
 
 from pipeline.atomic import atomic_dir, atomic_write_text
-from pipeline.config.schema import EvalConfig, PipelineConfig
+from pipeline.config.schema import PipelineConfig
 from pipeline.data.shard_format import load_manifest
 from pipeline.data.shard_tokenizer import checked_tokenizer
 from pipeline.data.text import EOS
@@ -110,7 +110,7 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
                                  + ("" if math.isfinite(diff) else " (the outputs are not finite: damaged weights?)"))
         if tcfg.export.quantize_int8:
             quantize_int8(tmp / "model.onnx", tmp / INT8)
-            int8 = accuracy_change(tmp / "model.onnx", tmp / INT8, shards, int8_eval_rows(tcfg.export.int8_eval_rows))
+            int8 = accuracy_change(tmp / "model.onnx", tmp / INT8, shards, tcfg.export.int8_eval_rows)
         write_checksums(tmp)  # every file so far (the MLflow model's folder carries its share of the record)
         with _quiet_mlflow(), mlflow.start_run(run_id=run["run_id"]):
             info = log_pyfunc(tmp, spec)
@@ -138,14 +138,6 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
     atomic_write_text(metrics_dir / "export.json",
                       json.dumps({"onnx_max_abs_diff": diff, **int8, **hf_metrics(hf)}, indent=2))
     return result
-
-
-def int8_eval_rows(rows: int, most: int = 16) -> EvalConfig:
-    """Batches that score exactly `rows` validation rows (fewer where the split has fewer): the
-    largest batch of at most `most` rows that divides them. Rounding the count up to a multiple
-    of the batch scored rows nobody asked for (20 became 32)."""
-    batch = max(b for b in range(1, min(rows, most) + 1) if rows % b == 0)
-    return EvalConfig(batch_size=batch, max_batches=rows // batch)
 
 
 def hf_metrics(hf: dict[str, Any]) -> dict[str, float]:
