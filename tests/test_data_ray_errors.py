@@ -115,3 +115,26 @@ def test_an_unknown_error_keeps_the_remote_traceback(local_ray, streaming: bool)
     remote_traceback = str(ray_error)  # (its text: the task's frames, as Ray prints them)
     assert f"ray::{fn.__name__}()" in remote_traceback, remote_traceback
     assert 'raise RuntimeError(f"bug at item {x}")' in remote_traceback, remote_traceback
+
+
+def _twice_fn():
+    """A generator function Ray ships by value (a nested one, as `_failing`'s: the workers cannot
+    import this test module by name)."""
+    def twice(x: int) -> Iterator[int]:
+        yield x
+        yield x
+
+    return twice
+
+
+@pytest.mark.parametrize("use_ray", [False, True], ids=["in_process", "ray"])
+def test_flatmap_counts_an_item_done_once_its_outputs_are_taken(local_ray, use_ray: bool):
+    """The prepare stage's progress: an input file counts as done once all its documents were
+    taken, not when its Ray task was handed out (a window of them runs ahead; counting those
+    reached 100% while the last files were still being read)."""
+    seen: list[int] = []
+    counted: list[int] = []
+    for value in ordered_flatmap(_twice_fn(), range(5), use_ray, window=3, done=lambda: counted.append(len(seen))):
+        seen.append(value)
+    assert seen == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert counted == [2, 4, 6, 8, 10]  # after each item's second output, never ahead of it

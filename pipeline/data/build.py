@@ -23,7 +23,7 @@ from pipeline.data.parallel import ordered_flatmap, ordered_map
 from pipeline.data.shard_format import MANIFEST
 from pipeline.data.shard_writer import write_splits
 from pipeline.data.splits import SPLITS
-from pipeline.progress import counting, progress
+from pipeline.progress import counting
 
 TOKENIZER, STATS = "tokenizer.json", "stats.json"
 
@@ -37,8 +37,10 @@ def prepare(cfg: TextDataConfig | ImageDataConfig, seed: int, out_dir: Path,
     with atomic_dir(out_dir) as tmp:
         if isinstance(cfg, TextDataConfig):
             units = sources.text_units(cfg.source)
-            jobs = progress(((u, cfg, seed) for u in units), "[prepare]", "reading and cleaning", len(units), "files")
-            stats = text.merge(ordered_flatmap(text.clean_unit, jobs, cfg.ray), tmp, **split_key(task))
+            with counting("[prepare]", "reading and cleaning", len(units), "files") as counter:
+                cleaned = ordered_flatmap(text.clean_unit, ((u, cfg, seed) for u in units), cfg.ray,
+                                          done=counter.step)  # (a file counts once its documents are in)
+                stats = text.merge(cleaned, tmp, **split_key(task))
             if tokenizer_from is not None:
                 stats.update(text.copy_hf_tokenizer(Path(tokenizer_from), tmp))
             else:

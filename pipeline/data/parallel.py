@@ -75,12 +75,16 @@ def ordered_map(fn: Callable[[Any], T], items: Iterable[Any], use_ray: bool, win
 
 
 def ordered_flatmap(fn: Callable[[Any], Iterator[T]], items: Iterable[Any], use_ray: bool,
-                    window: int | None = None) -> Iterator[T]:
+                    window: int | None = None, done: Callable[[], None] | None = None) -> Iterator[T]:
     """Everything `fn(item)` yields, item after item; with `use_ray`, each `fn(item)` is a Ray
-    streaming-generator task, so one large input streams through the object store in pieces."""
+    streaming-generator task, so one large input streams through the object store in pieces.
+    `done()` is called as each item's last output has been taken: progress counts work finished,
+    not tasks handed to Ray (which run a window ahead)."""
     if not use_ray:
         for item in items:
             yield from fn(item)
+            if done is not None:
+                done()
         return
     import ray
 
@@ -96,6 +100,8 @@ def ordered_flatmap(fn: Callable[[Any], Iterator[T]], items: Iterable[Any], use_
         while pending:
             for ref in pending.popleft():  # (a generator task's exception comes with its next ref)
                 yield ray.get(ref)
+            if done is not None:
+                done()
             for item in todo:
                 pending.append(remote.remote(item))
                 break
