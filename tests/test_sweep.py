@@ -24,6 +24,9 @@ SPACE = {"metric": "val_loss", "num_samples": 3, "max_steps": 12, "eval_every": 
                    "tasks.lm.model.d_model": {"choice": [32, 64]}}}
 
 
+SPACE_LR = {**SPACE, "space": {"tasks.lm.optim.lr": {"loguniform": [3e-4, 3e-3]}}}
+
+
 @pytest.mark.parametrize("task", ["lm", "diffusion"])
 def test_shipped_search_spaces_are_valid(task):
     from pipeline.config import compose
@@ -41,6 +44,32 @@ def test_bad_space_is_named_before_any_trial(key, dim, fragment):
     with pytest.raises(ConfigError) as err:
         check_space(tiny_raw(), "lm", sweep)
     assert fragment in str(err.value)
+
+
+def test_a_trial_batch_that_cannot_split_or_fit_is_named_before_any_trial(built_data):
+    """Beyond each key's validation: a drawn accumulation count that does not split the batch on
+    the trial's one worker (alone, or in a combination of choices), and a drawn batch larger than
+    the train split, are refused up front, naming the space's key."""
+    from pipeline.data.shard_verify import ShardError, check_split
+    from pipeline.flows.sweep import largest_batch
+
+    accum = SweepConfig.model_validate({**SPACE, "space": {"tasks.lm.trainer.grad_accum_steps": {"choice": [1, 3]}}})
+    with pytest.raises(ConfigError, match=r"space\.tasks\.lm\.trainer\.grad_accum_steps=3: trainer\.global_batch_"
+                                          r"size \(8\) must be divisible by workers x grad_accum_steps \(1 x 3\)"):
+        check_space(tiny_raw(), "lm", accum)
+    pair = SweepConfig.model_validate({**SPACE, "space": {"tasks.lm.trainer.grad_accum_steps": {"choice": [1, 4]},
+                                                          "tasks.lm.trainer.global_batch_size": {"choice": [8, 6]}}})
+    with pytest.raises(ConfigError, match=r"combination tasks\.lm\.trainer\.grad_accum_steps=4, "
+                                          r"tasks\.lm\.trainer\.global_batch_size=6"):
+        check_space(tiny_raw(), "lm", pair)
+    shards = built_data[1]["lm"]
+    big = SweepConfig.model_validate({**SPACE, "space": {"tasks.lm.trainer.global_batch_size":
+                                                         {"randint": [8, 100000]}}})
+    assert largest_batch(8, "lm", big) == (100000, "space.tasks.lm.trainer.global_batch_size")
+    assert largest_batch(8, "lm", SweepConfig.model_validate(SPACE_LR)) == (8, "tasks.lm.trainer.global_batch_size")
+    with pytest.raises(ShardError, match=r"fewer than one global batch \(space\.tasks\.lm\.trainer\."
+                                         r"global_batch_size=100000\)"):
+        check_split(shards, "train", batch=largest_batch(8, "lm", big))
 
 
 def test_bad_dimension_is_refused(tmp_path):

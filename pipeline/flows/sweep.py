@@ -128,7 +128,8 @@ def check_space(base: dict[str, Any], task: str, sweep: SweepConfig) -> None:
         for value in dim.corners():
             try:
                 cfg = validate(trial_config(base, task, sweep, {key: value}))
-            except ConfigError as e:
+                _check_trial(cfg, task)
+            except (ConfigError, ValueError) as e:
                 raise ConfigError(f"space.{key}={value}: {e}") from e
             if dim.choice is None and dim.randint is None and _is_int(_lookup(cfg.model_dump(), key)):
                 kind = "uniform" if dim.uniform else "loguniform"
@@ -139,10 +140,30 @@ def check_space(base: dict[str, Any], task: str, sweep: SweepConfig) -> None:
         for combo in itertools.product(*choices.values()):
             point = dict(zip(choices, combo, strict=True))
             try:
-                validate(trial_config(base, task, sweep, point))
-            except ConfigError as e:
+                _check_trial(validate(trial_config(base, task, sweep, point)), task)
+            except (ConfigError, ValueError) as e:
                 named = ", ".join(f"{k}={v}" for k, v in point.items())
                 raise ConfigError(f"space: the combination {named}: {e}") from e
+
+
+def _check_trial(cfg: Any, task: str) -> None:
+    """What a trial's config must hold beyond its keys' validation: its global batch splits into
+    its accumulation steps on the trial's one worker."""
+    from pipeline.training.loop import micro_batch_size
+
+    tr = cfg.task(task).trainer
+    micro_batch_size(tr.global_batch_size, 1, tr.grad_accum_steps)
+
+
+def largest_batch(base_batch: int, task: str, sweep: SweepConfig) -> tuple[int, str]:
+    """The largest global batch a trial may draw (the space's where it searches the batch, else the
+    base config's), and the key that sets it: the train split must hold one such batch, checked
+    before any trial starts."""
+    key = f"tasks.{task}.trainer.global_batch_size"
+    dim = sweep.space.get(key)
+    if dim is None:
+        return base_batch, key
+    return max(int(v) for v in dim.corners()), f"space.{key}"
 
 
 def _lookup(tree: Any, key: str) -> Any:
@@ -259,8 +280,8 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     if num_samples is not None:
         sweep = sweep.model_copy(update={"num_samples": num_samples})
     check_space(base, task, sweep)
-    batch = (cfg.task(task).trainer.global_batch_size, f"tasks.{task}.trainer.global_batch_size")
-    check_split(shards, "train", batch=batch)  # manifest, sizes, the base config's batch; workers hash
+    batch = largest_batch(cfg.task(task).trainer.global_batch_size, task, sweep)
+    check_split(shards, "train", batch=batch)  # manifest, sizes, the largest batch a trial draws; workers hash
     check_split(shards, "val")
     # a tracking server that does not answer: one line now, not minutes of MLflow retries after Ray started
     mlflow_runs.check_reachable(cfg.tracking, lambda *a, **k: print(f"[sweep {task}]", *a, **k))
