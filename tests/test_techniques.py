@@ -241,3 +241,23 @@ def test_v_prediction_recovers_x0_and_eps():
     xt = p.q_sample(x0, t, eps)
     got_eps, got_x0 = p._eps_x0(p.target(x0, t, eps), xt, p._ab(t, xt))
     assert torch.allclose(got_x0, x0, atol=1e-4) and torch.allclose(got_eps, eps, atol=1e-4)
+
+
+def test_a_loop_resumed_with_another_length_says_the_schedule_bends(built_data, tmp_path, capsys):
+    """The pipeline names a run by its max_steps, so only a loop resumed by hand (a test, a
+    benchmark, a notebook) can meet a checkpoint of another length: its cosine schedule then
+    decays over the new length from the resumed step, and one line says so, with the jump."""
+    _, shards = built_data
+    steps = ["tasks.lm.trainer.ckpt_every=4", "tasks.lm.optim.schedule=cosine", "tasks.lm.optim.warmup_steps=0"]
+    train(validate(tiny_raw([*steps, "tasks.lm.trainer.max_steps=4"])), "lm", shards["lm"], LocalSession(tmp_path))
+    capsys.readouterr()
+    longer = validate(tiny_raw([*steps, "tasks.lm.trainer.max_steps=8"]))
+    assert train(longer, "lm", shards["lm"], LocalSession(tmp_path)).step == 8
+    optim = longer.task("lm").optim
+    want = (f"[lm] note: the checkpoint was written by a run of 4 steps, this one has 8: the cosine schedule decays "
+            f"over 8 steps from here (the learning rate jumps from {lr_at(3, optim, 4):.3g} to "
+            f"{lr_at(4, optim, 8):.3g})")
+    assert want in capsys.readouterr().out
+    capsys.readouterr()
+    train(longer, "lm", shards["lm"], LocalSession(tmp_path))  # the same length again: no note
+    assert "note: the checkpoint was written" not in capsys.readouterr().out

@@ -70,6 +70,7 @@ class LoopState:
     nonfinite_in_a_row: int = 0
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
+    max_steps: int = 0  # the run's length (in its checkpoints: a resume with another length says so)
 
 
 def _check_world(saved: int, world: int, strategy: Strategy, ckpt: Path, task_name: str) -> None:
@@ -160,7 +161,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     # only the rows validation reads (it indexes the first eval_batches global batches, wrapping around)
     val = read_split(shards_root, "val", tr.eval_batches * tr.global_batch_size) if tr.eval_every else None
     ema = EMA(strategy.ema_source(), tr.ema_decay) if tr.ema_decay > 0 else None
-    state, tracker = LoopState(), ValidationTracker()
+    state, tracker = LoopState(max_steps=tr.max_steps), ValidationTracker()
     best = BestWeights(session.rank) if tr.export_weights == "best" else None
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None:
@@ -174,13 +175,20 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
             if best is not None:
                 best.restore(ckpt, meta)
             state = LoopState(meta["step"], meta["skipped_steps"], 0, meta.get("stopped_early", False),
-                              meta["history"])
+                              meta["history"], tr.max_steps)
             if session.rank == 0:
                 print(f"[{task_name}] resumed from step {state.step} ({ckpt})", flush=True)
                 if meta.get("ranks", session.world) != session.world:
                     print(f"[{task_name}] resized: {meta['ranks']} -> {session.world} workers; micro-batch {micro} x "
                           f"{tr.grad_accum_steps} accumulation step(s) per worker, global batch "
                           f"{tr.global_batch_size} as before, the same samples in the same order", flush=True)
+                if (before := meta.get("max_steps", tr.max_steps)) != tr.max_steps and \
+                        tcfg.optim.schedule in ("cosine", "onecycle"):
+                    # (the pipeline's run name keys max_steps: only a loop resumed by hand gets here)
+                    print(f"[{task_name}] note: the checkpoint was written by a run of {before} steps, this one has "
+                          f"{tr.max_steps}: the {tcfg.optim.schedule} schedule decays over {tr.max_steps} steps from "
+                          f"here (the learning rate jumps from {lr_at(state.step - 1, tcfg.optim, before):.3g} to "
+                          f"{lr_at(state.step, tcfg.optim, tr.max_steps):.3g})", flush=True)
 
     # the losses, norms and skips of the steps since the last report, summed on the device and
     # read once per report: a step never waits for the device (pipeline/training/window.py)
@@ -359,7 +367,8 @@ def _report(session: Session, strategy: Strategy, ema: EMA | None, reader: Globa
                 meta = {"step": state.step, "skipped_steps": state.skipped_steps, "reader": reader.state_dict(),
                         "history": state.history, "final": final, "stopped_early": state.stopped_early,
                         "tracker": tracker.state_dict(), "implementation": implementation,
-                        "parameters": parameters, "best_weights_step": best.step if kept else None}
+                        "parameters": parameters, "best_weights_step": best.step if kept else None,
+                        "max_steps": state.max_steps}
                 if final:  # the step whose weights the run hands on
                     meta["weights_step"] = best.step if kept else state.step
             part = seal_checkpoint(local, session.rank, session.world, meta)
