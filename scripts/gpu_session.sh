@@ -12,7 +12,8 @@
 # trainer.compile_loss, bf16 and fp8, each at the planner's micro-batch), loss18 (the same in bf16 at micro-batch
 # 18, the one measured before the compiled loss: the loss's own effect, apart from a larger micro-batch), apex (Apex's FusedAdam and fused norms against torch's), small (the 125M
 # and 350M presets, compiled, bf16 and fp8), acfull (the 1B preset with activation checkpointing by
-# operator and full). Logs and JSON go to $OUT.
+# operator and full), gen (the served LM's batched generation against one prompt at a time; named only, not in the
+# default list). Logs and JSON go to $OUT.
 #
 # What it assumes of the machine: python3 with a CUDA torch, Triton and transformers (the
 # project's other needs for these parts are pure Python). Missing packages come as wheels in
@@ -98,6 +99,7 @@ if has apex && [ -n "${APEX_PID:-}" ]; then
 fi
 has small && part small "${SMALL_LIMIT:-150}" python3 benchmarks/gpu.py --presets gpt_125m,gpt_350m --compile blocks \
   --precision bf16,fp8 --ac none --steps 10 --warmup 3 --json "$OUT/bench_small.json"
+has gen && part gen "${GEN_LIMIT:-60}" python3 benchmarks/generation.py --device cuda --rounds 3
 has acfull && part acfull "${ACFULL_LIMIT:-150}" python3 benchmarks/gpu.py --presets gpt_1b --compile blocks \
   --precision bf16 --ac op,full --steps 10 --warmup 3 --json "$OUT/bench_acfull.json"
 say "done"
