@@ -87,6 +87,19 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--tracking-uri", default=None, help="overrides the config's tracking.uri")
         p.add_argument("--connect-timeout", type=float, default=None,
                        help="seconds to wait for a tracking server (default: the config's tracking.connect_timeout_s)")
+    gen = sub.add_parser("generate", help="complete prompts with the language model: an export folder (default "
+                                          "export/lm) or a registered version, as `mlflow models serve` would")
+    gen.add_argument("prompts", nargs="+", help="the prompts ('-' reads one per line from stdin)")
+    gen.add_argument("--model", default="export/lm",
+                     help="an export folder (export/lm: weights and tokenizer) or a registry URI, e.g. "
+                          "models:/pipeline-lm@champion")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--min-new-tokens", type=int, default=1)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--params", default="params.yaml", help="where a registry URI's tracking store comes from")
+    gen.add_argument("--tracking-uri", default=None, help="overrides the config's tracking.uri")
     _job_parsers(sub)
     sw = sub.add_parser("sweep", help="hyperparameter search with Ray Tune (Optuna + ASHA), every trial an MLflow run")
     sw.add_argument("task", help="task under `tasks:` (lm, diffusion); its shards must exist (dvc repro shard@<task>)")
@@ -128,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[sweep {args.task}] train it through the pipeline:\n{res.command}")
         elif args.cmd == "plan":
             _plan_command(args)
+        elif args.cmd == "generate":
+            _generate_command(args)
         elif args.cmd == "compose":
             from pipeline.atomic import atomic_write_text
 
@@ -163,6 +178,40 @@ def check_tasks(cfg: PipelineConfig, tasks: list[str] | None) -> None:
             check_task_config(cfg, name)
         except ValueError as e:
             raise ValueError(f"[{name}] {e}") from None
+
+
+def _generate_command(args: argparse.Namespace) -> None:
+    """`pipeline generate`: the served model's `predict` on prompts from the command line, from an
+    export folder (checked against its checksums) or a registered version (loaded as `mlflow
+    models serve` loads it). Each completion is printed after its prompt."""
+    import pandas as pd
+
+    from pipeline.export.pyfunc import PipelineModel, lm_params
+
+    prompts = [line.rstrip("\n") for line in sys.stdin] if args.prompts == ["-"] else args.prompts
+    params = lm_params({"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
+                        "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed})
+    frame = pd.DataFrame({"prompt": prompts})
+    if "://" in args.model or args.model.startswith("models:"):
+        import mlflow
+
+        from pipeline.tracking.mlflow_runs import tracking_uri
+
+        mlflow.set_tracking_uri(args.tracking_uri or tracking_uri(load_config(args.params).tracking))
+        completions = mlflow.pyfunc.load_model(args.model).predict(frame, params=params)["completion"]
+    else:
+        folder = Path(args.model)
+        if not (folder / "model_spec.json").is_file():
+            raise FileNotFoundError(f"{folder}: no exported model here (model_spec.json); run `dvc repro export@lm`, "
+                                    "or pass --model models:/pipeline-lm@champion")
+        model = PipelineModel()
+        model.load(folder)
+        if model.spec["task"] != "lm":
+            raise ValueError(f"{folder} holds a {model.spec['task']} model: `pipeline generate` completes text with "
+                             "the language model (export/lm)")
+        completions = model.predict(None, frame, params)["completion"]
+    for prompt, completion in zip(prompts, completions, strict=True):
+        print(f"{prompt}{completion}" if len(prompts) == 1 else f"--- {prompt!r}\n{prompt}{completion}")
 
 
 def _plan_command(args: argparse.Namespace) -> None:

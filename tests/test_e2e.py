@@ -179,6 +179,10 @@ def _serve_and_predict(project: Path) -> None:
             "params": {"max_new_tokens": 8}}
     predictions = _serve("pipeline-lm", project, body)
     assert len(predictions) == 1 and predictions[0]["completion"].strip()
+    # the same champion from the command line, greedy as the server was: the same completion
+    out = run_ok([sys.executable, "-m", "pipeline", "generate", "The for statement", "--model",
+                  "models:/pipeline-lm@champion", "--max-new-tokens", "8"], project)
+    assert f"The for statement{predictions[0]['completion']}\n" in out, out[-500:]
 
     body = {"dataframe_split": {"columns": ["label"], "data": [[3], [7]]}, "params": {"steps": 4, "seed": 1}}
     samples = np.asarray(_serve("pipeline-diffusion", project, body), dtype=np.float32)

@@ -218,3 +218,26 @@ def test_a_request_of_many_prompts_is_batched_and_each_completion_is_its_own(ser
         assert rows[0] == 4 and set(rows) <= {4, 2} and rows.count(2) * 3 == len(rows)  # 4, 4, 2 rows a step
         alone = [complete(served, [p], min_new_tokens=6, **params)[0] for p in prompts]
         assert together == alone and len(set(together)) > 1, params
+
+
+def test_pipeline_generate_completes_prompts_from_the_command_line(served, lm_dir, capsys, monkeypatch):
+    """`pipeline generate PROMPT... --model <export folder>`: each prompt followed by the completion
+    the served model gives it; prompts from stdin with '-'; a bad parameter, a folder without a
+    model and a diffusion model are one line each (exit 2)."""
+    import io
+
+    from pipeline.cli import main
+
+    prompts = ["The for statement", "A class is"]
+    want = complete(served, prompts, max_new_tokens=5)
+    main(["generate", *prompts, "--model", str(lm_dir), "--max-new-tokens", "5"])
+    out = capsys.readouterr().out
+    assert out == "".join(f"--- {p!r}\n{p}{c}\n" for p, c in zip(prompts, want, strict=True))
+    monkeypatch.setattr("sys.stdin", io.StringIO("The for statement\n"))
+    main(["generate", "-", "--model", str(lm_dir), "--max-new-tokens", "5"])
+    assert capsys.readouterr().out == f"The for statement{want[0]}\n"
+    for args, message in ((["--temperature", "-1"], "error: temperature: a finite number, at least 0"),
+                          (["--model", str(lm_dir.parent)], "no exported model here (model_spec.json)")):
+        with pytest.raises(SystemExit) as done:
+            main(["generate", "x", "--model", str(lm_dir), *args])
+        assert done.value.code == 2 and message in capsys.readouterr().err
