@@ -3,9 +3,11 @@ only when the configured metric beats the current champion's."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +54,7 @@ def shipped_files(model_uri: str) -> dict[str, dict[str, Any]]:
 
     repo = get_artifact_repository(model_uri)
     out: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="shipped-") as d:
+    with tempfile.TemporaryDirectory(prefix="shipped-") as d, _no_progress_bar():
         for name in SHIPPED:
             local = Path(repo.download_artifacts(name, dst_path=d))
             if local.is_file():
@@ -60,6 +62,21 @@ def shipped_files(model_uri: str) -> dict[str, dict[str, Any]]:
             else:
                 out.update({f"{name}/{rel}": e for rel, e in describe_files(local).items()})
     return out
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """MLflow draws a bar per downloaded file set even into a log (a hundred lines for `code/`)."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def check_logged_model(model_uri: str, files: dict[str, dict[str, Any]], task: str,
