@@ -76,7 +76,7 @@ def test_cached_logits_match_the_full_forward_at_every_position():
     """A sharper check than argmax: each step's logits are the full forward's (up to rounding)."""
     model = _gpt(n_kv_heads=2)
     idx = torch.randint(0, VOCAB, (2, CONTEXT), generator=torch.Generator().manual_seed(0))
-    from pipeline.models.gpt import KVCache
+    from pipeline.models.generation import KVCache
 
     with torch.no_grad():
         full = model(idx)
@@ -137,7 +137,7 @@ def test_batched_generation_gives_each_prompt_what_it_gets_alone(variant):
         alone = model.generate(torch.tensor([p]), 10, temperature=0)[0, len(p) :].tolist()
         assert tokens == alone, (len(p), tokens, alone)
     # the logits themselves, through the padded cache: the same as each row's own forward
-    from pipeline.models.gpt import KVCache
+    from pipeline.models.generation import KVCache
 
     longest = max(map(len, prompts))
     pad = torch.tensor([longest - len(p) for p in prompts])
@@ -168,7 +168,7 @@ def test_batched_generation_stops_at_eos_and_sends_overlong_prompts_alone(monkey
     """With `eos_id` each row's tokens up to its first end are its own generation's, and the batch
     stops once every row has ended; a prompt whose continuation would slide past the context goes
     through `generate` alone; the rest are one batch: one cached forward per step, not per row."""
-    from pipeline.models.gpt import until_eos
+    from pipeline.models.generation import until_eos
 
     model = _gpt(seed=2)
     prompts = [*_ragged(5), list(range(CONTEXT - 4))]  # the last: 20 tokens + 8 new > 24

@@ -241,7 +241,7 @@ def test_generate_stops_at_the_end_of_document_token():
     """With `eos_id`, generation stops once every row has produced it (a served completion or
     the evaluation's sample ends with its document instead of gluing on the next one), and
     `until_eos` cuts a row at its first one; the tokens before it are those generated without."""
-    from pipeline.models.gpt import until_eos
+    from pipeline.models.generation import until_eos
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(d_model=32, n_layers=1, n_heads=2, mlp_hidden=64), 50, 64).eval()

@@ -15,7 +15,7 @@ from pipeline.data.shard_store import read_split
 from pipeline.data.shard_tokenizer import load_tokenizer
 from pipeline.data.text import EOS
 from pipeline.evaluation.device import model_device
-from pipeline.models.gpt import until_eos
+from pipeline.models.generation import until_eos
 
 
 def perplexity(loss: float) -> float:

@@ -52,7 +52,7 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         import torch
 
-        from pipeline.models.gpt import until_eos
+        from pipeline.models.generation import until_eos
 
         params = params or {}
         if self.spec["task"] == "lm":
