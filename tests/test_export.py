@@ -12,6 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config.schema import RegistryConfig, TrackingConfig
+from pipeline.export.load_alone import LoadAloneError, check_loads_alone
 from pipeline.export.onnx_export import export_onnx
 from pipeline.export.pyfunc import example_input, log_pyfunc
 from pipeline.tasks import task_for_spec
@@ -81,15 +82,17 @@ def test_int8_onnx_is_quantized_and_scored(built_data, tmp_path):
 
 @pytest.mark.parametrize("task", ["lm", "diffusion"])
 def test_pyfunc_round_trip(built_data, tmp_path, mlflow_store, task):
-    """The logged model predicts; its files sit under artifacts/model_dir whatever the exporter's
-    (atomic, temporary) folder was called, without the ONNX files the run carries beside it, and
-    no staging folder is left behind."""
+    """The logged model, downloaded from the artifact store, loads and predicts in a fresh process
+    that sees only its requirements and its code/ (not this checkout's `pipeline`), exactly what it
+    predicted here; its files sit under artifacts/model_dir whatever the exporter's (atomic,
+    temporary) folder was called, without the ONNX files the run carries beside it, and no staging
+    folder is left behind."""
     d, spec = _model_dir(tmp_path, built_data, task)
     d = d.rename(d.parent / ".lm.tmp-abc123")
     (d / "model.onnx").write_bytes(b"graph")
     write_checksums(d)  # as the export stage records its folder before logging
     with mlflow.start_run():
-        info = log_pyfunc(d, spec)
+        info, expected = log_pyfunc(d, spec)
     logged = Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "artifacts"
     assert [p.name for p in logged.iterdir()] == ["model_dir"]
     assert not list(logged.glob("model_dir/*.onnx*")) and (logged / "model_dir/model.safetensors").is_file()
@@ -98,11 +101,46 @@ def test_pyfunc_round_trip(built_data, tmp_path, mlflow_store, task):
     assert set(model_checksums(logged / "model_dir")) == held - {CHECKSUMS} and "model.onnx" in model_checksums(d)
     assert verify_model_dir(logged / "model_dir")
     assert not list(d.parent.glob(".pyfunc*"))
-    out = mlflow.pyfunc.load_model(info.model_uri).predict(example_input(spec))
+    out = check_loads_alone(info.model_uri, example_input(spec), expected)
     if task == "lm":
-        assert list(out.columns) == ["completion"] and len(out) == 2
+        assert list(out) == ["completion"] and out["completion"] == expected["completion"].tolist()
+        assert len(out["completion"]) == 2 and all(isinstance(c, str) for c in out["completion"])
     else:
-        assert out.shape == (2, 64) and abs(out).max() <= 1.0 + 1e-5
+        images = np.asarray(out[""])
+        assert images.shape == (2, 64) and abs(images).max() <= 1.0 + 1e-5
+        assert np.allclose(images, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("damage", ["module_missing", "undeclared_import", "other_prediction"])
+def test_model_that_needs_more_than_it_ships_does_not_load_alone(built_data, tmp_path, mlflow_store, damage):
+    """In this process every package is importable and `pipeline` is this checkout's, so a logged model
+    whose code/ lacks a module, or whose code imports a package its requirements do not pull in, would
+    load here and fail where it is served. Loaded alone, each is one line naming the module; a model
+    that predicts otherwise than it did here is named too. (`test_pyfunc_round_trip` is the control:
+    the same model, undamaged, loads alone and predicts what it did here.)"""
+    import shutil
+
+    d, spec = _model_dir(tmp_path, built_data, "lm")
+    write_checksums(d)
+    with mlflow.start_run():
+        info, expected = log_pyfunc(d, spec)
+    folder = tmp_path / "served"
+    shutil.copytree(mlflow.artifacts.download_artifacts(info.model_uri), folder)
+    code = folder / "code" / "pipeline"
+    if damage == "module_missing":
+        (code / "models" / "generation.py").unlink()
+        message = r"'generation' from 'pipeline\.models'.* \(the model's code/ lacks pipeline\.models\.generation\)$"
+    elif damage == "undeclared_import":  # onnx: installed here (the export uses it), not a serving requirement
+        module = code / "export" / "pyfunc.py"
+        module.write_text(module.read_text().replace("from __future__ import annotations\n",
+                                                     "from __future__ import annotations\n\nimport onnx\n", 1))
+        message = (r"requirements\.txt: mlflow==.*torch.*: ModuleNotFoundError: No module named 'onnx' \(onnx is "
+                   r"installed here, from onnx, but the model's requirements do not need it")
+    else:
+        expected = expected.assign(completion=["other", "text"])
+        message = r"predicts otherwise when loaded alone: .* against \{\"completion\": \[\"other\", \"text\"\]\}"
+    with pytest.raises(LoadAloneError, match=message):
+        check_loads_alone(folder, example_input(spec), expected)
 
 
 def test_served_diffusion_model_samples_as_evaluation_scored_and_names_bad_requests(built_data, tmp_path):
@@ -156,7 +194,7 @@ def test_champion_moves_only_when_better(built_data, tmp_path, mlflow_store):
     regs = []
     for value in (2.0, 3.0, 1.0):
         with mlflow.start_run() as run:
-            info = log_pyfunc(d, spec)
+            info, _ = log_pyfunc(d, spec)
         regs.append(register(info.model_uri, run.info.run_id, cfg, value, {"git_commit": "abc"}))
     assert [r.promoted for r in regs] == [True, False, True]
     client = MlflowClient()

@@ -91,7 +91,7 @@ def test_list_cells_are_one_prompt_each_through_mlflow(served, lm_dir, tmp_path_
     mlflow_runs.setup(TrackingConfig(uri=f"sqlite:///{root}/mlruns.db", artifact_dir=str(root / "art")))
     try:
         with mlflow.start_run():
-            info = log_pyfunc(lm_dir, served.spec)
+            info, _ = log_pyfunc(lm_dir, served.spec)
         model = mlflow.pyfunc.load_model(info.model_uri)
         prompts = ["The for statement", "A class is", "x"]
         frame = model.predict(pd.DataFrame({"prompt": prompts}), params={"max_new_tokens": 5})

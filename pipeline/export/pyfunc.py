@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow.pyfunc
 import numpy as np
@@ -261,8 +261,14 @@ def pyfunc_staging(parent: Path) -> Iterator[Path]:
         yield staging
 
 
-def log_pyfunc(model_dir: Path, spec: dict[str, Any]):
-    """Log the model into the active run (library code included); returns MLflow's ModelInfo."""
+class Logged(NamedTuple):
+    info: Any  # MLflow's ModelInfo
+    example_output: Any  # what this process predicts for `example_input(spec)` with the default params
+
+
+def log_pyfunc(model_dir: Path, spec: dict[str, Any]) -> Logged:
+    """Log the model into the active run (library code included); returns MLflow's ModelInfo and the
+    prediction its signature was inferred from (which a load elsewhere must reproduce)."""
     import pipeline
 
     example = example_input(spec)
@@ -270,11 +276,12 @@ def log_pyfunc(model_dir: Path, spec: dict[str, Any]):
     output.load(model_dir, verify=False)  # (the export stage has just recorded the folder)
     params = ({"max_new_tokens": 32, "min_new_tokens": 1, "temperature": 0.0, "top_k": 0, "seed": 0}
               if spec["task"] == "lm" else {**sampler_defaults(model_dir, spec), "seed": 0})
-    signature = mlflow.models.infer_signature(example, output.predict(None, example, params), params)
+    prediction = output.predict(None, example, params)
+    signature = mlflow.models.infer_signature(example, prediction, params)
     with pyfunc_staging(model_dir.parent) as staging:
-        return mlflow.pyfunc.log_model(
+        return Logged(mlflow.pyfunc.log_model(
             name="model", python_model=PipelineModel(),
             artifacts={"model_dir": str(pyfunc_artifacts(model_dir, staging))},
             code_paths=[str(Path(pipeline.__file__).parent)], signature=signature, input_example=example,
             pip_requirements=["torch", "safetensors", "tokenizers", "numpy", "pandas", "pydantic", "pyyaml"],
-        )
+        ), prediction)

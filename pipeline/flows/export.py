@@ -22,6 +22,7 @@ from pipeline.data.shard_format import load_manifest
 from pipeline.data.shard_tokenizer import checked_tokenizer
 from pipeline.data.text import EOS
 from pipeline.export.hf_export import HF_DIR, export_hf
+from pipeline.export.load_alone import as_table, check_loads_alone
 from pipeline.export.onnx_export import export_onnx
 from pipeline.export.pyfunc import GENERATION, SAMPLER, example_input, log_pyfunc, pyfunc_files, sampler_settings
 from pipeline.export.quantize import accuracy_change, quantize_int8
@@ -113,7 +114,7 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
             int8 = accuracy_change(tmp / "model.onnx", tmp / INT8, shards, tcfg.export.int8_eval_rows)
         write_checksums(tmp)  # every file so far (the MLflow model's folder carries its share of the record)
         with _quiet_mlflow(), mlflow.start_run(run_id=run["run_id"]):
-            info = log_pyfunc(tmp, spec)
+            info, expected = log_pyfunc(tmp, spec)
             if diff is not None:
                 # the graph and its external weights file (model.onnx.data) belong together
                 for f in sorted(tmp.glob("model.onnx*")):
@@ -126,11 +127,16 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
             if hf:
                 mlflow.set_tag("export.hf_architecture", hf["hf_architecture"] or f"none: {hf['hf_skipped']}")
                 mlflow.log_metrics({f"export/{k}": v for k, v in hf_metrics(hf).items()})
-        # Round trip: the logged model must load and predict before anything is registered.
+        # Round trip: the logged model, as the artifact store holds it, must load and predict what it
+        # predicted here in a fresh process that sees only its code and requirements, before anything
+        # is registered (`load_alone`).
         with _quiet_mlflow():
-            prediction = mlflow.pyfunc.load_model(info.model_uri).predict(example_input(spec))
+            if tcfg.export.load_alone:
+                prediction = check_loads_alone(info.model_uri, example_input(spec), expected)
+            else:
+                prediction = as_table(mlflow.pyfunc.load_model(info.model_uri).predict(example_input(spec)))
         result = {"model_uri": info.model_uri, "run_id": run["run_id"], "onnx_max_abs_diff": diff,
-                  "pyfunc_rows": len(prediction), **int8, **hf,
+                  "pyfunc_rows": len(next(iter(prediction.values()))), **int8, **hf,
                   "shipped_files": shipped_files(info.model_uri)}  # the pickle and code, checked at register
         (tmp / INFO).write_text(json.dumps(result, indent=2))
         write_checksums(tmp, add=(INFO,))  # the register stage verifies the whole folder

@@ -139,6 +139,11 @@ class ExportConfig(Strict):
     hf_max_abs_diff: PositiveFloat = 1e-4
     hf_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: init_from's, else float32
     hf_shard_mb: PositiveInt = 2048  # safetensors files above this size are split (with an index)
+    # The logged MLflow model is loaded back, before anything is registered, in a fresh Python that
+    # sees only the distributions its requirements.txt needs and its own code/ (as a serving image
+    # would), and must predict what it predicted here. false: in the exporting process instead (for
+    # an environment whose packages carry no file record to link, such as some conda installs).
+    load_alone: bool = True
 
     @model_validator(mode="after")
     def _int8_needs_onnx(self) -> ExportConfig:
