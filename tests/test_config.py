@@ -92,6 +92,33 @@ def test_unknown_model_preset_is_a_hydra_error():
         compose(ROOT / "configs", ["model@tasks.lm.model=gpt_huge"])
 
 
+def test_a_model_labelled_with_a_preset_it_is_not_is_named(capsys, monkeypatch):
+    """`-S tasks.lm.model.preset=gpt_1b` relabels the tiny model, it does not pick the 1B (the group
+    override `model@tasks.lm.model=gpt_1b` does): the train stage's config check says so in one
+    warning line, with the values the 1B sets and how to pick it. The picked preset, a preset whose
+    base values (not its own) changed, `custom` and a name of the user's own say nothing."""
+    from pipeline.config.presets import preset_differences
+    from pipeline.flows.train import check_task_config
+
+    monkeypatch.chdir(ROOT)  # (configs/ of the working directory, as dvc runs the stages)
+    check_task_config(validate(tiny_raw(["tasks.lm.model.preset=gpt_1b"])), "lm")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "warning: tasks.lm.model.preset says gpt_1b, but the model is not that preset: d_model 64 (gpt_1b: 2048), "
+        "n_layers 2 (gpt_1b: 24), n_heads 2 (gpt_1b: 16), vocab_multiple 1 (gpt_1b: 64); "), err
+    assert "dvc exp run -S 'model@tasks.lm.model=gpt_1b'" in err[0] and "tasks.lm.model.preset=custom" in err[0]
+    check_task_config(validate(tiny_raw(["tasks.diffusion.model.depth=3"])), "diffusion")  # dit_tiny's own value
+    assert capsys.readouterr().err.strip().startswith(
+        "warning: tasks.diffusion.model.preset says dit_tiny, but the model is not that preset: depth 3 (dit_tiny: 2);")
+    for overrides in ([], ["tasks.lm.model.tie_weights=false", "tasks.lm.model.dropout=0.1"],
+                      ["tasks.lm.model.preset=custom", "tasks.lm.model.d_model=96"], ["tasks.lm.model.preset=mine"]):
+        check_task_config(validate(tiny_raw(overrides)), "lm")
+        assert capsys.readouterr().err == "", overrides
+    one_b = validate(compose(ROOT / "configs", ["model@tasks.lm.model=gpt_1b"])).task("lm").model
+    assert preset_differences(one_b, ROOT / "configs") == []
+    assert preset_differences(one_b, ROOT / "nowhere") == []  # no configs/: nothing to compare with
+
+
 def test_stage_exits_2_with_one_line(tmp_path):
     raw = tiny_raw()
     raw["tasks"]["lm"]["optim"]["lr"] = -0.5

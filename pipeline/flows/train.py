@@ -19,6 +19,7 @@ from pipeline.atomic import atomic_write_text
 from pipeline.config import config_digest, flatten
 from pipeline.config.elastic import check_task_elastic, strategy_reshards, worker_counts
 from pipeline.config.parallel import check_task_parallel, data_parallel_size
+from pipeline.config.presets import preset_warning
 from pipeline.config.schema import PipelineConfig
 from pipeline.data.build import file_md5
 from pipeline.data.shard_format import MANIFEST, filesystem, load_manifest
@@ -201,8 +202,10 @@ def check_task_config(cfg: PipelineConfig, task_name: str) -> None:
     tcfg = cfg.task(task_name)
     check_fp8_config(cfg, cfg.cluster.use_gpu)  # fp8: a strategy it is wired into, GPUs (unless emulated)
     check_task_parallel(cfg, task_name)  # heads, layers and batch against parallel.tp / parallel.pp
-    # fp8 on a model with no layer float8 converts; settings a run of this config never reaches
-    warnings = [fp8_layers_warning(cfg, task_name), *schedule_warnings(cfg, task_name)]
+    # fp8 on a model with no layer float8 converts; settings a run of this config never reaches; a
+    # model labelled with a preset it is not (configs/ of the working directory, where there is one)
+    warnings = [fp8_layers_warning(cfg, task_name), *schedule_warnings(cfg, task_name),
+                preset_warning(tcfg.model, f"tasks.{task_name}.model")]
     for warning in filter(None, warnings):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     check_task_elastic(cfg, task_name)  # the batch at every worker count of an elastic range
