@@ -65,13 +65,14 @@ repro: setup
 TEST_WORKERS ?= 2
 PYTEST_SUITE = PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m "not gpu" \
 	-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+# Every run leaves a JUnit report (.test-timings.xml, git-ignored) the module times come from.
 test: setup
-	$(PYTEST_SUITE) --durations=25
+	$(PYTEST_SUITE) --durations=25 --junitxml=.test-timings.xml
 
-# The whole suite with a JUnit report, then tests/module_seconds.json from it: the module times
-# `make test` orders its modules by. Rerun it when a module's time changes by minutes.
-test-timings: setup
-	$(PYTEST_SUITE) --junitxml=.test-timings.xml
+# The whole suite, then tests/module_seconds.json from its JUnit report: the module times `make
+# test` orders its modules by. Rerun it when a module's time changes by minutes (or, after any
+# `make test`: python scripts/module_seconds.py .test-timings.xml > tests/module_seconds.json).
+test-timings: test
 	$(PY) scripts/module_seconds.py .test-timings.xml > tests/module_seconds.json.tmp
 	mv tests/module_seconds.json.tmp tests/module_seconds.json
 
