@@ -121,6 +121,40 @@ def test_nonfinite_data_stops_the_run_with_a_report(tmp_path, built_data):
         train(validate(raw), "diffusion", tmp_path / "shards", LocalSession(tmp_path / "ck"))
 
 
+def test_a_run_of_nonfinite_steps_across_a_checkpoint_counts_on_after_resume(tmp_path, built_data, monkeypatch):
+    """Steps 3, 4 and 5 have non-finite gradients and the limit is 3 in a row: the uninterrupted run
+    stops at step 5, and so does a run resumed from the step-3 checkpoint (which records the one
+    non-finite step it ended with; the count restarted at 0 there, so the resumed run trained on)."""
+    import json
+
+    from pipeline.distributed.ddp import DDPStrategy
+
+    _, shards = built_data
+    cfg = validate(tiny_raw(["tasks.lm.trainer.max_nonfinite_in_a_row=3", "tasks.lm.trainer.ckpt_every=3",
+                             "tasks.lm.trainer.log_every=1", "tasks.lm.trainer.max_steps=8"]))
+    calls = {"step": 0}
+    forward_backward = DDPStrategy.forward_backward
+
+    def bad_stretch(self, micro_batches, task, generator):  # a bad stretch of data at steps 3-5
+        calls["step"] += 1
+        loss = forward_backward(self, micro_batches, task, generator)
+        if calls["step"] in (3, 4, 5):
+            for p in self.model.parameters():
+                p.grad.fill_(float("nan"))
+            return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(DDPStrategy, "forward_backward", bad_stretch)
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row had a non-finite .* at step 5;"):
+        train(cfg, "lm", shards["lm"], LocalSession(tmp_path / "straight"))
+    cut = tmp_path / "straight" / "checkpoint_00000003"
+    assert json.loads((cut / "meta.json").read_text())["nonfinite_in_a_row"] == 1
+    shutil.copytree(cut, tmp_path / "resumed" / cut.name)
+    calls["step"] = 3
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row had a non-finite .* at step 5;"):
+        train(cfg, "lm", shards["lm"], LocalSession(tmp_path / "resumed"))
+
+
 def test_incomplete_checkpoint_is_refused(tmp_path):
     (tmp_path / "state.pt").write_bytes(b"partial")
     with pytest.raises(CheckpointError, match="incomplete"):

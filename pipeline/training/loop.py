@@ -174,8 +174,8 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
             tracker = ValidationTracker(**meta.get("tracker", {}))
             if best is not None:
                 best.restore(ckpt, meta)
-            state = LoopState(meta["step"], meta["skipped_steps"], 0, meta.get("stopped_early", False),
-                              meta["history"], tr.max_steps)
+            state = LoopState(meta["step"], meta["skipped_steps"], meta.get("nonfinite_in_a_row", 0),
+                              meta.get("stopped_early", False), meta["history"], tr.max_steps)
             if session.rank == 0:
                 print(f"[{task_name}] resumed from step {state.step} ({ckpt})", flush=True)
                 if meta.get("ranks", session.world) != session.world:
@@ -192,7 +192,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
 
     # the losses, norms and skips of the steps since the last report, summed on the device and
     # read once per report: a step never waits for the device (pipeline/training/window.py)
-    window = StepWindow(session.device, tr.max_nonfinite_in_a_row)
+    window = StepWindow(session.device, tr.max_nonfinite_in_a_row, state.nonfinite_in_a_row)
     dropout = getattr(tcfg.model, "dropout", 0.0) > 0
     window_items, window_start, reported_final, data_wait = 0, time.perf_counter(), False, 0.0
     run_start, first_step = window_start, state.step  # for the ETA: this start's pace so far
@@ -364,7 +364,8 @@ def _report(session: Session, strategy: Strategy, ema: EMA | None, reader: Globa
                               ema.weights() if ema is not None else None)
             meta = None
             if session.rank == 0:
-                meta = {"step": state.step, "skipped_steps": state.skipped_steps, "reader": reader.state_dict(),
+                meta = {"step": state.step, "skipped_steps": state.skipped_steps,
+                        "nonfinite_in_a_row": state.nonfinite_in_a_row, "reader": reader.state_dict(),
                         "history": state.history, "final": final, "stopped_early": state.stopped_early,
                         "tracker": tracker.state_dict(), "implementation": implementation,
                         "parameters": parameters, "best_weights_step": best.step if kept else None,

@@ -41,11 +41,14 @@ class WindowValues:
 
 
 class StepWindow:
-    def __init__(self, device: torch.device, limit: int) -> None:
+    def __init__(self, device: torch.device, limit: int, in_a_row: int = 0) -> None:
+        """`in_a_row`: the non-finite steps in a row the run ended its last checkpoint with (a
+        resumed run goes on counting them, as the uninterrupted run does)."""
         self.limit = limit
         self.device = device
         # 0 loss sum, 1 good steps, 2 last good norm, 3 skipped, 4 in a row, 5-7 limit step/loss/norm
         self._t = torch.zeros(8, dtype=torch.float64, device=device)
+        self._t[4] = in_a_row
 
     def add(self, loss: torch.Tensor | float, norm: torch.Tensor | float, stepped: torch.Tensor | bool,
             step: int) -> None:
