@@ -79,7 +79,33 @@ def _horovod_scenario(raws: dict, shards: str, root: str) -> dict:
 
     hvd.init()
     torch.set_num_threads(1)
-    return _scenario(hvd.rank(), hvd.size(), raws, shards, root, horovod=True)
+    out = _scenario(hvd.rank(), hvd.size(), raws, shards, root, horovod=True)
+    out["validation_rows"] = hvd.allgather_object(_validation_rows(raws["fp32"]))
+    return out
+
+
+def _validation_rows(raw: dict) -> list[int]:
+    """The validation rows this rank's strategy reads of one global batch of 8 (row i holds the
+    token i throughout, so a batch names its rows)."""
+    import numpy as np
+
+    from pipeline.config import validate
+    from pipeline.distributed import build_strategy
+    from pipeline.distributed.base import StepSettings
+    from pipeline.distributed.precision import Precision
+    from pipeline.tasks import task_named
+    from pipeline.training.validation import validation_loss
+
+    cfg, device = validate(raw), torch.device("cpu")
+    task = task_named("lm")
+    model = task.build(task.model_spec(cfg.task("lm"), {"vocab_size": 300, "seq_len": 32}))
+    strategy = build_strategy(cfg.strategy, Precision("fp32", device), device, StepSettings(4, 1, 1.0))
+    strategy.setup(model, lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    seen: list[int] = []
+    to_tensors = task.batch_to_tensors
+    task.batch_to_tensors = lambda batch, dev: (seen.extend(batch["tokens"][:, 0].tolist()), to_tensors(batch, dev))[1]
+    validation_loss(task, strategy, {"tokens": np.repeat(np.arange(16)[:, None], 33, axis=1)}, 8, 1, device, 0)
+    return seen
 
 
 def _raws(name: str) -> dict:
@@ -149,6 +175,14 @@ def test_losses_equal_ddp(runs, name):
     assert weights.keys() == ddp_weights.keys()  # consolidated export: same names as a plain module
     for k, v in ddp_weights.items():
         torch.testing.assert_close(weights[k], v, rtol=1e-4, atol=1e-5, msg=f"{name}: exported {k}")
+
+
+def test_horovod_ranks_validate_their_own_rows(runs):
+    """Horovod never initialises torch.distributed: its strategy's data-parallel rank and size are
+    Horovod's, so each of 2 ranks validates its half of a global batch (both read all 8 rows when
+    they came from torch.distributed's absent group; the mean loss was the same, the work and
+    memory twice)."""
+    assert runs("horovod")["validation_rows"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))

@@ -43,6 +43,18 @@ class HorovodStrategy(ReplicatedStrategy):
 
         return hvd.rank()
 
+    # Horovod never initialises torch.distributed, whose rank and size the base class reads: every
+    # rank would take itself for the only replica and validate the whole global batch.
+    @property
+    def dp_rank(self) -> int:
+        return self._rank()
+
+    @property
+    def dp_size(self) -> int:
+        import horovod.torch as hvd
+
+        return hvd.size()
+
     def clip_and_step(self, max_norm: float) -> tuple[torch.Tensor | float, torch.Tensor]:
         assert self.optimizer is not None
         self.optimizer.synchronize()  # wait for the all-reduce before reading gradients
