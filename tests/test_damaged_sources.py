@@ -155,6 +155,9 @@ def test_damaged_class_folders_without_images_say_so(tmp_path):
     for hidden in (".ipynb_checkpoints", "__MACOSX"):
         (src3 / hidden).mkdir()
     assert read_images(str(src3))[2] == 2
+    (src3 / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble")  # hidden files are no images
+    images, labels, classes = read_images(str(src3))
+    assert classes == 2 and len(images) == len(labels) == 2
 
 
 def test_damaged_class_folder_image_of_another_size_is_named(tmp_path):

@@ -104,6 +104,67 @@ def test_hugging_face_saved_dataset_source(tmp_path):
         list(read_text_documents(str(tmp_path / "one")))
 
 
+def test_hugging_face_saved_dataset_with_damaged_metadata_is_named(tmp_path):
+    """A save_to_disk folder whose state.json or dataset_dict.json is cut short, not JSON, or lacks
+    its list is one line naming the file (a bare JSONDecodeError or KeyError('_data_files') before)."""
+    datasets = pytest.importorskip("datasets")
+
+    train = datasets.Dataset.from_dict({"text": ["alpha text", "beta text"]})
+    datasets.DatasetDict({"train": train}).save_to_disk(str(tmp_path / "both"))
+    state, listing = tmp_path / "both" / "train" / "state.json", tmp_path / "both" / "dataset_dict.json"
+    good_state, good_listing = state.read_text(), listing.read_text()
+    for file, text, expected in [
+        (state, good_state[: len(good_state) // 2], r"state\.json: not a datasets save_to_disk metadata file \("),
+        (state, '{"_fingerprint": "x"}', r"state\.json: no '_data_files' list in it, as datasets' save_to_disk"),
+        (state, '{"_data_files": [{"name": "x"}]}', r"state\.json: a _data_files entry without a filename"),
+        (state, "[1, 2]", r"state\.json: not a datasets save_to_disk metadata file"),
+        (listing, '{"splits": "train"}', r"dataset_dict\.json: no 'splits' list in it"),
+    ]:
+        state.write_text(good_state)
+        listing.write_text(good_listing)
+        file.write_text(text)
+        with pytest.raises(DataSourceError, match=rf"^{file}: .*" + expected.split(": ", 1)[1]):
+            list(read_text_documents(str(tmp_path / "both")))
+    state.write_text(good_state)
+    listing.write_text(good_listing)
+    assert list(read_text_documents(str(tmp_path / "both"))) == ["alpha text", "beta text"]
+
+
+def test_text_file_suffixes_are_read_in_any_case_and_another_kind_of_file_is_named(tmp_path):
+    """NOTES.TXT and records.JSONL in a folder are read (they were skipped without a word), a single
+    DATA.PARQUET is read as Parquet (it was read as text and refused as binary), and a single file
+    prepare does not read by its name (train.json holding JSON Lines) is refused naming it (it was
+    trained on as plain text, its JSON syntax included)."""
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    from pipeline.data.sources import text_units
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "NOTES.TXT").write_text("upper case notes")
+    (src / "records.JSONL").write_text('{"text": "a record"}\n')
+    (src / "picture.png").write_bytes(b"\x89PNG")
+    assert [Path(u).name for u in text_units(str(src))] == ["NOTES.TXT", "records.JSONL"]
+    assert list(read_text_documents(str(src))) == ["upper case notes", "a record"]
+    pq.write_table(pa.table({"text": ["from parquet"]}), tmp_path / "DATA.PARQUET")
+    assert list(read_text_documents(str(tmp_path / "DATA.PARQUET"))) == ["from parquet"]
+    (tmp_path / "train.json").write_text('{"id": 0, "text": "a document"}\n')
+    with pytest.raises(DataSourceError, match=rf"^data\.source: '{tmp_path}/train\.json' is not a "
+                                              r"\.txt/\.md/\.rst/\.jsonl/\.parquet file"):
+        text_units(str(tmp_path / "train.json"))
+
+
+def test_a_declared_utf8_file_loses_its_byte_order_mark(tmp_path):
+    """data.encoding=utf-8 on a file written with a BOM: the first document does not start with an
+    invisible U+FEFF (which also kept it from matching its copy in de-duplication), as with auto."""
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfHello world, first paragraph.\n\nSecond.\n")
+    for encoding in ("utf-8", "UTF8", "auto"):
+        assert list(read_text_documents(str(tmp_path / "bom.txt"), encoding=encoding)) == [
+            "Hello world, first paragraph.", "Second."], encoding
+
+
 def test_builtin_text_is_real_prose():
     docs = list(read_text_documents("builtin:python-docs"))
     assert len(docs) > 5000

@@ -37,6 +37,17 @@ def test_reader_resumes_exactly():
     assert sorted(each_epoch.tolist()) == list(range(40))  # an epoch is a permutation: none lost or repeated
 
 
+def test_reader_moved_back_to_an_earlier_epoch_reads_it_again():
+    """A reader that has read into epoch 2 and is set back to epoch 0 (`load_state_dict` of an
+    earlier position) reads epoch 0's batches again; it evicted the plan it had just made (KeyError)."""
+    reader = GlobalOrderReader(_arrays(10), global_batch=5, seed=1)
+    start = reader.state_dict()
+    first = [reader.next_local_batch()["id"] for _ in range(6)]  # epochs 0, 1 and 2
+    reader.load_state_dict(start)
+    again = [reader.next_local_batch()["id"] for _ in range(6)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+
+
 def test_reader_refuses_a_different_global_batch():
     r = GlobalOrderReader(_arrays(), global_batch=8)
     with pytest.raises(ValueError, match="global batch"):

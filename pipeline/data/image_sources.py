@@ -167,7 +167,8 @@ def _read_class_folders(fs, root: str, source: str) -> tuple[np.ndarray, np.ndar
     composited: list[str] = []
     for idx, cls in enumerate(classes):
         folder = f"{root.rstrip('/')}/{cls}"
-        files = [f for f in sorted(fs.ls(folder, detail=False)) if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        files = [f for f in sorted(fs.ls(folder, detail=False))  # not hidden files (macOS's ._0.png copies)
+                 if Path(f).suffix.lower() in IMAGE_SUFFIXES and not Path(f).name.startswith(".")]
         if not files:
             raise DataSourceError(f"{protocol}{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found under this "
                                   "class folder")

@@ -87,8 +87,9 @@ class GlobalOrderReader:
             windows = [order[i:i + self.shards_per_window] for i in range(0, len(order), self.shards_per_window)]
             starts = np.cumsum([0] + [int(self.rows[w].sum()) for w in windows])
             self._plans[epoch] = (windows, starts)
-            while len(self._plans) > 2:  # this epoch and the next (read-ahead looks into it)
-                self._plans.pop(min(self._plans))
+            while len(self._plans) > 2:  # this epoch and the next (read-ahead looks into it); never the
+                # one asked for, which is the oldest when a reader goes back to an earlier position
+                self._plans.pop(min(e for e in self._plans if e != epoch))
         return self._plans[epoch]
 
     def _window_perm(self, epoch: int, w: int, size: int) -> np.ndarray:

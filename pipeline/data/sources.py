@@ -116,16 +116,24 @@ def text_units(source: str) -> list[str]:
     if not fs.exists(path):
         raise DataSourceError(f"data.source: '{source}' does not exist")
     if not fs.isdir(path):
+        if not _readable_suffix(path):
+            raise DataSourceError(f"data.source: '{source}' is not a .txt/.md/.rst/.jsonl/.parquet file (a JSON Lines "
+                                  "file is read by the name .jsonl; a folder's other files are skipped)")
         return [source]
     local = Path(path)
     if "://" not in source and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
         return [source]
     protocol = f"{source.split('://')[0]}://" if "://" in source else ""
     found = _local_files(local) if not protocol else [f for f in fs.find(path) if not _junk(f[len(path):])]
-    used = [f"{protocol}{f}" for f in sorted(found) if f.endswith((*TEXT_SUFFIXES, ".jsonl", ".parquet"))]
+    used = [f"{protocol}{f}" for f in sorted(found) if _readable_suffix(f)]
     if not used:
         raise DataSourceError(f"data.source: no .txt/.md/.rst/.jsonl/.parquet files under '{source}'")
     return used
+
+
+def _readable_suffix(path: str) -> bool:
+    """A file prepare reads, by its name's suffix in any case (NOTES.TXT, DATA.PARQUET)."""
+    return path.lower().endswith((*TEXT_SUFFIXES, ".jsonl", ".parquet"))
 
 
 def _junk(relative: str) -> bool:
@@ -182,9 +190,9 @@ def read_text_unit(unit: str, text_field: str = "text", encoding: str = "auto",
     except OSError as e:  # PermissionError, or a file removed since text_units listed it
         raise DataSourceError(f"{unit}: cannot read this file ({e.strerror or type(e).__name__})") from None
     with fh:
-        if path.endswith(".parquet"):
+        if path.lower().endswith(".parquet"):
             yield from _parquet(fh, unit, text_field, decoding)
-        elif path.endswith(".jsonl"):  # (a record is parsed whole: its line is not cut)
+        elif path.lower().endswith(".jsonl"):  # (a record is parsed whole: its line is not cut)
             yield from _jsonl(decode_lines(fh, unit, encoding, decoding), unit, text_field, decoding)
         else:
             yield from _paragraphs(decode_lines(fh, unit, encoding, decoding, max_line=MAX_PARAGRAPH_CHARS))
@@ -325,6 +333,8 @@ def _choose_encoding(head: bytes, where: str, encoding: str, decoding: Decoding)
         if b"\0" in head and not codecs.lookup(encoding).name.startswith(("utf-16", "utf-32")):
             raise RefusedFile(f"{where}: a binary file (NUL bytes), not {encoding} text")
         decoding.status = "declared"
+        if codecs.lookup(encoding).name == "utf-8" and head.startswith(codecs.BOM_UTF8):
+            return "utf-8-sig", False  # Python's utf-8 keeps the byte-order mark as a first character
         return encoding, False
     for bom, codec in _BOMS:
         if head.startswith(bom):
@@ -431,6 +441,18 @@ def _parquet(fh, where: str, field: str, decoding: Decoding) -> Iterator[str]:
                                names, where, field, decoding)
 
 
+def _hf_listing(path: Path, key: str, kind: type) -> list:
+    """The list `key` of a `save_to_disk` metadata file (state.json's data files, dataset_dict.json's
+    splits), or one line naming the file when it is cut short, not JSON, or lacks the list."""
+    try:
+        listing = json.loads(path.read_text()).get(key)
+    except (ValueError, AttributeError) as e:  # not JSON (UnicodeDecodeError, JSONDecodeError), or not an object
+        raise DataSourceError(f"{path}: not a datasets save_to_disk metadata file ({e}; damaged?)") from None
+    if not isinstance(listing, list) or not all(isinstance(x, kind) for x in listing):
+        raise DataSourceError(f"{path}: no '{key}' list in it, as datasets' save_to_disk writes (damaged?)")
+    return listing
+
+
 def _hf_saved(root: Path, field: str, decoding: Decoding) -> Iterator[str]:
     """A `datasets` data set written by `save_to_disk`: Arrow IPC stream files listed in
     state.json. Read with pyarrow directly (no `datasets` import needed); for a DatasetDict
@@ -438,11 +460,13 @@ def _hf_saved(root: Path, field: str, decoding: Decoding) -> Iterator[str]:
     import pyarrow as pa
 
     if (root / "dataset_dict.json").is_file():
-        for split in json.loads((root / "dataset_dict.json").read_text())["splits"]:
+        for split in _hf_listing(root / "dataset_dict.json", "splits", str):
             yield from _hf_saved(root / split, field, decoding)
         return
-    state = json.loads((root / "state.json").read_text())
-    for entry in state["_data_files"]:
+    for entry in _hf_listing(root / "state.json", "_data_files", dict):
+        if not isinstance(entry.get("filename"), str):
+            raise DataSourceError(f"{root / 'state.json'}: a _data_files entry without a filename ({entry!r:.80}): "
+                                  "not a datasets save_to_disk state file (damaged?)")
         arrow = root / entry["filename"]
         try:
             with pa.memory_map(str(arrow)) as source:
