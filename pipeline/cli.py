@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--params", default="params.yaml", help="where a registry URI's tracking store comes from")
     gen.add_argument("--tracking-uri", default=None, help="overrides the config's tracking.uri")
+    gen.add_argument("--connect-timeout", type=float, default=None,
+                     help="seconds to wait for a tracking server (default: the config's tracking.connect_timeout_s)")
     _job_parsers(sub)
     sw = sub.add_parser("sweep", help="hyperparameter search with Ray Tune (Optuna + ASHA), every trial an MLflow run")
     sw.add_argument("task", help="task under `tasks:` (lm, diffusion); its shards must exist (dvc repro shard@<task>)")
@@ -195,9 +197,13 @@ def _generate_command(args: argparse.Namespace) -> None:
     if "://" in args.model or args.model.startswith("models:"):
         import mlflow
 
-        from pipeline.tracking.mlflow_runs import tracking_uri
+        _open_store(args)
+        if args.model.startswith("models:/"):  # an unknown name, alias or version: one line, not a traceback
+            from mlflow.tracking import MlflowClient
 
-        mlflow.set_tracking_uri(args.tracking_uri or tracking_uri(load_config(args.params).tracking))
+            from pipeline.tracking.inspect import resolve
+
+            resolve(MlflowClient(), args.model.removeprefix("models:/"))
         completions = mlflow.pyfunc.load_model(args.model).predict(frame, params=params)["completion"]
     else:
         folder = Path(args.model)
@@ -251,16 +257,15 @@ def _plan_command(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def _registry_command(args: argparse.Namespace) -> None:
-    import json
-
+def _open_store(args: argparse.Namespace) -> None:
+    """Point MLflow at the tracking store of `--tracking-uri` or the config, once it is known to be
+    there: a SQLite file that does not exist (MLflow would create an empty store to look in) or a
+    server that does not answer (MLflow's minutes of retries) is one line."""
     import mlflow
 
     from pipeline.tracking import inspect
     from pipeline.tracking.mlflow_runs import sqlite_file, tracking_uri
 
-    if args.cmd == "promote":  # (before the store is asked anything)
-        inspect.check_alias(args.alias)
     if args.connect_timeout is not None and args.connect_timeout <= 0:
         raise ValueError(f"--connect-timeout: must be positive (got {args.connect_timeout})")
     tracking = None if args.tracking_uri else load_config(args.params).tracking
@@ -275,6 +280,16 @@ def _registry_command(args: argparse.Namespace) -> None:
     inspect.check_store(uri, timeout, "--connect-timeout" if args.tracking_uri or args.connect_timeout
                         else "tracking.connect_timeout_s")
     mlflow.set_tracking_uri(uri)
+
+
+def _registry_command(args: argparse.Namespace) -> None:
+    import json
+
+    from pipeline.tracking import inspect
+
+    if args.cmd == "promote":  # (before the store is asked anything)
+        inspect.check_alias(args.alias)
+    _open_store(args)
     if args.cmd == "promote":
         print(inspect.promote(args.ref, args.alias))
         return

@@ -148,7 +148,9 @@ def test_served_diffusion_model_samples_as_evaluation_scored_and_names_bad_reque
     registry's metric) scored the configured sampler: its defaults are now the evaluated sampler
     (the export folder's sampler.json, from the task's eval section), whose sample_grid images it
     equals; a folder written before sampler.json serves the sampler its spec held. Labels outside
-    the classes, an empty request and a step count beyond the timesteps are one line each."""
+    the classes, an empty request, a step count below 1 or not an integer, a NaN or infinite guidance
+    (a NaN sampled as guidance 0), an eta outside [0, 1] or not a number and a seed beyond 64 bits are
+    one line each."""
     import json
 
     import pandas as pd
@@ -182,7 +184,14 @@ def test_served_diffusion_model_samples_as_evaluation_scored_and_names_bad_reque
         (pd.DataFrame({"label": [0.5]}), {}, "^label: class ids are integers"),
         (pd.DataFrame({"label": pd.Series([], dtype="int64")}), {}, "^label: the request has no rows"),
         (pd.DataFrame({"label": [0]}), {"steps": 0}, rf"^steps: at least 1, at most the model's {timesteps}"),
-        (pd.DataFrame({"label": [0]}), {"eta": 2.0}, r"^eta is in \[0, 1\]"),
+        (pd.DataFrame({"label": [0]}), {"eta": 2.0}, r"^eta: in \[0, 1\] .*\(got 2\.0\)$"),
+        (pd.DataFrame({"label": [0]}), {"eta": "x"}, r"^eta: a number \(got 'x'\)$"),
+        (pd.DataFrame({"label": [0]}), {"guidance": float("nan")}, r"^guidance: a finite number, at least 0 .*nan"),
+        (pd.DataFrame({"label": [0]}), {"guidance": float("inf")}, r"^guidance: a finite number, at least 0 .*inf"),
+        (pd.DataFrame({"label": [0]}), {"guidance": -1.0}, r"^guidance: a finite number, at least 0"),
+        (pd.DataFrame({"label": [0]}), {"steps": 2.9}, r"^steps: an integer \(got 2\.9\)$"),
+        (pd.DataFrame({"label": [0]}), {"steps": None}, r"^steps: an integer \(got None\)$"),
+        (pd.DataFrame({"label": [0]}), {"seed": 2**70}, r"^seed: a 64-bit integer"),
     ]:
         with pytest.raises(ValueError, match=message):
             served.predict(None, frame, params)
@@ -203,6 +212,54 @@ def test_champion_moves_only_when_better(built_data, tmp_path, mlflow_store):
     assert client.get_model_version("test-model", regs[1].version).tags["git_commit"] == "abc"
     champion = mlflow.pyfunc.load_model("models:/test-model@champion")
     assert champion.predict(example_input(spec)).shape == (2, 64)
+
+
+def test_champion_ranked_by_another_metric_or_direction_is_not_compared(built_data, tmp_path, mlflow_store):
+    """A config that now ranks by val_perplexity does not compare 150 with the champion's val_loss 5.2
+    (nor "higher is better" with a loss): the champion stays, the registration says how it was
+    ranked, and once a version ranked this way is champion the comparison resumes. A champion from
+    before versions recorded their direction is compared as before."""
+    d, spec = _model_dir(tmp_path, built_data, "diffusion")
+    with mlflow.start_run() as run:
+        info, _ = log_pyfunc(d, spec)
+    by_loss = RegistryConfig(name="ranked", metric="val_loss", greater_is_better=False)
+    by_ppl = RegistryConfig(name="ranked", metric="val_perplexity", greater_is_better=False)
+    by_acc = RegistryConfig(name="ranked", metric="val_loss", greater_is_better=True)
+    first = register(info.model_uri, run.info.run_id, by_loss, 5.2, {})
+    assert first.promoted and first.champion_ranked_by is None
+    other = register(info.model_uri, run.info.run_id, by_ppl, 150.0, {})
+    assert not other.promoted and other.champion_ranked_by == "val_loss, lower is better"
+    flipped = register(info.model_uri, run.info.run_id, by_acc, 9.0, {})
+    assert not flipped.promoted and flipped.champion_ranked_by == "val_loss, lower is better"
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("ranked", CHAMPION).version) == first.version
+    client.set_registered_model_alias("ranked", CHAMPION, other.version)  # `pipeline promote ranked@2`
+    better = register(info.model_uri, run.info.run_id, by_ppl, 120.0, {})
+    assert better.promoted and better.champion_ranked_by is None and better.previous_metric == 150.0
+    client.delete_model_version_tag("ranked", better.version, "greater_is_better")  # a version from before
+    older = register(info.model_uri, run.info.run_id, by_ppl, 100.0, {})
+    assert older.promoted and older.champion_ranked_by is None
+
+
+def test_reproduce_compares_with_the_evaluation_a_version_was_registered_on(mlflow_store):
+    """One run evaluated twice (another eval config) is two versions; the run keeps only its latest
+    eval/* metrics, so `pipeline reproduce m@1` compared v1's re-run with v2's numbers. The register
+    stage now tags each version with its evaluation, and reproduce compares with that; a version
+    registered before the tags falls back to the run's metrics."""
+    from pipeline.flows.reproduce import plan
+
+    with mlflow.start_run() as run:
+        mlflow.set_tags({"git.commit": "a" * 40, "task": "lm"})
+        mlflow.log_text("flavors: {}\n", "model/MLmodel")
+    rid, cfg, client = run.info.run_id, RegistryConfig(name="m", metric="val_loss"), MlflowClient()
+    client.log_metric(rid, "eval/val_loss", 5.0)
+    register(f"runs:/{rid}/model", rid, cfg, 5.0, {"eval/val_loss": "5.0", "eval/val_perplexity": "148.4"})
+    client.log_metric(rid, "eval/val_loss", 4.0)  # evaluated anew
+    register(f"runs:/{rid}/model", rid, cfg, 4.0, {"eval/val_loss": "4.0", "eval/val_perplexity": "54.6"})
+    assert plan("m@1")["metrics"] == {"val_loss": 5.0, "val_perplexity": 148.4}
+    assert plan("m@2")["metrics"] == {"val_loss": 4.0, "val_perplexity": 54.6}
+    register(f"runs:/{rid}/model", rid, cfg, 3.0, {})  # a version from before the tags
+    assert plan("m@3")["metrics"] == {"val_loss": 4.0}
 
 
 def test_unet_exports_to_onnx(tmp_path):

@@ -86,8 +86,11 @@ def test_registry_description_says_what_was_trained_and_how_to_load_it(trained_l
         "task": "lm", "git.commit": "a" * 40, "git.dirty": "false", "config.digest": "cfg123",
         "data.manifest_md5": "man5", "data.raw_sha256": "r" * 64,
         "dvc.prepare:lm.data/lm/prepared": "p1.dir", "dvc.shard:lm.data/lm/shards": "s1.dir",
-        "metric_name": "val_loss", "metric_value": "5.25", "run_id": run.info.run_id,
-        "model_uri": json.loads((export / "model_info.json").read_text())["model_uri"]}
+        "metric_name": "val_loss", "metric_value": "5.25", "greater_is_better": "false", "run_id": run.info.run_id,
+        "model_uri": json.loads((export / "model_info.json").read_text())["model_uri"],
+        # the evaluation it was registered on (eval.json), which `pipeline reproduce` compares with
+        **{f"eval/{k}": str(v) for k, v in json.loads((metrics / "eval.json").read_text()).items()}}
+    assert mv.tags["eval/val_loss"] == "5.25"
     assert not any("diffusion" in k for k in mv.tags)  # not the other task's stages
     text = mv.description
     first = text.splitlines()[0]

@@ -117,6 +117,9 @@ def test_list_cells_are_one_prompt_each_through_mlflow(served, lm_dir, tmp_path_
     ([3], {}, r"^prompt: row 0 is a int \('3'\), not text$"),
     ([["a", None]], {}, r"^prompt: row 0, item 1 is null"),
     (["a"] * (MAX_ROWS + 1), {}, rf"^prompt: {MAX_ROWS + 1} prompts, at most {MAX_ROWS} a request"),
+    ([], {}, r"^prompt: the request has no prompts"),
+    ([[]], {}, r"^prompt: the request has no prompts"),
+    (["a"], {"seed": 2**70}, r"^seed: a 64-bit integer \(got 1180591620717411303424\)$"),
 ])
 def test_bad_requests_are_one_line(served, prompts, params, message):
     frame = pd.DataFrame({"prompt": pd.Series(prompts, dtype=object)})
@@ -223,7 +226,8 @@ def test_a_request_of_many_prompts_is_batched_and_each_completion_is_its_own(ser
 def test_pipeline_generate_completes_prompts_from_the_command_line(served, lm_dir, capsys, monkeypatch):
     """`pipeline generate PROMPT... --model <export folder>`: each prompt followed by the completion
     the served model gives it; prompts from stdin with '-'; a bad parameter, a folder without a
-    model and a diffusion model are one line each (exit 2)."""
+    model, a store that does not exist (not created by asking) and a registered name or alias it
+    does not hold are one line each (exit 2)."""
     import io
 
     from pipeline.cli import main
@@ -236,8 +240,22 @@ def test_pipeline_generate_completes_prompts_from_the_command_line(served, lm_di
     monkeypatch.setattr("sys.stdin", io.StringIO("The for statement\n"))
     main(["generate", "-", "--model", str(lm_dir), "--max-new-tokens", "5"])
     assert capsys.readouterr().out == f"The for statement{want[0]}\n"
+    import mlflow
+
+    store = lm_dir.parent / "store.db"
+    mlflow.MlflowClient(f"sqlite:///{store}").create_registered_model("pipeline-lm")  # a store, no versions
+    capsys.readouterr()  # (MLflow's lines about making the store)
+    missing = lm_dir.parent / "missing.db"
     for args, message in ((["--temperature", "-1"], "error: temperature: a finite number, at least 0"),
-                          (["--model", str(lm_dir.parent)], "no exported model here (model_spec.json)")):
+                          (["--model", str(lm_dir.parent)], "no exported model here (model_spec.json)"),
+                          (["--model", "models:/pipeline-lm@champion", "--tracking-uri", f"sqlite:///{missing}"],
+                           f"error: no tracking store at sqlite:///{missing}: nothing has been registered here yet"),
+                          (["--model", "models:/pipeline-lm@champion", "--tracking-uri", f"sqlite:///{store}"],
+                           "error: 'pipeline-lm@champion': no such registered model version"),
+                          (["--model", "models:/nope/3", "--tracking-uri", f"sqlite:///{store}"],
+                           "error: 'nope/3': no such registered model version")):
         with pytest.raises(SystemExit) as done:
             main(["generate", "x", "--model", str(lm_dir), *args])
-        assert done.value.code == 2 and message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not missing.exists()

@@ -71,10 +71,9 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
             return pd.DataFrame({"completion": out})
         from pipeline.models.diffusion import GaussianDiffusion
 
-        sampler = sampler_defaults(self.dir, self.spec)
-        steps, eta, guidance = (int(params.get("steps", sampler["steps"])), float(params.get("eta", sampler["eta"])),
-                                float(params.get("guidance", sampler["guidance"])))
         timesteps, classes = self.model.cfg.diffusion.timesteps, self.model.num_classes
+        sampler = diffusion_params(params, sampler_defaults(self.dir, self.spec), timesteps)
+        steps, eta, guidance = sampler["steps"], sampler["eta"], sampler["guidance"]
         labels = model_input["label"].to_numpy()
         # a bad request is one line naming it (an IndexError from the embedding, or the label
         # num_classes silently sampling unconditionally, otherwise)
@@ -82,15 +81,10 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
             raise ValueError("label: the request has no rows (one class id per image wanted)")
         if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= classes:
             raise ValueError(f"label: class ids are integers 0..{classes - 1} (got {labels.tolist()[:10]})")
-        if steps < 1:  # (more than the model's timesteps are capped at them)
-            raise ValueError(f"steps: at least 1, at most the model's {timesteps} diffusion timesteps used "
-                             f"(got {steps})")
-        if not 0 <= eta <= 1 or guidance < 0:
-            raise ValueError(f"eta is in [0, 1] and guidance at least 0 (got eta {eta}, guidance {guidance})")
         process = GaussianDiffusion(self.model.cfg.diffusion)
         images = process.sample(self.model, torch.from_numpy(labels.astype(np.int64)), tuple(self.model.image_shape),
                                 classes, steps=steps, eta=eta, guidance=guidance,
-                                generator=torch.Generator().manual_seed(int(params.get("seed", 0))))
+                                generator=torch.Generator().manual_seed(sampler["seed"]))
         return images.flatten(1).numpy().astype(np.float32)
 
 
@@ -133,7 +127,26 @@ def request_prompts(model_input: pd.DataFrame) -> list[tuple[str, str]]:
                 raise ValueError(f"prompt: {where} is a {type(text).__name__} ({str(text)[:40]!r}), not text")
     if len(out) > MAX_ROWS:
         raise ValueError(f"prompt: {len(out)} prompts, at most {MAX_ROWS} a request (send them as several requests)")
+    if not out:  # as the diffusion model refuses an empty request (an empty table answered it before)
+        raise ValueError("prompt: the request has no prompts (one text per row wanted; \"\" starts a document)")
     return out
+
+
+def _number(params: dict[str, Any], name: str, default: float, integer: bool) -> Any:
+    """A request parameter (or its default) that must be a number, or an integer: one line naming it."""
+    value = params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ValueError(f"{name}: {'an integer' if integer else 'a number'} (got {value!r})")
+    if integer and not float(value).is_integer():
+        raise ValueError(f"{name}: an integer (got {value!r})")
+    return int(value) if integer else float(value)
+
+
+def _seed(params: dict[str, Any]) -> int:
+    seed = _number(params, "seed", 0, True)
+    if not -(1 << 63) <= seed < 1 << 64:
+        raise ValueError(f"seed: a 64-bit integer (got {seed})")
+    return seed
 
 
 def lm_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -142,16 +155,11 @@ def lm_params(params: dict[str, Any]) -> dict[str, Any]:
     count silently returned '', and nothing bounded the tokens one request may cost)."""
 
     def number(name: str, default: float, integer: bool) -> Any:
-        value = params.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-            raise ValueError(f"{name}: {'an integer' if integer else 'a number'} (got {value!r})")
-        if integer and not float(value).is_integer():
-            raise ValueError(f"{name}: an integer (got {value!r})")
-        return int(value) if integer else float(value)
+        return _number(params, name, default, integer)
 
     out = {"max_new_tokens": number("max_new_tokens", 32, True), "min_new_tokens": number("min_new_tokens", 1, True),
            "temperature": number("temperature", 0.0, False), "top_k": number("top_k", 0, True),
-           "seed": number("seed", 0, True)}
+           "seed": _seed(params)}
     for name, least in (("max_new_tokens", 1), ("min_new_tokens", 0)):
         if not least <= out[name] <= MAX_NEW_TOKENS:
             raise ValueError(f"{name}: at least {least}, at most MAX_NEW_TOKENS {MAX_NEW_TOKENS} (got {out[name]})")
@@ -159,8 +167,24 @@ def lm_params(params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"temperature: a finite number, at least 0 (0 = greedy) (got {out['temperature']})")
     if out["top_k"] < 0:
         raise ValueError(f"top_k: at least 0 (0 = off) (got {out['top_k']})")
-    if not -(1 << 63) <= out["seed"] < 1 << 64:
-        raise ValueError(f"seed: a 64-bit integer (got {out['seed']})")
+    return out
+
+
+def diffusion_params(params: dict[str, Any], defaults: dict[str, Any], timesteps: int) -> dict[str, Any]:
+    """The diffusion sampler's parameters with `defaults` (the evaluated sampler), each checked as
+    the language model's are: steps an integer from 1 (more than the model's timesteps are capped
+    at them), eta in [0, 1], guidance finite and at least 0 (a NaN guidance sampled as if it were 0,
+    an infinite one drove the prediction to infinity), seed a 64-bit integer."""
+    out = {"steps": _number(params, "steps", defaults["steps"], True),
+           "eta": _number(params, "eta", defaults["eta"], False),
+           "guidance": _number(params, "guidance", defaults["guidance"], False), "seed": _seed(params)}
+    if out["steps"] < 1:
+        raise ValueError(f"steps: at least 1, at most the model's {timesteps} diffusion timesteps used "
+                         f"(got {out['steps']})")
+    if not 0 <= out["eta"] <= 1:  # (NaN fails too)
+        raise ValueError(f"eta: in [0, 1] (0 = deterministic DDIM, 1 = ancestral) (got {out['eta']})")
+    if not (math.isfinite(out["guidance"]) and out["guidance"] >= 0):
+        raise ValueError(f"guidance: a finite number, at least 0 (0 = conditional only) (got {out['guidance']})")
     return out
 
 

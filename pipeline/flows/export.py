@@ -197,7 +197,9 @@ def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_di
         return describe_version(tcfg.registry.name, version, trained, metrics, tcfg.registry, run["tracking_uri"],
                                 example=repr(example), hf_architecture=info.get("hf_architecture"))
 
-    # the version carries its own lineage only (the run keeps the rest) and says what it is
-    reg = register(model_uri, run_id, tcfg.registry, value, version_tags(trained), describe)
+    # the version carries its own lineage only (the run keeps the rest) and says what it is, with the
+    # evaluation it was registered on (a run evaluated anew holds only its latest eval/* metrics)
+    scores = {f"eval/{k}": str(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    reg = register(model_uri, run_id, tcfg.registry, value, {**version_tags(trained), **scores}, describe)
     atomic_write_text(out, json.dumps(dataclasses.asdict(reg), indent=2))
     return reg

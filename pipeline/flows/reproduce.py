@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.inspect import resolve, run_of
+from pipeline.tracking.inspect import eval_tags, resolve, run_of
 
 
 @dataclass
@@ -45,7 +45,10 @@ def plan(ref: str) -> dict:
     commit, task = tags.get("git.commit", "unknown"), tags.get("task")
     if commit == "unknown" or not task:
         raise ValueError(f"'{ref}': its run {run.info.run_id} records no git commit or task; it cannot be reproduced")
-    metrics = {k.removeprefix("eval/"): v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+    # the evaluation the version was registered on (its eval/* tags); versions registered before
+    # those tags: the run's eval/* metrics, which are its latest evaluation's
+    recorded = eval_tags(mv.tags) or {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+    metrics = {k.removeprefix("eval/"): v for k, v in recorded.items()}
     return {"model": f"{mv.name} v{mv.version}", "run_id": run.info.run_id, "commit": commit, "task": task,
             "dirty": tags.get("git.dirty") == "true", "metrics": metrics}
 

@@ -66,6 +66,18 @@ def resolve(client: MlflowClient, ref: str):
         raise ValueError(f"'{ref}': no such registered model version ({e.message.splitlines()[0]})") from None
 
 
+def eval_tags(tags: dict[str, str]) -> dict[str, float]:
+    """A version's eval/* tags as numbers (the evaluation the register stage registered it on)."""
+    out = {}
+    for key, value in tags.items():
+        if key.startswith("eval/"):
+            try:
+                out[key] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
 def run_of(client: MlflowClient, mv, ref: str):
     """The version's run; one line when the store no longer has it (`mlflow gc` after a delete)."""
     try:
@@ -174,7 +186,9 @@ def lineage(ref: str) -> dict[str, Any]:
                 "workers": tags.get("cluster.workers"), "strategy": tags.get("strategy"),
                 "precision": tags.get("precision")},
         "config": dict(sorted(run.data.params.items())),
-        "metrics": {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith(("eval/", "export/"))},
+        # the evaluation this version was registered on (its eval/* tags; the run holds its latest)
+        "metrics": dict(sorted({**{k: v for k, v in run.data.metrics.items() if k.startswith(("eval/", "export/"))},
+                                **eval_tags(mv.tags)}.items())),
         "data": {"manifest_md5": tags.get("data.manifest_md5"), **dvc_recorded},
         "inputs": [{"name": i.dataset.name, "digest": i.dataset.digest, "source": i.dataset.source,
                     **{t.key: t.value for t in i.tags if t.key.startswith("digest")}}

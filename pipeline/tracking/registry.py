@@ -30,6 +30,9 @@ class Registration:
     previous_champion: str | None
     previous_metric: float | None
     reused: bool = False  # the model was registered already (a rerun): its version, no new one
+    # how the champion was ranked, when not as this config ranks (another metric or direction):
+    # the two values are not compared, and champion stays until `pipeline promote` moves it
+    champion_ranked_by: str | None = None
 
 
 class MissingArtifacts(CheckpointError):
@@ -155,9 +158,24 @@ def is_better(new: float, old: float | None, greater_is_better: bool) -> bool:
     return new > old if greater_is_better else new < old
 
 
-def champion(client: MlflowClient, name: str) -> tuple[str, float | None] | None:
-    """The champion's version and its recorded metric value (None where the tag is missing or not a
-    number: such a champion gives way to any finite value rather than blocking registration)."""
+@dataclass
+class Champion:
+    version: str
+    value: float | None  # None where the tag is missing or not a number: it gives way to any finite value
+    metric: str | None  # the metric it was ranked by (None: not recorded)
+    greater_is_better: bool | None  # and in which direction (None: not recorded, versions from before)
+
+    def ranked_as(self, cfg: RegistryConfig) -> bool:
+        """Whether its value can be compared with one ranked as `cfg` ranks."""
+        return self.metric in (None, cfg.metric) and self.greater_is_better in (None, cfg.greater_is_better)
+
+    def ranking(self) -> str:
+        way = {True: ", higher is better", False: ", lower is better", None: ""}[self.greater_is_better]
+        return f"{self.metric}{way}"
+
+
+def champion(client: MlflowClient, name: str) -> Champion | None:
+    """The champion version and how it was ranked (its tags), or None when no version has the alias."""
     try:
         mv = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -166,7 +184,8 @@ def champion(client: MlflowClient, name: str) -> tuple[str, float | None] | None
         value = float(mv.tags["metric_value"])
     except (KeyError, TypeError, ValueError):
         value = None
-    return str(mv.version), value
+    direction = {"true": True, "false": False}.get(str(mv.tags.get("greater_is_better", "")).lower())
+    return Champion(str(mv.version), value, mv.tags.get("metric_name"), direction)
 
 
 def register(model_uri: str, run_id: str, cfg: RegistryConfig, metric_value: float,
@@ -183,8 +202,8 @@ def register(model_uri: str, run_id: str, cfg: RegistryConfig, metric_value: flo
     version = registered_version(client, cfg.name, model_uri, run_id, metric_value)
     reused = version is not None
     if version is None:
-        tags = {**tags, "metric_name": cfg.metric, "metric_value": str(metric_value), "run_id": run_id,
-                "model_uri": model_uri}
+        tags = {**tags, "metric_name": cfg.metric, "metric_value": str(metric_value),
+                "greater_is_better": str(cfg.greater_is_better).lower(), "run_id": run_id, "model_uri": model_uri}
         version = str(mlflow.register_model(model_uri, cfg.name, tags=tags).version)
     # (a rerun also mends a version whose first registration stopped before its description)
     if describe is not None and not (reused and client.get_model_version(cfg.name, version).description):
@@ -193,11 +212,15 @@ def register(model_uri: str, run_id: str, cfg: RegistryConfig, metric_value: flo
         client.update_registered_model(cfg.name, description=model_description(cfg))
     client.set_registered_model_alias(cfg.name, CHALLENGER, version)
     current = champion(client, cfg.name)
-    prev_version, prev_value = current if current else (None, None)
-    promoted = prev_version != version and is_better(metric_value, prev_value, cfg.greater_is_better)
+    prev_version, prev_value = (current.version, current.value) if current else (None, None)
+    # a champion ranked by another metric or direction is not compared with this value (a perplexity
+    # against a loss, or "lower is better" against an accuracy): it stays until promoted by hand
+    other = current.ranking() if current and current.version != version and not current.ranked_as(cfg) else None
+    promoted = other is None and prev_version != version and is_better(metric_value, prev_value,
+                                                                        cfg.greater_is_better)
     if promoted:
         client.set_registered_model_alias(cfg.name, CHAMPION, version)
-    return Registration(cfg.name, version, metric_value, promoted, prev_version, prev_value, reused)
+    return Registration(cfg.name, version, metric_value, promoted, prev_version, prev_value, reused, other)
 
 
 # --- what a person reads in the registry: a version's own lineage (tags) and a description ---
