@@ -7,6 +7,7 @@ validates the whole config first, and turns known errors into one line and exit 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -289,6 +290,9 @@ def _registry_command(args: argparse.Namespace) -> None:
 
     if args.cmd == "promote":  # (before the store is asked anything)
         inspect.check_alias(args.alias)
+    if args.cmd == "reproduce" and not (args.tolerance >= 0 and math.isfinite(args.tolerance)):
+        # (before a whole `dvc repro` whose metrics no tolerance could then accept)
+        raise ValueError(f"--tolerance: a finite relative difference, at least 0 (got {args.tolerance})")
     _open_store(args)
     if args.cmd == "promote":
         print(inspect.promote(args.ref, args.alias))

@@ -235,3 +235,9 @@ def test_reproduce_of_an_unknown_task_is_one_line(dvc_project, capsys):
         f"error: 'm@2': its run's task 'nope' is not a task of commit {git_state(project)['git.commit'][:10]} "
         "(its params.yaml has lm); it cannot be reproduced"]
     assert len(_worktrees(project)) == 1
+    for tolerance in ("-0.1", "nan", "inf"):  # refused before anything is checked out or run
+        with pytest.raises(SystemExit) as e:
+            main(["reproduce", "m@2", "--tracking-uri", uri, "--tolerance", tolerance])
+        assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+            f"error: --tolerance: a finite relative difference, at least 0 (got {float(tolerance)})"]
+    assert len(_worktrees(project)) == 1

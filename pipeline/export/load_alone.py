@@ -93,7 +93,8 @@ def private_site(dists: dict[str, md.Distribution], into: Path) -> Path:
     its `.dist-info`, for `importlib.metadata`): the import path of an environment holding only them."""
     into.mkdir(parents=True, exist_ok=True)
     for name, dist in sorted(dists.items()):
-        tops = {Path(str(f)).parts[0] for f in dist.files or []}
+        files = [Path(str(f)).parts for f in dist.files or []]
+        tops = {parts[0] for parts in files}
         if not tops:  # installed without a file record (some conda packages): its import names then
             tops = {top for top, owners in md.packages_distributions().items()
                     if name in {canonicalize_name(o) for o in owners}}
@@ -101,10 +102,22 @@ def private_site(dists: dict[str, md.Distribution], into: Path) -> Path:
         for top in sorted(tops):
             if top in ("..", "bin", "__pycache__") or top.endswith(".pth"):
                 continue  # outside site-packages (scripts), or start-up hooks the check must not run
-            src, link = base / top, into / top
-            if src.exists() and not link.exists():
-                link.symlink_to(src.resolve())
+            src = base / top
+            if src.is_dir() and not (src / "__init__.py").exists() and not top.endswith((".dist-info", ".libs")):
+                # a namespace package several distributions share (nvidia/ of the CUDA wheels): a folder
+                # of its own holding only this distribution's entries, not the others' too
+                for second in sorted({parts[1] for parts in files if len(parts) >= 2 and parts[0] == top} -
+                                     {"__pycache__"}):
+                    _link(src / second, into / top / second)
+            else:
+                _link(src, into / top)
     return into
+
+
+def _link(src: Path, link: Path) -> None:
+    if src.exists() and not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(src.resolve())
 
 
 def _undeclared(module: str, have: dict[str, md.Distribution]) -> str:
