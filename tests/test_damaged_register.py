@@ -115,6 +115,37 @@ def test_damaged_evaluate_refuses_non_finite_metrics(tmp_path, monkeypatch, stor
     assert mlflow.MlflowClient(store).get_run(run.info.run_id).data.metrics == {}  # nothing logged to the run either
 
 
+def test_damaged_evaluation_the_run_did_not_get_is_not_paired_with_it(tmp_path, monkeypatch, store):
+    """The metrics reach eval.json, then logging them to the run fails (the tracking store went away):
+    eval_run.json, the pairing the register stage trusts, is not written (it was, before the logging),
+    so register refuses the evaluation instead of registering a version whose run lacks its metrics."""
+    import pipeline.evaluation.lm as lm_eval
+    import pipeline.flows.evaluate as flow
+
+    model_dir, metrics_dir = tmp_path / "model", tmp_path / "metrics"
+    model_dir.mkdir()
+    with mlflow.start_run() as run:
+        pass
+    (model_dir / RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": store}))
+    monkeypatch.setattr(flow, "load_model", lambda d: (torch.nn.Linear(1, 1), {"task": "lm"}))
+    monkeypatch.setattr(lm_eval, "evaluate_lm", lambda *a: ({"val_loss": 3.0, "val_perplexity": 20.1,
+                                                            "test_loss": 3.1, "test_perplexity": 22.2}, "s"))
+
+    def store_gone(*args, **kwargs):
+        raise ConnectionError("the tracking server went away")
+
+    monkeypatch.setattr(flow.mlflow, "log_metrics", store_gone)
+    with pytest.raises(ConnectionError):
+        evaluate(validate(tiny_raw()).task("lm"), model_dir, tmp_path / "shards", metrics_dir, tmp_path / "r")
+    assert json.loads((metrics_dir / "eval.json").read_text())["val_loss"] == 3.0
+    assert not (metrics_dir / EVAL_RUN).exists()
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    (export_dir / INFO).write_text(json.dumps({"run_id": run.info.run_id, "model_uri": "runs:/x/model"}))
+    with pytest.raises(FileNotFoundError, match=rf"^{metrics_dir / EVAL_RUN} is missing: run the evaluate stage"):
+        register_export(validate(tiny_raw()), "lm", export_dir, metrics_dir, tmp_path / "out.json")
+
+
 def _fake_model_dir(tmp_path: Path, run: dict) -> Path:
     model_dir = tmp_path / "model"
     model_dir.mkdir(exist_ok=True)

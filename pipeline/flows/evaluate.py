@@ -77,14 +77,15 @@ def evaluate(tcfg: TaskConfig, model_dir: Path, shards: Path, metrics_dir: Path,
         artifacts = [reports_dir / "samples.png"]
     check_finite(metrics)
     metrics_dir.mkdir(parents=True, exist_ok=True)
-    # the run record goes first and comes back last: a crash between the two leaves no pairing to trust
+    # the run record goes first and comes back last, once the run holds the metrics too: a crash or a
+    # tracking failure in between leaves no pairing the register stage would trust
     (metrics_dir / EVAL_RUN).unlink(missing_ok=True)
     atomic_write_text(metrics_dir / "eval.json", json.dumps(metrics, indent=2, sort_keys=True))
-    atomic_write_text(metrics_dir / EVAL_RUN, json.dumps({"run_id": info["run_id"]}, indent=2))
     mlflow.set_tracking_uri(info["tracking_uri"])  # (again: evaluation may have imported code that reset it)
     with mlflow.start_run(run_id=info["run_id"]):
         mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
         mlflow.set_tag("eval.device", device.type)
         for a in artifacts:
             mlflow.log_artifact(str(a), artifact_path="evaluation")
+    atomic_write_text(metrics_dir / EVAL_RUN, json.dumps({"run_id": info["run_id"]}, indent=2))
     return metrics
