@@ -48,6 +48,17 @@ def test_reader_moved_back_to_an_earlier_epoch_reads_it_again():
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
 
 
+def test_reader_refuses_a_checkpoint_of_other_data():
+    """A position in 40 rows means nothing in 48 (the data were re-sharded or grew): refused by name
+    (a loop resumed by hand on other shards followed another order without a word)."""
+    first = GlobalOrderReader(_arrays(40), global_batch=8, seed=5)
+    first.next_local_batch()
+    with pytest.raises(ValueError, match=r"written reading 40 rows in 1 shards, this split has 48 in 1"):
+        GlobalOrderReader(_arrays(48), global_batch=8, seed=5).load_state_dict(first.state_dict())
+    older = {k: v for k, v in first.state_dict().items() if k not in ("rows", "shards")}  # checkpoints from before
+    GlobalOrderReader(_arrays(40), global_batch=8, seed=5).load_state_dict(older)
+
+
 def test_reader_refuses_a_different_global_batch():
     r = GlobalOrderReader(_arrays(), global_batch=8)
     with pytest.raises(ValueError, match="global batch"):

@@ -220,11 +220,15 @@ class GlobalOrderReader:
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position, "seed": self.seed, "global_batch": self.global_batch,
-                "window": self.shards_per_window}
+                "window": self.shards_per_window, "rows": self.n, "shards": len(self.rows)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["global_batch"] != self.global_batch or state["seed"] != self.seed:
             raise ValueError("checkpoint was written with another global batch or seed; the data order would differ")
+        if (state.get("rows", self.n), state.get("shards", len(self.rows))) != (self.n, len(self.rows)):
+            raise ValueError(f"checkpoint was written reading {state.get('rows')} rows in {state.get('shards')} "
+                             f"shards, this split has {self.n} in {len(self.rows)}; the data order would differ "
+                             "(the data changed since: train anew)")
         if state.get("window", self.shards_per_window) != self.shards_per_window:
             raise ValueError(f"checkpoint was written with a shuffle window of {state['window']} shards, this run "
                              f"uses {self.shards_per_window}; the data order would differ")
