@@ -143,6 +143,31 @@ def test_bin_only_folder_gets_the_conversion_hint_from_the_driver_check(tmp_path
 
 
 # ----------------------------------------------------------------------------- the export
+def test_llama_weights_under_trainer_init_from_need_the_checkpoints_architecture(tmp_path, llama, text_corpus):
+    """`trainer.init_from` gives a Llama folder's weights to the model the config describes; the
+    tensors' names and shapes were all the driver checked, so a checkpoint with another RoPE base or
+    norm epsilon fine-tuned as another network from the first step. Each such field must now agree
+    with its config.json (one line naming it and both values); the config `model.init_from` makes
+    (the checkpoint's own architecture) passes, and so does a config set to match by hand."""
+    from pipeline.training.checkpoint import check_init_weights
+
+    config = json.loads((llama / "config.json").read_text())
+    folder = _copy(llama, tmp_path, rope_theta=None, rms_norm_eps=1e-5,  # (transformers 5 keeps theta in here:)
+                   rope_parameters={**(config.get("rope_parameters") or {}), "rope_theta": 500000.0})
+    spec = _spec(folder, text_corpus)  # model.init_from: the architecture read from config.json
+    assert (spec["model"]["rope_theta"], spec["model"]["norm_eps"]) == (500000.0, 1e-5)
+    check_init_weights(folder, "tasks.lm.trainer.init_from", spec)
+    for field, ours, message in [("rope_theta", 10000.0, r"rope_theta is 500000\.0, the model's is 10000\.0"),
+                                 ("norm_eps", None, r"norm_eps is 1e-05, the model's is 1e-06"),
+                                 ("norm_eps", 1e-6, r"norm_eps is 1e-05, the model's is 1e-06")]:
+        other = {**spec, "model": {**spec["model"], field: ours}}
+        with pytest.raises(ValueError, match=rf"^tasks\.lm\.trainer\.init_from: {folder}/config\.json: {message}: "
+                                             r"its weights would compute another function\. Point model\.init_from"):
+            check_init_weights(folder, "tasks.lm.trainer.init_from", other)
+    by_hand = {**spec, "model": {**spec["model"], "init_from": None}}  # the same fields, set in the config
+    check_init_weights(folder, "tasks.lm.trainer.init_from", by_hand)
+
+
 def test_exported_config_never_carries_quantization_or_a_window(llama, text_corpus):
     """A source config's quantization_config and a set window are not written back (the exported
     weights are plain floats, and the GPT attended to the whole context); a null window is kept,

@@ -14,6 +14,7 @@ time, by whichever strategy trains.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -148,13 +149,44 @@ def gpt_fields_from_llama(hf: dict[str, Any], where: str) -> dict[str, Any]:
     }
 
 
+# What the same weights compute differently with, beyond what the tensors' names and shapes show
+COMPUTE_FIELDS = ("norm", "mlp", "pos_emb", "tie_weights", "rope_theta", "norm_eps", "n_kv_heads")
+
+
+def architecture_differences(hf: dict[str, Any], model: dict[str, Any], where: str) -> list[tuple[str, Any, Any]]:
+    """(field, the checkpoint's value, the model's) for each of COMPUTE_FIELDS where a GPT model
+    section (`model`, a GPTConfig dump) would compute another function with the Llama checkpoint's
+    weights (`hf`, its config.json): a RoPE base or norm epsilon of another model fine-tunes as
+    another network from the first step. Defaults resolved (norm_eps None: 1e-6 for RMSNorm, 1e-5
+    for LayerNorm; n_kv_heads None: n_heads). A config the GPT cannot reproduce raises, as for
+    `model.init_from`."""
+    theirs = gpt_fields_from_llama(hf, where)
+
+    def resolved(fields: dict[str, Any]) -> dict[str, Any]:
+        out = dict(fields)
+        if out.get("norm_eps") is None:
+            out["norm_eps"] = 1e-6 if out.get("norm", "rmsnorm") == "rmsnorm" else 1e-5
+        if out.get("n_kv_heads") is None:
+            out["n_kv_heads"] = out.get("n_heads")
+        return out
+
+    a, b = resolved(theirs), resolved(model)
+    out = []
+    for name in COMPUTE_FIELDS:
+        x, y = a.get(name), b.get(name)
+        same = math.isclose(x, y, rel_tol=1e-9) if isinstance(x, float) and isinstance(y, int | float) else x == y
+        if not same:
+            out.append((name, x, y))
+    return out
+
+
 def resolve_pretrained(raw_model: dict[str, Any], where: str) -> dict[str, Any]:
     """A GPT model section with `init_from` set, its architecture fields replaced by the
     checkpoint's (a plain dict: the caller validates it). Idempotent. `where` is the key path
     (`tasks.lm.model`) errors name."""
     folder = raw_model.get("init_from")
-    if not folder or raw_model.get("kind", "gpt") != "gpt":
-        return raw_model
+    if not folder or raw_model.get("kind", "gpt") != "gpt" or not isinstance(folder, str):
+        return raw_model  # (a number or list is the schema's to refuse, naming the key)
     key = f"{where}.init_from"
     hf = read_hf_config(folder, key)
     where = f"{key}: {Path(folder) / HF_CONFIG}"

@@ -317,6 +317,20 @@ def check_init_weights(path: Path, key: str, spec: dict[str, Any] | None = None)
         check_init_shapes(path, key, spec)
 
 
+def _check_llama_architecture(path: Path, key: str, model: dict[str, Any]) -> None:
+    """A Llama folder as `trainer.init_from` gives its weights to a GPT whose architecture is the
+    config's own (`model.init_from` takes it from the checkpoint): tensors of the right shapes under
+    another RoPE base, norm epsilon or norm would train another network, so each such field must
+    agree with the checkpoint's config.json."""
+    from pipeline.config.pretrained import HF_CONFIG, architecture_differences, read_hf_config
+
+    where = f"{key}: {path / HF_CONFIG}"
+    for name, theirs, ours in architecture_differences(read_hf_config(path, key), model, where)[:1]:
+        raise ValueError(f"{where}: {name} is {theirs}, the model's is {ours}: its weights would compute another "
+                         f"function. Point model.init_from at the folder instead (the architecture then comes from "
+                         f"its config.json), or set the model's {name} to {theirs}")
+
+
 def check_init_shapes(path: Path, key: str, spec: dict[str, Any]) -> None:
     """Every parameter of the model `spec` builds (on the meta device: no memory) is found in
     the weights at `path` with its shape, read from the safetensors headers only, under the names
@@ -367,6 +381,8 @@ def check_init_shapes(path: Path, key: str, spec: dict[str, Any]) -> None:
                 raise ValueError(f"{key}: {path / fname}: '{theirs}' has shape {held[theirs]}, the model's "
                                  f"'{ours}' needs {need[ours]}")
             check_dtype(path / fname, theirs, ours)
+        if spec.get("model", {}).get("kind", "gpt") == "gpt":  # the layout fits: does it compute the same?
+            _check_llama_architecture(path, key, spec["model"])
         return
     file = path / WEIGHTS if path.is_dir() else path
     held = shapes(file)
