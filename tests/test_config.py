@@ -38,6 +38,14 @@ def test_configs_state_every_field():
         ("precision.dtype=fp4", "precision.dtype"),
         ("tasks.diffusion.export.quantize_int8=true", "tasks.diffusion: export.quantize_int8 is for the language"),
         ("tasks.lm.export.onnx=false", "tasks.lm.export: quantize_int8 quantizes the ONNX graph: it needs onnx"),
+        # torch refuses a beta of 1 in every worker; an infinite size and a model.init_from that is not
+        # a path were tracebacks; NCCL on CPU workers failed in every worker, retried
+        ("tasks.lm.optim.beta1=1.0", "tasks.lm.optim.beta1: Input should be less than 1 (got 1.0)"),
+        ("tasks.lm.optim.beta2=1.0", "tasks.lm.optim.beta2: Input should be less than 1 (got 1.0)"),
+        ("cluster.device_memory=inf", "cluster.device_memory: a memory size must be a finite number of bytes"),
+        ("cluster.device_memory=1e400", "cluster.device_memory: a memory size must be a finite number of bytes"),
+        ("tasks.lm.model.init_from=5", "tasks.lm.model.init_from: Input should be a valid string (got 5)"),
+        ("strategy.backend=nccl", "strategy.backend=nccl needs cluster.use_gpu=true: NCCL runs between GPUs"),
     ],
 )
 def test_bad_values_name_the_key(override, fragment):
@@ -45,6 +53,16 @@ def test_bad_values_name_the_key(override, fragment):
         validate(apply_overrides(tiny_raw(), [override]))
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_task_named_like_a_union_tag_keeps_its_name_in_errors():
+    """A task called `text` (or `gpt`, `ddp`): its name stayed out of the error's key with the
+    discriminated union's tags ("tasks.model.d_model"); only a tag after data, model or strategy goes."""
+    raw = tiny_raw()
+    raw["tasks"] = {"text": raw["tasks"]["lm"]}
+    raw["tasks"]["text"]["model"]["d_model"] = -5
+    with pytest.raises(ConfigError, match=r"^tasks\.text\.model\.d_model: Input should be greater than 0 \(got -5\)"):
+        validate(raw)
 
 
 def test_a_check_that_names_its_keys_is_not_prefixed_twice():

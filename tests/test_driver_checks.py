@@ -384,6 +384,25 @@ def test_use_gpu_on_a_local_ray_without_cuda_is_refused(no_cuda, monkeypatch):
     check_gpu_host(validate(tiny_raw(["cluster.use_gpu=true"])))
 
 
+def test_more_gpu_workers_than_the_machine_has_gpus_is_refused_on_the_local_ray(no_cuda, monkeypatch):
+    """One GPU a worker: 4 workers on a local Ray with 2 GPUs waited for ever (Ray has no autoscaler
+    there, and a startup timeout is retried). Refused naming the key and the count; an elastic run
+    needs GPUs for its fewest workers; a cluster is the cluster's business."""
+    from pipeline.distributed import check_gpu_host
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"^cluster\.num_workers=4 with cluster\.use_gpu=true needs a GPU per worker, "
+                                         r"and this machine has 2; .*set cluster\.num_workers to at most 2"):
+        check_gpu_host(validate(tiny_raw(["cluster.use_gpu=true", "cluster.num_workers=4"])))
+    with pytest.raises(ValueError, match=r"^cluster\.min_workers=3 with cluster\.use_gpu=true"):
+        check_gpu_host(validate(tiny_raw(["cluster.use_gpu=true", "cluster.num_workers=4", "cluster.min_workers=3"])))
+    check_gpu_host(validate(tiny_raw(["cluster.use_gpu=true", "cluster.num_workers=4", "cluster.min_workers=2"])))
+    check_gpu_host(validate(tiny_raw(["cluster.use_gpu=true", "cluster.num_workers=2"])))
+    check_gpu_host(validate(tiny_raw(["cluster.use_gpu=true", "cluster.num_workers=4",
+                                      "cluster.address=10.0.0.5:6379"])))
+
+
 def test_train_stage_refuses_use_gpu_without_cuda_before_any_run(no_cuda, tmp_path, built_data):
     from pipeline.flows.train import train_task
 

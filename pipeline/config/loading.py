@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 
 
 _UNION_TAGS = ("text", "images", "gpt", "dit", "unet", "ddp", "fsdp", "deepspeed", "horovod")
+_UNION_FIELDS = ("data", "model", "strategy")  # the discriminated unions those tags choose between
 
 
 def _keyed(loc: list[str], msg: str) -> str:
@@ -47,8 +48,11 @@ def _keyed(loc: list[str], msg: str) -> str:
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        # Drop pydantic's discriminated-union tags ("text", "gpt") from the dotted path.
-        loc = [str(p) for p in e["loc"] if p not in _UNION_TAGS]
+        # Drop pydantic's discriminated-union tags ("text", "gpt") from the dotted path: where they
+        # follow a union field (data, model, strategy), not a task someone named "text"
+        parts = [str(p) for p in e["loc"]]
+        loc = [p for i, p in enumerate(parts)
+               if not (p in _UNION_TAGS and i > 0 and parts[i - 1] in _UNION_FIELDS)]
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"

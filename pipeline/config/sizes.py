@@ -6,6 +6,7 @@ before anything heavy is loaded; the planner and the command line share the same
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {
@@ -37,6 +38,8 @@ def parse_size(value: int | float | str) -> int:
                 raise ValueError(f"expected a size such as 80GiB, 512MiB or a number of bytes (got {value!r})"
                                  ) from None
             number, unit = float(m.group(1)), m.group(2).lower()
+    if not math.isfinite(number):  # ("inf", "1e400": int() of it is an OverflowError, not one line)
+        raise ValueError(f"a memory size must be a finite number of bytes (got {value!r})")
     size = int(number * _UNITS[unit])
     if size <= 0:
         raise ValueError(f"a memory size must be positive (got {value!r})")

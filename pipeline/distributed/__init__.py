@@ -94,12 +94,21 @@ def check_gpu_host(cfg) -> None:
     CUDA device: Ray would wait for a GPU node for ever (its 'No available node types can fulfill
     resource request {GPU: 1}', the worker group's startup timing out again and again). One line,
     on the driver, before any Ray resource or MLflow run."""
-    if not cfg.cluster.use_gpu or torch.cuda.is_available() or not trains_on_local_ray(cfg.cluster):
+    if not cfg.cluster.use_gpu or not trains_on_local_ray(cfg.cluster):
         return
-    build = f"torch {torch.__version__}" + (", a CPU-only build" if torch.version.cuda is None
-                                           else f", built for CUDA {torch.version.cuda}, sees none")
-    raise ValueError(f"cluster.use_gpu=true, but this machine has no CUDA device ({build}) and training would run "
-                     "on the local Ray; set cluster.use_gpu=false or point RAY_ADDRESS at a GPU cluster")
+    if not torch.cuda.is_available():
+        build = f"torch {torch.__version__}" + (", a CPU-only build" if torch.version.cuda is None
+                                               else f", built for CUDA {torch.version.cuda}, sees none")
+        raise ValueError(f"cluster.use_gpu=true, but this machine has no CUDA device ({build}) and training would "
+                         "run on the local Ray; set cluster.use_gpu=false or point RAY_ADDRESS at a GPU cluster")
+    # one GPU a worker: the local Ray waits for ever for GPUs this machine does not have (an elastic
+    # run starts with its fewest)
+    fewest = cfg.cluster.min_workers or cfg.cluster.num_workers
+    if (gpus := torch.cuda.device_count()) < fewest:
+        what = "cluster.min_workers" if cfg.cluster.min_workers else "cluster.num_workers"
+        raise ValueError(f"{what}={fewest} with cluster.use_gpu=true needs a GPU per worker, and this machine has "
+                         f"{gpus}; training would run on the local Ray and wait for the others for ever: set {what} "
+                         f"to at most {gpus} (with parallel.tp/pp to fit the model), or point RAY_ADDRESS at a cluster")
 
 
 def gpu_cluster_warning(cfg) -> str | None:

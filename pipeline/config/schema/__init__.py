@@ -104,6 +104,10 @@ class PipelineConfig(Strict):
         check_compile(self)
         check_elastic(self)
         check_storage(self)
+        if getattr(self.strategy, "backend", "auto") == "nccl" and not self.cluster.use_gpu:
+            # (every worker failed to make its process group, and the attempt was retried)
+            raise ValueError("strategy.backend=nccl needs cluster.use_gpu=true: NCCL runs between GPUs; CPU workers "
+                             "use gloo (strategy.backend=auto picks the one that fits)")
         return self
 
     def task(self, name: str) -> TaskConfig:

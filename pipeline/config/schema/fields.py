@@ -16,6 +16,7 @@ NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+Decay = Annotated[float, Field(ge=0, lt=1)]  # a running average's decay (Adam's betas): 1 would never update
 
 
 def _options(annotation: Any) -> list[Any]:

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.config.schema.fields import (
+    Decay,
     Fraction,
     NonNegFloat,
     NonNegInt,
@@ -29,8 +30,8 @@ class OptimConfig(Strict):
     impl: Literal["auto", "torch", "fused", "apex"] = "auto"
     lr: PositiveFloat = 3e-4
     weight_decay: NonNegFloat = 0.1
-    beta1: Fraction = 0.9
-    beta2: Fraction = 0.95
+    beta1: Decay = 0.9  # in [0, 1) (torch refuses 1)
+    beta2: Decay = 0.95  # (rmsprop: its smoothing constant alpha)
     eps: PositiveFloat = 1e-8
     momentum: Fraction = 0.9  # sgd, rmsprop
     nesterov: bool = False  # sgd
