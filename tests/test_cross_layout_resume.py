@@ -119,3 +119,50 @@ def test_ddp_checkpoint_without_parameter_names_is_refused_under_pipeline_parall
     got = train("pp2", seed)
     assert got.get("error", "").startswith("CannotReshard: "), got.get("error")
     assert "parallel.pp=1" in got["error"] and "\n" not in got["error"]
+
+
+def _loss_scales(rank: int, world: int, root: str) -> dict[str, float]:
+    """fp16: a strategy whose loss scale overflow halved to 1024 saves a checkpoint, and a fresh
+    strategy of each layout loads it; the scale each one goes on with."""
+    from torch import nn
+
+    from pipeline.config.schema import DDPConfig, FSDPConfig
+    from pipeline.distributed import build_strategy
+    from pipeline.distributed.base import StepSettings
+    from pipeline.distributed.precision import Precision
+
+    def strategy(cfg):
+        s = build_strategy(cfg, Precision("fp16", torch.device("cpu")), torch.device("cpu"), StepSettings(2, 1, 1.0))
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+        model.init_weights = lambda: None  # (the sharded initialisation's hook: these weights are drawn already)
+        s.setup(model, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3))
+        return s
+
+    out = {}
+    for writer, wcfg in (("ddp", DDPConfig()), ("fsdp", FSDPConfig())):
+        s = strategy(wcfg)
+        with s.precision.autocast():  # one step, so there is optimizer state to resume
+            loss = s.model(torch.randn(2, 8)).float().pow(2).mean()
+        s.backward(loss)
+        s.clip_and_step(1.0)
+        s.precision.scaler.update(1024.0)  # as if overflows had halved it six times
+        folder = Path(root) / writer
+        s.save(folder, {})
+        torch.distributed.barrier()
+        for reader, rcfg in (("ddp", DDPConfig()), ("fsdp", FSDPConfig())):
+            t = strategy(rcfg)
+            t.load(folder, {})
+            t.precision.scaler.scale(torch.ones(()))  # (65536 here unless the load restored it)
+            out[f"{writer}->{reader}"] = float(t.precision.scaler.get_scale())
+    return out
+
+
+def test_fp16_loss_scale_goes_on_after_resume_in_and_across_layouts(tmp_path):
+    """FSDP2 saved no loss scale (DDP kept it in state.pt, which no other layout read): a resumed
+    fp16 run started again at 65536 and skipped steps on overflow until the scale came back down.
+    Every layout now writes scaler.json beside its state and reads it, whichever layout wrote it."""
+    from pipeline.runtime.local_group import run_group
+
+    for scales in run_group(_loss_scales, 2, str(tmp_path)):
+        assert scales == {"ddp->ddp": 1024.0, "ddp->fsdp": 1024.0, "fsdp->ddp": 1024.0, "fsdp->fsdp": 1024.0}

@@ -26,6 +26,7 @@ from torch import nn
 
 DCP_DIR = "dcp"
 LEGACY_DIRS = ("fsdp",)  # where FSDP2 checkpoints were written before every layout shared one format
+SCALER = "scaler.json"  # the fp16 loss scaler's state (`save_scaler`)
 _SECTIONS = ("model", "optim")  # the name-keyed, flat parts of `state` (tied aliases apply to these)
 
 
@@ -74,6 +75,26 @@ def save(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ex
     import torch.distributed.checkpoint as dcp
 
     dcp.save(state(model, optimizer, extra), checkpoint_id=str(directory / DCP_DIR))
+
+
+def save_scaler(directory: Path, state: dict[str, Any], write: bool) -> None:
+    """The fp16 loss scaler's state (its scale and growth tracker: the same on every rank), as
+    `scaler.json` beside any layout's state, written by the one rank `write` names: a run resumed
+    in this layout or another goes on with the scale it had, not a fresh 65536 that overflows again."""
+    if state and write:
+        import json
+
+        from pipeline.atomic import atomic_write_text
+
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(directory / SCALER, json.dumps(state))
+
+
+def load_scaler(directory: Path) -> dict[str, Any]:
+    """`save_scaler`'s state, or {} for a checkpoint without one (no fp16 scaler, or older)."""
+    import json
+
+    return json.loads((directory / SCALER).read_text()) if (directory / SCALER).is_file() else {}
 
 
 def load(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -87,9 +87,11 @@ class FSDPStrategy(Strategy):
 
     def save(self, directory: Path, extra: dict[str, Any]) -> None:
         dcp_state.save(directory, self.model, self.optimizer, extra)
+        dcp_state.save_scaler(directory, self.precision.state_dict(), write=dist.get_rank() == 0)
 
     def load(self, directory: Path, extra: dict[str, Any]) -> dict[str, Any]:
         extra = dcp_state.load(directory, self.model, self.optimizer, extra)  # in place, into this rank's shards
+        self.precision.load_state_dict(dcp_state.load_scaler(directory))
         self.precision.refresh_fp8_scales(self.model)
         return extra
 

@@ -251,11 +251,13 @@ class MeshStrategy(Strategy):
     # ------------------------------------------------------------------ state (collective)
     def save(self, directory: Path, extra: dict[str, Any]) -> None:
         dcp_state.save(directory, self.model, self.optimizer, extra)
+        dcp_state.save_scaler(directory, self.precision.state_dict(), write=self.rank == 0)
 
     def load(self, directory: Path, extra: dict[str, Any]) -> dict[str, Any]:
         # the last stage knows a tied head only as `head.weight`; other layouts save its
         # optimizer state under `embed.weight` (dcp_state.tied_aliases)
         extra = dcp_state.load(directory, self.model, self.optimizer, extra, ties=self._ties)
+        self.precision.load_state_dict(dcp_state.load_scaler(directory))
         self.precision.refresh_fp8_scales(self.model)
         return extra
 

@@ -43,12 +43,16 @@ class ReplicatedStrategy(Strategy):
             torch.save({"model": self._plain.state_dict(), "optimizer": self.optimizer.state_dict(),
                         "param_names": dcp_state.replicated_param_names(self._plain, self.optimizer),
                         "scaler": self.precision.state_dict(), "extra": extra}, directory / STATE)
+        # (also beside it, where a sharded or model-parallel layout resuming this checkpoint reads it)
+        dcp_state.save_scaler(directory, self.precision.state_dict(), write=self._rank() == 0)
 
     def load(self, directory: Path, extra: dict[str, Any]) -> dict[str, Any]:
         assert self.optimizer is not None
         if not (directory / STATE).is_file() and dcp_state.find(directory) is not None:
             # written by a sharded or model-parallel layout: DCP reads it whole, by name
-            return dcp_state.load(directory, self._plain, self.optimizer, extra)
+            extra = dcp_state.load(directory, self._plain, self.optimizer, extra)
+            self.precision.load_state_dict(dcp_state.load_scaler(directory))
+            return extra
         state = torch.load(directory / STATE, map_location=self.device, weights_only=True)
         self._plain.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
