@@ -181,3 +181,24 @@ def test_planner_suggests_checkpointing_by_op_before_full():
         cfg = validate(tiny_raw([*long, f"cluster.device_memory={memory}"]))
         with pytest.raises(ValueError, match=rf"^cluster.device_memory: .*; tasks.lm.trainer.{suggestion} would fit"):
             check_fits(cfg, "lm")
+
+
+def test_suggestions_are_only_layouts_the_config_can_train_with():
+    """With trainer.compile set, the suggestion search built a ZeRO-3 config, which compile refuses:
+    the plan died of a validation error about a strategy nobody asked for, where FSDP2 would fit.
+    Under fp8 it built DeepSpeed's precision without the emulation and died of "fp8 needs a GPU" (and
+    fp8 trains under ddp or fsdp only). Now each is a plan with a suggestion it can act on."""
+    from pipeline.distributed.planner.planning import check_fits, plan
+
+    base = ["cluster.num_workers=2", "tasks.lm.trainer.activation_checkpointing=full",
+            "tasks.lm.trainer.compile=blocks"]
+    ddp = plan(validate(tiny_raw(base)), "lm", workers=2, target="cpu", micro_batch=1, suggest=False).total
+    fsdp = plan(validate(tiny_raw([*base, "strategy.name=fsdp"])), "lm", workers=2, target="cpu", micro_batch=1,
+                suggest=False).total
+    assert fsdp < ddp
+    between = validate(tiny_raw([*base, f"cluster.device_memory={(ddp + fsdp) // 2}"]))
+    with pytest.raises(ValueError, match=r"nothing fits at micro-batch 1; strategy\.name=fsdp would fit"):
+        check_fits(between, "lm")
+    fp8 = validate(tiny_raw(["cluster.num_workers=2", "precision.dtype=fp8", "precision.fp8_emulate=true"]))
+    suggestion = plan(fp8, "lm", workers=2, device_memory="1KiB", target="cpu").suggestion
+    assert suggestion.startswith("nothing fits at micro-batch 1") and "deepspeed" not in suggestion

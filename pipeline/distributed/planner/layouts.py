@@ -119,7 +119,10 @@ def _ds_buckets(strategy: DeepSpeedConfig, precision: str, num_params: int) -> i
     from pipeline.distributed.deepspeed import DeepSpeedStrategy
     from pipeline.distributed.precision import Precision
 
-    config = DeepSpeedStrategy(strategy, Precision(precision, torch.device("cpu")), torch.device("cpu"),
+    # (the buckets do not depend on the precision's device: fp8 is asked for as the bf16 it computes in,
+    # so no device check refuses a plan made on a machine without float8 tensor cores)
+    dtype = "bf16" if precision == "fp8" else precision
+    config = DeepSpeedStrategy(strategy, Precision(dtype, torch.device("cpu")), torch.device("cpu"),
                                StepSettings(1, 1, 1.0)).ds_config(num_params)
     return int(config["zero_optimization"]["reduce_bucket_size"])
 

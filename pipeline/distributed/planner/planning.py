@@ -311,6 +311,21 @@ ALTERNATIVES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+def _runs_with(cfg: PipelineConfig, strategy: str, target: str) -> bool:
+    """Whether the precision can train under `strategy` at all (a suggestion the train stage would
+    refuse is none): fp8 runs under ddp or fsdp only, and DeepSpeed's fp16 needs a CPU with fp16
+    arithmetic when the target is the CPU."""
+    if strategy != "deepspeed":
+        return True
+    if cfg.precision.dtype == "fp8":
+        return False
+    if cfg.precision.dtype == "fp16" and target == "cpu":
+        from pipeline.distributed.deepspeed import cpu_fp16_supported
+
+        return cpu_fp16_supported()
+    return True
+
+
 def _suggest(cfg: PipelineConfig, task_name: str, workers: int, target: str, memory: int, p: MemoryPlan,
              manifest: dict[str, Any] | None) -> str:
     """One sentence: fine as is, the micro-batch to use, or a layout that would fit."""
@@ -342,7 +357,12 @@ def _suggest(cfg: PipelineConfig, task_name: str, workers: int, target: str, mem
         merged = {**{k: v for k, v in current.items() if k == "backend"}, **strat}
         if merged.get("name") == current.get("name") and all(current.get(k) == v for k, v in strat.items()):
             continue
-        tries.append((label, _with(cfg, merged)))
+        if not _runs_with(cfg, merged["name"], target):
+            continue
+        try:
+            tries.append((label, _with(cfg, merged)))
+        except ValueError:  # a layout the rest of the config refuses (compile with ZeRO-3): no suggestion
+            continue
     if ac != "full":
         tries.insert(0, (f"{key}.activation_checkpointing=full", _with(cfg, ac="full", task_name=task_name)))
         tries += [(f"{label} {key}.activation_checkpointing=full", _with(c, ac="full", task_name=task_name))
