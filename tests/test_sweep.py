@@ -13,7 +13,15 @@ import yaml
 
 from pipeline.config import ConfigError, validate
 from pipeline.config.loading import apply_overrides
-from pipeline.flows.sweep import SweepConfig, check_space, dvc_command, load_sweep, trial_config, tune_storage
+from pipeline.flows.sweep import (
+    SweepConfig,
+    check_space,
+    dvc_command,
+    load_sweep,
+    scored,
+    trial_config,
+    tune_storage,
+)
 from tests.conftest import ROOT, tiny_raw
 
 SPACE = {"metric": "val_loss", "num_samples": 3, "max_steps": 12, "eval_every": 3, "grace_period": 3,
@@ -197,6 +205,28 @@ def test_dvc_command_composes_into_a_valid_config():
 
 
 @pytest.mark.e2e
+def test_a_space_whose_trials_would_end_unvalidated_is_refused():
+    """max_steps 300 with eval_every 40: every trial's last 20 steps went unvalidated, each ranked on
+    its step-280 validation and counted as stopped by ASHA though it trained to the end."""
+    with pytest.raises(ValueError, match=r"max_steps \(300\) must be a multiple of eval_every \(40\): .* "
+                                              r"before its last 20 steps"):
+        SweepConfig.model_validate({**SPACE, "max_steps": 300, "eval_every": 40, "grace_period": 40})
+
+
+def test_trials_ranked_are_those_with_a_finite_validation_loss():
+    """A trial that ended with a NaN validation loss was picked as best when it came first (every
+    comparison with NaN is false, so min kept it); failed trials and trials without a loss are out."""
+    from types import SimpleNamespace
+
+    trials = [SimpleNamespace(error=None, metrics={"val_loss": float("nan")}, name="diverged"),
+              SimpleNamespace(error=None, metrics={"val_loss": 2.5}, name="good"),
+              SimpleNamespace(error=RuntimeError("x"), metrics={"val_loss": 1.0}, name="failed"),
+              SimpleNamespace(error=None, metrics={}, name="none"),
+              SimpleNamespace(error=None, metrics={"val_loss": 3.0}, name="worse")]
+    assert [t.name for t in scored(trials)] == ["good", "worse"]
+    assert min(scored(trials), key=lambda t: t.metrics["val_loss"]).name == "good"
+
+
 def test_tune_sweep_every_trial_an_mlflow_run(tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -222,6 +252,9 @@ def test_tune_sweep_every_trial_an_mlflow_run(tmp_path):
         for t in trials:
             assert {"tasks.lm.optim.lr", "tasks.lm.model.d_model"} <= set(t.data.params)
             assert "val_loss" in t.data.metrics
+            # at the training steps of its validations (3, 6, ...), as a train run's, not 1, 2, 3
+            steps = [m.step for m in client.get_metric_history(t.info.run_id, "val_loss")]
+            assert steps and all(step % SPACE["eval_every"] == 0 for step in steps), steps
         best = min(t.data.metrics["val_loss"] for t in trials)
         assert parent.data.metrics["best_val_loss"] == pytest.approx(best)
         assert parent.data.tags["best_command"] == command

@@ -89,6 +89,12 @@ class SweepConfig(Strict):
             raise ValueError("metric: trials report val_loss (the loop's validation loss)")
         if self.grace_period > self.max_steps or self.eval_every > self.max_steps:
             raise ValueError("grace_period and eval_every must not exceed max_steps")
+        if self.max_steps % self.eval_every:
+            # a trial reports at its validations: the last steps of every trial would go unvalidated,
+            # each trial ranked (and counted as stopped by ASHA) at an earlier step than it trained to
+            raise ValueError(f"max_steps ({self.max_steps}) must be a multiple of eval_every ({self.eval_every}): "
+                             "trials report at their validations, so each would be ranked before its last "
+                             f"{self.max_steps % self.eval_every} steps")
         if not self.space:
             raise ValueError("space: is empty; give at least one key to search, e.g. "
                              "tasks.lm.optim.lr: {loguniform: [0.0003, 0.003]}")
@@ -207,7 +213,10 @@ def _trial(point: dict[str, Any], *, base: dict[str, Any], task: str, sweep: dic
     class TuneSession(LocalSession):
         def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
             if "val_loss" in metrics:
-                tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "time"})
+                # timesteps_total: the step MLflow's callback logs each trial's metrics at (else its
+                # count of reports: 1, 2, 3 where the runs of the train stage show 50, 100, 150)
+                tune.report({**{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "time"},
+                             "timesteps_total": int(metrics["step"])})
 
     torch.set_num_threads(1)
     cfg = validate(trial_config(base, task, SweepConfig.model_validate(sweep), point))
@@ -244,6 +253,13 @@ def _parent_to_resume(client: Any, exp_id: str, name: str) -> Any | None:
     runs = client.search_runs([exp_id], f"attributes.run_name = '{name}' AND tags.sweep = '{name}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
+
+
+def scored(results: list[Any]) -> list[Any]:
+    """The trials that can be ranked: ended without an error, with a finite validation loss (a trial
+    whose validation diverged to NaN is none: `min` kept a NaN that came first, as every comparison
+    with it is false)."""
+    return [r for r in results if r.error is None and math.isfinite((r.metrics or {}).get("val_loss", math.nan))]
 
 
 def _end_unfinished_trials(client: Any, exp_id: str, parent_id: str) -> int:
@@ -316,7 +332,10 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
                                  shards=str(shards.resolve())),
             {"cpu": cfg.cluster.cpus_per_worker})
         if resume_id is not None:
-            # an unfinished sweep retries its failed trials; a finished one reruns nothing
+            # an unfinished sweep retries its failed trials; a finished one reruns nothing. Trial runs a
+            # hard kill (SIGKILL, a lost machine) left RUNNING are ended first: Tune starts new ones
+            if not finished:
+                _end_unfinished_trials(client, exp_id, parent_id)
             tuner = tune.Tuner.restore(path, trainable, resume_errored=not finished)
         else:
             tuner = tune.Tuner(
@@ -350,7 +369,7 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
                   f"resume from {path}", file=sys.stderr, flush=True)
             raise SystemExit(130)
         first_error = _error_line(failed[0].error) if failed else None
-        done = [r for r in finished if r.error is None and "val_loss" in r.metrics]
+        done = scored(finished)
         if not done:
             raise ConfigError(f"every trial failed ({len(failed)} of {len(results)}); the first: {first_error}")
         if failed:
