@@ -38,15 +38,16 @@ mkdir -p "$HOME/.ray" && (umask 077 && python -c 'import secrets; print(secrets.
 trap 'rm -f "$RAY_AUTH_TOKEN_PATH"' EXIT
 
 gpus=${SLURM_GPUS_PER_NODE:-0}
+gpus=${gpus##*:}  # a typed request (--gpus-per-node=a100:4) reads "a100:4": the count is after the colon
 cpus=${SLURM_CPUS_PER_TASK:-1}
 echo "Ray head on $head_node ($RAY_ADDRESS); ${#nodes[@]} nodes, $gpus GPUs and $cpus CPUs each"
 # The dashboard stays on the head's loopback: reach it with `ssh -L 8265:127.0.0.1:8265 $head_node`.
-srun --nodes=1 --ntasks=1 -w "$head_node" \
+srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus" -w "$head_node" \
   ray start --head --node-ip-address="$head_ip" --port="$port" --dashboard-host=127.0.0.1 \
   --num-cpus="$cpus" --num-gpus="$gpus" --block &
 sleep 20
 for node in "${nodes[@]:1}"; do
-  srun --nodes=1 --ntasks=1 -w "$node" \
+  srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus" -w "$node" \
     ray start --address="$RAY_ADDRESS" --num-cpus="$cpus" --num-gpus="$gpus" --block &
 done
 sleep 10
@@ -59,6 +60,12 @@ if [ "$#" -gt 0 ]; then
   fi
   "$@"
 else
-  python -m pipeline compose cluster=remote "cluster.num_workers=$(( ${#nodes[@]} * (gpus > 0 ? gpus : 1) ))"
+  # one worker per GPU; on an allocation without GPUs one CPU worker per node (cluster=remote asks for GPUs)
+  if [ "$gpus" -gt 0 ]; then
+    python -m pipeline compose cluster=remote "cluster.num_workers=$(( ${#nodes[@]} * gpus ))"
+  else
+    python -m pipeline compose cluster=remote "cluster.num_workers=${#nodes[@]}" cluster.use_gpu=false \
+      "cluster.cpus_per_worker=$cpus"
+  fi
   dvc repro
 fi

@@ -67,11 +67,13 @@ def test_kuberay_manifests(name):
     base = re.search(r"FROM rayproject/ray:([\d.]+)-", (CLUSTER / "Dockerfile").read_text()).group(1)
     assert spec["rayVersion"] == base == ray.__version__  # image, manifest and the tested Ray agree
     assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"  # the Jobs API is never exposed
+    # the operator's requests and its autoscaler carry the token (its Secret key is auth_token)
+    assert spec["authOptions"] == {"mode": "token", "secretName": "ray-auth"}
     for pod in _pods(doc):
         (container,) = pod["containers"]
         env = {e["name"]: e for e in container["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
-        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "ray-auth"  # not in the manifest
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "ray-auth", "key": "auth_token"}
         assert container["resources"]["limits"]
     workers = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert workers["resources"]["limits"]["nvidia.com/gpu"] == "4"
