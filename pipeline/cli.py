@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     rep = sub.add_parser("reproduce", help="re-run the pipeline at a version's commit and compare its metrics")
     rep.add_argument("ref", help="<model>@<alias> or <model>@<version>")
     rep.add_argument("--workdir", default=None, help="where to check the commit out (default: a temporary dir)")
-    rep.add_argument("--tolerance", type=float, default=1e-3, help="largest relative metric difference accepted")
+    rep.add_argument("--tolerance", type=float, default=1e-3,
+                     help="largest relative metric difference accepted (default 1e-3)")
     for p in (lin, pro, rep):
         p.add_argument("--params", default="params.yaml", help="where the tracking URI comes from")
         p.add_argument("--tracking-uri", default=None, help="overrides the config's tracking.uri")
@@ -94,11 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--model", default="export/lm",
                      help="an export folder (export/lm: weights and tokenizer) or a registry URI, e.g. "
                           "models:/pipeline-lm@champion")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--min-new-tokens", type=int, default=1)
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
+    gen.add_argument("--min-new-tokens", type=int, default=1,
+                     help="tokens to generate before the end-of-document token may end it (default 1)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     gen.add_argument("--top-k", type=int, default=0, help="0 = off")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="the sampling generator's seed (default 0)")
     gen.add_argument("--params", default="params.yaml", help="where a registry URI's tracking store comes from")
     gen.add_argument("--tracking-uri", default=None, help="overrides the config's tracking.uri")
     gen.add_argument("--connect-timeout", type=float, default=None,
@@ -154,15 +156,20 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_text(args.out, yaml.safe_dump(raw, sort_keys=False))  # DVC stages read it
             print(f"wrote {args.out}")
         else:
-            from pipeline.distributed import check_gpu_host
+            from pipeline.distributed import check_gpu_host, preflight
+            from pipeline.training.optim import check_kernels
 
             cfg = load_config(args.params)
             check_tasks(cfg, args.task)
-            try:  # the train stage refuses it on this machine; a job submitted to a GPU cluster runs it
-                check_gpu_host(cfg)
-            except ValueError as e:
-                print(f"warning: {e} (the train stage refuses it here; `pipeline submit` to a GPU cluster is fine)",
-                      file=sys.stderr)
+            # what this machine decides (a GPU, DeepSpeed or Horovod installed, CPU fp16, Apex): the train
+            # stage refuses it here, while a job submitted to a cluster that has them runs it
+            for check in (check_gpu_host, lambda c: preflight(c, c.cluster.use_gpu), check_kernels):
+                try:
+                    check(cfg)
+                except ValueError as e:
+                    print(f"warning: {e} (the train stage refuses it on this machine; `pipeline submit` to a "
+                          "cluster that has it is fine)", file=sys.stderr)
+                    break  # (one line: the checks after it assume it passed)
             print(f"{args.params}: ok")
     except _known_errors() as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

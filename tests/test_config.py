@@ -46,6 +46,9 @@ def test_configs_state_every_field():
         ("cluster.device_memory=1e400", "cluster.device_memory: a memory size must be a finite number of bytes"),
         ("tasks.lm.model.init_from=5", "tasks.lm.model.init_from: Input should be a valid string (got 5)"),
         ("strategy.backend=nccl", "strategy.backend=nccl needs cluster.use_gpu=true: NCCL runs between GPUs"),
+        # a Hydra group option given where params.yaml is overridden: how to compose it instead
+        ("model@tasks.lm.model=gpt_7b", "a group option (model@tasks.lm.model=gpt_1b) is chosen when configs/ is "
+                                        "composed: `pipeline plan --compose`"),
     ],
 )
 def test_bad_values_name_the_key(override, fragment):

@@ -424,7 +424,29 @@ def test_pipeline_validate_warns_of_use_gpu_without_cuda(no_cuda, tmp_path, caps
     out = capsys.readouterr()
     err = out.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: cluster.use_gpu=true, but this machine has no CUDA device")
-    assert "(the train stage refuses it here" in err[0] and out.out.strip().endswith(": ok")
+    assert "(the train stage refuses it on this machine" in err[0] and out.out.strip().endswith(": ok")
+
+
+def test_pipeline_validate_warns_of_what_this_machine_lacks(tmp_path, capsys):
+    """`pipeline validate` said ok to a config the train stage then refused on the same machine for
+    what the machine lacks (Apex, DeepSpeed's CPU fp16, ...): it now runs those checks too, as a
+    warning (a cluster that has them runs the config), while a config it can train says nothing."""
+    from pipeline.cli import main
+    from pipeline.training.optim import apex_available
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_raw(["tasks.lm.optim.impl=apex"]), sort_keys=False))
+    main(["validate", "--params", str(params)])
+    out = capsys.readouterr()
+    if not apex_available():
+        assert out.err.strip().splitlines() == [
+            "warning: tasks.lm.optim.impl: 'apex' was asked for, but NVIDIA Apex is not installed here; install it, "
+            "or use auto/torch (the train stage refuses it on this machine; `pipeline submit` to a cluster that has "
+            "it is fine)"]
+    assert out.out.strip().endswith(": ok")
+    params.write_text(yaml.safe_dump(tiny_raw(), sort_keys=False))
+    main(["validate", "--params", str(params)])
+    assert capsys.readouterr().err == ""
 
 
 def test_use_gpu_on_a_cluster_without_gpus_is_a_warning(monkeypatch):

@@ -131,7 +131,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
                 known = sorted(k for k, v in node.items() if isinstance(v, dict))
                 parent = ".".join(parts[:i]) or "the config"
                 listed = f"; {parent} has: {', '.join(known)}" if 0 < len(known) <= 12 else ""
-                raise ConfigError(f"{key}: unknown key (no section '{where}'{listed})")
+                group = ("; a group option (model@tasks.lm.model=gpt_1b) is chosen when configs/ is composed: "
+                         "`pipeline plan --compose`, `pipeline compose` or `dvc exp run -S`") if "@" in key else ""
+                raise ConfigError(f"{key}: unknown key (no section '{where}'{listed}){group}")
             node = node[p]
         try:
             parsed = yaml.safe_load(value)
