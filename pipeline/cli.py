@@ -265,6 +265,12 @@ def _plan_command(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def job_entrypoint(remainder: list[str]) -> list[str]:
+    """The command `pipeline submit ... -- CMD` runs (default `dvc repro`): only the separator before
+    it goes; a `--` the command passes on to its own program stays (all of them were dropped)."""
+    return (remainder[1:] if remainder[:1] == ["--"] else remainder) or ["dvc", "repro"]
+
+
 def _open_store(args: argparse.Namespace) -> None:
     """Point MLflow at the tracking store of `--tracking-uri` or the config, once it is known to be
     there: a SQLite file that does not exist (MLflow would create an empty store to look in) or a
@@ -356,7 +362,7 @@ def _job_command(args: argparse.Namespace) -> None:
         return
     if args.cmd == "submit":
         cfg = load_config(args.params)  # a bad config fails here, before the cluster is asked for anything
-        entry = [a for a in args.entrypoint if a != "--"] or ["dvc", "repro"]
+        entry = job_entrypoint(args.entrypoint)
         if entry == ["dvc", "repro"]:  # every task trains: each must be able to, before the cluster works for hours
             check_tasks(cfg, None)
         env = {}

@@ -162,6 +162,38 @@ def test_submit_address_option_beats_ray_address(monkeypatch):
     assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:7"
 
 
+def test_a_head_whose_ray_start_exited_reports_why(tmp_path):
+    """`ray start --head --block` that exits at once (a port taken, say): `_wait_up`'s error carries
+    the head's log tail; stopping the head then killed a process group that was already gone, and
+    its ProcessLookupError replaced that error."""
+    head = LocalHead(log=tmp_path / "head.log", start_timeout_s=5)
+    head._proc = subprocess.Popen(["sh", "-c", "echo 'ray start failed: port in use'; exit 1"],
+                                  stdout=head.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    head._proc.wait()
+    with pytest.raises(Exception) as err:
+        try:
+            head._wait_up()
+        except BaseException:
+            head.__exit__(None, None, None)  # as __enter__ does
+            raise
+    assert not isinstance(err.value, ProcessLookupError) and "port in use" in str(err.value)
+
+
+def test_submit_keeps_the_commands_own_double_dashes():
+    """`pipeline submit -- python tool.py -- --flag`: only the separator before the command goes (every
+    `--` was dropped, so `--flag` reached the tool as one of its options); nothing given is dvc repro."""
+    import argparse
+
+    from pipeline.cli import job_entrypoint
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("entrypoint", nargs=argparse.REMAINDER)
+    given = parser.parse_args(["--", "python", "tool.py", "--", "--flag"]).entrypoint  # as `submit` parses it
+    assert job_entrypoint(given) == ["python", "tool.py", "--", "--flag"]
+    assert job_entrypoint(["python", "-m", "stages.train", "lm"]) == ["python", "-m", "stages.train", "lm"]
+    assert job_entrypoint([]) == job_entrypoint(["--"]) == ["dvc", "repro"]
+
+
 # --- job commands: an ordinary mistake is one line naming the job and the address (exit 2) ---
 
 _NO_JOB = "Request failed with status code 404: Job nope does not exist."

@@ -78,6 +78,34 @@ def test_damaged_latest_checkpoint_resumes_from_the_newest_intact_one(built_data
     verify_checkpoint(run / "checkpoint_00000006")  # rewritten whole
 
 
+def test_damaged_later_checkpoints_are_set_aside_once_the_resumed_run_writes_its_own(tmp_path, capsys):
+    """Steps 100 (intact), 200 and 300 (damaged), keep_last_k=2: the run resumes from 100 and writes
+    150. Pruning kept the two highest steps, the damaged ones, and deleted 150 and 100, so the next
+    resume found nothing intact. Later steps are now set aside (`.damaged`, kept to look into)."""
+    root = tmp_path / "run"
+
+    def checkpoint(folder: Path, step: int) -> Path:
+        folder.mkdir(parents=True)
+        (folder / STATE).write_bytes(os.urandom(1000))
+        seal_checkpoint(folder, 0, 1, {"step": step})
+        return folder
+
+    for step in (100, 200, 300):
+        checkpoint(root / f"checkpoint_{step:08d}", step)
+    for step in (200, 300):
+        _truncate(root / f"checkpoint_{step:08d}" / STATE)
+    session = LocalSession(root, keep_last_k=2)
+    with session.latest_checkpoint() as latest:
+        assert latest.name == "checkpoint_00000100"
+    session.report({"step": 150}, checkpoint(tmp_path / "written", 150))
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000100", "checkpoint_00000150",
+                                                      "checkpoint_00000200.damaged", "checkpoint_00000300.damaged"]
+    capsys.readouterr()
+    with LocalSession(root).latest_checkpoint() as latest:
+        assert latest.name == "checkpoint_00000150"
+    assert "is damaged" not in capsys.readouterr().out
+
+
 def test_damaged_checkpoints_with_none_intact_stop_in_one_line(tmp_path):
     root = tmp_path / "run"
     for step in (3, 6):

@@ -95,11 +95,14 @@ class LocalHead:
     def __exit__(self, *exc: object) -> None:
         if self._proc is None:
             return
-        os.killpg(self._proc.pid, signal.SIGTERM)
+        # (a head whose `ray start` already exited has no group left: its error, not this, is the news)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGTERM)
         try:
             self._proc.wait(timeout=10)  # `ray start --block` can take 30 s to stop cleanly; it is our own group
         except subprocess.TimeoutExpired:
-            os.killpg(self._proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
         # `ray start --block` returns before its GCS has finished shutting down; wait for the port
         # to close so that nothing started next finds a half-dead cluster.

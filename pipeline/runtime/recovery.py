@@ -22,10 +22,9 @@ from pipeline.training.checkpoint import (
     nothing_intact,
     read_meta,
 )
-from pipeline.training.session import finish_interrupted_replace
+from pipeline.training.session import SET_ASIDE, finish_interrupted_replace
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's registered checkpoints
-SET_ASIDE = ".damaged"
 
 
 def storage_root(cfg: PipelineConfig) -> str:

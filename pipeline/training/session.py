@@ -52,6 +52,7 @@ class _LiveSteps:
 
 # a step's folder, or its copy moved aside (.old); not a staging (.tmp) or set-aside (.damaged) one
 _STEP_DIR = re.compile(r"checkpoint_\d+(\.old)?$")
+SET_ASIDE = ".damaged"  # a checkpoint folder renamed so, kept to look into, is never resumed from
 
 
 class LocalSession(_LiveSteps):
@@ -110,6 +111,14 @@ class LocalSession(_LiveSteps):
                 dest.rename(aside)
             staging.rename(dest)
             shutil.rmtree(aside, ignore_errors=True)
+            # checkpoints of later steps are those a resume passed over as damaged (an intact one would
+            # have been resumed from): set aside, so they neither count among the newest k, which
+            # deleted this run's only intact checkpoints, nor stop the next resume
+            for later in self._complete():
+                if int(later.name.removesuffix(".old").split("_")[1]) > metrics["step"]:
+                    target = later.with_name(later.name.removesuffix(".old") + SET_ASIDE)
+                    shutil.rmtree(target, ignore_errors=True)
+                    later.rename(target)
             if self.keep_last_k:
                 for old in self._complete()[:-self.keep_last_k]:
                     shutil.rmtree(old, ignore_errors=True)
