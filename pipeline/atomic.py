@@ -242,6 +242,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def as_open_creates(path: Path | str) -> None:
+    """Give a file the mode `open()` creates files with (0666 less the umask). mkstemp's private
+    0600, which safetensors' own writer also uses, would stay with the artifact through the rename
+    and `copy2`: a model folder on shared storage unreadable to a serving account or a colleague."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

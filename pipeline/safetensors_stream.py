@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.atomic import as_open_creates
+
 # safetensors' dtype names (the format's spec, safetensors/src/tensor.rs)
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -60,6 +62,7 @@ def write_streamed(path: Path | str, specs: Mapping[str, Spec], tensors: Iterabl
     head, offsets = header(specs, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    as_open_creates(tmp)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(head)

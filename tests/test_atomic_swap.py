@@ -214,3 +214,33 @@ def test_a_writer_killed_right_after_the_exchange_leaves_the_new_folder(tmp_path
     with pytest.raises(RuntimeError), atomic_dir(target):
         raise RuntimeError("a later writer that fails")
     assert _names(tmp_path) == ["out"] and (target / "data.txt").read_text() == "v2"
+
+
+def test_weights_files_are_readable_as_the_umask_allows(tmp_path):
+    """`model.safetensors` came out 0600 (mkstemp's mode in the streamed writer, and safetensors'
+    own writer's), whatever the umask, and the export copies it with its mode: a model folder on
+    shared storage was unreadable to a serving account or a colleague. Weights are now created as
+    every other artifact file is, 0666 less the umask."""
+    import stat
+
+    import torch
+
+    from pipeline.models.hf import write_safetensors
+    from pipeline.safetensors_stream import write_streamed
+    from pipeline.training.checkpoint import WEIGHTS, write_model
+
+    before = os.umask(0o022)
+    try:
+        write_model(tmp_path / "model", {"w": torch.ones(2, 2)}, {"kind": "test"})
+        tensor = torch.zeros(3)
+        write_streamed(tmp_path / "streamed.safetensors", {"t": (tensor.dtype, tuple(tensor.shape))}, [("t", tensor)])
+        hf_files = [tmp_path / name for name in write_safetensors({"a": torch.ones(8), "b": torch.ones(8)},
+                                                                 tmp_path, max_bytes=40)]  # two files, an index
+        os.umask(0o077)
+        write_model(tmp_path / "private", {"w": torch.ones(2, 2)}, {"kind": "test"})
+    finally:
+        os.umask(before)
+    assert len(hf_files) == 3
+    for path in (tmp_path / "model" / WEIGHTS, tmp_path / "streamed.safetensors", *hf_files):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert stat.S_IMODE((tmp_path / "private" / WEIGHTS).stat().st_mode) == 0o600  # the umask still rules

@@ -374,3 +374,72 @@ def test_job_mistakes_against_a_real_head(ray_head, capsys):
     while (state := jobs.status(job_id, ray_head)).status not in jobs.TERMINAL and time.monotonic() < deadline:
         time.sleep(0.5)
     assert state.status == "FAILED" and state.message == "Job entrypoint command failed with exit code 3", state
+
+
+def test_this_machines_ray_token_is_not_sent_in_clear_text_to_another_host(tmp_path, monkeypatch, capsys):
+    """The job commands sent ~/.ray/auth_token (this machine's own cluster's token) as a Bearer
+    header to whatever address they were given, plain http to another host included. It now goes
+    only where the request stays private (https, or loopback: a real Jobs API stand-in on
+    127.0.0.1 sees it), or where RAY_AUTH_MODE=token says to send it; a token the user names
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) is sent wherever they point it."""
+    import http.server
+    import json
+    import threading
+
+    from pipeline.runtime import jobs
+
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("LOCAL-TOKEN\n")
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_JOBS_ADDRESS", "RAY_ADDRESS",
+                 "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    remote = "http://10.20.30.40:8265"
+    assert jobs.auth_token(remote) is None
+    assert capsys.readouterr().err.startswith(f"not sending this machine's Ray token ({home / '.ray' / 'auth_token'}) "
+                                              f"to {remote} in clear text")
+    for private in ("http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265", "https://10.20.30.40"):
+        assert jobs.auth_token(private) == "LOCAL-TOKEN", private
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert jobs.auth_token(remote) == "LOCAL-TOKEN"
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    (tmp_path / "named").write_text("NAMED\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "named"))
+    assert jobs.auth_token(remote) == "NAMED"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "GIVEN")
+    assert jobs.auth_token(remote) == "GIVEN"
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+
+    seen: list[str | None] = []
+
+    class Head(http.server.BaseHTTPRequestHandler):  # the Jobs API's version answer, as a Ray head gives it
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("authorization"))
+            body = json.dumps({"version": "4", "ray_version": "2.60.0", "ray_commit": "x",
+                               "session_name": "s"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Head)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        jobs.client(f"http://127.0.0.1:{server.server_address[1]}")
+        assert seen and set(seen) == {"Bearer LOCAL-TOKEN"}
+        # Ray's client goes to RAY_API_SERVER_ADDRESS over RAY_ADDRESS: the token is judged for that host
+        monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+        monkeypatch.setenv("RAY_API_SERVER_ADDRESS", remote)
+        assert jobs.jobs_address() == remote and jobs.auth_token(jobs.jobs_address()) is None
+        seen.clear()
+        monkeypatch.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{server.server_address[1]}")
+        jobs.client()  # (the address both the client and the token check take)
+        assert seen and set(seen) == {"Bearer LOCAL-TOKEN"}
+    finally:
+        server.shutdown()

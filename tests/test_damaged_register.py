@@ -105,6 +105,8 @@ def test_damaged_evaluate_refuses_non_finite_metrics(tmp_path, monkeypatch, stor
         pass
     (model_dir / RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": store}))
     (metrics_dir / "eval.json").write_text('{"val_loss": 3.0}')
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "sample.txt").write_text("the last good sample\n")  # a report of the last evaluation
     monkeypatch.setattr(flow, "load_model", lambda d: (torch.nn.Linear(1, 1), {"task": "lm"}))
     nan = float("nan")
     monkeypatch.setattr(lm_eval, "evaluate_lm", lambda *a: ({"val_loss": nan, "val_perplexity": nan,
@@ -112,7 +114,31 @@ def test_damaged_evaluate_refuses_non_finite_metrics(tmp_path, monkeypatch, stor
     with pytest.raises(ValueError, match=r"^evaluation gave non-finite val_loss=nan, val_perplexity=nan: "):
         evaluate(validate(tiny_raw()).task("lm"), model_dir, tmp_path / "shards", metrics_dir, tmp_path / "r")
     assert (metrics_dir / "eval.json").read_text() == '{"val_loss": 3.0}' and not (metrics_dir / EVAL_RUN).exists()
+    assert (tmp_path / "r" / "sample.txt").read_text() == "the last good sample\n"  # (it was replaced)
     assert mlflow.MlflowClient(store).get_run(run.info.run_id).data.metrics == {}  # nothing logged to the run either
+
+
+def test_damaged_sample_grid_write_leaves_the_last_grid_whole(tmp_path, monkeypatch):
+    """reports/<task>/samples.png (a DVC output and plot) was written by PIL straight into place: a
+    kill or a full disk mid-save left a truncated PNG where the last good one was. It is encoded
+    first and swapped in whole: a failing encoder leaves the last grid as it was."""
+    from PIL import Image
+
+    from pipeline.evaluation.diffusion import save_grid
+
+    path = tmp_path / "samples.png"
+    save_grid(torch.zeros(4, 1, 8, 8), 2, path)
+    good = path.read_bytes()
+    assert Image.open(path).size == (2 * 34 + 2, 2 * 34 + 2)
+
+    def full_disk(image, fp, filename, *args, **kwargs):  # the encoder writes part, then the disk is full
+        fp.write(good[:33])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(Image.SAVE, "PNG", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_grid(torch.ones(4, 1, 8, 8), 2, path)
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["samples.png"]
 
 
 def test_damaged_evaluation_the_run_did_not_get_is_not_paired_with_it(tmp_path, monkeypatch, store):
@@ -278,6 +304,24 @@ def test_damaged_registry_name_fails_validation(name, message):
     raw["tasks"]["lm"]["registry"]["name"] = name
     with pytest.raises(ConfigError, match=rf"^tasks\.lm\.registry\.name: .*{message}"):
         validate(raw)
+
+
+@pytest.mark.parametrize("task, metric", [("lm", "val_los"), ("lm", "val_denoise_loss"),
+                                          ("diffusion", "val_loss"), ("diffusion", "sample_accuracy")])
+def test_damaged_registry_metric_fails_validation(task, metric):
+    """A metric the evaluate stage does not write was found by the register stage, after training,
+    evaluation and export had all run; it is one line at validation now, naming those it writes
+    (the diffusion classifier's scores only with eval.samples_per_class > 0)."""
+    raw = tiny_raw()
+    raw["tasks"][task]["registry"]["metric"] = metric
+    if metric == "sample_accuracy":
+        raw["tasks"][task]["eval"]["samples_per_class"] = 0
+    with pytest.raises(ConfigError, match=rf"^tasks\.{task}: registry\.metric: '{metric}' is not a metric the "
+                                          r"evaluate stage writes for this task \(it writes .*_loss"):
+        validate(raw)
+    if metric == "sample_accuracy":  # scored samples: then it is one
+        raw["tasks"][task]["eval"]["samples_per_class"] = 2
+        assert validate(raw).task(task).registry.metric == metric
 
 
 def test_damaged_registry_name_is_one_line_from_pipeline_validate(tmp_path, capsys):

@@ -116,7 +116,8 @@ def test_init_weights_of_another_size_are_named_on_the_driver(tmp_path):
     one line naming the file, the tensor and both shapes."""
     from safetensors.torch import load_file
 
-    from pipeline.training.checkpoint import WEIGHTS, check_init_weights, write_model
+    from pipeline.training.checkpoint import WEIGHTS, write_model
+    from pipeline.training.init_weights import check_init_weights
 
     small, big = _spec(), _spec("tasks.lm.model.d_model=128")
     file = _save_weights(big, tmp_path / "big.safetensors")
@@ -143,7 +144,7 @@ def test_init_weights_of_a_fused_layout_pass_the_shape_check(tmp_path):
     out of the fused tensor, and the check takes them the same way."""
     from safetensors.torch import load_file, save_file
 
-    from pipeline.training.checkpoint import check_init_weights
+    from pipeline.training.init_weights import check_init_weights
 
     spec = _spec()
     state = load_file(str(_save_weights(spec, tmp_path / "split.safetensors")))
@@ -173,7 +174,7 @@ def test_init_weights_of_a_fused_layout_pass_the_shape_check(tmp_path):
 def test_init_hf_checkpoint_shapes_are_checked_by_its_own_names(tmp_path):
     """A Hugging Face Llama folder is read by its names (the loader's mapping); a tensor of
     another shape is named by both names."""
-    from pipeline.training.checkpoint import check_init_weights
+    from pipeline.training.init_weights import check_init_weights
 
     llama = make_tiny_llama(tmp_path / "llama")
     spec = _spec(f"tasks.lm.model.init_from={llama}")

@@ -34,6 +34,13 @@ def test_dvc_repro_end_to_end(tmp_path):
     lm = json.loads((project / "metrics/lm/eval.json").read_text())
     diff = json.loads((project / "metrics/diffusion/eval.json").read_text())
     assert 1 < lm["val_perplexity"] < 400 and diff["test_denoise_loss"] > 0
+    from pipeline.config import load_config
+    from pipeline.config.schema import eval_metrics
+
+    params = load_config(project / "params.yaml")  # what registry.metric may name is what evaluate wrote
+    for task, written in (("lm", lm), ("diffusion", diff)):
+        tcfg = params.task(task)
+        assert sorted(written) == sorted(eval_metrics(tcfg.data.kind, tcfg.eval.samples_per_class)), task
     png = project / "reports/diffusion/samples.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for task in ("lm", "diffusion"):  # the train stage's loss curves

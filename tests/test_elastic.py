@@ -286,3 +286,48 @@ if __name__ == "__main__":
     import sys
 
     _cluster_run(Path(sys.argv[1]).resolve(), Path(sys.argv[2]))
+
+
+def test_elastic_validation_loss_is_the_same_at_any_rank_count_and_accumulation():
+    """The diffusion validation loss drew its timesteps and noise from a generator seeded by the
+    rank, for the rank's slice: the same weights on the same rows gave 1.058 on one rank and 1.152
+    on two, so an elastic resize moved the loss the best weights and early stopping compare. Now
+    each row's draws are fixed by its position (`Task.fix_draws`): the ranks' mean at 1, 2 or 4
+    replicas, and under accumulation, is one number. (The ranks here are the slices
+    `validation_loss` reads for a strategy's dp_rank and dp_size; the averaging over real ranks is
+    the loop's.)"""
+    from functools import partial
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from pipeline.distributed.base import StepSettings, Strategy
+    from pipeline.distributed.precision import Precision
+    from pipeline.tasks import task_named
+    from pipeline.training.validation import validation_loss
+
+    task = task_named("diffusion")
+    cfg = validate(tiny_raw(["tasks.diffusion.model.kind=dit"]))
+    torch.manual_seed(0)
+    model = task.build(task.model_spec(cfg.task("diffusion"), {"image_shape": [1, 8, 8], "num_classes": 10}))
+    with torch.no_grad():  # off adaLN-Zero's zero output, so the prediction depends on the draws
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rng = np.random.default_rng(0)
+    val = {"image": rng.uniform(-1, 1, (48, 1, 8, 8)).astype(np.float32), "label": rng.integers(0, 10, 48)}
+
+    def rank_view(rank: int, size: int, accum: int) -> SimpleNamespace:  # one rank's view of a strategy
+        view = SimpleNamespace(model=model, dp_rank=rank, dp_size=size, settings=StepSettings(accum, 1, 1.0),
+                               precision=Precision("fp32", torch.device("cpu")))
+        view.eval_loss = partial(Strategy.eval_loss, view)  # the base class's: micro-batches as the step cuts them
+        return view
+
+    def mean(size: int, accum: int = 1) -> float:
+        return float(np.mean([validation_loss(task, rank_view(rank, size, accum), val, 16, 3, torch.device("cpu"), 7)
+                              for rank in range(size)]))
+
+    one = mean(1)
+    for size, accum in ((2, 1), (4, 1), (1, 4), (2, 2)):
+        assert mean(size, accum) == pytest.approx(one, rel=1e-6), (size, accum)
+    assert mean(1) == one and validation_loss(task, rank_view(0, 1, 1), val, 16, 3, torch.device("cpu"), 8) != one

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.config.schema import RegistryConfig, TrackingConfig
 from pipeline.export.load_alone import LoadAloneError, check_loads_alone
 from pipeline.export.onnx_export import export_onnx
-from pipeline.export.pyfunc import example_input, log_pyfunc
+from pipeline.export.pyfunc import PipelineModel, example_input, log_pyfunc
 from pipeline.tasks import task_for_spec
 from pipeline.tracking import mlflow_runs
 from pipeline.tracking.registry import CHALLENGER, CHAMPION, register
@@ -143,6 +143,18 @@ def test_model_that_needs_more_than_it_ships_does_not_load_alone(built_data, tmp
         check_loads_alone(folder, example_input(spec), expected)
 
 
+def _served_diffusion(d: Path) -> PipelineModel:
+    """The diffusion model folder `d` loaded as it is served, its weights moved off adaLN-Zero's
+    zero output so the sampler's settings and noise show in the samples."""
+    write_checksums(d)
+    served = PipelineModel()
+    served.load(d)
+    with torch.no_grad():
+        for p in served.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return served
+
+
 def test_served_diffusion_model_samples_as_evaluation_scored_and_names_bad_requests(built_data, tmp_path):
     """The served model sampled with 25 steps whatever the config, while evaluation (and the
     registry's metric) scored the configured sampler: its defaults are now the evaluated sampler
@@ -157,17 +169,18 @@ def test_served_diffusion_model_samples_as_evaluation_scored_and_names_bad_reque
 
     from pipeline.config.schema import EvalConfig
     from pipeline.evaluation.diffusion import sample_grid
-    from pipeline.export.pyfunc import SAMPLER, PipelineModel, sampler_defaults, sampler_settings
+    from pipeline.export.pyfunc import (
+        MAX_ROWS,
+        SAMPLER,
+        diffusion_params,
+        sampler_defaults,
+        sampler_settings,
+    )
 
     d, spec = _model_dir(tmp_path, built_data, "diffusion")
     evaluated = EvalConfig(sample_rows=2, sample_cols=2, sample_steps=7, sample_eta=0.5, guidance_scale=2.0)
     (d / SAMPLER).write_text(json.dumps(sampler_settings(evaluated)))  # as the export stage writes it
-    write_checksums(d)
-    served = PipelineModel()
-    served.load(d)
-    with torch.no_grad():  # off adaLN-Zero's zero output, so the sampler shows in the samples
-        for p in served.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    served = _served_diffusion(d)
     labels, images = sample_grid(served.model, evaluated, seed=0)
     got = served.predict(None, pd.DataFrame({"label": labels}), {"seed": 0})
     assert np.array_equal(got, images.flatten(1).numpy())
@@ -192,9 +205,41 @@ def test_served_diffusion_model_samples_as_evaluation_scored_and_names_bad_reque
         (pd.DataFrame({"label": [0]}), {"steps": 2.9}, r"^steps: an integer \(got 2\.9\)$"),
         (pd.DataFrame({"label": [0]}), {"steps": None}, r"^steps: an integer \(got None\)$"),
         (pd.DataFrame({"label": [0]}), {"seed": 2**70}, r"^seed: a 64-bit integer"),
+        (pd.DataFrame({"class": [0]}), {}, r"^label: the request has no `label` column \(got columns \['class'\]\)$"),
+        (pd.DataFrame({"label": [0] * (MAX_ROWS + 1)}), {}, rf"^label: {MAX_ROWS + 1} labels, at most {MAX_ROWS} a"),
     ]:
         with pytest.raises(ValueError, match=message):
             served.predict(None, frame, params)
+    # guidance mixes in an unconditional prediction only label dropout trains: refused without it
+    assert diffusion_params({"guidance": 2.0}, sampler_defaults(d, spec), timesteps, 0.1)["guidance"] == 2.0
+    with pytest.raises(ValueError, match=r"^guidance: this model was trained without dropping labels"):
+        diffusion_params({"guidance": 2.0}, sampler_defaults(d, spec), timesteps, 0.0)
+    # a default is what evaluation scored (an export from before the check may hold guidance 1.0): served
+    legacy = {"steps": 100, "eta": 0.0, "guidance": 1.0}
+    assert diffusion_params({}, legacy, timesteps, 0.0)["guidance"] == 1.0
+
+
+def test_served_diffusion_image_is_its_label_and_seed_alone(built_data, tmp_path):
+    """The starting noise and each step's noise were drawn for the whole request from one
+    generator, so a label's image changed with the other labels and its place among them (max
+    difference 2.0 in [-1, 1]). Now row i of a request is the image its label alone gets with
+    seed + i: the same in any request, across the request's batches of IMAGES_PER_BATCH, and a
+    label asked for twice gives two images."""
+    import pandas as pd
+
+    from pipeline.export.pyfunc import IMAGES_PER_BATCH
+
+    d, _ = _model_dir(tmp_path, built_data, "diffusion")
+    served = _served_diffusion(d)
+    labels = [i % served.model.num_classes for i in range(IMAGES_PER_BATCH + 3)]  # two batches
+    params = {"seed": 11, "steps": 3, "eta": 1.0}
+    together = served.predict(None, pd.DataFrame({"label": labels}), params)
+    for row in (0, 1, IMAGES_PER_BATCH + 2):
+        alone = served.predict(None, pd.DataFrame({"label": [labels[row]]}), {**params, "seed": 11 + row})
+        assert np.allclose(alone[0], together[row], atol=1e-5, rtol=0), row
+    twice = served.predict(None, pd.DataFrame({"label": [3, 3]}), params)
+    assert not np.allclose(twice[0], twice[1])
+    assert np.array_equal(served.predict(None, pd.DataFrame({"label": labels}), params), together)
 
 
 def test_champion_moves_only_when_better(built_data, tmp_path, mlflow_store):

@@ -114,5 +114,83 @@ def _run(shards: Path, out: Path) -> None:
     cluster.shutdown()
 
 
+def test_workers_that_cannot_start_end_the_run_in_one_line(built_data, tmp_path):
+    """A node where every worker dies as it starts (here its processes' setup hook raises, as a
+    node that cannot import the code does): Ray Train's default retried the start for ever inside
+    one `fit` (67 starts in two minutes, never returning). With `cluster.start_attempts=3` the run
+    ends after three starts with one line naming the cause."""
+    _, shards = built_data
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "tests.test_fault_tolerance", "cannot-start", str(shards["lm"]),
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["error"].startswith("ClusterUnavailable: [lm] the workers could not be started (3 attempts, "
+                                      "cluster.start_attempts): WorkerGroupStartupFailedError"), report
+    assert "\n" not in report["error"]
+    assert report["starts"] == 3, report  # each attempt started one worker on the broken node, then gave up
+
+
+def _cannot_start(shards: Path, out: Path) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.config import validate
+    from pipeline.runtime.connect import WORKER_ENV, worker_runtime_env
+    from pipeline.runtime.trainer import fit
+    from tests.conftest import tiny_raw
+
+    os.environ.update(WORKER_ENV)
+    starts = out / "starts.log"
+    starts.touch()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    cluster.add_node(num_cpus=1, env_vars={"PIPELINE_TEST_STARTS": str(starts)})
+    cluster.wait_for_nodes()
+    # every process of the job runs the hook: those on the broken node (the only one with CPUs) fail
+    hook = "tests.test_fault_tolerance.maybe_fail"
+    ray.init(address=cluster.address, runtime_env={**worker_runtime_env(), "worker_process_setup_hook": hook})
+    cfg = validate(tiny_raw([f"cluster.storage_path={out / 'runs'}", "cluster.num_workers=1",
+                             "cluster.start_attempts=3"]))
+    try:
+        fit(cfg, "lm", str(shards), "cannot-start")
+        error = "none"
+    except Exception as e:  # (the report says what it was)
+        error = f"{type(e).__name__}: {e}"
+    (out / "report.json").write_text(json.dumps({"error": error, "starts": len(starts.read_text().split())}))
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_only_start_failures_are_reported_as_workers_that_could_not_start():
+    """Ray retries two controller errors (a worker group that failed to start, or found no room in
+    time) `cluster.start_attempts` times; any other controller error (the controller's checkpoint
+    list on a full disk) is raised at its first occurrence and keeps its own message, not the
+    start-attempts line."""
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
+
+    from pipeline.runtime.trainer import _startup_failure
+
+    assert _startup_failure(ControllerError(WorkerGroupStartupFailedError("a worker died starting")))
+    assert _startup_failure(ControllerError(WorkerGroupStartupTimeoutError(2)))
+    assert not _startup_failure(ControllerError(OSError(28, "No space left on device")))
+    assert not _startup_failure(OSError(28, "No space left on device"))
+
+
+def maybe_fail() -> None:
+    """The job's setup hook: the project's own; on the broken node, a start counted and failed."""
+    from pipeline.quiet import quiet_ray_worker
+
+    quiet_ray_worker()
+    if os.environ.get("PIPELINE_TEST_STARTS"):
+        with open(os.environ["PIPELINE_TEST_STARTS"], "a") as f:
+            f.write("start\n")
+        raise RuntimeError("this node cannot set up a worker")
+
+
 if __name__ == "__main__":
-    _run(Path(sys.argv[1]).resolve(), Path(sys.argv[2]))
+    if sys.argv[1] == "cannot-start":
+        _cannot_start(Path(sys.argv[2]).resolve(), Path(sys.argv[3]))
+    else:
+        _run(Path(sys.argv[1]).resolve(), Path(sys.argv[2]))

@@ -105,7 +105,7 @@ def test_quantized_weights_are_refused_by_the_driver_check_and_the_reader(tmp_pa
     from pipeline.distributed.sharded_init import parameter_names
     from pipeline.models.gpt import GPT
     from pipeline.models.hf import HFCheckpoint
-    from pipeline.training.checkpoint import check_init_weights
+    from pipeline.training.init_weights import check_init_weights
 
     folder = _copy(llama, tmp_path)
     spec = _spec(folder, text_corpus)
@@ -130,7 +130,7 @@ def test_bin_only_folder_gets_the_conversion_hint_from_the_driver_check(tmp_path
     save_pretrained), not "model.safetensors is missing"."""
     from transformers import LlamaForCausalLM
 
-    from pipeline.training.checkpoint import check_init_weights
+    from pipeline.training.init_weights import check_init_weights
 
     folder = _copy(llama, tmp_path)
     spec = _spec(folder, text_corpus)
@@ -149,7 +149,7 @@ def test_llama_weights_under_trainer_init_from_need_the_checkpoints_architecture
     norm epsilon fine-tuned as another network from the first step. Each such field must now agree
     with its config.json (one line naming it and both values); the config `model.init_from` makes
     (the checkpoint's own architecture) passes, and so does a config set to match by hand."""
-    from pipeline.training.checkpoint import check_init_weights
+    from pipeline.training.init_weights import check_init_weights
 
     config = json.loads((llama / "config.json").read_text())
     folder = _copy(llama, tmp_path, rope_theta=None, rms_norm_eps=1e-5,  # (transformers 5 keeps theta in here:)
@@ -180,3 +180,111 @@ def test_exported_config_never_carries_quantization_or_a_window(llama, text_corp
     fields = hf_config(model, "llama", 305, 32, {"eos_token_id": 2}, "float32", source)
     assert "quantization_config" not in fields and "sliding_window" not in fields
     assert "attention_chunk_size" in fields and fields["attention_chunk_size"] is None
+
+
+# ----------------------------------------------------------------------------- which files are read
+@pytest.mark.parametrize("sharded_first", [True, False])
+def test_a_folder_holding_both_layouts_is_read_as_from_pretrained_reads_it(tmp_path, llama, text_corpus, sharded_first):
+    """save_pretrained, sharded then single-file (or the other way round), leaves the older layout
+    beside the newer: transformers reads model.safetensors whenever it is there, the index never.
+    The driver's check and the reader follow that order, so the run starts from the weights
+    from_pretrained gives, and a stale index whose shards are gone is no error."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from pipeline.models.hf import HFCheckpoint
+    from pipeline.training.init_weights import check_init_weights
+
+    folder = _copy(llama, tmp_path)
+    spec = _spec(folder, text_corpus)
+    original, other = LlamaForCausalLM.from_pretrained(llama), LlamaForCausalLM.from_pretrained(llama)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    (folder / "model.safetensors").unlink()
+    (other if sharded_first else original).save_pretrained(folder, **({"max_shard_size": "64KB"} if sharded_first
+                                                                        else {}))
+    (original if sharded_first else other).save_pretrained(folder, **({} if sharded_first
+                                                                      else {"max_shard_size": "64KB"}))
+    assert (folder / "model.safetensors").is_file() and (folder / "model.safetensors.index.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    read = dict(HFCheckpoint(folder, KEY).tensors())
+    assert read.keys() <= loaded.keys() and all(torch.equal(read[k], loaded[k]) for k in read)
+    check_init_weights(folder, KEY, spec)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    for shard in set(index["weight_map"].values()):  # the index's files: nothing reads them
+        (folder / shard).unlink(missing_ok=True)  # (save_pretrained may have removed them already)
+    check_init_weights(folder, KEY, spec)
+
+
+@pytest.mark.parametrize(("value", "named"), [
+    (1, r"weight_map\['model.embed_tokens.weight'\] is 1, not a file name"),
+    ("../elsewhere.safetensors", r"weight_map\['model.embed_tokens.weight'\] is '../elsewhere.safetensors', a file "
+                                 r"outside the checkpoint's folder"),
+    ("/tmp/elsewhere.safetensors", r"weight_map\['model.embed_tokens.weight'\] is '/tmp/elsewhere.safetensors', a "
+                                   r"file outside the checkpoint's folder"),
+])
+def test_an_index_mapping_a_tensor_to_no_file_of_its_folder_is_named(tmp_path, llama, text_corpus, value, named):
+    """A weight_map value that is not a string was a raw TypeError in every reader; an absolute or
+    `..` one read a file outside the checkpoint. Either is the index's damage, named by the driver's
+    check and by the reader."""
+    from transformers import LlamaForCausalLM
+
+    from pipeline.models.hf import HFCheckpoint
+    from pipeline.training.checkpoint import DamagedFile
+    from pipeline.training.init_weights import check_init_weights
+
+    folder = _copy(llama, tmp_path)
+    (folder / "model.safetensors").unlink()
+    LlamaForCausalLM.from_pretrained(llama).save_pretrained(folder, max_shard_size="64KB")
+    index = folder / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    content["weight_map"]["model.embed_tokens.weight"] = value
+    index.write_text(json.dumps(content))
+    damaged = rf"^{index} is damaged \(not a safetensors index \((TypeError|ValueError): {named}\)\)$"
+    with pytest.raises(DamagedFile, match=damaged):
+        check_init_weights(folder, KEY)
+    with pytest.raises(DamagedFile, match=damaged):
+        HFCheckpoint(folder, KEY)
+
+
+# ----------------------------------------------------------------------------- which key is named
+def test_the_worker_reader_names_the_key_that_gave_the_llama_folder(llama):
+    """A Llama folder may be `trainer.init_from` as well as `model.init_from`: the workers' loader
+    passes the key it was given to the reader, whose errors named `model.init_from` whatever the
+    config said."""
+    from pipeline.distributed.sharded_init import copy_from_safetensors
+
+    misfit = {"embed.weight": torch.empty(3, 3)}
+    shape = r": .*llama/model.safetensors: 'model.embed_tokens.weight' has shape \(300, 64\), the GPT's"
+    with pytest.raises(ValueError, match=rf"^trainer\.init_from{shape}"):
+        copy_from_safetensors(llama, misfit)
+    with pytest.raises(ValueError, match=rf"^tasks\.lm\.trainer\.init_from{shape}"):
+        copy_from_safetensors(llama, misfit, "tasks.lm.trainer.init_from")
+
+
+def test_the_sweep_names_damaged_init_weights_before_tune_ray_or_mlflow(tmp_path, monkeypatch, llama, text_corpus,
+                                                                        built_data):
+    """The sweep runs the train stage's driver-side check of its init_from weights before Tune
+    starts: a truncated download is one DamagedFile naming the file, not an unnamed
+    SafetensorError failing every trial; no Ray, Tune folder or MLflow run is created for it."""
+    import ray
+    import yaml
+
+    from pipeline.flows.sweep import run_sweep
+    from pipeline.training.checkpoint import DamagedFile
+
+    folder = _copy(llama, tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    store, db = tmp_path / "store", tmp_path / "mlruns.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_raw([f"tasks.lm.data.source={text_corpus}", f"cluster.storage_path={store}",
+                                               f"tasks.lm.trainer.init_from={folder}", f"tracking.uri=sqlite:///{db}"])))
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"num_samples": 2, "max_steps": 12, "eval_every": 3, "grace_period": 3,
+                                     "space": {"tasks.lm.optim.lr": {"loguniform": [3e-4, 3e-3]}}}))
+    was_up = ray.is_initialized()
+    with pytest.raises(DamagedFile, match=rf"^{weights} is damaged \(not a readable safetensors file"):
+        run_sweep(params, "lm", space, built_data[1]["lm"], 2, 0)
+    assert ray.is_initialized() == was_up and not store.exists() and not db.exists()

@@ -385,16 +385,20 @@ def test_hugging_face_export_keeps_a_source_eos_beside_the_tokenizers(tmp_path, 
     """A chat checkpoint's tokenizer may end documents with another token than config.json's
     eos_token_id (Llama-3-Instruct's `<|eot_id|>` beside `<|end_of_text|>`): prepare packs with
     the tokenizer's, and the export lists both as eos (transformers stops at either) instead of
-    refusing the folder after training."""
+    refusing the folder after training. generation_config.json lists both too: generate() and vLLM
+    read their stop tokens there, so a copy of the source's would never stop at the separator."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     chat = tmp_path / "chat"
     shutil.copytree(llama, chat)
-    config = json.loads((chat / "config.json").read_text())
-    (chat / "config.json").write_text(json.dumps({**config, "eos_token_id": 1}))  # not the tokenizer's </s> (2)
+    for name in ("config.json", "generation_config.json"):  # eos 1: not the tokenizer's </s> (2)
+        config = json.loads((chat / name).read_text())
+        (chat / name).write_text(json.dumps({**config, "eos_token_id": 1}))
     _prepared_and_exported(chat, text_corpus, tmp_path)
     tok, hf = AutoTokenizer.from_pretrained(tmp_path / "hf"), AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert tok.eos_token_id == 2 and hf.config.eos_token_id == [1, 2]
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == [1, 2]
+    assert hf.generation_config.eos_token_id == [1, 2]
 
 
 def test_hugging_face_check_refuses_a_tokenizer_whose_eos_is_not_config_eos(built_data, tmp_path):

@@ -204,3 +204,25 @@ def test_promote_accepts_mlflows_alias_names(registered):
 
     main(["promote", "m@2", "--alias", "v1-candidate_2", "--tracking-uri", registered])
     assert MlflowClient().get_model_version_by_alias("m", "v1-candidate_2").version in (2, "2")
+
+
+def test_git_state_is_clean_after_dvc_rewrote_its_lock(tmp_path):
+    """`dvc repro` rewrites dvc.lock after each stage, so the train stage ran with ` M dvc.lock` in a
+    clean checkout and tagged the run `git.dirty=true`: lineage never matched and reproduce warned of
+    a dirty tree. dvc.lock and .gitignore (what DVC rewrites) do not count; any other file does."""
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    for name in ("dvc.lock", ".gitignore", "train.py"):
+        (tmp_path / name).write_text("a\n")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    (tmp_path / "dvc.lock").write_text("b\n")
+    (tmp_path / ".gitignore").write_text("b\n")
+    assert git_state(tmp_path)["git.dirty"] == "false"
+    (tmp_path / "train.py").write_text("b\n")
+    assert git_state(tmp_path)["git.dirty"] == "true"

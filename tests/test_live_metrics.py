@@ -288,3 +288,99 @@ def test_fill_missing_keeps_each_entrys_own_time(tmp_path, monkeypatch):
     assert [logged[s] for s in (1, 2, 3)] == [int((t0 + 60 * s) * 1000) for s in (1, 2, 3)]
     assert logged[4] >= int(before * 1000)
     assert "train/time" not in client.get_run(run_id).data.metrics
+
+
+def test_a_terminated_training_ends_its_run_killed(tmp_path):
+    """SIGTERM (`pipeline stop`, a scheduler's pre-emption, `kill`) ended the process before any
+    `finally`, leaving the MLflow run RUNNING for ever; only Ctrl-C ended it KILLED. A real process
+    holding a run open as the train stage does, terminated: KILLED, exit status 128 + 15, one line."""
+    import subprocess
+    import sys
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import ROOT
+
+    store = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("term")).info.run_id
+    child = ("import sys, time, mlflow\n"
+             f"mlflow.set_tracking_uri({store!r})\n"
+             "from pipeline.tracking.mlflow_runs import system_metrics\n"
+             f"with system_metrics({run_id!r}):\n"
+             "    print('training', flush=True)\n"
+             "    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while (line := proc.stdout.readline()) and line.strip() != "training":
+            lines.append(line)
+        assert line.strip() == "training", "".join(lines)[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert len([line for line in out.splitlines() if "ends KILLED" in line]) == 1, out[-3000:]
+    mlflow.set_tracking_uri(None)
+
+
+def test_a_rerun_continues_its_mlflow_run_only_while_it_is_there(tmp_path, capsys, monkeypatch):
+    """The train stage continues the MLflow run an interrupted Ray run logged to (its id kept beside
+    the checkpoints). Resumed with other code, the run is tagged with the commit run.json records
+    (it kept the first attempt's, which `pipeline reproduce` then checked out), the earlier one kept
+    in `git.resumed_from`; a run deleted in the UI made every rerun fail, and now starts a new one
+    with one line; a store that answers an error for the run (a 503) stops the stage instead of
+    starting a second run that splits the training's metrics."""
+    import http.server
+    import threading
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import validate
+    from pipeline.flows.train import _mlflow_run, _run_to_continue
+    from pipeline.tracking.mlflow_runs import TrackingUnavailable
+    from tests.conftest import tiny_raw
+
+    store = f"sqlite:///{tmp_path}/m.db"
+    cfg = validate(tiny_raw([f"tracking.uri={store}", f"tracking.artifact_dir={tmp_path / 'artifacts'}"]))
+    run_dir = str(tmp_path / "runs" / "lm-abc")
+    try:
+        first = _mlflow_run(cfg, "lm", run_dir, {"git.commit": "a" * 40, "git.dirty": "true", "env.torch": "1"})
+        again = _mlflow_run(cfg, "lm", run_dir, {"git.commit": "b" * 40, "git.dirty": "false", "env.torch": "1"})
+        client = MlflowClient(store)
+        tags = client.get_run(first).data.tags
+        assert again == first and tags["git.commit"] == "b" * 40 and tags["git.dirty"] == "false"
+        assert tags["git.resumed_from"] == "a" * 40
+        client.delete_run(first)
+        capsys.readouterr()
+        fresh = _mlflow_run(cfg, "lm", run_dir, {"git.commit": "b" * 40})
+        assert fresh != first and client.get_run(fresh).info.lifecycle_stage == "active"
+        out = capsys.readouterr().out
+        assert f"MLflow run {first}, which this training logged to, was deleted: starting a new run" in out
+
+        class Unavailable(http.server.BaseHTTPRequestHandler):  # a tracking server that is overloaded
+            def do_GET(self) -> None:
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        mlflow.set_tracking_uri(f"http://127.0.0.1:{server.server_address[1]}")
+        try:
+            with pytest.raises(TrackingUnavailable, match=rf"^cannot read MLflow run {fresh}, which this training "
+                                                          r"logs to \(.*503.*\); nothing was trained"):
+                _run_to_continue(fresh, "lm")
+        finally:
+            server.shutdown()
+    finally:
+        mlflow.set_tracking_uri(None)

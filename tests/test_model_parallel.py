@@ -411,3 +411,54 @@ def test_tensor_parallel_and_pipeline_parallel_paths_at_world_size_one():
     losses = run_group(_world_one_rank, 1)[0]
     for name, got in losses.items():
         assert got == losses["ddp"], name
+
+
+def _stage_masks(rank: int, world: int, count_stages: bool) -> list[torch.Tensor]:
+    """A pp=2 (gpipe) GPT with dropout 0.5, one step of 2 micro-batches: the dropout masks this
+    rank's stage drew, its global RNG seeded as the loop seeds it (`dropout_seed`), with the stage
+    counted or, as before, not."""
+    from pipeline.config.schema import DDPConfig, GPTConfig, OptimConfig, ParallelConfig
+    from pipeline.distributed import StepSettings
+    from pipeline.distributed.mesh_strategy import MeshStrategy
+    from pipeline.distributed.precision import Precision
+    from pipeline.models.gpt import GPT
+    from pipeline.tasks.lm import LanguageModeling
+    from pipeline.training.loop import dropout_seed
+    from pipeline.training.optim import build_optimizer
+
+    device = torch.device("cpu")
+    strategy = MeshStrategy(DDPConfig(), Precision("fp32", device), device, StepSettings(2, 2, 1.0),
+                            ParallelConfig(pp=2, pp_schedule="gpipe"))
+    with torch.device("meta"):
+        model = GPT(GPTConfig(d_model=32, n_layers=2, n_heads=4, dropout=0.5), 64, 16)
+    torch.manual_seed(0)
+    strategy.setup(model, lambda m: build_optimizer(m, OptimConfig(lr=1e-2, warmup_steps=0)))
+    masks: list[torch.Tensor] = []
+    for module in strategy.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.register_forward_hook(lambda m, args, out: masks.append(out == 0))
+    strategy.model.train()
+    rows = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
+    micros = [{"x": rows[i::2, :-1], "y": rows[i::2, 1:]} for i in range(2)]
+    torch.manual_seed(dropout_seed(0, 0, strategy.dp_rank, strategy.pp_rank if count_stages else 0))
+    strategy.forward_backward(micros, LanguageModeling(), None)
+    return masks
+
+
+def test_pipeline_parallel_stages_draw_their_own_dropout_masks():
+    """Under pp the loop seeded dropout by step and data-parallel rank only: every stage drew the
+    same stream, so stage 1's blocks reused the masks stage 0's had drawn one call earlier (about
+    half the activations, dropped alike in two layers). Seeded per stage (as Megatron-LM offsets
+    its seed by the pipeline rank), no mask of one stage is another's; the same setup seeded as
+    before finds shared masks (the control)."""
+    from pipeline.runtime.local_group import run_group
+
+    def shared(stage0: list[torch.Tensor], stage1: list[torch.Tensor]) -> int:
+        drawn = [m for m in stage1 if m.any() and not m.all()]  # (a zero output, as shape inference's, drew nothing)
+        return sum(a.shape == b.shape and torch.equal(a, b) for a in stage0 for b in drawn)
+
+    before = run_group(_stage_masks, 2, False)
+    assert shared(*before) > 0, "the control: seeded alike, the stages share masks"
+    stage0, stage1 = run_group(_stage_masks, 2, True)
+    assert len(stage0) > 0 and len(stage1) > 0 and shared(stage0, stage1) == 0
+    assert any(m.any() and not m.all() for m in stage1)  # dropout drew: some dropped, some kept

@@ -171,6 +171,31 @@ def test_attention_matches_explicit_softmax():
         assert torch.allclose(attn(x, rope), expected, atol=1e-5)
 
 
+def test_ddim_with_row_generators_samples_each_image_alone():
+    """With one generator per image (`row_generators`), an image depends on its label and its
+    generator only: the same alone as in a batch of others, at any place in it (one generator for
+    the batch made a label's image change with its neighbours)."""
+    from pipeline.models.diffusion import row_generators
+
+    torch.manual_seed(0)
+    cfg = DiffusionProcessConfig(timesteps=25, schedule="linear")
+    model = DiT(DiTConfig(d_model=32, depth=1, n_heads=2, diffusion=cfg), (1, 4, 4), num_classes=3).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    p = GaussianDiffusion(cfg)
+    batch = p.sample(model, torch.tensor([0, 2, 2]), (1, 4, 4), 3, steps=5, guidance=1.0, eta=1.0,
+                     generator=row_generators(7, 3))
+    for row, label in enumerate([0, 2, 2]):
+        alone = p.sample(model, torch.tensor([label]), (1, 4, 4), 3, steps=5, guidance=1.0, eta=1.0,
+                         generator=row_generators(7 + row, 1))
+        assert torch.allclose(alone[0], batch[row], atol=1e-5), row
+    assert not torch.allclose(batch[1], batch[2])  # the same label, another seed: another image
+    assert row_generators(-1, 1)[0].initial_seed() == 2**64 - 1  # negative seeds wrap as torch's do
+    with pytest.raises(ValueError, match="2 generators for 3 labels"):
+        p.sample(model, torch.tensor([0, 1, 2]), (1, 4, 4), 3, 5, 1.0, 1.0, generator=row_generators(0, 2))
+
+
 def test_ddim_with_every_step_and_eta_1_is_ddpm_ancestral_sampling():
     """DDIM(eta=1) over all T steps must equal DDPM's posterior sampling, step for step."""
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ selects these with tests/test_planner.py.)
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -202,3 +203,81 @@ def test_suggestions_are_only_layouts_the_config_can_train_with():
     fp8 = validate(tiny_raw(["cluster.num_workers=2", "precision.dtype=fp8", "precision.fp8_emulate=true"]))
     suggestion = plan(fp8, "lm", workers=2, device_memory="1KiB", target="cpu").suggestion
     assert suggestion.startswith("nothing fits at micro-batch 1") and "deepspeed" not in suggestion
+
+
+PP = [*SMALL, "cluster.num_workers=2", "parallel.pp=2", "strategy.name=fsdp"]  # two stages, one block each
+
+
+def _followed(raw: list[str], suggestion: str, memory: int):
+    """The plan of the config a suggestion's grad_accum_steps gives (None when it names none)."""
+    from pipeline.config.parallel import check_task_parallel
+    from pipeline.distributed.planner import plan
+
+    m = re.search(r"grad_accum_steps=(\d+)", suggestion)
+    if m is None:
+        return None
+    cfg = validate(tiny_raw([*raw, f"tasks.lm.trainer.grad_accum_steps={m.group(1)}"]))
+    check_task_parallel(cfg, "lm")  # the train stage takes it
+    return plan(cfg, "lm", workers=2, target="cpu", device_memory=memory, suggest=False)
+
+
+def test_planner_refuses_a_pipeline_layout_the_train_stage_refuses(tmp_path, capsys):
+    """`pipeline plan` (and `check_fits`) printed a plan, exit 0, for 1F1B with fewer micro-batches
+    than stages, which the train stage then refused: they refuse it with the train stage's line."""
+    import yaml
+
+    from pipeline import cli
+    from pipeline.distributed.planner import check_fits
+
+    refused = [*PP, "parallel.pp_schedule=1f1b", "tasks.lm.trainer.grad_accum_steps=1"]
+    line = ("tasks.lm.trainer.grad_accum_steps (1) is the pipeline's micro-batch count; parallel.pp_schedule=1f1b "
+            "needs at least parallel.pp (2) of them")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_raw(refused)))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plan", "lm", "--params", str(params)])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert "memory plan" not in captured.out
+    assert captured.err.startswith(f"error: {line}") and captured.err.count("\n") == 1
+    with pytest.raises(ValueError, match=r"^" + re.escape(line)):
+        check_fits(validate(tiny_raw([*refused, "cluster.device_memory=8GiB"])), "lm")
+
+
+def test_planner_suggests_no_accumulation_the_pipeline_schedule_refuses():
+    """Interleaved 1F1B runs its micro-batches in equal rounds: global batch 40 at 4 steps (micro-batch
+    10) did not fit (9 does), and the plan said grad_accum_steps=5 (micro-batch 8, which fits: 2 rounds
+    of 5 // 2), which the train stage refuses. The suggestion is one it takes (8: micro-batch 5), and it
+    fits."""
+    from pipeline.distributed.planner import plan
+
+    raw = [*PP, "tasks.lm.model.n_layers=4", "parallel.pp_schedule=interleaved_1f1b",
+           "tasks.lm.trainer.global_batch_size=40"]
+    cfg = validate(tiny_raw([*raw, "tasks.lm.trainer.grad_accum_steps=4"]))
+    memory = plan(cfg, "lm", workers=2, target="cpu", micro_batch=9, suggest=False).total
+    p = plan(cfg, "lm", workers=2, target="cpu", device_memory=memory)
+    assert p.largest_micro_batch == 9 and p.micro_batch == 10
+    assert "grad_accum_steps=5" not in p.suggestion, p.suggestion
+    assert p.suggestion.endswith("set tasks.lm.trainer.grad_accum_steps=8 (micro-batch 5)"), p.suggestion
+    assert _followed(raw, p.suggestion, memory).fits
+
+
+def test_planner_gpipe_suggests_only_an_accumulation_that_fits():
+    """GPipe holds every micro-batch's forward state until backward, so more, smaller micro-batches
+    hold about as much: at 2 steps (micro-batch 32) with room for 17, the plan said grad_accum_steps=4
+    (micro-batch 16), which did not fit either (nor did the next suggestion's). Each accumulation is
+    now planned at its own micro-batch count: none fits here, so the suggestion is a smaller global
+    batch, and that one fits."""
+    from pipeline.distributed.planner import plan
+
+    raw = [*PP, "parallel.pp_schedule=gpipe", "tasks.lm.trainer.global_batch_size=64"]
+    cfg = validate(tiny_raw([*raw, "tasks.lm.trainer.grad_accum_steps=2"]))
+    memory = plan(cfg, "lm", workers=2, target="cpu", micro_batch=17, suggest=False).total
+    p = plan(cfg, "lm", workers=2, target="cpu", device_memory=memory)
+    assert p.largest_micro_batch == 17 and not p.fits
+    followed = _followed(raw, p.suggestion, memory)
+    assert followed is None or followed.fits, (p.suggestion, followed.total, memory)
+    assert p.suggestion.endswith("17 does: lower tasks.lm.trainer.global_batch_size"), p.suggestion
+    smaller = validate(tiny_raw([*PP, "parallel.pp_schedule=gpipe", "tasks.lm.trainer.global_batch_size=34",
+                                 "tasks.lm.trainer.grad_accum_steps=2"]))
+    assert plan(smaller, "lm", workers=2, target="cpu", device_memory=memory).fits

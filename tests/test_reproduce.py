@@ -101,7 +101,9 @@ def dvc_project(tmp_path, monkeypatch):
     client.create_registered_model("m")
     with mlflow.start_run() as run:
         mlflow.set_tags({"task": "lm", "git.commit": git_state(project)["git.commit"], "git.dirty": "false",
-                         **dvc_lock_hashes(project / "dvc.lock"), "dvc.train:lm.models/lm": "previous.dir"})
+                         **dvc_lock_hashes(project / "dvc.lock"), "dvc.train:lm.models/lm": "previous.dir",
+                         # the train stage sees dvc.lock before the stages after it rewrite their entries
+                         "dvc.evaluate:lm.models/lm": "previous.dir"})
         mlflow.log_metric("eval/val_loss", 2.0)
     client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id)
     client.set_registered_model_alias("m", "champion", "1")
@@ -113,7 +115,9 @@ def dvc_project(tmp_path, monkeypatch):
 
 def test_lineage_compares_the_workspace_on_disk(dvc_project, capsys):
     """"matches" is decided from the files as they are (`dvc status` of the task's chain and git's
-    uncommitted changes), not from dvc.lock alone; what differs is named."""
+    uncommitted changes), not from dvc.lock alone; what differs is named. The run's dvc.lock
+    hashes of the stages from training on are the previous chain's (recorded before `dvc repro`
+    rewrote them): only the data stages' are compared."""
     project, uri, _ = dvc_project
     main(["lineage", "m@champion", "--tracking-uri", uri])
     assert "  workspace  matches this workspace\n" in capsys.readouterr().out
@@ -241,3 +245,37 @@ def test_reproduce_of_an_unknown_task_is_one_line(dvc_project, capsys):
         assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
             f"error: --tolerance: a finite relative difference, at least 0 (got {float(tolerance)})"]
     assert len(_worktrees(project)) == 1
+
+
+# modules the data stages import that do not change what they write (config parsing, atomic writes,
+# progress lines, the CLI's error handling): edits there leave the prepared data and shards valid
+_DATA_STAGE_PLUMBING = ("pipeline/atomic.py", "pipeline/cli.py", "pipeline/config/", "pipeline/progress.py",
+                        "pipeline/quiet.py", "pipeline/runtime/connect.py")
+
+
+def test_dvc_stages_depend_on_the_code_they_run():
+    """`dvc repro` reruns a stage when a dep changes. Evaluate, export and register listed only part
+    of the code they run (not pipeline/flows, checkpoints, models, the registry's champion rules):
+    the train stage reran on an edit there, wrote byte-identical weights, and every later stage was
+    skipped as unchanged. Each stage's deps now cover the project modules `python -m stages.<name>`
+    imports (the data stages' plumbing aside), and the stages after training depend on the whole
+    package, whose modules they import as they go."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    probe = ("import importlib, json, sys; importlib.import_module(sys.argv[1]); print(json.dumps(sorted("
+             "m.__file__ for n, m in list(sys.modules.items()) if n.split('.')[0] in ('pipeline', 'stages') "
+             "and getattr(m, '__file__', None))))")
+    for name, stage in stages.items():
+        deps = [d.rstrip("/") for d in stage["do"]["deps"] if not d.startswith(("data/", "models/", "export/",
+                                                                                   "metrics/"))]
+        if name in ("train", "evaluate", "export", "register"):
+            assert "pipeline" in deps, name
+        files = json.loads(subprocess.run([sys.executable, "-c", probe, f"stages.{name}"], cwd=root,
+                                          capture_output=True, text=True, check=True).stdout)
+        loaded = [Path(f).resolve().relative_to(root).as_posix() for f in files]
+        uncovered = [f for f in loaded if not f.endswith("__init__.py")
+                     and not any(f == d or f.startswith(d + "/") for d in deps)
+                     and not (name in ("prepare", "shard") and f.startswith(_DATA_STAGE_PLUMBING))]
+        assert not uncovered, f"dvc.yaml's {name} stage does not depend on {uncovered}"

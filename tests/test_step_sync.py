@@ -11,7 +11,9 @@ the non-finite skip stay on the device (pipeline/training/window.py, precision.g
 `torch.cuda.set_sync_debug_mode`.)
 
 The same runs' histories are compared with ones recorded by the loop as it was before (commit
-a37c7c1, reading every step): tests/reference/step_histories.json.
+a37c7c1, reading every step): tests/reference/step_histories.json; where the tiny data differ (the
+text corpus is another Python's pydoc topics), with a reference recorded on such a machine
+(tests/reference/step_histories-*.json, from a later commit: a pin against regressions).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pipeline.training.loop import NonFiniteError, train
 from pipeline.training.session import LocalSession
 from tests.conftest import tiny_raw
 
-REFERENCE = Path(__file__).parent / "reference" / "step_histories.json"
+REFERENCES = sorted((Path(__file__).parent / "reference").glob("step_histories*.json"))
 TIMING = ("_per_s", "data_wait_frac", "model_tflops", "mfu", "time")  # wall-clock figures: not comparable
 
 # name: (task, overrides); reports at steps 3 and 6 only (log_every = ckpt_every = 3)
@@ -48,6 +50,10 @@ SCENARIOS = {
     "lm_diverges": ("lm", ["tasks.lm.optim.impl=fused", "tasks.lm.trainer.log_every=3", "tasks.lm.optim.lr=1e30",
                            "tasks.lm.trainer.max_nonfinite_in_a_row=4"]),
 }
+# figures that changed on purpose after a reference was recorded (it can only be re-recorded where its
+# data digest matches), by the reference's `recorded_with`: not compared
+CHANGED_SINCE = {"a37c7c1": {("diffusion_ema_eval", "val_loss"): "2026-12-07: validation's timesteps and noise "
+                                                                "fixed per row (Task.fix_draws)"}}
 READS = frozenset({"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__"})
 
 
@@ -111,8 +117,11 @@ def data_digest(shards: dict[str, Path]) -> str:
 
 
 @pytest.fixture(scope="module")
-def recorded():
-    return json.loads(REFERENCE.read_text())
+def recorded(built_data):
+    """The reference recorded on data like these (None where there is none)."""
+    digest = data_digest(built_data[1])
+    return next((ref for ref in map(json.loads, (p.read_text() for p in REFERENCES))
+                 if ref["data_digest"] == digest), None)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
@@ -127,8 +136,8 @@ def test_no_host_read_between_log_steps_and_history_unchanged(built_data, text_c
     assert all(n == 0 for n in quiet.values()), f"{name}: host reads on steps that do not log: {quiet}"
     assert all(per_step[step - 1] > 0 for step in logged)  # the window is read where it is logged
 
-    if recorded["data_digest"] != data_digest(shards):
-        pytest.skip("the tiny data differ from those the reference was recorded on (another Python's "
+    if recorded is None:
+        pytest.skip("the tiny data differ from those every reference was recorded on (another Python's "
                     "pydoc topics?): only the host reads were checked")
     want = recorded["scenarios"][name]
     assert got["error"] == want["error"]
@@ -136,6 +145,8 @@ def test_no_host_read_between_log_steps_and_history_unchanged(built_data, text_c
     for entry, ref in zip(got["reports"], want["reports"], strict=True):
         assert entry.keys() == ref.keys(), name
         for key, value in ref.items():
+            if (name, key) in CHANGED_SINCE.get(recorded["recorded_with"], {}):
+                continue
             if isinstance(value, float):  # bit for bit on the machine it was recorded on
                 assert entry[key] == pytest.approx(value, rel=1e-5, abs=1e-9), f"{name} step {ref['step']}: {key}"
             else:

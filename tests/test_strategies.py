@@ -116,7 +116,7 @@ def _raws(name: str) -> dict:
     raws = {"fp32": tiny_raw(COMMON + extra), "short": tiny_raw(COMMON + SHORT + extra),
             "accum": tiny_raw(COMMON + SHORT + extra + ["tasks.lm.trainer.grad_accum_steps=2"]),
             "bf16": tiny_raw(COMMON + SHORT + extra + ["precision.dtype=bf16"])}
-    if not name.startswith("zero") or cpu_fp16_supported():
+    if not name.startswith("zero") or (cpu_fp16_supported() and name != "zero0"):  # (zero0 fp16: refused)
         raws["fp16"] = tiny_raw(COMMON + SHORT + extra + ["precision.dtype=fp16"])
     return raws
 
@@ -293,3 +293,51 @@ def test_a_non_finite_step_is_skipped_under_deepspeed_as_under_ddp(built_data, t
         assert math.isnan(run["loss"][2]) and all(math.isfinite(v) for v in run["loss"][3:]), (name, run)
         for step in (0, 1, 3, 4):
             assert run["grad_norm"][step] == pytest.approx(reference["grad_norm"][step], rel=1e-4), (name, step, run)
+
+
+def _setup_state(rank: int, world: int, name: str) -> dict:
+    """The weights and the optimizer's step counts right after `setup` (bf16, one rank)."""
+    from pipeline.config import validate
+    from pipeline.distributed import build_strategy
+    from pipeline.distributed.base import StepSettings
+    from pipeline.distributed.precision import Precision
+    from pipeline.tasks import task_named
+    from pipeline.training.optim import build_optimizer
+
+    cfg = validate(tiny_raw([*VARIANTS[name], "precision.dtype=bf16", "tasks.lm.optim.weight_decay=0.1"]))
+    task = task_named("lm")
+    with torch.device("meta"):
+        model = task.build(task.model_spec(cfg.task("lm"), {"vocab_size": 300, "seq_len": 32}))
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    strategy = build_strategy(cfg.strategy, Precision("bf16", device), device, StepSettings(8, 1, 1.0))
+    strategy.setup(model, lambda m: build_optimizer(m, cfg.task("lm").optim))
+    return {"weights": strategy.consolidated_state_dict(), "state": len(strategy.optimizer.state),
+            "lrs": sorted({group["lr"] for group in strategy.optimizer.param_groups})}
+
+
+def test_zero0_in_half_precision_starts_where_ddp_starts():
+    """DeepSpeed's ZeRO-0 bf16/fp16 optimizer steps the optimizer once on zero gradients while it
+    is built: AdamW began training at step count 1 (bias correction off for the run) with every
+    weight decayed once (0.9999 of DDP's start). Its setup step has no effect now: the same weights
+    as ZeRO-1's setup gives (DDP's start, through bf16), no optimizer state yet, the learning rates
+    untouched."""
+    from pipeline.runtime.local_group import run_group
+
+    zero1 = run_group(_setup_state, 1, "zero1")[0]  # DeepSpeed's bf16 start (DDP's, through bf16), no hidden step
+    zero0 = run_group(_setup_state, 1, "zero0")[0]
+    assert zero0["state"] == 0 and zero1["state"] == 0 and zero0["lrs"] == zero1["lrs"] == [0.001]
+    assert zero0["weights"].keys() == zero1["weights"].keys()
+    for key, tensor in zero1["weights"].items():
+        assert torch.equal(zero0["weights"][key], tensor), key
+
+
+def test_zero0_with_fp16_is_refused_at_validation():
+    """DeepSpeed's ZeRO-0 fp16 optimizer divides the gradients by a loss scale its engine never
+    applied (updates 65536 times too small, clipping never on): refused, naming the ways that work."""
+    from pipeline.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"strategy.zero_stage=0 with precision.dtype=fp16: .* use "
+                                          r"strategy.name=ddp"):
+        validate(tiny_raw([*VARIANTS["zero0"], "precision.dtype=fp16"]))
+    assert validate(tiny_raw([*VARIANTS["zero1"], "precision.dtype=fp16"])).strategy.zero_stage == 1

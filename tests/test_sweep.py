@@ -17,6 +17,7 @@ from pipeline.flows.sweep import (
     SweepConfig,
     check_space,
     dvc_command,
+    hydra_value,
     load_sweep,
     scored,
     trial_config,
@@ -196,12 +197,37 @@ def test_unreachable_tracking_server_stops_the_sweep_before_ray(tmp_path, monkey
     assert ray.is_initialized() == was_up  # Ray was not started for a sweep that could not record anything
 
 
-def test_dvc_command_composes_into_a_valid_config():
-    cmd = dvc_command({"tasks.lm.optim.lr": 0.0012345678, "tasks.lm.trainer.global_batch_size": 16})
-    assert cmd == "dvc exp run -S tasks.lm.optim.lr=0.001235 -S tasks.lm.trainer.global_batch_size=16"
-    overrides = [part for part in cmd.split() if "=" in part]
-    cfg = validate(apply_overrides(tiny_raw(), overrides))
-    assert cfg.task("lm").trainer.global_batch_size == 16 and cfg.task("lm").optim.lr == pytest.approx(0.001235)
+def test_dvc_command_composes_into_the_trials_config(tmp_path):
+    """The command the sweep prints for its best trial, composed as `dvc exp run -S` composes it
+    (DVC's Hydra composition of configs/ into params.yaml): the config trains the trial's values
+    exactly. Floats were printed to 4 digits (0.99953217 trained as 0.9995) and None as the
+    string 'None' (which failed validation)."""
+    import shlex
+
+    from dvc.utils.hydra import compose_and_dump
+
+    from pipeline.config import load_config
+
+    point = {"tasks.lm.optim.lr": 0.0012345678, "tasks.lm.trainer.global_batch_size": 16,
+             "tasks.diffusion.trainer.ema_decay": 0.99953217, "tasks.lm.model.n_kv_heads": None,
+             "tasks.lm.optim.schedule": "cosine", "tasks.lm.optim.weight_decay": 1e-05}
+    cmd = dvc_command(point)
+    assert "-S tasks.lm.optim.lr=0.0012345678 " in cmd and "-S tasks.lm.model.n_kv_heads=null " in cmd
+    overrides = [part for part in shlex.split(cmd)[3:] if part != "-S"]
+    compose_and_dump(tmp_path / "params.yaml", str(ROOT / "configs"), None, "config", str(tmp_path), overrides)
+    cfg = load_config(tmp_path / "params.yaml")
+    lm, diffusion = cfg.task("lm"), cfg.task("diffusion")
+    got = {"tasks.lm.optim.lr": lm.optim.lr, "tasks.lm.trainer.global_batch_size": lm.trainer.global_batch_size,
+           "tasks.diffusion.trainer.ema_decay": diffusion.trainer.ema_decay,
+           "tasks.lm.model.n_kv_heads": lm.model.n_kv_heads, "tasks.lm.optim.schedule": lm.optim.schedule,
+           "tasks.lm.optim.weight_decay": lm.optim.weight_decay}
+    assert got == point
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()  # values a space may hold, read back by Hydra as they were
+    for value in (True, False, None, 3, 2.5e-07, "1.5", "null", "true", "it's", "a b", "back\\slash",
+                  "end\\", "x\\'y", [1, 2], ["x", None]):
+        assert parser.parse_override(f"k={hydra_value(value)}").value() == value, value
 
 
 @pytest.mark.e2e

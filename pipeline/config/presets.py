@@ -30,12 +30,13 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _same(got: Any, want: Any) -> bool:
+def _same_value(got: Any, want: Any) -> bool:
+    """A config value equal to a preset's: numbers by value (2 is 2.0), lists and tuples alike."""
     number = (int, float)
     if isinstance(got, number) and isinstance(want, number) and not isinstance(got, bool | str):
         return float(got) == float(want)
     if isinstance(got, tuple | list) and isinstance(want, tuple | list):
-        return len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want, strict=True))
+        return len(got) == len(want) and all(_same_value(a, b) for a, b in zip(got, want, strict=True))
     return got == want
 
 
@@ -57,7 +58,7 @@ def preset_differences(model: Any, config_dir: Path = Path("configs")) -> list[s
         got = have.get(key, _MISSING)
         if got is _MISSING:
             out.append(f"no {key} ({preset}: {want})")
-        elif not _same(got, want):
+        elif not _same_value(got, want):
             out.append(f"{key} {got} ({preset}: {want})")
     return out
 

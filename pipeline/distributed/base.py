@@ -67,6 +67,7 @@ class Strategy(ABC):
         self.device = device
         self.settings = settings
         self.init_from: Path | None = None  # safetensors weights to start from instead of a random init
+        self.init_from_key = "trainer.init_from"  # the config key that named them (their errors name it)
         self.model: nn.Module | None = None  # what forward() is called on
         self.optimizer: torch.optim.Optimizer | None = None  # the torch optimizer whose lr the loop sets
 
@@ -110,7 +111,8 @@ class Strategy(ABC):
                 from pipeline.distributed.sharded_init import copy_from_safetensors, parameter_names
 
                 names = parameter_names(model)
-                copy_from_safetensors(self.init_from, {names[id(p)]: p for p in model.parameters()})
+                copy_from_safetensors(self.init_from, {names[id(p)]: p for p in model.parameters()},
+                                      self.init_from_key)
         return model.to(self.device)
 
     @property

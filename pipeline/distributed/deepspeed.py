@@ -83,7 +83,8 @@ class DeepSpeedStrategy(Strategy):
         else:  # ZeRO 0-2 keep whole parameters on every rank
             model = self.materialize(model)
         optimizer = make_optimizer(model)
-        with fp32_master_shares_partition():
+        hidden_step = self.cfg.zero_stage == 0 and self.precision.name != "fp32"
+        with fp32_master_shares_partition(), _step_without_effect(optimizer, hidden_step):
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.engine = self.model = engine
         self.optimizer = optimizer  # ZeRO steps this optimizer over its partitions: the loop sets its lr
@@ -106,7 +107,8 @@ class DeepSpeedStrategy(Strategy):
             deepspeed.zero.Init(module=nn.ParameterList(whole), config_dict_or_path=config,
                                 mem_efficient_linear=False)
 
-        init_by_unit(model, self.device, partition, keep_whole=True, weights=self.init_from)
+        init_by_unit(model, self.device, partition, keep_whole=True, weights=self.init_from,
+                     key=self.init_from_key)
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -379,6 +381,28 @@ class DeepSpeedStrategy(Strategy):
             at = p._hp_mapping.lp_fragment_address if p._hp_mapping is not None else None
             out[k] = v.reshape(-1).narrow(0, at.start, at.numel).clone() if at is not None else v.new_empty(0)
         return out
+
+
+@contextlib.contextmanager
+def _step_without_effect(optimizer: torch.optim.Optimizer, applies: bool) -> Iterator[None]:
+    """ZeRO-0 in bf16/fp16 wraps the optimizer in DeepSpeed's (un)fused fp16 optimizer, whose
+    constructor steps it once on zero gradients to create its state: AdamW's step count was 1
+    before training (bias correction off for the whole run) and decoupled weight decay shrank the
+    weights once at setup, unlike DDP's and ZeRO 1-3's start. Within this, that step has learning
+    rate 0 (no weight moves), and the state it made is dropped after."""
+    if not applies:
+        yield
+        return
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    try:
+        yield
+    finally:
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+            group.pop("step", None)  # (Apex's FusedAdam counts its steps in the group, torch's in the state)
+        optimizer.state.clear()
 
 
 @contextlib.contextmanager

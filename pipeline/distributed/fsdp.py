@@ -63,7 +63,8 @@ class FSDPStrategy(Strategy):
         """Allocate each rank's local shards (`to_empty` swaps tensors in place, so tied
         parameters stay tied), then initialise unit by unit, keeping this rank's slice."""
         to_empty_keeping_ties(model, self.device)
-        init_by_unit(model, self.device, keep_local_slices, weights=self.init_from)
+        init_by_unit(model, self.device, keep_local_slices, weights=self.init_from,
+                     key=self.init_from_key)
 
     @property
     def unwrapped(self) -> nn.Module:

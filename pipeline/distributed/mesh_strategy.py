@@ -104,7 +104,8 @@ class MeshStrategy(Strategy):
         part = self.parallelize(model)
         to_empty_keeping_ties(part, self.device)
         retie(model, ties)
-        init_by_unit(model, self.device, keep_local_slices, weights=self.init_from)  # the full skeleton, in DDP's order
+        init_by_unit(model, self.device, keep_local_slices, weights=self.init_from,
+                     key=self.init_from_key)  # the full skeleton, in DDP's order
         self.model = part
         self.optimizer = make_optimizer(part)
         self.precision.refresh_fp8_scales(part)

@@ -90,17 +90,18 @@ def units(model: nn.Module) -> list[tuple[list[nn.Module], Callable[[], None]]]:
 
 @torch.no_grad()
 def init_by_unit(model: nn.Module, device: torch.device, place: Placer, keep_whole: bool = False,
-                 weights: Path | None = None) -> None:
+                 weights: Path | None = None, key: str = "trainer.init_from") -> None:
     """Initialise `model` unit by unit on `device`; `place` keeps this rank's part of each unit
     (a slice, a partition) before the whole tensors are dropped. The caller seeds the RNG the
     same way on every rank. With `weights` (a safetensors file), each unit's parameters are then
-    read from it, one tensor at a time: no rank reads more than a unit of the file at once."""
+    read from it, one tensor at a time: no rank reads more than a unit of the file at once. `key`
+    is the config key that named `weights`, which its errors name."""
     names = parameter_names(model)
     for modules, init in units(model):
         with whole_parameters(modules, device, keep_whole) as pairs:
             init()  # also recomputes the unit's non-persistent buffers, which the file does not hold
             if weights is not None:
-                copy_from_safetensors(weights, {names[id(p)]: whole for p, whole in pairs})
+                copy_from_safetensors(weights, {names[id(p)]: whole for p, whole in pairs}, key)
             place(pairs)
             # Drop this unit's whole tensors now: a name still bound would keep them alive while
             # the next unit is allocated (two units at once: one block more at every rank's peak).
@@ -117,19 +118,20 @@ def parameter_names(model: nn.Module) -> dict[int, str]:
 
 
 @torch.no_grad()
-def copy_from_safetensors(path: Path, targets: dict[str, torch.Tensor]) -> None:
+def copy_from_safetensors(path: Path, targets: dict[str, torch.Tensor], key: str = "trainer.init_from") -> None:
     """Fill `targets` (state-dict name -> whole tensor) from a safetensors file, reading only
     those tensors (a file of the older fused layout gives each split weight its
     rows), or from a Hugging Face checkpoint folder (`pipeline.models.hf.HFCheckpoint`: its
     names, any of its sharded files). A missing name or a shape that differs is an error naming
-    the file and key."""
+    the file and `key`, the config key that named `path` (a Llama folder may be either init_from:
+    its reader is told which, so its errors name the key the user set)."""
     from safetensors import safe_open
 
     from pipeline.models.hf import HFCheckpoint, is_hf_folder
     from pipeline.models.legacy import fused_source, take_rows
 
     if is_hf_folder(path):
-        HFCheckpoint(path).copy_into(targets)
+        HFCheckpoint(path, key).copy_into(targets)
         return
 
     with safe_open(str(path), framework="pt") as f:
@@ -141,9 +143,9 @@ def copy_from_safetensors(path: Path, targets: dict[str, torch.Tensor]) -> None:
             elif source is not None and source[0] in keys:  # saved before q/k/v and SwiGLU were split
                 tensor = take_rows(f.get_tensor(source[0]), target.shape[0], source[1])
             else:
-                raise ValueError(f"trainer.init_from: {path} has no tensor '{name}' (it holds {len(keys)} others)")
+                raise ValueError(f"{key}: {path} has no tensor '{name}' (it holds {len(keys)} others)")
             if tuple(tensor.shape) != tuple(target.shape):
-                raise ValueError(f"trainer.init_from: {path}: '{name}' has shape {tuple(tensor.shape)}, "
+                raise ValueError(f"{key}: {path}: '{name}' has shape {tuple(tensor.shape)}, "
                                  f"the model needs {tuple(target.shape)}")
             target.copy_(tensor)
 

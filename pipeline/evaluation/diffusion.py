@@ -9,6 +9,7 @@ log is no terminal, and a bar there is one line of carriage returns.
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,10 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.atomic import atomic_write_bytes
 from pipeline.config.schema import EvalConfig
 from pipeline.data.shard_store import read_split
 from pipeline.evaluation.device import model_device
-from pipeline.models.diffusion import GaussianDiffusion
+from pipeline.models.diffusion import GaussianDiffusion, row_generators
 from pipeline.progress import Progress
 
 PROGRESS_EVERY_S = 5.0  # at most one progress line this often inside a loop (a test sets 0: every step)
@@ -56,12 +58,14 @@ def _steps_of_optimizer(progress: Progress) -> Iterator[None]:
 
 def _sample(process: GaussianDiffusion, model: torch.nn.Module, labels: torch.Tensor, cfg: EvalConfig,
             seed: int, what: str) -> torch.Tensor:
-    """`process.sample` with `cfg`'s settings and a seeded CPU generator, reporting its progress."""
+    """`process.sample` with `cfg`'s settings and a seeded CPU generator per image (`row_generators`:
+    the images a served request with this seed gets, and a class's samples differ), reporting its
+    progress."""
     steps = min(cfg.sample_steps, process.cfg.timesteps)  # (the sampler caps them so too)
     progress = _progress(f"{what}: {len(labels)} images, {steps} denoising steps", steps, "steps")
     with _steps_of_model(model, progress):
         images = process.sample(model, labels, tuple(model.image_shape), model.num_classes, cfg.sample_steps,
-                                cfg.guidance_scale, cfg.sample_eta, generator=torch.Generator().manual_seed(seed))
+                                cfg.guidance_scale, cfg.sample_eta, generator=row_generators(seed, len(labels)))
     progress.finish()
     return images
 
@@ -97,7 +101,8 @@ def sample_grid(model: torch.nn.Module, cfg: EvalConfig, seed: int = 0) -> tuple
 
 
 def save_grid(images: torch.Tensor, cols: int, path: Path, scale: int = 4, pad: int = 2) -> None:
-    """Tile images (N, C, H, W in [-1, 1]) into a PNG, nearest-neighbour upscaled for viewing."""
+    """Tile images (N, C, H, W in [-1, 1]) into a PNG, nearest-neighbour upscaled for viewing,
+    written atomically (a DVC output and plot: a half-written one would replace the last good one)."""
     n, c, h, w = images.shape
     rows = (n + cols - 1) // cols
     arr = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
@@ -107,8 +112,10 @@ def save_grid(images: torch.Tensor, cols: int, path: Path, scale: int = 4, pad: 
         r, k = divmod(i, cols)
         tile = arr[i].transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)
         canvas[pad + r * hs : pad + r * hs + h * scale, pad + k * ws : pad + k * ws + w * scale] = tile
+    encoded = io.BytesIO()  # whole before it replaces the last grid: a kill mid-save leaves that one intact
+    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(encoded, format="PNG")
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path)
+    atomic_write_bytes(path, encoded.getvalue())
 
 
 @torch.no_grad()

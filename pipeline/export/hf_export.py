@@ -28,7 +28,7 @@ import torch
 
 from pipeline.config.schema import ExportConfig, GPTConfig
 from pipeline.data.text import EOS, HF_TOKENIZER_FILES
-from pipeline.models.hf import architecture, from_hf_views, hf_config, to_hf_state, write_safetensors
+from pipeline.models.hf import architecture, from_hf_views, hf_config, merged_eos, to_hf_state, write_safetensors
 
 HF_DIR = "hf"
 NEW_TOKENS, PROMPT_TOKENS, CHECK_ROWS = 20, 8, 4
@@ -115,6 +115,9 @@ def write_hf_folder(model: torch.nn.Module, spec: dict[str, Any], tokenizer_dir:
     config.save_pretrained(str(out))
     generation = (GenerationConfig.from_dict(source["generation_config"]) if source.get("generation_config")
                   else GenerationConfig.from_model_config(config))
+    # generate() and vLLM stop at generation_config.json's eos, not config.json's: the tokenizer's eos
+    # (the separator the model learned to end documents with) is added there as hf_config adds it
+    generation.eos_token_id = merged_eos(generation.eos_token_id, tokens.get("eos_token_id"))
     generation.save_pretrained(str(out))
     state = {k: v.detach().to("cpu", _DTYPES[dtype]) for k, v in model.state_dict().items()}
     files = write_safetensors(to_hf_state(state, cfg, arch), out, ecfg.hf_shard_mb * 2**20)

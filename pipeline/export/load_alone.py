@@ -172,7 +172,7 @@ def check_loads_alone(model: str | Path, example: pd.DataFrame, expected: Any) -
         raise LoadAloneError(f"the logged model does not load with only what it ships (its code/ and "
                              f"requirements.txt: {', '.join(reqs)}): {last}{missing}")
     got = json.loads(done.stdout.rsplit("@@prediction@@", 1)[1])
-    if not _same(got, want := as_table(expected)):
+    if not _predictions_agree(got, want := as_table(expected)):
         raise LoadAloneError(f"the logged model predicts otherwise when loaded alone: {_head(got)} against "
                              f"{_head(want)} in the exporting process")
     return got
@@ -188,7 +188,8 @@ def as_table(prediction: Any) -> dict[str, list]:
     return {"": np.asarray(prediction).tolist()}
 
 
-def _same(a: dict[str, list], b: dict[str, list]) -> bool:
+def _predictions_agree(a: dict[str, list], b: dict[str, list]) -> bool:
+    """Two predictions as tables: the same columns, text equal, numbers within 1e-5."""
     import numpy as np
 
     if a.keys() != b.keys():

@@ -6,7 +6,9 @@ Inputs and outputs are plain tables so `mlflow models serve` answers JSON:
   min_new_tokens, temperature (0 = greedy), top_k (0 = off), seed); at most MAX_ROWS prompts a request,
   generated PROMPTS_PER_BATCH at a time in one batch, each completion the one its prompt gets alone;
 - diffusion: column `label` (class id) -> one row of C*H*W pixel values in [-1, 1] per label
-  (params: steps, eta, guidance, seed; defaults: the sampler evaluation scored).
+  (params: steps, eta, guidance, seed; defaults: the sampler evaluation scored); at most MAX_ROWS
+  labels a request, sampled IMAGES_PER_BATCH at a time; row i is the image its label alone gets with
+  seed + i, whatever else the request holds (repeated labels give different images).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pandas as pd
 # A request's bounds: generation is a loop of forward passes the server cannot abandon, so a request
 # for 80,000 tokens (or thousands of prompts) would keep a worker busy long after the client gave up.
 MAX_NEW_TOKENS = 4096  # tokens per completion
-MAX_ROWS = 256  # prompts per request (send more as several requests)
+MAX_ROWS = 256  # prompts or labels per request (send more as several requests)
 
 
 class PipelineModel(mlflow.pyfunc.PythonModel):
@@ -69,22 +71,19 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
                     generators=[torch.Generator().manual_seed(sampling["seed"]) for _ in chunk])
                 out += [self.tokenizer.decode(until_eos(t, self.eos)) for t in tokens]
             return pd.DataFrame({"completion": out})
-        from pipeline.models.diffusion import GaussianDiffusion
+        from pipeline.models.diffusion import GaussianDiffusion, row_generators
 
-        timesteps, classes = self.model.cfg.diffusion.timesteps, self.model.num_classes
-        sampler = diffusion_params(params, sampler_defaults(self.dir, self.spec), timesteps)
-        steps, eta, guidance = sampler["steps"], sampler["eta"], sampler["guidance"]
-        labels = model_input["label"].to_numpy()
-        # a bad request is one line naming it (an IndexError from the embedding, or the label
-        # num_classes silently sampling unconditionally, otherwise)
-        if len(labels) == 0:
-            raise ValueError("label: the request has no rows (one class id per image wanted)")
-        if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= classes:
-            raise ValueError(f"label: class ids are integers 0..{classes - 1} (got {labels.tolist()[:10]})")
         process = GaussianDiffusion(self.model.cfg.diffusion)
-        images = process.sample(self.model, torch.from_numpy(labels.astype(np.int64)), tuple(self.model.image_shape),
-                                classes, steps=steps, eta=eta, guidance=guidance,
-                                generator=torch.Generator().manual_seed(sampler["seed"]))
+        sampler = diffusion_params(params, sampler_defaults(self.dir, self.spec), process.cfg.timesteps,
+                                   process.cfg.cond_drop_prob)
+        labels = request_labels(model_input, self.model.num_classes)
+        generators = row_generators(sampler["seed"], len(labels))  # each image's own noise, as evaluation draws it
+        images = torch.cat([  # a bounded batch at a time: one request, bounded memory
+            process.sample(self.model, torch.from_numpy(labels[first : first + IMAGES_PER_BATCH]),
+                           tuple(self.model.image_shape), self.model.num_classes, steps=sampler["steps"],
+                           eta=sampler["eta"], guidance=sampler["guidance"],
+                           generator=generators[first : first + IMAGES_PER_BATCH])
+            for first in range(0, len(labels), IMAGES_PER_BATCH)])
         return images.flatten(1).numpy().astype(np.float32)
 
 
@@ -105,6 +104,22 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
                 ids = [self.eos]
             out.append(ids)
         return out
+
+
+def request_labels(model_input: pd.DataFrame, classes: int) -> np.ndarray:
+    """The class ids of a diffusion request, as int64: a bad request is one line naming it (a
+    KeyError for a missing column, an IndexError from the embedding, or the label `classes`
+    silently sampling unconditionally, otherwise)."""
+    if "label" not in model_input.columns:
+        raise ValueError(f"label: the request has no `label` column (got columns {list(model_input.columns)})")
+    labels = model_input["label"].to_numpy()
+    if len(labels) == 0:
+        raise ValueError("label: the request has no rows (one class id per image wanted)")
+    if len(labels) > MAX_ROWS:
+        raise ValueError(f"label: {len(labels)} labels, at most {MAX_ROWS} a request (send them as several requests)")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(f"label: class ids are integers 0..{classes - 1} (got {labels.tolist()[:10]})")
+    return labels.astype(np.int64)
 
 
 def request_prompts(model_input: pd.DataFrame) -> list[tuple[str, str]]:
@@ -170,11 +185,14 @@ def lm_params(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def diffusion_params(params: dict[str, Any], defaults: dict[str, Any], timesteps: int) -> dict[str, Any]:
+def diffusion_params(params: dict[str, Any], defaults: dict[str, Any], timesteps: int,
+                     cond_drop_prob: float) -> dict[str, Any]:
     """The diffusion sampler's parameters with `defaults` (the evaluated sampler), each checked as
     the language model's are: steps an integer from 1 (more than the model's timesteps are capped
     at them), eta in [0, 1], guidance finite and at least 0 (a NaN guidance sampled as if it were 0,
-    an infinite one drove the prediction to infinity), seed a 64-bit integer."""
+    an infinite one drove the prediction to infinity), seed a 64-bit integer. A guidance asked for
+    needs a model trained with labels dropped (`cond_drop_prob` > 0), as the config requires of
+    evaluation: otherwise the unconditional prediction comes from an embedding never trained."""
     out = {"steps": _number(params, "steps", defaults["steps"], True),
            "eta": _number(params, "eta", defaults["eta"], False),
            "guidance": _number(params, "guidance", defaults["guidance"], False), "seed": _seed(params)}
@@ -185,10 +203,15 @@ def diffusion_params(params: dict[str, Any], defaults: dict[str, Any], timesteps
         raise ValueError(f"eta: in [0, 1] (0 = deterministic DDIM, 1 = ancestral) (got {out['eta']})")
     if not (math.isfinite(out["guidance"]) and out["guidance"] >= 0):
         raise ValueError(f"guidance: a finite number, at least 0 (0 = conditional only) (got {out['guidance']})")
+    if "guidance" in params and out["guidance"] > 0 and cond_drop_prob <= 0:  # (asked for: a default is what
+        # evaluation scored, which an export from before this check may hold)
+        raise ValueError(f"guidance: this model was trained without dropping labels (cond_drop_prob 0), so it has "
+                         f"no unconditional prediction to guide with: send guidance 0 (got {out['guidance']})")
     return out
 
 
 PROMPTS_PER_BATCH = 16  # prompts generated together (left-padded into one KV cache): bounds a request's memory
+IMAGES_PER_BATCH = 16  # labels sampled together (twice that under guidance): bounds a request's memory
 GENERATION = "generation.json"  # in the export folder: {"eos_token": ...}, from the shards' manifest
 SAMPLER = "sampler.json"  # in a diffusion export folder: {"steps", "eta", "guidance"}, from the task's eval section
 

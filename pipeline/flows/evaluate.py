@@ -64,18 +64,20 @@ def evaluate(tcfg: TaskConfig, model_dir: Path, shards: Path, metrics_dir: Path,
         from pipeline.evaluation.lm import evaluate_lm
 
         metrics, sample = evaluate_lm(model, shards, tcfg.eval)
-        atomic_write_text(reports_dir / "sample.txt", sample + "\n")
         artifacts = [reports_dir / "sample.txt"]
     else:
         from pipeline.evaluation.diffusion import denoise_loss, sample_grid, save_grid, score_with_classifier
 
         metrics = {f"{s}_denoise_loss": denoise_loss(model, shards, s, tcfg.eval) for s in ("val", "test")}
         _, images = sample_grid(model, tcfg.eval)
-        save_grid(images, tcfg.eval.sample_cols, reports_dir / "samples.png")
         if tcfg.eval.samples_per_class:
             metrics.update(score_with_classifier(model, shards, tcfg.eval))
         artifacts = [reports_dir / "samples.png"]
-    check_finite(metrics)
+    check_finite(metrics)  # before any report is written: a diverged model's does not replace the last good one
+    if spec["task"] == "lm":
+        atomic_write_text(reports_dir / "sample.txt", sample + "\n")
+    else:
+        save_grid(images, tcfg.eval.sample_cols, reports_dir / "samples.png")
     metrics_dir.mkdir(parents=True, exist_ok=True)
     # the run record goes first and comes back last, once the run holds the metrics too: a crash or a
     # tracking failure in between leaves no pairing the register stage would trust

@@ -16,6 +16,7 @@ import copy
 import itertools
 import json
 import math
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -195,11 +196,33 @@ def tune_storage(cfg: Any) -> str:
 
 
 def dvc_command(point: dict[str, Any]) -> str:
-    return "dvc exp run " + " ".join(f"-S {shlex.quote(f'{k}={_fmt(v)}')}" for k, v in sorted(point.items()))
+    """The `dvc exp run` that trains the pipeline with a trial's values: each written as Hydra reads
+    an override (DVC composes them with Hydra), exactly (a float to its last digit: `.4g` trained
+    0.99953217 as 0.9995), None as null (`None` was the string 'None')."""
+    return "dvc exp run " + " ".join(f"-S {shlex.quote(f'{k}={hydra_value(v)}')}" for k, v in sorted(point.items()))
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+_BARE = re.compile(r"[A-Za-z_][\w\-./]*")  # what Hydra reads as that same string unquoted
+_HYDRA_WORDS = {"null", "true", "false", "inf", "nan"}
+
+
+def hydra_value(v: Any) -> str:
+    """`v` in Hydra's override grammar, read back as the same value."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(float(v)) if isinstance(v, float) else str(int(v))
+    if isinstance(v, list | tuple):
+        return "[" + ",".join(hydra_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(x)}" for k, x in v.items()) + "}"
+    text = str(v)
+    if _BARE.fullmatch(text) and text.lower() not in _HYDRA_WORDS:
+        return text
+    # quoted: Hydra unescapes a backslash only before a quote (or the closing one)
+    return "'" + re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text).replace("'", "\\'") + "'"
 
 
 def _trial(point: dict[str, Any], *, base: dict[str, Any], task: str, sweep: dict[str, Any], shards: str) -> None:
@@ -270,6 +293,24 @@ def _end_unfinished_trials(client: Any, exp_id: str, parent_id: str) -> int:
     return len(runs)
 
 
+def _check_init_weights(cfg: Any, task: str, sweep: SweepConfig, shards: Path) -> None:
+    """The weights every trial starts from (`model.init_from`, `trainer.init_from`), checked as the
+    train stage checks them, before Tune, Ray or an MLflow run exists: damage is one line naming
+    the file, not an unnamed SafetensorError failing every trial. Each tensor's shape is checked
+    against the base config's model unless the space searches the model's keys (a trial's model
+    may then differ: the files are still checked)."""
+    from pipeline.data.shard_format import load_manifest
+    from pipeline.tasks import task_for_data
+    from pipeline.training.init_weights import check_task_init_weights
+
+    tcfg = cfg.task(task)
+    if not (getattr(tcfg.model, "init_from", None) or tcfg.trainer.init_from):
+        return
+    searched = any(key.startswith(f"tasks.{task}.model.") for key in sweep.space)
+    spec = None if searched else task_for_data(tcfg.data.kind).model_spec(tcfg, load_manifest(shards))
+    check_task_init_weights(tcfg, task, spec)
+
+
 def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_samples: int | None = None,
               seed: int | None = None) -> SweepResult:
     """Run (or resume) a sweep. An interrupted sweep (Ctrl-C) records no best, ends its unfinished
@@ -299,6 +340,7 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     batch = largest_batch(cfg.task(task).trainer.global_batch_size, task, sweep)
     check_split(shards, "train", batch=batch)  # manifest, sizes, the largest batch a trial draws; workers hash
     check_split(shards, "val")
+    _check_init_weights(cfg, task, sweep, shards)
     # a tracking server that does not answer: one line now, not minutes of MLflow retries after Ray started
     mlflow_runs.check_reachable(cfg.tracking, lambda *a, **k: print(f"[sweep {task}]", *a, **k))
     exp_id = mlflow_runs.setup(cfg.tracking)

@@ -39,11 +39,11 @@ from pipeline.tracking.live import fill_missing, outage_cause, reachable_from_an
 from pipeline.training.checkpoint import (
     WEIGHTS,
     CheckpointError,
-    check_init_weights,
     read_meta,
     safetensors_shapes,
     write_model,
 )
+from pipeline.training.init_weights import check_task_init_weights
 from pipeline.training.loop import micro_batch_size
 from pipeline.training.optim import check_kernels
 
@@ -90,6 +90,43 @@ def _history_csv(history: list[dict[str, float]]) -> str:
     return buf.getvalue()
 
 
+def _run_to_continue(run_id: str, task_name: str) -> Any:
+    """The MLflow run an interrupted Ray run logged to, if it is there to continue: None when the
+    store no longer has it (reset, or another store; or the marker's id is damaged) or it was
+    deleted in the UI (logging to it failed at every rerun), so a new run starts. Any other error
+    (a server that answered 503, a timeout) is not a missing run: it stops the stage, rather than
+    split the training over two runs."""
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # (gone, or a damaged id)
+            raise mlflow_runs.TrackingUnavailable(
+                f"cannot read MLflow run {run_id}, which this training logs to ({outage_cause(e)}); "
+                "nothing was trained: rerun when the tracking store answers") from None
+        return None
+    if run.info.lifecycle_stage == "deleted":
+        print(f"[{task_name}] MLflow run {run_id}, which this training logged to, was deleted: starting a new run "
+              f"(restore it with `mlflow runs restore --run-id {run_id}` before rerunning to keep one)", flush=True)
+        return None
+    return run
+
+
+def _retag_resumed(run: Any, tags: dict[str, str]) -> None:
+    """A run resumed by another attempt is tagged with that attempt's code and environment, the
+    ones run.json records (its `git.commit` stayed the first attempt's while run.json named the
+    latest, and `pipeline reproduce` checked out the first); the earlier commits stay listed in
+    `git.resumed_from`."""
+    now = {k: v for k, v in tags.items() if k.startswith(("git.", "env."))}
+    before = run.data.tags.get("git.commit")
+    if before and before != now.get("git.commit"):
+        earlier = [c for c in run.data.tags.get("git.resumed_from", "").split(",") if c]
+        now["git.resumed_from"] = ",".join(dict.fromkeys([*earlier, before]))
+    if any(run.data.tags.get(k) != v for k, v in now.items()):
+        client = mlflow.MlflowClient()
+        for key, value in now.items():
+            client.set_tag(run.info.run_id, key, value)
+
+
 def _mlflow_run(cfg: PipelineConfig, task_name: str, run_dir: str, tags: dict[str, str]) -> str:
     """Continue the MLflow run of an interrupted Ray run, or start a new one. The run's id is
     kept beside its checkpoints (`<run_dir>/mlflow_run_id`, a local folder or an s3:// prefix),
@@ -98,11 +135,9 @@ def _mlflow_run(cfg: PipelineConfig, task_name: str, run_dir: str, tags: dict[st
     fs, marker = filesystem(f"{run_dir.rstrip('/')}/{RUN_ID_FILE}")
     if fs.exists(marker):
         run_id = fs.cat_file(marker).decode().strip()
-        try:
-            mlflow.MlflowClient().get_run(run_id)
+        if (found := _run_to_continue(run_id, task_name)) is not None:
+            _retag_resumed(found, tags)
             return run_id
-        except mlflow.exceptions.MlflowException:
-            pass  # the store was reset: start a new run
     params = flatten({"task": task_name, **cfg.task(task_name).model_dump(mode="json"),
                       "strategy": cfg.strategy.model_dump(), "parallel": cfg.parallel.model_dump(),
                       "precision": cfg.precision.model_dump(), "cluster": cfg.cluster.model_dump(), "seed": cfg.seed})
@@ -250,12 +285,9 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     check_split(shards_dir, "train", batch=batch)  # manifest, sizes, a batch; each node's workers hash the shards
     checked_tokenizer(shards_dir)  # evaluate and export need the shards' own tokenizer: found now, not after training
     spec = task_for_data(tcfg.data.kind).model_spec(tcfg, load_manifest(shards_dir))  # vocabulary, context, tokenizer
-    for key, weights in (("model.init_from", getattr(tcfg.model, "init_from", None)),
-                         ("trainer.init_from", tcfg.trainer.init_from)):
-        # checksums, safetensors headers, and each tensor's shape against the model the spec builds:
-        # a damaged or misfitting file is named here, not in each worker
-        if weights:
-            check_init_weights(Path(weights), f"tasks.{task_name}.{key}", spec)
+    # checksums, safetensors headers, and each tensor's shape against the model the spec builds: a
+    # damaged or misfitting file is named here, not in each worker
+    check_task_init_weights(tcfg, task_name, spec)
     check_gpu_host(cfg)  # use_gpu on the local Ray of a machine without CUDA would wait for a GPU for ever
     preflight(cfg, cfg.cluster.use_gpu)
     check_kernels(cfg)  # Apex kernels asked for where Apex is not installed

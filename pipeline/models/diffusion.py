@@ -51,13 +51,18 @@ class GaussianDiffusion(nn.Module):
         return ab.sqrt() * noise - (1 - ab).sqrt() * x0  # v-prediction
 
     def loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, num_classes: int,
-             generator: torch.Generator | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, weight: torch.Tensor | None = None,
+             t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Mean squared error of the prediction at a uniformly drawn timestep per example
-        (optionally weighted per example, e.g. by class)."""
+        (optionally weighted per example, e.g. by class). Timesteps and noise given (validation's
+        fixed draws) are used instead of drawn."""
         b = x0.shape[0]
         draw = generator.device if generator is not None else x0.device  # (a CPU generator for a GPU model)
-        t = torch.randint(0, self.cfg.timesteps, (b,), generator=generator, device=draw).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=draw, dtype=x0.dtype).to(x0.device)
+        if t is None:
+            t = torch.randint(0, self.cfg.timesteps, (b,), generator=generator, device=draw).to(x0.device)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=draw, dtype=x0.dtype).to(x0.device)
+        noise = noise.to(x0.dtype)
         if self.cfg.cond_drop_prob > 0 and model.training:
             drop = torch.rand(b, generator=generator, device=draw).to(x0.device) < self.cfg.cond_drop_prob
             y = torch.where(drop, torch.full_like(y, num_classes), y)
@@ -78,20 +83,24 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, model: nn.Module, labels: torch.Tensor, shape: tuple[int, ...], num_classes: int,
-               steps: int, guidance: float, eta: float, generator: torch.Generator | None = None) -> torch.Tensor:
+               steps: int, guidance: float, eta: float,
+               generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """DDIM sampling over `steps` of the timesteps (eta=0 deterministic, eta=1 ancestral) with
         classifier-free guidance weight `guidance` (0: conditional only), on the model's device; the
         settings are the task's `eval` section's. Noise is drawn on the generator's device (the CPU
         when there is none), so a CPU generator gives the same samples wherever the model runs, up
-        to rounding. More steps than timesteps would repeat timesteps (each repeat a no-op model
-        call): they are capped at the timesteps."""
+        to rounding. A list of generators, one per label (`row_generators`), draws each image's
+        noise from its own: an image then depends on its label and its generator only, whatever
+        else the batch holds and however it is cut into batches. More steps than timesteps would
+        repeat timesteps (each repeat a no-op model call): they are capped at the timesteps."""
         w, steps = guidance, min(steps, self.cfg.timesteps)
         ts = torch.linspace(self.cfg.timesteps - 1, 0, steps).round().long().tolist()
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
-        draw = generator.device if generator is not None else torch.device("cpu")
         labels = labels.to(device)
-        x = torch.randn((len(labels), *shape), generator=generator, device=draw).to(device)
+        if isinstance(generator, list) and len(generator) != len(labels):
+            raise ValueError(f"{len(generator)} generators for {len(labels)} labels: one per label")
+        x = _normal((len(labels), *shape), generator, device)
         null = torch.full_like(labels, num_classes)
         for i, t in enumerate(ts):
             tt = torch.full((len(labels),), t, dtype=torch.long, device=device)
@@ -109,5 +118,22 @@ class GaussianDiffusion(nn.Module):
             sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
             x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
             if eta > 0 and i + 1 < len(ts):
-                x = x + sigma * torch.randn(x.shape, generator=generator, device=draw).to(device)
+                x = x + sigma * _normal(x.shape, generator, device)
         return x
+
+
+def row_generators(seed: int, rows: int) -> list[torch.Generator]:
+    """One CPU generator per image, row i's seeded with `seed + i` (modulo 2**64, as torch takes
+    seeds): row i of a sampled batch is the image a batch of its label alone gets with seed + i."""
+    return [torch.Generator().manual_seed((seed + i) % (1 << 64)) for i in range(rows)]
+
+
+def _normal(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | list[torch.Generator] | None,
+            device: torch.device) -> torch.Tensor:
+    """Standard normal noise of `shape` on `device`, drawn on the generator's device (the CPU
+    when there is none); with one generator per row, each row from its own."""
+    if isinstance(generator, list):
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device).to(device)
+                            for g in generator])
+    draw = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(tuple(shape), generator=generator, device=draw).to(device)

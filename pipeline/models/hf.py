@@ -108,6 +108,18 @@ def _gpt2_state(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
     return out
 
 
+def merged_eos(eos: int | list[int] | None, ours: int | None) -> int | list[int] | None:
+    """A source's `eos_token_id` (config.json's or generation_config.json's) with the tokenizer's
+    eos, `ours`, added. The shards' separator (the tokenizer's eos) may not be the source's eos (a
+    chat model's `<|eot_id|>` beside `eos_token_id: <|end_of_text|>`): both must stop generation, as
+    transformers reads a list there. A source's null (or none) means the tokenizer's eos is the one to
+    stop at; a source that already lists it is returned unchanged (the round trip stays byte for byte)."""
+    if eos is None:
+        return ours
+    listed = eos if isinstance(eos, list) else [eos]
+    return [*listed, ours] if ours is not None and ours not in listed else eos
+
+
 def hf_config(cfg: GPTConfig, arch: str, vocab_size: int, max_seq_len: int, tokens: dict[str, int | None],
               dtype: str, source: dict[str, Any] | None = None) -> dict[str, Any]:
     """The `config.json` fields of the exported folder. A model that came from a Hugging Face
@@ -119,15 +131,7 @@ def hf_config(cfg: GPTConfig, arch: str, vocab_size: int, max_seq_len: int, toke
             base.pop(key, None)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         base.setdefault(key, tokens.get(key))
-    if base.get("eos_token_id") is None:  # (a source's explicit null: the tokenizer's eos is the one to stop at)
-        base["eos_token_id"] = tokens.get("eos_token_id")
-    eos, ours = base["eos_token_id"], tokens.get("eos_token_id")
-    listed = eos if isinstance(eos, list) else [eos]
-    if ours is not None and ours not in listed:
-        # the shards' separator (the tokenizer's eos) is not the source's eos (a chat model's
-        # `<|eot_id|>` beside `eos_token_id: <|end_of_text|>`): both stop generation, as transformers
-        # reads a list there
-        base["eos_token_id"] = [*listed, ours]
+    base["eos_token_id"] = merged_eos(base["eos_token_id"], tokens.get("eos_token_id"))
     base["dtype"] = dtype
     n_kv = cfg.n_kv_heads or cfg.n_heads
     if arch == "llama":
@@ -227,14 +231,18 @@ def write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_bytes:
     Returns the file names written."""
     from safetensors.torch import save_file
 
+    from pipeline.atomic import as_open_creates
+
     groups = shard_plan(tensors, max_bytes)
     if len(groups) == 1:
         save_file({k: tensors[k].contiguous() for k in groups[0]}, str(folder / SAFETENSORS), metadata={"format": "pt"})
+        as_open_creates(folder / SAFETENSORS)  # (safetensors writes 0600, whatever the umask)
         return [SAFETENSORS]
     files, weight_map = [], {}
     for i, names in enumerate(groups, 1):
         fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
         save_file({k: tensors[k].contiguous() for k in names}, str(folder / fname), metadata={"format": "pt"})
+        as_open_creates(folder / fname)
         weight_map.update(dict.fromkeys(names, fname))
         files.append(fname)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -246,13 +254,20 @@ def write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_bytes:
 # ----------------------------------------------------------------------------- reading
 def read_weight_map(index: Path) -> dict[str, str]:
     """A sharded checkpoint's index (`model.safetensors.index.json`): tensor name -> file. One
-    that is not JSON or holds no weight map is `DamagedFile`, naming it."""
+    that is not JSON, holds no weight map, or maps a tensor to anything but a file name in its own
+    folder is `DamagedFile`, naming it: a number there would be a raw TypeError in every reader,
+    and an absolute or `..` path would read weights from outside the checkpoint."""
     from pipeline.training.checkpoint import DamagedFile
 
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError(f"weight_map is a {type(weight_map).__name__}")
+        for name, file in weight_map.items():
+            if not isinstance(file, str) or not file:
+                raise TypeError(f"weight_map['{name}'] is {json.dumps(file)}, not a file name")
+            if Path(file).is_absolute() or ".." in Path(file).parts:
+                raise ValueError(f"weight_map['{name}'] is '{file}', a file outside the checkpoint's folder")
     except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise DamagedFile(index, f"not a safetensors index ({type(e).__name__}: {e})") from None
     return weight_map
@@ -268,10 +283,13 @@ class HFCheckpoint:
         if self.config.get("model_type") != "llama":
             raise ValueError(f"{key}: {self.folder / HF_CONFIG}: model_type '{self.config.get('model_type')}': "
                              "only Llama checkpoints are read")
-        if (self.folder / INDEX).is_file():
-            self.files = read_weight_map(self.folder / INDEX)
-        elif (self.folder / SAFETENSORS).is_file():
+        # transformers' order (from_pretrained): model.safetensors whenever it is there, else the index. A
+        # folder save_pretrained wrote sharded, then single-file (or the other way round) holds both, the
+        # older one stale: the run starts from the weights from_pretrained would give
+        if (self.folder / SAFETENSORS).is_file():
             self.files = None
+        elif (self.folder / INDEX).is_file():
+            self.files = read_weight_map(self.folder / INDEX)
         else:
             raise ValueError(no_safetensors(self.folder, key))
 

@@ -40,19 +40,52 @@ class JobNotFound(KeyError):
 
 
 def jobs_address(address: str | None = None) -> str:
-    """The Jobs API (dashboard) address: the argument, else RAY_JOBS_ADDRESS, else RAY_ADDRESS
-    when it is an http(s) address, else the local default."""
-    env = os.environ.get("RAY_JOBS_ADDRESS") or os.environ.get("RAY_ADDRESS", "")
-    return address or (env if env.startswith(("http://", "https://")) else DEFAULT_ADDRESS)
+    """The Jobs API (dashboard) address: the argument, else RAY_JOBS_ADDRESS, else (as Ray's own
+    client resolves them) RAY_API_SERVER_ADDRESS or RAY_ADDRESS when it is an http(s) address,
+    else the local default."""
+    if address or os.environ.get("RAY_JOBS_ADDRESS"):
+        return address or os.environ["RAY_JOBS_ADDRESS"]
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        if (value := os.environ.get(name, "")).startswith(("http://", "https://")):
+            return value
+    return DEFAULT_ADDRESS
 
 
-def auth_token() -> str | None:
+def auth_token(address: str | None = None) -> str | None:
     """The cluster token, looked up where Ray keeps it: RAY_AUTH_TOKEN, the file named by
-    RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (written by `ray start` / `ray get-auth-token --generate`)."""
+    RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (written by `ray start` / `ray get-auth-token --generate`).
+    The last is this machine's own cluster's: it is not sent in clear text to another host
+    (plain http to `address` off loopback) unless RAY_AUTH_MODE=token says to (Ray's own rule);
+    a token named by the first two is sent wherever the user points it."""
     if token := os.environ.get("RAY_AUTH_TOKEN"):
         return token.strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    return path.read_text().strip() if path.is_file() else None
+    if named := os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return Path(named).read_text().strip() if Path(named).is_file() else None
+    path = Path.home() / ".ray" / "auth_token"
+    if not path.is_file():
+        return None
+    if address and not _private_to(address) and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        print(f"not sending this machine's Ray token ({path}) to {address} in clear text (plain http to another "
+              "host); set RAY_AUTH_TOKEN, or RAY_AUTH_MODE=token, to send a token there", file=sys.stderr)
+        return None
+    return path.read_text().strip()
+
+
+def _private_to(address: str) -> bool:
+    """Whether a request to `address` stays private: https, or plain http to a loopback host."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address)
+    if parts.scheme == "https":
+        return True
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 GCS_PORTS = ("6379", "10001")  # a GCS (host:6379) or Ray Client (ray://host:10001) port, not the dashboard's
@@ -95,21 +128,19 @@ def check_address(address: str | None = None, job_id: str | None = None) -> None
 def client(address: str | None = None, job_id: str | None = None):
     """A Jobs API client. Ray 2.59+ clusters require token authentication, but Ray's client
     only sends the token when RAY_AUTH_MODE=token is set on this side too; the header is sent
-    here whenever a token is found, so `submit` works against both kinds of cluster. An
+    here whenever a token is found (`auth_token`: this machine's own not in clear text to another
+    host), so `submit` works against both kinds of cluster. An
     address that is not http(s):// is refused first (`check_address`)."""
     check_address(address, job_id)
     from ray.job_submission import JobSubmissionClient
 
-    token = auth_token()
-    headers = {"authorization": f"Bearer {token}"} if token else None
     resolved = jobs_address(address)
-    # Ray's client takes RAY_API_SERVER_ADDRESS or RAY_ADDRESS over the address it is given: where
-    # one was chosen (--address, RAY_JOBS_ADDRESS), those are hidden while the client is made, so a
-    # stale RAY_ADDRESS cannot beat it; otherwise Ray resolves them as it always did (an http(s)
-    # one: check_address refused the rest).
-    chosen = address or os.environ.get("RAY_JOBS_ADDRESS")
-    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
-              if chosen and k in os.environ}
+    token = auth_token(resolved)
+    headers = {"authorization": f"Bearer {token}"} if token else None
+    # Ray's client takes RAY_API_SERVER_ADDRESS or RAY_ADDRESS over the address it is given: they
+    # are hidden while the client is made, so it goes where `jobs_address` resolved (a stale
+    # RAY_ADDRESS cannot beat --address, and the token is judged for the host it is sent to)
+    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
     try:
         return JobSubmissionClient(resolved, headers=headers)
     finally:

@@ -22,7 +22,7 @@ from pipeline.training.checkpoint import (
     nothing_intact,
     read_meta,
 )
-from pipeline.training.session import SET_ASIDE, finish_interrupted_replace
+from pipeline.training.session import SET_ASIDE, finish_interrupted_replace, step_of
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's registered checkpoints
 
@@ -187,7 +187,7 @@ def _recover_steps(run_dir: Path, task_name: str) -> Recovery:
         found.removed.append(stale.name)
     _removed_line(task_name, run_dir, found.removed)
     steps = sorted((p for p in run_dir.glob("checkpoint_*") if re.fullmatch(r"checkpoint_\d+", p.name)
-                    and (p / "meta.json").is_file()), reverse=True)
+                    and (p / "meta.json").is_file()), key=lambda p: step_of(p.name), reverse=True)
     if not steps:
         return found
     intact, damaged = newest_intact(steps)

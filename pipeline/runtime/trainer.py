@@ -23,9 +23,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.config.schema import PipelineConfig
+from pipeline.config.schema import ClusterConfig, PipelineConfig
 from pipeline.config.storage import is_url
 from pipeline.distributed import process_group_backend
+from pipeline.runtime.connect import ClusterUnavailable
 from pipeline.runtime.failures import _QuietKnownErrors, _summary, fatal_error
 from pipeline.runtime.recovery import recover, remove_unfinished, run_dir_of, storage_root
 from pipeline.training.checkpoint import CheckpointError, StorageFull
@@ -129,7 +130,7 @@ def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str, live: d
         if result.error is not None and (fatal := fatal_error(result.error)) is not None:
             raise _final(fatal, cfg, run_name) from None
         return result
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, WorkerGroupError
+    from ray.train import CheckpointConfig, ControllerError, LoggingConfig, RunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchTrainer
 
     from pipeline.config.elastic import worker_counts
@@ -156,7 +157,7 @@ def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str, live: d
             torch_config=torch_config(process_group_backend(cfg.strategy, cl.use_gpu), single_node=embedded()),
             run_config=RunConfig(
                 name=run_name, storage_path=storage_root(cfg),
-                failure_config=FailureConfig(max_failures=0),  # retried here, where errors can be told apart
+                failure_config=failure_config(cl),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.task(task_name).trainer.keep_last_k),
                 logging_config=LoggingConfig(log_level="WARNING"),  # our own progress lines say enough
             ),
@@ -171,10 +172,41 @@ def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str, live: d
             print(f"[{task_name}] training attempt {attempt + 1} of {cl.max_failures + 1} failed ({_summary(e)}); "
                   "restarting from the last checkpoint", flush=True)
         except Exception as e:
+            if isinstance(e, ControllerError) and _startup_failure(e):  # its retries are spent (`failure_config`)
+                raise workers_did_not_start(e, cl.start_attempts, task_name) from None
             if (fatal := fatal_error(e)) is not None:
                 raise _final(fatal, cfg, run_name) from None
             raise
     raise AssertionError("unreachable")
+
+
+def _startup_failure(error: BaseException) -> bool:
+    """Whether a controller error is the worker group failing to start (or finding no room in
+    time), the errors Ray retries `cluster.start_attempts` times; any other (a full disk under the
+    controller's checkpoint list, a callback's error) is raised at its first occurrence."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
+
+    return isinstance(getattr(error, "controller_failure", None),
+                      WorkerGroupStartupFailedError | WorkerGroupStartupTimeoutError)
+
+
+def failure_config(cl: ClusterConfig) -> Any:
+    """Ray Train's retry policy for the pipeline's runs: a training attempt that fails is not
+    retried inside `fit` (`max_failures=0`) but by `fit` here, where a damaged checkpoint or a
+    config error can be told from a worker that died; starting the worker group is tried
+    `cluster.start_attempts` times (Ray's default, -1, retried a node that cannot start a worker
+    for ever, within one `fit`)."""
+    from ray.train import FailureConfig
+
+    return FailureConfig(max_failures=0, controller_failure_limit=cl.start_attempts - 1)
+
+
+def workers_did_not_start(error: BaseException, attempts: int, task: str) -> ClusterUnavailable:
+    """One line for a worker group Ray Train could not start `attempts` times: its last reason."""
+    cause = getattr(error, "controller_failure", error)
+    first = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+    return ClusterUnavailable(f"[{task}] the workers could not be started ({attempts} attempts, "
+                              f"cluster.start_attempts): {type(cause).__name__}: {first[:300]}")
 
 
 def _final(fatal: BaseException, cfg: PipelineConfig, run_name: str) -> BaseException:

@@ -37,6 +37,14 @@ class Task(ABC):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
              generator: torch.Generator | None = None) -> torch.Tensor: ...
 
+    def fix_draws(self, batch: dict[str, torch.Tensor], rows: np.ndarray, seed: int) -> dict[str, torch.Tensor]:
+        """The batch with the random draws its loss makes fixed per row (`rows`: the rows'
+        positions in the split), for validation: the loss then depends on the rows alone, not on
+        how ranks and micro-batches cut them (an elastic resize would otherwise move the
+        validation loss the best weights and early stopping compare). A loss that draws nothing
+        keeps the batch as it is."""
+        return batch
+
     def pipeline_io(self, batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """(the model's positional inputs, the loss target): how a pipeline schedule feeds the
         first stage and scores the last. Tasks whose loss draws noise inside it do not pipeline."""

@@ -6,15 +6,15 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.lineage import dvc_lock_hashes, git_state
+from pipeline.tracking.lineage import dirty_files, dvc_lock_hashes, git_state
 from pipeline.tracking.mlflow_runs import TrackingUnavailable
+from pipeline.tracking.registry import DATA_STAGES
 
 
 def check_store(uri: str, connect_timeout_s: float | None = None, key: str = "tracking.connect_timeout_s") -> None:
@@ -128,14 +128,11 @@ def _dvc_differences(task: str) -> list[str]:
 
 
 def _git_dirty_files() -> list[str]:
-    """Tracked files with uncommitted changes, bar those `dvc repro` itself rewrites (dvc.lock, the
-    .gitignore files naming its outputs): what they record is compared through `dvc status` and
-    dvc.lock's hashes, so a workspace that has just reproduced the chain still matches."""
-    proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    if proc.returncode:
+    """`lineage.dirty_files` of this folder; none outside a git checkout."""
+    try:
+        return dirty_files()
+    except (subprocess.CalledProcessError, FileNotFoundError):
         return []
-    paths = [line[3:] for line in proc.stdout.splitlines()]
-    return [p for p in paths if p != "dvc.lock" and Path(p).name != ".gitignore"]
 
 
 def _workspace(tags: dict[str, str], task: str, dvc_recorded: dict[str, str]) -> dict[str, Any]:
@@ -146,10 +143,7 @@ def _workspace(tags: dict[str, str], task: str, dvc_recorded: dict[str, str]) ->
     git_now = git_state()
     same_commit = git_now["git.commit"] == tags.get("git.commit")
     dvc_now = dvc_lock_hashes()
-    # the train stage records dvc.lock as it is before its own entry is written: its train:<task>
-    # hashes are the previous training's (or none), so only the stages before it are compared
-    upstream = {k: v for k, v in dvc_recorded.items() if not k.startswith(f"dvc.train:{task}.")}
-    changed = sorted(k for k, v in upstream.items() if dvc_now.get(k) != v) if dvc_now else []
+    changed = sorted(k for k, v in dvc_recorded.items() if dvc_now.get(k) != v) if dvc_now else []
     differs = [] if same_commit else [f"other commit {git_now['git.commit'][:10]}"]
     if tags.get("git.dirty") == "true":
         differs.append("trained from uncommitted changes (not recorded)")
@@ -174,9 +168,11 @@ def lineage(ref: str) -> dict[str, Any]:
     run = run_of(client, mv, ref)
     tags = run.data.tags
     task = tags.get("task", "")
-    # dvc.<stage>:<task>.<path>: keep this task's chain only
-    dvc_recorded = {k: v for k, v in tags.items()
-                    if k.startswith("dvc.") and k.split(".", 2)[1].endswith(f":{task}")}
+    # dvc.<stage>:<task>.<path> of this task's data stages: the train stage records dvc.lock as it is
+    # before its own entry is written, so its train, evaluate, export and register hashes are the
+    # previous chain's (a normal `dvc repro` rewrote them after, and lineage reported a difference)
+    data_stages = tuple(f"dvc.{stage}:{task}." for stage, _ in DATA_STAGES)
+    dvc_recorded = {k: v for k, v in tags.items() if k.startswith(data_stages)}
     return {
         "model": f"{mv.name} v{mv.version}", "aliases": sorted(mv.aliases), "registered_metric":
             {mv.tags.get("metric_name", "?"): mv.tags.get("metric_value", "?")},

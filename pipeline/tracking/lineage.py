@@ -12,16 +12,27 @@ import yaml
 
 
 def git_state(cwd: Path | str = ".") -> dict[str, str]:
-    """Commit and whether the work tree differs from it; 'unknown' outside a git checkout."""
-    def run(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-
+    """Commit and whether the work tree differs from it (`dirty_files`); 'unknown' outside a git
+    checkout."""
     try:
-        commit = run("rev-parse", "HEAD")
-        dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = dirty_files(cwd)
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {"git.commit": "unknown", "git.dirty": "unknown"}
-    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+    return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+
+
+def dirty_files(cwd: Path | str = ".") -> list[str]:
+    """Tracked files with uncommitted changes, bar those `dvc repro` itself rewrites (dvc.lock, the
+    .gitignore files naming its outputs): what they record is compared through dvc.lock's hashes,
+    and the train stage runs after `dvc repro` rewrote dvc.lock for the stages before it (a clean
+    checkout was tagged as trained from uncommitted changes). Raises CalledProcessError outside a
+    git checkout."""
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
+                         text=True, check=True).stdout
+    paths = [line[3:] for line in out.splitlines()]
+    return [p for p in paths if p != "dvc.lock" and Path(p).name != ".gitignore"]
 
 
 def dvc_lock_hashes(lock: Path | str = "dvc.lock") -> dict[str, str]:

@@ -7,6 +7,8 @@ import contextlib
 import datetime
 import os
 import re
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -291,6 +293,26 @@ def waiting(what: str, say=print, after_s: float = 3.0) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (`pipeline stop`, a scheduler's pre-emption, `kill`) raised as SystemExit while the
+    body runs, as Ctrl-C is: Python's default ends the process at once, before any `finally`, and
+    left the run RUNNING for ever. (Signal handlers belong to the main thread: elsewhere, nothing
+    changes.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def system_metrics(run_id: str, say=print) -> Iterator[None]:
     """Keep the run active while the body runs, sampling CPU, memory, disk and network (and GPU
     where present) of this node as `system/*` metrics. Best effort: an unreachable server costs
@@ -315,7 +337,8 @@ def system_metrics(run_id: str, say=print) -> Iterator[None]:
             sampler = None
         status = "FAILED"
         try:
-            yield
+            with _terminate_as_exit():
+                yield
             status = "FINISHED"
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train's own SIGINT handler turns it into SystemExit
             status = "KILLED"

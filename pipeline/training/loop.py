@@ -82,6 +82,15 @@ def _check_world(saved: int, world: int, strategy: Strategy, ckpt: Path, task_na
                             "start a new run (another cluster.storage_path)")
 
 
+def dropout_seed(seed: int, step: int, dp_rank: int, pp_rank: int) -> int:
+    """The global RNG's seed for a step's dropout masks: per step, so a resumed run draws the
+    masks the uninterrupted one did; per data-parallel replica, so each draws its own; per pipeline
+    stage, since each stage's layers would otherwise reuse the masks of the stage before (the same
+    stream, one call later); the same on a replica's tensor-parallel ranks, whose replicated
+    activations must stay equal. Stage 0 keeps the seed runs had before stages were counted."""
+    return hash((seed, step, dp_rank, 1) + ((pp_rank,) if pp_rank else ())) % (2**62)
+
+
 def micro_batch_size(global_batch: int, world: int, accum: int) -> int:
     if global_batch % (world * accum):
         raise ValueError(f"trainer.global_batch_size ({global_batch}) must be divisible by "
@@ -117,6 +126,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     spec = task.model_spec(tcfg, manifest)
     layout = Layout(session.world, cfg.parallel.tp, cfg.parallel.pp)  # the data-parallel degree keys the data
     dp_rank, dp_size = layout.dp_rank(session.rank), layout.dp
+    pp_rank = layout.coords(session.rank)[0]
     micro = micro_batch_size(tr.global_batch_size, dp_size, tr.grad_accum_steps)
 
     with torch.device("meta"):  # no weights yet: the strategy shards, then materialises
@@ -134,6 +144,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     fp8_layers = precision.prepare(model, strategy.gathers_weights)
     pretrained = getattr(tcfg.model, "init_from", None)  # a Hugging Face checkpoint (its config set the model)
     strategy.init_from = weights_file(tr.init_from or pretrained) if tr.init_from or pretrained else None
+    strategy.init_from_key = f"tasks.{task_name}.{'trainer' if tr.init_from else 'model'}.init_from"
     strategy.setup(model, lambda m: build_optimizer(m, tcfg.optim))
     implementation = {"strategy": strategy.describe(), "optimizer": describe_optimizer(strategy.optimizer),
                       "precision": precision.describe(fp8_layers),
@@ -204,10 +215,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
             group["lr"] = lr
         gen = torch.Generator(device=session.device).manual_seed(hash((cfg.seed, state.step, dp_rank)) % (2**62))
         if dropout:
-            # dropout draws from the global RNG: seeded per step and data-parallel rank, so a resumed run
-            # draws the masks the uninterrupted one did and each replica its own (a tensor- or pipeline-
-            # parallel rank its replica's: replicated activations stay equal across the tp ranks)
-            torch.manual_seed(hash((cfg.seed, state.step, dp_rank, 1)) % (2**62))
+            torch.manual_seed(dropout_seed(cfg.seed, state.step, dp_rank, pp_rank))
         fetch_start = time.perf_counter()
         micros = _split(reader.next_local_batch(), tr.grad_accum_steps)
         data_wait += time.perf_counter() - fetch_start  # time the step stood still for data

@@ -55,6 +55,12 @@ _STEP_DIR = re.compile(r"checkpoint_\d+(\.old)?$")
 SET_ASIDE = ".damaged"  # a checkpoint folder renamed so, kept to look into, is never resumed from
 
 
+def step_of(name: str) -> int:
+    """The step a checkpoint folder's name holds (`checkpoint_00000042`, `.old` or not): folders
+    are ordered by it, not by name, which puts step 100000000 before 99999999."""
+    return int(name.removesuffix(".old").split("_")[1])
+
+
 class LocalSession(_LiveSteps):
     """Checkpoints as step-numbered folders under `root` (if given), outside Ray Train.
 
@@ -115,7 +121,7 @@ class LocalSession(_LiveSteps):
             # have been resumed from): set aside, so they neither count among the newest k, which
             # deleted this run's only intact checkpoints, nor stop the next resume
             for later in self._complete():
-                if int(later.name.removesuffix(".old").split("_")[1]) > metrics["step"]:
+                if step_of(later.name) > metrics["step"]:
                     target = later.with_name(later.name.removesuffix(".old") + SET_ASIDE)
                     shutil.rmtree(target, ignore_errors=True)
                     later.rename(target)
@@ -135,7 +141,7 @@ class LocalSession(_LiveSteps):
             m = _STEP_DIR.match(p.name)
             if m and (p / "meta.json").is_file() and (not m.group(1) or not p.with_name(p.name[:-4]).exists()):
                 found[p.name.removesuffix(".old")] = p
-        return [found[name] for name in sorted(found)]
+        return [found[name] for name in sorted(found, key=step_of)]  # by number: 100000000 after 99999999
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:

@@ -1,7 +1,8 @@
 """Validation loss inside the training loop (for reduce-on-plateau and early stopping).
 
 Deterministic: the first `batches` global batches of the val split in order, each rank its
-slice, and fixed noise for losses that draw it, so a resumed run sees the same numbers.
+slice, and noise fixed per row for losses that draw it (`Task.fix_draws`), so a resumed run sees
+the same numbers, at any number of ranks and any accumulation.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ def validation_loss(task: Task, strategy: Strategy, val: dict[str, np.ndarray], 
     losses stay on the device until all have run, then come back in one read."""
     n = len(next(iter(val.values())))
     rank, local = strategy.dp_rank, global_batch // strategy.dp_size
-    gen = torch.Generator(device=device).manual_seed(seed + rank)
+    gen = torch.Generator(device=device).manual_seed(seed)  # (for a loss that draws without fix_draws)
     model = strategy.model
     was_training = model.training
     model.eval()
     losses = []
     for b in range(batches):
-        idx = np.arange(b * global_batch + rank * local, b * global_batch + (rank + 1) * local) % n
-        batch = task.batch_to_tensors({k: v[idx] for k, v in val.items()}, device)
+        rows = np.arange(b * global_batch + rank * local, b * global_batch + (rank + 1) * local)
+        batch = task.batch_to_tensors({k: v[rows % n] for k, v in val.items()}, device)
+        batch = task.fix_draws(batch, rows, seed)
         losses.append(strategy.eval_loss(batch, task, gen).to(torch.float64).reshape(()))
     model.train(was_training)
     return float(np.mean(torch.stack(losses).tolist()))

@@ -94,6 +94,8 @@ def test_strategy_trains_on_cuda(built_data, tmp_path, fp32_ddp, name, dtype):
     """fp32 equals DDP's losses (1e-4 relative: the sums' order differs); bf16 and fp16 (dynamic
     loss scaling: torch's, FSDP's sharded one, or DeepSpeed's) stay within 3% of them."""
     _needs(name)
+    if (name, dtype) == ("zero0", "fp16"):
+        pytest.skip("refused at validation (tests/test_strategies.py::test_zero0_with_fp16_is_refused_at_validation)")
     _, shards = built_data
     state, implementation = run_loop(shards["lm"], tmp_path, [*STRATEGIES[name], f"precision.dtype={dtype}"])
     losses = [h["loss"] for h in state.history]

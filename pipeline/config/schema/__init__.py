@@ -41,6 +41,17 @@ __all__ = [
 ]
 
 
+def eval_metrics(data_kind: str, samples_per_class: int) -> tuple[str, ...]:
+    """The metrics the evaluate stage writes to eval.json for a task of `data_kind` (what
+    `registry.metric` may name): the language model's loss and perplexity on val and test; the
+    denoiser's loss on both, and with `eval.samples_per_class` > 0 the digit classifier's scores of
+    its samples (pipeline/evaluation/classifier.py)."""
+    if data_kind == "text":
+        return "val_loss", "val_perplexity", "test_loss", "test_perplexity"
+    scored = ("classifier_real_accuracy", "sample_accuracy", "sample_frechet_distance") if samples_per_class else ()
+    return "val_denoise_loss", "test_denoise_loss", *scored
+
+
 class TaskConfig(Strict):
     """One model chain (data -> shards -> train -> evaluate -> export -> register)."""
 
@@ -59,6 +70,10 @@ class TaskConfig(Strict):
         pairs = {"text": ("gpt",), "images": ("dit", "unet")}
         if self.model.kind not in pairs[self.data.kind]:
             raise ValueError(f"model kind '{self.model.kind}' cannot train on {self.data.kind} data")
+        known = eval_metrics(self.data.kind, self.eval.samples_per_class)
+        if self.registry.metric not in known:  # (found at the register stage, after training, before)
+            raise ValueError(f"registry.metric: '{self.registry.metric}' is not a metric the evaluate stage writes "
+                             f"for this task (it writes {', '.join(known)})")
         if self.data.kind == "images":  # (every image source is resized to data.image_size)
             process = self.model.diffusion
             if self.eval.guidance_scale > 0 and process.cond_drop_prob == 0:
@@ -104,6 +119,12 @@ class PipelineConfig(Strict):
         check_compile(self)
         check_elastic(self)
         check_storage(self)
+        if self.strategy.name == "deepspeed" and self.strategy.zero_stage == 0 and self.precision.dtype == "fp16":
+            # DeepSpeed 0.19's ZeRO-0 fp16 optimizer divides the gradients by the loss scale that its
+            # engine never multiplied the loss by: every update 65536 times too small, clipping never on
+            raise ValueError("strategy.zero_stage=0 with precision.dtype=fp16: DeepSpeed's ZeRO-0 fp16 optimizer "
+                             "unscales gradients its engine never scaled (updates 65536x too small); use "
+                             "strategy.name=ddp (the same layout, with torch's loss scaling), zero_stage 1-3, or bf16")
         if getattr(self.strategy, "backend", "auto") == "nccl" and not self.cluster.use_gpu:
             # (every worker failed to make its process group, and the attempt was retried)
             raise ValueError("strategy.backend=nccl needs cluster.use_gpu=true: NCCL runs between GPUs; CPU workers "

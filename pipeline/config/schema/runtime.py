@@ -38,6 +38,12 @@ class ClusterConfig(Strict):
     # (content-addressed by manifest) and every node caches and verifies them locally.
     shards_uri: str | None = None
     max_failures: NonNegInt = 2
+    # How many times Ray Train may try to start the worker group before the run fails: a worker
+    # that dies starting (a node that cannot import the code, an OOM kill at import) or a start
+    # that finds no room for the workers in 60 s (Ray's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)
+    # counts one. Ray's own default retries for ever: a broken node kept a run starting workers on
+    # it, never failing. Raise it where an autoscaler takes long to add nodes.
+    start_attempts: PositiveInt = 30
     # How long the train stage waits for a cluster named by `address` / RAY_ADDRESS to answer
     # before it stops with one line (before any MLflow run is opened).
     connect_timeout_s: PositiveFloat = 30.0

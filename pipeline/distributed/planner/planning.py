@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.config.elastic import worker_counts
+from pipeline.config.parallel import check_task_parallel
 from pipeline.config.schema import PipelineConfig, TaskConfig
 from pipeline.config.sizes import format_size, parse_size
 from pipeline.distributed.pipeline_parallel import rank_stages
@@ -242,7 +243,12 @@ def plan(cfg: PipelineConfig, task_name: str, workers: int | None = None, device
     string (default `cluster.device_memory`); target: "cuda" or "cpu" (default from
     `cluster.use_gpu`); micro_batch: default the configured one (global batch / workers /
     accumulation), else 1; manifest: the shard manifest, when the shards exist.
+
+    A layout the train stage refuses for this task (heads or layers tp/pp does not divide, a
+    pipeline schedule short of micro-batches) raises its own one-line error: no plan, and so no
+    "fits", for what cannot run (the CLI and `check_fits` plan through here).
     """
+    check_task_parallel(cfg, task_name)
     workers = workers or cfg.cluster.num_workers
     if workers % (cfg.parallel.tp * cfg.parallel.pp):
         raise ValueError(f"parallel.tp={cfg.parallel.tp} x parallel.pp={cfg.parallel.pp} does not divide "
@@ -289,8 +295,12 @@ def plan(cfg: PipelineConfig, task_name: str, workers: int | None = None, device
 
 
 def _with(cfg: PipelineConfig, strategy: dict[str, Any] | None = None, ac: str | None = None,
-          task_name: str | None = None) -> PipelineConfig:
+          task_name: str | None = None, accum: int | None = None) -> PipelineConfig:
+    """`cfg` with a suggestion applied: a strategy, an activation checkpointing mode, or (for
+    `task_name`) a gradient accumulation."""
     raw = cfg.model_dump(mode="json")
+    if accum is not None and task_name is not None:
+        raw["tasks"][task_name]["trainer"]["grad_accum_steps"] = accum
     if strategy is not None:
         raw["strategy"] = strategy
     if ac is not None and task_name is not None:  # a trainer.activation_checkpointing value, or "op"
@@ -326,6 +336,27 @@ def _runs_with(cfg: PipelineConfig, strategy: str, target: str) -> bool:
     return True
 
 
+def _accumulation_fits(cfg: PipelineConfig, task_name: str, accum: int, workers: int, target: str, memory: int,
+                       manifest: dict[str, Any] | None) -> bool:
+    """Whether `grad_accum_steps=accum` is one to suggest: the train stage takes it (interleaved
+    1F1B's equal rounds, 1F1B's at least pp micro-batches), and under parallel.pp its micro-batch
+    fits when planned at that accumulation. A pipeline's accumulation is its micro-batch count, which
+    sets what each stage holds: GPipe keeps every micro-batch's forward state until backward (and
+    every schedule a receive buffer per micro-batch), so more, smaller micro-batches may hold as
+    much as before, and the largest micro-batch at the configured accumulation says nothing."""
+    changed = _with(cfg, task_name=task_name, accum=accum)
+    try:
+        check_task_parallel(changed, task_name)
+    except ValueError:
+        return False
+    if cfg.parallel.pp == 1:  # data and tensor parallel: the accumulation changes nothing a rank holds
+        return True
+    tcfg = changed.task(task_name)
+    micro_batch = tcfg.trainer.global_batch_size // (_data_parallel(cfg, workers) * accum)
+    ev, _ = _evaluator(changed, task_name, workers, target, manifest)
+    return ev.largest_micro_batch(memory) >= micro_batch
+
+
 def _suggest(cfg: PipelineConfig, task_name: str, workers: int, target: str, memory: int, p: MemoryPlan,
              manifest: dict[str, Any] | None) -> str:
     """One sentence: fine as is, the micro-batch to use, or a layout that would fit."""
@@ -343,12 +374,16 @@ def _suggest(cfg: PipelineConfig, task_name: str, workers: int, target: str, mem
         # asked for (`plan --micro-batch`) may not fit where the configured one does
         dps = {_data_parallel(cfg, w) for w in worker_counts(cfg)} if workers in worker_counts(cfg) else set()
         for accum in range(configured, g + 1):
-            if all(g % (d * accum) == 0 for d in dps | {dp}) and g // (dp * accum) <= best:
-                if accum == configured:
-                    return (f"micro-batch {p.micro_batch} does not fit, {best} does: the configured micro-batch "
-                            f"{g // (dp * accum)} fits")
-                return (f"micro-batch {p.micro_batch} does not fit, {best} does: set {key}.grad_accum_steps={accum} "
-                        f"(micro-batch {g // (dp * accum)})")
+            if not all(g % (d * accum) == 0 for d in dps | {dp}) or g // (dp * accum) > best:
+                continue
+            if accum == configured:  # (`best` was planned at this accumulation)
+                return (f"micro-batch {p.micro_batch} does not fit, {best} does: the configured micro-batch "
+                        f"{g // (dp * accum)} fits")
+            if not _accumulation_fits(cfg, task_name, accum, workers, target, memory, manifest):
+                continue
+            return (f"micro-batch {p.micro_batch} does not fit, {best} does: set {key}.grad_accum_steps={accum} "
+                    f"(micro-batch {g // (dp * accum)})")
+        # (at the configured accumulation, a smaller global batch gives a micro-batch that fits)
         return f"micro-batch {p.micro_batch} does not fit, {best} does: lower {key}.global_batch_size"
     tries: list[tuple[str, PipelineConfig]] = []
     ac = tcfg.trainer.activation_checkpointing
