@@ -53,22 +53,22 @@ def jobs_address(address: str | None = None) -> str:
 
 def auth_token(address: str | None = None) -> str | None:
     """The cluster token, looked up where Ray keeps it: RAY_AUTH_TOKEN, the file named by
-    RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (written by `ray start` / `ray get-auth-token --generate`).
-    The last is this machine's own cluster's: it is not sent in clear text to another host
-    (plain http to `address` off loopback) unless RAY_AUTH_MODE=token says to (Ray's own rule);
-    a token named by the first two is sent wherever the user points it."""
+    RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (written by `ray start` / `ray get-auth-token --generate`;
+    the README's multi-host setup copies the cluster's there). Sent in clear text (plain http to
+    `address` off loopback), it is said in one line on stderr: anyone on the path can read it,
+    so an untrusted network wants https or a tunnel."""
     if token := os.environ.get("RAY_AUTH_TOKEN"):
-        return token.strip()
-    if named := os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return Path(named).read_text().strip() if Path(named).is_file() else None
-    path = Path.home() / ".ray" / "auth_token"
-    if not path.is_file():
-        return None
-    if address and not _private_to(address) and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-        print(f"not sending this machine's Ray token ({path}) to {address} in clear text (plain http to another "
-              "host); set RAY_AUTH_TOKEN, or RAY_AUTH_MODE=token, to send a token there", file=sys.stderr)
-        return None
-    return path.read_text().strip()
+        token, where = token.strip(), "RAY_AUTH_TOKEN"
+    else:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        if not path.is_file():
+            return None
+        token, where = path.read_text().strip(), str(path)
+    if token and address and not _private_to(address):
+        print(f"note: sending the Ray token ({where}) to {address} in clear text (plain http to another host): "
+              "use https or a tunnel (ray dashboard, kubectl port-forward, ssh -L) on a network you do not trust",
+              file=sys.stderr)
+    return token
 
 
 def _private_to(address: str) -> bool:
