@@ -127,3 +127,9 @@ def make_tiny_llama(folder: Path, corpus: Path | None = None, *, vocab: int = 30
     LlamaForCausalLM(config).save_pretrained(folder)
     hf_tok.save_pretrained(folder)
     return folder
+
+
+# the tiny Llama and its prepared data, shared by the Hugging Face import and export modules (module-
+# scoped: each module builds its own; test_hf_refusals defines its own `llama`). Imported last: the
+# module uses make_tiny_llama and tiny_raw above.
+from tests.hf_llama import llama, llama_data  # noqa: E402, F401
