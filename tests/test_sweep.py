@@ -424,3 +424,38 @@ def test_interrupted_sweep_records_no_best_and_resumes(tmp_path):
     assert sorted(t.info.run_id for t in after[same.info.run_id]) == sorted(t.info.run_id for t in trials[
         parent.info.run_id])
     assert same.data.metrics["best_val_loss"] == resumed.data.metrics["best_val_loss"]
+
+
+def test_a_second_run_of_a_running_sweep_is_refused(tmp_path, monkeypatch, built_data):
+    """Two runs of one sweep command would resume the same Tune state and MLflow parent, the second
+    ending the first's running trials: while one runs (its lock held in this process), the same
+    command in another process is one line, before Ray or MLflow; the lock is free once it ends."""
+    from pipeline.flows import sweep as sweep_flow
+
+    _, shards = built_data
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_raw()))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE_LR))
+    (tmp_path / "data" / "lm").mkdir(parents=True)
+    (tmp_path / "data" / "lm" / "shards").symlink_to(shards["lm"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/never.db"}
+    env.pop("RAY_ADDRESS", None)
+    second = {}
+
+    def run_while_holding(cfg, task, sweep, sweep_file, shards, seed, name, path):
+        second["proc"] = subprocess.run(
+            [sys.executable, "-m", "pipeline", "sweep", "lm", "--space", "space.yaml", "--trials", "2", "--seed", "0"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        second["name"], second["path"] = name, path
+        return "ran"
+
+    monkeypatch.setattr(sweep_flow, "_run_locked", run_while_holding)
+    assert sweep_flow.run_sweep(tmp_path / "params.yaml", "lm", tmp_path / "space.yaml", tmp_path / "data/lm/shards",
+                                2, 0) == "ran"
+    proc = second["proc"]
+    assert proc.returncode != 0, proc.stdout
+    assert f"{second['name']}: this sweep is already running in another process" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "Ray" not in proc.stdout, proc.stderr
+    assert not (tmp_path / "never.db").exists()  # no MLflow store touched by the refused run
+    with sweep_flow._only_run_of(second["name"], second["path"]):  # released when the first ended
+        pass

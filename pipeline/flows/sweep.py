@@ -12,13 +12,16 @@ Grid sweeps need no code: `dvc exp run --queue -S 'tasks.lm.optim.lr=1e-3,3e-3'`
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import itertools
 import json
 import math
 import re
 import shlex
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,6 +273,29 @@ def _error_line(err: BaseException | None) -> str:
     return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
 
 
+@contextlib.contextmanager
+def _only_run_of(name: str, tune_path: str):
+    """Hold the lock of one sweep (one name: one base config, space and seed) while it runs. A
+    second run of the same command would otherwise resume the same Tune state and MLflow parent,
+    end the first's RUNNING trial runs as KILLED and race it for the results. The lock is beside
+    Tune's state for a local path (a temp folder for a URL: it guards this machine only); flock
+    ends with its process, so a sweep killed by SIGKILL does not leave it held."""
+    folder = Path(tempfile.gettempdir()) / "pipeline-sweeps" if is_url(tune_path) else Path(tune_path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / f"{name}.lock"
+    with open(lock, "a") as fd:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{name}: this sweep is already running in another process (it holds {lock}); "
+                              f"wait for it to end, or change --seed, --trials or the space for another "
+                              f"sweep") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 def _parent_to_resume(client: Any, exp_id: str, name: str) -> Any | None:
     """The parent run of an earlier try of this very sweep (same name: same base config, space
     and seed), None if there is none."""
@@ -315,18 +341,10 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
               seed: int | None = None) -> SweepResult:
     """Run (or resume) a sweep. An interrupted sweep (Ctrl-C) records no best, ends its unfinished
     trial runs and the parent run as KILLED, says how to resume and exits 130; running the same
-    command again resumes it from Tune's saved state, under the same parent run."""
-    import mlflow
-    from ray import tune
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
+    command again resumes it from Tune's saved state, under the same parent run. The same command
+    while it runs is refused (one line): a lock per sweep, held until it ends."""
     from pipeline.config import config_digest
     from pipeline.data.shard_verify import check_split
-    from pipeline.runtime import connect
-    from pipeline.runtime.trainer import worker_config
-    from pipeline.tracking import mlflow_runs
 
     if num_samples is not None and num_samples < 1:
         raise ConfigError(f"--trials: must be at least 1 (got {num_samples})")
@@ -341,12 +359,29 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     check_split(shards, "train", batch=batch)  # manifest, sizes, the largest batch a trial draws; workers hash
     check_split(shards, "val")
     _check_init_weights(cfg, task, sweep, shards)
+    name = f"sweep-{task}-{config_digest({'base': base, 'sweep': sweep.model_dump(), 'seed': seed})}"
+    path = f"{tune_storage(cfg)}/{name}"
+    with _only_run_of(name, path):
+        return _run_locked(cfg, task, sweep, sweep_file, shards, seed, name, path)
+
+
+def _run_locked(cfg: Any, task: str, sweep: SweepConfig, sweep_file: Path, shards: Path, seed: int | None,
+                name: str, path: str) -> SweepResult:
+    """`run_sweep` once its inputs are checked and this sweep's lock is held."""
+    import mlflow
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipeline.runtime import connect
+    from pipeline.runtime.trainer import worker_config
+    from pipeline.tracking import mlflow_runs
+
     # a tracking server that does not answer: one line now, not minutes of MLflow retries after Ray started
     mlflow_runs.check_reachable(cfg.tracking, lambda *a, **k: print(f"[sweep {task}]", *a, **k))
     exp_id = mlflow_runs.setup(cfg.tracking)
     client = mlflow.MlflowClient()
-    name = f"sweep-{task}-{config_digest({'base': base, 'sweep': sweep.model_dump(), 'seed': seed})}"
-    path = f"{tune_storage(cfg)}/{name}"
     earlier = _parent_to_resume(client, exp_id, name) if tune.Tuner.can_restore(path) else None
     resume_id = earlier.info.run_id if earlier is not None else None
     if resume_id is not None:
