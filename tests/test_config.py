@@ -260,6 +260,37 @@ def test_every_number_field_refuses_a_boolean_and_keeps_its_numbers():
     assert (cfg.tasks["lm"].optim.lr, cfg.tasks["lm"].optim.nesterov, cfg.seed) == (1.0, True, 0)
 
 
+def test_every_number_field_refuses_infinity_and_nan():
+    """`lr: .inf` passed every bound (NaN failed only the bounds) and diverged after Ray started;
+    `mlp_ratio: .inf` was an OverflowError in the workers, `rope_theta: .inf` trained with one
+    rotating frequency. Every number field of every config model refuses both, naming the key."""
+    from pydantic import ValidationError
+
+    import pipeline.config.schema as schema
+    from pipeline.config.schema.fields import _typed_fields
+
+    checked = 0
+    for model in [m for m in vars(schema).values() if isinstance(m, type) and issubclass(m, schema.Strict)]:
+        for name in _typed_fields(model)[0]:
+            for value in (float("inf"), float("-inf"), float("nan")):
+                with pytest.raises(ValidationError) as err:
+                    model.model_validate({name: value})
+                assert name in [e["loc"][0] for e in err.value.errors()], (model.__name__, name, value)
+            checked += 1
+    assert checked > 80
+    for override in ["tasks.lm.optim.lr=.inf", "tasks.lm.model.rope_theta=.inf", "tracking.connect_timeout_s=.inf",
+                     "tasks.diffusion.data.augment.rotate_deg=.nan"]:
+        with pytest.raises(ConfigError, match=rf"^{override.split('=')[0]}: Input should be a finite number"):
+            validate(apply_overrides(tiny_raw(), [override]))
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_experiment_name_is_refused(name):
+    """MLflow refuses it only when the run starts, after Ray is up, in words that blame the store."""
+    with pytest.raises(ConfigError, match=r"^tracking.experiment: .*must not be empty"):
+        validate(apply_overrides(tiny_raw(), [f"tracking.experiment='{name}'"]))
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["tasks.diffusion.model.diffusion.schedule=linear", "tasks.diffusion.model.diffusion.timesteps=20"],
      "tasks.diffusion.model.diffusion: timesteps: the linear schedule needs more than 20"),
@@ -276,6 +307,11 @@ def test_every_number_field_refuses_a_boolean_and_keeps_its_numbers():
      r"base_channels \(4\) must be a multiple of 8"),
     (["model@tasks.diffusion.model=unet_tiny", "tasks.diffusion.model.channel_mults=[1,2,2,2,2]"],
      r"tasks.diffusion: data.image_size 8 is not divisible by 2\^4 \(the U-Net halves it"),
+    (["tasks.diffusion.trainer.activation_checkpointing=selective", "tasks.diffusion.trainer.ac_selective=attention"],
+     r"tasks.diffusion: trainer.ac_selective: 'attention' checkpoints the blocks' `attn` module, which only the "
+     r"GPT's blocks have \(not the dit's\)"),
+    (["model@tasks.diffusion.model=unet_tiny", "tasks.diffusion.trainer.activation_checkpointing=selective",
+      "tasks.diffusion.trainer.ac_selective=attention"], r"only the GPT's blocks have \(not the unet's\)"),
 ])
 def test_diffusion_configs_that_cannot_train_are_refused_before_any_worker(overrides, message):
     """Each of these validated and then failed in the workers (a matmul shape, GroupNorm's groups,

@@ -319,9 +319,28 @@ def test_damaged_registry_metric_fails_validation(task, metric):
     with pytest.raises(ConfigError, match=rf"^tasks\.{task}: registry\.metric: '{metric}' is not a metric the "
                                           r"evaluate stage writes for this task \(it writes .*_loss"):
         validate(raw)
-    if metric == "sample_accuracy":  # scored samples: then it is one
+    if metric == "sample_accuracy":  # scored samples: then it is one (better higher)
         raw["tasks"][task]["eval"]["samples_per_class"] = 2
+        raw["tasks"][task]["registry"]["greater_is_better"] = True
         assert validate(raw).task(task).registry.metric == metric
+
+
+@pytest.mark.parametrize("task, metric, higher", [("lm", "val_perplexity", False),
+                                                  ("diffusion", "sample_accuracy", True),
+                                                  ("diffusion", "classifier_real_accuracy", True),
+                                                  ("diffusion", "sample_frechet_distance", False)])
+def test_damaged_registry_direction_fails_validation(task, metric, higher):
+    """An accuracy ranked with the default greater_is_better: false made the worse model champion,
+    silently; a direction against the metric's own is one line naming the right one."""
+    raw = tiny_raw()
+    raw["tasks"][task]["eval"]["samples_per_class"] = 2
+    raw["tasks"][task]["registry"].update(metric=metric, greater_is_better=not higher)
+    with pytest.raises(ConfigError, match=rf"^tasks\.{task}: registry\.greater_is_better: {str(not higher).lower()}, "
+                                          rf"but {metric} is better {'higher' if higher else 'lower'}; set "
+                                          rf"registry\.greater_is_better: {str(higher).lower()}$"):
+        validate(raw)
+    raw["tasks"][task]["registry"]["greater_is_better"] = higher
+    assert validate(raw).task(task).registry.greater_is_better is higher
 
 
 def test_damaged_registry_name_is_one_line_from_pipeline_validate(tmp_path, capsys):

@@ -41,6 +41,10 @@ __all__ = [
 ]
 
 
+# the metrics of `eval_metrics` that are better higher (the rest: losses, perplexities, distances)
+HIGHER_IS_BETTER = frozenset({"classifier_real_accuracy", "sample_accuracy"})
+
+
 def eval_metrics(data_kind: str, samples_per_class: int) -> tuple[str, ...]:
     """The metrics the evaluate stage writes to eval.json for a task of `data_kind` (what
     `registry.metric` may name): the language model's loss and perplexity on val and test; the
@@ -74,6 +78,16 @@ class TaskConfig(Strict):
         if self.registry.metric not in known:  # (found at the register stage, after training, before)
             raise ValueError(f"registry.metric: '{self.registry.metric}' is not a metric the evaluate stage writes "
                              f"for this task (it writes {', '.join(known)})")
+        higher = self.registry.metric in HIGHER_IS_BETTER
+        if self.registry.greater_is_better != higher:  # (the worse model would become champion, silently)
+            raise ValueError(f"registry.greater_is_better: {str(self.registry.greater_is_better).lower()}, but "
+                             f"{self.registry.metric} is better {'higher' if higher else 'lower'}; set "
+                             f"registry.greater_is_better: {str(higher).lower()}")
+        if self.trainer.activation_checkpointing == "selective" and self.trainer.ac_selective == "attention" \
+                and self.model.kind != "gpt":  # (refused by each worker's strategy, after Ray and MLflow)
+            raise ValueError(f"trainer.ac_selective: 'attention' checkpoints the blocks' `attn` module, which only "
+                             f"the GPT's blocks have (not the {self.model.kind}'s); use every_k, op or "
+                             f"activation_checkpointing=full")
         if self.data.kind == "images":  # (every image source is resized to data.image_size)
             process = self.model.diffusion
             if self.eval.guidance_scale > 0 and process.cond_drop_prob == 0:

@@ -68,7 +68,7 @@ def _not_a_number_for_bool(loc: tuple[str | int, ...], value: Any) -> InitErrorD
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

@@ -154,3 +154,12 @@ class TrackingConfig(Strict):
     # How long the train stage waits for a tracking server (http[s]://) to answer its health
     # check before it stops with one line; raise it for slow links.
     connect_timeout_s: PositiveFloat = 20.0
+
+    @field_validator("experiment")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        """MLflow refuses an empty experiment name, but only when the run starts (after Ray is up,
+        and in words that blame the store)."""
+        if not v.strip():
+            raise ValueError("must not be empty (the MLflow experiment the runs go to)")
+        return v
