@@ -359,3 +359,44 @@ def test_damaged_utf8_repair_warns_and_refuses_runs_of_another_encoding(capsys):
     with pytest.raises(DataSourceError, match=r"^ru\.txt: not UTF-8 from about byte 104864\d: 9 bytes there are not "
                                               r"UTF-8 and most come in runs"):
         list(decode_lines(io.BytesIO(head + "Привет мир\n".encode("cp1251")), "ru.txt"))
+
+
+def test_damaged_short_file_in_another_encoding_is_refused_not_guessed(tmp_path):
+    """69 bytes of KOI8-R Russian are also valid Shift_JIS, and were read as Japanese: below
+    MIN_DETECT_BYTES a file that is not UTF-8 is refused, naming it and data.encoding; declared, it
+    reads; three times as long, detection still re-decodes it."""
+    from pipeline.data.sources import MIN_DETECT_BYTES, Decoding, RefusedFile, read_text_unit
+
+    line = "Привет, как дела? Сегодня хорошая погода, и мы пойдём гулять в парк.\n"
+    short, long = tmp_path / "short.txt", tmp_path / "long.txt"
+    short.write_bytes(line.encode("koi8-r"))
+    long.write_bytes((line * 3).encode("koi8-r"))
+    assert len(line.encode("koi8-r")) < MIN_DETECT_BYTES <= 3 * len(line.encode("koi8-r"))
+    with pytest.raises(RefusedFile, match=rf"^{short}: not UTF-8, and 69 bytes are too few to detect its encoding; "
+                                          r"set data\.encoding"):
+        list(read_text_unit(str(short)))
+    assert list(read_text_unit(str(short), encoding="koi8-r")) == [line.strip()]
+    decoding = Decoding()
+    assert list(read_text_unit(str(long), decoding=decoding)) == [(line * 3).strip()]
+    assert (decoding.status, decoding.encoding) == ("re-decoded", "koi8_r")
+
+
+RU = "Привет".encode("cp1251")  # (a run of stray bytes: auto refuses it at an offset rather than repair it)
+
+
+@pytest.mark.parametrize(("encoding", "bad", "expected"), [
+    ("utf-8", b"\xff", "not valid utf-8 at byte {at} \\(invalid start byte"),
+    ("UTF8", b"\xff", "not valid UTF8 at byte {at} \\(invalid start byte"),
+    ("auto", RU, "not UTF-8 from about byte {at}: 6 bytes there are not UTF-8"),
+])
+def test_damaged_byte_offset_counts_the_byte_order_mark(tmp_path, encoding, bad, expected):
+    """The bad byte after a BOM and "abc" is byte 6 of the file, in the first chunk as past it
+    (utf-8-sig's decoder counted from after the mark: 3 bytes short), and the error names the
+    codec as the user declared it, not utf-8-sig."""
+    from pipeline.data.sources import SNIFF_BYTES, read_text_unit
+
+    for name, start in (("first.txt", b"abc"), ("later.txt", b"a" * SNIFF_BYTES + b"abc")):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + start + bad + b"def\n")
+        at = 3 + len(start)
+        with pytest.raises(DataSourceError, match=rf"^{tmp_path}/{name}: {expected.format(at=at)}"):
+            list(read_text_unit(str(tmp_path / name), encoding=encoding))

@@ -97,11 +97,27 @@ def test_npz_images_are_scaled_by_dtype(tmp_path, images, expected):
     (np.array([0.0, 128.0, 255.0]), r"'images' are float64 from 0 to 255; images are read by dtype"),
     (np.array([0, 7, 255], np.int64), r"'images' are int64 from 0 to 255; images are read by dtype: uint8"),
     (np.array([-2.0, 0.0, 1.0], np.float32), r"'images' are float32 from -2 to 1"),
-], ids=["float-0-255", "int64", "float-below-minus1"])
+    (np.array([-0.2, 0.0, 1.0], np.float32), r"'images' are float32 from -0.2 to 1; .*\[0, 1\] \(minimum at least"),
+    (np.array([0.0, 0.5, 1.02], np.float32), r"'images' are float32 from 0 to 1.02"),
+], ids=["float-0-255", "int64", "float-below-minus1", "float-neither-range", "float-above-1"])
 def test_npz_images_of_no_known_range_are_refused(tmp_path, images, expected):
     np.savez(tmp_path / "x.npz", images=np.resize(images, (4, 2, 3)), labels=np.arange(4) % 2)
     with pytest.raises(DataSourceError, match=rf"^{tmp_path}/x\.npz: {expected}"):
         read_images(str(tmp_path / "x.npz"))
+
+
+def test_npz_float_round_off_is_clipped_not_read_as_minus1_1(tmp_path):
+    """A [0, 1] set with one pixel of round-off at -1e-6 (and one at 1 + 1e-4) stays [0, 1],
+    clipped: reading it as [-1, 1] squeezed every image into [0.5, 1]. `.NPZ` in upper case is an
+    .npz like any other (text sources take suffixes in any case)."""
+    x = np.random.default_rng(0).uniform(0, 1, (4, 1, 2, 3)).astype(np.float32)
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = -1e-6, 1 + 1e-4
+    np.savez(tmp_path / "x.npz", images=x, labels=np.arange(4) % 2)
+    (tmp_path / "X.NPZ").write_bytes((tmp_path / "x.npz").read_bytes())
+    for name in ("x.npz", "X.NPZ"):
+        got, _, _ = read_images(str(tmp_path / name))
+        assert got.min() == 0.0 and got.max() == 1.0
+        assert np.allclose(got, np.clip(x, 0, 1), atol=1e-7), name
 
 
 # ----------------------------------------------------------------------------- PNG modes

@@ -130,6 +130,30 @@ def test_near_duplicates_share_one_split_whatever_the_file_order(tmp_path, mode)
     assert kept == kept_reordered and stats["near_duplicate_clusters"] == 1
 
 
+def test_adding_a_near_duplicate_can_move_an_old_document_and_is_counted(tmp_path):
+    """What the docstrings and README promise, no more: a document's split is its own hash's until
+    a near-duplicate with a smaller hash joins it, which then carries it to its own split; the
+    statistics count the documents placed by their cluster (`documents_split_by_cluster`)."""
+    others = _paragraphs(40, seed=1)
+    original = _paragraphs(1, seed=2)[0]
+    words, variant = original.split(), None
+    for k in range(3000):  # a near-duplicate in another split whose hash is the cluster's smallest
+        candidate = " ".join([*words[:30], f"edit{k}", *words[31:]])
+        if (_split(candidate) != _split(original) and content_hash(candidate.encode()) < content_hash(original.encode())
+                and set(minhash_bands(candidate)) & set(minhash_bands(original))):
+            variant = candidate
+            break
+    assert variant is not None
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old/m.txt").write_text("\n\n".join([original, *others]))
+    stats, kept = _merge(tmp_path / "old", tmp_path / "out_old")
+    assert kept[original] == _split(original) and stats["documents_split_by_cluster"] == 0
+    (tmp_path / "old/new.txt").write_text(variant)
+    stats, kept = _merge(tmp_path / "old", tmp_path / "out_new")
+    assert kept[original] == kept[variant] == _split(variant) != _split(original)  # the old document moved
+    assert stats["documents_split_by_cluster"] == 1
+
+
 def test_splits_follow_the_split_seed_not_the_training_seed(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.txt").write_text("\n\n".join(_paragraphs(60, words=12)))

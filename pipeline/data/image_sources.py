@@ -1,6 +1,7 @@
 """Raw images: the bundled 8x8 digits (scikit-learn's), an `.npz` of arrays, or a folder of
 class sub-folders, read as float32 in [0, 1], N x C x H x W, scaled by dtype or image mode
-(never guessed from the values). Text sources are `sources.py`'s."""
+(floats: [0, 1] or [-1, 1] by a minimum clearly in one, never by a stray value; `_unit_range`).
+Text sources are `sources.py`'s."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def read_images(source: str) -> tuple[np.ndarray, np.ndarray, int]:
     fs, path = filesystem(source)  # local or s3://, like text
     if not fs.exists(path):
         raise DataSourceError(f"data.source: '{source}' does not exist")
-    if path.endswith(".npz"):
+    if path.lower().endswith(".npz"):  # any case, like text suffixes: IMAGES.NPZ
         images, labels = _read_npz(fs, path, source)
         images = _unit_range(images, source)
         if images.ndim == 3:
@@ -41,13 +42,23 @@ def read_images(source: str) -> tuple[np.ndarray, np.ndarray, int]:
     raise DataSourceError(f"data.source: '{source}' is neither an .npz file nor a folder of class folders")
 
 
+# Float pixels this far outside their range are round-off (float16 storage rounds 1.0 by up to 5e-4;
+# float32 arithmetic by 1e-7), clipped back in; further out, the file is not in the range it seems to be.
+ROUND_OFF = 1e-3
+# A float set is [-1, 1] when its darkest pixel is at most this: 25% grey in [-1, 1], and never
+# round-off in [0, 1]. A minimum between this and -ROUND_OFF fits neither range: an error, not a guess.
+MINUS_ONE_MIN = -0.5
+
+
 def _unit_range(images: np.ndarray, source: str) -> np.ndarray:
-    """float32 images in [0, 1], scaled by the array's dtype, never guessed from its values (a
+    """float32 images in [0, 1], scaled by the array's dtype, never guessed from a stray value (a
     dark uint8 set or a [-1, 1] float set would be scaled wrongly, and a clip would hide it):
-    uint8 / 255, uint16 / 65535, bool as 0 / 1; floats in [0, 1] as they are, floats in [-1, 1]
-    with a negative value mapped from [-1, 1]. Anything else (floats outside [-1, 1], other
-    integer types) is a `DataSourceError` naming the file, the dtype and the range. Scaled in
-    place (`images` is the array just loaded): at most one float32 copy of the data."""
+    uint8 / 255, uint16 / 65535, bool as 0 / 1. Floats are [0, 1] when the minimum is at least
+    -ROUND_OFF (a pixel at -1e-6 is round-off, not a sign of [-1, 1]: reading it so halved the
+    contrast of the whole set) and [-1, 1], mapped to [0, 1], when it is at most MINUS_ONE_MIN;
+    round-off beyond the range is clipped. Anything else (floats 0..255, a minimum between the
+    two, other integer types) is a `DataSourceError` naming the file, the dtype and the range.
+    Scaled in place (`images` is the array just loaded): at most one float32 copy of the data."""
     lo, hi = images.min().item(), images.max().item()
     scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(np.bool_): 1.0}.get(images.dtype)
     if scale is not None:
@@ -55,14 +66,16 @@ def _unit_range(images: np.ndarray, source: str) -> np.ndarray:
         if scale != 1.0:
             np.divide(out, scale, out=out)
         return out
-    if images.dtype.kind == "f" and lo >= -1.0 and hi <= 1.0:
+    unit = lo >= -ROUND_OFF
+    if images.dtype.kind == "f" and hi <= 1.0 + ROUND_OFF and (unit or -1.0 - ROUND_OFF <= lo <= MINUS_ONE_MIN):
         out = images.astype(np.float32, copy=False)
-        if lo < 0.0:  # [-1, 1] (already normalised for a diffusion model): back to [0, 1]
+        if not unit:  # [-1, 1] (already normalised for a diffusion model): back to [0, 1]
             np.add(out, 1.0, out=out)
             np.divide(out, 2.0, out=out)
-        return out
-    rule = ("images are read by dtype: uint8 (0..255), uint16 (0..65535), or floats in [0, 1] (or [-1, 1] when "
-            "any value is negative)")
+        return np.clip(out, 0.0, 1.0, out=out)
+    rule = (f"images are read by dtype: uint8 (0..255), uint16 (0..65535), or floats in [0, 1] (minimum at least "
+            f"{-ROUND_OFF:g}) or [-1, 1] (minimum at most {MINUS_ONE_MIN:g}), give or take {ROUND_OFF:g}; rescale "
+            "the file to one of these")
     raise DataSourceError(f"{source}: 'images' are {images.dtype} from {lo:g} to {hi:g}; {rule}")
 
 

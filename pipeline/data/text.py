@@ -10,7 +10,10 @@ Prepare is a map over the source's units (files) followed by one merge:
   into near-duplicate clusters (documents sharing a band key, transitively) and writes each
   cluster to one split: the split of its member with the smallest hash, so a near-duplicate of
   a training document is never held out, and which split a cluster gets does not depend on
-  file order. With `near_duplicates=drop` only that member is kept.
+  file order. With `near_duplicates=drop` only that member is kept. A document keeps its own
+  hash's split while it has no near-duplicate, but adding one can move the old members of its
+  cluster (to the new member's split, when its hash is the smallest): no cluster rule keeps both
+  old splits and clusters whole.
 Nothing holds the corpus: the map holds one record batch; the merge one batch plus an 8-byte
 hash per distinct document (about 70 bytes each in a Python set: 70 MB per million documents),
 then, for the clusters, one band's keys at a time (8 bytes per document) and about 30 bytes per
@@ -198,9 +201,10 @@ def merge(stream: Iterable[pa.RecordBatch | dict[str, Any]], out_dir: Path,
 
     Besides the documents per rule (read, too short, duplicate, near-duplicate, per split) the
     statistics count the files read, repaired (UTF-8 with stray bytes), re-decoded (another
-    encoding) and refused (not text), naming the first few of each; a refused file is also
-    reported on stderr. No training document left is an error that says which rule took them,
-    and an empty val or test split one that names `split_key` and the counts."""
+    encoding) and refused (not text), naming the first few of each, and the documents whose split
+    is their cluster's rather than their own hash's; a refused file is also reported on stderr.
+    No training document left is an error that says which rule took them, and an empty val or
+    test split one that names `split_key` and the counts."""
     seen: set[int] = set()
     hashes, splits = array("Q"), array("b")  # per candidate, in order
     raw = hashlib.sha256()
@@ -236,7 +240,8 @@ def merge(stream: Iterable[pa.RecordBatch | dict[str, Any]], out_dir: Path,
         h = np.frombuffer(hashes, dtype=np.uint64)
         labels = _clusters(candidates, len(h))
         # Per cluster, the member with the smallest hash: its split is the cluster's, and it is
-        # the one document `drop` keeps. Neither depends on the order the files were read in.
+        # the one document `drop` keeps. Neither depends on the order the files were read in, but
+        # both depend on the members: a new near-duplicate with a smaller hash moves its cluster.
         order = np.lexsort((h, labels))
         first = np.ones(len(order), dtype=bool)
         first[1:] = labels[order][1:] != labels[order][:-1]
@@ -245,12 +250,15 @@ def merge(stream: Iterable[pa.RecordBatch | dict[str, Any]], out_dir: Path,
         stats["near_duplicate_clusters"] = int((sizes > 1).sum())
         # (clusters are chains of band collisions: a very large one, all in one split, shows here)
         stats["largest_near_duplicate_cluster"] = int(sizes.max()) if len(sizes) else 0
-        split = np.frombuffer(splits, dtype=np.int8)[chosen][labels]
+        own = np.frombuffer(splits, dtype=np.int8)
+        split = own[chosen][labels]
         keep = np.ones(len(h), dtype=bool)
         if drop:
             keep[:] = False
             keep[chosen] = True
             stats["dropped_near_duplicates"] = len(h) - len(chosen)
+        # (placed by their cluster against their own hash: what adding near-duplicates can do to a split)
+        stats["documents_split_by_cluster"] = int((keep & (split != own)).sum())
         _write_splits(candidates, out_dir, keep, split, stats)
     finally:
         candidates.unlink(missing_ok=True)
