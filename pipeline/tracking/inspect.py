@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -112,7 +114,8 @@ def _dvc_differences(task: str) -> list[str]:
     for stage, changes in status.items():
         for change in changes:
             if isinstance(change, str):  # "always changed", "changed checksum", ...
-                add(f"{stage} {change}")
+                if change != "always changed":  # (source@<task> always is: its record is compared below)
+                    add(f"{stage} {change}")
                 continue
             for kind, entries in change.items():
                 if not isinstance(entries, dict):  # "changed command"
@@ -124,7 +127,24 @@ def _dvc_differences(task: str) -> list[str]:
                             add(f"params {key} {how}")
                     else:
                         add(f"{path} {what}")
-    return out
+    return out + _source_changed(task)
+
+
+def _source_changed(task: str) -> list[str]:
+    """Whether the raw data differs from the record prepare last depended on
+    (`data/<task>/source.json`, which `dvc status` cannot know without running its stage)."""
+    from pipeline.config import load_config
+    from pipeline.data.fingerprint import source_fingerprint
+
+    record = Path(f"data/{task}/source.json")
+    if not record.is_file() or not Path("params.yaml").is_file():
+        return []  # (`dvc status` names a missing record)
+    try:
+        tcfg = load_config("params.yaml").task(task)
+        now = source_fingerprint(tcfg.data.source, getattr(tcfg.model, "init_from", None))
+    except (ValueError, KeyError, OSError) as e:
+        return [f"data source unreadable ({e})"]
+    return [] if json.loads(record.read_text()) == now else [f"data source changed since {record} was recorded"]
 
 
 def _git_dirty_files() -> list[str]:

@@ -1,0 +1,76 @@
+"""The source stage: prepare reruns when the raw data it reads changes, and only then.
+
+`data.source` is a value in params.yaml, so the files it names were no DVC dependency: editing one
+left `dvc repro` skipping prepare. The real `dvc repro` of a tiny copy of the project, with a
+local text folder as the source, shows the record (`data/lm/source.json`) carrying the change."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from pipeline.data.fingerprint import source_fingerprint
+
+
+def test_the_record_changes_with_the_contents_only(tmp_path):
+    src = tmp_path / "raw"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("one paragraph\n")
+    (src / "sub" / "b.md").write_text("another\n")
+    (src / ".hidden").write_text("never data\n")
+    first = source_fingerprint(str(src))
+    assert sorted(first["files"]) == ["a.txt", "sub/b.md"]
+    (src / "a.txt").touch()  # a new mtime (a fresh clone, `dvc pull`) is no change
+    (src / ".hidden").write_text("edited\n")
+    assert source_fingerprint(str(src)) == first
+    (src / "a.txt").write_text("one paragraph, edited\n")
+    assert source_fingerprint(str(src)) != first
+    assert source_fingerprint("builtin:python-docs")["builtin"]["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_a_tokenizer_from_a_checkpoint_is_part_of_the_record(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "tokenizer.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"weights are not read by prepare")
+    first = source_fingerprint("builtin:python-docs", str(ckpt))
+    assert list(first["tokenizer_from"]) == ["tokenizer.json"]
+    (ckpt / "model.safetensors").write_bytes(b"other weights")
+    assert source_fingerprint("builtin:python-docs", str(ckpt)) == first
+    (ckpt / "tokenizer.json").write_text('{"edited": 1}')
+    assert source_fingerprint("builtin:python-docs", str(ckpt)) != first
+
+
+@pytest.mark.e2e
+def test_editing_the_raw_data_reruns_prepare_through_dvc(tmp_path, text_corpus, monkeypatch):
+    """...and `pipeline lineage`'s comparison with the workspace says so (recomputing the record,
+    which `dvc status` cannot: it only says the stage is always changed, which lineage leaves out)."""
+    from pipeline.tracking.inspect import _dvc_differences
+    from tests.e2e_project import run_ok, tiny_project
+
+    raw = tmp_path / "raw"
+    shutil.copytree(text_corpus, raw)
+    project = tiny_project(tmp_path / "project", (f"tasks.lm.data.source={raw}",))
+    first = run_ok(["dvc", "repro", "prepare@lm"], project)
+    assert "Running stage 'source@lm'" in first and "Running stage 'prepare@lm'" in first, first[-3000:]
+    documents = json.loads((project / "metrics/lm/data.json").read_text())["documents_raw"]
+    record = json.loads((project / "data/lm/source.json").read_text())
+    assert record["source"] == str(raw) and len(record["files"]) == len(list(text_corpus.glob("*.txt")))
+
+    again = run_ok(["dvc", "repro", "prepare@lm"], project)
+    assert "Stage 'prepare@lm' didn't change, skipping" in again, again[-3000:]
+
+    monkeypatch.chdir(project)
+    before = _dvc_differences("lm")
+    assert not [d for d in before if "source" in d], before
+    name = sorted(record["files"])[0]
+    (raw / name).write_text((raw / name).read_text() + "\n\nA paragraph added to the raw data after prepare.\n")
+    status = run_ok(["dvc", "status", "--with-deps", "prepare@lm"], project)
+    assert "source@lm:\n\talways changed" in status, status  # (DVC knows only by running the source stage)
+    assert _dvc_differences("lm") == [*before, "data source changed since data/lm/source.json was recorded"]
+    rerun = run_ok(["dvc", "repro", "prepare@lm"], project)
+    assert "Running stage 'prepare@lm'" in rerun, rerun[-3000:]
+    assert json.loads((project / "metrics/lm/data.json").read_text())["documents_raw"] == documents + 1
