@@ -63,8 +63,9 @@ def test_a_trial_batch_that_cannot_split_or_fit_is_named_before_any_trial(built_
     from pipeline.flows.sweep import largest_batch
 
     accum = SweepConfig.model_validate({**SPACE, "space": {"tasks.lm.trainer.grad_accum_steps": {"choice": [1, 3]}}})
-    with pytest.raises(ConfigError, match=r"space\.tasks\.lm\.trainer\.grad_accum_steps=3: trainer\.global_batch_"
-                                          r"size \(8\) must be divisible by workers x grad_accum_steps \(1 x 3\)"):
+    with pytest.raises(ConfigError, match=r"space\.tasks\.lm\.trainer\.grad_accum_steps=3: tasks\.lm\.trainer\.global_"
+                                          r"batch_size \(8\) must split evenly over cluster\.num_workers \(1\) x "
+                                          r"grad_accum_steps \(3\)"):
         check_space(tiny_raw(), "lm", accum)
     pair = SweepConfig.model_validate({**SPACE, "space": {"tasks.lm.trainer.grad_accum_steps": {"choice": [1, 4]},
                                                           "tasks.lm.trainer.global_batch_size": {"choice": [8, 6]}}})
@@ -459,3 +460,97 @@ def test_a_second_run_of_a_running_sweep_is_refused(tmp_path, monkeypatch, built
     assert not (tmp_path / "never.db").exists()  # no MLflow store touched by the refused run
     with sweep_flow._only_run_of(second["name"], second["path"]):  # released when the first ended
         pass
+
+
+def test_the_train_stage_config_checks_run_on_the_trials_and_every_value():
+    """fp8 on CPUs is valid key by key but untrainable (the train stage refuses it): in params.yaml
+    it is named as it is, before any trial; drawn by the space, as the value that brings it."""
+    with pytest.raises(ConfigError) as err:
+        check_space(tiny_raw(["precision.dtype=fp8"]), "lm", SweepConfig.model_validate(SPACE_LR))
+    assert str(err.value).startswith("precision.dtype: fp8 needs a GPU"), err.value
+    drawn = SweepConfig.model_validate({**SPACE, "space": {"precision.dtype": {"choice": ["bf16", "fp8"]}}})
+    with pytest.raises(ConfigError, match=r"^space\.precision\.dtype=fp8: precision\.dtype: fp8 needs a GPU"):
+        check_space(tiny_raw(), "lm", drawn)
+
+
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("precision.dtype=fp8", "precision.dtype: fp8 needs a GPU"),  # the config checks (check_task_config)
+    ("tasks.lm.optim.impl=apex", "tasks.lm.optim.impl: 'apex' was asked for"),  # this machine's (check_kernels)
+])
+def test_what_the_train_stage_refuses_stops_the_sweep_before_ray_and_mlflow(tmp_path, monkeypatch, built_data,
+                                                                            override, fragment):
+    import ray
+
+    from pipeline.flows.sweep import run_sweep
+    from pipeline.training import optim
+
+    monkeypatch.setattr(optim, "apex_available", lambda: False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/never.db")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_raw([override, f"cluster.storage_path={tmp_path / 'runs' / 'ray'}"])))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE_LR))
+    was_up = ray.is_initialized()
+    with pytest.raises(ConfigError) as err:
+        run_sweep(params, "lm", tmp_path / "space.yaml", built_data[1]["lm"], 2, 0)
+    assert str(err.value).startswith(fragment) and "\n" not in str(err.value), err.value
+    assert ray.is_initialized() == was_up and not (tmp_path / "never.db").exists()
+    assert not (tmp_path / "runs").exists()  # no lock, no Tune state
+
+
+@pytest.mark.parametrize(("key", "dim", "fragment"), [
+    ("tasks.lm.trainer.max_steps", {"choice": [6, 24]}, "from the sweep file's own max_steps (12)"),
+    ("tasks.lm.trainer.eval_every", {"randint": [2, 4]}, "from the sweep file's own eval_every (3)"),
+    ("tasks.lm.trainer.ckpt_every", {"choice": [3]}, "to max_steps: trials keep no checkpoints"),
+    ("tasks.lm.trainer.early_stop_patience", {"choice": [2]}, "to 0: ASHA stops the weak trials"),
+    ("cluster.num_workers", {"choice": [1, 2]}, "every trial runs on one worker"),
+    ("cluster.min_workers", {"choice": [1]}, "every trial runs on one worker"),
+    ("parallel.tp", {"choice": [2]}, "every trial runs on one worker"),
+    ("parallel.pp", {"choice": [2]}, "every trial runs on one worker"),
+    ("parallel", {"choice": [{"tp": 2, "pp": 1}]}, "sets parallel.tp in every trial"),  # a mapping holding one
+])
+def test_the_space_may_not_search_what_the_sweep_fixes(key, dim, fragment):
+    """Each trial's length and rungs (ASHA's), no checkpoints or early stopping, one worker: set
+    by the sweep whatever params.yaml says. A space naming them is refused, naming the key (the
+    space won before: trials ran past max_steps, off the rungs, on several workers)."""
+    sweep = SweepConfig.model_validate({**SPACE, "space": {key: dim}})
+    with pytest.raises(ConfigError) as err:
+        check_space(tiny_raw(), "lm", sweep)
+    assert str(err.value).startswith(f"space.{key}: the sweep sets ") and fragment in str(err.value), err.value
+    assert "\n" not in str(err.value)
+    point = {key: dim["choice"][-1] if "choice" in dim else dim["randint"][1]}
+    cfg = validate(trial_config(tiny_raw(), "lm", sweep, point))  # and a trial could not undo them
+    tr = cfg.task("lm").trainer
+    assert (tr.max_steps, tr.eval_every, tr.ckpt_every, tr.early_stop_patience) == (12, 3, 12, 0)
+    assert (cfg.cluster.num_workers, cfg.cluster.min_workers, cfg.parallel.tp, cfg.parallel.pp) == (1, None, 1, 1)
+
+
+def test_new_shards_are_a_new_sweep(tmp_path, monkeypatch, built_data):
+    """The sweep's name (its lock, Tune state and MLflow parent) covers the data, as the train
+    stage's run identity does: after new shards with the same params.yaml, the same command is a
+    new sweep, not the old data's result reported again or its trials resumed on other data."""
+    import json
+    import shutil
+
+    from pipeline.flows import sweep as sweep_flow
+
+    names = []
+    monkeypatch.setattr(sweep_flow, "_run_locked", lambda *args: names.append(args[-2]))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_raw([f"cluster.storage_path={tmp_path / 'runs' / 'ray'}"])))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE_LR))
+    shards = shutil.copytree(built_data[1]["lm"], tmp_path / "shards")
+    for _ in range(2):
+        sweep_flow.run_sweep(params, "lm", tmp_path / "space.yaml", shards, 2, 0)
+    manifest = shards / "manifest.json"
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()), indent=1))  # new shards: another manifest
+    sweep_flow.run_sweep(params, "lm", tmp_path / "space.yaml", shards, 2, 0)
+    assert names[0] == names[1] != names[2], names
+
+
+@pytest.mark.parametrize(("use_gpu", "expected"), [(False, {"cpu": 3}), (True, {"cpu": 3, "gpu": 1})])
+def test_a_trial_reserves_a_gpu_when_the_config_trains_on_gpus(use_gpu, expected):
+    """Tune gives a trial only what it asks for: without "gpu" Ray hides every GPU from it."""
+    from pipeline.flows.sweep import trial_resources
+
+    cfg = validate(tiny_raw(["cluster.cpus_per_worker=3", f"cluster.use_gpu={str(use_gpu).lower()}"]))
+    assert trial_resources(cfg) == expected

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import io
 import itertools
 import json
 import math
@@ -119,22 +120,74 @@ def load_sweep(path: Path) -> SweepConfig:
         raise ConfigError(f"{path}: {e}") from None
 
 
+def fixed_settings(task: str, sweep: SweepConfig) -> dict[str, Any]:
+    """What the sweep sets in every trial whatever params.yaml (or the space) says: its own length
+    and validation interval (ASHA's rungs are counted in them), no checkpoints and no early stopping
+    (a stopped trial is dropped; ASHA does the stopping), one worker."""
+    tr = f"tasks.{task}.trainer"
+    return {f"{tr}.max_steps": sweep.max_steps, f"{tr}.eval_every": sweep.eval_every,
+            f"{tr}.ckpt_every": sweep.max_steps, f"{tr}.early_stop_patience": 0, **ONE_WORKER}
+
+
 def trial_config(base: dict[str, Any], task: str, sweep: SweepConfig, point: dict[str, Any]) -> dict[str, Any]:
-    """The raw config of one trial: base + sampled values + the sweep's own trainer settings."""
+    """The raw config of one trial: base + sampled values + the sweep's fixed settings (applied
+    last: a space naming them is refused by `check_space`, and could not undo them anyway)."""
     raw = copy.deepcopy(base)
-    fixed = {f"tasks.{task}.trainer.max_steps": sweep.max_steps, f"tasks.{task}.trainer.eval_every": sweep.eval_every,
-             f"tasks.{task}.trainer.ckpt_every": sweep.max_steps, f"tasks.{task}.trainer.early_stop_patience": 0,
-             **ONE_WORKER}
-    return apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in {**fixed, **point}.items()])
+    return apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in {**point, **fixed_settings(task, sweep)}.items()])
+
+
+def _fixed_key_error(key: str, task: str, sweep: SweepConfig) -> str | None:
+    """Why the space may not search `key`: it is (or holds) a setting the sweep fixes per trial."""
+    for fixed in fixed_settings(task, sweep):
+        if fixed != key and not fixed.startswith(f"{key}."):
+            continue
+        leaf = fixed.rsplit(".", 1)[1]
+        if leaf in ("max_steps", "eval_every"):
+            why = (f"from the sweep file's own {leaf} ({getattr(sweep, leaf)}), which ASHA's rungs are counted in; "
+                   f"change {leaf} there")
+        elif leaf == "ckpt_every":
+            why = "to max_steps: trials keep no checkpoints (a trial ASHA stops is dropped)"
+        elif leaf == "early_stop_patience":
+            why = "to 0: ASHA stops the weak trials"
+        else:
+            why = "as every trial runs on one worker (cluster.num_workers=1, no min_workers, parallel.tp=pp=1)"
+        return f"space.{key}: the sweep sets {fixed} in every trial, {why}"
+    return None
+
+
+@contextlib.contextmanager
+def _each_warning_once():
+    """The train stage's config check prints its warnings; checking the space runs it on many
+    configs, most with the same warning: each distinct line is printed once, at the end."""
+    lines = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(lines):
+            yield
+    finally:
+        for line in dict.fromkeys(lines.getvalue().splitlines()):
+            print(line, file=sys.stderr, flush=True)
 
 
 def check_space(base: dict[str, Any], task: str, sweep: SweepConfig) -> None:
-    """Validate every choice value and both ends of every range before any trial starts, so a
-    typo in a key or an impossible value (say a width the head count does not divide) fails
-    here, naming it, instead of in trial 7 an hour later."""
-    for key, dim in sweep.space.items():
+    """Validate the trials' config (params.yaml with the sweep's fixed settings), every choice value
+    and both ends of every range before any trial starts, each as the train stage checks its config
+    (layout, batch split, fp8 on CPUs...), so a typo in a key or an impossible value (say a width
+    the head count does not divide) fails here, naming it, instead of in trial 7 an hour later."""
+    with _each_warning_once():
+        _check_space(base, task, sweep)
+
+
+def _check_space(base: dict[str, Any], task: str, sweep: SweepConfig) -> None:
+    for key in sweep.space:
+        if why := _fixed_key_error(key, task, sweep):
+            raise ConfigError(why)
         if not key.startswith(f"tasks.{task}.") and key.split(".")[0] == "tasks":
             raise ConfigError(f"space.{key}: not a key of task '{task}'")
+    try:  # what no drawn value changes is named as it is, not as the fault of the first value checked
+        _check_trial(validate(trial_config(base, task, sweep, {})), task)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for key, dim in sweep.space.items():
         for value in dim.corners():
             try:
                 cfg = validate(trial_config(base, task, sweep, {key: value}))
@@ -157,12 +210,33 @@ def check_space(base: dict[str, Any], task: str, sweep: SweepConfig) -> None:
 
 
 def _check_trial(cfg: Any, task: str) -> None:
-    """What a trial's config must hold beyond its keys' validation: its global batch splits into
-    its accumulation steps on the trial's one worker."""
-    from pipeline.training.loop import micro_batch_size
+    """What a trial's config must hold beyond its keys' validation: what the train stage checks of
+    a config (fp8's strategy and devices, the tp/pp layout, the global batch split into its
+    accumulation steps on the trial's one worker...). Touches no Ray resource."""
+    from pipeline.flows.train import check_task_config
 
-    tr = cfg.task(task).trainer
-    micro_batch_size(tr.global_batch_size, 1, tr.grad_accum_steps)
+    check_task_config(cfg, task)
+
+
+def check_driver(trial: Any) -> None:
+    """The train stage's checks of this machine, on the trials' config, before the lock, Ray or an
+    MLflow run: use_gpu on a local Ray without CUDA (a trial would wait for a GPU for ever), the
+    strategy's package (deepspeed, horovod), fp8's torchao and hardware, the compiler, Apex."""
+    from pipeline.distributed import check_gpu_host, preflight
+    from pipeline.training.optim import check_kernels
+
+    try:
+        check_gpu_host(trial)
+        preflight(trial, trial.cluster.use_gpu)
+        check_kernels(trial)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def trial_resources(cfg: Any) -> dict[str, float]:
+    """What Tune reserves for a trial (one worker): its CPUs, and its GPU when the config trains on
+    GPUs (without one Ray hides every GPU from the trial)."""
+    return {"cpu": cfg.cluster.cpus_per_worker, **({"gpu": 1} if cfg.cluster.use_gpu else {})}
 
 
 def largest_batch(base_batch: int, task: str, sweep: SweepConfig) -> tuple[int, str]:
@@ -246,7 +320,8 @@ def _trial(point: dict[str, Any], *, base: dict[str, Any], task: str, sweep: dic
 
     torch.set_num_threads(1)
     cfg = validate(trial_config(base, task, SweepConfig.model_validate(sweep), point))
-    train(cfg, task, Path(shards), TuneSession())
+    # on the GPU Tune reserved for it (`trial_resources`; Ray makes it the trial's cuda:0)
+    train(cfg, task, Path(shards), TuneSession(device=torch.device("cuda", 0) if cfg.cluster.use_gpu else None))
 
 
 @dataclass
@@ -275,7 +350,7 @@ def _error_line(err: BaseException | None) -> str:
 
 @contextlib.contextmanager
 def _only_run_of(name: str, tune_path: str):
-    """Hold the lock of one sweep (one name: one base config, space and seed) while it runs. A
+    """Hold the lock of one sweep (one name: one base config, space, seed and data) while it runs. A
     second run of the same command would otherwise resume the same Tune state and MLflow parent,
     end the first's RUNNING trial runs as KILLED and race it for the results. The lock is beside
     Tune's state for a local path (a temp folder for a URL: it guards this machine only); flock
@@ -297,8 +372,8 @@ def _only_run_of(name: str, tune_path: str):
 
 
 def _parent_to_resume(client: Any, exp_id: str, name: str) -> Any | None:
-    """The parent run of an earlier try of this very sweep (same name: same base config, space
-    and seed), None if there is none."""
+    """The parent run of an earlier try of this very sweep (same name: same base config, space,
+    seed and data), None if there is none."""
     runs = client.search_runs([exp_id], f"attributes.run_name = '{name}' AND tags.sweep = '{name}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
@@ -344,6 +419,8 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     command again resumes it from Tune's saved state, under the same parent run. The same command
     while it runs is refused (one line): a lock per sweep, held until it ends."""
     from pipeline.config import config_digest
+    from pipeline.data.build import file_md5
+    from pipeline.data.shard_format import MANIFEST
     from pipeline.data.shard_verify import check_split
 
     if num_samples is not None and num_samples < 1:
@@ -355,11 +432,16 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     if num_samples is not None:
         sweep = sweep.model_copy(update={"num_samples": num_samples})
     check_space(base, task, sweep)
+    check_driver(validate(trial_config(base, task, sweep, {})))
     batch = largest_batch(cfg.task(task).trainer.global_batch_size, task, sweep)
     check_split(shards, "train", batch=batch)  # manifest, sizes, the largest batch a trial draws; workers hash
     check_split(shards, "val")
     _check_init_weights(cfg, task, sweep, shards)
-    name = f"sweep-{task}-{config_digest({'base': base, 'sweep': sweep.model_dump(), 'seed': seed})}"
+    # the data too, as the train stage's run identity has it: new shards are a new sweep, not the old
+    # one's result reported again (finished) or resumed on other data (interrupted)
+    digest = config_digest({"base": base, "sweep": sweep.model_dump(), "seed": seed,
+                            "data": file_md5(shards / MANIFEST)})
+    name = f"sweep-{task}-{digest}"
     path = f"{tune_storage(cfg)}/{name}"
     with _only_run_of(name, path):
         return _run_locked(cfg, task, sweep, sweep_file, shards, seed, name, path)
@@ -407,7 +489,7 @@ def _run_locked(cfg: Any, task: str, sweep: SweepConfig, sweep_file: Path, shard
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=worker_config(cfg), task=task, sweep=sweep.model_dump(),
                                  shards=str(shards.resolve())),
-            {"cpu": cfg.cluster.cpus_per_worker})
+            trial_resources(cfg))
         if resume_id is not None:
             # an unfinished sweep retries its failed trials; a finished one reruns nothing. Trial runs a
             # hard kill (SIGKILL, a lost machine) left RUNNING are ended first: Tune starts new ones
