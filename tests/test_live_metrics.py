@@ -384,3 +384,40 @@ def test_a_rerun_continues_its_mlflow_run_only_while_it_is_there(tmp_path, capsy
             server.shutdown()
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("written", ["mlruns", "./mlruns", "file:mlruns"])
+def test_a_relative_folder_store_is_one_store_whatever_the_cwd(tmp_path, monkeypatch, written):
+    """A relative folder store (MLFLOW_ALLOW_FILE_STORE=true) is made absolute against the project
+    root, as a relative SQLite path is: left relative, a Ray Train worker (cwd: its own folder)
+    logged its live metrics to a store of its own, and a queued DVC experiment (cwd: a copy under
+    .dvc/tmp/exps/ that DVC deletes) wrote its runs into that copy."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config.schema import TrackingConfig
+    from pipeline.tracking import mlflow_runs
+
+    root = tmp_path / "ws"
+    queued = root / ".dvc" / "tmp" / "exps" / "tmpabc"
+    queued.mkdir(parents=True)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", written)
+    monkeypatch.setenv("DVC_ROOT", str(root))  # as DVC sets it for a queued experiment
+    monkeypatch.chdir(queued)
+    uri = mlflow_runs.tracking_uri(TrackingConfig())
+    assert uri == (str(root / "mlruns") if written != "file:mlruns" else (root / "mlruns").as_uri())
+    for other in ("sqlite:///m.db", "sqlite:////abs/m.db", "/abs/mlruns", "file:///abs/mlruns", "http://h:5000",
+                  "databricks"):
+        assert mlflow_runs.resolve_store(other) == (f"sqlite:///{root}/m.db" if other == "sqlite:///m.db" else other)
+
+    # the driver's run, and a worker's live logger in another cwd given the URI the driver hands it
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("cwd")).info.run_id
+    worker = tmp_path / "ray_worker_cwd"
+    worker.mkdir()
+    monkeypatch.chdir(worker)
+    live = LiveMetrics(run_id, uri, interval_s=0.1, say=lambda *a, **k: None)
+    live.log(_entry(1))
+    live.close(timeout_s=10)
+    assert _history(client, run_id, "train/loss") == [(1, 5.0)]
+    assert (root / "mlruns").is_dir() and not (worker / "mlruns").exists() and not (queued / "mlruns").exists()

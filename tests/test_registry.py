@@ -77,6 +77,7 @@ def test_registry_description_says_what_was_trained_and_how_to_load_it(trained_l
     from mlflow.tracking import MlflowClient
 
     from pipeline.flows.export import register_export
+    from pipeline.tracking.registry import recorded_eval_config
 
     uri, run, export, metrics = trained_lm
     reg = register_export(tiny_cfg, "lm", export, metrics, tmp_path / "registry" / "lm.json")
@@ -88,9 +89,12 @@ def test_registry_description_says_what_was_trained_and_how_to_load_it(trained_l
         "dvc.prepare:lm.data/lm/prepared": "p1.dir", "dvc.shard:lm.data/lm/shards": "s1.dir",
         "metric_name": "val_loss", "metric_value": "5.25", "greater_is_better": "false", "run_id": run.info.run_id,
         "model_uri": json.loads((export / "model_info.json").read_text())["model_uri"],
-        # the evaluation it was registered on (eval.json), which `pipeline reproduce` compares with
-        **{f"eval/{k}": str(v) for k, v in json.loads((metrics / "eval.json").read_text()).items()}}
+        # the evaluation it was registered on (eval.json), which `pipeline reproduce` compares with,
+        **{f"eval/{k}": str(v) for k, v in json.loads((metrics / "eval.json").read_text()).items()},
+        # and the eval config that scored it, which `pipeline reproduce` evaluates with
+        "eval.config": mv.tags.get("eval.config"), "eval.config_digest": mv.tags.get("eval.config_digest")}
     assert mv.tags["eval/val_loss"] == "5.25"
+    assert recorded_eval_config(mv.tags) == tiny_cfg.task("lm").eval.model_dump(mode="json")
     assert not any("diffusion" in k for k in mv.tags)  # not the other task's stages
     text = mv.description
     first = text.splitlines()[0]

@@ -268,6 +268,8 @@ def test_dvc_stages_depend_on_the_code_they_run():
              "m.__file__ for n, m in list(sys.modules.items()) if n.split('.')[0] in ('pipeline', 'stages') "
              "and getattr(m, '__file__', None))))")
     for name, stage in stages.items():
+        if stage["do"].get("always_changed"):  # (source@<task>: runs on every repro, so it needs no deps)
+            continue
         deps = [d.rstrip("/") for d in stage["do"]["deps"] if not d.startswith(("data/", "models/", "export/",
                                                                                    "metrics/"))]
         if name in ("train", "evaluate", "export", "register"):
@@ -279,3 +281,105 @@ def test_dvc_stages_depend_on_the_code_they_run():
                      and not any(f == d or f.startswith(d + "/") for d in deps)
                      and not (name in ("prepare", "shard") and f.startswith(_DATA_STAGE_PLUMBING))]
         assert not uncovered, f"dvc.yaml's {name} stage does not depend on {uncovered}"
+
+
+def test_reproduce_plan_applies_the_eval_config_the_version_was_scored_with(tmp_path):
+    """The same run scored anew under another eval config is a new version of the same training
+    commit: the version records that config (`eval.config`, with its digest), and reproduce writes
+    it over the commit's `tasks.<task>.eval` (the rest of params.yaml as committed). A version
+    without the record, or with one that does not match its digest, has none."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.flows.reproduce import apply_eval_config, plan
+    from pipeline.tracking.registry import eval_config_tags
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+    try:
+        client = MlflowClient()
+        run = client.create_run(client.create_experiment("x"), tags={"git.commit": "a" * 40, "task": "lm"})
+        client.create_registered_model("lm")
+        scored = {"max_batches": 50, "batch_size": 8}
+        tampered = {**eval_config_tags({"max_batches": 1}), "eval.config": '{"max_batches":2}'}
+        for tags in ({"eval/val_loss": "2.5"}, {"eval/val_loss": "2.31", **eval_config_tags(scored)}, tampered):
+            client.create_model_version("lm", f"runs:/{run.info.run_id}/model", run.info.run_id, tags=tags)
+        assert [plan(f"lm/{v}")["eval_config"] for v in (1, 2, 3)] == [None, scored, None]
+    finally:
+        mlflow.set_tracking_uri(None)
+
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 1  # the seed\ntasks:\n  lm:\n    optim: {lr: 1e-3}\n"
+                      "    eval:\n      max_batches: 10\n      batch_size: 8\n")
+    assert apply_eval_config(params, "lm", scored)
+    text = params.read_text()
+    assert "seed: 1  # the seed\n" in text and "lr: 1e-3" in text  # (not rewritten as PyYAML would: '1e-3')
+    import yaml
+
+    assert yaml.safe_load(text)["tasks"]["lm"]["eval"] == scored
+    assert not apply_eval_config(params, "lm", scored) and params.read_text() == text
+
+
+_EVAL_READS_PARAMS = """\
+import json, os, pathlib, sys
+import yaml
+sys.path.insert(0, {root!r})  # this project's tracking code, as a stage of the commit would run it
+import mlflow
+from pipeline.config.schema import TrackingConfig
+from pipeline.tracking import mlflow_runs
+params = yaml.safe_load(open('params.yaml'))
+mlflow_runs.setup(TrackingConfig(**params['tracking']))
+with mlflow.start_run():
+    mlflow.log_metric('eval/val_loss', 2.0 * params['tasks'][sys.argv[1]]['eval']['scale'])
+p = pathlib.Path('metrics', sys.argv[1])
+p.mkdir(parents=True, exist_ok=True)
+(p / 'eval.json').write_text(json.dumps({{'val_loss': 2.0 * params['tasks'][sys.argv[1]]['eval']['scale']}}))
+"""
+
+
+def test_reproduce_evaluates_as_the_version_was_scored_into_its_own_store(dvc_project, tmp_path, capsys):
+    """A commit whose evaluation depends on `tasks.lm.eval` and whose `tracking.uri` names the
+    shared store (an absolute SQLite path, as a server would be): version 2, the same training run
+    scored anew under another eval config (scale 3: val_loss 6.0), reproduces with that config, not
+    the commit's (scale 1: 2.0); the stages' runs go into the worktree's own store, and the shared
+    one is untouched."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.flows.reproduce import reproduce
+    from pipeline.tracking.registry import eval_config_tags
+
+    project, uri, _ = dvc_project
+    root = str(Path(__file__).resolve().parents[1])
+    (project / "stages" / "evaluate.py").write_text(_EVAL_READS_PARAMS.format(root=root))
+    (project / "params.yaml").write_text(f"seed: 1\ntracking: {{uri: '{uri}', experiment: rerun}}\ntasks:\n  lm:\n"
+                                         "    optim: {lr: 0.1}\n    data: {n: 3}\n    eval: {scale: 1}\n")
+    _git(project, "commit", "-qam", "evaluation reads its config; the shared store")
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        mlflow.set_tags({"task": "lm", "git.commit": git_state(project)["git.commit"], "git.dirty": "false"})
+    for scale, loss in ((1, 2.0), (3, 6.0)):  # v2, v3: scored under two eval configs
+        client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id,
+                                    tags={"eval/val_loss": str(loss), **eval_config_tags({"scale": scale})})
+
+    def shared_runs() -> int:
+        return len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+
+    runs_before = shared_runs()
+    kept = tmp_path / "kept"
+    rows, ok = reproduce("m@3", workdir=kept, repo=project)
+    assert ok and [(r.metric, r.original, r.reproduced) for r in rows] == [("val_loss", 6.0, 6.0)]
+    assert "evaluating with the tasks.lm.eval m v3 was scored with, not commit " in capsys.readouterr().out
+    assert client.search_experiments(filter_string="name = 'rerun'") == []  # the shared store: nothing new
+    assert shared_runs() == runs_before
+    own = MlflowClient(f"sqlite:///{kept}/mlruns.db")
+    rerun = own.search_runs([own.get_experiment_by_name("rerun").experiment_id])
+    assert [r.data.metrics for r in rerun] == [{"eval/val_loss": 6.0}]
+
+    # a version registered before `eval.config`: evaluated as its commit says, and a difference is not
+    # called "NOT reproduced" (it may be the eval config's)
+    client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id, tags={"eval/val_loss": "6.0"})
+    with pytest.raises(ValueError, match=r"^reproducing m v4: the metrics differ \(above\), but the version records "
+                                         r"no eval config, so it may have been scored under another tasks.lm.eval "
+                                         r"than commit \w{10}'s: whether it reproduces cannot be told$"):
+        reproduce("m@4", repo=project)
+    shown = capsys.readouterr().out
+    assert "note: m v4 records no eval config (registered before versions did): evaluating with commit " in shown
+    assert "val_loss" in shown and "<- beyond tolerance" in shown and len(_worktrees(project)) == 2  # (kept's)

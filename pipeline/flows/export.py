@@ -32,6 +32,7 @@ from pipeline.tracking.registry import (
     Registration,
     check_logged_model,
     describe_version,
+    eval_config_tags,
     register,
     shipped_files,
     version_tags,
@@ -198,8 +199,11 @@ def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_di
                                 example=repr(example), hf_architecture=info.get("hf_architecture"))
 
     # the version carries its own lineage only (the run keeps the rest) and says what it is, with the
-    # evaluation it was registered on (a run evaluated anew holds only its latest eval/* metrics)
+    # evaluation it was registered on (a run evaluated anew holds only its latest eval/* metrics) and the
+    # eval config that scored it (DVC reran evaluate on any change to it), which `pipeline reproduce` applies
     scores = {f"eval/{k}": str(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    reg = register(model_uri, run_id, tcfg.registry, value, {**version_tags(trained), **scores}, describe)
+    scored_with = eval_config_tags(tcfg.eval.model_dump(mode="json"))
+    reg = register(model_uri, run_id, tcfg.registry, value, {**version_tags(trained), **scores, **scored_with},
+                   describe)
     atomic_write_text(out, json.dumps(dataclasses.asdict(reg), indent=2))
     return reg

@@ -1,10 +1,13 @@
 """Re-run the pipeline for a registered model version and compare its metrics.
 
 The version's run names the commit it was trained from. That commit is checked out into a
-fresh git worktree (its committed params.yaml is the composed config it ran with), its chain
+fresh git worktree (its committed params.yaml is the composed config it ran with), the eval
+config the version was scored with (its `eval.config` tag: the same run scored anew under
+another eval config is another version) replaces the commit's `tasks.<task>.eval`, its chain
 is re-run with `dvc repro evaluate@<task>` from the raw data up, into the worktree's own
-tracking store and DVC cache, and the evaluation metrics are compared with the version's.
-Nothing in the current workspace or its registry is touched.
+tracking store (`mlruns.db` in it, whatever the commit's `tracking.uri` names) and DVC cache,
+and the evaluation metrics are compared with the version's. Nothing in the current workspace
+or its registry is touched.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking.inspect import eval_tags, resolve, run_of
+from pipeline.tracking.mlflow_runs import sqlite_store
+from pipeline.tracking.registry import recorded_eval_config
 
 
 @dataclass
@@ -37,7 +42,8 @@ class Comparison:
 
 
 def plan(ref: str) -> dict:
-    """What reproducing `ref` means: the commit, the task, and the metrics to compare."""
+    """What reproducing `ref` means: the commit, the task, the eval config it was scored with
+    (None where the version records none), and the metrics to compare."""
     client = MlflowClient()
     mv = resolve(client, ref)
     run = run_of(client, mv, ref)
@@ -50,7 +56,7 @@ def plan(ref: str) -> dict:
     recorded = eval_tags(mv.tags) or {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
     metrics = {k.removeprefix("eval/"): v for k, v in recorded.items()}
     return {"model": f"{mv.name} v{mv.version}", "run_id": run.info.run_id, "commit": commit, "task": task,
-            "dirty": tags.get("git.dirty") == "true", "metrics": metrics}
+            "dirty": tags.get("git.dirty") == "true", "metrics": metrics, "eval_config": recorded_eval_config(mv.tags)}
 
 
 def reproduce(ref: str, workdir: Path | None = None, tolerance: float = 1e-3,
@@ -75,15 +81,23 @@ def reproduce(ref: str, workdir: Path | None = None, tolerance: float = 1e-3,
         why = (added.stderr.strip().splitlines() or ["no message"])[-1]
         raise ValueError(f"cannot check out commit {p['commit'][:10]} into {workdir}: git worktree add says: {why}")
     print(f"reproducing {p['model']} (run {p['run_id']}): commit {p['commit'][:10]} in {workdir}", flush=True)
+    section = f"tasks.{p['task']}.eval"
     stage = f"evaluate@{p['task']}"
     cmd = [str(Path(sys.executable).parent / "dvc"), "repro", stage]
-    # that commit's code, not this workspace's; its own store (mlflow.set_tracking_uri exports
-    # MLFLOW_TRACKING_URI, which the stages would follow into this workspace's store)
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    # that commit's code, not this workspace's; the worktree's own store: the stages follow
+    # MLFLOW_TRACKING_URI before tracking.uri, which may name a shared server or an absolute path
+    env = {k: v for k, v in os.environ.items() if k != "DVC_ROOT"}
+    env["MLFLOW_TRACKING_URI"] = sqlite_store(workdir.resolve() / "mlruns.db")
     env["PYTHONPATH"] = str(workdir)
     # the stages' `python` is this interpreter's (its venv), activated or not
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), *filter(None, [os.environ.get("PATH")])])
     try:
+        if p["eval_config"] is None:
+            print(f"note: {p['model']} records no eval config (registered before versions did): evaluating with "
+                  f"commit {p['commit'][:10]}'s {section}, which may not be the one it was scored with", flush=True)
+        elif apply_eval_config(workdir / "params.yaml", p["task"], p["eval_config"]):
+            print(f"evaluating with the {section} {p['model']} was scored with, not commit {p['commit'][:10]}'s",
+                  flush=True)
         try:
             subprocess.run(cmd, cwd=workdir, check=True, env=env)
         except subprocess.CalledProcessError as e:
@@ -98,7 +112,29 @@ def reproduce(ref: str, workdir: Path | None = None, tolerance: float = 1e-3,
     rows = [Comparison(k, v, float(got[k]) if isinstance(got.get(k), (int, float)) else None)
             for k, v in sorted(p["metrics"].items())]
     ok = bool(rows) and all(r.rel_diff is not None and r.rel_diff <= tolerance for r in rows)
+    if not ok and p["eval_config"] is None:  # a difference that may be the eval config's, not the model's
+        print(format_comparison(rows, tolerance), flush=True)
+        raise ValueError(f"reproducing {p['model']}: the metrics differ (above), but the version records no eval "
+                         f"config, so it may have been scored under another {section} than commit "
+                         f"{p['commit'][:10]}'s: whether it reproduces cannot be told")
     return rows, ok
+
+
+def apply_eval_config(params: Path, task: str, block: dict) -> bool:
+    """Set `tasks.<task>.eval` in the worktree's params.yaml to the eval config the version was
+    scored with (a round trip: the rest stays as committed, comments and number forms too).
+    Returns whether that changed it."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    data = yaml.load(params.read_text())
+    section = data["tasks"][task]
+    if section.get("eval") == block:
+        return False
+    section["eval"] = block
+    with params.open("w") as f:
+        yaml.dump(data, f)
+    return True
 
 
 def _tasks_at(commit: str, repo: Path) -> set[str] | None:

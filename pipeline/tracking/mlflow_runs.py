@@ -38,8 +38,8 @@ def project_root() -> Path:
 def tracking_uri(cfg: TrackingConfig) -> str:
     """MLFLOW_TRACKING_URI in the environment wins over `tracking.uri`, as MLflow users expect
     (and as RAY_ADDRESS wins over `cluster.address`): a job on a cluster is pointed at the team's
-    server without editing params.yaml. A relative SQLite path is made absolute against the
-    project root."""
+    server without editing params.yaml. A relative store path (SQLite file or folder) is made
+    absolute against the project root (`resolve_store`)."""
     return resolve_store(os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri)
 
 
@@ -64,10 +64,32 @@ def _with_file(uri: str, file: Path | str) -> str:
     return f"{_SQLITE}{quote(str(file), safe='/')}{sep}{options}"
 
 
+# scheme-less names MLflow does not take for a folder
+_NOT_FOLDERS = ("databricks", "databricks-uc", "uc")
+
+
+def sqlite_store(file: Path) -> str:
+    """The URI of a SQLite store in `file` (escaped where a URI needs it)."""
+    return _with_file(_SQLITE, file)
+
+
 def resolve_store(uri: str) -> str:
-    """A relative SQLite path made absolute against the project root; other URIs as they are."""
+    """A relative store path made absolute against the project root: a SQLite file, a folder
+    (`mlruns`, `./mlruns`) or a relative `file:` URI (`file:mlruns`). Left relative, each process
+    resolves it against its own cwd: a Ray Train worker (cwd: its own folder) or a queued DVC
+    experiment (cwd: a temporary copy DVC deletes) would write to another store. Other URIs as
+    they are."""
+    from urllib.parse import unquote, urlsplit
+
     file = sqlite_file(uri)
-    return _with_file(uri, project_root() / file) if file is not None and not file.is_absolute() else uri
+    if file is not None:
+        return _with_file(uri, project_root() / file) if not file.is_absolute() else uri
+    if "://" not in uri and not uri.startswith("file:"):  # a folder's path
+        return str(project_root() / uri) if uri and uri not in _NOT_FOLDERS and not Path(uri).is_absolute() else uri
+    parts = urlsplit(uri)
+    if parts.scheme == "file" and not parts.netloc and not parts.path.startswith("/"):
+        return (project_root() / unquote(parts.path)).as_uri()
+    return uri
 
 
 def portable_store(uri: str) -> str:
@@ -97,7 +119,7 @@ def check_reachable(cfg: TrackingConfig, say=print) -> None:
     uri = tracking_uri(cfg)
     where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
     # (MLflow takes a scheme-less URI for a folder, bar the Databricks names)
-    folder = uri.startswith("file:") or ("://" not in uri and uri not in ("databricks", "databricks-uc", "uc"))
+    folder = uri.startswith("file:") or ("://" not in uri and uri not in _NOT_FOLDERS)
     if folder and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
         raise TrackingUnavailable(
             f"{where} is {uri!r}: a folder, which this MLflow refuses as a store (its file store is retired; "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
+import json
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -134,6 +136,32 @@ def check_logged_model(model_uri: str, files: dict[str, dict[str, Any]], task: s
             what = ", ".join(f"{p} ({'added' if p not in shipped else 'changed'})" for p in changed[:5])
             raise MissingArtifacts(f"the logged model {model_uri} ships other code than the export recorded: {what}"
                                    f"{' and more' if len(changed) > 5 else ''}: {again}")
+
+
+# The eval config a version was scored with: the task's `eval` section as JSON, and its sha256.
+EVAL_CONFIG, EVAL_CONFIG_DIGEST = "eval.config", "eval.config_digest"
+
+
+def eval_config_tags(block: dict[str, Any]) -> dict[str, str]:
+    """The tags recording the eval config (`tasks.<task>.eval`) a version's eval/* scores come
+    from. The same run scored anew under another eval config is another version of the same
+    training commit: without them, `pipeline reproduce` evaluated with that commit's eval config
+    and compared its scores with those of another."""
+    text = json.dumps(block, sort_keys=True, separators=(",", ":"))
+    return {EVAL_CONFIG: text, EVAL_CONFIG_DIGEST: hashlib.sha256(text.encode()).hexdigest()}
+
+
+def recorded_eval_config(tags: dict[str, str]) -> dict[str, Any] | None:
+    """The eval config a version records (`eval_config_tags`); None where it records none (versions
+    registered before the tag) or one that does not match its digest (edited by hand)."""
+    text = tags.get(EVAL_CONFIG)
+    if text is None or hashlib.sha256(text.encode()).hexdigest() != tags.get(EVAL_CONFIG_DIGEST):
+        return None
+    try:
+        block = json.loads(text)
+    except ValueError:
+        return None
+    return block if isinstance(block, dict) else None
 
 
 def registered_version(client: MlflowClient, name: str, model_uri: str, run_id: str, metric_value: float) -> str | None:
