@@ -10,8 +10,11 @@ from pipeline.flows.export import export
 def run(cfg: PipelineConfig, task: str) -> None:
     info = export(cfg, task, Path(f"models/{task}"), Path(f"data/{task}/shards"), Path(f"export/{task}"),
                   Path(f"metrics/{task}"))
-    print(f"[{task}] exported to export/{task}: ONNX max |diff| {info['onnx_max_abs_diff']:.2e}; "
-          f"MLflow model {info['model_uri']}")
+    # None when `export.onnx` is off: this line runs after the export is committed and logged, so a
+    # crash here would fail the stage (and skip register) for an export that succeeded
+    diff = info["onnx_max_abs_diff"]
+    onnx = "ONNX skipped (export.onnx false)" if diff is None else f"ONNX max |diff| {diff:.2e}"
+    print(f"[{task}] exported to export/{task}: {onnx}; MLflow model {info['model_uri']}")
     if info.get("hf_architecture"):
         print(f"[{task}] transformers folder export/{task}/hf ({info['hf_architecture']}, {info['hf_dtype']}): "
               f"logits max |diff| {info['hf_max_abs_logit_diff']:.2e}, greedy tokens equal")

@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config.schema import RegistryConfig, TrackingConfig
-from pipeline.export.load_alone import LoadAloneError, check_loads_alone
+from pipeline.export.load_alone import LoadAloneError, check_loads_alone, check_loads_here
 from pipeline.export.onnx_export import export_onnx
 from pipeline.export.pyfunc import PipelineModel, example_input, log_pyfunc
 from pipeline.tasks import task_for_spec
@@ -137,10 +137,16 @@ def test_model_that_needs_more_than_it_ships_does_not_load_alone(built_data, tmp
         message = (r"requirements\.txt: mlflow==.*torch.*: ModuleNotFoundError: No module named 'onnx' \(onnx is "
                    r"installed here, from onnx, but the model's requirements do not need it")
     else:
-        expected = expected.assign(completion=["other", "text"])
+        predicted, expected = expected, expected.assign(completion=["other", "text"])
         message = r"predicts otherwise when loaded alone: .* against \{\"completion\": \[\"other\", \"text\"\]\}"
     with pytest.raises(LoadAloneError, match=message):
         check_loads_alone(folder, example_input(spec), expected)
+    if damage == "other_prediction":  # export.load_alone: false compares too, in this process
+        with pytest.raises(LoadAloneError, match=message.replace("when loaded alone", "when loaded back in this "
+                                                                 "process")):
+            check_loads_here(info.model_uri, example_input(spec), expected)
+        assert check_loads_here(info.model_uri, example_input(spec), predicted)["completion"] == \
+            list(predicted["completion"])  # (the control: what it did predict)
 
 
 def _served_diffusion(d: Path) -> PipelineModel:
@@ -333,3 +339,20 @@ def test_served_model_ends_at_the_manifests_end_of_document_token(built_data, tm
     assert end_of_document(tmp_path, tokenizer) == tokenizer.token_to_id("<|endoftext|>") is not None
     (tmp_path / GENERATION).write_text(json.dumps({"eos_token": tokenizer.id_to_token(5)}))
     assert end_of_document(tmp_path, tokenizer) == 5
+
+
+def test_export_stage_reports_a_skipped_onnx_graph_without_crashing(monkeypatch, capsys):
+    """With `export.onnx` false the flow returns no ONNX difference; the stage's summary, printed
+    after the export is committed and logged, formatted it as a float and failed the stage."""
+    import stages.export as stage
+    from pipeline.config import validate
+    from tests.conftest import tiny_raw
+
+    cfg = validate(tiny_raw(["tasks.diffusion.export.onnx=false"]))
+    assert cfg.task("diffusion").export.onnx is False
+    monkeypatch.setattr(stage, "export", lambda *a, **k: {"model_uri": "models:/m/1", "run_id": "r",
+                                                          "onnx_max_abs_diff": None, "hf_skipped": "not an LM"})
+    stage.run(cfg, "diffusion")
+    out = capsys.readouterr().out
+    assert "ONNX skipped (export.onnx false); MLflow model models:/m/1" in out
+    assert "no transformers folder: not an LM" in out

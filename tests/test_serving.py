@@ -139,6 +139,53 @@ def test_good_edges_still_generate(served):
     assert complete(served, ["a"] * 2, max_new_tokens=1) == complete(served, ["a"], max_new_tokens=1) * 2
 
 
+@pytest.mark.parametrize("temperature", [1e-39, 5e-324])
+def test_a_tiny_temperature_is_greedy(served, temperature):
+    """A positive temperature too small to divide the logits by (they overflowed to inf, and
+    torch.multinomial crashed) samples greedily, as 0 does: in the batched loop and, for a prompt
+    whose continuation outgrows the context, in the sliding one."""
+    prompts = ["The for statement", "x " * 40]
+    assert complete(served, prompts, temperature=temperature, seed=1) == complete(served, prompts, temperature=0.0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_int8_keeps_one_outlier_embedding_row_from_coarsening_the_logits(served, tmp_path, tied):
+    """onnxruntime quantized the embedding's Gather with one scale for the whole table: one large
+    row (x30 here) coarsened every token's embedding, and through a tied head every logit. The
+    table stays fp32; an untied head is quantized with one scale per vocabulary entry."""
+    import onnx
+
+    from pipeline.config import validate
+    from pipeline.export.onnx_export import export_onnx
+    from pipeline.export.quantize import OnnxLM, quantize_int8
+    from pipeline.tasks import task_named
+    from tests.conftest import tiny_raw
+
+    t = task_named("lm")
+    spec = t.model_spec(validate(tiny_raw([f"tasks.lm.model.tie_weights={str(tied).lower()}"])).task("lm"),
+                        {"vocab_size": served.spec["vocab_size"], "seq_len": 32})
+    torch.manual_seed(0)
+    model = t.build(spec).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        model.embed.weight[5] *= 30
+    export_onnx(model, spec, tmp_path / "m.onnx")
+    quantize_int8(tmp_path / "m.onnx", tmp_path / "m.int8.onnx")
+    graph = onnx.load(str(tmp_path / "m.int8.onnx")).graph
+    # no int8 table read back through one scale: neither the embedding nor a tied head
+    assert not [n.name for n in graph.node
+                if n.op_type in ("Gather", "DequantizeLinear") and n.input[0].endswith("_quantized")]
+    head = [n for n in graph.node if n.op_type == "MatMulInteger"][-1]
+    scales = {i.name: list(i.dims) for i in graph.initializer}
+    if not tied:  # (a tied head reads the fp32 table through a Transpose, which stays fp32)
+        assert scales[head.input[1].removesuffix("_quantized") + "_scale"] == [spec["vocab_size"]]
+    tokens = torch.randint(6, spec["vocab_size"], (4, 32))  # (not the outlier)
+    diff = (OnnxLM(tmp_path / "m.onnx")(tokens) - OnnxLM(tmp_path / "m.int8.onnx")(tokens)).abs()
+    # with one table scale: 0.27 (tied) and 0.19 (untied) on the other tokens' logits, 3.4 on the tied outlier's
+    assert torch.cat([diff[..., :5], diff[..., 6:]], -1).max() < 0.05 and diff.max() < 1.0
+
+
 def test_onnx_graph_records_its_context_and_names_a_longer_sequence(served, lm_dir, tmp_path):
     """The graph's metadata_props hold max_seq_len, vocab_size and the end-of-document id (from
     the export folder's tokenizer), the int8 graph keeps them, and a sequence longer than the

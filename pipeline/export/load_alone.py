@@ -171,9 +171,21 @@ def check_loads_alone(model: str | Path, example: pd.DataFrame, expected: Any) -
             missing = _undeclared(f"{found[2]}.{found[1]}", have)
         raise LoadAloneError(f"the logged model does not load with only what it ships (its code/ and "
                              f"requirements.txt: {', '.join(reqs)}): {last}{missing}")
-    got = json.loads(done.stdout.rsplit("@@prediction@@", 1)[1])
+    return _agreeing(json.loads(done.stdout.rsplit("@@prediction@@", 1)[1]), expected, "when loaded alone")
+
+
+def check_loads_here(model: str | Path, example: pd.DataFrame, expected: Any) -> dict[str, list]:
+    """`check_loads_alone` in this process (`export.load_alone: false`): the logged model, loaded
+    back from the artifact store, must still predict what the exporting process predicted."""
+    import mlflow
+
+    got = as_table(mlflow.pyfunc.load_model(str(model)).predict(example))
+    return _agreeing(got, expected, "when loaded back in this process")
+
+
+def _agreeing(got: dict[str, list], expected: Any, where: str) -> dict[str, list]:
     if not _predictions_agree(got, want := as_table(expected)):
-        raise LoadAloneError(f"the logged model predicts otherwise when loaded alone: {_head(got)} against "
+        raise LoadAloneError(f"the logged model predicts otherwise {where}: {_head(got)} against "
                              f"{_head(want)} in the exporting process")
     return got
 

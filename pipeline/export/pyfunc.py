@@ -3,7 +3,7 @@
 Inputs and outputs are plain tables so `mlflow models serve` answers JSON:
 - language model: column `prompt` (text; a cell holding a list of texts is one prompt per text, as
   MLflow hands `{"prompt": ["a", "b"]}`) -> column `completion` (params: max_new_tokens (1..MAX_NEW_TOKENS),
-  min_new_tokens, temperature (0 = greedy), top_k (0 = off), seed); at most MAX_ROWS prompts a request,
+  min_new_tokens, temperature (below 1e-5 = greedy), top_k (0 = off), seed); at most MAX_ROWS prompts a request,
   generated PROMPTS_PER_BATCH at a time in one batch, each completion the one its prompt gets alone;
 - diffusion: column `label` (class id) -> one row of C*H*W pixel values in [-1, 1] per label
   (params: steps, eta, guidance, seed; defaults: the sampler evaluation scored); at most MAX_ROWS

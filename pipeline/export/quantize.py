@@ -3,7 +3,12 @@
 onnxruntime's `quantize_dynamic` is used rather than torch's eager `quantize_dynamic`: the
 artifact users ship to CPU inference is the ONNX graph, onnxruntime has int8 MatMul kernels
 for every CPU it runs on, and the torch eager path is deprecated in favour of torchao. Weights
-of every MatMul/Gemm become int8 with per-channel scales; activations are quantized on the fly.
+of every MatMul/Gemm whose weight is an initializer become int8 with per-channel scales (an
+untied head: one scale per vocabulary entry); activations are quantized on the fly. The token
+embedding stays fp32: onnxruntime quantizes a Gather's table with ONE scale for the whole
+matrix, so one large row (an outlier token, common after training) coarsened every other row,
+and with a tied head every logit. A tied head's MatMul reads the shared table through a
+Transpose, which onnxruntime leaves unquantized, so that matrix stays fp32 once, not twice.
 The accuracy change is measured, not assumed: the fp32 and the int8 graph are scored on the
 same validation rows with the same loss function the evaluate stage uses.
 """
@@ -38,7 +43,8 @@ def quantize_int8(fp32: Path, out: Path) -> Path:
     root.setLevel(logging.ERROR)
     try:
         quantize_dynamic(model_input=str(fp32), model_output=str(out), weight_type=QuantType.QInt8,
-                         per_channel=True, use_external_data_format=weights > _EXTERNAL_DATA_BYTES)
+                         per_channel=True, op_types_to_quantize=["MatMul", "Gemm"],
+                         use_external_data_format=weights > _EXTERNAL_DATA_BYTES)
     finally:
         root.setLevel(level)
     return out

@@ -22,7 +22,7 @@ from pipeline.data.shard_format import load_manifest
 from pipeline.data.shard_tokenizer import checked_tokenizer
 from pipeline.data.text import EOS
 from pipeline.export.hf_export import HF_DIR, export_hf
-from pipeline.export.load_alone import as_table, check_loads_alone
+from pipeline.export.load_alone import check_loads_alone, check_loads_here
 from pipeline.export.onnx_export import export_onnx
 from pipeline.export.pyfunc import GENERATION, SAMPLER, example_input, log_pyfunc, pyfunc_files, sampler_settings
 from pipeline.export.quantize import accuracy_change, quantize_int8
@@ -135,7 +135,7 @@ def export(cfg: PipelineConfig, task: str, model_dir: Path, shards: Path, out_di
             if tcfg.export.load_alone:
                 prediction = check_loads_alone(info.model_uri, example_input(spec), expected)
             else:
-                prediction = as_table(mlflow.pyfunc.load_model(info.model_uri).predict(example_input(spec)))
+                prediction = check_loads_here(info.model_uri, example_input(spec), expected)
         result = {"model_uri": info.model_uri, "run_id": run["run_id"], "onnx_max_abs_diff": diff,
                   "pyfunc_rows": len(next(iter(prediction.values()))), **int8, **hf,
                   "shipped_files": shipped_files(info.model_uri)}  # the pickle and code, checked at register

@@ -13,6 +13,15 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from pipeline.models.gpt import GPT
 
+# Temperatures below this sample greedily, as 0 does: `logits / temperature` overflows to inf
+# (softmax NaN, a multinomial crash) for tiny positive ones, and near it the draw is argmax anyway.
+GREEDY_BELOW = 1e-5
+
+
+def greedy(temperature: float) -> bool:
+    """Whether `temperature` means argmax: 0, or too small to divide the logits by."""
+    return temperature < GREEDY_BELOW
+
 
 class KVCache:
     """Each layer's keys and values of the tokens seen so far (nanochat's engine keeps the same),
@@ -72,8 +81,9 @@ class KVCache:
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None,
              eos_id: int | None = None, min_new_tokens: int = 0) -> torch.Tensor:
-    """Sample continuations; temperature 0 means greedy. Sampling draws on the generator's
-    device (a CPU generator gives the same tokens wherever the model runs, up to rounding).
+    """Sample continuations; temperature 0 (or below `GREEDY_BELOW`) means greedy. Sampling
+    draws on the generator's device (a CPU generator gives the same tokens wherever the model
+    runs, up to rounding).
     With `eos_id`, generation stops once every row has produced it (a row's tokens after its
     first `eos_id` are whatever came next: cut them with `until_eos`), and the first
     `min_new_tokens` tokens are never it (`transformers`' min_new_tokens).
@@ -130,7 +140,7 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, te
         logits = model.forward_cached(idx, cache)[:, -1, :]
         if eos_id is not None and step < min_new_tokens:
             logits[:, eos_id] = float("-inf")
-        if temperature == 0:
+        if greedy(temperature):
             idx = logits.argmax(-1, keepdim=True)
         else:  # each row its own draw, from its own generator: as if it were alone
             idx = torch.cat([_sample(logits[r : r + 1], temperature, top_k, gens[i]).to(device)
@@ -147,9 +157,10 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, te
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
             generator: torch.Generator | None) -> torch.Tensor:
-    """The next token of each row of `logits` (B, vocab): argmax at temperature 0, else a draw
-    from the tempered, top-k-truncated distribution on the generator's device."""
-    if temperature == 0:
+    """The next token of each row of `logits` (B, vocab): argmax at temperature 0 (or below
+    `GREEDY_BELOW`), else a draw from the tempered, top-k-truncated distribution on the
+    generator's device."""
+    if greedy(temperature):
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature
     if top_k is not None:
