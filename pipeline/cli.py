@@ -24,7 +24,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
 
     Set PIPELINE_DEBUG=1 to get the traceback instead, e.g. when a ValueError may be a bug.
     """
-    if os.environ.get("PIPELINE_DEBUG"):
+    if os.environ.get("PIPELINE_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
         return ()
     from pipeline.data.shard_format import ShardError
     from pipeline.data.sources import DataSourceError
@@ -60,6 +60,18 @@ def stage_main(stage: str, run: Callable[[PipelineConfig, str], None], argv: lis
         sys.exit(2)
 
 
+def _plain_file(path: str, flag: str) -> Path:
+    """Where a file given as `flag` is written in one swap: through a link to its target (the
+    swap replaced the link with a file, leaving the target as it was); a folder or a device
+    (`/dev/stdout` became a regular file when run as root) is one line."""
+    real = Path(path).resolve()
+    if real.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; name the file to write (e.g. {Path(path) / 'params.yaml'})")
+    if real.exists() and not real.is_file():
+        raise ConfigError(f"{flag} {path}: is not a regular file; `{flag} -` prints to stdout")
+    return real
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pipeline", description="Pipeline utilities.")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -67,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("overrides", nargs="*", default=[],
                    help="optional Hydra overrides, e.g. 'model@tasks.lm.model=gpt_tiny'")
     c.add_argument("--config-dir", default="configs", help="the Hydra config folder (default: configs)")
-    c.add_argument("--out", default="params.yaml", help="where to write the composed config (default: params.yaml)")
+    c.add_argument("--out", default="params.yaml",
+                   help="where to write the composed config (default: params.yaml; - prints it)")
     v = sub.add_parser("validate", help="validate params.yaml, and that each task can train with it (the train "
                                         "stage's checks that need no data); print the first problem")
     v.add_argument("--params", default="params.yaml", help="the config file to check (default: params.yaml)")
@@ -153,8 +166,12 @@ def main(argv: list[str] | None = None) -> None:
 
             raw = compose(args.config_dir, args.overrides)
             validate(raw)
-            atomic_write_text(args.out, yaml.safe_dump(raw, sort_keys=False))  # DVC stages read it
-            print(f"wrote {args.out}")
+            text = yaml.safe_dump(raw, sort_keys=False)
+            if args.out == "-":
+                print(text, end="")
+            else:
+                atomic_write_text(_plain_file(args.out, "--out"), text)  # DVC stages read it
+                print(f"wrote {args.out}")
         else:
             from pipeline.distributed import check_gpu_host, preflight
             from pipeline.training.optim import check_kernels

@@ -145,8 +145,9 @@ def test_submit_to_a_cluster_that_never_comes_gives_up_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--address", address, "--no-wait"],
                           cwd=project, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "submitted" not in proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"the Ray cluster at {address} did not accept the job in 4 s" in lines[0], proc.stderr
+    lines = proc.stderr.strip().splitlines()  # what it waits for (a silent wait of minutes), then why it gave up
+    assert len(lines) == 2 and lines[0].startswith(f"waiting for the Ray Jobs API at {address} (up to 4 s;"), lines
+    assert f"the Ray cluster at {address} did not accept the job in 4 s" in lines[1], proc.stderr
 
 
 def test_submit_address_option_beats_ray_address(monkeypatch):

@@ -353,3 +353,43 @@ def test_settings_that_do_nothing_are_warned_of_by_the_train_stage():
     plateau = validate(tiny_raw(["tasks.lm.trainer.eval_every=50", "tasks.lm.optim.schedule=plateau"]))
     assert "optim.schedule 'plateau' acts on the validation loss" in schedule_warnings(plateau, "lm")[0]
     assert schedule_warnings(validate(tiny_raw([])), "lm") == []
+
+
+def test_a_mapping_override_merges_into_its_section_as_hydra_does():
+    """`trainer={max_steps: 5}` replaced the whole section where params.yaml is overridden (a stage,
+    `pipeline plan`): every other key fell back to the schema's default, validation off among them,
+    while Hydra (`dvc exp run -S`, `pipeline compose`) merges it. Both give one config now."""
+    override = ["tasks.lm.trainer={max_steps: 5}"]
+    overridden = load_config(ROOT / "params.yaml", override).task("lm")
+    composed = validate(compose(ROOT / "configs", override)).task("lm")
+    committed = load_config(ROOT / "params.yaml").task("lm")
+    assert overridden.trainer.max_steps == 5 and overridden.trainer == composed.trainer
+    assert overridden.trainer.eval_every == committed.trainer.eval_every > 0
+    nested = load_config(ROOT / "params.yaml", ["tasks.lm={optim: {lr: 0.01}}"]).task("lm")
+    assert nested.optim.lr == 0.01 and nested.optim.warmup_steps == committed.optim.warmup_steps
+    assert nested.model == committed.model
+
+
+@pytest.mark.parametrize("value", ["off", "yes", "12:30"])
+def test_override_values_are_read_as_hydra_reads_them(value):
+    """PyYAML's YAML 1.1 made `off` False, `yes` True and `12:30` the number 750 (refused for a name,
+    or a source path read as a boolean); Hydra keeps them strings, and now so do overrides of
+    params.yaml. Numbers such as 1e-3 are numbers both ways."""
+    assert validate(apply_overrides(tiny_raw(), [f"tracking.experiment={value}"])).tracking.experiment == value
+    assert validate(compose(ROOT / "configs", [f"tracking.experiment={value}"])).tracking.experiment == value
+    assert apply_overrides(tiny_raw(), ["tasks.lm.optim.lr=1e-3"])["tasks"]["lm"]["optim"]["lr"] == 0.001
+
+
+def test_a_check_that_names_the_input_names_it_once():
+    with pytest.raises(ConfigError) as err:
+        validate(apply_overrides(tiny_raw(), ["cluster.device_memory=lots"]))
+    assert str(err.value).count("(got 'lots')") == 1, str(err.value)
+
+
+@pytest.mark.parametrize("name", ["horovod", "fsdp"])
+def test_a_strategy_switched_by_name_is_told_to_pick_the_group(name):
+    """`strategy.name=horovod` keeps DDP's `backend: auto`, which Horovod refuses; the error says to
+    choose the group (`strategy=horovod`), whose keys fit the strategy."""
+    with pytest.raises(ConfigError, match=rf"choose its config group instead .*`dvc exp run -S strategy={name}`"):
+        validate(compose(ROOT / "configs", ["strategy=deepspeed", f"strategy.name={name}"]))
+    validate(compose(ROOT / "configs", [f"strategy={name}"]))

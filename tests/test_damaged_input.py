@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from pipeline.config import ConfigError, compose
 from pipeline.config.schema import SplitConfig, TextDataConfig
@@ -178,6 +179,36 @@ def test_damaged_compose_override_is_one_line(tmp_path):
         assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
     with pytest.raises(ConfigError, match=r"no config\.yaml in"):
         compose(tmp_path, [])
+
+
+def test_damaged_compose_out_is_a_file_written_through_its_link(tmp_path):
+    """`--out` naming a folder was a traceback, a link was replaced by a file (its target left as it
+    was), and a device such as /dev/stdout became a regular file when run as root; `-` prints."""
+    def run(out: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline", "compose", "--config-dir", str(ROOT / "configs"),
+                               "--out", out], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    proc = run(str(folder))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --out {folder}: is a folder; name the file to write (e.g. {folder / 'params.yaml'})"], proc.stderr
+    target, link = tmp_path / "target.yaml", tmp_path / "link.yaml"
+    target.write_text("")
+    link.symlink_to(target)
+    assert run(str(link)).returncode == 0
+    assert link.is_symlink() and yaml.safe_load(target.read_text())["tasks"]["lm"]["model"]["kind"] == "gpt"
+    printed = run("-")
+    assert printed.returncode == 0 and yaml.safe_load(printed.stdout) == yaml.safe_load(target.read_text())
+
+
+def test_damaged_input_with_pipeline_debug_off_is_one_line(tmp_path):
+    """PIPELINE_DEBUG=0 (or false) is off: only 1, true, yes or on show tracebacks."""
+    for value, traceback in [("0", False), ("false", False), ("1", True)]:
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "validate", "--params", str(tmp_path / "nope.yaml")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PIPELINE_DEBUG": value})
+        assert proc.returncode != 0 and ("Traceback" in proc.stderr) is traceback, (value, proc.stderr[-2000:])
 
 
 @pytest.mark.parametrize(("content", "expected"), [

@@ -554,3 +554,25 @@ def test_a_trial_reserves_a_gpu_when_the_config_trains_on_gpus(use_gpu, expected
 
     cfg = validate(tiny_raw(["cluster.cpus_per_worker=3", f"cluster.use_gpu={str(use_gpu).lower()}"]))
     assert trial_resources(cfg) == expected
+
+
+@pytest.mark.parametrize(("seed", "params_seed", "message"), [
+    (-5, 1337, r"^--seed: must be from 0 to 2\*\*32 - 1 \(got -5\)$"),
+    (2**32, 1337, r"^--seed: must be from 0 to 2\*\*32 - 1"),
+    (None, 2**40, r"^seed: Optuna takes seeds from 0 to 2\*\*32 - 1 \(the config's is 1099511627776\); pass --seed$")])
+def test_a_seed_optuna_refuses_is_named_before_ray(tmp_path, built_data, seed, params_seed, message):
+    """Optuna refused it after Ray had started and the MLflow parent run was open (a FAILED parent
+    left behind, and Tune state the same command then tried to resume), without naming --seed."""
+    import ray
+
+    from pipeline.flows.sweep import run_sweep
+
+    _, shards = built_data
+    raw = tiny_raw()
+    raw["seed"] = params_seed
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE_LR))
+    was_up = ray.is_initialized()
+    with pytest.raises(ConfigError, match=message):
+        run_sweep(tmp_path / "params.yaml", "lm", tmp_path / "space.yaml", shards["lm"], 2, seed)
+    assert ray.is_initialized() == was_up

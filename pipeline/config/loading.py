@@ -57,7 +57,8 @@ def _format_validation_error(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         got = e.get("input")
-        shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) or \
+            f"(got {got!r})" in msg else f" (got {got!r})"  # (a check that names the input itself: once)
         lines.append(_keyed(loc, msg) + shown)
     return "; ".join(lines)
 
@@ -115,8 +116,33 @@ def read_yaml(path: Path, empty_hint: str = "") -> Any:
     return raw
 
 
+def _override_value(value: str) -> Any:
+    """An override's value as Hydra reads `dvc exp run -S` values: YAML 1.2, where `off`, `yes`
+    and `12:30` are strings (YAML 1.1, PyYAML's, made them False, True and 750) and `1e-3` is a
+    number."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(value)
+
+
+def _merge(node: dict[str, Any], key: str, value: dict[str, Any]) -> None:
+    """Set `value` (a mapping) under `key`, merged into the section already there as Hydra merges
+    `-S 'trainer={max_steps: 5}'`: the keys it names change, the others keep their values (a
+    replaced section fell back to the schema's defaults, silently: validation off)."""
+    if not isinstance(node.get(key), dict):
+        node[key] = value
+        return
+    for k, v in value.items():
+        if isinstance(v, dict):
+            _merge(node[key], k, v)
+        else:
+            node[key][k] = v
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in place."""
+    """Apply `a.b.c=value` overrides (values parsed as YAML 1.2, as Hydra does) to a nested dict,
+    in place; a mapping value is merged into its section."""
+    from ruamel.yaml import YAMLError
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value")
@@ -136,14 +162,17 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
                 raise ConfigError(f"{key}: unknown key (no section '{where}'{listed}){group}")
             node = node[p]
         try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as e:
+            parsed = _override_value(value)
+        except YAMLError as e:
             raise ConfigError(f"{key}: the value {value!r} is not valid YAML: {_yaml_problem(e)}") from None
         if isinstance(node.get(parts[-1]), dict) and not isinstance(parsed, dict) and parsed is not None:
             raise ConfigError(f"{key}: is a section, not a value; set one of its keys ({key}.<key>=...), or pick a "
                               f"config group option with Hydra (`pipeline compose {item}`, `dvc exp run -S {item}`, "
                               "`pipeline plan --compose`)")
-        node[parts[-1]] = parsed
+        if isinstance(parsed, dict):
+            _merge(node, parts[-1], parsed)
+        else:
+            node[parts[-1]] = parsed
     return raw
 
 
@@ -156,9 +185,21 @@ def validate(raw: dict[str, Any]) -> PipelineConfig:
             raw = {**raw, "tasks": {name: _resolve_task(name, t) for name, t in tasks.items()}}
         return PipelineConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
+        raise ConfigError(_format_validation_error(err) + _strategy_hint(raw, err)) from None
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def _strategy_hint(raw: dict[str, Any], err: ValidationError) -> str:
+    """`-S strategy.name=horovod` renames the strategy but keeps the composed group's other keys
+    (DDP's `backend: auto`, DeepSpeed's `zero_stage`), which the new one refuses: say to pick the
+    group, whose keys fit it."""
+    section = raw.get("strategy")
+    name = section.get("name") if isinstance(section, dict) else None
+    if not isinstance(name, str) or not any(e["loc"][:1] == ("strategy",) for e in err.errors()):
+        return ""
+    return (f"; if strategy.name was set to switch strategies, choose its config group instead (its keys fit it): "
+            f"`dvc exp run -S strategy={name}` or `pipeline compose strategy={name}`")
 
 
 def _resolve_task(name: str, task: Any) -> Any:

@@ -428,6 +428,9 @@ def run_sweep(params: Path, task: str, sweep_file: Path, shards: Path, num_sampl
     base = read_yaml(params, "run `pipeline compose` to write a full config")
     cfg = validate(base)
     cfg.task(task)
+    if not 0 <= (seed if seed is not None else cfg.seed) < 2**32:  # Optuna's range, refused only after Ray started
+        raise ConfigError(f"--seed: must be from 0 to 2**32 - 1 (got {seed})" if seed is not None else
+                          f"seed: Optuna takes seeds from 0 to 2**32 - 1 (the config's is {cfg.seed}); pass --seed")
     sweep = load_sweep(sweep_file)
     if num_samples is not None:
         sweep = sweep.model_copy(update={"num_samples": num_samples})

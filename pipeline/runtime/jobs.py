@@ -243,6 +243,9 @@ def submit(entrypoint: str, address: str | None = None, env_spec: dict[str, Any]
                 raise ClusterUnavailable(f"the Ray cluster at {jobs_address(address)} did not accept the job in "
                                          f"{wait_s:.0f} s ({tries} tries; last: {reason[:200]}); is it running? "
                                          "(PIPELINE_SUBMIT_WAIT_S sets the wait)") from None
+            if tries == 1:  # (a head still starting is normal; a silent wait of minutes is not)
+                print(f"waiting for the Ray Jobs API at {jobs_address(address)} (up to {wait_s:.0f} s; "
+                      f"PIPELINE_SUBMIT_WAIT_S sets it): {reason[:120]}", file=sys.stderr, flush=True)
             time.sleep(delay)
             delay = min(2 * delay, 5.0)
 

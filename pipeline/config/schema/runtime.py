@@ -3,7 +3,7 @@ experiment tracking."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -57,13 +57,16 @@ class ClusterConfig(Strict):
     # refused for fragmentation; torchtitan runs with the same. "" leaves torch's default.
     cuda_alloc_conf: str = "expandable_segments:True"
 
-    @field_validator("device_memory")
+    @field_validator("device_memory", mode="before")
     @classmethod
-    def _size(cls, value: int | str | None) -> int | str | None:
+    def _size(cls, value: Any) -> Any:
+        """Checked before the type (an infinite or fractional number is the size's own one-line
+        error, not the int-or-string union's two); kept as written (params.yaml round-trips), the
+        planner parses it again."""
         from pipeline.config.sizes import parse_size
 
         if value is not None:
-            parse_size(value)  # kept as written (params.yaml round-trips); the planner parses it again
+            parse_size(value)
         return value
 
 
