@@ -11,7 +11,8 @@
 #
 # Expects the project installed in the environment named by PIPELINE_VENV (default: ./.venv,
 # `make setup`) on a file system every node sees; checkpoints go to cluster.storage_path, which
-# must be shared too (configs/cluster/remote.yaml).
+# must be shared too (configs/cluster/remote.yaml). The shards are read where the project holds them
+# (cluster.shards_uri=null: that folder is shared).
 #SBATCH --job-name=pipeline
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -62,10 +63,12 @@ if [ "$#" -gt 0 ]; then
 else
   # one worker per GPU; on an allocation without GPUs one CPU worker per node (cluster=remote asks for GPUs)
   if [ "$gpus" -gt 0 ]; then
-    python -m pipeline compose cluster=remote "cluster.num_workers=$(( ${#nodes[@]} * gpus ))"
+    # each worker takes its share of the node's CPUs (remote.yaml's 4 each may be more than the node has)
+    python -m pipeline compose cluster=remote "cluster.num_workers=$(( ${#nodes[@]} * gpus ))" \
+      "cluster.cpus_per_worker=$(( cpus / gpus > 0 ? cpus / gpus : 1 ))" cluster.shards_uri=null
   else
     python -m pipeline compose cluster=remote "cluster.num_workers=${#nodes[@]}" cluster.use_gpu=false \
-      "cluster.cpus_per_worker=$cpus"
+      "cluster.cpus_per_worker=$cpus" cluster.shards_uri=null
   fi
   dvc repro
 fi

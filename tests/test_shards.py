@@ -157,3 +157,32 @@ def test_read_split_returns_manifest_shapes(built_data):
     _, shards = built_data
     d = read_split(shards["diffusion"], "val")
     assert d["image"].shape[1:] == (1, 8, 8) and d["image"].flags.writeable
+
+
+def test_shards_missing_on_a_worker_node_say_to_publish_them(tmp_path):
+    """Workers get the shards' path on the driver's node; on a node that does not share that file
+    system (every cluster recipe's workers: the head takes no worker) the folder is missing, which
+    was a bare "no shard manifest". Now it names the node and `cluster.shards_uri`."""
+    import socket
+
+    missing = tmp_path / "driver-only" / "shards"
+    with pytest.raises(ShardError, match=rf"^{missing}: no such folder on this node \({socket.gethostname()}\): "
+                                         r".*set cluster\.shards_uri"):
+        ShardSet(missing, "train")
+    missing.mkdir(parents=True)  # there, but not sharded: the stage to run
+    with pytest.raises(ShardError, match=r"no shard manifest at .*: run the shard stage first"):
+        ShardSet(missing, "train")
+
+
+def test_shards_publish_to_a_shared_folder(tmp_path):
+    """`cluster.shards_uri` may name a shared file system (the cluster recipes' /mnt/shared/shards):
+    publishing there failed on the folder fsspec's local copy does not make."""
+    from pipeline.data.shard_store import publish
+
+    write_dataset(tmp_path / "s", {"train": [{"x": np.arange(96)}]}, 16, {"kind": "test"})
+    target = tmp_path / "shared" / "shards" / "lm" / "md5"
+    assert publish(tmp_path / "s", str(target)) == str(target)
+    shards = ShardSet(target, "train")
+    shards.check_sizes()
+    assert shards.rows.sum() == 96
+    assert (target / "manifest.json").read_bytes() == (tmp_path / "s" / "manifest.json").read_bytes()

@@ -44,6 +44,16 @@ from pipeline.data.shard_verify import (
 )
 
 
+def not_on_this_node(root: str) -> str:
+    """Why a worker finds no shards folder: the train stage hands the workers the path the shards
+    have on the driver's node, which other nodes see only on a shared file system."""
+    import socket
+
+    return (f"{root}: no such folder on this node ({socket.gethostname()}): the workers get the shards' path on "
+            "the driver's node; on a cluster whose nodes do not share it, set cluster.shards_uri (s3://bucket/prefix "
+            "or a shared folder such as /mnt/shared/shards) and the train stage publishes them there")
+
+
 class ShardSet:
     """The shards of one split, each verified against the manifest before it is used.
 
@@ -59,6 +69,8 @@ class ShardSet:
                  cache_dir: Path | None = None) -> None:
         self.root = str(root).rstrip("/")
         self.remote = is_remote(root)
+        if manifest is None and not self.remote and not Path(root).exists():
+            raise ShardError(not_on_this_node(self.root))
         self.manifest = manifest or load_manifest(root)
         self.split = split
         self.entries = split_entries(self.root, self.manifest, split)
@@ -184,11 +196,13 @@ class ShardSet:
 
 
 def publish(local_root: Path, uri: str) -> str:
-    """Copy a local shard folder to `uri` (s3://...), shards first and the manifest last, so a
-    half-finished upload has no manifest and no reader trusts it. Shards already there with the
-    right size are not sent again. Returns `uri`."""
+    """Copy a local shard folder to `uri` (s3://..., or a folder on a file system every node
+    shares), shards first and the manifest last, so a half-finished upload has no manifest and no
+    reader trusts it. Shards already there with the right size are not sent again. Returns `uri`."""
     fs, path = filesystem(uri)
     manifest = load_manifest(local_root)
+    if not is_remote(uri):  # (fsspec's local copy does not make the folder; an object store needs none)
+        Path(path).mkdir(parents=True, exist_ok=True)
     have = {}
     if fs.exists(path):
         have = {Path(f["name"]).name: f["size"] for f in fs.ls(path, detail=True)}
