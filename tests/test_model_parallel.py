@@ -462,3 +462,30 @@ def test_pipeline_parallel_stages_draw_their_own_dropout_masks():
     stage0, stage1 = run_group(_stage_masks, 2, True)
     assert len(stage0) > 0 and len(stage1) > 0 and shared(stage0, stage1) == 0
     assert any(m.any() and not m.all() for m in stage1)  # dropout drew: some dropped, some kept
+
+
+def test_tensor_parallel_dropout_stream_compiles_once():
+    """trainer.compile=blocks compiles the blocks with TP's per-rank RNG hooks inside: traced, the
+    seed drawn each step was a guard that failed every step (a recompile per step until dynamo's
+    limit, then the blocks ran partly eager). The hooks run outside dynamo: steps after the first
+    compile nothing (dynamo only, `backend="eager"`, to keep it fast)."""
+    import torch._dynamo
+
+    from pipeline.config.schema import GPTConfig
+    from pipeline.distributed.tensor_parallel import fork_rng_per_tp_rank, tp_plan
+    from pipeline.distributed.units import repeated_blocks
+    from pipeline.models.gpt import GPT
+
+    torch._dynamo.reset()
+    model = GPT(GPTConfig(d_model=32, n_layers=2, n_heads=4, dropout=0.1), vocab_size=50, max_seq_len=16).train()
+    assert fork_rng_per_tp_rank(model, tp_plan(model), tp_rank=1) == 2
+    for block in repeated_blocks(model):
+        block.compile(backend="eager")
+    tokens = torch.randint(0, 50, (2, 16))
+    torch.manual_seed(0)
+    model(tokens)  # the first step compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(1, 4):
+            torch.manual_seed(step)  # as the loop seeds each step
+            assert torch.isfinite(model(tokens)).all()
+    torch._dynamo.reset()

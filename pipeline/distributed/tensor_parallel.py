@@ -115,8 +115,11 @@ def fork_rng_per_tp_rank(model: nn.Module, plan: dict[str, str], tp_rank: int) -
             module = block.get_submodule(path) if path and _has(block, path) else None
             if module is not None and float(getattr(module, "dropout", 0.0) or 0.0) > 0:
                 stream = TpRankStream(tp_rank)
-                module.register_forward_pre_hook(stream.before)
-                module.register_forward_hook(stream.after)
+                # outside dynamo (trainer.compile=blocks compiles the hooks with the block): traced, the
+                # seed drawn each step was a guard that failed every step, a recompile per step until
+                # dynamo's limit, then the block's rest ran eager
+                module.register_forward_pre_hook(torch._dynamo.disable(stream.before))
+                module.register_forward_hook(torch._dynamo.disable(stream.after))
                 hooked += 1
     return hooked
 

@@ -75,10 +75,19 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
     if base.__module__.startswith("apex"):
         return f"apex {base.__name__}"
     d = optimizer.defaults
-    kind = "fused" if d.get("fused") else "foreach" if d.get("foreach") is not False else "for-loop"
-    if kind == "foreach" and d.get("foreach") is None:
-        kind = "foreach (default)"
+    kind = "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop"
+    if not d.get("fused") and d.get("foreach") is None:  # torch picks at the first step: as it will pick
+        kind = f"{'foreach' if _torch_default_foreach(optimizer) else 'for-loop'} (default)"
     return f"torch {base.__name__} ({kind})"
+
+
+def _torch_default_foreach(optimizer: torch.optim.Optimizer) -> bool:
+    """What torch's `foreach=None` resolves to for these parameters: foreach on CUDA, the
+    per-parameter loop on CPU (the log said foreach on CPU, where the loop ran)."""
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1]
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int, plateau_scale: float = 1.0) -> float:
