@@ -58,12 +58,12 @@ class _Bar:
     """tqdm's bar with `Progress`'s interface, for a terminal."""
 
     def __init__(self, prefix: str, what: str, total: int, unit: str) -> None:
-        self.bar = tqdm(desc=f"{prefix} {what}", total=total, unit=unit, leave=False)
+        self.bar = tqdm(desc=f"{prefix} {what}", total=total, unit=unit, leave=False, file=sys.stderr)
 
     def step(self, n: int = 1) -> None:
         self.bar.update(n)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.bar.close()
 
 
@@ -73,21 +73,29 @@ class _Lines(Progress):
     def __init__(self, prefix: str, what: str, total: int, unit: str) -> None:
         super().__init__(prefix, what, total, unit, quiet_start=True)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if time.perf_counter() - self.start >= self.every_s:
-            self.finish()
+            if failed:  # (not "done": the error that follows says why it stopped)
+                print(f"{self.prefix} {self.what}: stopped after {self.done:,}/{self.total:,} {self.unit}, "
+                      f"{duration(time.perf_counter() - self.start)}", flush=True)
+            else:
+                self.finish()
 
 
 @contextlib.contextmanager
 def counting(prefix: str, what: str, total: int, unit: str) -> Iterator[_Bar | _Lines]:
     """Something to `step(n)` as work gets done: a bar on a terminal, else a line at most every
     `EVERY_S` seconds and one at the end when the work took longer than that (short work stays
-    silent in a log)."""
-    counter = _Bar(prefix, what, total, unit) if sys.stdout.isatty() else _Lines(prefix, what, total, unit)
+    silent in a log); work that raises ends on "stopped after", not "done". The bar draws on
+    stderr, so stderr is the stream that must be a terminal (`dvc repro 2> log` keeps the log
+    free of carriage returns)."""
+    counter = _Bar(prefix, what, total, unit) if sys.stderr.isatty() else _Lines(prefix, what, total, unit)
     try:
         yield counter
-    finally:
-        counter.close()
+    except BaseException:
+        counter.close(failed=True)
+        raise
+    counter.close()
 
 
 def progress(items: Iterable[T], prefix: str, what: str, total: int, unit: str) -> Iterator[T]:

@@ -138,3 +138,41 @@ def test_flatmap_counts_an_item_done_once_its_outputs_are_taken(local_ray, use_r
         seen.append(value)
     assert seen == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert counted == [2, 4, 6, 8, 10]  # after each item's second output, never ahead of it
+
+
+@pytest.mark.parametrize("use_ray", [False, True], ids=["in_process", "ray"])
+def test_shard_counts_documents_once_they_are_encoded(local_ray, built_data, monkeypatch, use_ray: bool):
+    """The shard stage's tokenizing progress counted a batch when `ordered_map` took it as input:
+    with Ray a window of batches runs ahead, so a split of fewer documents than that window was
+    at 100% before anything was encoded. Each count now follows its batch's encoded result."""
+    from contextlib import contextmanager
+
+    import pipeline.data.build as build
+
+    cfg, shards = built_data
+    data = cfg.task("lm").data.model_copy(update={"ray": use_ray})
+    prepared = shards["lm"].parent / "prepared"
+    taken: list[int] = []
+    at_count: list[tuple[int, int]] = []  # (documents counted, encoded batches taken by then)
+
+    def watched_map(fn, items, ray_on, window=None):
+        for result in ordered_map(fn, items, ray_on, window):
+            taken.append(1)
+            yield result
+
+    class Recorder:
+        def step(self, n: int) -> None:
+            at_count.append((n, len(taken)))
+
+    @contextmanager
+    def recording(*args, **kwargs):
+        yield Recorder()
+
+    monkeypatch.setattr(build, "ordered_map", watched_map)
+    monkeypatch.setattr(build, "counting", recording)
+    eos = yaml.safe_load((prepared / "stats.json").read_text()).get("eos_token", build.text.EOS)
+    rows = list(build._token_rows(data, prepared / "train.parquet", (prepared / "tokenizer.json").read_text(), eos))
+    assert rows and at_count and [taken for _, taken in at_count] == list(range(1, len(at_count) + 1)), at_count
+    import pyarrow.parquet as pq
+
+    assert sum(n for n, _ in at_count) == pq.ParquetFile(prepared / "train.parquet").metadata.num_rows

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config import validate
 from pipeline.data.build import shard
-from pipeline.training.checkpoint import CheckpointError, load_training_state
+from pipeline.training.checkpoint import CheckpointError, load_training_state, read_meta
 from pipeline.training.loop import NonFiniteError, train
 from pipeline.training.optim import lr_at
 from pipeline.training.session import LocalSession
@@ -43,9 +43,12 @@ def test_resume_equals_uninterrupted(built_data, tmp_path, task):
     # "Kill" after the step-3 checkpoint: keep only it, then resume in a fresh loop.
     (tmp_path / "b").mkdir()
     shutil.copytree(sorted((tmp_path / "a").glob("checkpoint_*"))[0], tmp_path / "b" / "checkpoint_00000003")
+    kept = read_meta(tmp_path / "b" / "checkpoint_00000003")["train_seconds"]
     resumed = train(cfg, task, shards[task], LocalSession(tmp_path / "b"))
-    got, _ = _weights(tmp_path / "b")
+    got, resumed_meta = _weights(tmp_path / "b")
     assert resumed.step == 6
+    # the training time runs on over the starts (train.json counted only the last start's)
+    assert 0 < kept < resumed_meta["train_seconds"] and resumed.train_seconds == resumed_meta["train_seconds"]
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
@@ -70,11 +73,12 @@ def test_live_metrics_progress_lines_and_the_steps_the_session_sees(built_data, 
 
 def test_resuming_a_finished_run_reports_its_final_checkpoint(built_data, tmp_path):
     cfg, shards = built_data
-    train(cfg, "lm", shards["lm"], LocalSession(tmp_path))
+    first = train(cfg, "lm", shards["lm"], LocalSession(tmp_path))
     again = LocalSession(tmp_path)
     state = train(cfg, "lm", shards["lm"], again)
     assert state.step == 6 and again.reports == [state.history[-1]]
     assert _weights(tmp_path)[1]["final"]
+    assert state.train_seconds == first.train_seconds > 0  # (the run's, not the few seconds of this start)
 
 
 def test_gradient_accumulation_matches_one_big_batch(built_data, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,13 +68,20 @@ def prepare(cfg: TextDataConfig | ImageDataConfig, seed: int, out_dir: Path,
 def _token_rows(cfg: TextDataConfig, split_file: Path, tokenizer_json: str,
                 eos: str) -> Iterator[dict[str, np.ndarray]]:
     total = pq.ParquetFile(split_file).metadata.num_rows
-    with counting("[shard]", f"tokenizing {split_file.stem}", total, "docs") as bar:
-        def batches() -> Iterator[tuple[list[str], str, str]]:
-            for docs in text.iter_documents(split_file):
-                bar.step(len(docs))
-                yield docs, tokenizer_json, eos
+    sizes: deque[int] = deque()  # documents per batch handed out, in order
 
-        for block in text.pack_sequences(ordered_map(text.encode, batches(), cfg.ray), cfg.seq_len):
+    def batches() -> Iterator[tuple[list[str], str, str]]:
+        for docs in text.iter_documents(split_file):
+            sizes.append(len(docs))
+            yield docs, tokenizer_json, eos
+
+    with counting("[shard]", f"tokenizing {split_file.stem}", total, "docs") as bar:
+        def encoded() -> Iterator[Any]:
+            for batch in ordered_map(text.encode, batches(), cfg.ray):
+                bar.step(sizes.popleft())  # counted encoded, not handed to Ray (a window of batches ahead)
+                yield batch
+
+        for block in text.pack_sequences(encoded(), cfg.seq_len):
             yield {"tokens": block}
 
 

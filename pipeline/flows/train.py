@@ -346,11 +346,11 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     except mlflow.exceptions.MlflowException as e:
         raise mlflow_runs.TrackingUnavailable(
             f"cannot use the tracking store {uri} ({outage_cause(e)}); nothing was trained") from e
-    start = time.perf_counter()
     shards = str(shards_dir.resolve())
     if cfg.cluster.shards_uri:  # workers on other nodes read (and cache) a published copy
         shards = publish(shards_dir, f"{cfg.cluster.shards_uri.rstrip('/')}/{task_name}/{manifest_md5}")
         print(f"[{task_name}] shards published to {shards}", flush=True)
+    start = time.perf_counter()
     # rank 0 logs the history as it trains: to a server from anywhere, to a SQLite file only from this machine
     live = {"run_id": run_id, "tracking_uri": uri} if embedded() or reachable_from_anywhere(uri) else None
     print(f"[{task_name}] live metrics: {'MLflow run ' + run_id + ' at ' + uri if live else 'after the fit'} "
@@ -375,7 +375,8 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
         info = {"run_id": run_id, "ray_run": run_name, "tracking_uri": mlflow_runs.portable_store(uri),
                 "data_manifest_md5": manifest_md5, "git_commit": tags["git.commit"]}
         summary = {"final_loss": history[-1]["loss"], "steps": meta["step"], "skipped_steps": meta["skipped_steps"],
-                   "train_seconds": round(seconds, 1),
+                   # the loop's time over every start (a resume, a rerun that found the run finished)
+                   "train_seconds": round(meta.get("train_seconds", seconds), 1),
                    **{k: v for k, v in history[-1].items() if k.endswith("_per_s") or k == "mfu"}}
         if "mfu_peak_tflops" in meta.get("implementation", {}):  # the peak MFU was measured against
             summary["peak_tflops"] = float(meta["implementation"]["mfu_peak_tflops"])
@@ -424,4 +425,4 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     # atomic: DVC, `dvc metrics` and a reader never see half a file (a crash mid-write, a full disk)
     atomic_write_text(metrics_dir / "train.json", json.dumps(summary, indent=2))
     atomic_write_text(metrics_dir / "train_history.csv", _history_csv(history))
-    return TrainOutcome(run_id, run_name, history[-1]["loss"], meta["step"], seconds)
+    return TrainOutcome(run_id, run_name, history[-1]["loss"], meta["step"], summary["train_seconds"])

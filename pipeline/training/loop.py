@@ -71,6 +71,9 @@ class LoopState:
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
     max_steps: int = 0  # the run's length (in its checkpoints: a resume with another length says so)
+    # the loop's wall time over every start of the run, carried in its checkpoints: train.json's
+    # train_seconds (a resumed run counted only its last start; a rerun that found it finished, ~0)
+    train_seconds: float = 0.0
 
 
 def _check_world(saved: int, world: int, strategy: Strategy, ckpt: Path, task_name: str) -> None:
@@ -186,7 +189,8 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
             if best is not None:
                 best.restore(ckpt, meta)
             state = LoopState(meta["step"], meta["skipped_steps"], meta.get("nonfinite_in_a_row", 0),
-                              meta.get("stopped_early", False), meta["history"], tr.max_steps)
+                              meta.get("stopped_early", False), meta["history"], tr.max_steps,
+                              meta.get("train_seconds", 0.0))
             if session.rank == 0:
                 print(f"[{task_name}] resumed from step {state.step} ({ckpt})", flush=True)
                 if meta.get("ranks", session.world) != session.world:
@@ -207,6 +211,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
     dropout = getattr(tcfg.model, "dropout", 0.0) > 0
     window_items, window_start, reported_final, data_wait = 0, time.perf_counter(), False, 0.0
     run_start, first_step = window_start, state.step  # for the ETA: this start's pace so far
+    seconds_before = state.train_seconds  # the earlier starts' (train_seconds adds this one's)
     # validation's seconds, in this window (taken out of its throughput and MFU) and this start (for the ETA)
     val_seconds, val_total, val_count = 0.0, 0.0, 0
     while state.step < tr.max_steps and not state.stopped_early:
@@ -296,6 +301,7 @@ def train(cfg: PipelineConfig, task_name: str, shards_root: str | Path, session:
                 print(f"[{task_name}] hands on the weights of step {best.step} (validation loss "
                       f"{tracker.best:.4f}, the lowest)" if best.step is not None else
                       f"[{task_name}] no validation loss was finite: hands on the weights of the last step", flush=True)
+        state.train_seconds = seconds_before + time.perf_counter() - run_start
         _report(session, strategy, ema, reader, state, tracker, entry, do_ckpt, final, implementation, parameters,
                 best)
         window_items, window_start, data_wait, val_seconds = 0, time.perf_counter(), 0.0, 0.0
@@ -377,7 +383,7 @@ def _report(session: Session, strategy: Strategy, ema: EMA | None, reader: Globa
                         "history": state.history, "final": final, "stopped_early": state.stopped_early,
                         "tracker": tracker.state_dict(), "implementation": implementation,
                         "parameters": parameters, "best_weights_step": best.step if kept else None,
-                        "max_steps": state.max_steps}
+                        "max_steps": state.max_steps, "train_seconds": state.train_seconds}
                 if final:  # the step whose weights the run hands on
                     meta["weights_step"] = best.step if kept else state.step
             part = seal_checkpoint(local, session.rank, session.world, meta)
