@@ -186,3 +186,28 @@ def test_batched_generation_stops_at_eos_and_sends_overlong_prompts_alone(monkey
     batched = [s for s in calls if s[0] == len(prompts) - 1]
     assert batched and batched[0] == (5, 12) and all(s == (5, 1) for s in batched[1:]) and len(batched) <= 8
     assert len(calls) - len(batched) >= 1  # the overlong prompt: its own prefill (then the sliding window)
+
+
+def test_no_new_tokens_is_an_empty_completion_for_every_prompt():
+    """`generate_batch` with max_new_tokens 0 was torch.cat of nothing (a ValueError); `generate`
+    returns the prompt."""
+    model = _gpt()
+    assert model.generate_batch([[1, 2], [3]], 0) == [[], []]
+    assert model.generate(torch.tensor([[1, 2]]), 0).tolist() == [[1, 2]]
+
+
+def test_ids_beyond_the_tokenizer_are_never_drawn():
+    """A head padded to `vocab_multiple` has rows no token has: drawn, the tokenizer's decode drops
+    them silently (a shorter completion, conditioned on an untrained id). With `vocab` they are
+    never drawn, alone or batched; the control without it draws some."""
+    model, limit = _gpt(), VOCAB // 4
+    prompts = [[1, 2, 3], [4], [5, 6]]
+
+    def draws(**kw) -> list[int]:
+        batched = model.generate_batch(prompts, 6, temperature=5.0, **kw,
+                                       generators=[torch.Generator().manual_seed(i) for i in range(len(prompts))])
+        alone = model.generate(torch.tensor([prompts[0]]), 6, temperature=5.0, generator=torch.Generator(), **kw)
+        return [t for row in batched for t in row] + alone[0, 3:].tolist()
+
+    assert max(draws()) >= limit  # (the control: the hot distribution reaches the upper ids)
+    assert max(draws(vocab=limit)) < limit

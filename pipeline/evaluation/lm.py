@@ -53,5 +53,6 @@ def evaluate_lm(model: torch.nn.Module, shards: Path, cfg: EvalConfig, prompt: s
     ids = torch.tensor([tok.encode(prompt).ids], device=model_device(model))
     # the sample ends with its document, not glued to the next one
     eos = tok.token_to_id(load_manifest(shards).get("eos_token", EOS))
-    out = model.generate(ids, 120, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0), eos_id=eos)
+    out = model.generate(ids, 120, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0), eos_id=eos,
+                         vocab=tok.get_vocab_size())
     return metrics, tok.decode(until_eos(out[0].tolist(), eos))

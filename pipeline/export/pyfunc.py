@@ -68,7 +68,8 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
                 tokens = self.model.generate_batch(
                     chunk, sampling["max_new_tokens"], temperature=sampling["temperature"],
                     top_k=sampling["top_k"] or None, eos_id=self.eos, min_new_tokens=sampling["min_new_tokens"],
-                    generators=[torch.Generator().manual_seed(sampling["seed"]) for _ in chunk])
+                    generators=[torch.Generator().manual_seed(sampling["seed"]) for _ in chunk],
+                    vocab=self.tokenizer.get_vocab_size())  # (a padded head's extra rows: no token)
                 out += [self.tokenizer.decode(until_eos(t, self.eos)) for t in tokens]
             return pd.DataFrame({"completion": out})
         from pipeline.models.diffusion import GaussianDiffusion, row_generators

@@ -80,13 +80,15 @@ class KVCache:
 @torch.no_grad()
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None,
-             eos_id: int | None = None, min_new_tokens: int = 0) -> torch.Tensor:
+             eos_id: int | None = None, min_new_tokens: int = 0, vocab: int | None = None) -> torch.Tensor:
     """Sample continuations; temperature 0 (or below `GREEDY_BELOW`) means greedy. Sampling
     draws on the generator's device (a CPU generator gives the same tokens wherever the model
     runs, up to rounding).
     With `eos_id`, generation stops once every row has produced it (a row's tokens after its
     first `eos_id` are whatever came next: cut them with `until_eos`), and the first
-    `min_new_tokens` tokens are never it (`transformers`' min_new_tokens).
+    `min_new_tokens` tokens are never it (`transformers`' min_new_tokens). With `vocab` (the
+    tokenizer's size) no id at or above it is drawn: a head padded to `model.vocab_multiple` has
+    rows no token has, which the tokenizer's decode drops silently.
 
     In eval mode a KV cache makes each step one position's work: the prompt is prefilled
     once, then only the newest token is fed. Once the sequence outgrows the context, the
@@ -101,8 +103,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
             logits = model(idx[:, -model.max_seq_len :])[:, -1, :]
         else:  # the cache holds every token but the newest (none, before the prefill)
             logits = model.forward_cached(idx[:, cache.pos :], cache)[:, -1, :]
-        if eos_id is not None and step < min_new_tokens:
-            logits[:, eos_id] = float("-inf")
+        _forbid(logits, step, eos_id, min_new_tokens, vocab)
         nxt = _sample(logits, temperature, top_k, generator).to(idx.device)
         idx = torch.cat([idx, nxt], dim=1)
         if done is not None:
@@ -114,7 +115,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
 @torch.no_grad()
 def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
               top_k: int | None = None, generators: list[torch.Generator | None] | None = None,
-                   eos_id: int | None = None, min_new_tokens: int = 0) -> list[list[int]]:
+                   eos_id: int | None = None, min_new_tokens: int = 0, vocab: int | None = None) -> list[list[int]]:
     """`generate` for several prompts of any lengths in one batch: each row's new tokens are
     those `generate` gives its prompt alone (row i sampling from `generators[i]`), up to the
     rounding of batched arithmetic. The prompts are left-padded into one KV cache
@@ -129,8 +130,8 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, te
     for i in sorted(set(range(len(prompts))) - set(rows)):
         ids = torch.tensor([prompts[i]], device=device)
         out[i] = generate(model, ids, max_new_tokens, temperature, top_k, gens[i], eos_id,
-                               min_new_tokens)[0, len(prompts[i]) :].tolist()
-    if not rows:
+                          min_new_tokens, vocab)[0, len(prompts[i]) :].tolist()
+    if not rows or max_new_tokens <= 0:
         return out
     longest = max(len(prompts[i]) for i in rows)
     pad = torch.tensor([longest - len(prompts[i]) for i in rows], device=device)
@@ -138,8 +139,7 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, te
     cache, done, new = KVCache(len(model.blocks), model.max_seq_len, pad), None, []
     for step in range(max_new_tokens):
         logits = model.forward_cached(idx, cache)[:, -1, :]
-        if eos_id is not None and step < min_new_tokens:
-            logits[:, eos_id] = float("-inf")
+        _forbid(logits, step, eos_id, min_new_tokens, vocab)
         if greedy(temperature):
             idx = logits.argmax(-1, keepdim=True)
         else:  # each row its own draw, from its own generator: as if it were alone
@@ -153,6 +153,14 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, te
     for r, tokens in zip(rows, torch.cat(new, dim=1).tolist(), strict=True):
         out[r] = tokens
     return out
+
+
+def _forbid(logits: torch.Tensor, step: int, eos_id: int | None, min_new_tokens: int, vocab: int | None) -> None:
+    """In place: no eos before `min_new_tokens`, no id the tokenizer lacks."""
+    if eos_id is not None and step < min_new_tokens:
+        logits[:, eos_id] = float("-inf")
+    if vocab is not None and vocab < logits.shape[-1]:
+        logits[:, vocab:] = float("-inf")
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,

@@ -398,13 +398,15 @@ class GPT(nn.Module):
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 eos_id: int | None = None, min_new_tokens: int = 0) -> torch.Tensor:
+                 eos_id: int | None = None, min_new_tokens: int = 0, vocab: int | None = None) -> torch.Tensor:
         """Sample continuations of `idx` (B, T): `pipeline.models.generation.generate`."""
-        return generation.generate(self, idx, max_new_tokens, temperature, top_k, generator, eos_id, min_new_tokens)
+        return generation.generate(self, idx, max_new_tokens, temperature, top_k, generator, eos_id, min_new_tokens,
+                                   vocab)
 
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                        top_k: int | None = None, generators: list[torch.Generator | None] | None = None,
-                       eos_id: int | None = None, min_new_tokens: int = 0) -> list[list[int]]:
+                       eos_id: int | None = None, min_new_tokens: int = 0,
+                       vocab: int | None = None) -> list[list[int]]:
         """Prompts of any lengths in one batch: `pipeline.models.generation.generate_batch`."""
         return generation.generate_batch(self, prompts, max_new_tokens, temperature, top_k, generators, eos_id,
-                                         min_new_tokens)
+                                         min_new_tokens, vocab)
