@@ -92,6 +92,9 @@ def counting(prefix: str, what: str, total: int, unit: str) -> Iterator[_Bar | _
     counter = _Bar(prefix, what, total, unit) if sys.stderr.isatty() else _Lines(prefix, what, total, unit)
     try:
         yield counter
+    except GeneratorExit:  # the consumer of `progress` stopped taking items: its choice, not a failure
+        counter.close()
+        raise
     except BaseException:
         counter.close(failed=True)
         raise

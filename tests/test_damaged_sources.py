@@ -379,6 +379,13 @@ def test_damaged_short_file_in_another_encoding_is_refused_not_guessed(tmp_path)
     decoding = Decoding()
     assert list(read_text_unit(str(long), decoding=decoding)) == [(line * 3).strip()]
     assert (decoding.status, decoding.encoding) == ("re-decoded", "koi8_r")
+    # a short file of ASCII with a few single stray bytes (a cp1252 quote, Latin-1 umlauts) is read as
+    # the repair reads them in longer files, not refused: data.encoding cannot fix one file of a folder
+    for text, raw in [("Don’t panic, it’s fine.", "Don’t panic, it’s fine.".encode("cp1252")),
+                      ("Grüße aus München", "Grüße aus München".encode("latin-1"))]:
+        short.write_bytes(raw + b"\n")
+        decoding = Decoding()
+        assert list(read_text_unit(str(short), decoding=decoding)) == [text] and decoding.status == "repaired"
 
 
 RU = "Привет".encode("cp1251")  # (a run of stray bytes: auto refuses it at an offset rather than repair it)

@@ -59,3 +59,13 @@ def test_the_bar_is_for_a_terminal_on_the_stream_it_draws_on(monkeypatch):
         with counting("[shard]", "tokenizing", 2, "docs") as counter:
             counter.step(2)
         assert type(counter) is kind, (stdout_tty, stderr_tty)
+
+
+def test_a_consumer_that_stops_early_is_no_failure(monkeypatch, capsys):
+    import itertools
+
+    monkeypatch.setattr(progress_module, "EVERY_S", 0.0)
+    items = progress(iter(range(10)), "[prepare]", "reading", 10, "files")
+    assert list(itertools.islice(items, 3)) == [0, 1, 2]
+    items.close()
+    assert "stopped after" not in capsys.readouterr().out

@@ -15,20 +15,29 @@ import pytest
 from pipeline.data.fingerprint import source_fingerprint
 
 
-def test_the_record_changes_with_the_contents_only(tmp_path):
+def test_the_record_changes_with_what_prepare_reads_only(tmp_path):
+    cache = tmp_path / "hashes.json"
     src = tmp_path / "raw"
     (src / "sub").mkdir(parents=True)
     (src / "a.txt").write_text("one paragraph\n")
     (src / "sub" / "b.md").write_text("another\n")
     (src / ".hidden").write_text("never data\n")
-    first = source_fingerprint(str(src))
+    (src / "archive.tar.gz").write_bytes(b"not a file prepare reads")
+    first = source_fingerprint(str(src), "text", cache=cache)
     assert sorted(first["files"]) == ["a.txt", "sub/b.md"]
+    assert len(json.loads(cache.read_text())) == 2  # hashed once per size, mtime and inode
     (src / "a.txt").touch()  # a new mtime (a fresh clone, `dvc pull`) is no change
     (src / ".hidden").write_text("edited\n")
-    assert source_fingerprint(str(src)) == first
+    (src / "archive.tar.gz").write_bytes(b"edited, still not read")
+    assert source_fingerprint(str(src), "text", cache=cache) == first
     (src / "a.txt").write_text("one paragraph, edited\n")
-    assert source_fingerprint(str(src)) != first
+    assert source_fingerprint(str(src), "text", cache=cache) != first
     assert source_fingerprint("builtin:python-docs")["builtin"]["python"] == ".".join(map(str, sys.version_info[:3]))
+    images = tmp_path / "images"
+    (images / "cat").mkdir(parents=True)
+    (images / "cat" / "1.PNG").write_bytes(b"png bytes")
+    (images / "cat" / "notes.txt").write_text("not an image")
+    assert list(source_fingerprint(str(images), "images", cache=None)["files"]) == ["cat/1.PNG"]
 
 
 def test_a_tokenizer_from_a_checkpoint_is_part_of_the_record(tmp_path):
@@ -36,12 +45,43 @@ def test_a_tokenizer_from_a_checkpoint_is_part_of_the_record(tmp_path):
     ckpt.mkdir()
     (ckpt / "tokenizer.json").write_text("{}")
     (ckpt / "model.safetensors").write_bytes(b"weights are not read by prepare")
-    first = source_fingerprint("builtin:python-docs", str(ckpt))
+    first = source_fingerprint("builtin:python-docs", "text", str(ckpt), cache=None)
     assert list(first["tokenizer_from"]) == ["tokenizer.json"]
     (ckpt / "model.safetensors").write_bytes(b"other weights")
-    assert source_fingerprint("builtin:python-docs", str(ckpt)) == first
+    assert source_fingerprint("builtin:python-docs", "text", str(ckpt), cache=None) == first
     (ckpt / "tokenizer.json").write_text('{"edited": 1}')
-    assert source_fingerprint("builtin:python-docs", str(ckpt)) != first
+    assert source_fingerprint("builtin:python-docs", "text", str(ckpt), cache=None) != first
+
+
+def test_a_source_not_on_this_machine_keeps_the_record(tmp_path):
+    """A machine with the prepared data but not the raw data (`dvc pull`, a queued experiment's
+    copy of the workspace) wrote an empty record, so prepare reran and failed: the record there is
+    is kept; with none, the source is recorded as unavailable and prepare names the problem."""
+    from pipeline.data.fingerprint import write_record
+
+    src, out = tmp_path / "raw", tmp_path / "data" / "lm" / "source.json"
+    src.mkdir()
+    (src / "a.txt").write_text("one paragraph\n")
+    assert "1 file hashed" in write_record(str(src), "text", None, out)
+    recorded = out.read_bytes()
+    shutil.rmtree(src)
+    assert "kept the record" in write_record(str(src), "text", None, out) and out.read_bytes() == recorded
+    out.unlink()
+    assert "recorded as unavailable" in write_record(str(src), "text", None, out)
+    assert json.loads(out.read_text())["unavailable"].endswith("is not on this machine")
+
+
+def test_a_remote_object_without_checksum_or_time_is_hashed():
+    """A store whose listing gives no checksum and no modification time recorded `size:None`, so an
+    edit of the same size went unseen; its contents are hashed instead."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/corpus-fp/a.txt", b"hello")
+    first = source_fingerprint("memory://corpus-fp", "text", cache=None)
+    fs.pipe("/corpus-fp/a.txt", b"HELLO")
+    assert source_fingerprint("memory://corpus-fp", "text", cache=None) != first
+    fs.rm("/corpus-fp", recursive=True)
 
 
 @pytest.mark.e2e

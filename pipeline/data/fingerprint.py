@@ -4,38 +4,77 @@ DVC decides whether `prepare@<task>` reruns from its deps and params, and `data.
 *value* in params.yaml: the folder or s3:// prefix it names is nobody's dependency, so editing a
 file in it left `dvc repro` saying "didn't change, skipping" and the manifest's `raw_sha256`
 describing data that no longer existed. DVC cannot template a dependency from a param's value,
-so the `source@<task>` stage (always run, seconds) writes this record to `data/<task>/source.json`
-and prepare depends on that file: an unchanged source rewrites the same bytes and prepare is
+so the `source@<task>` stage (always run) writes this record to `data/<task>/source.json` and
+prepare depends on that file: an unchanged source rewrites the same bytes and prepare is
 skipped; an edited one changes them and prepare reruns.
 
-What is recorded: every local file's sha256 (contents, not mtimes: a fresh clone or `dvc pull`
-must not look changed), a remote object's ETag (or checksum, or size and modification time:
-nothing is downloaded), the version of what makes a builtin set, and the tokenizer files of a
-`model.init_from` checkpoint (prepare copies them). A local folder records every file below
-it, hidden and system entries aside, as the sources read it (`_local_files`).
+What is recorded: the sha256 of every local file prepare reads (text: the files `text_units`
+lists; images: the .npz or every image of the class folders), contents, not mtimes, so a fresh
+clone or `dvc pull` does not look changed; hashed once per (size, mtime, inode) in a cache under
+`.dvc/tmp`, as DVC's own state does, so a large unchanged source costs a listing. A remote
+object's ETag or checksum (nothing is downloaded, unless the store gives neither and no
+modification time); the version of what makes a builtin set; and the tokenizer files of a
+`model.init_from` checkpoint (prepare copies them).
+
+A source this machine cannot read (a folder not here, an s3:// prefix without network or
+credentials) raises `SourceUnavailable`: the stage then keeps the record it has, so a machine
+with the prepared data but not the raw data (`dvc pull`, a queued experiment's copy) does not
+rerun prepare for nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.sources import DataSourceError, _junk, _local_files, filesystem
+from pipeline.atomic import atomic_write_text
+from pipeline.data.image_sources import IMAGE_SUFFIXES
+from pipeline.data.sources import DataSourceError, _junk, _local_files, filesystem, text_units
 from pipeline.data.text import HF_TOKENIZER_FILES
 
 _BLOCK = 1 << 22
+CACHE = Path(".dvc/tmp/pipeline-source-hashes.json")  # (DVC keeps .dvc/tmp out of git)
+# what an object store or remote file system gives as a content checksum in `info`
+_CHECKSUMS = ("ETag", "etag", "md5", "md5Hash", "checksum", "crc32c", "blob_id", "xet_hash")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+class SourceUnavailable(DataSourceError):
+    """The source cannot be read on this machine (not here, no network, no credentials)."""
+
+
+class _Hashes:
+    """sha256 of local files, cached by path, size, mtime and inode (a file changed in place gets a
+    new mtime; a replaced one a new inode)."""
+
+    def __init__(self, cache: Path | None) -> None:
+        self.cache = cache
+        try:
+            self.known: dict[str, list] = json.loads(cache.read_text()) if cache and cache.is_file() else {}
+        except (OSError, ValueError):
+            self.known = {}
+        self.used: dict[str, list] = {}
+
+    def __call__(self, path: str) -> str:
+        st = os.stat(path)
+        key, stamp = os.path.realpath(path), [st.st_size, st.st_mtime_ns, st.st_ino]
+        entry = self.known.get(key)
+        if entry is None or entry[:3] != stamp:
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                while block := fh.read(_BLOCK):
+                    h.update(block)
+            entry = [*stamp, h.hexdigest()]
+        self.used[key] = entry
+        return entry[3]
+
+    def save(self) -> None:
+        if self.cache is not None and self.cache.parent.is_dir() and self.used != self.known:
+            atomic_write_text(self.cache, json.dumps({**self.known, **self.used}))
 
 
 def _builtin(source: str) -> dict[str, str]:
@@ -50,60 +89,95 @@ def _builtin(source: str) -> dict[str, str]:
     return {}  # (an unknown builtin is prepare's one-line error)
 
 
-def _local(path: Path) -> dict[str, str]:
-    if path.is_dir():
-        files = sorted(_local_files(path))
-        return {os.path.relpath(f, path): _sha256(f) for f in files}
-    return {path.name: _sha256(str(path))}
+def _read_files(source: str, kind: str) -> list[str]:
+    """The files prepare reads from a local source: for text, those `text_units` lists (a Hugging
+    Face `datasets` folder: every file in it); for images, the .npz or the class folders' images."""
+    path = source.removeprefix("file://")
+    if not os.path.exists(path):
+        raise SourceUnavailable(f"data.source: '{source}' is not on this machine")
+    if kind == "text":
+        units = text_units(source)
+        return [f for u in units for f in (sorted(_local_files(Path(u))) if os.path.isdir(u) else [u])]
+    if os.path.isdir(path):
+        return sorted(f for f in _local_files(Path(path)) if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    return [path]
+
+
+def _local(source: str, kind: str, hashes: _Hashes) -> dict[str, str]:
+    path = source.removeprefix("file://")
+    base = path if os.path.isdir(path) else os.path.dirname(path)
+    return {os.path.relpath(f, base): hashes(f) for f in _read_files(source, kind)}
 
 
 def _remote(source: str) -> dict[str, str]:
-    """Each object's ETag (s3, gcs), else its checksum, else size and modification time."""
+    """Each object's checksum (an ETag, an md5...), else its size and modification time, else (a
+    store that gives neither) its contents' sha256."""
     fs, path = filesystem(source)
     try:
         if not fs.exists(path):
-            return {}  # (prepare names it)
+            raise SourceUnavailable(f"data.source: '{source}' does not exist")
         found = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
-    except OSError as e:  # (no credentials, no permission, no network)
-        raise DataSourceError(f"data.source: cannot list '{source}' ({e})") from None
-    out = {}
-    for name, info in sorted(found.items()):
-        relative = name[len(path):].lstrip("/") or Path(name).name
-        if _junk("/" + relative):
-            continue
-        tag = info.get("ETag") or info.get("etag") or info.get("md5") or info.get("checksum")
-        out[relative] = str(tag) if tag else f"{info.get('size')}:{info.get('LastModified') or info.get('mtime')}"
-    return out
+        out = {}
+        for name, info in sorted(found.items()):
+            relative = name[len(path):].lstrip("/") or Path(name).name
+            if _junk("/" + relative):
+                continue
+            lfs = info.get("lfs") if isinstance(info.get("lfs"), dict) else {}
+            tag = next((info[k] for k in _CHECKSUMS if info.get(k)), None) or lfs.get("sha256")
+            when = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+            if tag:
+                out[relative] = str(tag)
+            elif when:
+                out[relative] = f"{info.get('size')}:{when}"
+            else:
+                out[relative] = "sha256:" + hashlib.sha256(fs.cat_file(name)).hexdigest()
+        return out
+    except DataSourceError:
+        raise
+    except Exception as e:  # (no network, no credentials: botocore's errors are no OSError)
+        raise SourceUnavailable(f"data.source: cannot list '{source}' here ({type(e).__name__}: {e})") from None
 
 
-def source_fingerprint(source: str, tokenizer_from: str | None = None) -> dict[str, Any]:
-    """The record of what prepare will read for this `data.source` (and `model.init_from`)."""
+def source_fingerprint(source: str, kind: str = "text", tokenizer_from: str | None = None,
+                       cache: Path | None = CACHE) -> dict[str, Any]:
+    """The record of what prepare will read for this `data.source` of `kind` (text or images)
+    and `model.init_from`. Raises `SourceUnavailable` when it cannot be read here."""
     record: dict[str, Any] = {"source": source}
+    hashes = _Hashes(cache)
     if source.startswith("builtin:"):
         record["builtin"] = _builtin(source)
     elif "://" in source and not source.startswith("file://"):
         record["objects"] = _remote(source)
     else:
-        path = Path(source.removeprefix("file://"))
-        record["files"] = _local(path) if path.exists() else {}  # (a missing source is prepare's error)
+        record["files"] = _local(source, kind, hashes)
     if tokenizer_from:
         folder = Path(tokenizer_from)
-        record["tokenizer_from"] = {name: _sha256(str(folder / name)) for name in HF_TOKENIZER_FILES
+        record["tokenizer_from"] = {name: hashes(str(folder / name)) for name in HF_TOKENIZER_FILES
                                     if (folder / name).is_file()}
+    hashes.save()
     return record
 
 
-def describe(record: dict[str, Any], seconds: float) -> str:
-    """One line for the stage's log."""
+def write_record(source: str, kind: str, tokenizer_from: str | None, out: Path) -> str:
+    """Write the record to `out` (atomically; unchanged bytes when nothing changed); returns the
+    line the stage prints. A source not readable here keeps the record there is, with a warning
+    (prepare then keeps its output); without one, it is recorded as unavailable, so prepare runs
+    and names the problem."""
+    start = time.perf_counter()
+    try:
+        record = source_fingerprint(source, kind, tokenizer_from)
+    except SourceUnavailable as e:
+        if out.is_file():
+            return f"{e}: kept the record of {out} (prepare keeps its output)"
+        record = {"source": source, "unavailable": str(e)}
+    text = json.dumps(record, indent=1, sort_keys=True) + "\n"
+    if not (out.is_file() and out.read_text() == text):
+        atomic_write_text(out, text)
+    if "unavailable" in record:
+        return f"{record['unavailable']}: recorded as unavailable"
     if "builtin" in record:
         what = "builtin " + ", ".join(f"{k} {v}" for k, v in record["builtin"].items())
     else:
         n = len(record.get("files", record.get("objects", {})))
         what = f"{n} file{'s' * (n != 1)} {'hashed' if 'files' in record else 'listed'}"
-    return f"{record['source']}: {what} in {seconds:.1f} s"
-
-
-def timed_fingerprint(source: str, tokenizer_from: str | None = None) -> tuple[dict[str, Any], str]:
-    start = time.perf_counter()
-    record = source_fingerprint(source, tokenizer_from)
-    return record, describe(record, time.perf_counter() - start)
+    return f"{source}: {what} in {time.perf_counter() - start:.1f} s"

@@ -364,6 +364,9 @@ def _choose_encoding(head: bytes, where: str, encoding: str, decoding: Decoding)
     if not invalid or multibyte > invalid:
         return "utf-8", True
     if len(head) < MIN_DETECT_BYTES:
+        following = len(_STRAY_RUN.findall(text))
+        if following < STRAY_RUN_MIN or following * 2 <= invalid:  # a few single strays between ASCII (a
+            return "utf-8", True  # smart quote, an é): cp1252, as the repair reads them in longer files
         raise RefusedFile(f"{where}: not UTF-8, and {len(head)} bytes are too few to detect its encoding; set "
                           "data.encoding to the file's encoding")
     codec = _detect(head)

@@ -134,14 +134,16 @@ def _source_changed(task: str) -> list[str]:
     """Whether the raw data differs from the record prepare last depended on
     (`data/<task>/source.json`, which `dvc status` cannot know without running its stage)."""
     from pipeline.config import load_config
-    from pipeline.data.fingerprint import source_fingerprint
+    from pipeline.data.fingerprint import SourceUnavailable, source_fingerprint
 
     record = Path(f"data/{task}/source.json")
     if not record.is_file() or not Path("params.yaml").is_file():
         return []  # (`dvc status` names a missing record)
     try:
         tcfg = load_config("params.yaml").task(task)
-        now = source_fingerprint(tcfg.data.source, getattr(tcfg.model, "init_from", None))
+        now = source_fingerprint(tcfg.data.source, tcfg.data.kind, getattr(tcfg.model, "init_from", None))
+    except SourceUnavailable as e:  # (not here: nothing to compare, which is no difference found)
+        return [f"data source not readable here, not compared ({e})"]
     except (ValueError, KeyError, OSError) as e:
         return [f"data source unreadable ({e})"]
     return [] if json.loads(record.read_text()) == now else [f"data source changed since {record} was recorded"]
