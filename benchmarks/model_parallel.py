@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.strategies import held_bytes
+from benchmarks.strategies import ddp_bucket_bytes, held_bytes
 
 MODEL = ["tasks.lm.model.d_model=512", "tasks.lm.model.n_layers=4", "tasks.lm.model.n_heads=8",
          "tasks.lm.data.seq_len=256", "tasks.lm.data.vocab_size=2048"]
@@ -72,7 +72,7 @@ def _memory_rank(rank: int, world: int, overrides: list[str]) -> int:
     for step in range(2):
         strategy.forward_backward(micros, task, None)
         if step == 1:
-            held = held_bytes(strategy.model, strategy.optimizer)
+            held = held_bytes(strategy.model, strategy.optimizer) + ddp_bucket_bytes(strategy.model)
         strategy.clip_and_step(1.0)
     return held
 

@@ -78,6 +78,20 @@ def held_bytes(*roots: object) -> int:
     return total
 
 
+def ddp_bucket_bytes(model: object) -> int:
+    """The gradient buckets DDP's C++ reducer holds (one more copy of every gradient, unless
+    gradient_as_bucket_view), which no Python object reaches: its logging data lists their sizes.
+    (DeepSpeed's buckets are Python tensors, counted by `held_bytes`.)"""
+    import re
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        return 0
+    sizes = str(model._get_ddp_logging_data().get("bucket_sizes", ""))
+    return sum(int(n) for n in re.findall(r"\d+", sizes))
+
+
 def _memory_rank(rank: int, world: int, overrides: list[str], dtype: str) -> int:
     import torch.nn.functional as F
 
@@ -107,7 +121,7 @@ def _memory_rank(rank: int, world: int, overrides: list[str], dtype: str) -> int
         strategy.backward(loss)
         if step == 1:
             held = held_bytes(strategy.model, strategy.optimizer, getattr(strategy, "engine", None) and
-                              strategy.engine.optimizer)
+                              strategy.engine.optimizer) + ddp_bucket_bytes(strategy.model)
         strategy.clip_and_step(1.0)
     return held
 
