@@ -106,10 +106,12 @@ def _bubble_rank(rank: int, world: int, schedule: str, micro: int, steps: int) -
                 busy[0] += time.perf_counter() - t0
         return run
 
-    # forward_maybe_with_nosync / backward_maybe_with_nosync are the stage's compute, without its sends
+    # forward_maybe_with_nosync / backward_maybe_with_nosync are the stage's compute, without its sends;
+    # the last stage's loss is computed outside them, by the schedule (it was counted idle)
     for stage in stages:
         stage.forward_maybe_with_nosync = timed(stage.forward_maybe_with_nosync)
         stage.backward_maybe_with_nosync = timed(stage.backward_maybe_with_nosync)
+    strategy.schedule._maybe_compute_loss = timed(strategy.schedule._maybe_compute_loss)
     idle, secs = [], []
     for _ in range(steps):
         torch.distributed.barrier()
