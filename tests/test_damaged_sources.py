@@ -386,6 +386,10 @@ def test_damaged_short_file_in_another_encoding_is_refused_not_guessed(tmp_path)
         short.write_bytes(raw + b"\n")
         decoding = Decoding()
         assert list(read_text_unit(str(short), decoding=decoding)) == [text] and decoding.status == "repaired"
+    for raw in ["Да, нет.".encode("cp1251"), "Я и ты".encode("cp1251"), "Ναι.".encode("cp1253")]:
+        short.write_bytes(raw + b"\n")  # mostly stray bytes: another alphabet, refused, not read as cp1252
+        with pytest.raises(RefusedFile, match="too few to detect"):
+            list(read_text_unit(str(short)))
 
 
 RU = "Привет".encode("cp1251")  # (a run of stray bytes: auto refuses it at an offset rather than repair it)

@@ -186,3 +186,10 @@ def test_shards_publish_to_a_shared_folder(tmp_path):
     shards.check_sizes()
     assert shards.rows.sum() == 96
     assert (target / "manifest.json").read_bytes() == (tmp_path / "s" / "manifest.json").read_bytes()
+    assert ShardSet(f"file://{target}", "train").rows.sum() == 96  # (a file:// root is no missing folder)
+    # published again (another train stage of the same data): the same bytes are not rewritten under
+    # the readers of the first; a changed file is swapped in whole
+    inode = (target / "manifest.json").stat().st_ino
+    publish(tmp_path / "s", str(target))
+    assert (target / "manifest.json").stat().st_ino == inode
+    assert not list(target.glob("*.tmp"))

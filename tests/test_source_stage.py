@@ -40,6 +40,19 @@ def test_the_record_changes_with_what_prepare_reads_only(tmp_path):
     assert list(source_fingerprint(str(images), "images", cache=None)["files"]) == ["cat/1.PNG"]
 
 
+def test_a_file_uri_and_a_damaged_cache_give_the_plain_paths_record(tmp_path):
+    """A `file://` source (prepare reads it) crashed the stage on os.stat of the URI; a hash cache
+    another writer left as a list crashed every stage and lineage: it is no cache."""
+    src, cache = tmp_path / "raw", tmp_path / "hashes.json"
+    src.mkdir()
+    (src / "a.txt").write_text("one paragraph\n")
+    plain = source_fingerprint(str(src), "text", cache=None)
+    assert source_fingerprint(f"file://{src}", "text", cache=None)["files"] == plain["files"]
+    cache.write_text("[]")
+    assert source_fingerprint(str(src), "text", cache=cache) == plain
+    assert list(json.loads(cache.read_text())) == [str((src / "a.txt").resolve())]
+
+
 def test_a_tokenizer_from_a_checkpoint_is_part_of_the_record(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -88,7 +101,7 @@ def test_a_remote_object_without_checksum_or_time_is_hashed():
 def test_editing_the_raw_data_reruns_prepare_through_dvc(tmp_path, text_corpus, monkeypatch):
     """...and `pipeline lineage`'s comparison with the workspace says so (recomputing the record,
     which `dvc status` cannot: it only says the stage is always changed, which lineage leaves out)."""
-    from pipeline.tracking.inspect import _dvc_differences
+    from pipeline.tracking.inspect import _dvc_differences, _source_changed
     from tests.e2e_project import run_ok, tiny_project
 
     raw = tmp_path / "raw"
@@ -106,11 +119,17 @@ def test_editing_the_raw_data_reruns_prepare_through_dvc(tmp_path, text_corpus, 
     monkeypatch.chdir(project)
     before = _dvc_differences("lm")
     assert not [d for d in before if "source" in d], before
+    assert _source_changed("lm") == ([], [])
     name = sorted(record["files"])[0]
     (raw / name).write_text((raw / name).read_text() + "\n\nA paragraph added to the raw data after prepare.\n")
     status = run_ok(["dvc", "status", "--with-deps", "prepare@lm"], project)
     assert "source@lm:\n\talways changed" in status, status  # (DVC knows only by running the source stage)
-    assert _dvc_differences("lm") == [*before, "data source changed since data/lm/source.json was recorded"]
+    assert _dvc_differences("lm") == before  # ("always changed" left out)
+    assert _source_changed("lm") == (["data source changed since data/lm/source.json was recorded"], [])
+    moved = raw.rename(tmp_path / "elsewhere")  # the raw data not on this machine: a note, not a difference
+    differences, notes = _source_changed("lm")
+    assert differences == [] and notes[0].startswith("the raw data source is not readable here"), notes
+    moved.rename(raw)
     rerun = run_ok(["dvc", "repro", "prepare@lm"], project)
     assert "Running stage 'prepare@lm'" in rerun, rerun[-3000:]
     assert json.loads((project / "metrics/lm/data.json").read_text())["documents_raw"] == documents + 1

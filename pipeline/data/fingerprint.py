@@ -54,9 +54,12 @@ class _Hashes:
     def __init__(self, cache: Path | None) -> None:
         self.cache = cache
         try:
-            self.known: dict[str, list] = json.loads(cache.read_text()) if cache and cache.is_file() else {}
+            known = json.loads(cache.read_text()) if cache and cache.is_file() else {}
         except (OSError, ValueError):
-            self.known = {}
+            known = {}
+        # (a cache another writer left as something else is no cache)
+        self.known: dict[str, list] = {k: v for k, v in known.items() if isinstance(v, list) and len(v) == 4} \
+            if isinstance(known, dict) else {}
         self.used: dict[str, list] = {}
 
     def __call__(self, path: str) -> str:
@@ -95,8 +98,8 @@ def _read_files(source: str, kind: str) -> list[str]:
     path = source.removeprefix("file://")
     if not os.path.exists(path):
         raise SourceUnavailable(f"data.source: '{source}' is not on this machine")
-    if kind == "text":
-        units = text_units(source)
+    if kind == "text":  # (a file:// source's units as paths, which the hashing opens)
+        units = text_units(path)
         return [f for u in units for f in (sorted(_local_files(Path(u))) if os.path.isdir(u) else [u])]
     if os.path.isdir(path):
         return sorted(f for f in _local_files(Path(path)) if Path(f).suffix.lower() in IMAGE_SUFFIXES)

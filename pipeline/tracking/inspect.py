@@ -127,26 +127,27 @@ def _dvc_differences(task: str) -> list[str]:
                             add(f"params {key} {how}")
                     else:
                         add(f"{path} {what}")
-    return out + _source_changed(task)
+    return out
 
 
-def _source_changed(task: str) -> list[str]:
-    """Whether the raw data differs from the record prepare last depended on
-    (`data/<task>/source.json`, which `dvc status` cannot know without running its stage)."""
+def _source_changed(task: str) -> tuple[list[str], list[str]]:
+    """(differences, notes): whether the raw data differs from the record prepare last depended on
+    (`data/<task>/source.json`, which `dvc status` cannot know without running its stage); a
+    source not readable on this machine (raw data not pulled) is a note, not a difference."""
     from pipeline.config import load_config
     from pipeline.data.fingerprint import SourceUnavailable, source_fingerprint
 
     record = Path(f"data/{task}/source.json")
     if not record.is_file() or not Path("params.yaml").is_file():
-        return []  # (`dvc status` names a missing record)
+        return [], []  # (`dvc status` names a missing record)
     try:
         tcfg = load_config("params.yaml").task(task)
         now = source_fingerprint(tcfg.data.source, tcfg.data.kind, getattr(tcfg.model, "init_from", None))
     except SourceUnavailable as e:  # (not here: nothing to compare, which is no difference found)
-        return [f"data source not readable here, not compared ({e})"]
+        return [], [f"the raw data source is not readable here, so it was not compared ({e})"]
     except (ValueError, KeyError, OSError) as e:
-        return [f"data source unreadable ({e})"]
-    return [] if json.loads(record.read_text()) == now else [f"data source changed since {record} was recorded"]
+        return [f"data source unreadable ({e})"], []
+    return [] if json.loads(record.read_text()) == now else [f"data source changed since {record} was recorded"], []
 
 
 def _git_dirty_files() -> list[str]:
@@ -175,12 +176,14 @@ def _workspace(tags: dict[str, str], task: str, dvc_recorded: dict[str, str]) ->
                        + ", ".join(dirty[:3]) + (", ..." if len(dirty) > 3 else "") + ")")
     status = (["the run records no task"] if not task else _dvc_differences(task) if dvc_now else
               ["no dvc.lock here (the pipeline has not run in this workspace)"])
+    source, notes = _source_changed(task) if task and dvc_now else ([], [])
+    status += source
     differs += status
     if changed:
         differs.append("dvc.lock hashes " + ", ".join(changed))
     return {"git_commit": git_now["git.commit"], "same_commit": same_commit, "dirty_now": git_now["git.dirty"],
             "dirty_files": dirty, "dvc_status": status, "dvc_hashes_changed": changed, "differs": differs,
-            "matches": not differs}
+            "matches": not differs, "notes": notes}
 
 
 def lineage(ref: str) -> dict[str, Any]:
@@ -240,6 +243,7 @@ def format_lineage(info: dict[str, Any]) -> str:
         f"{k}={v}" for k, v in list(info["config"].items())[:4])]
     verdict = "matches this workspace" if ws["matches"] else "differs from this workspace: " + "; ".join(ws["differs"])
     lines.append(f"  workspace  {verdict}")
+    lines += [f"  note       {n}" for n in ws.get("notes", [])]
     return "\n".join(lines)
 
 
