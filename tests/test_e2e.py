@@ -74,7 +74,7 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert sorted(m.step for m in history) == [2, 3, 4, 6]  # log_every 2, ckpt_every 3, last step 6
         assert client.get_experiment(run.info.experiment_id).name == "pipeline"
         assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
-        assert "eval/" + ("val_loss" if task == "lm" else "test_denoise_loss") in run.data.metrics
+        assert "eval/" + ("val_loss" if task == "lm" else "val_denoise_loss") in run.data.metrics
         assert "system/cpu_utilization_percentage" in run.data.metrics  # sampled while Ray trained
         # dataset inputs: raw source, prepared data and shards, with DVC's own hashes
         inputs = {i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags})

@@ -106,3 +106,27 @@ def test_diffusion_evaluation_prints_what_it_does_and_its_progress(built_data, c
     from torch.optim.optimizer import _global_optimizer_post_hooks
 
     assert not model._forward_hooks and not _global_optimizer_post_hooks  # the counting hooks are gone again
+
+
+def test_denoise_loss_does_not_depend_on_the_batch_size(built_data):
+    """One generator drew each batch's timesteps and noise in turn, so a row's draw (and the loss:
+    1.036 at batch 16, 0.988 at 8, same rows and weights) moved with `eval.batch_size`; each row
+    now draws its own by position, as training's validation does."""
+    from pipeline.evaluation.diffusion import denoise_loss
+
+    _, shards = built_data
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(d_model=32, depth=1, n_heads=2), (1, 8, 8), num_classes=10).eval()
+    with torch.no_grad():  # (adaLN-Zero's zero output would predict 0 whatever the draws)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    losses = [denoise_loss(model, shards["diffusion"], "val", EvalConfig(max_batches=32 // b, batch_size=b))
+              for b in (32, 16, 8, 4)]
+    assert max(losses) - min(losses) < 1e-5 * max(losses), losses
+
+
+def test_frechet_distance_of_one_sample_is_one_line():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"^eval\.samples_per_class: the Frechet distance needs at least 2 images"):
+        frechet_distance(np.ones((1, 4)), np.random.default_rng(0).normal(size=(10, 4)))

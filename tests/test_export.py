@@ -292,6 +292,29 @@ def test_champion_ranked_by_another_metric_or_direction_is_not_compared(built_da
     assert older.promoted and older.champion_ranked_by is None
 
 
+def test_champion_scored_under_another_eval_config_is_not_compared(mlflow_store):
+    """A val_loss over 8 rows beat one over 1,280 and took the champion alias; a version scored under
+    another eval config (its `eval.config_digest`) is now compared as one ranked by another metric:
+    the champion stays until promoted by hand; the same eval config compares as before, and a
+    champion from before versions recorded it is compared too."""
+    from pipeline.tracking.registry import eval_config_tags
+
+    with mlflow.start_run() as run:
+        mlflow.log_text("flavors: {}\n", "model/MLmodel")
+    rid, cfg = run.info.run_id, RegistryConfig(name="scored", metric="val_loss")
+    many, few = eval_config_tags({"max_batches": 40, "batch_size": 32}), eval_config_tags({"max_batches": 1,
+                                                                                              "batch_size": 8})
+    first = register(f"runs:/{rid}/model", rid, cfg, 4.0, many)
+    assert first.promoted
+    other = register(f"runs:/{rid}/model", rid, cfg, 3.9, few)
+    assert not other.promoted and other.champion_ranked_by.startswith("val_loss, lower is better, scored under eval "
+                                                                      "config ")
+    same = register(f"runs:/{rid}/model", rid, cfg, 3.8, many)
+    assert same.promoted and same.previous_champion == first.version
+    MlflowClient().delete_model_version_tag("scored", same.version, "eval.config_digest")  # from before the tag
+    assert register(f"runs:/{rid}/model", rid, cfg, 3.7, few).promoted
+
+
 def test_reproduce_compares_with_the_evaluation_a_version_was_registered_on(mlflow_store):
     """One run evaluated twice (another eval config) is two versions; the run keeps only its latest
     eval/* metrics, so `pipeline reproduce m@1` compared v1's re-run with v2's numbers. The register

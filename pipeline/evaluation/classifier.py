@@ -57,7 +57,11 @@ def _fit(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) of two feature sets."""
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) of two feature sets (at least 2 rows
+    each: one row has no covariance, and scipy's sqrtm of the NaN it gives was a LinAlgError)."""
+    if min(len(a), len(b)) < 2:
+        raise ValueError(f"eval.samples_per_class: the Frechet distance needs at least 2 images on each side "
+                         f"(got {len(a)} and {len(b)}); sample more per class")
     mu_a, mu_b = a.mean(0), b.mean(0)
     sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     eps = np.eye(len(sa)) * 1e-6  # ReLU features are often rank-deficient; regularise as FID code does

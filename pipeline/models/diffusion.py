@@ -7,6 +7,7 @@ shape as x_t works. Label `num_classes` is the "no label" token used for guidanc
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,16 @@ def row_generators(seed: int, rows: int) -> list[torch.Generator]:
     """One CPU generator per image, row i's seeded with `seed + i` (modulo 2**64, as torch takes
     seeds): row i of a sampled batch is the image a batch of its label alone gets with seed + i."""
     return [torch.Generator().manual_seed((seed + i) % (1 << 64)) for i in range(rows)]
+
+
+def row_draws(rows: Iterable[int], seed: int, timesteps: int,
+              shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, noise) on the CPU for the rows at positions `rows`, each from its own generator
+    (`row_generators`, seeded `seed` + position): a row's draw does not depend on the batch it is
+    in, so validation and evaluation losses do not depend on how the rows are batched."""
+    draws = [(torch.randint(0, timesteps, (), generator=g), torch.randn(shape, generator=g))
+             for g in (row_generators(seed + int(r), 1)[0] for r in rows)]
+    return torch.stack([t for t, _ in draws]), torch.stack([n for _, n in draws])
 
 
 def _normal(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | list[torch.Generator] | None,

@@ -65,14 +65,11 @@ class Denoising(Task):
     def fix_draws(self, batch: dict[str, torch.Tensor], rows: np.ndarray, seed: int) -> dict[str, torch.Tensor]:
         """Each row's timestep and noise from a CPU generator of its own, seeded with `seed` plus
         its position (`row_generators`), moved to the batch's device."""
-        from pipeline.models.diffusion import row_generators
+        from pipeline.models.diffusion import row_draws
 
         x = batch["x"]
-        timesteps = self.process(x.device).cfg.timesteps
-        draws = [(torch.randint(0, timesteps, (), generator=g), torch.randn(tuple(x.shape[1:]), generator=g))
-                 for g in (row_generators(seed + int(r), 1)[0] for r in rows)]
-        return {**batch, "t": to_device(torch.stack([t for t, _ in draws]), x.device),
-                "noise": to_device(torch.stack([n for _, n in draws]), x.device)}
+        t, noise = row_draws(rows, seed, self.process(x.device).cfg.timesteps, tuple(x.shape[1:]))
+        return {**batch, "t": to_device(t, x.device), "noise": to_device(noise, x.device)}
 
     def items(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["x"].shape[0]

@@ -192,14 +192,19 @@ class Champion:
     value: float | None  # None where the tag is missing or not a number: it gives way to any finite value
     metric: str | None  # the metric it was ranked by (None: not recorded)
     greater_is_better: bool | None  # and in which direction (None: not recorded, versions from before)
+    eval_digest: str | None = None  # the eval config that scored it (`eval.config_digest`; None: not recorded)
 
-    def ranked_as(self, cfg: RegistryConfig) -> bool:
-        """Whether its value can be compared with one ranked as `cfg` ranks."""
-        return self.metric in (None, cfg.metric) and self.greater_is_better in (None, cfg.greater_is_better)
+    def ranked_as(self, cfg: RegistryConfig, eval_digest: str | None = None) -> bool:
+        """Whether its value can be compared with one ranked as `cfg` ranks and scored under the eval
+        config of `eval_digest` (a loss over 8 rows against one over 1,280 is no comparison)."""
+        same_eval = None in (self.eval_digest, eval_digest) or self.eval_digest == eval_digest
+        return self.metric in (None, cfg.metric) and self.greater_is_better in (None, cfg.greater_is_better) \
+            and same_eval
 
     def ranking(self) -> str:
         way = {True: ", higher is better", False: ", lower is better", None: ""}[self.greater_is_better]
-        return f"{self.metric}{way}"
+        scored = f", scored under eval config {self.eval_digest[:10]}" if self.eval_digest else ""
+        return f"{self.metric}{way}{scored}"
 
 
 def champion(client: MlflowClient, name: str) -> Champion | None:
@@ -213,7 +218,7 @@ def champion(client: MlflowClient, name: str) -> Champion | None:
     except (KeyError, TypeError, ValueError):
         value = None
     direction = {"true": True, "false": False}.get(str(mv.tags.get("greater_is_better", "")).lower())
-    return Champion(str(mv.version), value, mv.tags.get("metric_name"), direction)
+    return Champion(str(mv.version), value, mv.tags.get("metric_name"), direction, mv.tags.get("eval.config_digest"))
 
 
 def register(model_uri: str, run_id: str, cfg: RegistryConfig, metric_value: float,
@@ -243,7 +248,8 @@ def register(model_uri: str, run_id: str, cfg: RegistryConfig, metric_value: flo
     prev_version, prev_value = (current.version, current.value) if current else (None, None)
     # a champion ranked by another metric or direction is not compared with this value (a perplexity
     # against a loss, or "lower is better" against an accuracy): it stays until promoted by hand
-    other = current.ranking() if current and current.version != version and not current.ranked_as(cfg) else None
+    other = current.ranking() if current and current.version != version and \
+        not current.ranked_as(cfg, tags.get("eval.config_digest")) else None
     promoted = other is None and prev_version != version and is_better(metric_value, prev_value,
                                                                         cfg.greater_is_better)
     if promoted:
