@@ -16,9 +16,8 @@ def run(cfg: PipelineConfig, task: str) -> None:
     elif reg.champion_ranked_by:
         registry = cfg.task(task).registry
         verdict = (f"champion stays v{reg.previous_champion}, ranked by {reg.champion_ranked_by}: this config ranks by "
-                   f"{registry.metric}, {'higher' if registry.greater_is_better else 'lower'} is better, under its "
-                   f"own eval config, so the two are not compared (`pipeline promote {reg.name}@{reg.version}` "
-                   "makes this version champion)")
+                   f"{registry.metric}, {'higher' if registry.greater_is_better else 'lower'} is better, so the two "
+                   f"are not compared (`pipeline promote {reg.name}@{reg.version}` makes this version champion)")
     else:
         verdict = f"champion stays v{reg.previous_champion} ({reg.previous_metric:.4f})"
     done = "already registered as" if reg.reused else "registered"

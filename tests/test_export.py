@@ -294,7 +294,7 @@ def test_champion_ranked_by_another_metric_or_direction_is_not_compared(built_da
 
 def test_champion_scored_under_another_eval_config_is_not_compared(mlflow_store):
     """A val_loss over 8 rows beat one over 1,280 and took the champion alias; a version scored under
-    another eval config (its `eval.config_digest`) is now compared as one ranked by another metric:
+    other eval settings of its metric (`eval.scoring_digest`) is now compared as one ranked by another metric:
     the champion stays until promoted by hand; the same eval config compares as before, and a
     champion from before versions recorded it is compared too."""
     from pipeline.tracking.registry import eval_config_tags
@@ -307,12 +307,17 @@ def test_champion_scored_under_another_eval_config_is_not_compared(mlflow_store)
     first = register(f"runs:/{rid}/model", rid, cfg, 4.0, many)
     assert first.promoted
     other = register(f"runs:/{rid}/model", rid, cfg, 3.9, few)
-    assert not other.promoted and other.champion_ranked_by.startswith("val_loss, lower is better, scored under eval "
-                                                                      "config ")
-    same = register(f"runs:/{rid}/model", rid, cfg, 3.8, many)
+    assert not other.promoted and other.champion_ranked_by == \
+        "val_loss, lower is better under other eval settings (max_batches, batch_size)"
+    # settings no metric depends on (the device, the sample grid) do not stop the comparison
+    same = register(f"runs:/{rid}/model", rid, cfg, 3.8,
+                    eval_config_tags({"max_batches": 40, "batch_size": 32, "device": "cpu", "sample_cols": 10}))
     assert same.promoted and same.previous_champion == first.version
-    MlflowClient().delete_model_version_tag("scored", same.version, "eval.config_digest")  # from before the tag
+    MlflowClient().delete_model_version_tag("scored", same.version, "eval.scoring_digest")  # from before the tag
     assert register(f"runs:/{rid}/model", rid, cfg, 3.7, few).promoted
+    # the registered model's description follows the metric it is ranked by
+    register(f"runs:/{rid}/model", rid, RegistryConfig(name="scored", metric="val_perplexity"), 40.0, few)
+    assert "`val_perplexity`" in MlflowClient().get_registered_model("scored").description
 
 
 def test_reproduce_compares_with_the_evaluation_a_version_was_registered_on(mlflow_store):

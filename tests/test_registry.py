@@ -92,7 +92,8 @@ def test_registry_description_says_what_was_trained_and_how_to_load_it(trained_l
         # the evaluation it was registered on (eval.json), which `pipeline reproduce` compares with,
         **{f"eval/{k}": str(v) for k, v in json.loads((metrics / "eval.json").read_text()).items()},
         # and the eval config that scored it, which `pipeline reproduce` evaluates with
-        "eval.config": mv.tags.get("eval.config"), "eval.config_digest": mv.tags.get("eval.config_digest")}
+        "eval.config": mv.tags.get("eval.config"), "eval.config_digest": mv.tags.get("eval.config_digest"),
+        "eval.scoring_digest": mv.tags.get("eval.scoring_digest")}
     assert mv.tags["eval/val_loss"] == "5.25"
     assert recorded_eval_config(mv.tags) == tiny_cfg.task("lm").eval.model_dump(mode="json")
     assert not any("diffusion" in k for k in mv.tags)  # not the other task's stages

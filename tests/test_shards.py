@@ -186,7 +186,9 @@ def test_shards_publish_to_a_shared_folder(tmp_path):
     shards.check_sizes()
     assert shards.rows.sum() == 96
     assert (target / "manifest.json").read_bytes() == (tmp_path / "s" / "manifest.json").read_bytes()
-    assert ShardSet(f"file://{target}", "train").rows.sum() == 96  # (a file:// root is no missing folder)
+    uri = ShardSet(f"file://{target}", "train")  # (a file:// root: no missing folder, and its shards read)
+    uri.check_sizes()
+    assert uri.rows.sum() == 96 and read_split(f"file://{target}", "train", 20)["x"].tolist() == list(range(20))
     # published again (another train stage of the same data): the same bytes are not rewritten under
     # the readers of the first; a changed file is swapped in whole
     inode = (target / "manifest.json").stat().st_ino

@@ -67,9 +67,10 @@ class ShardSet:
 
     def __init__(self, root: str | Path, split: str, manifest: dict[str, Any] | None = None,
                  cache_dir: Path | None = None) -> None:
-        self.root = str(root).rstrip("/")
         self.remote = is_remote(root)
-        if manifest is None and not self.remote and not Path(str(root).removeprefix("file://")).exists():
+        # a file:// root as the path it names (paths are joined onto it: "file:///x" / f became file:/x/f)
+        self.root = (str(root) if self.remote else str(root).removeprefix("file://")).rstrip("/")
+        if manifest is None and not self.remote and not Path(self.root).exists():
             raise ShardError(not_on_this_node(self.root))
         self.manifest = manifest or load_manifest(root)
         self.split = split
@@ -226,7 +227,9 @@ def _swap_in(src: str, dst: str) -> None:
 
     if os.path.isfile(dst) and filecmp.cmp(src, dst, shallow=False):
         return
-    tmp = f"{dst}.{os.getpid()}.tmp"
+    # a temporary name of this writer's own (the same pid on two nodes is common in containers)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst), prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
+    os.close(fd)
     try:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)

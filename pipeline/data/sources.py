@@ -364,9 +364,10 @@ def _choose_encoding(head: bytes, where: str, encoding: str, decoding: Decoding)
     if not invalid or multibyte > invalid:
         return "utf-8", True
     if len(head) < MIN_DETECT_BYTES:
-        # a few strays in ASCII text (a smart quote, an é or ü): cp1252, as the repair reads them in longer
-        # files; a short text mostly of them (Cyrillic, Greek: every letter a stray byte) is refused
-        if invalid * 4 <= len(head) and len(_STRAY_RUN.findall(text)) < STRAY_RUN_MIN:
+        # a few strays in ASCII text (a smart quote, an é or ü; at most half the bytes, few runs): cp1252, as
+        # the repair reads them in longer files; a short text mostly of them (Cyrillic, Greek: every letter a
+        # stray byte) is refused
+        if invalid * 2 <= len(head) and len(_STRAY_RUN.findall(text)) < STRAY_RUN_MIN:
             return "utf-8", True
         raise RefusedFile(f"{where}: not UTF-8, and {len(head)} bytes are too few to detect its encoding; set "
                           "data.encoding to the file's encoding")

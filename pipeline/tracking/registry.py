@@ -140,6 +140,18 @@ def check_logged_model(model_uri: str, files: dict[str, dict[str, Any]], task: s
 
 # The eval config a version was scored with: the task's `eval` section as JSON, and its sha256.
 EVAL_CONFIG, EVAL_CONFIG_DIGEST = "eval.config", "eval.config_digest"
+SCORING_DIGEST = "eval.scoring_digest"  # of the eval settings the registry metric depends on
+# which eval settings a registry metric depends on: the rows of a loss (its batch size no longer
+# changes it); the samples, their sampler and the classifier for the sample scores. The device and
+# the grid's size change no metric, so a version scored after changing them is still compared.
+_LOSS_SETTINGS = ("max_batches", "batch_size")
+_SAMPLE_SETTINGS = ("samples_per_class", "classifier_steps", "sample_steps", "sample_eta", "guidance_scale")
+
+
+def scoring_digest(block: dict[str, Any], metric: str) -> str:
+    """The digest of the eval settings `metric` depends on (two versions compare only when equal)."""
+    keys = _SAMPLE_SETTINGS if metric.startswith(("sample_", "classifier_")) else _LOSS_SETTINGS
+    return hashlib.sha256(json.dumps({k: block.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()
 
 
 def eval_config_tags(block: dict[str, Any]) -> dict[str, str]:
@@ -192,7 +204,7 @@ class Champion:
     value: float | None  # None where the tag is missing or not a number: it gives way to any finite value
     metric: str | None  # the metric it was ranked by (None: not recorded)
     greater_is_better: bool | None  # and in which direction (None: not recorded, versions from before)
-    eval_digest: str | None = None  # the eval config that scored it (`eval.config_digest`; None: not recorded)
+    eval_digest: str | None = None  # the eval settings that scored it (`scoring_digest`; None: not recorded)
 
     def ranked_as(self, cfg: RegistryConfig, eval_digest: str | None = None) -> bool:
         """Whether its value can be compared with one ranked as `cfg` ranks and scored under the eval
@@ -203,8 +215,7 @@ class Champion:
 
     def ranking(self) -> str:
         way = {True: ", higher is better", False: ", lower is better", None: ""}[self.greater_is_better]
-        scored = f", scored under eval config {self.eval_digest[:10]}" if self.eval_digest else ""
-        return f"{self.metric}{way}{scored}"
+        return f"{self.metric}{way}"
 
 
 def champion(client: MlflowClient, name: str) -> Champion | None:
@@ -218,7 +229,7 @@ def champion(client: MlflowClient, name: str) -> Champion | None:
     except (KeyError, TypeError, ValueError):
         value = None
     direction = {"true": True, "false": False}.get(str(mv.tags.get("greater_is_better", "")).lower())
-    return Champion(str(mv.version), value, mv.tags.get("metric_name"), direction, mv.tags.get("eval.config_digest"))
+    return Champion(str(mv.version), value, mv.tags.get("metric_name"), direction, mv.tags.get(SCORING_DIGEST))
 
 
 def register(model_uri: str, run_id: str, cfg: RegistryConfig, metric_value: float,
@@ -234,22 +245,28 @@ def register(model_uri: str, run_id: str, cfg: RegistryConfig, metric_value: flo
     client = MlflowClient()
     version = registered_version(client, cfg.name, model_uri, run_id, metric_value)
     reused = version is not None
+    scored = scoring_digest(json.loads(tags[EVAL_CONFIG]), cfg.metric) if EVAL_CONFIG in tags else None
     if version is None:
         tags = {**tags, "metric_name": cfg.metric, "metric_value": str(metric_value),
-                "greater_is_better": str(cfg.greater_is_better).lower(), "run_id": run_id, "model_uri": model_uri}
+                "greater_is_better": str(cfg.greater_is_better).lower(), "run_id": run_id, "model_uri": model_uri,
+                **({SCORING_DIGEST: scored} if scored else {})}
         version = str(mlflow.register_model(model_uri, cfg.name, tags=tags).version)
     # (a rerun also mends a version whose first registration stopped before its description)
     if describe is not None and not (reused and client.get_model_version(cfg.name, version).description):
         client.update_model_version(cfg.name, version, description=describe(version))
-    if not client.get_registered_model(cfg.name).description:
+    if client.get_registered_model(cfg.name).description != model_description(cfg):  # (the metric may change)
         client.update_registered_model(cfg.name, description=model_description(cfg))
     client.set_registered_model_alias(cfg.name, CHALLENGER, version)
     current = champion(client, cfg.name)
     prev_version, prev_value = (current.version, current.value) if current else (None, None)
     # a champion ranked by another metric or direction is not compared with this value (a perplexity
-    # against a loss, or "lower is better" against an accuracy): it stays until promoted by hand
-    other = current.ranking() if current and current.version != version and \
-        not current.ranked_as(cfg, tags.get("eval.config_digest")) else None
+    # against a loss, or "lower is better" against an accuracy), nor one scored under other eval
+    # settings of this metric (a loss over 8 rows against one over 1,280): it stays until promoted by hand
+    other = None
+    if current and current.version != version and not current.ranked_as(cfg, scored):
+        settings = _SAMPLE_SETTINGS if cfg.metric.startswith(("sample_", "classifier_")) else _LOSS_SETTINGS
+        other = current.ranking() if not current.ranked_as(cfg) else \
+            f"{current.ranking()} under other eval settings ({', '.join(settings)})"
     promoted = other is None and prev_version != version and is_better(metric_value, prev_value,
                                                                         cfg.greater_is_better)
     if promoted:
@@ -372,7 +389,7 @@ def describe_version(name: str, version: str, run: Run, metrics: dict[str, float
 
 
 def model_description(cfg: RegistryConfig) -> str:
-    """The registered model's own description, set once."""
+    """The registered model's own description, kept to the metric this config ranks by."""
     better = "highest" if cfg.greater_is_better else "lowest"
     return (f"Versions registered by this project's `register` stage (`dvc repro`). `@challenger` is the one "
             f"registered last; `@champion` the one with the {better} `{cfg.metric}` so far (`python -m pipeline "
