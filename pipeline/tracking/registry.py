@@ -148,9 +148,14 @@ _LOSS_SETTINGS = ("max_batches", "batch_size")
 _SAMPLE_SETTINGS = ("samples_per_class", "classifier_steps", "sample_steps", "sample_eta", "guidance_scale")
 
 
+def scoring_settings(metric: str) -> tuple[str, ...]:
+    """The eval settings `metric` depends on."""
+    return _SAMPLE_SETTINGS if metric.startswith(("sample_", "classifier_")) else _LOSS_SETTINGS
+
+
 def scoring_digest(block: dict[str, Any], metric: str) -> str:
     """The digest of the eval settings `metric` depends on (two versions compare only when equal)."""
-    keys = _SAMPLE_SETTINGS if metric.startswith(("sample_", "classifier_")) else _LOSS_SETTINGS
+    keys = scoring_settings(metric)
     return hashlib.sha256(json.dumps({k: block.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()
 
 
@@ -264,9 +269,8 @@ def register(model_uri: str, run_id: str, cfg: RegistryConfig, metric_value: flo
     # settings of this metric (a loss over 8 rows against one over 1,280): it stays until promoted by hand
     other = None
     if current and current.version != version and not current.ranked_as(cfg, scored):
-        settings = _SAMPLE_SETTINGS if cfg.metric.startswith(("sample_", "classifier_")) else _LOSS_SETTINGS
         other = current.ranking() if not current.ranked_as(cfg) else \
-            f"{current.ranking()} under other eval settings ({', '.join(settings)})"
+            f"{current.ranking()} under other eval settings ({', '.join(scoring_settings(cfg.metric))})"
     promoted = other is None and prev_version != version and is_better(metric_value, prev_value,
                                                                         cfg.greater_is_better)
     if promoted:
