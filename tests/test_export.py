@@ -320,6 +320,45 @@ def test_champion_scored_under_another_eval_config_is_not_compared(mlflow_store)
     assert "`val_perplexity`" in MlflowClient().get_registered_model("scored").description
 
 
+def test_champion_with_a_loss_of_other_units_is_not_compared(mlflow_store):
+    """An eps-prediction diffusion champion and a v-prediction challenger have denoise losses in
+    different units (the loss is the MSE of what each predicts): the v model's 0.05 took the alias
+    from an eps model's 0.16. A version records what its loss measures (`Task.loss_settings`:
+    target, schedule, timesteps); a loss metric is compared only between equal settings, a sample
+    metric (the images themselves) across them, and a version from before the tag is compared."""
+    import json
+
+    from pipeline.tasks import task_named
+    from pipeline.tracking.registry import eval_config_tags, loss_settings_tag
+
+    with mlflow.start_run() as run:
+        mlflow.log_text("flavors: {}\n", "model/MLmodel")
+    rid, uri = run.info.run_id, f"runs:/{run.info.run_id}/model"
+    task = task_named("diffusion")
+
+    def tags(prediction: str) -> dict[str, str]:
+        spec = {"model": {"kind": "dit", "diffusion": {"prediction": prediction, "timesteps": 1000}}}
+        return {**eval_config_tags({"max_batches": 4, "batch_size": 8, "samples_per_class": 2}),
+                **loss_settings_tag(task.loss_settings(spec))}
+
+    assert json.loads(tags("v")["eval.loss_settings"]) == {"prediction": "v", "schedule": "cosine",
+                                                           "timesteps": 1000}
+    assert task_named("lm").loss_settings({"model": {}}) == {} and loss_settings_tag({}) == {}
+    by_loss = RegistryConfig(name="units", metric="val_denoise_loss")
+    assert register(uri, rid, by_loss, 0.16, tags("eps")).promoted
+    v = register(uri, rid, by_loss, 0.05, tags("v"))
+    assert not v.promoted and v.champion_ranked_by == (
+        'val_denoise_loss, lower is better of a model with other loss settings '
+        '({"prediction":"eps","schedule":"cosine","timesteps":1000})')
+    assert register(uri, rid, by_loss, 0.15, tags("eps")).promoted  # the same settings compare as before
+    samples = RegistryConfig(name="units-samples", metric="sample_accuracy", greater_is_better=True)
+    assert register(uri, rid, samples, 0.8, tags("eps")).promoted
+    assert register(uri, rid, samples, 0.9, tags("v")).promoted  # samples are samples, whatever the target
+    old = register(uri, rid, by_loss, 0.14, tags("eps"))
+    MlflowClient().delete_model_version_tag("units", old.version, "eval.loss_settings")  # from before the tag
+    assert register(uri, rid, by_loss, 0.04, tags("v")).promoted
+
+
 def test_reproduce_compares_with_the_evaluation_a_version_was_registered_on(mlflow_store):
     """One run evaluated twice (another eval config) is two versions; the run keeps only its latest
     eval/* metrics, so `pipeline reproduce m@1` compared v1's re-run with v2's numbers. The register

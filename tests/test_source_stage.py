@@ -66,6 +66,41 @@ def test_a_tokenizer_from_a_checkpoint_is_part_of_the_record(tmp_path):
     assert source_fingerprint("builtin:python-docs", "text", str(ckpt), cache=None) != first
 
 
+def test_the_weights_record_changes_with_the_weights_only(tmp_path):
+    """Weights replaced at the same `init_from` path were no dependency of anything: `dvc repro`
+    kept the model trained from the old ones. The train stage's record (`data/<task>/init_from.json`)
+    hashes each file the run's fingerprint reads; a new mtime is no change, new bytes are."""
+    from pipeline.data.fingerprint import init_fingerprint, write_init_record
+    from pipeline.tracking.lineage import weights_fingerprint
+
+    cache, ckpt = tmp_path / "hashes.json", tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    (ckpt / "README.md").write_text("not read by training")
+    first = init_fingerprint(str(ckpt), cache=cache)
+    assert sorted(first["files"]) == ["config.json", "model.safetensors"] and first["init_from"] == str(ckpt)
+    run_fingerprint = weights_fingerprint(ckpt)
+    (ckpt / "model.safetensors").touch()
+    (ckpt / "README.md").write_text("edited")
+    assert init_fingerprint(str(ckpt), cache=cache) == first and weights_fingerprint(ckpt) == run_fingerprint
+    (ckpt / "model.safetensors").write_bytes(b"other weights")
+    assert init_fingerprint(str(ckpt), cache=cache) != first and weights_fingerprint(ckpt) != run_fingerprint
+    single = ckpt / "model.safetensors"  # trainer.init_from: one file
+    assert list(init_fingerprint(str(single), cache=None)["files"]) == ["model.safetensors"]
+    assert init_fingerprint(None) == {"init_from": None}
+
+    out = tmp_path / "data" / "lm" / "init_from.json"
+    out.parent.mkdir(parents=True)
+    assert write_init_record(None, out) == "no init_from" and json.loads(out.read_text()) == {"init_from": None}
+    assert write_init_record(str(ckpt), out) == f"init_from {ckpt}: 2 files hashed"
+    recorded = out.read_bytes()
+    shutil.rmtree(ckpt)  # not on this machine (a `dvc pull` copy, a queued experiment): the record is kept
+    assert write_init_record(str(ckpt), out).endswith(f"kept the record of {out}") and out.read_bytes() == recorded
+    out.unlink()
+    assert "recorded as unavailable" in write_init_record(str(ckpt), out)
+
+
 def test_a_source_not_on_this_machine_keeps_the_record(tmp_path):
     """A machine with the prepared data but not the raw data (`dvc pull`, a queued experiment's
     copy of the workspace) wrote an empty record, so prepare reran and failed: the record there is

@@ -16,6 +16,12 @@ object's ETag or checksum (nothing is downloaded, unless the store gives neither
 modification time); the version of what makes a builtin set; and the tokenizer files of a
 `model.init_from` checkpoint (prepare copies them).
 
+The same stage writes a second record, `data/<task>/init_from.json`, for the train stage: the
+sha256 of each file of the weights training starts from (`model.init_from` or `trainer.init_from`),
+so weights replaced in place at the same path retrain the model, as other data does. (That
+record is the train stage's and not prepare's: new weights with the same tokenizer prepare the
+same data.)
+
 A source this machine cannot read (a folder not here, an s3:// prefix without network or
 credentials) raises `SourceUnavailable`: the stage then keeps the record it has, so a machine
 with the prepared data but not the raw data (`dvc pull`, a queued experiment's copy) does not
@@ -161,6 +167,53 @@ def source_fingerprint(source: str, kind: str = "text", tokenizer_from: str | No
     return record
 
 
+def weights_files(path: Path) -> list[Path]:
+    """The files that make the weights at `path` (`init_from`): a safetensors file itself, or a
+    folder's config, tokenizer and safetensors files."""
+    if not path.is_dir():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".jinja"))
+
+
+def init_fingerprint(init_from: str | None, cache: Path | None = CACHE) -> dict[str, Any]:
+    """The record of the weights training starts from: each of `weights_files`' sha256 (hashed
+    once per size, mtime and inode, as the source's files); `{"init_from": None}` without any.
+    Raises `SourceUnavailable` when they are not on this machine."""
+    if not init_from:
+        return {"init_from": None}
+    path = Path(init_from)
+    if not path.exists():
+        raise SourceUnavailable(f"init_from: '{init_from}' is not on this machine")
+    hashes = _Hashes(cache)
+    files = {p.name: hashes(str(p)) for p in weights_files(path)}
+    hashes.save()
+    return {"init_from": init_from, "files": files}
+
+
+def _write(out: Path, record: dict[str, Any]) -> None:
+    """`record` as JSON in `out`, atomically; the file is left alone when its bytes would not change."""
+    text = json.dumps(record, indent=1, sort_keys=True) + "\n"
+    if not (out.is_file() and out.read_text() == text):
+        atomic_write_text(out, text)
+
+
+def write_init_record(init_from: str | None, out: Path) -> str:
+    """Write `init_fingerprint`'s record to `out`; returns the line the stage prints. Weights not on
+    this machine keep the record there is (the train stage keeps its model); without one they are
+    recorded as unavailable, and training names the missing path."""
+    try:
+        record = init_fingerprint(init_from)
+    except SourceUnavailable as e:
+        if out.is_file():
+            return f"{e}: kept the record of {out}"
+        record = {"init_from": init_from, "unavailable": str(e)}
+    _write(out, record)
+    if "unavailable" in record:
+        return f"{record['unavailable']}: recorded as unavailable"
+    n = len(record.get("files", {}))
+    return f"init_from {init_from}: {n} file{'s' * (n != 1)} hashed" if init_from else "no init_from"
+
+
 def write_record(source: str, kind: str, tokenizer_from: str | None, out: Path) -> str:
     """Write the record to `out` (atomically; unchanged bytes when nothing changed); returns the
     line the stage prints. A source not readable here keeps the record there is, with a warning
@@ -173,9 +226,7 @@ def write_record(source: str, kind: str, tokenizer_from: str | None, out: Path) 
         if out.is_file():
             return f"{e}: kept the record of {out} (prepare keeps its output)"
         record = {"source": source, "unavailable": str(e)}
-    text = json.dumps(record, indent=1, sort_keys=True) + "\n"
-    if not (out.is_file() and out.read_text() == text):
-        atomic_write_text(out, text)
+    _write(out, record)
     if "unavailable" in record:
         return f"{record['unavailable']}: recorded as unavailable"
     if "builtin" in record:

@@ -27,12 +27,14 @@ from pipeline.export.onnx_export import export_onnx
 from pipeline.export.pyfunc import GENERATION, SAMPLER, example_input, log_pyfunc, pyfunc_files, sampler_settings
 from pipeline.export.quantize import accuracy_change, quantize_int8
 from pipeline.flows.evaluate import EVAL_RUN, check_trained_on
+from pipeline.tasks import task_named
 from pipeline.tracking import mlflow_runs
 from pipeline.tracking.registry import (
     Registration,
     check_logged_model,
     describe_version,
     eval_config_tags,
+    loss_settings_tag,
     register,
     shipped_files,
     version_tags,
@@ -202,7 +204,8 @@ def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_di
     # evaluation it was registered on (a run evaluated anew holds only its latest eval/* metrics) and the
     # eval config that scored it (DVC reran evaluate on any change to it), which `pipeline reproduce` applies
     scores = {f"eval/{k}": str(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    scored_with = eval_config_tags(tcfg.eval.model_dump(mode="json"))
+    scored_with = {**eval_config_tags(tcfg.eval.model_dump(mode="json")),
+                   **loss_settings_tag(task_named(task).loss_settings(read_json(export_dir / SPEC, "export")))}
     reg = register(model_uri, run_id, tcfg.registry, value, {**version_tags(trained), **scores, **scored_with},
                    describe)
     atomic_write_text(out, json.dumps(dataclasses.asdict(reg), indent=2))

@@ -45,6 +45,12 @@ class Task(ABC):
         keeps the batch as it is."""
         return batch
 
+    def loss_settings(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The settings of the model `spec` that define what its loss measures, beyond the
+        evaluated rows: two models whose settings differ have validation losses in different
+        units (the registry does not rank one against the other). None for most tasks."""
+        return {}
+
     def pipeline_io(self, batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """(the model's positional inputs, the loss target): how a pipeline schedule feeds the
         first stage and scores the last. Tasks whose loss draws noise inside it do not pipeline."""

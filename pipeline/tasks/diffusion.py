@@ -41,6 +41,13 @@ class Denoising(Task):
         self._process_cfg, self._num_classes, self._process = cfg.diffusion, classes, None
         return model_cls(cfg, shape, classes)
 
+    def loss_settings(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The target (eps or v) and the noise levels the denoise loss averages over (timesteps and
+        schedule): an eps model's loss and a v model's are not in the same units."""
+        process = spec["model"].get("diffusion", {})
+        defaults = DiffusionProcessConfig().model_dump(mode="json")
+        return {k: process.get(k, defaults[k]) for k in ("prediction", "schedule", "timesteps")}
+
     def batch_to_tensors(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
         out = {"x": to_device(torch.from_numpy(batch["image"]).float(), device),
                "y": to_device(torch.from_numpy(batch["label"]).long(), device)}

@@ -75,9 +75,9 @@ def weights_fingerprint(path: Path, full_below: int = 2 << 30, block: int = 1 <<
     not minutes; a change confined to the bytes between sampled blocks is not seen."""
     import hashlib
 
-    path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".jinja")) \
-        if path.is_dir() else [path]
+    from pipeline.data.fingerprint import weights_files
+
+    files = weights_files(Path(path))
     total = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
     h = hashlib.sha256()
     for p in files:

@@ -141,6 +141,9 @@ def check_logged_model(model_uri: str, files: dict[str, dict[str, Any]], task: s
 # The eval config a version was scored with: the task's `eval` section as JSON, and its sha256.
 EVAL_CONFIG, EVAL_CONFIG_DIGEST = "eval.config", "eval.config_digest"
 SCORING_DIGEST = "eval.scoring_digest"  # of the eval settings the registry metric depends on
+# the model settings that define what its loss measures (`Task.loss_settings`: a diffusion model's
+# target and noise levels), as JSON: versions whose loss metrics come from other settings are not compared
+LOSS_SETTINGS = "eval.loss_settings"
 # which eval settings a registry metric depends on: the rows of a loss (its batch size no longer
 # changes it); the samples, their sampler and the classifier for the sample scores. The device and
 # the grid's size change no metric, so a version scored after changing them is still compared.
@@ -151,6 +154,11 @@ _SAMPLE_SETTINGS = ("samples_per_class", "classifier_steps", "sample_steps", "sa
 def scoring_settings(metric: str) -> tuple[str, ...]:
     """The eval settings `metric` depends on."""
     return _SAMPLE_SETTINGS if metric.startswith(("sample_", "classifier_")) else _LOSS_SETTINGS
+
+
+def loss_settings_tag(settings: dict[str, Any]) -> dict[str, str]:
+    """The version tag recording `Task.loss_settings` (none where the task has none)."""
+    return {LOSS_SETTINGS: json.dumps(settings, sort_keys=True, separators=(",", ":"))} if settings else {}
 
 
 def scoring_digest(block: dict[str, Any], metric: str) -> str:
@@ -210,13 +218,18 @@ class Champion:
     metric: str | None  # the metric it was ranked by (None: not recorded)
     greater_is_better: bool | None  # and in which direction (None: not recorded, versions from before)
     eval_digest: str | None = None  # the eval settings that scored it (`scoring_digest`; None: not recorded)
+    loss_settings: str | None = None  # what its loss measures (`LOSS_SETTINGS`; None: not recorded or none)
 
-    def ranked_as(self, cfg: RegistryConfig, eval_digest: str | None = None) -> bool:
-        """Whether its value can be compared with one ranked as `cfg` ranks and scored under the eval
-        config of `eval_digest` (a loss over 8 rows against one over 1,280 is no comparison)."""
+    def ranked_as(self, cfg: RegistryConfig, eval_digest: str | None = None,
+                  loss_settings: str | None = None) -> bool:
+        """Whether its value can be compared with one ranked as `cfg` ranks, scored under the eval
+        config of `eval_digest` (a loss over 8 rows against one over 1,280 is no comparison) and,
+        for a loss metric, by a model of `loss_settings` (an eps model's loss against a v model's)."""
         same_eval = None in (self.eval_digest, eval_digest) or self.eval_digest == eval_digest
+        same_loss = scoring_settings(cfg.metric) != _LOSS_SETTINGS or None in (self.loss_settings, loss_settings) \
+            or self.loss_settings == loss_settings
         return self.metric in (None, cfg.metric) and self.greater_is_better in (None, cfg.greater_is_better) \
-            and same_eval
+            and same_eval and same_loss
 
     def ranking(self) -> str:
         way = {True: ", higher is better", False: ", lower is better", None: ""}[self.greater_is_better]
@@ -234,7 +247,8 @@ def champion(client: MlflowClient, name: str) -> Champion | None:
     except (KeyError, TypeError, ValueError):
         value = None
     direction = {"true": True, "false": False}.get(str(mv.tags.get("greater_is_better", "")).lower())
-    return Champion(str(mv.version), value, mv.tags.get("metric_name"), direction, mv.tags.get(SCORING_DIGEST))
+    return Champion(str(mv.version), value, mv.tags.get("metric_name"), direction, mv.tags.get(SCORING_DIGEST),
+                    mv.tags.get(LOSS_SETTINGS))
 
 
 def register(model_uri: str, run_id: str, cfg: RegistryConfig, metric_value: float,
@@ -268,9 +282,13 @@ def register(model_uri: str, run_id: str, cfg: RegistryConfig, metric_value: flo
     # against a loss, or "lower is better" against an accuracy), nor one scored under other eval
     # settings of this metric (a loss over 8 rows against one over 1,280): it stays until promoted by hand
     other = None
-    if current and current.version != version and not current.ranked_as(cfg, scored):
-        other = current.ranking() if not current.ranked_as(cfg) else \
-            f"{current.ranking()} under other eval settings ({', '.join(scoring_settings(cfg.metric))})"
+    if current and current.version != version and not current.ranked_as(cfg, scored, tags.get(LOSS_SETTINGS)):
+        if not current.ranked_as(cfg):
+            other = current.ranking()
+        elif not current.ranked_as(cfg, scored):
+            other = f"{current.ranking()} under other eval settings ({', '.join(scoring_settings(cfg.metric))})"
+        else:
+            other = f"{current.ranking()} of a model with other loss settings ({current.loss_settings})"
     promoted = other is None and prev_version != version and is_better(metric_value, prev_value,
                                                                         cfg.greater_is_better)
     if promoted:
