@@ -95,6 +95,47 @@ def test_transformers_4_rope_scaling_is_named_as_the_key_the_file_has(tmp_path, 
         _validate(folder, text_corpus)
 
 
+def test_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it(tmp_path, llama, text_corpus):
+    """A file holding both layouts (a v4 `rope_scaling` beside a v5 default `rope_parameters`):
+    transformers uses the scaling and the top-level base; the GPT took the default type and
+    `rope_parameters`' base (50000), so it trained unscaled at another base (max logit difference
+    0.005 on a random 2-layer model). Now it is refused as scaled; a default-type scaling gives
+    transformers' base."""
+    from transformers import AutoConfig
+
+    params = {"rope_theta": 50000.0, "rope_type": "default"}
+    folder = _copy(llama, tmp_path, rope_parameters=params, rope_theta=None,
+                   rope_scaling={"rope_type": "linear", "factor": 4.0})
+    with pytest.raises(ConfigError, match=r"config.json: rope_scaling.rope_type is 'linear' \(only unscaled"):
+        _validate(folder, text_corpus)
+    shutil.rmtree(folder)
+    folder = _copy(llama, tmp_path, rope_parameters=params, rope_theta=None, rope_scaling={"rope_type": "default"})
+    theirs = AutoConfig.from_pretrained(folder).rope_parameters["rope_theta"]
+    assert _validate(folder, text_corpus).task("lm").model.rope_theta == theirs == 10000.0
+
+
+def test_a_tied_config_over_a_checkpoint_with_its_own_head_is_refused(tmp_path, llama, text_corpus):
+    """`tie_word_embeddings: true` while model.safetensors also holds an `lm_head.weight` of other
+    values: transformers unties them and computes with the stored head; the GPT read the embedding
+    for its head (max logit difference 1.5), silently. The driver check refuses it, naming both; a
+    stored head equal to the embedding (a torch .bin converted as it was) is fine."""
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.training.init_weights import check_init_weights
+
+    folder = _copy(llama, tmp_path, tie_word_embeddings=True)
+    tensors = load_file(folder / "model.safetensors")
+    assert "lm_head.weight" in tensors  # (the fixture's checkpoint is untied: its head is its own)
+    spec = _spec(folder, text_corpus)
+    with pytest.raises(ValueError, match=rf"^{KEY}: .*llama/config.json has tie_word_embeddings true, but .*"
+                                         r"llama/model.safetensors holds an 'lm_head.weight' that differs from "
+                                         r"'model.embed_tokens.weight' .*set tie_word_embeddings to false"):
+        check_init_weights(folder, KEY, spec)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    check_init_weights(folder, KEY, spec)
+
+
 # ----------------------------------------------------------------------------- the weights
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
 def test_quantized_weights_are_refused_by_the_driver_check_and_the_reader(tmp_path, llama, text_corpus, dtype):

@@ -65,20 +65,22 @@ def _number(hf: dict[str, Any], key: str, where: str, default: float) -> float:
 
 def rope_theta(hf: dict[str, Any], where: str) -> tuple[float, str, str]:
     """(theta, rope type, the key the type was read from) from either layout: transformers 5's
-    `rope_parameters`, or 4's `rope_theta` + `rope_scaling`. The key is returned so that a
-    refusal names what the file actually holds (a v4 file has no `rope_parameters`)."""
+    `rope_parameters`, or 4's `rope_theta` + `rope_scaling`, in transformers' own order: a
+    non-empty `rope_scaling` wins over `rope_parameters` (a file holding both, a v4 scaling beside
+    a v5 default, runs scaled there), and the base is that section's `rope_theta`, else the
+    top-level one, else 10000. The key is returned so that a refusal names what the file actually
+    holds (a v4 file has no `rope_parameters`)."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if not isinstance(value, dict):
             raise ValueError(f"{where}: {key} is {json.dumps(value)}: expected an object")
-    theta = _number({"rope_theta": params.get("rope_theta", hf.get("rope_theta"))}, "rope_theta", where, 10000.0)
-    for key, section, field in (("rope_parameters.rope_type", params, "rope_type"),
-                                ("rope_scaling.rope_type", scaling, "rope_type"),
-                                ("rope_scaling.type", scaling, "type")):
+    name, section = ("rope_scaling", scaling) if scaling else ("rope_parameters", params)
+    theta = _number({"rope_theta": section.get("rope_theta", hf.get("rope_theta"))}, "rope_theta", where, 10000.0)
+    for field in ("rope_type", "type"):
         if section.get(field):
-            return theta, section[field], key
-    return theta, "default", "rope_parameters.rope_type"
+            return theta, section[field], f"{name}.{field}"
+    return theta, "default", f"{name}.rope_type"
 
 
 def tokenizer_vocab_size(folder: Path) -> int | None:

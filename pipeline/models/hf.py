@@ -305,6 +305,33 @@ class HFCheckpoint:
         return {n: llama_name("embed.weight" if n == "head.weight" and tied else n) for n in ours}
 
     @torch.no_grad()
+    def check_tied_head(self, rows: int = 4096) -> None:
+        """A config that ties the head to the embedding, over a checkpoint that also holds an
+        `lm_head.weight` of other values: transformers then unties them (its warning says the config
+        is wrong) and computes with the stored head, where `names` reads the embedding. A ValueError
+        naming both, read `rows` rows at a time (a 7B's tables are 500 MB each)."""
+        from safetensors import safe_open
+
+        if not self.config.get("tie_word_embeddings", False):
+            return
+        embed, head = llama_name("embed.weight"), "lm_head.weight"
+        files = {name: self.file_of(name) for name in (embed, head)}
+        if None in files.values():
+            return
+        opened = {f: safe_open(str(self.folder / f), "pt") for f in set(files.values())}
+        if head not in opened[files[head]].keys() or embed not in opened[files[embed]].keys():  # noqa: SIM118
+            return
+        a, b = opened[files[embed]].get_slice(embed), opened[files[head]].get_slice(head)
+        if a.get_shape() == b.get_shape():
+            n = a.get_shape()[0]
+            if all(torch.equal(a[i:i + rows], b[i:i + rows]) for i in range(0, n, rows)):
+                return
+        raise ValueError(f"{self.key}: {self.folder / 'config.json'} has tie_word_embeddings true, but "
+                         f"{self.folder / files[head]} holds an '{head}' that differs from '{embed}' (transformers "
+                         "then unties them and uses the stored head): set tie_word_embeddings to false in "
+                         "config.json if the head is its own")
+
+    @torch.no_grad()
     def copy_into(self, targets: dict[str, torch.Tensor]) -> None:
         """Fill `targets` (our name -> whole tensor) from the checkpoint, opening each file once
         and reading only the tensors asked for (cast to the target's dtype). A missing tensor, a

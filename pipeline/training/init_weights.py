@@ -127,6 +127,7 @@ def check_init_shapes(path: Path, key: str, spec: dict[str, Any]) -> None:
                 raise ValueError(f"{key}: {path / fname}: '{theirs}' has shape {held[theirs]}, the model's "
                                  f"'{ours}' needs {need[ours]}")
             check_dtype(path / fname, theirs, ours)
+        checkpoint.check_tied_head()
         if spec.get("model", {}).get("kind", "gpt") == "gpt":  # the layout fits: does it compute the same?
             _check_llama_architecture(path, key, spec["model"])
         return
