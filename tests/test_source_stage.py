@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -101,6 +102,31 @@ def test_the_weights_record_changes_with_the_weights_only(tmp_path):
     assert "recorded as unavailable" in write_init_record(str(ckpt), out)
 
 
+def test_lineage_says_when_the_init_weights_changed(tmp_path, monkeypatch):
+    """`pipeline lineage` compares the workspace with the records, as `dvc repro` would after running
+    the source stage: weights replaced at the `init_from` path are a difference; weights not on
+    this machine are a note."""
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from pipeline.data.fingerprint import write_init_record
+    from pipeline.tracking.inspect import _source_changed
+    from tests.conftest import tiny_raw
+
+    weights = tmp_path / "init.safetensors"
+    save_file({"w": torch.zeros(2)}, str(weights))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_raw([f"tasks.lm.trainer.init_from={weights}"])))
+    monkeypatch.chdir(tmp_path)
+    write_init_record(str(weights), Path("data/lm/init_from.json"))
+    assert _source_changed("lm") == ([], [])
+    save_file({"w": torch.ones(2)}, str(weights))
+    assert _source_changed("lm") == (["init_from weights changed since data/lm/init_from.json was recorded"], [])
+    weights.unlink()
+    differences, notes = _source_changed("lm")
+    assert differences == [] and notes[0].startswith("the init_from weights are not readable here"), notes
+
+
 def test_a_source_not_on_this_machine_keeps_the_record(tmp_path):
     """A machine with the prepared data but not the raw data (`dvc pull`, a queued experiment's
     copy of the workspace) wrote an empty record, so prepare reran and failed: the record there is
@@ -147,6 +173,7 @@ def test_editing_the_raw_data_reruns_prepare_through_dvc(tmp_path, text_corpus, 
     documents = json.loads((project / "metrics/lm/data.json").read_text())["documents_raw"]
     record = json.loads((project / "data/lm/source.json").read_text())
     assert record["source"] == str(raw) and len(record["files"]) == len(list(text_corpus.glob("*.txt")))
+    assert json.loads((project / "data/lm/init_from.json").read_text()) == {"init_from": None}  # (train's record)
 
     again = run_ok(["dvc", "repro", "prepare@lm"], project)
     assert "Stage 'prepare@lm' didn't change, skipping" in again, again[-3000:]

@@ -131,23 +131,37 @@ def _dvc_differences(task: str) -> list[str]:
 
 
 def _source_changed(task: str) -> tuple[list[str], list[str]]:
-    """(differences, notes): whether the raw data differs from the record prepare last depended on
-    (`data/<task>/source.json`, which `dvc status` cannot know without running its stage); a
-    source not readable on this machine (raw data not pulled) is a note, not a difference."""
+    """(differences, notes): whether the raw data, or the weights training starts from, differ from
+    the records prepare and train last depended on (`data/<task>/source.json` and `init_from.json`,
+    which `dvc status` cannot know without running their stage); a source not readable on this
+    machine (raw data not pulled) is a note, not a difference."""
     from pipeline.config import load_config
-    from pipeline.data.fingerprint import SourceUnavailable, source_fingerprint
+    from pipeline.data.fingerprint import SourceUnavailable, init_fingerprint, source_fingerprint
 
-    record = Path(f"data/{task}/source.json")
-    if not record.is_file() or not Path("params.yaml").is_file():
+    source, weights = Path(f"data/{task}/source.json"), Path(f"data/{task}/init_from.json")
+    if not (source.is_file() or weights.is_file()) or not Path("params.yaml").is_file():
         return [], []  # (`dvc status` names a missing record)
     try:
         tcfg = load_config("params.yaml").task(task)
-        now = source_fingerprint(tcfg.data.source, tcfg.data.kind, getattr(tcfg.model, "init_from", None))
-    except SourceUnavailable as e:  # (not here: nothing to compare, which is no difference found)
-        return [], [f"the raw data source is not readable here, so it was not compared ({e})"]
     except (ValueError, KeyError, OSError) as e:
         return [f"data source unreadable ({e})"], []
-    return [] if json.loads(record.read_text()) == now else [f"data source changed since {record} was recorded"], []
+    init_from = getattr(tcfg.model, "init_from", None)
+    checks = ((source, "data source", "the raw data source is not readable here, so it was not compared",
+               lambda: source_fingerprint(tcfg.data.source, tcfg.data.kind, init_from)),
+              (weights, "init_from weights", "the init_from weights are not readable here, so they were not compared",
+               lambda: init_fingerprint(init_from or tcfg.trainer.init_from)))
+    differences, notes = [], []
+    for record, what, unreadable, now in checks:
+        if not record.is_file():
+            continue
+        try:
+            if json.loads(record.read_text()) != now():
+                differences.append(f"{what} changed since {record} was recorded")
+        except SourceUnavailable as e:  # (not here: nothing to compare, which is no difference found)
+            notes.append(f"{unreadable} ({e})")
+        except (ValueError, KeyError, OSError) as e:
+            differences.append(f"{what} unreadable ({e})")
+    return differences, notes
 
 
 def _git_dirty_files() -> list[str]:
