@@ -198,13 +198,16 @@ def test_failed_horovod_training_ends_its_run_failed_in_one_line(prepared_lm, tm
     """A Horovod training that fails (here: it diverges, and stops on non-finite losses) ended its
     MLflow run FINISHED, the error raised only after the run was closed, as an 85-line traceback.
     Now the run ends FAILED, the stage says why in one line, and the run carries what was known
-    before training (model.parameters), though no checkpoint was written."""
+    before training (model.parameters), though no checkpoint was written. The training node's
+    system metrics reach the run as under Ray Train (Horovod's workers sampled none), and half a
+    CPU per worker is reserved as configured (it asked Ray for a whole one each)."""
     project = _copy(prepared_lm, tmp_path / "project")
     args = [sys.executable, "-m", "stages.train", "lm", "strategy.name=horovod", "strategy.backend=gloo",
             "cluster.max_failures=0", "tasks.lm.optim.lr=1e5", "tasks.lm.trainer.grad_clip=0",
             "tasks.lm.optim.warmup_steps=0", "tasks.lm.trainer.max_nonfinite_in_a_row=2",
-            "tasks.lm.trainer.log_every=1"]
-    proc = subprocess.run(args, cwd=project, env=_stage_env(project), capture_output=True, text=True, timeout=600)
+            "tasks.lm.trainer.log_every=1", "cluster.num_workers=4", "cluster.cpus_per_worker=0.5"]
+    env = {**_stage_env(project), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}  # (the run lasts seconds)
+    proc = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-4000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error [train lm]")]
@@ -213,6 +216,8 @@ def test_failed_horovod_training_ends_its_run_failed_in_one_line(prepared_lm, tm
     run = _only_run(project)
     assert run.info.status == "FAILED"
     assert int(run.data.tags["model.parameters"]) > 0
+    nodes = {k.split("/")[1] for k in run.data.metrics if k.startswith("system/node-")}
+    assert len(nodes) == 1, sorted(run.data.metrics)  # (one node's local rank 0)
 
 
 def test_ctrl_c_during_training_ends_the_run_killed(prepared_lm, tmp_path):

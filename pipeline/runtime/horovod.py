@@ -44,7 +44,7 @@ def _worker(config: dict[str, Any]) -> int:
     import torch
 
     from pipeline.config import validate
-    from pipeline.tracking.live import LiveMetrics
+    from pipeline.tracking.live import LiveMetrics, node_metrics
     from pipeline.training.loop import train
     from pipeline.training.session import LocalSession
 
@@ -62,7 +62,8 @@ def _worker(config: dict[str, Any]) -> int:
                            keep_last_k=cfg.task(config["task"]).trainer.keep_last_k,
                            live=LiveMetrics(live["run_id"], live["tracking_uri"]) if live and hvd.rank() == 0 else None)
     try:
-        return train(cfg, config["task"], config["shards"], session).step
+        with node_metrics(live, hvd.local_rank()):  # every training node's system metrics, as Ray Train's workers
+            return train(cfg, config["task"], config["shards"], session).step
     finally:
         session.close()
 
@@ -96,7 +97,9 @@ def run_horovod(fn: Callable[..., Any], args: list[Any], num_workers: int, cpus_
     from horovod.ray import RayExecutor
 
     settings = RayExecutor.create_settings(timeout_s=300)
-    executor = RayExecutor(settings, num_workers=num_workers, cpus_per_worker=max(1, int(cpus_per_worker)),
+    # (the reservation as configured, as Ray Train makes it: a fraction rounded up asked Ray for CPUs that the
+    # embedded Ray, sized to num_workers x cpus_per_worker, does not have, until the placement group timed out)
+    executor = RayExecutor(settings, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
                            use_gpu=use_gpu, gpus_per_worker=1 if use_gpu else None)
     executor.start()
     try:

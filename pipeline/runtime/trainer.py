@@ -17,7 +17,6 @@ from (`absolute_init_paths`), resolved against the folder the stage runs in.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -66,18 +65,14 @@ def _worker(config: dict[str, Any]) -> None:
     logging.getLogger("ray.train.v2._internal.util").addFilter(_QuietKnownErrors())
     import ray.train
 
-    from pipeline.tracking.live import LiveMetrics, node_monitor
+    from pipeline.tracking.live import LiveMetrics, node_metrics
 
     live, ctx = config.get("live"), ray.train.get_context()
     sink = LiveMetrics(live["run_id"], live["tracking_uri"]) if live and ctx.get_world_rank() == 0 else None
     session = RaySession(config.get("verified"), live=sink)
     _announce_nodes(config["task"], ctx.get_world_rank(), ctx.get_world_size())
-    # system metrics of every training node (its local rank 0), not only of the driver's
-    node = f"node-{ray.get_runtime_context().get_node_id()[:8]}"
-    monitor = node_monitor(live["run_id"], live["tracking_uri"], node) \
-        if live and ctx.get_local_rank() == 0 else contextlib.nullcontext()
     try:
-        with monitor:
+        with node_metrics(live, ctx.get_local_rank()):  # every training node's, not only the driver's
             train(validate(config["cfg"]), config["task"], config["shards"], session)
     finally:
         session.close()

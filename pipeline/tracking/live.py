@@ -314,6 +314,17 @@ class SystemSampler:
         return not self._thread.is_alive()
 
 
+def node_metrics(live: dict[str, str] | None, local_rank: int) -> contextlib.AbstractContextManager[None]:
+    """What a training worker wraps its training in, under Ray Train or Horovod alike: on each
+    node's local rank 0 of a run with live metrics (`live`: run id and tracking URI), the node's
+    system metrics (`node_monitor`, as `system/node-<id>/...`); elsewhere nothing."""
+    if not live or local_rank != 0:
+        return contextlib.nullcontext()
+    import ray
+
+    return node_monitor(live["run_id"], live["tracking_uri"], f"node-{ray.get_runtime_context().get_node_id()[:8]}")
+
+
 @contextlib.contextmanager
 def node_monitor(run_id: str, tracking_uri: str, node: str) -> Iterator[None]:
     """Sample this node's CPU, memory, disk, network (and GPUs) into the run as
