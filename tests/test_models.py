@@ -85,6 +85,25 @@ def test_dit_shapes_and_deterministic_ddim():
                                             torch.Generator().manual_seed(2)))
 
 
+def test_ddim_visits_distinct_timesteps_at_large_timestep_counts():
+    """The timestep grid was float32: at 10,000 timesteps and 9,998 steps two neighbours rounded to
+    one (a no-op model call) and an extra timestep was skipped. Each step now visits its own."""
+
+    class Seen(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.t: list[int] = []
+
+        def forward(self, x, t, y):
+            self.t.append(int(t[0]))
+            return torch.zeros_like(x)
+
+    model = Seen()
+    GaussianDiffusion(DiffusionProcessConfig(timesteps=10000)).sample(model, torch.tensor([1]), (1, 2, 2), 10, 9998,
+                                                                       0.0, 0.0, torch.Generator().manual_seed(0))
+    assert len(model.t) == len(set(model.t)) == 9998 and model.t[0] == 9999 and model.t[-1] == 0
+
+
 def test_diffusion_loss_weights_examples():
     """Unit weights give the plain loss; weighting one example scales its share of the loss."""
     torch.manual_seed(0)

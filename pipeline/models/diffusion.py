@@ -95,7 +95,8 @@ class GaussianDiffusion(nn.Module):
         else the batch holds and however it is cut into batches. More steps than timesteps would
         repeat timesteps (each repeat a no-op model call): they are capped at the timesteps."""
         w, steps = guidance, min(steps, self.cfg.timesteps)
-        ts = torch.linspace(self.cfg.timesteps - 1, 0, steps).round().long().tolist()
+        # (in float64: float32's rounding made neighbours equal near 10,000 timesteps, a step repeated and one lost)
+        ts = torch.linspace(self.cfg.timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
         labels = labels.to(device)
