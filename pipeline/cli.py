@@ -250,7 +250,7 @@ def _plan_command(args: argparse.Namespace) -> None:
     from pipeline.config.elastic import worker_counts
     from pipeline.config.sizes import parse_size
     from pipeline.data.shard_format import MANIFEST, load_manifest
-    from pipeline.distributed.planner import format_elastic, format_plan, plan
+    from pipeline.distributed.planner import format_elastic, format_plan, plan, worst_with_suggestion
 
     if args.device_memory is not None:
         try:
@@ -267,17 +267,22 @@ def _plan_command(args: argparse.Namespace) -> None:
     # Image shape and class count come from the shards when they exist; text sizes from the config.
     manifest = load_manifest(shards) if (shards / MANIFEST).is_file() and cfg.task(args.task).data.kind != "text" \
         else None
+    counts = worker_counts(cfg)
+    elastic = args.workers is None and args.micro_batch is None and len(counts) > 1
     p = plan(cfg, args.task, workers=args.workers, device_memory=args.device_memory, target=args.target,
-             micro_batch=args.micro_batch, manifest=manifest)
+             micro_batch=args.micro_batch, manifest=manifest, suggest=not elastic)
     print(format_plan(p))
     fits = p.fits is not False
-    counts = worker_counts(cfg)
-    if args.workers is None and args.micro_batch is None and len(counts) > 1:
-        # an elastic run may train on fewer workers (the train stage checks them all): show each count
+    if elastic:
+        # an elastic run may train on fewer workers (the train stage checks them all): show each count,
+        # and suggest what fits at the worst of them, as the train stage's check does
         others = [plan(cfg, args.task, workers=w, device_memory=args.device_memory, target=args.target,
                        manifest=manifest, suggest=False) for w in counts]
         print(format_elastic(others, cfg.cluster.num_workers))
-        fits = fits and all(q.fits is not False for q in others)
+        worst = worst_with_suggestion(cfg, args.task, others, manifest)
+        if worst is not None:
+            print(f"on {worst.workers} worker{'s' if worst.workers > 1 else ''}: {worst.suggestion}")
+        fits = fits and worst is None
     if not fits:  # a script can tell: the planned micro-batch does not fit the device memory given
         sys.exit(1)
 

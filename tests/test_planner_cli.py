@@ -125,7 +125,7 @@ def test_planner_cli_shows_every_elastic_worker_count(tmp_path, capsys):
     import yaml
 
     from pipeline import cli
-    from pipeline.distributed.planner import plan
+    from pipeline.distributed.planner import check_fits, plan
 
     at1 = plan(validate(tiny_raw(SMALL)), "lm", workers=1, suggest=False).total
     params = tmp_path / "params.yaml"
@@ -138,8 +138,25 @@ def test_planner_cli_shows_every_elastic_worker_count(tmp_path, capsys):
     rows = out.split("elastic (cluster.min_workers..cluster.num_workers = 1..2), per rank:\n")[1].splitlines()
     assert rows[0].split()[:4] == ["1", "worker", "micro-batch", "8"] and rows[0].endswith("does NOT fit")
     assert rows[1].split()[:4] == ["2", "workers", "micro-batch", "4"] and rows[1].endswith("  fits")
+    assert out.rstrip().splitlines()[-1] == "on 1 worker: micro-batch 8 does not fit, 7 does: set " \
+        "tasks.lm.trainer.grad_accum_steps=2 (micro-batch 4)"  # the train stage's suggestion, for the worst count
     cli.main(["plan", "lm", "--params", str(params), "--workers", "2"])  # one count asked for: that one only
     assert "elastic" not in capsys.readouterr().out
+    # neither count fits: the suggestion was made for num_workers alone (grad_accum_steps for 2 workers, which
+    # still left 1 worker over, and the train stage then suggested another); it is now the worst count's
+    at2 = plan(validate(tiny_raw(SMALL)), "lm", workers=2, suggest=False).total
+    tight = tiny_raw([*SMALL, "cluster.min_workers=1", f"cluster.device_memory={at2 - 1}"])
+    params.write_text(yaml.safe_dump(tight))
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "lm", "--params", str(params)])
+    out = capsys.readouterr().out
+    with pytest.raises(ValueError) as refused:
+        check_fits(validate(tight), "lm")
+    suggested = out.rstrip().splitlines()[-1]
+    assert suggested.startswith("on 1 worker: ") and suggested.removeprefix("on 1 worker: ") in str(refused.value)
+    fix = suggested.split("set ")[1].split(" ")[0]
+    assert check_fits(validate(tiny_raw([*SMALL, "cluster.min_workers=1", f"cluster.device_memory={at2 - 1}", fix])),
+                      "lm") is not None  # applied, every count fits
 
 
 def test_planner_suggestion_starts_from_the_configured_accumulation():

@@ -62,9 +62,10 @@ not modelled.
 """
 
 from pipeline.distributed.planner.layouts import Breakdown, step_temporaries, zero3_gathered_peak
-from pipeline.distributed.planner.planning import MemoryPlan, check_fits, plan
+from pipeline.distributed.planner.planning import MemoryPlan, check_fits, plan, worst_with_suggestion
 from pipeline.distributed.planner.report import format_elastic, format_plan
 from pipeline.distributed.planner.trace import ActivationProfile, ModelFacts, activation_profile, spec_for_planning
 
 __all__ = ["ActivationProfile", "Breakdown", "MemoryPlan", "ModelFacts", "activation_profile", "check_fits",
-           "format_elastic", "format_plan", "plan", "spec_for_planning", "step_temporaries", "zero3_gathered_peak"]
+           "format_elastic", "format_plan", "plan", "spec_for_planning", "step_temporaries", "worst_with_suggestion",
+           "zero3_gathered_peak"]

@@ -425,6 +425,21 @@ def _suggest(cfg: PipelineConfig, task_name: str, workers: int, target: str, mem
     return "nothing fits at micro-batch 1, with any strategy, on up to 4096 workers"
 
 
+def worst_with_suggestion(cfg: PipelineConfig, task_name: str, plans: list[MemoryPlan],
+                          manifest: dict[str, Any] | None = None) -> MemoryPlan | None:
+    """Of the plans of the worker counts a run may train on, the one furthest above its device
+    memory (the first of equals: the fewest workers), with the suggestion made for that count:
+    an accumulation chosen at the configured count alone can leave a smaller count over. None
+    when every plan fits (or no device memory is known)."""
+    too_big = [p for p in plans if p.device_memory is not None and p.total > p.device_memory]
+    if not too_big:
+        return None
+    p = max(too_big, key=lambda q: q.total)
+    assert p.device_memory is not None
+    p.suggestion = _suggest(cfg, task_name, p.workers, p.target, p.device_memory, p, manifest)
+    return p
+
+
 def check_fits(cfg: PipelineConfig, task_name: str, manifest: dict[str, Any] | None = None) -> MemoryPlan | None:
     """The train stage's check, before any Ray resource: when `cluster.device_memory` is set,
     raise ValueError (one line, starting with the key) if the configured micro-batch cannot fit
@@ -437,13 +452,11 @@ def check_fits(cfg: PipelineConfig, task_name: str, manifest: dict[str, Any] | N
     counts = worker_counts(cfg)
     plans = [plan(cfg, task_name, workers=w, manifest=manifest, suggest=False) for w in counts]
     assert all(p.device_memory is not None for p in plans)
-    too_big = [p for p in plans if p.total > p.device_memory]  # type: ignore[operator]
-    if not too_big:
+    p = worst_with_suggestion(cfg, task_name, plans, manifest)
+    if p is None:
         return plans[-1]
-    p = max(too_big, key=lambda q: q.total)  # the worst count (the first of equals: the fewest workers)
     memory = p.device_memory
     assert memory is not None
-    p.suggestion = _suggest(cfg, task_name, p.workers, p.target, memory, p, manifest)
     where, breakdown = f"({p.strategy}, {p.workers} workers, {p.precision})", f"python -m pipeline plan {task_name}"
     if len(counts) > 1:
         where = (f"on {p.workers} worker{'s' if p.workers > 1 else ''} (elastic: cluster.min_workers..cluster."
