@@ -25,6 +25,10 @@ TINY = [
     "tasks.diffusion.optim.warmup_steps=2", "tasks.diffusion.eval.max_batches=1",
     "tasks.diffusion.eval.batch_size=16", "tasks.diffusion.eval.sample_cols=2",
     "tasks.diffusion.eval.sample_steps=4",
+    # the digit classifier that scores the samples: 30 steps, not 400 (the tiny diffusion evaluate
+    # stage took 18.8 s alone, 12.5 s with 30); whether it recognises digits is tests/test_evaluation.py's
+    # check (300 steps), the tiny chains check that the scores are there
+    "tasks.diffusion.eval.classifier_steps=30",
 ]
 TINY_GROUPS = ["model@tasks.lm.model=gpt_tiny", "model@tasks.diffusion.model=dit_tiny"]
 

@@ -51,21 +51,58 @@ def _train_rank(rank: int, world: int, raw: dict, shards: str, root: str, seed: 
     return {"history": state.history, "weights": weights}
 
 
+def _train_ranks(rank: int, world: int, jobs: list[tuple[dict, str, str | None]], shards: str) -> list[dict]:
+    """Several runs' `_train_rank` one after another in one group of ranks (one spawn and one set
+    of imports for all of them, as tests/test_strategies.py runs its strategies)."""
+    return [_train_rank(rank, world, raw, shards, root, seed) for raw, root, seed in jobs]
+
+
+# The runs each test asks `train` for: (layout, the layout whose step-2 checkpoint it resumes, or None).
+USES = {
+    "test_tensor_parallel_checkpoint_resumes_under_pipeline_parallel_with_tied_weights": [("tp2", None),
+                                                                                         ("pp2", "tp2")],
+    "test_ddp_checkpoint_resumes_under_pipeline_parallel_and_fsdp": [("ddp", None)],  # (and its `read` from ddp)
+    "test_ddp_checkpoint_without_parameter_names_is_refused_under_pipeline_parallel_in_one_line": [("ddp", None)],
+}
+
+
 @pytest.fixture(scope="module")
-def train(built_data, tmp_path_factory):
-    """`train(layout, seed=None)`: rank 0's result and the run's folder (each run once per module)."""
+def train(request, built_data, tmp_path_factory):
+    """`train(layout, seed=None)`: rank 0's result and the run's folder (each run once per module).
+    The first request for an uninterrupted run trains every uninterrupted run the selected tests of
+    this module use (`USES`) in one group; the first resume from one of their checkpoints, every
+    such resume they use whose checkpoint is there."""
     from pipeline.runtime.local_group import run_group
 
     _, shards = built_data
+    wanted: set[tuple[str, str | None]] = set()
+    for item in request.session.items:
+        if item.module is request.module:
+            wanted.update(USES.get(item.originalname, ()))
+            if item.originalname == "test_ddp_checkpoint_resumes_under_pipeline_parallel_and_fsdp":
+                wanted.add((item.callspec.params["read"], "ddp"))
     cache: dict[tuple[str, str | None], dict] = {}
+    written: dict[str, Path] = {}  # layout -> the folder of its uninterrupted run
+
+    def seed_of(writer: str | None) -> str | None:
+        return str(written[writer] / MIDWAY) if writer else None
 
     def run(layout: str, seed: Path | None = None) -> dict:
         key = (layout, str(seed) if seed else None)
         if key not in cache:
-            root = tmp_path_factory.mktemp(f"resume-{layout}")
-            result = run_group(_train_rank, 2, tiny_raw(STEPS + LAYOUTS[layout]), str(shards["lm"]), str(root),
-                               key[1])[0]
-            cache[key] = {**result, "root": root}
+            jobs = [key]  # (layout, the checkpoint it resumes from or None)
+            from_a_run = any(key[1] == seed_of(w) for w in written)
+            if seed is None or from_a_run:  # (not for a checkpoint a test made)
+                jobs += sorted({(lay, seed_of(w)) for lay, w in wanted if (w is None) == (seed is None) and
+                                (w is None or w in written)} - {key} - cache.keys())
+            roots = [tmp_path_factory.mktemp(f"resume-{lay}") for lay, _ in jobs]
+            results = run_group(_train_ranks, 2, [(tiny_raw(STEPS + LAYOUTS[lay]), str(root), sd)
+                                                  for (lay, sd), root in zip(jobs, roots, strict=True)],
+                                str(shards["lm"]), timeout_s=1200)[0]
+            for (lay, sd), root, result in zip(jobs, roots, results, strict=True):
+                cache[(lay, sd)] = {**result, "root": root}
+                if sd is None:
+                    written[lay] = root
         return cache[key]
 
     return run

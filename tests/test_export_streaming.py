@@ -151,19 +151,40 @@ def _stream_rank(rank: int, world: int, name: str, out_dir: str) -> dict:
     return {"streamed": streamed, "at_once": at_once, "whole": whole} if rank == 0 else {}
 
 
+def _stream_ranks(rank: int, world: int, names: list[str], out_dir: str) -> dict:
+    """`_stream_rank` for several cases one after another in one group of ranks (one spawn and one
+    set of imports for all of them), each writing into its own folder."""
+    return {name: _stream_rank(rank, world, name, str(Path(out_dir) / name)) for name in names}
+
+
+@pytest.fixture(scope="module")
+def streamed(request, tmp_path_factory) -> tuple[Path, dict]:
+    """The cases the selected tests of this module ask for, run once in one group: the folder
+    holding each case's weights file, and rank 0's results by case."""
+    from pipeline.runtime.local_group import run_group
+
+    names = [n for n in CASES if any(item.module is request.module and
+                                     getattr(getattr(item, "callspec", None), "params", {}).get("name") == n
+                                     for item in request.session.items)]
+    out = tmp_path_factory.mktemp("streamed")
+    for name in names:
+        (out / name).mkdir()
+    return out, run_group(_stream_ranks, 2, names, str(out), timeout_s=1200)[0]
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_export_weights_stream_one_tensor_at_a_time(tmp_path, name):
+def test_export_weights_stream_one_tensor_at_a_time(streamed, name):
     """FSDP2, ZeRO-3 and FSDP2 x 2 pipeline stages on 2 gloo ranks: the final checkpoint's
     weights file holds exactly the consolidated weights, and while it is written rank 0 never
     has more than about one whole tensor (the largest, the embedding, under 1/5 of the model) of
     new storage alive; gathering them all at once, as export did before, holds the whole model."""
     from pipeline.config import validate
     from pipeline.models.gpt import GPT
-    from pipeline.runtime.local_group import run_group
     from tests.conftest import tiny_raw
 
-    got = run_group(_stream_rank, 2, name, str(tmp_path))[0]
-    written = load_file(str(tmp_path / "model.safetensors"))
+    folder, results = streamed
+    got = results[name]
+    written = load_file(str(folder / name / "model.safetensors"))
     eager = GPT(validate(tiny_raw(CASES[name] + MODEL)).task("lm").model, VOCAB, 32)
     torch.manual_seed(3)
     eager.init_weights()  # sharded initialisation draws DDP's weights exactly (tests/test_sharded.py)

@@ -161,26 +161,67 @@ def _fp8_group(rank: int, world: int, raws: dict, shards: str, root: str, resume
     return out if rank == 0 else {}
 
 
+def _fp8_spawned(rank: int, world: int, jobs: dict[str, tuple]) -> dict:
+    """Several of this module's rank functions one after another in one group of ranks (one spawn
+    and one set of imports for all of them): the probes first, each in the fresh process state it
+    had in a group of its own, then the training runs (`_fp8_group`)."""
+    fns = {"tp_layers": _tp_float8_layers, "gather": _fsdp_fp8_probe, "runs": _fp8_group}
+    return {key: fns[key](rank, world, *jobs[key]) for key in sorted(jobs, key=lambda key: key == "runs")}
+
+
+# What each test (or fixture) takes from the groups of ranks, by world size: the first request for a
+# world size runs everything the selected tests of this module take from it in one group.
+SPAWNED = {
+    "test_fp8_tensor_parallel_layers_equal_whole_float8_layers": [(2, "tp_layers")],
+    "test_fp8_fsdp2_all_gathers_the_converted_weights_in_float8": [(2, "gather")],
+    "test_fp8_fsdp2_with_tensor_parallel_all_gathers_float8_cast_with_the_whole_weights_scale": [(4, "gather")],
+    "fp8_runs": [(2, "runs")],
+    "fp8_mesh_runs": [(4, "runs")],
+}
+
+
 @pytest.fixture(scope="module")
-def fp8_runs(built_data, tmp_path_factory):
+def spawned(request, built_data, tmp_path_factory):
+    """`spawned(world, key)`: every rank's result of the job `key` on `world` gloo ranks."""
     pytest.importorskip("torchao.float8")
     from pipeline.runtime.local_group import run_group
 
     _, shards = built_data
-    raws = {name: tiny_raw(FP8_STEPS + extra) for name, extra in FP8_RUNS.items()}
-    return run_group(_fp8_group, 2, raws, str(shards["lm"]), str(tmp_path_factory.mktemp("fp8")))[0]
+    wanted = {need for item in request.session.items if item.module is request.module
+              for name in (item.originalname, *getattr(item, "fixturenames", ())) for need in SPAWNED.get(name, ())}
+    cache: dict[tuple[int, str], list] = {}
+
+    def job(world: int, key: str) -> tuple:
+        if key == "tp_layers":
+            return ()
+        if key == "gather":
+            return (world // 2,)  # tp
+        if world == 2:
+            return ({name: tiny_raw(FP8_STEPS + extra) for name, extra in FP8_RUNS.items()}, str(shards["lm"]),
+                    str(tmp_path_factory.mktemp("fp8")))
+        # FSDP2 over dp=2 around tp=2 on 4 ranks (float8 all-gather on), and the same run resumed
+        return ({"fsdp_tp2_fp8": tiny_raw([*FP8_STEPS, "strategy.name=fsdp", "parallel.tp=2", *EMULATED])},
+                str(shards["lm"]), str(tmp_path_factory.mktemp("fp8_mesh")), "fsdp_tp2_fp8")
+
+    def get(world: int, key: str) -> list:
+        if (world, key) not in cache:
+            keys = {key} | {k for w, k in wanted if w == world and (w, k) not in cache}
+            ranks = run_group(_fp8_spawned, world, {k: job(world, k) for k in keys}, timeout_s=1200)
+            cache.update({(world, k): [r[k] for r in ranks] for k in keys})
+        return cache[(world, key)]
+
+    return get
 
 
 @pytest.fixture(scope="module")
-def fp8_mesh_runs(built_data, tmp_path_factory):
+def fp8_runs(spawned):
+    return spawned(2, "runs")[0]
+
+
+@pytest.fixture(scope="module")
+def fp8_mesh_runs(spawned):
     """FSDP2 over dp=2 around tp=2 on 4 ranks (float8 all-gather on), and the same run resumed."""
-    pytest.importorskip("torchao.float8")
-    from pipeline.runtime.local_group import run_group
-
-    _, shards = built_data
-    raws = {"fsdp_tp2_fp8": tiny_raw([*FP8_STEPS, "strategy.name=fsdp", "parallel.tp=2", *EMULATED])}
-    return run_group(_fp8_group, 4, raws, str(shards["lm"]), str(tmp_path_factory.mktemp("fp8_mesh")),
-                     "fsdp_tp2_fp8")[0]
+    return spawned(4, "runs")[0]
 
 
 def _losses(run: dict) -> list[float]:
@@ -275,14 +316,13 @@ def _tp_float8_layers(rank: int, world: int) -> dict:
     return {"output": rel(y1, y0), "grad": rel(g1, g0), "fp8_effect": rel(y2, y0)}
 
 
-def test_fp8_tensor_parallel_layers_equal_whole_float8_layers():
+def test_fp8_tensor_parallel_layers_equal_whole_float8_layers(spawned):
     """The float8 casts under tensor parallelism use the whole tensor's scale (input, weight and
     output gradient are cast as DTensors), so split layers compute what whole Float8Linear
     layers compute, to float32 rounding, while float8 itself moves the output by percents."""
     pytest.importorskip("torchao.float8")
-    from pipeline.runtime.local_group import run_group
 
-    got, _ = run_group(_tp_float8_layers, 2)
+    got, _ = spawned(2, "tp_layers")
     assert got["output"] < 1e-6 and got["grad"] < 1e-6, got
     assert got["fp8_effect"] > 1e-2, got
 
@@ -401,20 +441,19 @@ def _check_float8_gather(got: dict, tp: int) -> None:
     assert all(bits and scale for _, _, bits, scale in fp8["checks"]), fp8["checks"]
 
 
-def test_fp8_fsdp2_all_gathers_the_converted_weights_in_float8():
+def test_fp8_fsdp2_all_gathers_the_converted_weights_in_float8(spawned):
     """FSDP2 all-gathers each converted weight in one byte per element instead of bf16's two
     (over one forward and backward, each block gathered twice: `reshard_after_forward`, so
     exactly 2 x the converted elements fewer bytes), and the float8 weight each layer computes
     with is bit for bit torchao's cast of the whole fp32 weight, before and after the step's
     precomputed scales."""
     pytest.importorskip("torchao.float8")
-    from pipeline.runtime.local_group import run_group
 
-    for got in run_group(_fsdp_fp8_probe, 2, 1):  # every rank
+    for got in spawned(2, "gather"):  # every rank
         _check_float8_gather(got, tp=1)
 
 
-def test_fp8_fsdp2_with_tensor_parallel_all_gathers_float8_cast_with_the_whole_weights_scale():
+def test_fp8_fsdp2_with_tensor_parallel_all_gathers_float8_cast_with_the_whole_weights_scale(spawned):
     """FSDP2 over dp=2 around tensor parallelism (tp=2, 4 ranks; torchtitan's 2-D float8 layout):
     each rank all-gathers its tp slice of every converted weight in float8 (exactly 2 x the
     converted elements / tp fewer bytes), cast with the scale of the whole weight across both
@@ -422,7 +461,6 @@ def test_fp8_fsdp2_with_tensor_parallel_all_gathers_float8_cast_with_the_whole_w
     at setup, the first pass's scales came from each tp slice's own amax, all-reduced over dp
     alone: different bits on each tp rank.)"""
     pytest.importorskip("torchao.float8")
-    from pipeline.runtime.local_group import run_group
 
-    for got in run_group(_fsdp_fp8_probe, 4, 2):  # every rank
+    for got in spawned(4, "gather"):  # every rank
         _check_float8_gather(got, tp=2)

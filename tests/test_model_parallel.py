@@ -77,21 +77,56 @@ def _train_rank(rank: int, world: int, raw: dict, shards: str, root: str, resume
     return out
 
 
+def _each(rank: int, world: int, fn, calls: list[tuple]) -> list:
+    """`fn(rank, world, *args)` for each args of `calls`, one after another in one group of ranks."""
+    return [fn(rank, world, *args) for args in calls]
+
+
+def _train_layouts(rank: int, world: int, jobs: list[tuple[str, dict, str, bool]], shards: str) -> dict:
+    """Several layouts' `_train_rank` one after another in one group of ranks (one spawn and one
+    set of imports for all of them, as tests/test_strategies.py runs its strategies)."""
+    return {name: _train_rank(rank, world, raw, shards, root, resume) for name, raw, root, resume in jobs}
+
+
+# The layouts each test asks `runs` for (those of all its parameters): the first request trains every
+# layout of its rank count that this session's selection needs, in one group.
+USES = {
+    "test_tensor_parallel_losses_equal_ddp": ("ddp", "tp2"),
+    "test_tensor_parallel_2d_with_fsdp_losses_equal_ddp": ("ddp", "fsdp_tp2x2"),
+    "test_pipeline_parallel_losses_equal_ddp": ("ddp", "ddp_4l", "pp2_gpipe", "pp2_1f1b", "pp2_interleaved_1f1b"),
+    "test_model_parallel_compiled_losses_equal_ddp": ("ddp", "tp2_compiled", "pp2_1f1b_compiled"),
+    "test_tensor_parallel_with_activation_checkpointing_by_op_losses_equal_ddp": ("ddp", "tp2_op_ac"),
+    "test_pipeline_parallel_interleaved_exports_ddp_weights": ("ddp_4l", "pp2_interleaved_1f1b"),
+    "test_pipeline_parallel_with_data_parallel_losses_equal_ddp": ("ddp", "pp2_dp2"),
+    "test_tensor_parallel_and_pipeline_parallel_3d_bf16_trains_close_to_ddp_fp32": ("ddp", "tp2_pp2_bf16"),
+    "test_tensor_parallel_and_pipeline_parallel_resume_is_bit_exact": ("tp2", "pp2_1f1b", "pp2_interleaved_1f1b"),
+    "test_tensor_parallel_and_pipeline_parallel_export_equals_ddp_layout": ("ddp", "tp2", "pp2_1f1b", "fsdp_tp2x2"),
+    "test_tensor_parallel_and_pipeline_parallel_checkpoint_loads_under_another_layout": ("tp2", "pp2_1f1b"),
+}
+
+
 @pytest.fixture(scope="module")
-def runs(built_data, tmp_path_factory):
-    """Each layout's run, trained once per module and shared by the tests below."""
+def runs(request, built_data, tmp_path_factory):
+    """Each layout's run, trained once per module and shared by the tests below. The first request
+    for a layout trains it together with every other layout of its rank count that the selected
+    tests of this module use (`USES`), in one group of processes; the compiled layouts last."""
     from pipeline.runtime.local_group import run_group
 
     _, shards = built_data
+    wanted = {name for item in request.session.items if item.module is request.module
+              for name in USES.get(item.originalname, ())}
     cache: dict[str, dict] = {}
 
     def get(name: str) -> dict:
         if name not in cache:
-            ranks, overrides = LAYOUTS[name]
-            root = tmp_path_factory.mktemp(f"mp-{name}")
-            result = run_group(_train_rank, ranks, tiny_raw(STEPS + overrides), str(shards["lm"]), str(root),
-                               name in ("tp2", "pp2_1f1b", "pp2_interleaved_1f1b"))[0]
-            cache[name] = {**result, "root": root}
+            ranks = LAYOUTS[name][0]
+            batch = [n for n in LAYOUTS if n == name or (n in wanted and n not in cache and LAYOUTS[n][0] == ranks)]
+            batch.sort(key=lambda n: "compiled" in n)  # (stable: LAYOUTS' order otherwise)
+            roots = {n: tmp_path_factory.mktemp(f"mp-{n}") for n in batch}
+            jobs = [(n, tiny_raw(STEPS + LAYOUTS[n][1]), str(roots[n]),
+                     n in ("tp2", "pp2_1f1b", "pp2_interleaved_1f1b")) for n in batch]
+            results = run_group(_train_layouts, ranks, jobs, str(shards["lm"]), timeout_s=1800)[0]
+            cache.update({n: {**results[n], "root": roots[n]} for n in batch})
         return cache[name]
 
     return get
@@ -240,15 +275,25 @@ def _load_rank(rank: int, world: int, raw: dict, ckpt: str) -> dict:
     return weights if rank == 0 else {}
 
 
-@pytest.mark.parametrize(("written", "read"), [("tp2", "ddp"), ("pp2_1f1b", "fsdp")])
-def test_tensor_parallel_and_pipeline_parallel_checkpoint_loads_under_another_layout(runs, written, read):
-    """TP=2 -> DDP and PP=2 -> FSDP2: the final checkpoint's DCP state, read under the other
-    layout and consolidated, is bit-identical to the weights the writing run exported."""
+LOADS = [("tp2", "ddp"), ("pp2_1f1b", "fsdp")]
+
+
+@pytest.fixture(scope="module")
+def loads(runs):
+    """Each (written, read) pair's `_load_rank` on rank 0, both in one group of ranks (one spawn)."""
     from pipeline.runtime.local_group import run_group
 
+    calls = [(tiny_raw(STEPS + VARIANTS[read]), str(runs(written)["root"] / "straight" / "checkpoint_00000020"))
+             for written, read in LOADS]
+    return dict(zip(LOADS, run_group(_each, 2, _load_rank, calls)[0], strict=True))
+
+
+@pytest.mark.parametrize(("written", "read"), LOADS)
+def test_tensor_parallel_and_pipeline_parallel_checkpoint_loads_under_another_layout(runs, loads, written, read):
+    """TP=2 -> DDP and PP=2 -> FSDP2: the final checkpoint's DCP state, read under the other
+    layout and consolidated, is bit-identical to the weights the writing run exported."""
     run = runs(written)
-    ckpt = run["root"] / "straight" / "checkpoint_00000020"
-    got = run_group(_load_rank, 2, tiny_raw(STEPS + VARIANTS[read]), str(ckpt))[0]
+    got = loads[(written, read)]
     exported = run["straight"]["weights"]
     assert got.keys() == exported.keys()
     for k, v in exported.items():
@@ -364,8 +409,8 @@ def test_tensor_parallel_attention_dropout_draws_its_own_masks_per_tp_rank():
     the same output: the control that shows the setup would see shared masks."""
     from pipeline.runtime.local_group import run_group
 
-    for dropout in (0.0, 0.5):
-        r0, r1 = run_group(_dropout_rank, 2, dropout)
+    # (both settings in one group of ranks: one spawn; each call seeds what it draws)
+    for dropout, r0, r1 in zip((0.0, 0.5), *run_group(_each, 2, _dropout_rank, [(0.0,), (0.5,)]), strict=True):
         assert torch.equal(r0["after"], r1["after"]) and torch.equal(r0["logits"], r1["logits"])
         for r in (r0, r1):  # the recompute drew the forward's masks: the same gradients
             assert r["checkpointed_grads"].keys() == r["grads"].keys()
@@ -457,9 +502,9 @@ def test_pipeline_parallel_stages_draw_their_own_dropout_masks():
         drawn = [m for m in stage1 if m.any() and not m.all()]  # (a zero output, as shape inference's, drew nothing)
         return sum(a.shape == b.shape and torch.equal(a, b) for a in stage0 for b in drawn)
 
-    before = run_group(_stage_masks, 2, False)
-    assert shared(*before) > 0, "the control: seeded alike, the stages share masks"
-    stage0, stage1 = run_group(_stage_masks, 2, True)
+    # (the control and the fix in one group of ranks: one spawn; each call seeds what it draws)
+    (control0, stage0), (control1, stage1) = run_group(_each, 2, _stage_masks, [(False,), (True,)])
+    assert shared(control0, control1) > 0, "the control: seeded alike, the stages share masks"
     assert len(stage0) > 0 and len(stage1) > 0 and shared(stage0, stage1) == 0
     assert any(m.any() and not m.all() for m in stage1)  # dropout drew: some dropped, some kept
 

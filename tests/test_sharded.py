@@ -273,19 +273,32 @@ def _ema_rank(rank: int, world: int, raw: dict, shards: str, root: str, legacy: 
     return out
 
 
+def _ema_ranks(rank: int, world: int, jobs: list[tuple[str, dict, str]], shards: str) -> dict:
+    """Several strategies' `_ema_rank` one after another in one group of ranks (one spawn and one
+    set of imports for all of them, as tests/test_strategies.py runs its strategies)."""
+    return {name: _ema_rank(rank, world, raw, shards, root, name == "zero2_bf16") for name, raw, root in jobs}
+
+
 @pytest.fixture(scope="module")
-def ema_runs(built_data, tmp_path_factory):
+def ema_runs(request, built_data, tmp_path_factory):
+    """Each strategy's EMA run, once per module. The first request trains every strategy the
+    selected tests of this module ask for (DDP, the reference, with the equality test) in one group."""
     from pipeline.runtime.local_group import run_group
 
     _, shards = built_data
+    wanted = {"ddp"} if any(item.module is request.module and item.originalname == "test_sharded_ema_equals_ddp"
+                            for item in request.session.items) else set()
+    wanted |= {item.callspec.params["name"] for item in request.session.items
+               if item.module is request.module and "ema_runs" in getattr(item, "fixturenames", ())
+               and "name" in getattr(getattr(item, "callspec", None), "params", {})}
     cache: dict[str, dict] = {}
 
     def get(name: str) -> dict:
         if name not in cache:
-            root = str(tmp_path_factory.mktemp(f"ema-{name}"))
-            overrides = EMA_COMMON + (VARIANTS[name] if name in VARIANTS else EMA_VARIANTS[name])
-            cache[name] = run_group(_ema_rank, 2, tiny_raw(overrides), str(shards["lm"]), root,
-                                    name == "zero2_bf16")[0]
+            batch = [n for n in ("ddp", *SHARDED, *EMA_VARIANTS) if n == name or (n in wanted and n not in cache)]
+            jobs = [(n, tiny_raw(EMA_COMMON + (VARIANTS[n] if n in VARIANTS else EMA_VARIANTS[n])),
+                     str(tmp_path_factory.mktemp(f"ema-{n}"))) for n in batch]
+            cache.update(run_group(_ema_ranks, 2, jobs, str(shards["lm"]), timeout_s=1800)[0])
         return cache[name]
 
     return get

@@ -316,6 +316,10 @@ def _setup_state(rank: int, world: int, name: str) -> dict:
             "lrs": sorted({group["lr"] for group in strategy.optimizer.param_groups})}
 
 
+def _setup_states(rank: int, world: int, names: list[str]) -> dict:
+    return {name: _setup_state(rank, world, name) for name in names}
+
+
 def test_zero0_in_half_precision_starts_where_ddp_starts():
     """DeepSpeed's ZeRO-0 bf16/fp16 optimizer steps the optimizer once on zero gradients while it
     is built: AdamW began training at step count 1 (bias correction off for the run) with every
@@ -324,8 +328,10 @@ def test_zero0_in_half_precision_starts_where_ddp_starts():
     untouched."""
     from pipeline.runtime.local_group import run_group
 
-    zero1 = run_group(_setup_state, 1, "zero1")[0]  # DeepSpeed's bf16 start (DDP's, through bf16), no hidden step
-    zero0 = run_group(_setup_state, 1, "zero0")[0]
+    # (both in one process: one spawn; each setup seeds its own weights)
+    states = run_group(_setup_states, 1, ["zero1", "zero0"])[0]
+    zero1 = states["zero1"]  # DeepSpeed's bf16 start (DDP's, through bf16), no hidden step
+    zero0 = states["zero0"]
     assert zero0["state"] == 0 and zero1["state"] == 0 and zero0["lrs"] == zero1["lrs"] == [0.001]
     assert zero0["weights"].keys() == zero1["weights"].keys()
     for key, tensor in zero1["weights"].items():

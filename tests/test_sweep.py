@@ -72,11 +72,11 @@ def test_trials_ranked_are_those_with_a_finite_validation_loss():
     assert min(scored(trials), key=lambda t: t.metrics["val_loss"]).name == "good"
 
 
-def test_tune_sweep_every_trial_an_mlflow_run(tmp_path):
+def test_tune_sweep_every_trial_an_mlflow_run(prepared_lm, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    project, env = _sweep_project(tmp_path, SPACE)
+    project, env = _sweep_project(prepared_lm, tmp_path, SPACE)
     proc = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "lm", "--space", "space.yaml", "--seed", "0",
                            "--trials", "4"],
                           cwd=project, env=env, capture_output=True, text=True, timeout=900)
@@ -107,12 +107,20 @@ def test_tune_sweep_every_trial_an_mlflow_run(tmp_path):
         mlflow.set_tracking_uri(None)
 
 
-def _sweep_project(tmp_path, space: dict):
-    from tests.e2e_project import run_ok, tiny_project
+@pytest.fixture(scope="module")
+def prepared_lm(tmp_path_factory):
+    """A tiny project with the lm data prepared and sharded, made once for this module's sweeps;
+    each sweep runs in its own copy (its own params, space, Tune state and MLflow store)."""
+    from tests.e2e_project import prepared_project
 
-    project = tiny_project(tmp_path / "project")
-    run_ok([sys.executable, "-m", "stages.prepare", "lm"], project)
-    run_ok([sys.executable, "-m", "stages.shard", "lm"], project)
+    return prepared_project(tmp_path_factory.mktemp("sweep") / "project")
+
+
+def _sweep_project(prepared, tmp_path, space: dict):
+    import shutil
+    from pathlib import Path
+
+    project = Path(shutil.copytree(prepared, tmp_path / "project", symlinks=True))
     (project / "space.yaml").write_text(yaml.safe_dump(space))
     env = {**os.environ, "PYTHONPATH": str(project), "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
@@ -147,8 +155,8 @@ HEADS_SPACE = {**SPACE, "max_steps": 6, "eval_every": 3, "grace_period": 3,
 
 
 @pytest.mark.e2e
-def test_failed_trials_are_reported_and_all_failed_is_one_line(tmp_path):
-    project, env = _sweep_project(tmp_path, HEADS_SPACE)
+def test_failed_trials_are_reported_and_all_failed_is_one_line(prepared_lm, tmp_path):
+    project, env = _sweep_project(prepared_lm, tmp_path, HEADS_SPACE)
     some = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "lm", "--space", "space.yaml", "--seed", "1",
                            "--trials", "4"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
     out = some.stdout + some.stderr
@@ -187,7 +195,7 @@ def test_failed_trials_are_reported_and_all_failed_is_one_line(tmp_path):
 
 
 @pytest.mark.e2e
-def test_interrupted_sweep_records_no_best_and_resumes(tmp_path):
+def test_interrupted_sweep_records_no_best_and_resumes(prepared_lm, tmp_path):
     """Ctrl-C while trials run: exit 130 and one line saying how many finished and how to resume;
     no best on the parent run, which ends KILLED, as do the unfinished trial runs. The same command
     again resumes (same parent run) and finishes the sweep."""
@@ -199,7 +207,7 @@ def test_interrupted_sweep_records_no_best_and_resumes(tmp_path):
     # resumed trials have little left to train
     space = {**SPACE, "num_samples": 2, "max_steps": 120, "eval_every": 3, "grace_period": 120,
              "space": {"tasks.lm.optim.lr": {"loguniform": [3e-4, 3e-3]}}}
-    project, env = _sweep_project(tmp_path, space)
+    project, env = _sweep_project(prepared_lm, tmp_path, space)
     cmd = [sys.executable, "-m", "pipeline", "sweep", "lm", "--space", "space.yaml", "--seed", "0"]
     log = (project / "sweep.log").open("w")
     proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
