@@ -153,4 +153,16 @@ def test_dvc_exp_run_fine_tunes_a_hugging_face_llama(lm_project, tmp_path, text_
     finally:
         mlflow.set_tracking_uri(None)
 
+    # The checkpoint's weights replaced in place (same path, same tokenizer): DVC tracked the folder by
+    # its path only and kept the old model; the source stage's record of them is now a train dependency
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(llama / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
+    save_file(tensors, llama / "model.safetensors", metadata={"format": "pt"})
+    run_ok(["dvc", "repro", "--single-item", "source@lm"], lm_project)
+    status = run_ok(["dvc", "status", "prepare@lm", "train@lm"], lm_project)
+    assert "train@lm:" in status and "modified:" in status and "data/lm/init_from.json" in status, status
+    assert "prepare@lm" not in status, status  # (the tokenizer is the same: the data is)
+
 
