@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,26 +191,31 @@ def init_fingerprint(init_from: str | None, cache: Path | None = CACHE) -> dict[
     return {"init_from": init_from, "files": files}
 
 
-def _write(out: Path, record: dict[str, Any]) -> None:
-    """`record` as JSON in `out`, atomically; the file is left alone when its bytes would not change."""
+def _write(out: Path, compute: Callable[[], dict[str, Any]], unavailable: dict[str, Any],
+           kept: str = "") -> tuple[dict[str, Any] | None, str | None]:
+    """`compute()`'s record as JSON in `out`, atomically (the file is left alone when its bytes would
+    not change). Where `compute` raises `SourceUnavailable`, the record there is stays (None and the
+    line saying so, with `kept` after it); without one, `unavailable` is recorded with the reason.
+    Returns (the record written, the line to print instead of the stage's own, if any)."""
+    try:
+        record = compute()
+    except SourceUnavailable as e:
+        if out.is_file():
+            return None, f"{e}: kept the record of {out}{kept}"
+        record = {**unavailable, "unavailable": str(e)}
     text = json.dumps(record, indent=1, sort_keys=True) + "\n"
     if not (out.is_file() and out.read_text() == text):
         atomic_write_text(out, text)
+    return record, (f"{record['unavailable']}: recorded as unavailable" if "unavailable" in record else None)
 
 
 def write_init_record(init_from: str | None, out: Path) -> str:
     """Write `init_fingerprint`'s record to `out`; returns the line the stage prints. Weights not on
     this machine keep the record there is (the train stage keeps its model); without one they are
     recorded as unavailable, and training names the missing path."""
-    try:
-        record = init_fingerprint(init_from)
-    except SourceUnavailable as e:
-        if out.is_file():
-            return f"{e}: kept the record of {out}"
-        record = {"init_from": init_from, "unavailable": str(e)}
-    _write(out, record)
-    if "unavailable" in record:
-        return f"{record['unavailable']}: recorded as unavailable"
+    record, said = _write(out, lambda: init_fingerprint(init_from), {"init_from": init_from})
+    if said is not None or record is None:
+        return said or ""
     n = len(record.get("files", {}))
     return f"init_from {init_from}: {n} file{'s' * (n != 1)} hashed" if init_from else "no init_from"
 
@@ -220,15 +226,10 @@ def write_record(source: str, kind: str, tokenizer_from: str | None, out: Path) 
     (prepare then keeps its output); without one, it is recorded as unavailable, so prepare runs
     and names the problem."""
     start = time.perf_counter()
-    try:
-        record = source_fingerprint(source, kind, tokenizer_from)
-    except SourceUnavailable as e:
-        if out.is_file():
-            return f"{e}: kept the record of {out} (prepare keeps its output)"
-        record = {"source": source, "unavailable": str(e)}
-    _write(out, record)
-    if "unavailable" in record:
-        return f"{record['unavailable']}: recorded as unavailable"
+    record, said = _write(out, lambda: source_fingerprint(source, kind, tokenizer_from), {"source": source},
+                          " (prepare keeps its output)")
+    if said is not None or record is None:
+        return said or ""
     if "builtin" in record:
         what = "builtin " + ", ".join(f"{k} {v}" for k, v in record["builtin"].items())
     else:
