@@ -191,6 +191,12 @@ def test_editing_the_raw_data_reruns_prepare_through_dvc(tmp_path, text_corpus, 
     moved = raw.rename(tmp_path / "elsewhere")  # the raw data not on this machine: a note, not a difference
     differences, notes = _source_changed("lm")
     assert differences == [] and notes[0].startswith("the raw data source is not readable here"), notes
+    recorded = (project / "data/lm/source.json").read_bytes()
+    # and `dvc repro` keeps the record (DVC deleted a stage's outs before running it: the record was
+    # rewritten as unavailable and prepare reran and failed), so prepare keeps its output
+    kept = run_ok(["dvc", "repro", "prepare@lm"], project)
+    assert "kept the record of data/lm/source.json" in kept and "Running stage 'prepare@lm'" not in kept, kept[-3000:]
+    assert (project / "data/lm/source.json").read_bytes() == recorded
     moved.rename(raw)
     rerun = run_ok(["dvc", "repro", "prepare@lm"], project)
     assert "Running stage 'prepare@lm'" in rerun, rerun[-3000:]

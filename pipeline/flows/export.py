@@ -27,7 +27,7 @@ from pipeline.export.onnx_export import export_onnx
 from pipeline.export.pyfunc import GENERATION, SAMPLER, example_input, log_pyfunc, pyfunc_files, sampler_settings
 from pipeline.export.quantize import accuracy_change, quantize_int8
 from pipeline.flows.evaluate import EVAL_RUN, check_trained_on
-from pipeline.tasks import task_named
+from pipeline.tasks import task_for_spec
 from pipeline.tracking import mlflow_runs
 from pipeline.tracking.registry import (
     Registration,
@@ -194,7 +194,8 @@ def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_di
     # the logged model's files are in the artifact store (those of the folder the pyfunc carries)
     check_logged_model(model_uri, {k: v for k, v in pyfunc_files(model_checksums(export_dir)).items() if k != INFO},
                        task, shipped=info.get("shipped_files"))  # (exports before the record: by listing only)
-    example = example_input(read_json(export_dir / SPEC, "export")).to_dict("list")
+    spec = read_json(export_dir / SPEC, "export")
+    example = example_input(spec).to_dict("list")
 
     def describe(version: str) -> str:
         return describe_version(tcfg.registry.name, version, trained, metrics, tcfg.registry, run["tracking_uri"],
@@ -205,7 +206,7 @@ def register_export(cfg: PipelineConfig, task: str, export_dir: Path, metrics_di
     # eval config that scored it (DVC reran evaluate on any change to it), which `pipeline reproduce` applies
     scores = {f"eval/{k}": str(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     scored_with = {**eval_config_tags(tcfg.eval.model_dump(mode="json")),
-                   **loss_settings_tag(task_named(task).loss_settings(read_json(export_dir / SPEC, "export")))}
+                   **loss_settings_tag(task_for_spec(spec).loss_settings(spec))}
     reg = register(model_uri, run_id, tcfg.registry, value, {**version_tags(trained), **scores, **scored_with},
                    describe)
     atomic_write_text(out, json.dumps(dataclasses.asdict(reg), indent=2))
