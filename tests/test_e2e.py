@@ -157,6 +157,18 @@ def test_dvc_repro_end_to_end(tmp_path):
     mlflow.set_tracking_uri(None)
     assert len(versions) == 3  # dvc repro and the two queued variants
 
+    # After a commit, a setting that never changes the weights: train reruns (a param changed), resumes
+    # the finished run and trains nothing, and writes the same model folder, so nothing after it runs
+    # again (run.json named the new commit: evaluate, export and register reran, a fourth version)
+    run_ok(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "later"],
+           project)
+    later = run_ok(["dvc", "exp", "run", "-S", "tasks.lm.trainer.log_every=3", "register@lm"], project)
+    assert "Running stage 'train@lm'" in later and "[lm] trained 6 steps" in later, later[-3000:]
+    assert not re.findall(r"Running stage '(evaluate|export|register)@lm'", later), later[-3000:]
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlruns.db")
+    assert len(MlflowClient().search_model_versions("name = 'pipeline-lm'")) == 3
+    mlflow.set_tracking_uri(None)
+
 
 def _registered_onnx_runs(client, project: Path) -> None:
     """The ONNX file logged with the champion LM's run runs in onnxruntime and matches PyTorch."""

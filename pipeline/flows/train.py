@@ -112,10 +112,9 @@ def _run_to_continue(run_id: str, task_name: str) -> Any:
 
 
 def _retag_resumed(run: Any, tags: dict[str, str]) -> None:
-    """A run resumed by another attempt is tagged with that attempt's code and environment, the
-    ones run.json records (its `git.commit` stayed the first attempt's while run.json named the
-    latest, and `pipeline reproduce` checked out the first); the earlier commits stay listed in
-    `git.resumed_from`."""
+    """A run resumed by another attempt is tagged with that attempt's code and environment (its
+    `git.commit` stayed the first attempt's, and `pipeline reproduce` checked out the first); the
+    earlier commits stay listed in `git.resumed_from`."""
     now = {k: v for k, v in tags.items() if k.startswith(("git.", "env."))}
     before = run.data.tags.get("git.commit")
     if before and before != now.get("git.commit"):
@@ -372,8 +371,11 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
             raise RuntimeError(f"[{task_name}] the last checkpoint is not the final one (step {meta['step']})")
         history = meta["history"]
         spec = task_for_data(tcfg.data.kind).model_spec(tcfg, manifest)
+        # (no commit here: the run's tags hold it; a rerun at a later commit that resumed the finished run
+        # and trained nothing rewrote models/<task> with the new commit, so evaluate, export and register
+        # all ran again and registered the same weights as a new version)
         info = {"run_id": run_id, "ray_run": run_name, "tracking_uri": mlflow_runs.portable_store(uri),
-                "data_manifest_md5": manifest_md5, "git_commit": tags["git.commit"]}
+                "data_manifest_md5": manifest_md5}
         summary = {"final_loss": history[-1]["loss"], "steps": meta["step"], "skipped_steps": meta["skipped_steps"],
                    # the loop's time over every start (a resume, a rerun that found the run finished)
                    "train_seconds": round(meta.get("train_seconds", seconds), 1),
