@@ -181,6 +181,23 @@ def test_damaged_compose_override_is_one_line(tmp_path):
         compose(tmp_path, [])
 
 
+@pytest.mark.parametrize("base", ["model@tasks.lm.model=_gpt_base", "model@tasks.diffusion.model=_dit_base",
+                                  "model@tasks.diffusion.model=_unet_base"])
+def test_damaged_model_base_picked_through_dvc_is_refused(tmp_path, base):
+    """`dvc exp run -S 'model@tasks.lm.model=_gpt_base'` composes with DVC's own Hydra call, which
+    `pipeline compose`'s refusal never sees: params.yaml held the base's placeholder sizes labelled
+    `custom`, and the train stage trained them. The base names itself, and the config refuses it."""
+    from dvc.utils.hydra import compose_and_dump
+
+    from pipeline.config import load_config
+
+    compose_and_dump(tmp_path / "params.yaml", str(ROOT / "configs"), None, "config", str(tmp_path), [base])
+    key = base.split("=")[0].split("@")[1]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}\.preset: .*'_\w+_base' is the base the model presets "
+                                          r"share, not a preset"):
+        load_config(tmp_path / "params.yaml")
+
+
 def test_damaged_compose_out_is_a_file_written_through_its_link(tmp_path):
     """`--out` naming a folder was a traceback, a link was replaced by a file (its target left as it
     was), and a device such as /dev/stdout became a regular file when run as root; `-` prints."""

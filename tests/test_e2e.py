@@ -134,6 +134,17 @@ def test_dvc_repro_end_to_end(tmp_path):
     shown = run_ok(["dvc", "metrics", "show"], project)
     assert "val_perplexity" in shown and "test_denoise_loss" in shown
 
+    # The LM's sampler keys (diffusion-only, unused by the LM) key no LM export: changing one reran
+    # export@lm and registered the same weights again. (Its evaluate reruns: the eval section keys it.)
+    params = project / "params.yaml"
+    kept = params.read_text()
+    edited = yaml.safe_load(kept)
+    edited["tasks"]["lm"]["eval"]["sample_steps"] += 1
+    params.write_text(yaml.safe_dump(edited))
+    status = run_ok(["dvc", "status"], project)
+    params.write_text(kept)
+    assert "evaluate@lm:" in status and "export@lm:" not in status and "export@diffusion:" not in status, status
+
     # A grid through DVC's queue: each variant runs in a copy under .dvc/tmp/exps/ (unchanged
     # stages restored from the run cache) and still logs into the workspace's tracking store.
     # (`dvc exp run -S` on its own runs in tests/test_e2e_variants.py.)

@@ -171,7 +171,7 @@ def test_system_sampler_survives_a_server_outage(tmp_path, monkeypatch):
         server = mlflow_server(tmp_path, port)
         before = len(client.get_metric_history(run_id, key))
         _wait_for(lambda: len(client.get_metric_history(run_id, key)) >= before + 3)  # sampling went on
-        assert sampler.finish(timeout_s=10)
+        assert sampler.finish(timeout_s=60)  # (a bound, not a timing: a loaded machine)
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert sorted(steps) == list(range(len(steps)))
         assert len([line for line in lines if "unreachable" in line]) == 1, lines
@@ -181,12 +181,43 @@ def test_system_sampler_survives_a_server_outage(tmp_path, monkeypatch):
 
         resumed = SystemSampler(run_id, uri, "node-test", sampling_interval=0.3, say=lambda *a, **k: None).start()
         _wait_for(lambda: len(client.get_metric_history(run_id, key)) >= len(steps) + 1)
-        assert resumed.finish(timeout_s=10)
+        assert resumed.finish(timeout_s=60)
         steps = sorted(m.step for m in client.get_metric_history(run_id, key))
         assert steps == list(range(len(steps)))  # a second sampler of the run goes on after the first's steps
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+
+
+def test_system_sampler_sends_a_backlog_in_few_requests(tmp_path):
+    """After an outage the kept samples (up to 2,000) went one request each, behind the new ones;
+    now as many as one `log_batch` takes (BATCH metrics), steps in order, and a failed request
+    keeps its samples for the next try (no step lost or sent twice)."""
+    from pipeline.tracking.live import BATCH, SystemSampler
+
+    class Store:  # records the requests (the real server's side is the outage test above)
+        def __init__(self, fail_at: int | None = None) -> None:
+            self.batches: list[list] = []
+            self.fail_at = fail_at
+
+        def log_batch(self, run_id: str, metrics: list) -> None:
+            if len(self.batches) == self.fail_at:
+                self.fail_at = None
+                raise ConnectionError("down")
+            self.batches.append(metrics)
+
+    sampler = SystemSampler("run", f"sqlite:///{tmp_path}/m.db", "node-x", sampling_interval=1)
+    values = {f"metric_{i}": float(i) for i in range(10)}
+    sampler._pending.extend((1000 + i, values) for i in range(300))
+    sampler._next_step = 5
+    store = Store(fail_at=1)
+    with pytest.raises(ConnectionError):
+        sampler._send(store)
+    assert len(sampler._pending) == 300 - BATCH // 10 and sampler._next_step == 5 + BATCH // 10
+    sampler._send(store)
+    assert len(store.batches) == -(-3000 // BATCH) and not sampler._pending and sampler.sent == 300
+    steps = [m.step for batch in store.batches for m in batch[::10]]
+    assert steps == list(range(5, 305)) and all(len(b) <= BATCH for b in store.batches)
 
 
 def test_driver_run_ends_in_seconds_when_the_server_hangs(tmp_path, monkeypatch):
@@ -362,6 +393,17 @@ def test_a_rerun_continues_its_mlflow_run_only_while_it_is_there(tmp_path, capsy
         assert fresh != first and client.get_run(fresh).info.lifecycle_stage == "active"
         out = capsys.readouterr().out
         assert f"MLflow run {first}, which this training logged to, was deleted: starting a new run" in out
+        # another tracking.experiment (dvc exp run -S tracking.experiment=...): a new run in that one, not
+        # the old run continued in the old experiment with the new one left empty
+        other = validate(tiny_raw([f"tracking.uri={store}", f"tracking.artifact_dir={tmp_path / 'artifacts'}",
+                                   "tracking.experiment=other"]))
+        moved = _mlflow_run(other, "lm", run_dir, {"git.commit": "b" * 40})
+        assert moved != fresh
+        assert client.get_run(moved).info.experiment_id == client.get_experiment_by_name("other").experiment_id
+        assert (f"MLflow run {fresh}, which this training logged to, is in experiment 'pipeline', not in "
+                "tracking.experiment's: starting a new run there") in capsys.readouterr().out
+        assert _mlflow_run(other, "lm", run_dir, {"git.commit": "b" * 40}) == moved  # (and continued there)
+        fresh = moved
 
         class Unavailable(http.server.BaseHTTPRequestHandler):  # a tracking server that is overloaded
             def do_GET(self) -> None:
@@ -379,7 +421,7 @@ def test_a_rerun_continues_its_mlflow_run_only_while_it_is_there(tmp_path, capsy
         try:
             with pytest.raises(TrackingUnavailable, match=rf"^cannot read MLflow run {fresh}, which this training "
                                                           r"logs to \(.*503.*\); nothing was trained"):
-                _run_to_continue(fresh, "lm")
+                _run_to_continue(fresh, "lm", "0")
         finally:
             server.shutdown()
     finally:

@@ -154,6 +154,29 @@ def test_planner_counts_the_ema_copy_where_the_loop_keeps_it(task, strategy, sha
     assert "EMA weights" in format_plan(on) and "EMA weights" not in format_plan(off)
 
 
+def test_planner_counts_zero3s_fp32_master_on_the_gpu_when_parameters_are_offloaded():
+    """ZeRO-3 in fp32 keeps one tensor for the parameter partition and the fp32 master where both
+    live on the optimizer's device (`fp32_master_shares_partition`). With `offload_params` the
+    partition is in host memory and DeepSpeed clones it onto the GPU for an optimizer stepping
+    there (stage3.py `_create_fp32_partitions`): 4 bytes a parameter over N on the device, which
+    the planner left out. On a CPU target both are host memory (one tensor), as before."""
+    from pipeline.distributed.planner import plan
+
+    zero3 = ["strategy.name=deepspeed", "strategy.zero_stage=3"]
+
+    def planned(target: str, *extra: str):
+        return plan(validate(tiny_raw([*zero3, *extra])), "lm", workers=2, target=target, micro_batch=4,
+                    suggest=False)
+
+    for target in ("cuda", "cpu"):
+        resident, offloaded = planned(target), planned(target, "strategy.offload_params=true")
+        master = 4 * -(-resident.num_params // 2) if target == "cuda" else 0
+        assert offloaded.device.optimizer - resident.device.optimizer == master, target
+        assert offloaded.host.params > 0 and offloaded.device.params < resident.device.params, target
+    bf16 = [planned("cuda", "precision.dtype=bf16", *x) for x in ([], ["strategy.offload_params=true"])]
+    assert bf16[0].device.optimizer == bf16[1].device.optimizer  # (a bf16 partition has its fp32 master anyway)
+
+
 @pytest.mark.parametrize(("name", "impl"), [("adamw", "auto"), ("adamw", "fused"), ("adam", "auto"),
                                             ("sgd", "auto"), ("rmsprop", "auto")])
 def test_planner_optimizer_temporaries_match_torch(name, impl):

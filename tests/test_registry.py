@@ -32,8 +32,9 @@ def trained_lm(tmp_path, tiny_cfg):
     from pipeline.training.checkpoint import write_checksums
 
     uri = f"sqlite:///{tmp_path}/mlruns.db"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("registry-test")
+    mlflow.set_tracking_uri(uri)  # (artifacts under tmp_path: by default a SQLite store puts them in ./mlruns)
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment(
+        "registry-test", artifact_location=(tmp_path / "artifacts").as_uri()))
     dvc = {"dvc.prepare:lm.data/lm/prepared": "p1.dir", "dvc.prepare:lm.pipeline/data": "c1.dir",
            "dvc.shard:lm.data/lm/prepared": "p1.dir", "dvc.shard:lm.data/lm/shards": "s1.dir",
            "dvc.train:lm.pipeline": "c2.dir", "dvc.train:lm.models/lm": "m0.dir",

@@ -136,6 +136,55 @@ def test_invalid_choice_combination_is_named_up_front():
     assert "\n" not in str(err.value)
 
 
+def test_a_choice_refused_only_by_the_base_config_is_checked_with_the_others():
+    """Every combination of d_model {96, 192} and n_heads {3, 6} is a valid model, but each value
+    was checked alone against params.yaml's width (64): n_heads=3 was refused, naming a width no
+    trial would train. A value no combination of the other choices accepts is still named alone,
+    and so is one that only an end of a range would accept (most draws between them fail)."""
+    space = {"tasks.lm.model.d_model": {"choice": [96, 192]}, "tasks.lm.model.n_heads": {"choice": [3, 6]}}
+    check_space(tiny_raw(), "lm", SweepConfig.model_validate({**SPACE, "space": space}))
+    space["tasks.lm.model.n_heads"] = {"choice": [3, 7]}  # 7 divides neither width
+    with pytest.raises(ConfigError) as err:
+        check_space(tiny_raw(), "lm", SweepConfig.model_validate({**SPACE, "space": space}))
+    assert str(err.value).startswith("space.tasks.lm.model.n_heads=7: "), str(err.value)
+    ranged = {"tasks.lm.model.n_heads": {"choice": [2, 5]}, "tasks.lm.model.d_model": {"randint": [60, 70]}}
+    with pytest.raises(ConfigError) as err:  # (d_model 60 and 70 divide by 5; 62, 64, 66, 68 do not)
+        check_space(tiny_raw(), "lm", SweepConfig.model_validate({**SPACE, "space": ranged}))
+    assert str(err.value).startswith("space.tasks.lm.model.n_heads=5: "), str(err.value)
+
+
+def test_a_searched_model_is_labelled_custom_only_where_it_leaves_its_preset(tmp_path, capsys):
+    """The shipped LM space searches the width of params.yaml's gpt_small: each trial config and
+    the best trial's `dvc exp run` kept the label, so the check of the space warned that the
+    model is not gpt_small (advising the preset's group file, which undoes the search) and the
+    command trained a model run names and the registry called gpt_small. A drawn model that is not
+    its preset is `custom`; one drawn equal to it (d_model 192) keeps the preset's name."""
+    import shlex
+
+    from dvc.utils.hydra import compose_and_dump
+
+    from pipeline.config import compose, load_config
+
+    base = compose(ROOT / "configs")
+    sweep = load_sweep(ROOT / "configs" / "sweep" / "lm.yaml")
+    check_space(base, "lm", sweep)
+    assert "is not that preset" not in capsys.readouterr().err
+
+    def preset(point: dict) -> str:
+        return validate(trial_config(base, "lm", sweep, point)).task("lm").model.preset
+
+    point = {"tasks.lm.model.d_model": 128, "tasks.lm.optim.lr": 1e-3}
+    assert preset(point) == "custom" and preset({**point, "tasks.lm.model.d_model": 192}) == "gpt_small"
+    assert preset({"tasks.lm.optim.lr": 1e-3}) == "gpt_small"
+    cmd = dvc_command(point, base)
+    assert "-S tasks.lm.model.preset=custom" in cmd
+    assert "preset" not in dvc_command({**point, "tasks.lm.model.d_model": 192}, base)
+    overrides = [part for part in shlex.split(cmd)[3:] if part != "-S"]
+    compose_and_dump(tmp_path / "params.yaml", str(ROOT / "configs"), None, "config", str(tmp_path), overrides)
+    model = load_config(tmp_path / "params.yaml").task("lm").model
+    assert (model.preset, model.d_model) == ("custom", 128)
+
+
 @pytest.mark.parametrize(("space", "fragment"), [
     ({}, "space: is empty; give at least one key to search"),
     ({"tasks.lm.optim.lr": {"loguniform": 0.001}}, "space.tasks.lm.optim.lr.loguniform: "),

@@ -42,9 +42,11 @@ def _same_value(got: Any, want: Any) -> bool:
 
 def preset_differences(model: Any, config_dir: Path = Path("configs")) -> list[str]:
     """The values the preset `model.preset` names sets itself (its group file's own keys, not the
-    base it extends) that `model` does not hold, as "key value (preset: value)". Empty for
-    `custom`, a name without a file in `config_dir/model/`, or a model that is its preset."""
-    preset = str(getattr(model, "preset", CUSTOM))
+    base it extends) that `model` (a model config, or its values as a dict) does not hold, as
+    "key value (preset: value)". Empty for `custom`, a name without a file in
+    `config_dir/model/`, or a model that is its preset."""
+    values = model if isinstance(model, dict) else model.model_dump(mode="json")
+    preset = str(values.get("preset", CUSTOM))
     file = config_dir / "model" / f"{preset}.yaml"
     if preset == CUSTOM or preset.startswith("_") or not file.is_file():
         return []
@@ -52,7 +54,7 @@ def preset_differences(model: Any, config_dir: Path = Path("configs")) -> list[s
     if not isinstance(own, dict):
         return []
     own = {k: v for k, v in own.items() if k not in ("defaults", "preset")}
-    have = _flat(model.model_dump(mode="json"))
+    have = _flat(values)
     out = []
     for key, want in _flat(own).items():
         got = have.get(key, _MISSING)

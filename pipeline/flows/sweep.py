@@ -291,7 +291,7 @@ def _run_locked(cfg: Any, task: str, sweep: SweepConfig, sweep_file: Path, shard
         best = min(done, key=lambda r: r.metrics["val_loss"])
         point = {k: best.config[k] for k in sweep.space}
         stopped = sum(1 for r in done if r.metrics.get("step", sweep.max_steps) < sweep.max_steps)
-        command = dvc_command(point)
+        command = dvc_command(point, cfg.model_dump(mode="json"))
         best_loss = float(best.metrics["val_loss"])
         mlflow.log_metric("best_val_loss", best_loss)
         mlflow.set_tag("best_command", command)

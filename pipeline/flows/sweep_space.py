@@ -24,6 +24,7 @@ from pydantic import PositiveInt, StrictInt, ValidationError, model_validator
 
 from pipeline.config import ConfigError, validate
 from pipeline.config.loading import _format_validation_error, apply_overrides, read_yaml
+from pipeline.config.presets import CUSTOM, preset_differences
 from pipeline.config.schema import Strict
 
 # up to this many combinations of the `choice` dimensions, every combination is validated up front
@@ -121,11 +122,30 @@ def fixed_settings(task: str, sweep: SweepConfig) -> dict[str, Any]:
             f"{tr}.ckpt_every": sweep.max_steps, f"{tr}.early_stop_patience": 0, **ONE_WORKER}
 
 
+def custom_labels(base: dict[str, Any], point: dict[str, Any]) -> dict[str, str]:
+    """`preset: custom` for each model the point takes away from the preset `base` names (a
+    searched width that is not gpt_small's): labelled gpt_small, every trial config, and the best
+    trial's `dvc exp run`, drew the train stage's warning that the model is not its preset, with
+    advice (pick the preset's group file) that undoes the search; and runs and the registry called
+    it gpt_small. A drawn value equal to the preset's keeps the preset's name. (Read against
+    configs/ of the working directory: a Ray worker without it labels nothing, which changes
+    nothing a trial trains or reports.)"""
+    models = {".".join(k.split(".")[:3]) for k in point if k.startswith("tasks.") and k.split(".")[2:3] == ["model"]}
+    models = sorted(m for m in models if f"{m}.preset" not in point)
+    if not models:
+        return {}
+    raw = apply_overrides(copy.deepcopy(base), [f"{k}={json.dumps(v)}" for k, v in point.items()])
+    return {f"{m}.preset": CUSTOM for m in models
+            if isinstance(model := _lookup(raw, m), dict) and preset_differences(model)}
+
+
 def trial_config(base: dict[str, Any], task: str, sweep: SweepConfig, point: dict[str, Any]) -> dict[str, Any]:
-    """The raw config of one trial: base + sampled values + the sweep's fixed settings (applied
-    last: a space naming them is refused by `check_space`, and could not undo them anyway)."""
+    """The raw config of one trial: base + sampled values (a model they change labelled `custom`)
+    + the sweep's fixed settings (applied last: a space naming them is refused by `check_space`,
+    and could not undo them anyway)."""
     raw = copy.deepcopy(base)
-    return apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in {**point, **fixed_settings(task, sweep)}.items()])
+    values = {**point, **custom_labels(base, point), **fixed_settings(task, sweep)}
+    return apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in values.items()])
 
 
 def _fixed_key_error(key: str, task: str, sweep: SweepConfig) -> str | None:
@@ -185,7 +205,10 @@ def _check_space(base: dict[str, Any], task: str, sweep: SweepConfig) -> None:
                 cfg = validate(trial_config(base, task, sweep, {key: value}))
                 _check_trial(cfg, task)
             except (ConfigError, ValueError) as e:
-                raise ConfigError(f"space.{key}={value}: {e}") from e
+                # a value the base config's other values refuse (a width its head count does not divide)
+                # may be right with the values the space draws with it: then it is no fault of its own
+                if (cfg := _valid_with_the_others(base, task, sweep, key, value)) is None:
+                    raise ConfigError(f"space.{key}={value}: {e}") from e
             if dim.choice is None and dim.randint is None and _is_int(_lookup(cfg.model_dump(), key)):
                 kind = "uniform" if dim.uniform else "loguniform"
                 raise ConfigError(f"space.{key}: {kind} draws fractional values but {key} is an integer; "
@@ -199,6 +222,26 @@ def _check_space(base: dict[str, Any], task: str, sweep: SweepConfig) -> None:
             except (ConfigError, ValueError) as e:
                 named = ", ".join(f"{k}={v}" for k, v in point.items())
                 raise ConfigError(f"space: the combination {named}: {e}") from e
+
+
+def _valid_with_the_others(base: dict[str, Any], task: str, sweep: SweepConfig, key: str, value: Any) -> Any:
+    """The config of a trial drawing the choice `key=value` with some values of the other choices
+    (at most MAX_CHECKED_COMBINATIONS tried) that passes the train stage's checks, or None. Only
+    choices: their combinations are then checked one by one; a range is drawn anywhere between
+    its ends, so a value that one end happens to accept would fail most draws."""
+    if sweep.space[key].choice is None:
+        return None
+    others = {k: d.choice for k, d in sweep.space.items() if k != key and d.choice is not None}
+    if not others:
+        return None
+    for combo in itertools.islice(itertools.product(*others.values()), MAX_CHECKED_COMBINATIONS):
+        try:
+            cfg = validate(trial_config(base, task, sweep, {key: value, **dict(zip(others, combo, strict=True))}))
+            _check_trial(cfg, task)
+        except (ConfigError, ValueError):
+            continue
+        return cfg
+    return None
 
 
 def _check_trial(cfg: Any, task: str) -> None:
@@ -248,11 +291,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def dvc_command(point: dict[str, Any]) -> str:
+def dvc_command(point: dict[str, Any], base: dict[str, Any] | None = None) -> str:
     """The `dvc exp run` that trains the pipeline with a trial's values: each written as Hydra reads
     an override (DVC composes them with Hydra), exactly (a float to its last digit: `.4g` trained
-    0.99953217 as 0.9995), None as null (`None` was the string 'None')."""
-    return "dvc exp run " + " ".join(f"-S {shlex.quote(f'{k}={hydra_value(v)}')}" for k, v in sorted(point.items()))
+    0.99953217 as 0.9995), None as null (`None` was the string 'None'); with the sweep's `base`
+    config, a model the values take away from its preset labelled `custom` (`custom_labels`)."""
+    values = {**point, **(custom_labels(base, point) if base is not None else {})}
+    return "dvc exp run " + " ".join(f"-S {shlex.quote(f'{k}={hydra_value(v)}')}" for k, v in sorted(values.items()))
 
 
 _BARE = re.compile(r"[A-Za-z_][\w\-./]*")  # what Hydra reads as that same string unquoted

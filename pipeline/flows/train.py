@@ -90,12 +90,15 @@ def _history_csv(history: list[dict[str, float]]) -> str:
     return buf.getvalue()
 
 
-def _run_to_continue(run_id: str, task_name: str) -> Any:
+def _run_to_continue(run_id: str, task_name: str, experiment_id: str) -> Any:
     """The MLflow run an interrupted Ray run logged to, if it is there to continue: None when the
-    store no longer has it (reset, or another store; or the marker's id is damaged) or it was
-    deleted in the UI (logging to it failed at every rerun), so a new run starts. Any other error
-    (a server that answered 503, a timeout) is not a missing run: it stops the stage, rather than
-    split the training over two runs."""
+    store no longer has it (reset, or another store; or the marker's id is damaged), it was
+    deleted in the UI (logging to it failed at every rerun), or it belongs to another experiment
+    than `tracking.experiment` names now (a rerun with `-S tracking.experiment=...` would
+    otherwise log on in the old one and leave the new one empty), so a new run starts (the
+    driver copies the checkpoint's history into it). Any other error (a server that answered
+    503, a timeout) is not a missing run: it stops the stage, rather than split the training
+    over two runs."""
     try:
         run = mlflow.MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException as e:
@@ -107,6 +110,12 @@ def _run_to_continue(run_id: str, task_name: str) -> Any:
     if run.info.lifecycle_stage == "deleted":
         print(f"[{task_name}] MLflow run {run_id}, which this training logged to, was deleted: starting a new run "
               f"(restore it with `mlflow runs restore --run-id {run_id}` before rerunning to keep one)", flush=True)
+        return None
+    if run.info.experiment_id != experiment_id:
+        before = mlflow.MlflowClient().get_experiment(run.info.experiment_id)
+        print(f"[{task_name}] MLflow run {run_id}, which this training logged to, is in experiment "
+              f"'{before.name if before else run.info.experiment_id}', not in tracking.experiment's: starting a new "
+              "run there (the history so far is copied from the checkpoint)", flush=True)
         return None
     return run
 
@@ -130,11 +139,11 @@ def _mlflow_run(cfg: PipelineConfig, task_name: str, run_dir: str, tags: dict[st
     """Continue the MLflow run of an interrupted Ray run, or start a new one. The run's id is
     kept beside its checkpoints (`<run_dir>/mlflow_run_id`, a local folder or an s3:// prefix),
     so a rerun from any machine that sees the storage continues the same MLflow run."""
-    mlflow_runs.setup(cfg.tracking)
+    experiment_id = mlflow_runs.setup(cfg.tracking)
     fs, marker = filesystem(f"{run_dir.rstrip('/')}/{RUN_ID_FILE}")
     if fs.exists(marker):
         run_id = fs.cat_file(marker).decode().strip()
-        if (found := _run_to_continue(run_id, task_name)) is not None:
+        if (found := _run_to_continue(run_id, task_name, experiment_id)) is not None:
             _retag_resumed(found, tags)
             return run_id
     params = flatten({"task": task_name, **cfg.task(task_name).model_dump(mode="json"),

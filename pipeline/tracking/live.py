@@ -269,12 +269,20 @@ class SystemSampler:
                     and "/" not in m.key[len(self._prefix):]]
             self._next_step = max(held) + 1 if held else 0
         while self._pending:
-            when, values = self._pending[0]
-            client.log_batch(self.run_id, metrics=[Metric(self._prefix + k, float(v), when, self._next_step)
-                                                   for k, v in values.items()])
-            self._pending.popleft()
-            self._next_step += 1
-            self.sent += 1
+            # as many kept samples as one request takes (after an outage: the backlog in a few requests,
+            # not one per sample); a failed request pops none, so no step is lost or sent twice
+            batch: list[Any] = []
+            taken = 0
+            for when, values in self._pending:
+                if batch and len(batch) + len(values) > BATCH:
+                    break
+                batch += [Metric(self._prefix + k, float(v), when, self._next_step + taken) for k, v in values.items()]
+                taken += 1
+            client.log_batch(self.run_id, metrics=batch)
+            for _ in range(taken):
+                self._pending.popleft()
+            self._next_step += taken
+            self.sent += taken
 
     def _attempt(self, client: Any) -> None:
         try:

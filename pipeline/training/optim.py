@@ -37,7 +37,8 @@ def check_kernels(cfg) -> None:
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The configured optimizer, with the kernel implementation `cfg.impl` asks for.
 
-    auto: torch's fused Adam(W) kernel when every parameter is on CUDA, else its foreach one
+    auto: torch's fused Adam(W) kernel when every parameter is on CUDA, else torch's default (its
+    per-parameter loop on CPU, as `impl: torch`; the log names which ran)
     (apex is never picked silently: its FusedAdam is about as fast as torch's fused kernel).
     """
     decay, no_decay = [], []

@@ -8,7 +8,7 @@ import types
 from functools import cache
 from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -17,6 +17,20 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 Decay = Annotated[float, Field(ge=0, lt=1)]  # a running average's decay (Adam's betas): 1 would never update
+
+
+def _not_a_base(name: str) -> str:
+    """A model group's `_`-prefixed file (`_gpt_base`) is the base its presets extend, and names
+    itself so: `pipeline compose` refuses picking it, but `dvc exp run -S 'model@...=_gpt_base'`
+    composes with DVC's own Hydra call, and would train the base's placeholder sizes."""
+    if name.startswith("_"):
+        raise ValueError(f"'{name}' is the base the model presets share, not a preset: pick a preset "
+                         "(e.g. dvc exp run -S 'model@tasks.lm.model=gpt_small'), or label a model of your own "
+                         "preset=custom")
+    return name
+
+
+PresetName = Annotated[str, AfterValidator(_not_a_base)]  # a model's preset label (configs/model/<name>.yaml)
 
 
 def _options(annotation: Any) -> list[Any]:

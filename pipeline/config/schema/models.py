@@ -11,6 +11,7 @@ from pipeline.config.schema.fields import (
     Fraction,
     PositiveFloat,
     PositiveInt,
+    PresetName,
     Strict,
 )
 
@@ -19,7 +20,7 @@ class GPTConfig(Strict):
     """Decoder-only Transformer; vocabulary and context length come from the data config."""
 
     kind: Literal["gpt"] = "gpt"
-    preset: str = "custom"
+    preset: PresetName = "custom"
     d_model: PositiveInt = 192
     n_layers: PositiveInt = 4
     n_heads: PositiveInt = 4
@@ -110,7 +111,7 @@ class DiTConfig(Strict):
     """Diffusion Transformer with adaLN-Zero conditioning on timestep and class."""
 
     kind: Literal["dit"] = "dit"
-    preset: str = "custom"
+    preset: PresetName = "custom"
     patch_size: PositiveInt = 2
     d_model: PositiveInt = 128
     depth: PositiveInt = 4
@@ -131,7 +132,7 @@ class UNetConfig(Strict):
     """DDPM U-Net: residual blocks per resolution, channels base_channels * channel_mults[level]."""
 
     kind: Literal["unet"] = "unet"
-    preset: str = "custom"
+    preset: PresetName = "custom"
     base_channels: PositiveInt = 32
     channel_mults: list[PositiveInt] = Field(default_factory=lambda: [1, 2])
     num_res_blocks: PositiveInt = 1

@@ -25,7 +25,7 @@ class OptimConfig(Strict):
     """
 
     name: Literal["adamw", "adam", "sgd", "rmsprop"] = "adamw"
-    # auto = torch's fused kernel on CUDA, its foreach one on CPU; fused = torch fused (CPU too);
+    # auto = torch's fused kernel on CUDA, its per-parameter loop on CPU; fused = torch fused (CPU too);
     # apex = apex.optimizers.FusedAdam (adam/adamw; a clear error where apex does not import)
     impl: Literal["auto", "torch", "fused", "apex"] = "auto"
     lr: PositiveFloat = 3e-4

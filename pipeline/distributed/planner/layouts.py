@@ -35,12 +35,15 @@ ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000  # stage3_max_live_parameters (element
 HOROVOD_FUSION_BUFFER = 128 * 2**20  # HOROVOD_FUSION_THRESHOLD default
 
 
-def zero_master_aliases(stage: int, param_bytes: int, offload_optimizer: bool) -> bool:
+def zero_master_aliases(stage: int, param_bytes: int, offload_optimizer: bool, partition_on_host: bool = False) -> bool:
     """Whether DeepSpeed's fp32 master partition is the parameter partition itself (no second
     copy). DeepSpeed 0.19 alone always clones it, even an fp32 partition on the same device;
     the ZeRO-3 strategy makes the two one tensor (`fp32_master_shares_partition`, deepspeed.py)
-    when both are fp32 and the optimizer is not offloaded. ZeRO-1/2 keep their separate copy."""
-    return stage == 3 and param_bytes == 4 and not offload_optimizer
+    when both are fp32 and on the optimizer's device: not with the optimizer offloaded, nor with
+    the parameters offloaded to host memory while the optimizer steps on a GPU (stage3.py's
+    `_create_fp32_partitions` then clones the host partition onto the GPU: 4 bytes a parameter
+    over N there). ZeRO-1/2 keep their separate copy."""
+    return stage == 3 and param_bytes == 4 and not offload_optimizer and not partition_on_host
 
 
 # ----------------------------------------------------------------------------- bytes by kind
@@ -299,7 +302,9 @@ def _state_layout(cfg: PipelineConfig, facts: ModelFacts, workers: int, optim: O
     assert isinstance(s, DeepSpeedConfig)
     bucket = _ds_buckets(s, precision, P)
     stage = s.zero_stage
-    master = 0 if (zero_master_aliases(stage, lp, s.offload_optimizer) or (stage == 0 and precision == "fp32")) else 4
+    on_host = s.offload_params and target == "cuda"  # (on a CPU target both are host memory: one tensor)
+    master = 0 if (zero_master_aliases(stage, lp, s.offload_optimizer, on_host)
+                   or (stage == 0 and precision == "fp32")) else 4
     offload_name = [w for w, on in (("optimizer", s.offload_optimizer), ("params", s.offload_params)) if on]
     name = f"deepspeed ZeRO-{stage}" + (f" (offload {', '.join(offload_name)})" if offload_name else "")
     group = math.ceil(facts.matrix_params / N)  # the rank's flat partition of the larger parameter group
