@@ -134,6 +134,17 @@ def test_submit_waits_for_a_head_that_is_still_starting(tmp_path):
     assert "submitted early" in out and "job ran" in out and "early: SUCCEEDED" in out, out[-3000:]
 
 
+def test_submit_names_a_wait_setting_that_is_not_seconds(monkeypatch):
+    """PIPELINE_SUBMIT_WAIT_S=2min ended `pipeline submit` in "could not convert string to float",
+    naming no variable; now the variable and its value, before anything is sent."""
+    from pipeline.runtime import jobs
+
+    monkeypatch.setenv("PIPELINE_SUBMIT_WAIT_S", "2min")
+    monkeypatch.setenv("RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES", "venv,__pycache__")  # (submit sets it: restored)
+    with pytest.raises(ValueError, match=r"^PIPELINE_SUBMIT_WAIT_S: expected seconds, got '2min'$"):
+        jobs.submit("true", address="http://127.0.0.1:9")
+
+
 def test_submit_to_a_cluster_that_never_comes_gives_up_in_one_line(tmp_path):
     from pipeline.runtime.local_group import free_port
 
@@ -409,6 +420,7 @@ def test_the_ray_token_sent_in_clear_text_to_another_host_is_said(tmp_path, monk
     assert jobs.auth_token(remote) == "NAMED" and "(" + str(tmp_path / "named") + ")" in capsys.readouterr().err
     monkeypatch.setenv("RAY_AUTH_TOKEN", "GIVEN")
     assert jobs.auth_token(remote) == "GIVEN" and "(RAY_AUTH_TOKEN)" in capsys.readouterr().err
+    assert jobs.auth_token(remote) == "GIVEN" and capsys.readouterr().err == ""  # said once (a submit retries)
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
 

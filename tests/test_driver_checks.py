@@ -264,13 +264,22 @@ def test_a_workers_config_error_is_not_retried_and_is_raised_as_it_was(monkeypat
     {0: RuntimeError("Connection closed by peer")},
 ])
 def test_transient_failures_are_still_retried(monkeypatch, tmp_path, capsys, failed):
+    """Retried 1 + cluster.max_failures times; then the fit returns the error (it raised Ray Train's
+    WorkerGroupError, which ended the stage in Ray's traceback, exit 1), and the train flow names the
+    worker's failure in the one line of `TrainingFailed` (exit 2), as it does for Horovod."""
     from ray.train import WorkerGroupError
 
+    from pipeline.flows.train import _innermost
+
     _, calls, run = _fit_with(monkeypatch, tmp_path, [failed])
-    with pytest.raises(WorkerGroupError):
-        run()
+    result = run()
+    assert isinstance(result.error, WorkerGroupError) and result.checkpoint is None
     assert len(calls) == 3  # 1 + cluster.max_failures
     assert capsys.readouterr().out.count("restarting from the last checkpoint") == 2
+    said = _innermost(result.error, "lm")
+    first = failed[min(failed)]
+    expected = f"{type(first).__name__}: {str(first).splitlines()[0]}"  # (the first rank's error)
+    assert expected in said and "\n" not in said, said
 
 
 def test_a_workers_config_error_reaches_the_stage_as_one_line(monkeypatch, tmp_path, capsys):

@@ -46,7 +46,7 @@ def test_live_metrics_survive_a_server_outage_without_duplicates(tmp_path, monke
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")  # (3 s: a loaded machine's fresh server timed out)
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = mlflow_server(tmp_path, port)
@@ -151,7 +151,9 @@ def test_system_sampler_survives_a_server_outage(tmp_path, monkeypatch):
     from pipeline.tracking.live import SystemSampler
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    # a worker's bound (`bound_requests_here`): the outage is a refused connection, seen at once; with 3 s
+    # a loaded machine's restarted server stored each batch but answered late, so "back" was never said
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
     port = free_port()
     uri = f"http://127.0.0.1:{port}"

@@ -147,8 +147,9 @@ def test_no_host_read_between_log_steps_and_history_unchanged(built_data, text_c
         for key, value in ref.items():
             if (name, key) in CHANGED_SINCE.get(recorded["recorded_with"], {}):
                 continue
-            if isinstance(value, float):  # bit for bit on the machine it was recorded on
-                assert entry[key] == pytest.approx(value, rel=1e-5, abs=1e-9), f"{name} step {ref['step']}: {key}"
+            if isinstance(value, float):  # bit for bit on the machine it was recorded on; another CPU's kernels
+                # (AVX2 against AVX-512) round differently: 1.1e-5 relative by step 6 in fp16 on an AVX2 EPYC
+                assert entry[key] == pytest.approx(value, rel=1e-4, abs=1e-9), f"{name} step {ref['step']}: {key}"
             else:
                 assert entry[key] == value, f"{name} step {ref['step']}: {key}"
 

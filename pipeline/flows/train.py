@@ -68,7 +68,12 @@ class TrainingFailed(RuntimeError):
 
 def _innermost(error: BaseException, task_name: str) -> str:
     """The exception a worker raised, behind the launcher's wrappers (Ray's task errors keep it as
-    `cause`, Ray Train as `_base_exc`), as `Type: first line` without the task's own prefix."""
+    `cause`, Ray Train as `_base_exc`), as `Type: first line` without the task's own prefix; for
+    Ray Train's group of failed workers, the one that died first, else the first rank's error."""
+    if getattr(error, "worker_failures", None):
+        from pipeline.runtime.failures import _summary
+
+        return _summary(error).removeprefix(f"[{task_name}] ")
     seen: set[int] = set()
     while id(error) not in seen:
         seen.add(id(error))
@@ -370,7 +375,7 @@ def train_task(cfg: PipelineConfig, task_name: str, shards_dir: Path, model_dir:
     with mlflow_runs.system_metrics(run_id, say):
         result = fit(cfg, task_name, shards, run_name, live)
         seconds = time.perf_counter() - start  # the training, not the wait for the tracking server after it
-        if result.error:  # (Horovod's launcher returns it): raised here, so the MLflow run ends FAILED
+        if result.error:  # (once the retries are spent): raised here, so the MLflow run ends FAILED
             raise TrainingFailed(
                 f"training failed ({_innermost(result.error, task_name)}); the checkpoints under {run_dir} are "
                 f"kept and a rerun resumes from the last one (MLflow run {run_id} ends FAILED)") from result.error

@@ -25,8 +25,10 @@ from pipeline.config.schema import ClusterConfig, PipelineConfig
 
 
 @dataclass
-class HorovodResult:
-    """The part of `ray.train.Result` the train flow reads."""
+class FitResult:
+    """The part of `ray.train.Result` the train flow reads; also what a fit whose retries are all
+    spent returns (Horovod's, and Ray Train's: its error then ends the stage in one line,
+    `TrainingFailed`, not Ray's traceback)."""
 
     checkpoint: Any  # ray.train.Checkpoint of the newest complete checkpoint
     error: BaseException | None = None
@@ -101,15 +103,15 @@ def run_horovod(fn: Callable[..., Any], args: list[Any], num_workers: int, cpus_
     # embedded Ray, sized to num_workers x cpus_per_worker, does not have, until the placement group timed out)
     executor = RayExecutor(settings, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
                            use_gpu=use_gpu, gpus_per_worker=1 if use_gpu else None)
-    executor.start()
-    try:
+    try:  # (a start that fails after creating its placement group or workers frees them too)
+        executor.start()
         return executor.run(fn, args=args)
     finally:
         executor.shutdown()
 
 
 def fit_horovod(cfg: PipelineConfig, task_name: str, shards: str, run_dir: Path,
-                live: dict[str, str] | None = None) -> HorovodResult:
+                live: dict[str, str] | None = None) -> FitResult:
     """Train on Horovod ranks, retrying a failed attempt from the newest complete checkpoint."""
     cl = cfg.cluster
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +126,7 @@ def fit_horovod(cfg: PipelineConfig, task_name: str, shards: str, run_dir: Path,
         marker.unlink(missing_ok=True)
 
 
-def _attempts(config: dict[str, Any], cl: ClusterConfig, task_name: str, run_dir: Path) -> HorovodResult:
+def _attempts(config: dict[str, Any], cl: ClusterConfig, task_name: str, run_dir: Path) -> FitResult:
     """Up to 1 + cluster.max_failures runs of the Horovod group, then the newest complete checkpoint."""
     from ray.train import Checkpoint
 
@@ -138,10 +140,10 @@ def _attempts(config: dict[str, Any], cl: ClusterConfig, task_name: str, run_dir
             from pipeline.runtime.failures import fatal_error
 
             if attempt == cl.max_failures or fatal_error(e) is not None:  # a damaged file, a full disk: no retry
-                return HorovodResult(None, e)
+                return FitResult(None, e)
             print(f"[{task_name}] horovod attempt {attempt + 1} failed ({type(e).__name__}: {e}); "
                   "restarting from the last checkpoint", flush=True)
     with LocalSession(run_dir).latest_checkpoint() as latest:
         if latest is None:
-            return HorovodResult(None, RuntimeError(f"no complete checkpoint under {run_dir}"))
-        return HorovodResult(Checkpoint.from_directory(str(latest)))
+            return FitResult(None, RuntimeError(f"no complete checkpoint under {run_dir}"))
+        return FitResult(Checkpoint.from_directory(str(latest)))

@@ -64,11 +64,15 @@ def auth_token(address: str | None = None) -> str | None:
         if not path.is_file():
             return None
         token, where = path.read_text().strip(), str(path)
-    if token and address and not _private_to(address):
+    if token and address and not _private_to(address) and (where, address, token) not in _TOLD:
+        _TOLD.add((where, address, token))  # (once: a submit waiting for a starting head asks on every try)
         print(f"note: sending the Ray token ({where}) to {address} in clear text (plain http to another host): "
               "use https or a tunnel (ray dashboard, kubectl port-forward, ssh -L) on a network you do not trust",
               file=sys.stderr)
     return token
+
+
+_TOLD: set[tuple[str, str, str]] = set()  # the clear-text notes said in this process
 
 
 def _private_to(address: str) -> bool:
@@ -221,7 +225,12 @@ def submit(entrypoint: str, address: str | None = None, env_spec: dict[str, Any]
     # Ray 2.50+ leaves .git out of every working_dir by default; this project needs it (see the
     # module docstring). The runtime_env file's `excludes` still applies, and `.git` can go there.
     os.environ["RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES"] = "venv,__pycache__"
-    wait_s = float(os.environ.get("PIPELINE_SUBMIT_WAIT_S", 120)) if wait_s is None else wait_s
+    if wait_s is None:
+        try:
+            wait_s = float(os.environ.get("PIPELINE_SUBMIT_WAIT_S", 120))
+        except ValueError:
+            given = os.environ["PIPELINE_SUBMIT_WAIT_S"]
+            raise ValueError(f"PIPELINE_SUBMIT_WAIT_S: expected seconds, got {given!r}") from None
     submission_id = submission_id or f"pipeline-{uuid.uuid4().hex[:12]}"
     deadline, delay, tries = time.monotonic() + wait_s, 0.5, 0
     while True:

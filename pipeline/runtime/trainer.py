@@ -162,8 +162,10 @@ def fit(cfg: PipelineConfig, task_name: str, shards: str, run_name: str, live: d
         except WorkerGroupError as e:
             if (fatal := fatal_error(e)) is not None:
                 raise _final(fatal, cfg, run_name) from None
-            if attempt == cl.max_failures:
-                raise
+            if attempt == cl.max_failures:  # spent: the train flow ends the stage in one line (TrainingFailed)
+                from pipeline.runtime.horovod import FitResult
+
+                return FitResult(None, e)
             print(f"[{task_name}] training attempt {attempt + 1} of {cl.max_failures + 1} failed ({_summary(e)}); "
                   "restarting from the last checkpoint", flush=True)
         except Exception as e:
