@@ -122,8 +122,8 @@ def fixed_settings(task: str, sweep: SweepConfig) -> dict[str, Any]:
             f"{tr}.ckpt_every": sweep.max_steps, f"{tr}.early_stop_patience": 0, **ONE_WORKER}
 
 
-def custom_labels(base: dict[str, Any], point: dict[str, Any]) -> dict[str, str]:
-    """`preset: custom` for each model the point takes away from the preset `base` names (a
+def custom_labels(drawn: dict[str, Any], point: dict[str, Any]) -> dict[str, str]:
+    """`preset: custom` for each model the point takes away (in `drawn`, the config holding it) from the preset named (a
     searched width that is not gpt_small's): labelled gpt_small, every trial config, and the best
     trial's `dvc exp run`, drew the train stage's warning that the model is not its preset, with
     advice (pick the preset's group file) that undoes the search; and runs and the registry called
@@ -132,20 +132,20 @@ def custom_labels(base: dict[str, Any], point: dict[str, Any]) -> dict[str, str]
     nothing a trial trains or reports.)"""
     models = {".".join(k.split(".")[:3]) for k in point if k.startswith("tasks.") and k.split(".")[2:3] == ["model"]}
     models = sorted(m for m in models if f"{m}.preset" not in point)
-    if not models:
-        return {}
-    raw = apply_overrides(copy.deepcopy(base), [f"{k}={json.dumps(v)}" for k, v in point.items()])
     return {f"{m}.preset": CUSTOM for m in models
-            if isinstance(model := _lookup(raw, m), dict) and preset_differences(model)}
+            if isinstance(model := _lookup(drawn, m), dict) and preset_differences(model)}
+
+
+def _with(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    return apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in values.items()])
 
 
 def trial_config(base: dict[str, Any], task: str, sweep: SweepConfig, point: dict[str, Any]) -> dict[str, Any]:
     """The raw config of one trial: base + sampled values (a model they change labelled `custom`)
     + the sweep's fixed settings (applied last: a space naming them is refused by `check_space`,
     and could not undo them anyway)."""
-    raw = copy.deepcopy(base)
-    values = {**point, **custom_labels(base, point), **fixed_settings(task, sweep)}
-    return apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in values.items()])
+    drawn = _with(copy.deepcopy(base), point)  # (`drawn`: the config with the point, which the labels read)
+    return _with(drawn, {**custom_labels(drawn, point), **fixed_settings(task, sweep)})
 
 
 def _fixed_key_error(key: str, task: str, sweep: SweepConfig) -> str | None:
@@ -296,7 +296,7 @@ def dvc_command(point: dict[str, Any], base: dict[str, Any] | None = None) -> st
     an override (DVC composes them with Hydra), exactly (a float to its last digit: `.4g` trained
     0.99953217 as 0.9995), None as null (`None` was the string 'None'); with the sweep's `base`
     config, a model the values take away from its preset labelled `custom` (`custom_labels`)."""
-    values = {**point, **(custom_labels(base, point) if base is not None else {})}
+    values = {**point, **(custom_labels(_with(copy.deepcopy(base), point), point) if base is not None else {})}
     return "dvc exp run " + " ".join(f"-S {shlex.quote(f'{k}={hydra_value(v)}')}" for k, v in sorted(values.items()))
 
 
